@@ -1,0 +1,156 @@
+"""Gated grouped-query attention with QK-norm and 3-axis mRoPE, over three
+interchangeable kernels: flash-attn, PyTorch scaled-dot-product attention, and an
+explicit-math reference that the other two are tested against.
+
+Layouts: activations (B, S, D); per-head tensors (B, H, S, head_dim); key masks (B, S)
+booleans, True = a real token that may be attended to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional GPU extra (requirements-gpu.txt); never needed on the CPU
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+BACKENDS = ("auto", "sdpa", "flash", "math")
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 and cast back (stable in bf16)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# mRoPE: rotary embedding over three position axes (Lumina-Image 2.0 style)
+# --------------------------------------------------------------------------------------
+
+def rope_angles(pos: Tensor, split: tuple[int, int, int], theta: float) -> Tensor:
+    """Rotation angles for integer positions `pos` (..., 3) -> (..., head_dim / 2).
+
+    Axis a owns `split[a]` channels of each head, i.e. split[a]/2 rotation pairs with
+    frequencies theta^(-2j / split[a]). The angle of a pair is position * frequency, so
+    q.k after rotation depends only on position differences.
+    """
+    parts = []
+    for axis, dim in enumerate(split):
+        if dim == 0:
+            continue
+        j = torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64)
+        freqs = theta ** (-j / dim)                                        # (dim/2,)
+        parts.append(pos[..., axis, None].double() * freqs)               # (..., dim/2)
+    return torch.cat(parts, dim=-1).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs (2j, 2j+1) of x (B, H, S, hd) by the angles
+    whose cos/sin are (B or 1, 1, S, hd/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))                                  # (B, H, S, hd/2, 2)
+    a, b = xf[..., 0], xf[..., 1]
+    out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)     # (B, H, S, hd/2, 2)
+    return out.flatten(-2).to(x.dtype)                                     # (B, H, S, hd)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel that will run for a requested backend on this device and dtype."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} unknown (allowed: {', '.join(BACKENDS)})")
+    flash_ok = (flash_attn_func is not None and device.type == "cuda"
+                and dtype in (torch.float16, torch.bfloat16))
+    if name == "flash" and not flash_ok:
+        raise RuntimeError(
+            "model.attention = 'flash' needs the flash-attn package on a CUDA GPU in fp16/bf16 "
+            f"(here: flash-attn {'installed' if flash_attn_func else 'not installed'}, device "
+            f"{device.type}, dtype {str(dtype).removeprefix('torch.')}). Install it with "
+            "`pip install --no-build-isolation flash-attn` (see requirements-gpu.txt) or set "
+            "model.attention to auto or sdpa.")
+    if name == "auto":
+        return "flash" if flash_ok else "sdpa"
+    return name
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, backend: str) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for q (B, Hq, S, d) and k, v (B, Hkv, S, d) with
+    Hq a multiple of Hkv (grouped-query: query head i uses kv head i // (Hq / Hkv)).
+
+    `mask` (B, S) masks keys. flash-attn takes no padding mask here, so masked calls run
+    through SDPA; SDPA's `enable_gqa` reads shared K/V heads without repeating them.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    kernel = resolve_backend(backend, q.device, q.dtype)
+    if kernel == "flash" and mask is None:
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)                                         # (B, Hq, S, d)
+    if kernel in ("sdpa", "flash"):
+        attn_mask = None if mask is None else mask[:, None, None, :]       # (B, 1, 1, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                              enable_gqa=hq != hkv)
+    # explicit reference: repeat K/V per group, fp32 softmax
+    k = k.repeat_interleave(hq // hkv, dim=1)                              # (B, Hq, S, d)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, Hq, S, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The attention layer
+# --------------------------------------------------------------------------------------
+
+class GatedAttention(nn.Module):
+    """Grouped-query self-attention with per-head RMS QK-norm, mRoPE on q and k, and a
+    sigmoid output gate computed from the layer's input ("Gated Attention for LLMs",
+    Qiu et al. 2025, position G1: after SDPA, before the output projection).
+
+    The gate projection starts at zero, so every gate starts at exactly 0.5.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, gate: str = "headwise",
+                 backend: str = "auto"):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.gate_kind, self.backend = gate, backend
+        self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        gate_out = {"headwise": heads, "elementwise": heads * self.head_dim, "none": 0}[gate]
+        self.gate = nn.Linear(dim, gate_out, bias=False) if gate_out else None
+        for lin in (self.q, self.k, self.v, self.o):
+            nn.init.xavier_uniform_(lin.weight)
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)      # (B, Hq, S, d)
+        k = self.k(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, S, d)
+        v = self.v(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, S, d)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        out = attention(q, k, v, mask, self.backend).transpose(1, 2)             # (B, S, Hq, d)
+        if self.gate is not None:
+            g = torch.sigmoid(self.gate(x)).view(B, S, self.heads, -1)           # (B, S, Hq, 1|d)
+            out = out * g
+        return self.o(out.reshape(B, S, -1))                                      # (B, S, D)

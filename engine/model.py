@@ -1,0 +1,343 @@
+"""PixelHDM: a pixel-space dual-path diffusion transformer, the whole network in one file.
+
+    noisy image z_t (B, 3, H, W), time t, text (tokens, mask, pooled)
+      |
+      +-- patch path: p x p patches -> bottleneck embedding -> joint sequence
+      |   [text tokens ; image tokens] -> N blocks (sandwich RMSNorm, AdaLN from
+      |   time + pooled text, gated GQA attention with QK-norm and 3-axis mRoPE, SwiGLU)
+      |   -> semantic token per patch s_N
+      |
+      +-- pixel path: every pixel -> Linear(3 -> pixel_dim) -> M blocks, each with
+          pixel-wise AdaLN (a separate scale/shift/gate for every pixel, expanded from
+          the patch's condition RMSNorm(s_N) + c) and token compaction (the p*p pixels
+          of a patch are flattened, compressed to one token, attended over the patch
+          grid, expanded back), then a per-pixel SwiGLU
+          -> RMSNorm -> Linear(pixel_dim -> 3) per pixel = the prediction (v or x)
+
+Sources: PixelDiT (arXiv 2511.20645) for the dual path, pixel-wise AdaLN and token
+compaction; JiT (arXiv 2511.13720) for the bottleneck patch embedding and x-prediction;
+Lumina-Image 2.0 for the joint sequence and mRoPE; Qwen's gated attention.
+
+Conventions: images NCHW in [-1, 1]; t = 0 noise, t = 1 data (see engine/flow.py).
+Every residual branch is x + alpha * s * F(modulate(norm(x))) with s = 1/sqrt(k * blocks
+in that path) and modulate(x) = (1 + gamma) * x + beta; alpha starts at 1, gamma and
+beta near 0, so each path starts as a well-scaled residual stack at any depth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.attention import GatedAttention, RMSNorm, rope_angles
+from engine.config import ModelConfig
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and outputs
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class TextCond:
+    """Encoded prompts. Padding rows of `tokens` are zero; an empty prompt has an
+    all-False mask and a zero pooled vector (the unconditional input)."""
+
+    tokens: Tensor  # (B, T, C) with T >= 1
+    mask: Tensor    # (B, T) bool, True = real token
+    pooled: Tensor  # (B, C)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @staticmethod
+    def cat(items: list["TextCond"]) -> "TextCond":
+        """Concatenate along the batch, padding every item to the longest prompt."""
+        T = max(it.tokens.shape[1] for it in items)
+        tokens = torch.cat([F.pad(it.tokens, (0, 0, 0, T - it.tokens.shape[1])) for it in items])
+        mask = torch.cat([F.pad(it.mask, (0, T - it.mask.shape[1])) for it in items])
+        return TextCond(tokens, mask, torch.cat([it.pooled for it in items]))
+
+    def select(self, index: Tensor | list[int]) -> "TextCond":
+        """Rows `index` (e.g. one prompt repeated for several images)."""
+        index = torch.as_tensor(index, device=self.tokens.device)
+        return TextCond(self.tokens[index], self.mask[index], self.pooled[index])
+
+    def to(self, device=None, dtype=None) -> "TextCond":
+        return TextCond(self.tokens.to(device=device, dtype=dtype), self.mask.to(device),
+                        self.pooled.to(device=device, dtype=dtype))
+
+
+@dataclass
+class TrainOutput:
+    pred: Tensor             # (B, 3, H, W): v or x, as config.prediction says
+    features: Tensor | None  # (B, h*w, D) image tokens after the REPA block, if asked for
+    gamma_sq: Tensor         # scalar: sum over pixel blocks of mean(gamma1^2) + mean(gamma2^2)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def _init_modulation(lin: nn.Linear, chunks: int) -> None:
+    """Near-identity AdaLN: small random weights (every parameter upstream of the
+    modulation gets a gradient from the first step and the time dependence exists from
+    the start), biases gamma = beta = 0 and alpha = 1 for the chunks
+    (gamma1, beta1, alpha1, gamma2, beta2, alpha2)."""
+    nn.init.normal_(lin.weight, std=0.1 / math.sqrt(lin.in_features))
+    with torch.no_grad():
+        bias = lin.bias.view(chunks, -1)
+        bias.zero_()
+        bias[2].fill_(1.0)
+        bias[5].fill_(1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of 1000 t (sin first) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, dim: int, freq_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        for lin in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        a = 1000.0 * t.float()[:, None] * freqs[None]                      # (B, half)
+        emb = torch.cat([torch.sin(a), torch.cos(a)], dim=-1)              # (B, freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))                  # (B, D)
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, h*w, p*p, C): patches in raster order, pixels row-major."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // p, p, W // p, p)                                 # (B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p, C)
+
+
+def unpatchify(x: Tensor, p: int, h: int, w: int) -> Tensor:
+    """(B, h*w, p*p, C) -> (B, C, h*p, w*p); the inverse of patchify."""
+    B, _, _, C = x.shape
+    x = x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)                # (B, C, h, p, w, p)
+    return x.reshape(B, C, h * p, w * p)
+
+
+class SwiGLU(nn.Module):
+    """W_down(SiLU(W_gate x) * W_up x), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        nn.init.xavier_uniform_(self.gate_up.weight)
+        nn.init.xavier_uniform_(self.down.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+# --------------------------------------------------------------------------------------
+# Patch path
+# --------------------------------------------------------------------------------------
+
+class PatchBlock(nn.Module):
+    """Single-stream block over [text; image] with sandwich RMSNorm:
+    x += alpha1 * s * norm(attn(modulate(norm(x)))); x += alpha2 * s * norm(mlp(modulate(norm(x))))."""
+
+    def __init__(self, cfg: ModelConfig, res_scale: float):
+        super().__init__()
+        D = cfg.hidden_dim
+        self.res_scale = res_scale
+        self.norm1, self.norm2, self.norm3, self.norm4 = (RMSNorm(D) for _ in range(4))
+        self.attn = GatedAttention(D, cfg.num_heads, cfg.num_kv_heads, cfg.gate, cfg.attention)
+        self.mlp = SwiGLU(D, int(D * cfg.mlp_ratio))
+        self.ada = nn.Linear(D, 6 * D)
+        _init_modulation(self.ada, 6)
+
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor,
+                mask: Tensor | None) -> Tensor:
+        g1, b1, a1, g2, b2, a2 = self.ada(F.silu(c))[:, None].chunk(6, dim=-1)  # each (B, 1, D)
+        h = self.attn(modulate(self.norm1(x), b1, g1), cos, sin, mask)
+        x = x + (a1 * self.res_scale) * self.norm2(h)
+        h = self.mlp(modulate(self.norm3(x), b2, g2))
+        return x + (a2 * self.res_scale) * self.norm4(h)
+
+
+# --------------------------------------------------------------------------------------
+# Pixel path
+# --------------------------------------------------------------------------------------
+
+class PixelBlock(nn.Module):
+    """Pixel-wise AdaLN + token compaction + pixel SwiGLU on x (B, L, p*p, Dpix).
+
+    The condition of each patch (B, L, D) is expanded to one Dpix vector per pixel,
+    from which every pixel gets its own (gamma, beta, alpha) x 2. Compaction flattens
+    the p*p*Dpix values of a patch, compresses them to one D-wide token, runs gated
+    attention over the patch grid and expands back: attention costs O(L^2), not
+    O((L p^2)^2).
+    """
+
+    def __init__(self, cfg: ModelConfig, res_scale: float):
+        super().__init__()
+        D, d, pp = cfg.hidden_dim, cfg.pixel_dim, cfg.patch_size ** 2
+        self.res_scale = res_scale
+        self.cond_expand = nn.Linear(D, pp * d, bias=False)
+        self.ada = nn.Linear(d, 6 * d)
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.compress = nn.Linear(pp * d, D, bias=False)
+        self.compress_norm = RMSNorm(D)
+        self.attn = GatedAttention(D, cfg.num_heads, cfg.num_kv_heads, cfg.gate, cfg.attention)
+        self.expand_norm = RMSNorm(D)
+        self.expand = nn.Linear(D, pp * d, bias=False)
+        self.mlp = SwiGLU(d, int(d * cfg.mlp_ratio))
+        nn.init.xavier_uniform_(self.cond_expand.weight)
+        nn.init.xavier_uniform_(self.compress.weight)
+        # a small expand gain keeps the compacted attention a gentle update at the start
+        nn.init.xavier_uniform_(self.expand.weight, gain=0.1)
+        _init_modulation(self.ada, 6)
+
+    def forward(self, x: Tensor, s_cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        B, L, pp, d = x.shape
+        cond = self.cond_expand(s_cond).view(B, L, pp, d)                      # (B, L, p*p, d)
+        g1, b1, a1, g2, b2, a2 = self.ada(F.silu(cond)).chunk(6, dim=-1)      # each (B, L, p*p, d)
+        h = modulate(self.norm1(x), b1, g1).reshape(B, L, pp * d)             # (B, L, p*p*d)
+        h = self.attn(self.compress_norm(self.compress(h)), cos, sin)         # (B, L, D)
+        h = self.expand(self.expand_norm(h)).view(B, L, pp, d)                # (B, L, p*p, d)
+        x = x + (a1 * self.res_scale) * h
+        x = x + (a2 * self.res_scale) * self.mlp(modulate(self.norm2(x), b2, g2))
+        gamma_sq = g1.float().pow(2).mean() + g2.float().pow(2).mean()
+        return x, gamma_sq
+
+
+# --------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------
+
+class PixelHDM(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        D, p, d = cfg.hidden_dim, cfg.patch_size, cfg.pixel_dim
+        self.grad_checkpointing = False
+        # conditioning: time + projected pooled text (upstream added the raw pooled
+        # vector to every patch, which drowned the per-patch semantics)
+        self.t_embed = TimestepEmbedder(D, cfg.time_embed_dim)
+        self.pooled_proj = nn.Sequential(RMSNorm(text_dim), nn.Linear(text_dim, max(1, D // 4)),
+                                         nn.SiLU(), nn.Linear(max(1, D // 4), D))
+        # text tokens enter the joint sequence through RMSNorm + Linear
+        self.text_norm = RMSNorm(text_dim)
+        self.text_proj = nn.Linear(text_dim, D, bias=False)
+        # patch path
+        self.patch_in = nn.Linear(p * p * 3, cfg.bottleneck, bias=False)
+        self.patch_out = nn.Linear(cfg.bottleneck, D, bias=False)
+        self.patch_blocks = nn.ModuleList(
+            PatchBlock(cfg, 1.0 / math.sqrt(cfg.residual_k * cfg.patch_layers))
+            for _ in range(cfg.patch_layers))
+        self.semantic_norm = RMSNorm(D)
+        # pixel path
+        self.pixel_in = nn.Linear(3, d)
+        self.pixel_blocks = nn.ModuleList(
+            PixelBlock(cfg, 1.0 / math.sqrt(cfg.residual_k * cfg.pixel_layers))
+            for _ in range(cfg.pixel_layers))
+        self.out_norm = RMSNorm(d)
+        self.out = nn.Linear(d, 3)
+        self._init_embeddings(text_dim)
+
+    def _init_embeddings(self, text_dim: int) -> None:
+        """Each module above initialises itself once; only the layers created inline here
+        are set here, so no intended init is overwritten."""
+        for lin in (self.patch_in, self.patch_out, self.text_proj, self.pooled_proj[1]):
+            nn.init.xavier_uniform_(lin.weight)
+        nn.init.zeros_(self.pooled_proj[1].bias)
+        # the pooled vector joins the time embedding gently
+        nn.init.normal_(self.pooled_proj[3].weight, std=0.1 / math.sqrt(self.pooled_proj[3].in_features))
+        nn.init.zeros_(self.pooled_proj[3].bias)
+        nn.init.xavier_uniform_(self.pixel_in.weight)
+        nn.init.zeros_(self.pixel_in.bias)
+        # output RMS ~1 per pixel: unit-RMS features times weights of std 1/sqrt(Dpix)
+        nn.init.normal_(self.out.weight, std=1.0 / math.sqrt(self.out.in_features))
+        nn.init.zeros_(self.out.bias)
+
+    # ---------------------------------------------------------------------------------
+    def forward(self, z: Tensor, t: Tensor, text: TextCond) -> Tensor:
+        """The prediction (B, 3, H, W) for noisy images z (B, 3, H, W) at times t (B,)."""
+        return self.forward_train(z, t, text).pred
+
+    def forward_train(self, z: Tensor, t: Tensor, text: TextCond,
+                      repa_layer: int | None = None) -> TrainOutput:
+        """The prediction plus what the losses need: the image tokens after patch block
+        `repa_layer` (1-based) and the pixel-AdaLN gamma penalty."""
+        cfg = self.cfg
+        B, C, H, W = z.shape
+        p = cfg.patch_size
+        if C != 3 or H % p or W % p:
+            raise ValueError(f"model input must be (B, 3, H, W) with H and W multiples of the "
+                             f"patch size {p}; got {tuple(z.shape)}")
+        h, w = H // p, W // p
+        L, T = h * w, text.tokens.shape[1]
+        # inputs in the parameters' dtype (autocast then picks the compute dtype)
+        dtype = self.patch_in.weight.dtype
+        z, text = z.to(dtype), text.to(dtype=dtype)
+
+        # conditioning vector c: time + pooled text
+        c = self.t_embed(t) + self.pooled_proj(text.pooled)                    # (B, D)
+
+        # joint sequence [text; image]
+        pix = patchify(z, p)                                                   # (B, L, p*p, 3)
+        img = self.patch_out(F.silu(self.patch_in(pix.flatten(2))))          # (B, L, D)
+        txt = self.text_proj(self.text_norm(text.tokens))                      # (B, T, D)
+        x = torch.cat([txt.to(img.dtype), img], dim=1)                         # (B, T+L, D)
+        mask = torch.cat([text.mask, text.mask.new_ones(B, L)], dim=1)        # (B, T+L)
+        mask = None if bool(mask.all()) else mask
+
+        # mRoPE ids: text n -> (n, 0, 0); patch (i, j) -> (valid text tokens, i, j)
+        grid = self._grid_ids(h, w, z.device)                                  # (L, 2)
+        n_text = text.mask.sum(1)                                              # (B,)
+        pos = torch.zeros(B, T + L, 3, device=z.device, dtype=torch.long)
+        pos[:, :T, 0] = torch.arange(T, device=z.device)
+        pos[:, T:, 0] = n_text[:, None]
+        pos[:, T:, 1:] = grid
+        ang = rope_angles(pos, tuple(cfg.mrope_split), cfg.rope_theta)[:, None]  # (B, 1, T+L, hd/2)
+        cos, sin = ang.cos(), ang.sin()
+
+        features = None
+        for i, block in enumerate(self.patch_blocks):
+            x = self._run(block, x, c, cos, sin, mask)
+            if repa_layer is not None and i + 1 == repa_layer:
+                features = x[:, T:]                                            # (B, L, D)
+        s_cond = self.semantic_norm(x[:, T:]) + c[:, None]                     # (B, L, D)
+
+        # pixel path; compacted tokens use mRoPE ids (0, i, j)
+        pos_px = F.pad(grid, (1, 0))[None]                                     # (1, L, 3)
+        ang_px = rope_angles(pos_px, tuple(cfg.mrope_split), cfg.rope_theta)[:, None]  # (1, 1, L, hd/2)
+        cos_px, sin_px = ang_px.cos(), ang_px.sin()
+        y = self.pixel_in(pix)                                                 # (B, L, p*p, d)
+        gamma_sq = torch.zeros((), device=z.device)
+        for block in self.pixel_blocks:
+            y, g = self._run(block, y, s_cond, cos_px, sin_px)
+            gamma_sq = gamma_sq + g
+        out = self.out(self.out_norm(y))                                       # (B, L, p*p, 3)
+        return TrainOutput(unpatchify(out, p, h, w), features, gamma_sq)
+
+    def _run(self, block: nn.Module, *args):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    @staticmethod
+    def _grid_ids(h: int, w: int, device) -> Tensor:
+        rows = torch.arange(h, device=device).repeat_interleave(w)
+        cols = torch.arange(w, device=device).repeat(h)
+        return torch.stack([rows, cols], dim=-1)                               # (h*w, 2)

@@ -1,0 +1,255 @@
+"""The network: shapes, masks, mRoPE, GQA, initialisation, kernels, gradients, size."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.attention import GatedAttention, apply_rope, attention, rope_angles
+from engine.config import load_preset
+from engine.model import PixelHDM, TextCond, patchify, unpatchify
+
+TEXT_DIM = 32
+
+
+def tiny_cfg(**changes):
+    cfg = load_preset("tiny-cpu").model
+    base = dict(hidden_dim=64, pixel_dim=4, patch_size=8, patch_layers=2, pixel_layers=2,
+                num_heads=4, num_kv_heads=2, mrope_split=[4, 6, 6], bottleneck_dim=16)
+    base.update(changes)
+    return dataclasses.replace(cfg, **base)
+
+
+def make_text(lengths, T=None, dim=TEXT_DIM, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = T or max(max(lengths), 1)
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    tokens = torch.randn(len(lengths), T, dim, generator=g) * mask[..., None]
+    pooled = torch.randn(len(lengths), dim, generator=g) * (torch.tensor(lengths) > 0)[:, None]
+    return TextCond(tokens, mask, pooled)
+
+
+def model(cfg=None, seed=0):
+    torch.manual_seed(seed)
+    return PixelHDM(cfg or tiny_cfg(), TEXT_DIM).eval()
+
+
+@pytest.mark.parametrize("H,W", [(32, 32), (32, 64), (48, 16), (8, 8)])
+def test_shapes_square_and_non_square(H, W):
+    net = model()
+    z = torch.randn(3, 3, H, W)
+    out = net.forward_train(z, torch.rand(3), make_text([3, 0, 5]), repa_layer=1)
+    assert out.pred.shape == (3, 3, H, W)
+    assert out.features.shape == (3, (H // 8) * (W // 8), 64)
+    assert out.gamma_sq.ndim == 0 and torch.isfinite(out.pred).all()
+
+
+def test_rejects_sizes_that_are_not_patch_multiples():
+    with pytest.raises(ValueError, match="multiples of the patch size 8"):
+        model()(torch.randn(1, 3, 20, 16), torch.rand(1), make_text([2]))
+
+
+def test_patchify_round_trip_and_order():
+    x = torch.arange(2 * 3 * 8 * 12, dtype=torch.float).view(2, 3, 8, 12)
+    p = patchify(x, 4)                                   # (2, 6, 16, 3)
+    assert p.shape == (2, 6, 16, 3)
+    # patch 1 is the second patch of the first row; its pixel 0 is x[:, :, 0, 4]
+    assert torch.equal(p[:, 1, 0], x[:, :, 0, 4])
+    # pixel 5 of patch 0 is row 1, column 1
+    assert torch.equal(p[:, 0, 5], x[:, :, 1, 1])
+    assert torch.equal(unpatchify(p, 4, 2, 3), x)
+
+
+def test_padding_tokens_do_not_change_the_output():
+    net = model()
+    z, t = torch.randn(2, 3, 16, 32), torch.rand(2)
+    short = make_text([3, 2], T=3)
+    padded = TextCond(F.pad(short.tokens, (0, 0, 0, 9)), F.pad(short.mask, (0, 9)), short.pooled)
+    # garbage in padded rows must not matter either
+    padded.tokens[:, 5:] = 7.0
+    with torch.no_grad():
+        a, b = net(z, t, short), net(z, t, padded)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_mix_of_prompt_lengths_matches_single_runs():
+    net = model()
+    z, t = torch.randn(3, 3, 16, 16), torch.rand(3)
+    text = make_text([1, 6, 0])
+    with torch.no_grad():
+        together = net(z, t, text)
+        for i in range(3):
+            n = max(int(text.mask[i].sum()), 1)
+            alone = TextCond(text.tokens[i:i + 1, :n], text.mask[i:i + 1, :n], text.pooled[i:i + 1])
+            torch.testing.assert_close(net(z[i:i + 1], t[i:i + 1], alone), together[i:i + 1],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_mrope_depends_only_on_relative_offsets():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    split = (4, 6, 6)
+
+    def score(pq, pk):
+        aq = rope_angles(torch.tensor([[pq]]), split, 10000.0)[:, None]
+        ak = rope_angles(torch.tensor([[pk]]), split, 10000.0)[:, None]
+        return (apply_rope(q, aq.cos(), aq.sin()) * apply_rope(k, ak.cos(), ak.sin())).sum()
+
+    base = score((3, 2, 5), (1, 4, 4))
+    for shift in [(10, 0, 0), (0, 7, 0), (0, 0, 3), (5, 9, 11)]:
+        moved = score(tuple(a + s for a, s in zip((3, 2, 5), shift)),
+                      tuple(a + s for a, s in zip((1, 4, 4), shift)))
+        torch.testing.assert_close(moved, base, rtol=1e-4, atol=1e-5)
+    # a different offset gives a different score
+    assert not torch.allclose(score((3, 2, 6), (1, 4, 4)), base, atol=1e-4)
+    # rotation keeps norms
+    a = rope_angles(torch.tensor([[(4, 5, 6)]]), split, 10000.0)[:, None]
+    torch.testing.assert_close(apply_rope(q, a.cos(), a.sin()).norm(), q.norm())
+
+
+def _plain_mha(layer: GatedAttention, x, cos, sin, mask):
+    """Multi-head attention written out from the layer's weights, one head at a time."""
+    B, S, _ = x.shape
+    hd = layer.head_dim
+    q = layer.q_norm(layer.q(x).view(B, S, layer.heads, hd).transpose(1, 2))
+    k = layer.k_norm(layer.k(x).view(B, S, layer.heads, hd).transpose(1, 2))
+    v = layer.v(x).view(B, S, layer.heads, hd).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    heads = []
+    for h in range(layer.heads):
+        s = q[:, h] @ k[:, h].transpose(-1, -2) / math.sqrt(hd)
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+        heads.append(s.softmax(-1) @ v[:, h])
+    out = torch.stack(heads, 1).transpose(1, 2)           # (B, S, H, hd)
+    g = torch.sigmoid(layer.gate(x)).view(B, S, layer.heads, 1)
+    return layer.o((out * g).reshape(B, S, -1))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_gqa_with_kv_equal_q_heads_is_plain_mha(backend):
+    torch.manual_seed(0)
+    layer = GatedAttention(32, 4, 4, "headwise", backend)
+    torch.nn.init.normal_(layer.gate.weight, std=0.3)
+    x = torch.randn(2, 7, 32)
+    pos = torch.stack([torch.arange(7), torch.zeros(7, dtype=torch.long), torch.arange(7)], -1)
+    a = rope_angles(pos[None], (2, 2, 4), 10000.0)[:, None]
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 1], [1] * 7]).bool()
+    torch.testing.assert_close(layer(x, a.cos(), a.sin(), mask),
+                               _plain_mha(layer, x, a.cos(), a.sin(), mask), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_backends_agree(kv, masked):
+    g = torch.Generator().manual_seed(kv)
+    q = torch.randn(2, 4, 9, 8, generator=g)
+    k, v = torch.randn(2, kv, 9, 8, generator=g), torch.randn(2, kv, 9, 8, generator=g)
+    mask = torch.rand(2, 9, generator=g) > 0.4 if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    torch.testing.assert_close(attention(q, k, v, mask, "sdpa"), attention(q, k, v, mask, "math"),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, mask, "auto"), attention(q, k, v, mask, "math"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_agrees_across_backends():
+    z, t, text = torch.randn(2, 3, 16, 24), torch.rand(2), make_text([2, 5])
+    with torch.no_grad():
+        a = model(tiny_cfg(attention="sdpa"))(z, t, text)
+        b = model(tiny_cfg(attention="math"))(z, t, text)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_flash_request_without_flash_attn_is_a_clear_error():
+    net = model(tiny_cfg(attention="flash"))
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        net(torch.randn(1, 3, 16, 16), torch.rand(1), make_text([2]))
+
+
+@pytest.mark.parametrize("gate", ["headwise", "elementwise"])
+def test_gates_start_at_one_half(gate):
+    net = model(tiny_cfg(gate=gate))
+    seen = []
+    for mod in net.modules():
+        if isinstance(mod, GatedAttention):
+            mod.gate.register_forward_hook(lambda m, i, o: seen.append(torch.sigmoid(o)))
+    with torch.no_grad():
+        net(torch.randn(2, 3, 16, 16), torch.rand(2), make_text([3, 1]))
+    assert len(seen) == 4
+    for g in seen:
+        assert torch.equal(g, torch.full_like(g, 0.5))
+
+
+def test_initial_output_has_the_intended_scale():
+    """Output RMS near 1 for a noisy input, at the default width (the v target has
+    RMS sqrt(1 + var(x)) ~ 1.1-1.4), and modulation starts near identity."""
+    cfg = tiny_cfg(hidden_dim=128, pixel_dim=16, num_heads=4, mrope_split=[8, 12, 12])
+    stds = []
+    for seed in range(3):
+        net = model(cfg, seed)
+        with torch.no_grad():
+            stds.append(net(torch.randn(4, 3, 32, 32), torch.rand(4), make_text([3, 4, 0, 2])).std())
+    assert 0.6 < float(torch.stack(stds).mean()) < 1.5
+    ada = net.patch_blocks[0].ada
+    c = torch.randn(8, 128)
+    g1, b1, a1, *_ = ada(F.silu(c)).chunk(6, -1)
+    assert g1.abs().max() < 0.5 and b1.abs().max() < 0.5
+    assert (a1 - 1).abs().max() < 0.5
+
+
+def test_every_trainable_parameter_receives_a_gradient():
+    net = model().train()
+    out = net.forward_train(torch.randn(2, 3, 16, 32), torch.rand(2), make_text([3, 2]),
+                            repa_layer=1)
+    (out.pred.square().mean() + out.features.square().mean() + out.gamma_sq).backward()
+    missing = [n for n, p in net.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    z, t, text = torch.randn(2, 3, 16, 16), torch.rand(2), make_text([2, 3])
+    grads = []
+    for ckpt in (False, True):
+        net = model().train()
+        net.grad_checkpointing = ckpt
+        net(z, t, text).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_time_and_text_change_the_output():
+    net = model()
+    z = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        a = net(z, torch.tensor([0.2]), make_text([3], seed=1))
+        b = net(z, torch.tensor([0.8]), make_text([3], seed=1))
+        c = net(z, torch.tensor([0.2]), make_text([3], seed=2))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+def test_x_prediction_config_builds_and_runs():
+    net = model(tiny_cfg(prediction="x"))
+    assert net(torch.randn(1, 3, 16, 16), torch.rand(1), make_text([1])).shape == (1, 3, 16, 16)
+
+
+def test_bf16_autocast_forward_is_finite():
+    net = model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 3, 16, 16), torch.rand(2), make_text([2, 0]))
+    assert torch.isfinite(out.float()).all()
+
+
+def test_pixelhdm_default_parameter_count():
+    cfg = load_preset("pixelhdm-default")
+    with torch.device("meta"):
+        net = PixelHDM(cfg.model, 1024)
+    n = sum(p.numel() for p in net.parameters())
+    # upstream: 356,364,355; ours adds the text projection and the pooled-text MLP
+    assert abs(n / 356_364_355 - 1) < 0.01
+    assert n == 357_941_635
