@@ -116,6 +116,7 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
+    path: str = _f("", "dataset folder (set by --data or the studio; presets leave it empty)")
     min_side: int = _f(256, "shortest bucket side in pixels (smaller images are skipped)", lo=1)
     max_side: int = _f(512, "longest bucket side in pixels", lo=1)
     bucket_step: int = _f(64, "step between base bucket sizes in pixels", lo=1)

@@ -1,0 +1,254 @@
+"""Checkpoint files: safetensors only, so nothing is ever unpickled.
+
+    checkpoints/step_0001000.safetensors        weights: `model.*` (raw) and `ema.*`
+                                                 (EMA), metadata JSON under "pixelhdm"
+    checkpoints/step_0001000.state.safetensors  training state: optimizer tensors under
+                                                 `opt.*`, RNG states under `rng.*`, and
+                                                 everything else as JSON under "state"
+    checkpoints/keep.txt                         steps the user pinned (the studio writes it)
+
+`model.*` keys are prefixed by part: `net.` (the PixelHDM network), `text.` (the builtin
+text encoder, when used), `repa.` (the iREPA projector). The state file is written
+first and the weights file last, each through a temporary file and os.replace, so a
+step whose weights file exists is complete. An exported inference file holds only
+`model.*` weights (the EMA ones by default) in a chosen dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+FORMAT = 1
+STEP_FILE = re.compile(r"^step_(\d{7,})\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, damaged, or not a PixelHDM checkpoint."""
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: Path
+    state_path: Path | None   # None when the training state is missing (weights only)
+    size: int                 # bytes, weights + state
+    mtime: float
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _clone_shared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses tensors that share storage (e.g. tied weights): clone those."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), v.dtype) if v.numel() else None
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, Tensor],
+                    ema: dict[str, Tensor] | None, meta: dict,
+                    state_tensors: dict[str, Tensor], state: dict) -> Path:
+    """Write one step's state file, then its weights file. Returns the weights path."""
+    ckpt_dir = Path(ckpt_dir)
+    name = step_name(step)
+    _atomic_save(_clone_shared(state_tensors), ckpt_dir / f"{name}.state.safetensors",
+                 {"state": json.dumps(state), "format": str(FORMAT)})
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    meta = dict(meta, format=FORMAT, step=step, has_ema=ema is not None, saved_at=time.time())
+    path = ckpt_dir / f"{name}.safetensors"
+    _atomic_save(_clone_shared(tensors), path, {"pixelhdm": json.dumps(meta)})
+    return path
+
+
+def export_inference(src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16,
+                     ema: bool = True) -> Path:
+    """An inference-only file: one set of weights (EMA if present and asked for) in
+    `dtype`, with the source metadata and where it came from."""
+    weights, meta = load_weights(src, ema=ema)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    meta = dict(meta, has_ema=False, exported_from=str(Path(src).name),
+                exported_weights="ema" if ema and meta.get("has_ema") else "raw",
+                exported_dtype=str(dtype).removeprefix("torch."))
+    _atomic_save({f"model.{k}": v for k, v in weights.items()}, Path(dst),
+                 {"pixelhdm": json.dumps(meta)})
+    return Path(dst)
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+def read_meta(path: Path) -> dict:
+    """The metadata of a weights file, without loading any tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("pixelhdm")
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"checkpoint '{path}' is damaged or not a safetensors file "
+                              f"({e}); pick another checkpoint") from e
+    if raw is None:
+        raise CheckpointError(f"'{path}' is a safetensors file but not a PixelHDM checkpoint "
+                              f"(no 'pixelhdm' metadata)")
+    return json.loads(raw)
+
+
+def load_weights(path: Path, ema: bool = True, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, Tensor], dict]:
+    """(weights without the model./ema. prefix, metadata). EMA weights when asked for
+    and present, else the raw ones."""
+    meta = read_meta(path)
+    prefix = "ema." if ema and meta.get("has_ema") else "model."
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                if k.startswith(prefix):
+                    out[k[len(prefix):]] = f.get_tensor(k)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({e})") from e
+    return out, meta
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
+    """(tensors, JSON state) of a training-state file."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            state = json.loads((f.metadata() or {})["state"])
+            return {k: f.get_tensor(k) for k in f.keys()}, state
+    except Exception as e:
+        raise CheckpointError(f"training state '{path}' is damaged or missing ({e}); resume "
+                              f"from an earlier checkpoint") from e
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
+    """Step checkpoints in a folder, oldest first."""
+    out = []
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return out
+    for p in ckpt_dir.iterdir():
+        m = STEP_FILE.match(p.name)
+        if not m:
+            continue
+        state = p.with_name(f"{step_name(int(m.group(1)))}.state.safetensors")
+        st = p.stat()
+        size = st.st_size + (state.stat().st_size if state.is_file() else 0)
+        out.append(CheckpointInfo(int(m.group(1)), p, state if state.is_file() else None, size,
+                                  st.st_mtime))
+    return sorted(out, key=lambda c: c.step)
+
+
+def latest_resumable(ckpt_dir: Path) -> CheckpointInfo | None:
+    """The newest checkpoint that has its training state."""
+    for info in reversed(list_checkpoints(ckpt_dir)):
+        if info.state_path is not None:
+            return info
+    return None
+
+
+def pinned_steps(ckpt_dir: Path) -> set[int]:
+    """Steps listed in keep.txt (one per line; the studio's "keep" action writes it)."""
+    try:
+        text = (Path(ckpt_dir) / "keep.txt").read_text(encoding="utf-8")
+    except OSError:
+        return set()
+    return {int(s) for s in text.split() if s.isdigit()}
+
+
+def apply_retention(ckpt_dir: Path, keep_last: int, keep: set[int] = frozenset()) -> list[Path]:
+    """Delete step checkpoints beyond the newest `keep_last`, except pinned steps and
+    `keep`. Returns the deleted files."""
+    infos = list_checkpoints(ckpt_dir)
+    protected = pinned_steps(ckpt_dir) | set(keep) | {c.step for c in infos[-keep_last:]}
+    deleted = []
+    for info in infos:
+        if info.step in protected:
+            continue
+        for p in (info.path, info.state_path):
+            if p is not None:
+                p.unlink(missing_ok=True)
+                deleted.append(p)
+    return deleted
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_hash(path: Path) -> str:
+    """First 10 hex digits of the file's SHA-256 (the usual "Model hash"), cached."""
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()[:10]
+    return _HASHES[key]
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer and RNG state <-> flat tensors + JSON
+# --------------------------------------------------------------------------------------
+
+def flatten_optimizer(sd: dict) -> tuple[dict[str, Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, Tensor], info: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, vals in info["scalars"].items():
+        state.setdefault(int(idx), {}).update(vals)
+    return {"state": state, "param_groups": info["param_groups"]}

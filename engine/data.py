@@ -1,0 +1,723 @@
+"""Datasets: scanning an image folder with captions, the health report, the torch
+dataset and collate that feed the trainer, and the `python -m engine.data` CLI.
+
+A dataset is a folder, scanned recursively: .jpg .jpeg .png .webp .bmp images in any
+letter case; the caption of `a/x.png` is the UTF-8 text of `a/x.txt`. Hidden files and
+folders (names starting with '.') are ignored. The scan reads image headers only, never
+pixels; what it cannot use (unreadable files, images over the pixel limit, missing or
+empty captions) is reported as a Problem naming every file, never silently altered.
+Bucketing, cropping and batching are in engine.buckets; demo data in engine.demo_data.
+
+Typical use (trainer):
+
+    scan = scan_dataset(root, cfg.data)
+    plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, cfg.train.batch_size,
+                        world_size, cfg.train.grad_accum)
+    loader, sampler = make_loader(plan, cfg.data, seed=cfg.train.seed, rank=rank)
+    for epoch in ...: sampler.set_epoch(epoch); for batch in loader: ...
+
+A file that fails to decode during training does not stop it: its sample comes back with
+an error, collate leaves it out and lists it in `Batch.failed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from engine.buckets import (BucketBatchSampler, BucketPlan, PlannedImage, SampleKey, Size,
+                            cover_scale, crop_box, plan_buckets)
+from engine.config import ConfigError, DataConfig, atomic_write_text, load_preset
+from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+# Images over this many pixels are refused before decoding (a decompression bomb of a few
+# kilobytes can expand to gigabytes). PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS,
+# about 179 M) applies as well.
+MAX_PIXELS = 100_000_000
+# Text files in a dataset that are documentation, not captions of a missing image.
+NOT_CAPTIONS = frozenset({"readme", "license", "licence"})
+CACHE_VERSION = 1
+# What PIL raises for broken, truncated or hostile files (its decoders are not uniform).
+BROKEN_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+                      struct.error, Image.DecompressionBombError)
+
+# EXIF orientation -> the transpose that shows the image upright (EXIF 2.32, tag 0x0112)
+_ORIENT_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                     8: Image.Transpose.ROTATE_90}
+
+
+class DataError(ValueError):
+    """A dataset folder or file cannot be used as asked."""
+
+
+# --------------------------------------------------------------------------------------
+# Records and problems
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class ImageRecord:
+    path: str                 # absolute
+    rel: str                  # relative to the dataset root, '/'-separated
+    width: int                # as displayed (EXIF orientation applied)
+    height: int
+    caption: str | None       # None: missing, empty or unreadable (see the scan's problems)
+    file_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Problem:
+    kind: str                 # unreadable, too_large, too_small, missing_caption, ...
+    severity: str             # "error": the file is not trained; "warning": trained, but check
+    message: str
+    files: dict[str, str] = field(default_factory=dict)   # relative path -> what is wrong
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Scan:
+    root: str
+    records: list[ImageRecord]
+    problems: list[Problem]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"root": self.root, "images": len(self.records),
+                "captioned": sum(r.caption is not None for r in self.records),
+                "bytes": sum(r.file_size for r in self.records),
+                "seconds": round(self.seconds, 3),
+                "records": [r.to_dict() for r in self.records],
+                "problems": [p.to_dict() for p in self.problems]}
+
+
+def _problem(problems: dict[str, Problem], kind: str, severity: str, message: str,
+             rel: str, note: str) -> None:
+    problems.setdefault(kind, Problem(kind, severity, message)).files[rel] = note
+
+
+# --------------------------------------------------------------------------------------
+# Scanning
+# --------------------------------------------------------------------------------------
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation read from the header only (1 when absent): PNG keeps EXIF after
+    the pixels at times, and reading it there would decode the whole image."""
+    if "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except BROKEN_FILE_ERRORS:
+        return 1
+    return value if value in _ORIENT_TRANSPOSE else 1
+
+
+def _open(path: str) -> Image.Image:
+    """Image.open with PIL's bomb warning silenced (our own limit is checked by callers)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def read_header(path: str) -> tuple[int, int]:
+    """(width, height) as displayed, from the file header."""
+    with _open(path) as img:
+        w, h = img.size
+        if _orientation(img) >= 5:   # orientations 5-8 swap the axes
+            w, h = h, w
+    if w < 1 or h < 1:
+        raise OSError(f"image has no pixels ({w}x{h})")
+    return w, h
+
+
+CAPTION_PROBLEMS = {"missing_caption": "no caption file", "empty_caption": "empty caption",
+                    "caption_unreadable": "caption file unreadable"}
+
+
+def read_caption(path: Path) -> tuple[str | None, str, str]:
+    """(caption, problem, note): the stripped text, '', ''; or None, a key of
+    CAPTION_PROBLEMS and what exactly is wrong."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig").strip()
+    except FileNotFoundError:
+        return None, "missing_caption", f"no {path.name}"
+    except UnicodeDecodeError as e:
+        return None, "caption_unreadable", f"{path.name} is not UTF-8 text (byte {e.start})"
+    except OSError as e:
+        return None, "caption_unreadable", f"cannot read {path.name}: {e.strerror}"
+    return (text, "", "") if text else (None, "empty_caption", f"{path.name} is empty")
+
+
+def _walk(root: Path) -> tuple[list[tuple[Path, list[str], dict[str, str]]], dict[Path, str]]:
+    """[(folder, image names, lower-case .txt name -> real name)] for every folder under
+    root (folder links are followed, each real folder once, so a link loop ends), and
+    {folder: error} for folders that cannot be listed."""
+    out, failed, seen, stack = [], {}, set(), [root]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        images, texts, subdirs = [], {}, []
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir():
+                        subdirs.append(Path(e.path))
+                    elif e.is_file():
+                        ext = os.path.splitext(e.name)[1].lower()
+                        if ext in IMAGE_EXTENSIONS:
+                            images.append(e.name)
+                        elif ext == ".txt":
+                            texts[e.name.lower()] = e.name
+        except OSError as e:
+            failed[folder] = e.strerror or str(e)
+            continue
+        out.append((folder, sorted(images), texts))
+        stack.extend(sorted(subdirs, reverse=True))
+    return out, failed
+
+
+def _load_cache(path: Path | None, root: Path) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    ok = (isinstance(data, dict) and data.get("version") == CACHE_VERSION
+          and data.get("root") == str(root) and isinstance(data.get("entries"), dict))
+    return data["entries"] if ok else {}
+
+
+def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: int = MAX_PIXELS,
+                 cache_path: str | os.PathLike | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Scan:
+    """Find every image under `root` with its size and caption, and what is wrong.
+
+    Reads headers only. With `cache_path`, header sizes are kept in that JSON file keyed
+    by (file size, modification time), so a rescan of an unchanged 100k-image folder
+    opens no image. `progress(done, total)` is called as headers are read."""
+    start = time.perf_counter()
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise DataError(f"dataset folder '{root}' does not exist or is not a folder (give the "
+                        f"folder that holds the images and their .txt captions)")
+    root_path = root_path.resolve()
+    cache_file = Path(cache_path) if cache_path is not None else None
+    cache = _load_cache(cache_file, root_path)
+    new_cache: dict[str, list[int]] = {}
+    problems: dict[str, Problem] = {}
+    records: list[ImageRecord] = []
+    missing_is_error = data_cfg.missing_caption == "skip"
+    fallback = (f"trained with the default caption '{data_cfg.default_caption}'"
+                if data_cfg.default_caption else "trained unconditionally (empty caption)")
+    caption_effect = "skipped (data.missing_caption = skip)" if missing_is_error else fallback
+    caption_severity = "error" if missing_is_error else "warning"
+
+    folders, unlistable = _walk(root_path)
+    for folder, err in unlistable.items():
+        _problem(problems, "unreadable", "error", "cannot be read: skipped",
+                 folder.relative_to(root_path).as_posix() + "/", f"folder: {err}")
+    total = sum(len(imgs) for _, imgs, _ in folders)
+    done = 0
+    for folder, images, texts in folders:
+        stems = set()
+        for name in images:
+            path = folder / name
+            rel = path.relative_to(root_path).as_posix()
+            stem = os.path.splitext(name)[0]
+            stems.add(stem.lower())
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            try:
+                st = path.stat()
+                hit = cache.get(rel)
+                if hit and hit[:2] == [st.st_size, st.st_mtime_ns]:
+                    w, h = hit[2], hit[3]
+                else:
+                    w, h = read_header(str(path))
+                new_cache[rel] = [st.st_size, st.st_mtime_ns, w, h]
+            except Image.DecompressionBombError as e:
+                _problem(problems, "too_large", "error", "over the pixel limit, not decoded "
+                         "(possible decompression bomb)", rel, str(e))
+                continue
+            except BROKEN_FILE_ERRORS as e:
+                _problem(problems, "unreadable", "error", "cannot be read: skipped", rel,
+                         str(e) or type(e).__name__)
+                continue
+            if w * h > max_pixels:
+                _problem(problems, "too_large", "error", "over the pixel limit, not decoded "
+                         "(possible decompression bomb)", rel,
+                         f"{w}x{h} = {w * h / 1e6:.0f} M pixels > {max_pixels / 1e6:.0f} M")
+                continue
+            if min(w, h) < data_cfg.min_side:
+                _problem(problems, "too_small", "error", f"shorter side below data.min_side "
+                         f"{data_cfg.min_side}: skipped", rel, f"{w}x{h} px")
+            txt = texts.get(f"{stem}.txt".lower(), f"{stem}.txt")
+            caption, kind, note = read_caption(folder / txt)
+            if caption is None:
+                _problem(problems, kind, caption_severity,
+                         f"{CAPTION_PROBLEMS[kind]}: {caption_effect}", rel, note)
+            records.append(ImageRecord(str(path), rel, w, h, caption, st.st_size))
+        for low, real_name in texts.items():
+            stem = low[:-4]
+            if stem not in stems and stem not in NOT_CAPTIONS:
+                rel = (folder / real_name).relative_to(root_path).as_posix()
+                _problem(problems, "orphan_caption", "warning", "caption file with no image of "
+                         "the same name", rel, "no image with this name")
+    if cache_file is not None and new_cache != cache:
+        try:
+            atomic_write_text(cache_file, json.dumps({"version": CACHE_VERSION,
+                                                      "root": str(root_path),
+                                                      "entries": new_cache}))
+        except OSError:
+            pass   # the cache only saves time; a read-only location must not stop a scan
+    records.sort(key=lambda r: r.rel)
+    return Scan(str(root_path), records, list(problems.values()), time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------
+# Decoding a crop
+# --------------------------------------------------------------------------------------
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; transparent pixels are composited on white, 16-bit grey is rescaled."""
+    if img.mode.startswith("I;16"):
+        grey = (np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: bool = False, *,
+              max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The bucket-sized RGB crop of an image: the crop box of engine.buckets.crop_box at
+    (fx, fy), resampled with Lanczos straight from the original pixels, optionally
+    mirrored. Large JPEGs are decoded at a reduced DCT scale that still covers the crop
+    at full resolution. Raises one of BROKEN_FILE_ERRORS for a broken file."""
+    with _open(path) as img:
+        orient = _orientation(img)
+        w, h = img.size if orient < 5 else img.size[::-1]
+        if w * h > max_pixels:
+            raise DataError(f"{w}x{h} px is over the limit of {max_pixels} pixels")
+        s = cover_scale(w, h, bucket)
+        factor = 1.0     # decoded pixels per original pixel
+        if img.format == "JPEG" and s < 0.5:
+            stored_w, stored_h = img.size
+            drafted = img.draft(None, (math.ceil(stored_w * s), math.ceil(stored_h * s)))
+            if drafted is not None:    # (mode, (0, 0, stored_w / k, stored_h / k))
+                factor = drafted[1][2] / stored_w
+        rgb = _to_rgb(img)
+    if orient != 1:
+        rgb = rgb.transpose(_ORIENT_TRANSPOSE[orient])
+    box = tuple(v * factor for v in crop_box(w, h, bucket, fx, fy))
+    out = rgb.resize(bucket, Image.Resampling.LANCZOS, box=box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB -> float (3, H, W) in [-1, 1]."""
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (H, W, 3) -> (3, H, W)
+
+
+# --------------------------------------------------------------------------------------
+# Dataset, samples, batches
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    image: Tensor | None      # (3, H, W) in [-1, 1]; None when the file failed
+    caption: str
+    path: str
+    bucket: Size
+    epoch: int
+    position: int
+    error: str = ""           # why the file failed ('' = it did not)
+
+
+@dataclass
+class Batch:
+    images: Tensor                     # (B, 3, H, W) in [-1, 1], B may be 0
+    captions: list[str]
+    paths: list[str]
+    failed: list[tuple[str, str]]      # (path, reason) of samples left out
+    epoch: int
+    position: int                      # batches of the epoch trained once this one is
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def grid(self, patch_size: int) -> tuple[int, int]:
+        """The patch grid (h, w) = (H / p, W / p)."""
+        H, W = self.images.shape[-2:]
+        if H % patch_size or W % patch_size:
+            raise ValueError(f"batch size {W}x{H} is not a multiple of patch {patch_size}")
+        return H // patch_size, W // patch_size
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True)."""
+        return Batch(self.images.pin_memory(), self.captions, self.paths, self.failed,
+                     self.epoch, self.position)
+
+
+class BucketDataset(Dataset):
+    """The planned images as training samples. Indexed by SampleKey (from
+    BucketBatchSampler) or a plain index (epoch 0). Random crop offsets and flips are
+    a function of (seed, epoch, index) alone, so any number of workers, and a resumed
+    run, see exactly the same pixels."""
+
+    def __init__(self, images: Sequence[PlannedImage], *, crop: str = "center",
+                 flip: bool = False, seed: int = 0, max_pixels: int = MAX_PIXELS):
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.images, self.crop, self.flip = list(images), crop, flip
+        self.seed, self.max_pixels = seed, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def augmentation(self, index: int, epoch: int) -> tuple[float, float, bool]:
+        """(fx, fy, flip) of an image in an epoch; crop_box(w, h, bucket, fx, fy) is the
+        exact box trained."""
+        u = np.random.default_rng([self.seed, epoch, index]).random(3)
+        fx, fy = (u[0], u[1]) if self.crop == "random" else (0.5, 0.5)
+        return float(fx), float(fy), bool(self.flip and u[2] < 0.5)
+
+    def __getitem__(self, key: SampleKey | int) -> Sample:
+        if not isinstance(key, SampleKey):
+            key = SampleKey(int(key), 0, 0)
+        im = self.images[key.index]
+        fx, fy, flip = self.augmentation(key.index, key.epoch)
+        try:
+            img = load_crop(im.record.path, im.bucket, fx, fy, flip, max_pixels=self.max_pixels)
+        except BROKEN_FILE_ERRORS as e:
+            return Sample(None, im.caption, im.record.path, im.bucket, key.epoch, key.position,
+                          f"{type(e).__name__}: {e}")
+        return Sample(to_tensor(img), im.caption, im.record.path, im.bucket, key.epoch,
+                      key.position)
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    """Stack one bucket's samples; failed ones are left out and listed in `failed`."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    buckets = {s.bucket for s in samples}
+    if len(buckets) > 1:
+        raise ValueError(f"a batch mixes buckets {sorted(buckets)}; use BucketBatchSampler")
+    ok = [s for s in samples if not s.error]
+    bw, bh = samples[0].bucket
+    images = torch.stack([s.image for s in ok]) if ok else torch.empty(0, 3, bh, bw)
+    return Batch(images, [s.caption for s in ok], [s.path for s in ok],
+                 [(s.path, s.error) for s in samples if s.error],
+                 samples[0].epoch, samples[0].position)
+
+
+def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int = 0,
+                validation: bool = False, pin_memory: bool = False
+                ) -> tuple[DataLoader, BucketBatchSampler]:
+    """DataLoader and its sampler for the plan's training images, or (validation=True)
+    its held-out images: centre crops, no flips, every image once, rank 0's view."""
+    if validation:
+        ds = BucketDataset(plan.val_images, seed=seed)
+        sampler = BucketBatchSampler([im.bucket for im in plan.val_images], plan.batch_size,
+                                     seed=seed)
+    else:
+        ds = BucketDataset(plan.images, crop=data_cfg.crop, flip=data_cfg.flip, seed=seed)
+        sampler = BucketBatchSampler.from_plan(plan, seed=seed, rank=rank)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=data_cfg.workers, pin_memory=pin_memory,
+                        persistent_workers=data_cfg.workers > 0)
+    return loader, sampler
+
+
+# --------------------------------------------------------------------------------------
+# Health report
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class TokenStats:
+    counter: str              # how tokens were counted
+    max_tokens: int | None    # the encoder's limit (None = not checked)
+    captions: int
+    min: int
+    mean: float
+    p95: int
+    max: int
+    over: int                 # captions longer than max_tokens (truncated in training)
+
+
+@dataclass
+class HealthReport:
+    root: str
+    images: int
+    problems: list[Problem]
+    tokens: TokenStats | None
+
+    @property
+    def errors(self) -> int:
+        """Files that will not be trained."""
+        return len({f for p in self.problems if p.severity == "error" for f in p.files})
+
+    @property
+    def warnings(self) -> int:
+        return len({f for p in self.problems if p.severity == "warning" for f in p.files})
+
+    def to_dict(self) -> dict:
+        return {"root": self.root, "images": self.images, "errors": self.errors,
+                "warnings": self.warnings, "problems": [p.to_dict() for p in self.problems],
+                "tokens": asdict(self.tokens) if self.tokens else None}
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_duplicates(records: Sequence[ImageRecord]) -> list[list[ImageRecord]]:
+    """Groups of byte-identical files (by content hash), each sorted by path. Only files
+    sharing a size are hashed, so a folder without duplicates is barely read."""
+    by_size: dict[int, list[ImageRecord]] = {}
+    for r in records:
+        by_size.setdefault(r.file_size, []).append(r)
+    groups: list[list[ImageRecord]] = []
+    for same_size in by_size.values():
+        if len(same_size) < 2:
+            continue
+        by_hash: dict[str, list[ImageRecord]] = {}
+        for r in same_size:
+            try:
+                by_hash.setdefault(file_hash(r.path), []).append(r)
+            except OSError:
+                continue
+        groups += [sorted(g, key=lambda r: r.rel) for g in by_hash.values() if len(g) > 1]
+    return sorted(groups, key=lambda g: g[0].rel)
+
+
+def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] | None = None,
+                  max_tokens: int | None = None, counter_name: str = "tokenizer",
+                  deep: bool = False, max_pixels: int = MAX_PIXELS,
+                  progress: Callable[[int, int], None] | None = None) -> HealthReport:
+    """The scan's problems plus duplicate files, captions over `max_tokens` (counted by
+    `count_tokens`, described by `counter_name`) and, with `deep`, images whose pixels do
+    not decode (reads every file completely: slow on big folders)."""
+    problems = list(scan.problems)
+    dup = Problem("duplicate", "warning", "identical file content: the copy trains the same "
+                  "image twice")
+    for group in find_duplicates(scan.records):
+        for r in group[1:]:
+            dup.files[r.rel] = f"same content as {group[0].rel}"
+    if dup.files:
+        problems.append(dup)
+
+    if deep:
+        corrupt = Problem("corrupt", "error", "header reads but the pixels do not decode: "
+                          "skipped in training")
+        for i, r in enumerate(scan.records):
+            if progress is not None:
+                progress(i + 1, len(scan.records))
+            try:
+                with _open(r.path) as img:
+                    if img.size[0] * img.size[1] > max_pixels:
+                        continue
+                    img.load()
+            except BROKEN_FILE_ERRORS as e:
+                corrupt.files[r.rel] = str(e) or type(e).__name__
+        if corrupt.files:
+            problems.append(corrupt)
+
+    tokens = None
+    captioned = [r for r in scan.records if r.caption is not None]
+    if count_tokens is not None and captioned:
+        counts = list(count_tokens([r.caption for r in captioned]))
+        if len(counts) != len(captioned):
+            raise ValueError(f"count_tokens returned {len(counts)} counts for "
+                             f"{len(captioned)} captions")
+        arr = np.asarray(counts)
+        over = {r.rel: f"{n} tokens > {max_tokens}" for r, n in zip(captioned, counts)
+                if max_tokens is not None and n > max_tokens}
+        tokens = TokenStats(counter_name, max_tokens, len(counts), int(arr.min()),
+                            float(arr.mean()), int(np.percentile(arr, 95, method="higher")),
+                            int(arr.max()), len(over))
+        if over:
+            problems.append(Problem("long_caption", "warning", f"caption longer than the text "
+                                    f"encoder's limit of {max_tokens} tokens: the end is cut "
+                                    f"off in training", over))
+    return HealthReport(scan.root, len(scan.records), problems, tokens)
+
+
+# --------------------------------------------------------------------------------------
+# CLI: python -m engine.data demo | report
+# --------------------------------------------------------------------------------------
+
+def _cli_token_counter(cfg) -> tuple[Callable[[list[str]], list[int]], str]:
+    """The text encoder's own count where it is available offline, else an estimate that
+    says so."""
+    if cfg.text.encoder == "builtin":
+        from engine.encoders import BuiltinTextEncoder
+        return BuiltinTextEncoder(cfg.text).count_tokens, "the builtin encoder's words"
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(cfg.text.name_or_path, local_files_only=True)
+    except Exception:  # any failure to load it falls back to the labelled estimate
+        return (lambda caps: [len(c.split()) for c in caps],
+                f"whitespace-separated words (an estimate: the tokenizer of "
+                f"'{cfg.text.name_or_path}' is not available offline)")
+    return (lambda caps: [len(ids) for ids in tok(caps, add_special_tokens=False)["input_ids"]],
+            f"the tokenizer of '{cfg.text.name_or_path}'")
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+
+
+def format_report(scan: Scan, plan: BucketPlan, health: HealthReport, title: str,
+                  max_files: int = 8) -> str:
+    """The human-readable report printed by `python -m engine.data report`."""
+    mb = sum(r.file_size for r in scan.records) / 1e6
+    lines = [f"Dataset   {scan.root}",
+             f"          {len(scan.records)} images ({mb:.1f} MB), "
+             f"{sum(r.caption is not None for r in scan.records)} with captions, "
+             f"scanned in {scan.seconds:.2f} s",
+             f"Settings  {title}", ""]
+    if health.problems:
+        lines.append(f"Problems  ({health.errors} files not trained, {health.warnings} to check)")
+        for p in health.problems:
+            lines.append(f"  {p.severity.upper():7} {p.kind}: {len(p.files)} file(s), {p.message}")
+            for rel, note in list(p.files.items())[:max_files]:
+                lines.append(f"            {rel}: {note}")
+            if len(p.files) > max_files:
+                lines.append(f"            ... and {len(p.files) - max_files} more "
+                             f"(--json lists all)")
+    else:
+        lines.append("Problems  none")
+    lines.append("")
+    rows = [["bucket", "images", "batches", "last", "padded", "dropped", "tokens", "aspect err"]]
+    for b in plan.buckets:
+        if b.images:
+            rows.append([f"{b.size[0]}x{b.size[1]}", str(b.images), str(b.batches),
+                         str(b.last_batch), str(b.padded), str(b.dropped), str(b.tokens),
+                         f"{b.mean_aspect_error:.3f} / {b.worst_aspect_error:.3f}"])
+    rows.append(["total", str(len(plan.images)), str(plan.batches_per_epoch), "",
+                 str(sum(b.padded for b in plan.buckets)),
+                 str(sum(b.dropped for b in plan.buckets)), "",
+                 f"{plan.mean_aspect_error:.3f} / {plan.worst_aspect_error:.3f}"])
+    used = sum(1 for b in plan.buckets if b.images)
+    lines.append(f"Buckets   {used} of {len(plan.buckets)} used; batches and last batch per "
+                 f"rank; aspect error |ln(image/bucket aspect)| mean / worst")
+    lines += _table(rows, right={1, 2, 3, 4, 5, 6})
+    lines.append("")
+    reasons: dict[str, int] = {}
+    for d in plan.dropped:
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+    lines.append(f"Training  {len(plan.images)} images, {len(plan.val_images)} held out for "
+                 f"validation, {len(plan.dropped)} dropped"
+                 + (f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})"
+                    if reasons else ""))
+    lines.append(f"Epoch     {plan.batches_per_epoch} batches of up to {plan.batch_size} per rank "
+                 f"= {plan.steps_per_epoch:g} optimizer steps ({plan.samples_per_epoch} samples "
+                 f"over {plan.world_size} rank(s))")
+    if health.tokens is not None:
+        t = health.tokens
+        limit = f", limit {t.max_tokens}: {t.over} over" if t.max_tokens is not None else ""
+        lines.append(f"Captions  length in {t.counter}: min {t.min}, mean {t.mean:.1f}, "
+                     f"95% {t.p95}, max {t.max}{limit}")
+    for w in plan.warnings:
+        lines.append(f"Warning   {w}")
+    return "\n".join(lines)
+
+
+def _report(args) -> int:
+    cfg = load_preset(args.preset, args.set or ())
+    scan = scan_dataset(args.dir, cfg.data)
+    plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, cfg.train.batch_size,
+                        args.gpus, cfg.train.grad_accum)
+    counter, counter_name = _cli_token_counter(cfg)
+    health = health_report(scan, count_tokens=counter, max_tokens=cfg.text.max_tokens,
+                           counter_name=counter_name, deep=args.deep)
+    if args.json:
+        print(json.dumps({"scan": scan.to_dict(), "plan": plan.to_dict(),
+                          "health": health.to_dict()}, indent=1))
+        return 0
+    d = cfg.data
+    title = (f"{args.preset}: buckets {d.min_side}-{d.max_side} step {d.bucket_step}, patch "
+             f"{cfg.model.patch_size}, aspect <= {d.max_aspect:g}, crop {d.crop}, flip "
+             f"{'on' if d.flip else 'off'}, batch {cfg.train.batch_size} x {args.gpus} GPU(s) "
+             f"x accum {cfg.train.grad_accum}, drop_last {'on' if d.drop_last else 'off'}")
+    print(format_report(scan, plan, health, title))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.data",
+                                 description="Dataset tools: a demo dataset and the bucket plan "
+                                             "plus health report of a folder.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="write the built-in captioned shapes dataset")
+    demo.add_argument("--out", required=True, help="new or empty folder to write")
+    demo.add_argument("--count", type=int, default=DEFAULT_COUNT, help="number of images")
+    demo.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    rep = sub.add_parser("report", help="bucket plan and health report of a dataset folder")
+    rep.add_argument("dir", help="dataset folder (images with .txt captions)")
+    rep.add_argument("--preset", required=True, help="preset name or YAML file")
+    rep.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                     help="override a config value (repeatable)")
+    rep.add_argument("--gpus", type=int, default=1, help="world size to plan for")
+    rep.add_argument("--deep", action="store_true", help="also decode every image (slow)")
+    rep.add_argument("--json", action="store_true", help="machine-readable output")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "demo":
+            if args.count < 1:
+                raise DataError(f"--count must be at least 1, got {args.count}")
+            out = write_demo_dataset(args.out, args.count, args.seed)
+            print(f"wrote {args.count} images with captions to {out}")
+            return 0
+        if args.gpus < 1:
+            raise DataError(f"--gpus must be at least 1, got {args.gpus}")
+        return _report(args)
+    except (ConfigError, DataError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The job directory: the only channel between a training process and the studio.
+
+    <runs>/<run-id>/
+      config.yaml      fully resolved config, written once by whoever starts the run
+      status.json      trainer only, replaced atomically: state, step, loss, heartbeat...
+      metrics.jsonl    trainer only, appended: one JSON object per logged step
+      events.out.tfevents.*   the same scalars for TensorBoard
+      log.txt          the trainer's log (and, when the studio starts it, stdout/stderr)
+      samples/         fixed-prompt, fixed-seed sample grids (step_XXXXXXX.png + .json)
+      checkpoints/     step_XXXXXXX.safetensors (+ .state.safetensors), keep.txt (studio)
+      control/         studio only: one file per request kind (stop, pause, save-now,
+                       sample-now) holding a request id; the trainer acts on an id it has
+                       not handled yet and records it in status.json's `handled`.
+
+Liveness is derived from the pid and the heartbeat age, so a process that died in a
+non-final state shows as crashed instead of running forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from engine.config import atomic_write_text
+
+STATES = ("starting", "running", "stopping", "paused", "stopped", "completed", "failed")
+FINAL_STATES = ("paused", "stopped", "completed", "failed")
+REQUESTS = ("stop", "pause", "save-now", "sample-now")
+HEARTBEAT_SECONDS = 5.0
+STALE_SECONDS = 90.0
+
+
+@dataclass
+class Status:
+    state: str = "starting"
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    it_s: float | None = None          # optimizer steps per second
+    images_s: float | None = None
+    eta_s: float | None = None
+    last_checkpoint: str = ""
+    last_sample: str = ""
+    error: str = ""
+    message: str = ""                  # latest notable event (rollback, skipped batch...)
+    pid: int = 0
+    world_size: int = 1
+    device: str = ""
+    started_at: float = 0.0
+    heartbeat: float = 0.0
+    handled: dict = field(default_factory=dict)   # request kind -> id acted upon
+
+
+class RunDir:
+    """Paths of one run and the small readers/writers of its files."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # paths -----------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    config = property(lambda self: self.root / "config.yaml")
+    status_file = property(lambda self: self.root / "status.json")
+    metrics_file = property(lambda self: self.root / "metrics.jsonl")
+    log_file = property(lambda self: self.root / "log.txt")
+    samples = property(lambda self: self.root / "samples")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    control = property(lambda self: self.root / "control")
+
+    def create(self) -> None:
+        for d in (self.root, self.samples, self.checkpoints, self.control):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # status ----------------------------------------------------------------------
+    def write_status(self, status: Status) -> None:
+        atomic_write_text(self.status_file, json.dumps(asdict(status), indent=1))
+
+    def read_status(self) -> Status | None:
+        """The last status written, or None when there is none (or it is unreadable)."""
+        try:
+            raw = json.loads(self.status_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        known = {f.name for f in fields(Status)}
+        return Status(**{k: v for k, v in raw.items() if k in known})
+
+    # metrics ---------------------------------------------------------------------
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.flush()
+
+    def read_metrics(self, offset: int = 0) -> tuple[list[dict], int]:
+        """Complete metric lines after byte `offset`, and the offset to continue from
+        (a line still being written is left for the next call)."""
+        try:
+            with open(self.metrics_file, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return [], offset
+        end = data.rfind(b"\n") + 1
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records, offset + end
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+
+    # control requests ---------------------------------------------------------------
+    def request(self, kind: str) -> str:
+        """Studio side: ask the trainer for `kind`; returns the request id."""
+        if kind not in REQUESTS:
+            raise ValueError(f"unknown request {kind!r} (allowed: {', '.join(REQUESTS)})")
+        rid = uuid.uuid4().hex
+        atomic_write_text(self.control / kind, json.dumps({"id": rid, "at": time.time()}))
+        return rid
+
+    def clear_requests(self) -> None:
+        """Studio side, before (re)starting a process: forget old requests."""
+        for kind in REQUESTS:
+            try:
+                (self.control / kind).unlink()
+            except FileNotFoundError:
+                pass
+
+    def pending_requests(self, handled: dict) -> dict[str, str]:
+        """Trainer side: request kind -> id for every request not handled yet."""
+        out = {}
+        for kind in REQUESTS:
+            try:
+                rid = json.loads((self.control / kind).read_text(encoding="utf-8"))["id"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if handled.get(kind) != rid:
+                out[kind] = rid
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Liveness
+# --------------------------------------------------------------------------------------
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # pragma: no cover - Windows
+        import ctypes
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def effective_state(status: Status | None, now: float | None = None) -> str:
+    """The state to show: the trainer's own state, or `crashed` when it claims to be
+    active but its process is gone or its heartbeat is stale, or `none`."""
+    if status is None:
+        return "none"
+    if status.state in FINAL_STATES:
+        return status.state
+    now = time.time() if now is None else now
+    if not pid_alive(status.pid) or now - status.heartbeat > STALE_SECONDS:
+        return "crashed"
+    return status.state
+
+
+def list_runs(runs_root: str | os.PathLike) -> list[RunDir]:
+    """Run directories (those with a config.yaml) under `runs_root`, newest first."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    runs = [RunDir(p) for p in root.iterdir() if (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda r: r.config.stat().st_mtime, reverse=True)

@@ -1,0 +1,292 @@
+"""Sampling: time grids, ODE samplers and classifier-free guidance.
+
+The samplers integrate the probability-flow ODE dz/dt = v(z, t) from ts[0] to clean data
+at t = 1 (time convention in engine/flow.py). Like k-diffusion's samplers they are plain
+functions with one signature:
+
+    sample_x(model_fn, x, ts, callback=None) -> Tensor
+
+* model_fn(z, t) -> x_hat: the clean-image estimate for a state z (B, C, H, W) at times
+  t (B,). The pipeline builds it with engine.flow.to_clean from whatever the network
+  predicts and wraps it with cfg_model() for guidance; samplers never see conditioning.
+* x: the state at ts[0] (pure noise for text-to-image, a noised image for img2img).
+* ts: strictly increasing times ending at exactly 1 (time_grid, img2img_grid). The model
+  is never evaluated at t = 1, where a velocity is undefined: every last step returns
+  the clean estimate.
+* callback(step, total, x_hat) runs after each step, step = 1..total, with the model's
+  clean estimate at the start of that step (after the last step it is the result).
+  An exception raised by the callback cancels sampling and propagates to the caller.
+
+Every update below is a step from (z, t) towards a clean estimate d:
+
+    z_next = z + (t_next - t) / (1 - t) * (d - z)
+
+With d = x_hat this is Euler on v = (x_hat - z) / (1 - t). It is also DDIM and
+DPM-Solver++(1) for alpha_t = t, sigma_t = 1 - t, because with c = (t_next - t) / (1 - t)
+their coefficients are sigma_next / sigma_t = 1 - c and alpha_next (1 - e^-h) = c.
+At t_next = 1 it returns d itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from engine.config import RunConfig
+from engine.flow import interpolate, resolution_shift, shift_time
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[int, int, Tensor], None]
+
+
+# --------------------------------------------------------------------------------------
+# Time grids
+# --------------------------------------------------------------------------------------
+
+def time_grid(steps: int, shift: float = 1.0, t_start: float = 0.0) -> Tensor:
+    """`steps + 1` increasing times from t_start to 1 (float64, CPU): uniform in the
+    unshifted time u, then mapped through t = u / (u + (1 - u) s). The uniform part starts
+    at the unshifted image of t_start, so the grid starts at exactly t_start for any shift
+    while its spacing follows the shift."""
+    if steps < 1:
+        raise ValueError(f"time_grid: steps = {steps}; use at least 1 step")
+    if not 0.0 <= t_start < 1.0:
+        raise ValueError(f"time_grid: t_start = {t_start}; allowed: 0 <= t_start < 1 "
+                         f"(0 = pure noise)")
+    if shift <= 0.0:
+        raise ValueError(f"time_grid: shift = {shift}; allowed: a number > 0 (1 = no shift)")
+    u_start = float(shift_time(torch.tensor(t_start, dtype=torch.float64), 1.0 / shift))
+    ts = shift_time(torch.linspace(u_start, 1.0, steps + 1, dtype=torch.float64), shift)
+    ts[0], ts[-1] = t_start, 1.0  # exact endpoints, free of round-off in the shift map
+    return ts
+
+
+def sample_shift(cfg: RunConfig, width: int, height: int) -> float:
+    """The sampling time shift for an image size: `sample.shift` when set, else the
+    training shift (`loss.time_shift`, scaled with the image size when
+    `loss.shift_reference` is set)."""
+    if cfg.sample.shift > 0.0:
+        return cfg.sample.shift
+    return resolution_shift(width, height, cfg.loss.time_shift, cfg.loss.shift_reference)
+
+
+def img2img_grid(steps: int, strength: float, shift: float = 1.0) -> Tensor:
+    """Image-to-image grid: starts at t_start = 1 - strength and takes
+    max(1, round(steps * strength)) steps. Strength 0 gives the one-point grid [1.0] (zero
+    steps, the image comes back unchanged); strength 1 is the text-to-image grid."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"img2img_grid: strength = {strength}; allowed: 0 (keep the image) "
+                         f"to 1 (ignore it)")
+    if strength == 0.0:
+        return torch.ones(1, dtype=torch.float64)
+    return time_grid(max(1, round(steps * strength)), shift, 1.0 - strength)
+
+
+def noise_image(image: Tensor, noise: Tensor, t: float) -> Tensor:
+    """An init image noised to time t along the path z_t = t x + (1 - t) eps: the image
+    itself at t = 1, the noise itself at t = 0. Use t = float(ts[0]) of img2img_grid."""
+    return interpolate(image, noise, _t(image, float(t)))
+
+
+# --------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------
+
+def _times(ts: Tensor | Sequence[float]) -> list[float]:
+    """The grid as Python floats (step coefficients in double precision), checked."""
+    times = [float(t) for t in ts]
+    if (not times or times[0] < 0.0 or times[-1] != 1.0
+            or any(b <= a for a, b in zip(times, times[1:]))):
+        shown = times if len(times) <= 6 else times[:3] + ["..."] + times[-2:]
+        raise ValueError(f"sampler: ts = {shown} must increase strictly from t >= 0 to "
+                         f"exactly 1; build it with time_grid() or img2img_grid()")
+    return times
+
+
+def _t(x: Tensor, t: float) -> Tensor:
+    """A time as the (B,) tensor model_fn takes: float32 (float64 for a float64 state)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
+
+
+def _toward(z: Tensor, t: float, t_next: float, d: Tensor) -> Tensor:
+    """One step from (z, t) towards the clean estimate d (module docstring)."""
+    if t_next == 1.0:
+        return d
+    return z + ((t_next - t) / (1.0 - t)) * (d - z)
+
+
+def _lambda(t: float) -> float:
+    """Half log-SNR log(alpha_t / sigma_t) = log(t / (1 - t)) for t < 1; -inf at t = 0."""
+    return -math.inf if t == 0.0 else math.log(t / (1.0 - t))
+
+
+@torch.no_grad()
+def sample_euler(model_fn: ModelFn, x: Tensor, ts: Tensor,
+                 callback: Callback | None = None) -> Tensor:
+    """Euler steps on dz/dt = v (rectified flow, Liu et al. 2022), written as a step towards
+    x_hat; identical to DDIM (Song et al. 2021, eq. 12) on this path. One call per step."""
+    times = _times(ts)
+    total = len(times) - 1
+    for i in range(total):
+        t, t_next = times[i], times[i + 1]
+        x_hat = model_fn(x, _t(x, t))
+        x = _toward(x, t, t_next, x_hat)
+        if callback is not None:
+            callback(i + 1, total, x_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model_fn: ModelFn, x: Tensor, ts: Tensor,
+                callback: Callback | None = None) -> Tensor:
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1) on the velocity, as JiT
+    samples: an Euler predictor, then the average of the slopes at both ends. The last step
+    is plain Euler, which returns x_hat. 2 * steps - 1 calls."""
+    times = _times(ts)
+    total = len(times) - 1
+    for i in range(total):
+        t, t_next = times[i], times[i + 1]
+        x_hat = model_fn(x, _t(x, t))
+        x_pred = _toward(x, t, t_next, x_hat)
+        if t_next < 1.0:
+            v = (x_hat - x) / (1.0 - t)
+            v_next = (model_fn(x_pred, _t(x, t_next)) - x_pred) / (1.0 - t_next)
+            x = x + (t_next - t) * 0.5 * (v + v_next)
+        else:
+            x = x_pred
+        if callback is not None:
+            callback(i + 1, total, x_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, ts: Tensor,
+                    callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(2M) in data-prediction form (Lu et al. 2022, "DPM-Solver++", Algorithm 2)
+    for alpha_t = t, sigma_t = 1 - t, lambda = log(t / (1 - t)), h_i = lambda_{i+1} - lambda_i:
+
+        D = (1 + 1/(2r)) x_hat_i - (1/(2r)) x_hat_{i-1},   r = h_{i-1} / h_i
+        z_{i+1} = (sigma_{i+1} / sigma_i) z_i + alpha_{i+1} (1 - e^{-h_i}) D
+
+    The first step has no history and is first order. A step that follows one leaving t = 0
+    (lambda = -inf, h_{i-1} infinite) is first order too: the correction 1/(2r) tends to 0.
+    The last step (h = inf) returns x_hat, as k-diffusion does at sigma = 0. One call per step."""
+    times = _times(ts)
+    total = len(times) - 1
+    x_hat_prev = None
+    for i in range(total):
+        t, t_next = times[i], times[i + 1]
+        x_hat = model_fn(x, _t(x, t))
+        d = x_hat
+        if x_hat_prev is not None and times[i - 1] > 0.0 and t_next < 1.0:
+            r = (_lambda(t) - _lambda(times[i - 1])) / (_lambda(t_next) - _lambda(t))
+            d = (1.0 + 0.5 / r) * x_hat - (0.5 / r) * x_hat_prev
+        x = _toward(x, t, t_next, d)
+        x_hat_prev = x_hat
+        if callback is not None:
+            callback(i + 1, total, x_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_ab2(model_fn: ModelFn, x: Tensor, ts: Tensor,
+               callback: Callback | None = None) -> Tensor:
+    """Two-step Adams-Bashforth on the velocity (PixelDiT's "FlowDPMSolver", there for equal
+    steps only), with the variable-step coefficients (Hairer, Norsett & Wanner, "Solving
+    ODEs I", III.5), since a shifted grid is not uniform: with w = dt_i / (2 dt_{i-1}),
+
+        z_{i+1} = z_i + dt_i ((1 + w) v_i - w v_{i-1})
+
+    (3/2 and -1/2 for equal steps). The first step is Euler and the last returns x_hat.
+    One call per step."""
+    times = _times(ts)
+    total = len(times) - 1
+    v_prev, dt_prev = None, 0.0
+    for i in range(total):
+        t, t_next = times[i], times[i + 1]
+        dt = t_next - t
+        x_hat = model_fn(x, _t(x, t))
+        v = (x_hat - x) / (1.0 - t)
+        if v_prev is not None and t_next < 1.0:
+            w = dt / (2.0 * dt_prev)
+            x_next = x + dt * ((1.0 + w) * v - w * v_prev)
+        else:
+            x_next = _toward(x, t, t_next, x_hat)
+        x, v_prev, dt_prev = x_next, v, dt
+        if callback is not None:
+            callback(i + 1, total, x_hat)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "ab2": sample_ab2,
+}
+
+
+def model_evals(sampler: str, steps: int) -> int:
+    """Model calls `sampler` makes on a grid of `steps` steps (for progress bars). With
+    cfg_model a call is one forward (cond and uncond batched)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}' (available: {', '.join(SAMPLERS)})")
+    if steps < 0:
+        raise ValueError(f"model_evals: steps = {steps}; allowed: 0 or more")
+    if steps == 0:
+        return 0
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+# --------------------------------------------------------------------------------------
+# Classifier-free guidance
+# --------------------------------------------------------------------------------------
+
+def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond, scale: float,
+              rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0)) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022) as a model_fn for the samplers.
+
+    `denoise(z, t, c) -> x_hat` runs the network for a conditioning object c; cond and
+    uncond are of one type with a `cat(list)` method that concatenates along the batch
+    (a negative prompt is just another uncond). Both branches run in one batched forward
+    on `type(cond).cat([cond, uncond])`, built once here. The guided prediction is
+    u + scale (c - u). With rescale phi > 0 it is rescaled per sample so that its velocity
+    has the std of the conditional velocity, then blended with weight phi (Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4). Samples with
+    t outside [lo, hi] = interval get the conditional prediction; when no sample of the batch
+    is inside, only the conditional branch runs. scale == 1 runs only the conditional branch.
+    """
+    if scale == 1.0:
+        def conditional(z: Tensor, t: Tensor) -> Tensor:
+            return denoise(z, t, cond)
+        return conditional
+    lo, hi = interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cfg_model: interval = {interval}; allowed: (lo, hi) with "
+                         f"0 <= lo <= hi <= 1")
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"cfg_model: rescale = {rescale}; allowed: 0 (plain CFG) to 1")
+    both = type(cond).cat([cond, uncond])
+
+    def guided(z: Tensor, t: Tensor) -> Tensor:
+        inside = (t >= lo) & (t <= hi)
+        if not bool(inside.any()):
+            return denoise(z, t, cond)
+        out = denoise(torch.cat([z, z]), torch.cat([t, t]), both)  # (2B, C, H, W)
+        c, u = out.chunk(2)  # (B, C, H, W) each
+        x_cfg = u + scale * (c - u)
+        if rescale > 0.0:
+            # velocity = (x_hat - z) / (1 - t): the per-sample 1 - t cancels in the std ratio
+            dims = tuple(range(1, z.dim()))
+            ratio = (c - z).std(dim=dims, keepdim=True) / \
+                (x_cfg - z).std(dim=dims, keepdim=True).clamp_min(1e-12)
+            x_cfg = z + (x_cfg - z) * (rescale * ratio + (1.0 - rescale))
+        if bool(inside.all()):
+            return x_cfg
+        return torch.where(inside.view(-1, *([1] * (z.dim() - 1))), x_cfg, c)
+
+    return guided

@@ -1,0 +1,710 @@
+"""Training: the loop, readable top to bottom, and its command line.
+
+    python -m engine.train --preset NAME|PATH --data DIR --run-dir DIR [--set k=v ...]
+                           [--max-steps N] [--seed N] [--device D]
+    python -m engine.train --run-dir DIR --resume [--max-steps N] [--set k=v ...]
+    torchrun --nproc_per_node=G -m engine.train ...            (several GPUs, DDP)
+
+The run directory follows engine/job.py. A run stopped, paused or killed and resumed
+yields, on the CPU, the same per-step losses as the run never interrupted: every random
+draw (times, noise, caption dropout, crops, data order) comes from state that the
+checkpoint saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from engine import __version__
+from engine.checkpoint import (CheckpointError, CheckpointInfo, apply_retention,
+                               flatten_optimizer, latest_resumable, load_state, load_weights,
+                               save_checkpoint, unflatten_optimizer)
+from engine.config import ConfigError, RunConfig, load_preset, save_config
+from engine.data import DataError, make_loader, scan_dataset
+from engine.buckets import plan_buckets
+from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
+from engine.flow import (IREPAProjector, drop_captions, flow_losses, interpolate, repa_active,
+                         resolution_shift, sample_t, t_bin_index, to_velocity, v_loss_per_sample,
+                         validation_loss)
+from engine.job import RunDir, Status
+from engine.model import PixelHDM, TextCond
+from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, lr_at
+from engine.train_io import (LOG_CAPTURED_ENV, JobReporter, TextCache, dataset_fingerprint,
+                             save_sample_grid)
+
+T_BINS = 10
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to change."""
+
+
+# --------------------------------------------------------------------------------------
+# The trained modules, as one nn.Module so DDP sees a single forward
+# --------------------------------------------------------------------------------------
+
+class Trainable(nn.Module):
+    """The network, the builtin text encoder (when used) and the iREPA projector.
+    A frozen text encoder is kept as a plain attribute: it is neither trained nor saved."""
+
+    def __init__(self, net: PixelHDM, text_encoder, projector: IREPAProjector | None,
+                 text_cache: TextCache | None):
+        super().__init__()
+        self.net = net
+        self.text = text_encoder if isinstance(text_encoder, nn.Module) else None
+        self.repa = projector
+        self._frozen = None if self.text is not None else text_encoder
+        self._cache = text_cache
+
+    def encode(self, captions: list[str]) -> TextCond:
+        if self.text is not None:
+            return self.text.encode(captions)
+        return self._cache.encode(captions) if self._cache else self._frozen.encode(captions)
+
+    def forward(self, x: Tensor, captions: list[str], t: Tensor, eps: Tensor, cfg: RunConfig,
+                step: int, teacher: Tensor | None, teacher_grid: tuple[int, int] | None):
+        text = self.encode(captions)
+        z = interpolate(x, eps, t)
+        grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
+        out = self.net.forward_train(z, t, text, cfg.loss.repa_layer if teacher is not None else None)
+        terms = flow_losses(out.pred, z, t, x, eps, cfg.model.prediction, cfg.loss,
+                            features=out.features, grid=grid, teacher=teacher,
+                            teacher_grid=teacher_grid, projector=self.repa,
+                            gamma_sq=out.gamma_sq, step=step)
+        with torch.no_grad():
+            per_sample = v_loss_per_sample(
+                to_velocity(out.pred, z, t, cfg.model.prediction, cfg.loss.t_eps), x - eps)
+        return terms, per_sample
+
+    def weights(self) -> dict[str, Tensor]:
+        """Everything saved as `model.*`: net., text., repa."""
+        return self.state_dict()
+
+    def ema_params(self) -> dict[str, Tensor]:
+        """Parameters averaged by the EMA (the projector is not needed for sampling)."""
+        return {k: p for k, p in self.named_parameters() if not k.startswith("repa.")}
+
+
+# --------------------------------------------------------------------------------------
+# Setup helpers
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_device(name: str | None) -> tuple[Dist, torch.device]:
+    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+             int(os.environ.get("LOCAL_RANK", 0)))
+    if name in (None, "", "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {name}: no CUDA GPU is visible to PyTorch (torch "
+                             f"{torch.__version__}); use --device cpu or install a CUDA build")
+        device = torch.device("cuda", d.local_rank if d.world > 1 else (torch.device(name).index or 0))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(name)
+    if d.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _rng_tensors(gen: torch.Generator, device: torch.device) -> dict[str, Tensor]:
+    out = {"rng.torch": torch.get_rng_state(), "rng.noise": gen.get_state()}
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | None = None,
+          device_name: str | None = None) -> str:
+    """Train `cfg` in `run` until `stop_at` optimizer steps (default train.max_steps), a
+    stop or pause request, or an error. Returns the final state."""
+    d, device = setup_device(device_name)
+    report = JobReporter(run, main=d.main, world=d.world, device=str(device))
+    try:
+        return _train(cfg, run, report, d, device, resume, stop_at or cfg.train.max_steps)
+    finally:
+        report.close()
+
+
+def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: torch.device,
+           resume: bool, stop_at: int) -> str:
+    tr, lo = cfg.train, cfg.loss
+    if tr.cpu_threads:
+        torch.set_num_threads(tr.cpu_threads)
+    torch.manual_seed(tr.seed)
+    log = report.log
+
+    # ---- data ---------------------------------------------------------------------
+    scan = scan_dataset(cfg.data.path, cfg.data, cache_path=run.root / "dataset-index.json")
+    plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, tr.batch_size,
+                        world_size=d.world, grad_accum=tr.grad_accum)
+    if not plan.images:
+        raise TrainError(f"no trainable images in '{cfg.data.path}' ({len(scan.records)} found; "
+                         f"dropped: {len(plan.dropped)}). Run `python -m engine.data report "
+                         f"{cfg.data.path} --preset <preset>` to see why")
+    for w in plan.warnings:
+        log(f"data: {w}")
+    loader, sampler = make_loader(plan, cfg.data, seed=tr.seed, rank=d.rank,
+                                  pin_memory=device.type == "cuda")
+    fingerprint = dataset_fingerprint(plan)
+    log(f"data: {len(plan.images)} training images in {sum(b.images > 0 for b in plan.buckets)} "
+        f"buckets, {len(plan.val_images)} held out, {plan.batches_per_epoch} batches per epoch "
+        f"per rank, {len(plan.dropped)} dropped")
+
+    # ---- models ---------------------------------------------------------------------
+    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tr.precision]
+    text_encoder = load_text_encoder(cfg.text, device, compute_dtype if cfg.text.encoder == "qwen3"
+                                     else torch.float32)
+    teacher = DinoTeacher(lo.repa_teacher, device, compute_dtype) if lo.repa_teacher else None
+    net = PixelHDM(cfg.model, text_encoder.dim).to(device)
+    net.grad_checkpointing = tr.grad_checkpointing
+    projector = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(device) if teacher else None
+    cache = TextCache(text_encoder) if cfg.text.encoder == "qwen3" else None
+    model = Trainable(net, text_encoder, projector, cache)
+    n_params = sum(p.numel() for p in net.parameters())
+    log(f"model: {n_params / 1e6:.2f} M parameters, text encoder {cfg.text.encoder} "
+        f"({text_encoder.dim}-wide), iREPA {'on' if teacher else 'off'}, device {device}, "
+        f"{tr.precision}, {d.world} process(es)")
+    optimizer, note = build_optimizer(model, tr, device)
+    if note:
+        log(f"note: {note}")
+        report.event(0, "optimizer", note)
+    ema = EMA(model.ema_params(), tr.ema_decay, tr.ema_warmup) if tr.ema_decay > 0 else None
+    zclip = ZClip(tr.zclip_z, tr.zclip_alpha, tr.zclip_warmup) if tr.zclip else None
+    scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
+    noise_gen = torch.Generator(device=device).manual_seed(tr.seed * 1000 + d.rank)
+    ddp_model = (nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=projector is not None) if d.world > 1 else model)
+
+    # ---- state that checkpoints carry -------------------------------------------------
+    step, lr_scale, loss_avg, loss_count, best_val = 0, 1.0, 0.0, 0, math.inf
+    handled: dict = {}
+    epoch, position = 0, 0
+    initial_weights = None
+
+    def state_payload() -> tuple[dict[str, Tensor], dict]:
+        opt_tensors, opt_info = flatten_optimizer(optimizer.state_dict())
+        tensors = {**opt_tensors, **_rng_tensors(noise_gen, device)}
+        info = {"step": step, "epoch": epoch, "position": position,
+                "sampler": sampler.state_dict(position), "optimizer": opt_info,
+                "lr_scale": lr_scale, "loss_avg": loss_avg, "loss_count": loss_count,
+                "best_val": best_val if math.isfinite(best_val) else None,
+                "zclip": zclip.state_dict() if zclip else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "ema_updates": ema.updates if ema else 0, "fingerprint": fingerprint}
+        return tensors, info
+
+    def save(reason: str) -> Path | None:
+        _check_ranks_in_sync(d, model, log)
+        if not d.main:
+            return None
+        tensors, info = state_payload()
+        meta = {"run_id": run.run_id, "config": _yaml(cfg), "dataset_fingerprint": fingerprint,
+                "engine_version": __version__, "text_dim": text_encoder.dim,
+                "images_seen": step * tr.batch_size * tr.grad_accum * d.world,
+                "val_loss": report.last_val, "reason": reason}
+        path = save_checkpoint(run.checkpoints, step, model.weights(),
+                               ema.shadow if ema else None, meta, tensors, info)
+        apply_retention(run.checkpoints, tr.keep_last, {report.best_step} if report.best_step else set())
+        report.checkpoint(step, path)
+        return path
+
+    def restore(ckpt: CheckpointInfo, *, full: bool) -> None:
+        """Load a checkpoint: weights, EMA, optimizer and clipping state, and with `full`
+        also the step, RNG and data position (a resume, not a rollback)."""
+        nonlocal step, lr_scale, loss_avg, loss_count, best_val, epoch, position
+        weights, _ = load_weights(ckpt.path, ema=False, device=device)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise TrainError(f"checkpoint {ckpt.path.name} does not fit this config (was the "
+                             f"model section changed?): {str(e).splitlines()[0]}") from e
+        if ema is not None:
+            ema_w, meta = load_weights(ckpt.path, ema=True, device=device)
+            if meta.get("has_ema"):
+                for k in ema.shadow:
+                    ema.shadow[k].copy_(ema_w[k])
+        tensors, info = load_state(ckpt.state_path, device="cpu")
+        optimizer.load_state_dict(unflatten_optimizer(
+            {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")}, info["optimizer"]))
+        if zclip and info.get("zclip"):
+            zclip.load_state_dict(info["zclip"])
+        if ema is not None:
+            ema.updates = info["ema_updates"]
+        if info.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(info["scaler"])
+        if not full:
+            return
+        step, lr_scale = info["step"], info["lr_scale"]
+        loss_avg, loss_count = info["loss_avg"], info["loss_count"]
+        best_val = info["best_val"] if info.get("best_val") is not None else math.inf
+        epoch, position = info["epoch"], info["position"]
+        torch.set_rng_state(tensors["rng.torch"])
+        noise_gen.set_state(tensors["rng.noise"].to(noise_gen.get_state().device))
+        if "rng.cuda" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        if info.get("fingerprint") != fingerprint:
+            report.event(step, "dataset-changed", "the dataset differs from the one this "
+                         "checkpoint was trained on; the epoch restarts")
+            sampler.set_epoch(epoch)
+            position = 0
+        else:
+            sampler.load_state_dict(info["sampler"])
+
+    if resume:
+        last = latest_resumable(run.checkpoints)
+        if last is None:
+            raise TrainError(f"nothing to resume in '{run.root}': no checkpoint with its training "
+                             f"state in {run.checkpoints}")
+        restore(last, full=True)
+        if step >= stop_at:
+            raise TrainError(f"the run is already at step {step}; pass a --max-steps above "
+                             f"{step} (or raise train.max_steps) to continue it")
+        old = run.read_status()
+        handled = dict(old.handled) if old else {}
+        log(f"resumed from {last.path.name} at step {step} (epoch {epoch}, batch {position})")
+    else:
+        sampler.set_epoch(0)
+        # what a rollback before the first checkpoint returns to
+        initial_weights = {k: v.detach().cpu().clone() for k, v in model.weights().items()}
+    report.start(step, stop_at, epoch, handled)
+
+    # ---- validation and samples (main rank; EMA weights) ---------------------------------
+    val_batches = _validation_batches(plan, cfg, device) if d.main and plan.val_images else []
+
+    def with_ema(fn):
+        if ema is None:
+            return fn()
+        params = model.ema_params()
+        backup = {k: p.detach().clone() for k, p in params.items()}
+        ema.copy_to(params)
+        try:
+            return fn()
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(backup[k])
+
+    def validate() -> float | None:
+        if not val_batches:
+            return None
+        def run_val():
+            model.eval()
+            total = 0.0
+            with torch.no_grad(), autocast_for(tr.precision, device):
+                for x, eps, captions in val_batches:
+                    text = model.encode(captions)
+                    total += float(validation_loss(lambda z, t: net(z, t, text), x, eps,
+                                                   cfg.model.prediction, lo.t_eps))
+            model.train()
+            return total / len(val_batches)
+        return with_ema(run_val)
+
+    def sample() -> Path | None:
+        if not d.main or not cfg.sample.prompts:
+            return None
+        from engine.generate import render_grid
+        def run_sample():
+            model.eval()
+            images = render_grid(net, model.encode, cfg, device, tr.precision)
+            model.train()
+            return images
+        images = with_ema(run_sample)
+        return save_sample_grid(run, step, images, cfg)
+
+    # ---- signals: Ctrl-C / SIGTERM save and stop -----------------------------------------
+    stop_signal = {"hit": False}
+
+    def on_signal(signum, frame):
+        stop_signal["hit"] = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):   # not in the main thread (tests)
+            signal.signal(sig, on_signal)
+
+    # ---- loop -----------------------------------------------------------------------------
+    model.train()
+    data_iter = iter(loader)
+    bad_steps, skipped_total, bad_files_total = 0, 0, 0
+    window = _Window()
+    final_state = "completed"
+
+    def next_batch():
+        nonlocal data_iter, epoch, position, bad_files_total
+        while True:
+            try:
+                batch = next(data_iter)
+            except StopIteration:
+                epoch += 1
+                sampler.set_epoch(epoch)
+                data_iter = iter(loader)
+                log(f"epoch {epoch} begins at step {step}")
+                continue
+            position = batch.position
+            for path, why in batch.failed:
+                bad_files_total += 1
+                log(f"skipped unreadable image {path}: {why}")
+            if len(batch):
+                return batch
+
+    while step < stop_at:
+        # requests from the studio (main rank reads, every rank acts)
+        wanted = report.requests() if d.main else {}
+        if stop_signal["hit"]:
+            wanted["stop"] = "signal"
+        flags = _broadcast_flags(d, [k in wanted for k in ("stop", "pause", "save-now", "sample-now")])
+        if flags[0] or flags[1]:
+            final_state = "stopped" if flags[0] else "paused"
+            report.handled(wanted)
+            break
+        if flags[2]:
+            save("save-now")
+        if flags[3]:
+            report.sample(step, sample())
+        if flags[2] or flags[3]:
+            report.handled(wanted)
+
+        t0 = time.perf_counter()
+        lr = lr_at(step, tr) * lr_scale
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        terms_sum: dict[str, float] = {}
+        images, tokens, step_paths = 0, 0, []
+        bin_loss, bin_count = torch.zeros(T_BINS), torch.zeros(T_BINS)
+        for micro in range(tr.grad_accum):
+            batch = next_batch()
+            x = batch.images.to(device, non_blocking=True)
+            B = x.shape[0]
+            captions = drop_captions(batch.captions, cfg.data.caption_dropout, generator=_cpu(noise_gen))
+            shift = resolution_shift(x.shape[3], x.shape[2], lo.time_shift, lo.shift_reference)
+            t = sample_t(B, lo.p_mean, lo.p_std, lo.t_eps, shift, generator=noise_gen, device=device)
+            eps = torch.randn(x.shape, generator=noise_gen, device=device)
+            grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
+            use_repa = teacher is not None and repa_active(lo, step)
+            teacher_tokens = teacher(x, grid) if use_repa else None
+            sync = (ddp_model.no_sync() if d.world > 1 and micro < tr.grad_accum - 1
+                    else contextlib.nullcontext())
+            with sync:
+                try:
+                    with autocast_for(tr.precision, device):
+                        terms, per_sample = ddp_model(x, captions, t, eps, cfg, step,
+                                                      teacher_tokens, grid if use_repa else None)
+                    scaler.scale(terms["total"] / tr.grad_accum).backward()
+                except torch.OutOfMemoryError as e:
+                    raise TrainError(_oom_message(cfg, x.shape)) from e
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / tr.grad_accum
+            idx = t_bin_index(t.detach().cpu(), T_BINS)
+            bin_loss.index_add_(0, idx, per_sample.float().cpu())
+            bin_count.index_add_(0, idx, torch.ones(B))
+            images += B
+            tokens += B * (grid[0] * grid[1])
+            step_paths += batch.paths
+
+        # divergence guard: the same decision on every rank
+        loss = _mean_over_ranks(d, terms_sum["total"], device)
+        spike = (tr.spike_factor > 0 and loss_count >= 20 and loss > tr.spike_factor * loss_avg)
+        if not math.isfinite(loss) or spike:
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            skipped_total += 1
+            why = "non-finite loss" if not math.isfinite(loss) else \
+                f"loss {loss:.4g} > {tr.spike_factor:g} x running average {loss_avg:.4g}"
+            log(f"step {step + 1}: skipped batch ({why}); files: {', '.join(step_paths[:8])}"
+                f"{' ...' if len(step_paths) > 8 else ''}")
+            report.event(step, "skipped-batch", why, files=step_paths)
+            if bad_steps >= tr.max_bad_steps:
+                last = latest_resumable(run.checkpoints)
+                if last is not None:
+                    restore(last, full=False)
+                elif initial_weights is not None:
+                    model.load_state_dict({k: v.to(device) for k, v in initial_weights.items()})
+                    optimizer.state.clear()
+                lr_scale *= 0.5
+                bad_steps = 0
+                msg = (f"rolled back to {last.path.name if last else 'the initial weights'} "
+                       f"after {tr.max_bad_steps} bad batches; learning rate now x{lr_scale:g}")
+                log(msg)
+                report.event(step, "rollback", msg)
+            continue
+
+        scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm, clipped = clip_gradients(params, zclip, tr.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update()
+        step += 1
+        bad_steps = 0
+        loss_avg = loss if loss_count == 0 else 0.98 * loss_avg + 0.02 * loss
+        loss_count += 1
+        window.add(terms_sum, norm, clipped, images * d.world, tokens * d.world,
+                   time.perf_counter() - t0, bin_loss, bin_count)
+
+        if step % tr.log_every == 0 or step == stop_at:
+            report.metrics(step, epoch, lr, {**window.flush(), "skipped_batches": skipped_total,
+                                             "bad_files": bad_files_total}, stop_at, device)
+        if tr.val_every and step % tr.val_every == 0:
+            v = validate()
+            if v is not None:
+                if v < best_val:
+                    best_val = v
+                    report.best_step = step
+                report.validation(step, v)
+        if step % tr.save_every == 0 and step < stop_at:
+            save("every")
+        if tr.sample_every and step % tr.sample_every == 0 and step < stop_at:
+            report.sample(step, sample())
+        _barrier(d)
+
+    # ---- end ------------------------------------------------------------------------------
+    save(final_state)
+    if final_state == "completed" and tr.sample_every:
+        report.sample(step, sample())
+    _barrier(d)
+    report.finish(final_state, step)
+    return final_state
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers of the loop
+# --------------------------------------------------------------------------------------
+
+class _Window:
+    """Sums over the steps between two metric lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.n, self.terms, self.norm, self.clipped, self.clips = 0, {}, 0.0, 0.0, 0
+        self.images, self.tokens, self.seconds = 0, 0, 0.0
+        self.bin_loss, self.bin_count = torch.zeros(T_BINS), torch.zeros(T_BINS)
+
+    def add(self, terms, norm, clipped, images, tokens, seconds, bin_loss, bin_count):
+        self.n += 1
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v
+        self.norm += norm
+        self.clipped += clipped
+        self.clips += clipped < norm
+        self.images += images
+        self.tokens += tokens
+        self.seconds += seconds
+        self.bin_loss += bin_loss
+        self.bin_count += bin_count
+
+    def flush(self) -> dict:
+        n = max(self.n, 1)
+        out = {("loss" if k == "total" else f"loss_{k}"): v / n for k, v in self.terms.items()}
+        out.update(grad_norm=self.norm / n, grad_norm_clipped=self.clipped / n,
+                   clip_fraction=self.clips / n, images_s=self.images / max(self.seconds, 1e-9),
+                   tokens_s=self.tokens / max(self.seconds, 1e-9), step_s=self.seconds / n,
+                   loss_t=[round(float(s / c), 5) if c > 0 else None
+                           for s, c in zip(self.bin_loss, self.bin_count)])
+        self.reset()
+        return out
+
+
+def _cpu(gen: torch.Generator) -> torch.Generator | None:
+    """Caption dropout draws on the CPU; a CPU noise generator is shared, a GPU one is not."""
+    return gen if gen.device.type == "cpu" else None
+
+
+def _broadcast_flags(d: Dist, flags: list[bool]) -> list[bool]:
+    if d.world == 1:
+        return flags
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, 0)
+    return [bool(v) for v in t.tolist()]
+
+
+def _mean_over_ranks(d: Dist, value: float, device: torch.device) -> float:
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64,
+                     device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t) / d.world
+
+
+def _check_ranks_in_sync(d: Dist, model: nn.Module, log) -> None:
+    """DDP keeps replicas identical; verify it before each checkpoint (a mismatch would
+    otherwise be saved silently from rank 0)."""
+    if d.world == 1:
+        return
+    with torch.no_grad():
+        local = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    backend_device = local.device if dist.get_backend() == "nccl" else "cpu"
+    gathered = [torch.zeros((), dtype=torch.float64, device=backend_device) for _ in range(d.world)]
+    dist.all_gather(gathered, local.to(backend_device))
+    values = [float(g) for g in gathered]
+    if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
+        raise TrainError(f"DDP ranks are out of sync (parameter checksums {values}); the run "
+                         f"cannot continue safely")
+    log(f"{d.world} ranks in sync (parameter checksum {values[0]:.6f})")
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def _yaml(cfg: RunConfig) -> str:
+    from engine.config import dump_yaml
+    return dump_yaml(cfg)
+
+
+def _validation_batches(plan, cfg: RunConfig, device) -> list[tuple[Tensor, Tensor, list[str]]]:
+    """The held-out images, centre-cropped, with noise fixed by the seed: the validation
+    loss of two steps differs only because the weights do."""
+    loader, _ = make_loader(plan, replace(cfg.data, workers=0), seed=cfg.train.seed, validation=True)
+    out = []
+    for i, batch in enumerate(loader):
+        if not len(batch):
+            continue
+        g = torch.Generator().manual_seed(cfg.train.seed + 7919 * (i + 1))
+        eps = torch.randn(batch.images.shape, generator=g)
+        out.append((batch.images.to(device), eps.to(device), list(batch.captions)))
+    return out
+
+
+def _oom_message(cfg: RunConfig, shape) -> str:
+    tr = cfg.train
+    hints = [f"lower train.batch_size (now {tr.batch_size}; raise train.grad_accum to keep the "
+             f"effective batch)", f"lower data.max_side (now {cfg.data.max_side})"]
+    if not tr.grad_checkpointing:
+        hints.append("set train.grad_checkpointing: true")
+    if tr.precision == "fp32":
+        hints.append("use train.precision: bf16")
+    return (f"out of GPU memory on a batch of {shape[0]} images of {shape[3]}x{shape[2]}: "
+            + "; or ".join(hints))
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.train",
+                                description="Train a PixelHDM model into a run directory.")
+    p.add_argument("--preset", help="preset name (see presets/) or a YAML config path")
+    p.add_argument("--data", help="dataset folder (images with .txt captions)")
+    p.add_argument("--run-dir", required=True, help="the run directory (created if needed)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, with a "
+                   "final checkpoint (the schedule still follows train.max_steps)")
+    p.add_argument("--seed", type=int, help="seed (overrides train.seed)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its newest checkpoint")
+    return p
+
+
+def _resolve_config(args, run: RunDir) -> RunConfig:
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    if args.resume:
+        if not run.config.is_file():
+            raise TrainError(f"--resume: '{run.root}' holds no run (no config.yaml)")
+        cfg = load_preset(run.config, overrides)
+        if args.data:
+            cfg = replace(cfg, data=replace(cfg.data, path=str(Path(args.data).resolve())))
+        return cfg
+    if run.config.is_file():
+        raise TrainError(f"'{run.root}' already holds a run; add --resume to continue it, or "
+                         f"choose a new --run-dir")
+    if not args.preset:
+        raise TrainError("--preset is required for a new run (e.g. --preset tiny-cpu)")
+    if args.data:
+        overrides.append(f"data.path={Path(args.data).resolve()}")
+    cfg = load_preset(args.preset, overrides)
+    if not cfg.data.path:
+        raise TrainError("--data is required (the folder of images and .txt captions)")
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run = RunDir(args.run_dir)
+    if args.max_steps is not None and args.max_steps < 1:
+        print("error: --max-steps must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = _resolve_config(args, run)
+        if int(os.environ.get("RANK", 0)) == 0:
+            run.create()
+            if not args.resume:
+                save_config(cfg, run.config)
+        state = train(cfg, run, resume=args.resume, stop_at=args.max_steps, device_name=args.device)
+    except (ConfigError, TrainError, DataError, EncoderLoadError, CheckpointError) as e:
+        _fail(run, str(e))
+        return 2 if isinstance(e, ConfigError) else 1
+    except Exception as e:   # unexpected: the traceback goes to the log, one line to stderr
+        import traceback
+        traceback.print_exc()
+        _fail(run, f"{type(e).__name__}: {e}")
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"{state} at {run.root}", file=sys.stderr)
+    return 0
+
+
+def _fail(run: RunDir, message: str) -> None:
+    """One line on stderr; the run's status (and log, unless the studio captures stderr
+    into it) records the failure."""
+    message = " ".join(message.split())
+    print(f"error: {message}", file=sys.stderr)
+    if int(os.environ.get("RANK", 0)) != 0 or not run.root.is_dir():
+        return
+    status = run.read_status() or Status()
+    status.state, status.error, status.pid = "failed", message, os.getpid()
+    status.heartbeat = time.time()
+    run.write_status(status)
+    if os.environ.get(LOG_CAPTURED_ENV) != "1":
+        with open(run.log_file, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {message}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""What the training loop writes: the job directory's status, metrics, TensorBoard
+events, log and sample grids (engine/job.py describes the files), plus the text
+embedding cache for frozen encoders and the dataset fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import Tensor
+
+from engine.checkpoint import step_name
+from engine.config import RunConfig
+from engine.job import HEARTBEAT_SECONDS, RunDir, Status
+from engine.model import TextCond
+
+LOG_CAPTURED_ENV = "PIXELHDM_LOG_CAPTURED"   # set by the studio, which redirects output to log.txt
+
+
+class JobReporter:
+    """The trainer's side of the job directory. On ranks other than 0 it only logs."""
+
+    def __init__(self, run: RunDir, *, main: bool, world: int, device: str):
+        self.run, self.main, self.world = run, main, world
+        self.rank_tag = "" if main else f"[rank {os.environ.get('RANK', '?')}] "
+        self.status = Status(pid=os.getpid(), world_size=world, device=device,
+                             started_at=time.time(), heartbeat=time.time())
+        self.best_step: int | None = None
+        self.last_val: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tb = None
+        self._logfile = None
+        self._tty = sys.stderr.isatty()
+        self._t_start = time.time()
+        self._first_step = 0
+        if main:
+            run.create()
+            if os.environ.get(LOG_CAPTURED_ENV) != "1":
+                self._logfile = open(run.log_file, "a", encoding="utf-8")
+            # heartbeat from the start: loading a large text encoder can take minutes
+            self._write(state="starting")
+            self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+            self._thread.start()
+
+    # logging --------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.rank_tag}{message}"
+        if self._tty:
+            sys.stderr.write("\r\033[K")
+        print(line, file=sys.stderr, flush=True)
+        if self._logfile is not None:
+            self._logfile.write(line + "\n")
+            self._logfile.flush()
+
+    # status ---------------------------------------------------------------------------
+    def _write(self, **changes) -> None:
+        if not self.main:
+            return
+        with self._lock:
+            for k, v in changes.items():
+                setattr(self.status, k, v)
+            self.status.heartbeat = time.time()
+            self.run.write_status(self.status)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._write()
+            except OSError:
+                pass   # a full disk must not kill the heartbeat thread; the next beat retries
+
+    def start(self, step: int, total: int, epoch: int, handled: dict) -> None:
+        self._first_step, self._t_start = step, time.time()
+        self._write(state="running", step=step, total=total, epoch=epoch, handled=dict(handled),
+                    error="", message="")
+
+    def requests(self) -> dict[str, str]:
+        return self.run.pending_requests(self.status.handled)
+
+    def handled(self, wanted: dict[str, str]) -> None:
+        if self.main and wanted:
+            handled = dict(self.status.handled)
+            handled.update({k: v for k, v in wanted.items() if v != "signal"})
+            self._write(handled=handled)
+
+    def finish(self, state: str, step: int) -> None:
+        self._stop_heartbeat()
+        self._write(state=state, step=step, eta_s=0.0)
+        self.log(f"{state} at step {step}")
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop the heartbeat and close the files (also after an error, before the
+        caller records the failure)."""
+        self._stop_heartbeat()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._logfile is not None:
+            self._logfile.close()
+            self._logfile = None
+
+    # metrics --------------------------------------------------------------------------
+    @property
+    def tb(self):
+        if self._tb is None and self.main:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(self.run.root), flush_secs=5)
+        return self._tb
+
+    def _record(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.run.append_metrics(record)
+        step = record["step"]
+        for k, v in record.items():
+            if k in ("step", "time", "epoch") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            self.tb.add_scalar(("val/" if k.startswith("val") else "train/") + k, v, step)
+        for i, v in enumerate(record.get("loss_t") or []):
+            if v is not None:
+                self.tb.add_scalar(f"loss_by_t/{i / 10:.1f}-{(i + 1) / 10:.1f}", v, step)
+        self.tb.flush()
+
+    def metrics(self, step: int, epoch: int, lr: float, window: dict, stop_at: int,
+                device: torch.device) -> None:
+        elapsed = max(time.time() - self._t_start, 1e-9)
+        it_s = (step - self._first_step) / elapsed
+        eta = (stop_at - step) / it_s if it_s > 0 else None
+        mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+               else _peak_rss_mb())
+        record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), "lr": lr,
+                  **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in window.items()},
+                  "mem_mb": round(mem, 1)}
+        self._record(record)
+        self._write(step=step, epoch=epoch, loss=window.get("loss"), lr=lr, it_s=it_s,
+                    images_s=window.get("images_s"), eta_s=eta)
+        if not self.main:
+            return
+        text = (f"step {step}/{stop_at} loss {window.get('loss', float('nan')):.4f} lr {lr:.3g} "
+                f"{window.get('images_s', 0):.1f} img/s ETA {_hms(eta)}")
+        if self._tty:
+            done = int(30 * step / max(stop_at, 1))
+            sys.stderr.write(f"\r\033[K[{'#' * done}{'.' * (30 - done)}] {text}")
+            sys.stderr.flush()
+            if self._logfile is not None:
+                self._logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+                self._logfile.flush()
+        else:
+            self.log(text)
+
+    def validation(self, step: int, value: float) -> None:
+        self.last_val = value
+        self._record({"step": step, "time": round(time.time(), 3), "val_loss": round(value, 6)})
+        self.log(f"step {step}: validation loss {value:.5f}")
+
+    def event(self, step: int, kind: str, message: str, files: list[str] | None = None) -> None:
+        record = {"step": step, "time": round(time.time(), 3), "event": kind, "message": message}
+        if files:
+            record["files"] = files[:64]
+        self._record(record)
+        self._write(message=f"step {step}: {message}")
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        self._write(last_checkpoint=str(path))
+        self.log(f"step {step}: saved {path.name}")
+
+    def sample(self, step: int, path: Path | None) -> None:
+        if path is None or not self.main:
+            return
+        self._write(last_sample=str(path))
+        self.log(f"step {step}: sample grid {path.name}")
+        try:
+            arr = np.asarray(Image.open(path).convert("RGB"))
+            self.tb.add_image("samples", arr, step, dataformats="HWC")
+            self.tb.flush()
+        except OSError:
+            pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
+    except (ImportError, OSError):   # pragma: no cover - Windows
+        return 0.0
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------
+# Sample grids
+# --------------------------------------------------------------------------------------
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, rounded."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_sample_grid(run: RunDir, step: int, images: Tensor, cfg: RunConfig) -> Path:
+    """Write `samples/step_XXXXXXX.png` (a grid, up to 4 per row) and its `.json` with the
+    prompts and settings. Atomic: a half-written grid is never visible."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    pad = 2
+    grid = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), 24, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = arr[i]
+    s = cfg.sample
+    info = {"step": step, "prompts": list(s.prompts), "negative": s.negative,
+            "seeds": [s.seed + i for i in range(n)], "size": [w, h], "steps": s.steps,
+            "sampler": s.sampler, "cfg": s.cfg, "cfg_rescale": s.cfg_rescale,
+            "cfg_interval": list(s.cfg_interval), "columns": cols}
+    run.samples.mkdir(parents=True, exist_ok=True)
+    path = run.samples / f"{step_name(step)}.png"
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("pixelhdm-grid", json.dumps(info))
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG", pnginfo=meta)
+    os.replace(tmp, path)
+    from engine.config import atomic_write_text
+    atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=1))
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Text cache and dataset fingerprint
+# --------------------------------------------------------------------------------------
+
+class TextCache:
+    """Caption -> encoding of a frozen text encoder, kept on the CPU (least recently used
+    out first). Captions repeat every epoch, so a frozen encoder runs once per caption."""
+
+    def __init__(self, encoder, capacity: int = 8192):
+        self.encoder, self.capacity = encoder, capacity
+        self._items: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+
+    def encode(self, captions: list[str]) -> TextCond:
+        missing = list(dict.fromkeys(c for c in captions if c not in self._items))
+        if missing:
+            cond = self.encoder.encode(missing)
+            for i, c in enumerate(missing):
+                n = int(cond.mask[i].sum())
+                self._items[c] = (cond.tokens[i, :n].cpu(), cond.pooled[i].cpu())
+        for c in captions:
+            self._items.move_to_end(c)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        rows = [self._items[c] for c in captions]
+        device = next(self.encoder.model.parameters()).device
+        T = max(1, max(r[0].shape[0] for r in rows))
+        dim = rows[0][1].shape[-1]
+        tokens = torch.zeros(len(rows), T, dim, dtype=rows[0][1].dtype)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, (tok, _) in enumerate(rows):
+            tokens[i, :tok.shape[0]] = tok
+            mask[i, :tok.shape[0]] = True
+        pooled = torch.stack([r[1] for r in rows])
+        return TextCond(tokens, mask, pooled).to(device)
+
+
+def dataset_fingerprint(plan) -> str:
+    """A short hash of what is trained: every image's path, size, caption and bucket."""
+    h = hashlib.blake2b(digest_size=8)
+    for im in plan.images:
+        h.update(json.dumps([im.rel, im.record.file_size, im.caption, list(im.bucket)]).encode())
+    return h.hexdigest()
