@@ -41,9 +41,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from engine.buckets import (BucketBatchSampler, BucketPlan, PlannedImage, SampleKey, Size,
+from engine.buckets import (Box, BucketBatchSampler, BucketPlan, PlannedImage, SampleKey, Size,
                             cover_scale, crop_box, plan_buckets)
-from engine.config import ConfigError, DataConfig, atomic_write_text, load_preset
+from engine.config import ConfigError, DataConfig, RunConfig, atomic_write_text, load_preset
 from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -332,7 +332,7 @@ def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: b
             raise DataError(f"{w}x{h} px is over the limit of {max_pixels} pixels")
         s = cover_scale(w, h, bucket)
         factor = 1.0     # decoded pixels per original pixel
-        if img.format == "JPEG" and s < 0.5:
+        if img.format in ("JPEG", "MPO") and s < 0.5:
             stored_w, stored_h = img.size
             drafted = img.draft(None, (math.ceil(stored_w * s), math.ceil(stored_h * s)))
             if drafted is not None:    # (mode, (0, 0, stored_w / k, stored_h / k))
@@ -413,6 +413,13 @@ class BucketDataset(Dataset):
         u = np.random.default_rng([self.seed, epoch, index]).random(3)
         fx, fy = (u[0], u[1]) if self.crop == "random" else (0.5, 0.5)
         return float(fx), float(fy), bool(self.flip and u[2] < 0.5)
+
+    def crop_at(self, index: int, epoch: int) -> tuple[Box, bool]:
+        """(box in original pixels, mirrored) trained for an image in an epoch: what a
+        preview draws for random crops (the plan holds the centre boxes)."""
+        im = self.images[index]
+        fx, fy, flip = self.augmentation(index, epoch)
+        return crop_box(im.record.width, im.record.height, im.bucket, fx, fy), flip
 
     def __getitem__(self, key: SampleKey | int) -> Sample:
         if not isinstance(key, SampleKey):
@@ -583,7 +590,7 @@ def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] 
 # CLI: python -m engine.data demo | report
 # --------------------------------------------------------------------------------------
 
-def _cli_token_counter(cfg) -> tuple[Callable[[list[str]], list[int]], str]:
+def _cli_token_counter(cfg: RunConfig) -> tuple[Callable[[list[str]], list[int]], str]:
     """The text encoder's own count where it is available offline, else an estimate that
     says so."""
     if cfg.text.encoder == "builtin":

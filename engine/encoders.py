@@ -122,7 +122,7 @@ class Qwen3TextEncoder:
         name = cfg.name_or_path
         local = Path(name).expanduser()
         how = (f"Put the model folder (config.json, model.safetensors, tokenizer files) at "
-               f"'{name}', or download it with `huggingface-cli download Qwen/Qwen3-0.6B "
+               f"'{name}', or download it with `hf download Qwen/Qwen3-0.6B "
                f"--local-dir workspace/models/Qwen3-0.6B` and set text.name_or_path to that "
                f"folder. Hub ids download on first use when the machine is online.")
         if (name.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
@@ -190,7 +190,7 @@ class DinoTeacher:
         folder = Path(path).expanduser()
         how = ("DINOv3 weights are licence-gated: accept the licence of e.g. "
                "facebook/dinov3-vitb16-pretrain-lvd1689m on the Hugging Face hub, download the "
-               "folder (`huggingface-cli download facebook/dinov3-vitb16-pretrain-lvd1689m "
+               "folder (`hf download facebook/dinov3-vitb16-pretrain-lvd1689m "
                "--local-dir workspace/models/dinov3-vitb16`) and set loss.repa_teacher to it, or "
                "set loss.repa_teacher to '' to train without iREPA.")
         if not (folder / "config.json").is_file():

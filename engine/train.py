@@ -3,6 +3,7 @@
     python -m engine.train --preset NAME|PATH --data DIR --run-dir DIR [--set k=v ...]
                            [--max-steps N] [--seed N] [--device D]
     python -m engine.train --run-dir DIR --resume [--max-steps N] [--set k=v ...]
+    python -m engine.train --run-dir DIR          (a new run whose config.yaml is already there)
     torchrun --nproc_per_node=G -m engine.train ...            (several GPUs, DDP)
 
 The run directory follows engine/job.py. A run stopped, paused or killed and resumed
@@ -171,7 +172,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     scan = scan_dataset(cfg.data.path, cfg.data, cache_path=run.root / "dataset-index.json")
     plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, tr.batch_size,
                         world_size=d.world, grad_accum=tr.grad_accum)
-    if not plan.images:
+    if not plan.images or plan.batches_per_epoch == 0:
         raise TrainError(f"no trainable images in '{cfg.data.path}' ({len(scan.records)} found; "
                          f"dropped: {len(plan.dropped)}). Run `python -m engine.data report "
                          f"{cfg.data.path} --preset <preset>` to see why")
@@ -639,24 +640,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_config(args, run: RunDir) -> RunConfig:
+    """The run's config: from --preset for a new run directory, else from the run
+    directory's config.yaml (a resumed run, or one whose config the studio wrote)."""
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
-    if args.resume:
-        if not run.config.is_file():
-            raise TrainError(f"--resume: '{run.root}' holds no run (no config.yaml)")
-        cfg = load_preset(run.config, overrides)
-        if args.data:
-            cfg = replace(cfg, data=replace(cfg.data, path=str(Path(args.data).resolve())))
-        return cfg
-    if run.config.is_file():
-        raise TrainError(f"'{run.root}' already holds a run; add --resume to continue it, or "
-                         f"choose a new --run-dir")
-    if not args.preset:
-        raise TrainError("--preset is required for a new run (e.g. --preset tiny-cpu)")
     if args.data:
         overrides.append(f"data.path={Path(args.data).resolve()}")
-    cfg = load_preset(args.preset, overrides)
+    if args.preset:
+        if run.config.is_file():
+            raise TrainError(f"'{run.root}' already holds a run; add --resume to continue it "
+                             f"(without --preset), or choose a new --run-dir")
+        if args.resume:
+            raise TrainError("--resume continues the run in --run-dir with its own config.yaml; "
+                             "leave out --preset")
+        cfg = load_preset(args.preset, overrides)
+    else:
+        if not run.config.is_file():
+            raise TrainError(f"'{run.root}' holds no config.yaml: give --preset (and --data) "
+                             f"to start a new run there")
+        if not args.resume and latest_resumable(run.checkpoints) is not None:
+            raise TrainError(f"'{run.root}' already has checkpoints; add --resume to continue it")
+        cfg = load_preset(run.config, overrides)
     if not cfg.data.path:
         raise TrainError("--data is required (the folder of images and .txt captions)")
     return cfg
@@ -672,8 +677,8 @@ def main(argv=None) -> int:
         cfg = _resolve_config(args, run)
         if int(os.environ.get("RANK", 0)) == 0:
             run.create()
-            if not args.resume:
-                save_config(cfg, run.config)
+            if args.preset or args.overrides or args.data or args.seed is not None:
+                save_config(cfg, run.config)   # the resolved config, with what the flags changed
         state = train(cfg, run, resume=args.resume, stop_at=args.max_steps, device_name=args.device)
     except (ConfigError, TrainError, DataError, EncoderLoadError, CheckpointError) as e:
         _fail(run, str(e))

@@ -59,7 +59,7 @@ def test_qwen3_in_bf16(tiny_qwen3):
 
 
 def test_missing_qwen3_weights_say_where_to_put_them(tmp_path):
-    with pytest.raises(EncoderLoadError, match="huggingface-cli download Qwen/Qwen3-0.6B"):
+    with pytest.raises(EncoderLoadError, match="hf download Qwen/Qwen3-0.6B"):
         load_text_encoder(qwen_cfg(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(EncoderLoadError, match="has no config.json"):

@@ -1,0 +1,98 @@
+"""Start PixelHDM Studio: parse the command line, build the page, serve it.
+
+The studio listens on 127.0.0.1 unless told otherwise; listening on any other address
+gives every machine that can reach it the power to read the workspace and start jobs, so
+that needs --auth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags; bad flags exit with code 2 and a message saying what to do."""
+    p = argparse.ArgumentParser(
+        prog="app.py",
+        description="PixelHDM Studio: train a pixel-space text-to-image model and generate "
+                    "images from a browser tab.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; any other "
+                        "address requires --auth)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    p.add_argument("--workspace", type=Path, default=Path("workspace"),
+                   help="folder for datasets, runs, outputs and models (default ./workspace)")
+    p.add_argument("--auth", metavar="USER:PASS",
+                   help="require this user name and password to open the studio")
+    p.add_argument("--allow-dir", action="append", default=[], type=Path, metavar="DIR",
+                   help="also let the browser read files from DIR (repeatable); by default "
+                        "only the workspace is served")
+    p.add_argument("--inbrowser", action="store_true",
+                   help="open the studio in the default browser once it is ready")
+    args = p.parse_args(argv)
+
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port {args.port}: allowed is 1 to 65535")
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not (user and sep and password):
+            p.error("--auth must be USER:PASS with a non-empty user name and password")
+    if not is_loopback(args.host) and args.auth is None:
+        p.error(f"refusing to listen on {args.host} without --auth: other machines could "
+                f"then use the studio. Add --auth USER:PASS, or leave out --host to stay on "
+                f"127.0.0.1.")
+    for d in args.allow_dir:
+        if not d.expanduser().is_dir():
+            p.error(f"--allow-dir {d}: no such folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workspace = args.workspace.expanduser().resolve()
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"app.py: cannot create the workspace {workspace} ({e.strerror}); choose another "
+              f"folder with --workspace DIR", file=sys.stderr)
+        return 1
+
+    # Imported after the flags are checked: gradio takes seconds to import, and --help or a
+    # flag error should answer at once.
+    from studio.ui import build_ui
+
+    demo = build_ui(workspace)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    allowed = [str(workspace)] + [str(d.expanduser().resolve()) for d in args.allow_dir]
+    try:
+        _, url, _ = demo.launch(server_name=args.host, server_port=args.port, auth=auth,
+                                allowed_paths=allowed, inbrowser=args.inbrowser,
+                                prevent_thread_lock=True, quiet=True)
+    except OSError:
+        # gradio reports every bind failure as one OSError about the port range
+        print(f"app.py: cannot listen on {args.host}:{args.port}: the port is in use or the "
+              f"address is not one of this machine's. If the studio is already running, open "
+              f"it in the browser; otherwise choose another port, e.g. --port {args.port + 1}",
+              file=sys.stderr)
+        return 1
+    print(f"PixelHDM Studio is running at {url}  (workspace: {workspace}; Ctrl+C stops it)",
+          flush=True)
+    demo.block_thread()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

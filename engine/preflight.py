@@ -1,0 +1,216 @@
+"""Before a run: what a config will cost (parameters, memory, FLOPs, step time) and a dry
+run that measures one real training step at the largest bucket, so an out-of-memory
+error shows up in seconds instead of hours into a run.
+
+The estimate is analytic: FLOPs from the layer shapes (one multiply-add = 2 FLOPs),
+memory from the parameter count, the optimizer and the activations a step keeps, and the
+step time from this device's measured matrix-multiply speed at an assumed efficiency.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from engine.buckets import make_buckets
+from engine.config import RunConfig, TextConfig
+from engine.model import PixelHDM
+
+# Width and parameter count of known Qwen3 encoders (read from config.json when local).
+KNOWN_TEXT = {"Qwen/Qwen3-0.6B": (1024, 596e6), "Qwen/Qwen3-1.7B": (2048, 1.72e9),
+              "Qwen/Qwen3-4B": (2560, 4.02e9)}
+GPU_SIZES_GIB = (8, 12, 16, 24, 48, 80)
+STEP_EFFICIENCY = 0.35   # fraction of the measured matmul speed a training step reaches
+
+
+def text_shape(cfg: TextConfig) -> tuple[int, float]:
+    """(width, frozen parameter count) of the configured text encoder, without loading it."""
+    if cfg.encoder == "builtin":
+        return cfg.builtin_dim, 0.0
+    local = Path(cfg.name_or_path).expanduser() / "config.json"
+    if local.is_file():
+        c = json.loads(local.read_text(encoding="utf-8"))
+        d, layers, inter = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+        heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
+        hd = c.get("head_dim", d // heads)
+        per_layer = d * hd * (heads * 2 + kv * 2) + 3 * d * inter
+        return d, float(layers * per_layer + c["vocab_size"] * d)
+    return KNOWN_TEXT.get(cfg.name_or_path, (1024, 596e6))
+
+
+def largest_bucket(cfg: RunConfig) -> tuple[int, int]:
+    d = cfg.data
+    buckets = make_buckets(d.min_side, d.max_side, d.bucket_step, cfg.model.patch_size, d.max_aspect)
+    return max(buckets, key=lambda b: (b[0] * b[1], b[0]))
+
+
+def forward_flops(cfg: RunConfig, width: int, height: int, text_tokens: int) -> float:
+    """FLOPs of one forward pass for one image (2 per multiply-add)."""
+    m = cfg.model
+    p, D, d = m.patch_size, m.hidden_dim, m.pixel_dim
+    hd, H, kv = m.head_dim, m.num_heads, m.num_kv_heads
+    L, HW, pp = (width // p) * (height // p), width * height, p * p
+    gate = {"headwise": H, "elementwise": D, "none": 0}[m.gate]
+    F_patch, F_pix = int(D * m.mlp_ratio), int(d * m.mlp_ratio)
+    text_dim, _ = text_shape(cfg.text)
+
+    def attn(S):  # projections + scores and values
+        return 2 * S * D * (2 * D + 2 * kv * hd + gate) + 4 * S * S * D
+
+    S = L + text_tokens
+    patch_block = attn(S) + 6 * S * D * F_patch
+    pixel_block = (2 * L * D * pp * d            # condition expanded per pixel
+                   + 2 * HW * d * 6 * d          # per-pixel AdaLN parameters
+                   + 4 * L * pp * d * D          # compress + expand
+                   + attn(L) + 6 * HW * d * F_pix)
+    embed = 2 * L * (3 * pp * m.bottleneck + m.bottleneck * D) + 2 * text_tokens * text_dim * D
+    return float(m.patch_layers * patch_block + m.pixel_layers * pixel_block + embed + 6 * HW * d)
+
+
+def count_parameters(cfg: RunConfig) -> int:
+    with torch.device("meta"):
+        net = PixelHDM(cfg.model, text_shape(cfg.text)[0])
+    n = sum(p.numel() for p in net.parameters())
+    if cfg.text.encoder == "builtin":
+        t = cfg.text
+        n += (8193 + t.max_tokens + 1) * t.builtin_dim + t.builtin_layers * 8 * t.builtin_dim ** 2
+    return n
+
+
+def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
+    """What one training step of `cfg` costs per GPU, estimated without running it."""
+    tr, m = cfg.train, cfg.model
+    width, height = largest_bucket(cfg)
+    T = max(1, cfg.text.max_tokens // 2)   # typical caption length with batch padding
+    params = count_parameters(cfg)
+    _, text_params = text_shape(cfg.text)
+    half = tr.precision != "fp32"
+    act_bytes = 2 if half else 4
+    opt_bytes = 2 if tr.optimizer == "adamw8bit" else 8
+    GiB = 2 ** 30
+    weights = params * 4 / GiB
+    grads = params * 4 / GiB
+    optimizer = params * opt_bytes / GiB
+    ema = params * 4 / GiB if tr.ema_decay > 0 else 0.0
+    frozen = text_params * (2 if half else 4) / GiB
+    if cfg.loss.repa_teacher:
+        frozen += 86e6 * (2 if half else 4) / GiB
+    # activations kept for backward, per sample: a transformer layer keeps ~34 values per
+    # token and channel (Korthikanti et al. 2022, no attention matrix with fused kernels);
+    # a pixel block ~30 values per pixel channel plus its compacted tokens. With
+    # checkpointing only block inputs are kept, plus one block being recomputed.
+    L = (width // m.patch_size) * (height // m.patch_size)
+    S = L + T
+    patch_block = 34 * S * m.hidden_dim * act_bytes
+    pixel_block = (30 * width * height * m.pixel_dim + 34 * L * m.hidden_dim) * act_bytes
+    if tr.grad_checkpointing:
+        per_sample = (m.patch_layers * S * m.hidden_dim + m.pixel_layers * width * height
+                      * m.pixel_dim) * act_bytes + max(patch_block, pixel_block)
+    else:
+        per_sample = m.patch_layers * patch_block + m.pixel_layers * pixel_block
+    activations = tr.batch_size * per_sample * 1.15 / GiB   # allocator slack
+    total = weights + grads + optimizer + ema + frozen + activations + 0.5   # + CUDA context
+    flops = forward_flops(cfg, width, height, T)
+    step_flops = 3 * flops * tr.batch_size * tr.grad_accum
+    fits = [g for g in GPU_SIZES_GIB if total <= g * 0.92]
+    return {
+        "parameters": params, "frozen_parameters": int(text_params),
+        "bucket": [width, height], "image_tokens": L, "text_tokens": T,
+        "gflops_per_image": flops / 1e9, "tflops_per_step": step_flops / 1e12,
+        "memory_gib": {"weights": weights, "gradients": grads, "optimizer": optimizer,
+                       "ema": ema, "frozen_encoders": frozen, "activations": activations,
+                       "total": total},
+        "fits": (f"fits a {fits[0]} GB GPU" if fits else
+                 f"needs more than {GPU_SIZES_GIB[-1]} GB: lower batch size or resolution"),
+        "gpus": gpus,
+    }
+
+
+def measured_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+    """Matrix-multiply speed of this device in TFLOP/s (best of a few n x n products)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n ** 3 / best / 1e12
+
+
+def estimate_step_seconds(cfg: RunConfig, device: str | None = None) -> float:
+    """Seconds per optimizer step from the FLOP count and this device's matmul speed."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float32 if cfg.train.precision == "fp32" or dev.type == "cpu" else torch.bfloat16
+    est = estimate(cfg)
+    return est["tflops_per_step"] / (measured_tflops(dev, dtype) * STEP_EFFICIENCY)
+
+
+def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
+    """Run `steps` real training steps (forward, backward, optimizer) at the largest bucket
+    with the configured batch size and the longest captions, on random pixels. Reports the
+    time of the last steps and the peak memory. Raises RuntimeError with the settings to
+    change when the step does not fit in memory."""
+    from engine.encoders import DinoTeacher, load_text_encoder
+    from engine.flow import IREPAProjector
+    from engine.optim import build_optimizer
+    from engine.train import Trainable, autocast_for, _oom_message
+    from engine.train_io import TextCache
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tr = cfg.train
+    width, height = largest_bucket(cfg)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tr.precision]
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    text = load_text_encoder(cfg.text, dev, dtype if cfg.text.encoder == "qwen3" else torch.float32)
+    teacher = DinoTeacher(cfg.loss.repa_teacher, dev, dtype) if cfg.loss.repa_teacher else None
+    net = PixelHDM(cfg.model, text.dim).to(dev)
+    net.grad_checkpointing = tr.grad_checkpointing
+    proj = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(dev) if teacher else None
+    model = Trainable(net, text, proj, TextCache(text) if cfg.text.encoder == "qwen3" else None)
+    optimizer, _ = build_optimizer(model, tr, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=tr.precision == "fp16")
+    B = tr.batch_size
+    x = torch.rand(B, 3, height, width, device=dev) * 2 - 1
+    captions = [" ".join(["word"] * cfg.text.max_tokens)] * B
+    grid = (height // cfg.model.patch_size, width // cfg.model.patch_size)
+    times = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            t = torch.rand(B, device=dev)
+            eps = torch.randn_like(x)
+            teacher_tokens = teacher(x, grid) if teacher else None
+            with autocast_for(tr.precision, dev):
+                terms, _ = model(x, captions, t, eps, cfg, 0, teacher_tokens,
+                                 grid if teacher else None)
+            scaler.scale(terms["total"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError as e:
+        raise RuntimeError(_oom_message(cfg, x.shape)) from e
+    step_s = min(times[1:] or times)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"device": str(dev), "bucket": [width, height], "batch_size": B,
+            "seconds_per_step": step_s * tr.grad_accum, "images_s": B / step_s,
+            "peak_memory_mib": peak, "peak_is_process_rss": dev.type != "cuda",
+            "loss": float(terms["total"].detach())}

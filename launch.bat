@@ -1,0 +1,91 @@
+@echo off
+rem PixelHDM Studio launcher for Windows.
+rem   launch.bat [app flags]          create .venv on first run, install requirements.txt, start the studio
+rem   launch.bat test [pytest args]   also install requirements-dev.txt, then run the test suite
+rem A requirements file is installed again only when it changes: its SHA-256 (certutil) is
+rem stamped inside .venv after a successful install, so an interrupted install is redone.
+setlocal
+cd /d "%~dp0"
+set "VPY=.venv\Scripts\python.exe"
+if not defined GRADIO_ANALYTICS_ENABLED set "GRADIO_ANALYTICS_ENABLED=False"
+
+"%VPY%" -c "" >nul 2>&1
+if not errorlevel 1 goto venv_ready
+call :make_venv || goto fail
+:venv_ready
+call :install_once requirements.txt || goto fail
+if /i "%~1"=="test" goto test
+"%VPY%" app.py %*
+exit /b %errorlevel%
+
+:test
+call :install_once requirements-dev.txt || goto fail
+if not exist test-output mkdir test-output
+set "HF_HUB_OFFLINE=1"
+set "OMP_NUM_THREADS=1"
+set "PIXELHDM_TEST_OUTPUT=%CD%\test-output"
+set "PYTEST_ARGS="
+:collect_args
+shift
+if "%~1"=="" goto run_tests
+set PYTEST_ARGS=%PYTEST_ARGS% %1
+goto collect_args
+:run_tests
+"%VPY%" -m pytest %PYTEST_ARGS%
+exit /b %errorlevel%
+
+rem ---- make_venv: create .venv with the py launcher or python on PATH (3.10 or newer)
+:make_venv
+if exist .venv echo .venv exists but its Python does not run; creating it again.
+if exist .venv rmdir /s /q .venv
+set "PY=py -3"
+%PY% -c "import sys; sys.exit(sys.version_info < (3, 10))" >nul 2>&1
+if not errorlevel 1 goto python_found
+set "PY=python"
+%PY% -c "import sys; sys.exit(sys.version_info < (3, 10))" >nul 2>&1
+if not errorlevel 1 goto python_found
+echo launch.bat: PixelHDM Studio needs Python 3.10 or newer, and none was found. 1>&2
+for /f "delims=" %%v in ('py -3 -V 2^>nul') do echo   The py launcher runs %%v, which is too old. 1>&2
+for /f "delims=" %%v in ('python -V 2^>nul') do echo   python on PATH is %%v, which is too old. 1>&2
+echo   Install Python 3.12 from https://www.python.org/downloads/windows/ 1>&2
+echo   and tick "Add python.exe to PATH", or run: winget install Python.Python.3.12 1>&2
+echo   Then run launch.bat again. 1>&2
+exit /b 1
+:python_found
+echo Creating .venv with %PY%
+%PY% -m venv .venv
+if not errorlevel 1 exit /b 0
+echo launch.bat: could not create .venv with %PY%; see the error above. 1>&2
+if exist .venv rmdir /s /q .venv
+exit /b 1
+
+rem ---- install_once FILE: pip install -r FILE unless the stamp in .venv matches FILE's hash.
+rem On an NVIDIA machine the CUDA build of torch (pinned in requirements.txt) comes first from
+rem the PyTorch index, since PyPI's Windows torch is CPU only; pip then keeps it.
+:install_once
+set "STAMP=.venv\.stamp-%~1.sha256"
+certutil -hashfile "%~1" SHA256 > "%STAMP%.new" || exit /b 1
+fc /b "%STAMP%.new" "%STAMP%" >nul 2>&1
+if errorlevel 1 goto install_now
+del "%STAMP%.new"
+exit /b 0
+:install_now
+echo Installing %~1 into .venv ...
+if exist "%STAMP%" del "%STAMP%"
+if /i not "%~1"=="requirements.txt" goto install_file
+nvidia-smi -L >nul 2>&1
+if errorlevel 1 goto install_file
+for /f %%t in ('findstr /b /c:"torch==" requirements.txt') do set "TORCH_PIN=%%t"
+echo NVIDIA GPU found: installing the CUDA build of %TORCH_PIN% first.
+"%VPY%" -m pip install --disable-pip-version-check "%TORCH_PIN%" --index-url https://download.pytorch.org/whl/cu128
+if errorlevel 1 exit /b 1
+:install_file
+"%VPY%" -m pip install --disable-pip-version-check -r "%~1"
+if errorlevel 1 exit /b 1
+move /y "%STAMP%.new" "%STAMP%" >nul
+exit /b 0
+
+:fail
+echo launch.bat: stopped because of the error above. 1>&2
+if not defined CI pause
+exit /b 1

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# PixelHDM Studio launcher (Linux, macOS).
+#   ./launch.sh [app flags]          create .venv on first run, install requirements, start
+#   ./launch.sh test [pytest args]   also install requirements-dev.txt, run the test suite
+#   ./launch.sh doctor               print what this machine offers (changes nothing)
+# A requirements file is installed again only when it changes: its SHA-256 is stamped inside
+# .venv after a successful install, so an interrupted install is redone on the next start.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+VENV=".venv"
+VPY="$VENV/bin/python"
+PY_VERSION='import sys; print("%d.%d" % sys.version_info[:2])'
+
+die() { printf 'launch.sh: %s\n' "$*" >&2; exit 1; }
+
+# Print the first Python >= 3.10 in this order. Names that exist but do not run (pyenv
+# shims of versions that are not selected) are skipped.
+find_python() {
+    local cand ver found=""
+    for cand in python3.13 python3.12 python3.11 python3.10 python3 python; do
+        command -v "$cand" >/dev/null 2>&1 || continue
+        ver=$("$cand" -c "$PY_VERSION" 2>/dev/null) || continue
+        if "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            printf '%s\n' "$cand"
+            return 0
+        fi
+        found="$found $cand ($ver)"
+    done
+    if [ -n "$found" ]; then
+        echo "launch.sh: PixelHDM Studio needs Python 3.10 or newer; found only:$found." >&2
+    else
+        echo "launch.sh: no Python found (tried python3.13 ... python3.10, python3, python)." >&2
+    fi
+    cat >&2 <<'EOF'
+  Install Python 3.12, then run ./launch.sh again:
+    Debian/Ubuntu: sudo apt install python3 python3-venv
+    Fedora:        sudo dnf install python3
+    macOS:         brew install python@3.12
+    other systems: https://www.python.org/downloads/
+EOF
+    return 1
+}
+
+make_venv() {
+    local py
+    py=$(find_python) || exit 1
+    if ! "$py" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        die "$py has no 'venv'/'ensurepip' module. On Debian/Ubuntu install it with
+    sudo apt install python3-venv      (or python$("$py" -c "$PY_VERSION")-venv)
+and run ./launch.sh again."
+    fi
+    echo "Creating $VENV with $py ($("$py" -V 2>&1))"
+    if ! "$py" -m venv "$VENV"; then
+        rm -rf "$VENV"
+        die "could not create $VENV with $py (see above; Debian/Ubuntu: apt install python3-venv)."
+    fi
+}
+
+file_hash() {
+    "$VPY" -c 'import hashlib, sys
+print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"
+}
+
+# install_once FILE: pip install -r FILE unless .venv holds a stamp with FILE's current hash.
+install_once() {
+    local req="$1" stamp="$VENV/.stamp-$1.sha256" want
+    want=$(file_hash "$req")
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    echo "Installing $req into $VENV ..."
+    rm -f "$stamp"
+    "$VPY" -m pip install --disable-pip-version-check -r "$req" \
+        || die "pip could not install $req (see the error above); fix that and start again."
+    printf '%s\n' "$want" >"$stamp"
+}
+
+doctor() {
+    local py="$VPY"
+    [ -x "$py" ] || py=$(find_python) || exit 1
+    "$py" - <<'EOF'
+import importlib.util, platform, shutil, socket, sys
+from pathlib import Path
+def row(label, text):
+    print(f"{label:<14}{text}")
+row("Python", f"{sys.version.split()[0]} ({sys.executable})")
+try:
+    import torch
+except ImportError:
+    row("torch", "not installed (./launch.sh installs it)")
+else:
+    row("torch", f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        row(f"GPU {i}", f"{torch.cuda.get_device_name(i)}, {total / 2**30:.1f} GiB, "
+                        f"{free / 2**30:.1f} GiB free")
+for name in ("flash_attn", "bitsandbytes"):
+    found = importlib.util.find_spec(name) is not None
+    row(name, "installed" if found else "not installed (optional, see requirements-gpu.txt)")
+ws = Path("workspace")
+probe = ws if ws.exists() else Path(".")
+row("disk", f"{shutil.disk_usage(probe).free / 2**30:.1f} GiB free in {probe.resolve()}")
+with socket.socket() as s:
+    try:
+        s.bind(("127.0.0.1", 7860))
+        row("port 7860", "free")
+    except OSError:
+        row("port 7860", "in use (start with ./launch.sh --port 7861)")
+row("system", platform.platform())
+EOF
+}
+
+export GRADIO_ANALYTICS_ENABLED="${GRADIO_ANALYTICS_ENABLED:-False}"
+mode="${1:-}"
+if [ "$mode" = "doctor" ]; then
+    doctor
+    exit 0
+fi
+
+if ! "$VPY" -c '' >/dev/null 2>&1; then
+    [ -e "$VENV" ] && echo "$VENV exists but its Python does not run; creating it again."
+    rm -rf "$VENV"
+    make_venv
+fi
+install_once requirements.txt
+
+if [ "$mode" = "test" ]; then
+    shift
+    install_once requirements-dev.txt
+    mkdir -p test-output
+    export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PIXELHDM_TEST_OUTPUT="$PWD/test-output"
+    exec "$VPY" -m pytest "$@"
+fi
+exec "$VPY" app.py "$@"

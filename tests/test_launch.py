@@ -1,0 +1,286 @@
+"""The start-up path: app.py's flags, the page it serves, launch.sh's logic and .ci/run.
+
+launch.sh is exercised in a copy of the script next to a stand-in `.venv/bin/python` that
+records pip calls instead of installing, so the stamp logic is checked without building a
+real virtual environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import app
+import engine
+from engine import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_app(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "app.py", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------
+# app.py flags
+# --------------------------------------------------------------------------------------
+
+def test_help_lists_every_flag():
+    r = run_app("--help")
+    assert r.returncode == 0, r.stderr
+    for flag in ("--host", "--port", "--workspace", "--auth", "--allow-dir", "--inbrowser"):
+        assert flag in r.stdout
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::"])
+def test_non_loopback_without_auth_is_refused(host):
+    r = run_app("--host", host)
+    assert r.returncode == 2
+    assert f"refusing to listen on {host} without --auth" in r.stderr
+    assert "--auth USER:PASS" in r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--auth", "admin"], "--auth must be USER:PASS"),
+    (["--auth", ":secret"], "--auth must be USER:PASS"),
+    (["--port", "70000"], "--port 70000"),
+    (["--allow-dir", "/no/such/folder/anywhere"], "--allow-dir /no/such/folder/anywhere"),
+])
+def test_bad_flags_exit_2_with_a_message(flags, message):
+    r = run_app(*flags)
+    assert r.returncode == 2
+    assert message in r.stderr
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("localhost", True), ("LocalHost", True),
+    ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False), ("10.0.0.5", False),
+    ("studio.example", False),
+])
+def test_is_loopback(host, loopback):
+    assert app.is_loopback(host) is loopback
+
+
+def test_parse_args_defaults_and_accepted_combinations(tmp_path):
+    a = app.parse_args([])
+    assert (a.host, a.port, a.workspace, a.auth, a.allow_dir, a.inbrowser) == (
+        "127.0.0.1", 7860, Path("workspace"), None, [], False)
+    a = app.parse_args(["--host", "0.0.0.0", "--auth", "ann:pa:ss", "--allow-dir", str(tmp_path),
+                        "--allow-dir", str(tmp_path), "--inbrowser", "--port", "8000"])
+    assert (a.host, a.auth, a.allow_dir, a.inbrowser, a.port) == (
+        "0.0.0.0", "ann:pa:ss", [tmp_path, tmp_path], True, 8000)
+    assert app.parse_args(["--host", "::1"]).auth is None
+
+
+# --------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------
+
+def test_preset_rows_name_every_preset_with_its_model_size():
+    from studio.ui import model_size_text, preset_rows
+
+    rows = preset_rows()
+    assert [r[0] for r in rows] == config.list_presets()
+    by_name = {r[0]: r for r in rows}
+    tiny = config.load_preset("tiny-cpu")
+    assert by_name["tiny-cpu"][1] == model_size_text(tiny.model)
+    assert by_name["tiny-cpu"][2] == tiny.description
+    assert model_size_text(config.ModelConfig()) == (
+        "custom: width 1024, 16 patch + 4 pixel blocks, patch 16 px")
+    assert by_name["home-24gb"][1].startswith("default: width 1024, 16 patch + 4 pixel")
+
+
+def test_studio_serves_the_page_with_title_version_and_presets(tmp_path):
+    from studio.ui import build_ui
+
+    demo = build_ui(tmp_path)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(),
+                            prevent_thread_lock=True, quiet=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            html = resp.read().decode("utf-8")
+        with urllib.request.urlopen(url + "config", timeout=30) as resp:
+            page = json.loads(resp.read().decode("utf-8"))
+    finally:
+        demo.close()
+    assert "PixelHDM Studio" in html
+    assert page["title"] == "PixelHDM Studio"
+    text = json.dumps(page)
+    assert f"Engine {engine.__version__}" in text
+    assert str(tmp_path) in text
+    for name in config.list_presets():
+        assert name in text
+
+
+# --------------------------------------------------------------------------------------
+# launch.sh, launch.bat and .ci/run
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["launch.sh", ".ci/run"])
+def test_shell_scripts_parse_and_are_executable(script):
+    path = ROOT / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    assert path.stat().st_mode & stat.S_IXUSR
+
+
+def test_ci_runs_the_test_suite_through_launch_sh():
+    lines = [ln.strip() for ln in (ROOT / ".ci/run").read_text().splitlines()]
+    commands = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert "./launch.sh test" in commands
+    assert not any("playwright install" in ln for ln in commands)
+
+
+def test_launch_bat_has_crlf_line_endings():
+    data = (ROOT / "launch.bat").read_bytes()
+    assert data.count(b"\n") == data.count(b"\r\n") > 0
+
+
+def write_exe(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A copy of launch.sh in a folder with a space, a stand-in app.py and requirements."""
+    root = tmp_path / "my studio"
+    root.mkdir()
+    shutil.copy(ROOT / "launch.sh", root / "launch.sh")
+    (root / "requirements.txt").write_text("torch==2.13.0\n")
+    (root / "requirements-dev.txt").write_text("pytest==9.2.0\n")
+    (root / "app.py").write_text("import sys\nprint('app args', sys.argv[1:])\n")
+    return root
+
+
+def fake_venv(root: Path, pip_log: Path) -> None:
+    """.venv/bin/python that logs pip and pytest calls and runs everything else for real."""
+    write_exe(root / ".venv/bin/python", f"""#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
+    echo "$*" >> "{pip_log}"
+    exit "${{FAKE_PIP_RC:-0}}"
+fi
+if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then
+    shift 2
+    echo "pytest $* HF=$HF_HUB_OFFLINE OMP=$OMP_NUM_THREADS OUT=$PIXELHDM_TEST_OUTPUT"
+    exit 0
+fi
+exec "{sys.executable}" "$@"
+""")
+
+
+def launch(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # run from another folder: the script must find its own
+    return subprocess.run(["bash", str(root / "launch.sh"), *args], cwd=root.parent,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_launch_sh_installs_only_when_requirements_change(project, tmp_path):
+    log = tmp_path / "pip.log"
+    fake_venv(project, log)
+    pip_calls = lambda: log.read_text().splitlines() if log.exists() else []  # noqa: E731
+
+    r = launch(project, "--port", "7999")
+    assert r.returncode == 0, r.stderr
+    assert "app args ['--port', '7999']" in r.stdout
+    assert len(pip_calls()) == 1 and pip_calls()[0].endswith("-r requirements.txt")
+
+    assert launch(project).returncode == 0
+    assert len(pip_calls()) == 1  # stamp matches: no install
+
+    (project / "requirements.txt").write_text("torch==2.13.0\ngradio==6.31.0\n")
+    r = launch(project, env={"FAKE_PIP_RC": "1"})
+    assert r.returncode != 0 and "pip could not install requirements.txt" in r.stderr
+    assert "app args" not in r.stdout
+    assert len(pip_calls()) == 2
+
+    assert launch(project).returncode == 0  # the failed install left no stamp: retried
+    assert len(pip_calls()) == 3
+    assert launch(project).returncode == 0
+    assert len(pip_calls()) == 3
+
+
+def test_launch_sh_test_mode_installs_dev_requirements_and_sets_the_environment(project,
+                                                                                  tmp_path):
+    log = tmp_path / "pip.log"
+    fake_venv(project, log)
+    r = launch(project, "test", "-k", "two words", env={"HF_HUB_OFFLINE": "0"})
+    assert r.returncode == 0, r.stderr
+    assert [c.split()[-1] for c in log.read_text().splitlines()] == [
+        "requirements.txt", "requirements-dev.txt"]
+    out = project / "test-output"
+    assert out.is_dir()
+    assert f"pytest -k two words HF=1 OMP=1 OUT={out}" in r.stdout
+
+
+def fake_pythons(bindir: Path, versions: dict[str, str], has_venv: bool = True) -> None:
+    """Stand-ins for every name launch.sh looks for: a version string, or '' for a broken
+    shim (like a pyenv shim for a version that is not selected)."""
+    for name in ("python3.13", "python3.12", "python3.11", "python3.10", "python3", "python"):
+        ver = versions.get(name, "")
+        if not ver:
+            write_exe(bindir / name, "#!/bin/sh\nexit 127\n")
+            continue
+        major, minor = map(int, ver.split("."))
+        new_enough = 0 if (major, minor) >= (3, 10) else 1
+        write_exe(bindir / name, f"""#!/bin/sh
+case "$2" in
+    *ensurepip*) exit {0 if has_venv else 1} ;;
+    *print*) echo {ver} ;;
+    *version_info*) exit {new_enough} ;;
+    *) exit 3 ;;
+esac
+""")
+
+
+def launch_with_path(root: Path, bindir: Path) -> subprocess.CompletedProcess:
+    return launch(root, env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+
+
+def test_launch_sh_names_a_too_old_python_and_what_to_install(project, tmp_path):
+    fake_pythons(tmp_path / "bin", {"python3": "3.8", "python": "3.9"})
+    r = launch_with_path(project, tmp_path / "bin")
+    assert r.returncode != 0
+    assert "needs Python 3.10 or newer; found only: python3 (3.8) python (3.9)" in r.stderr
+    assert "sudo apt install python3 python3-venv" in r.stderr
+    assert not (project / ".venv").exists()
+
+
+def test_launch_sh_says_when_no_python_is_found(project, tmp_path):
+    fake_pythons(tmp_path / "bin", {})
+    r = launch_with_path(project, tmp_path / "bin")
+    assert r.returncode != 0
+    assert "no Python found" in r.stderr and "Install Python 3.12" in r.stderr
+
+
+def test_launch_sh_names_the_missing_venv_package(project, tmp_path):
+    fake_pythons(tmp_path / "bin", {"python3.12": "3.12"}, has_venv=False)
+    r = launch_with_path(project, tmp_path / "bin")
+    assert r.returncode != 0
+    assert "python3.12 has no 'venv'/'ensurepip' module" in r.stderr
+    assert "python3.12-venv" in r.stderr
+
+
+def test_launch_sh_doctor_reports_the_machine():
+    r = subprocess.run(["bash", str(ROOT / "launch.sh"), "doctor"], cwd="/", capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for label in ("Python", "torch", "flash_attn", "bitsandbytes", "disk", "port 7860"):
+        assert label in r.stdout
