@@ -46,6 +46,7 @@ from engine.train_io import (LOG_CAPTURED_ENV, JobReporter, TextCache, dataset_f
                              save_sample_grid)
 
 T_BINS = 10
+MAX_ROLLBACKS = 3   # rollbacks without a good step in between before the run gives up
 
 
 class TrainError(RuntimeError):
@@ -155,13 +156,13 @@ def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | N
     d, device = setup_device(device_name)
     report = JobReporter(run, main=d.main, world=d.world, device=str(device))
     try:
-        return _train(cfg, run, report, d, device, resume, stop_at or cfg.train.max_steps)
+        return _train(cfg, run, report, d, device, resume, stop_at)
     finally:
         report.close()
 
 
 def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: torch.device,
-           resume: bool, stop_at: int) -> str:
+           resume: bool, stop_at: int | None) -> str:
     tr, lo = cfg.train, cfg.loss
     if tr.cpu_threads:
         torch.set_num_threads(tr.cpu_threads)
@@ -213,14 +214,14 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
     # ---- state that checkpoints carry -------------------------------------------------
     step, lr_scale, loss_avg, loss_count, best_val = 0, 1.0, 0.0, 0, math.inf
-    handled: dict = {}
+    handled: dict = dict(report.status.handled)
     epoch, position = 0, 0
     initial_weights = None
 
     def state_payload() -> tuple[dict[str, Tensor], dict]:
         opt_tensors, opt_info = flatten_optimizer(optimizer.state_dict())
         tensors = {**opt_tensors, **_rng_tensors(noise_gen, device)}
-        info = {"step": step, "epoch": epoch, "position": position,
+        info = {"step": step, "stop_at": stop_at, "epoch": epoch, "position": position,
                 "sampler": sampler.state_dict(position), "optimizer": opt_info,
                 "lr_scale": lr_scale, "loss_avg": loss_avg, "loss_count": loss_count,
                 "best_val": best_val if math.isfinite(best_val) else None,
@@ -247,7 +248,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     def restore(ckpt: CheckpointInfo, *, full: bool) -> None:
         """Load a checkpoint: weights, EMA, optimizer and clipping state, and with `full`
         also the step, RNG and data position (a resume, not a rollback)."""
-        nonlocal step, lr_scale, loss_avg, loss_count, best_val, epoch, position
+        nonlocal step, stop_at, lr_scale, loss_avg, loss_count, best_val, epoch, position
         weights, _ = load_weights(ckpt.path, ema=False, device=device)
         try:
             model.load_state_dict(weights)
@@ -270,6 +271,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             scaler.load_state_dict(info["scaler"])
         if not full:
             return
+        stop_at = stop_at or info.get("stop_at")   # a resumed run keeps its target
         step, lr_scale = info["step"], info["lr_scale"]
         loss_avg, loss_count = info["loss_avg"], info["loss_count"]
         best_val = info["best_val"] if info.get("best_val") is not None else math.inf
@@ -292,13 +294,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             raise TrainError(f"nothing to resume in '{run.root}': no checkpoint with its training "
                              f"state in {run.checkpoints}")
         restore(last, full=True)
+        stop_at = stop_at or tr.max_steps
         if step >= stop_at:
             raise TrainError(f"the run is already at step {step}; pass a --max-steps above "
                              f"{step} (or raise train.max_steps) to continue it")
-        old = run.read_status()
-        handled = dict(old.handled) if old else {}
         log(f"resumed from {last.path.name} at step {step} (epoch {epoch}, batch {position})")
     else:
+        stop_at = stop_at or tr.max_steps
         sampler.set_epoch(0)
         # what a rollback before the first checkpoint returns to
         initial_weights = {k: v.detach().cpu().clone() for k, v in model.weights().items()}
@@ -359,7 +361,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     # ---- loop -----------------------------------------------------------------------------
     model.train()
     data_iter = iter(loader)
-    bad_steps, skipped_total, bad_files_total = 0, 0, 0
+    bad_steps, skipped_total, bad_files_total, rollbacks_in_a_row = 0, 0, 0, 0
     window = _Window()
     final_state = "completed"
 
@@ -449,6 +451,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 f"{' ...' if len(step_paths) > 8 else ''}")
             report.event(step, "skipped-batch", why, files=step_paths)
             if bad_steps >= tr.max_bad_steps:
+                rollbacks_in_a_row += 1
+                if rollbacks_in_a_row > MAX_ROLLBACKS:
+                    raise TrainError(
+                        f"training keeps diverging at step {step + 1}: {MAX_ROLLBACKS} rollbacks "
+                        f"in a row did not help (last: {why}). Lower train.lr (now {tr.lr:g}), "
+                        f"check the files named in the log, or raise train.spike_factor "
+                        f"(now {tr.spike_factor:g})")
                 last = latest_resumable(run.checkpoints)
                 if last is not None:
                     restore(last, full=False)
@@ -471,7 +480,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         if ema is not None:
             ema.update()
         step += 1
-        bad_steps = 0
+        bad_steps = rollbacks_in_a_row = 0
         loss_avg = loss if loss_count == 0 else 0.98 * loss_avg + 0.02 * loss
         loss_count += 1
         window.add(terms_sum, norm, clipped, images * d.world, tokens * d.world,

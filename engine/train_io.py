@@ -32,8 +32,10 @@ class JobReporter:
     def __init__(self, run: RunDir, *, main: bool, world: int, device: str):
         self.run, self.main, self.world = run, main, world
         self.rank_tag = "" if main else f"[rank {os.environ.get('RANK', '?')}] "
+        old = run.read_status() if main else None   # a resumed run keeps what it handled
         self.status = Status(pid=os.getpid(), world_size=world, device=device,
-                             started_at=time.time(), heartbeat=time.time())
+                             started_at=time.time(), heartbeat=time.time(),
+                             handled=dict(old.handled) if old else {})
         self.best_step: int | None = None
         self.last_val: float | None = None
         self._lock = threading.Lock()

@@ -1,0 +1,699 @@
+"""Image generation: the sampling core shared with the trainer's sample grids, the
+checkpoint-loading pipeline, PNG metadata (write and recall) and the command line.
+
+    python -m engine.generate --checkpoint RUN_OR_FILE --prompt "a red circle" --n 4
+
+One code path samples for everybody: `render` takes a network, an `encode` function
+and per-image prompts and seeds, and returns images in [-1, 1]. The trainer's
+`render_grid` and `Pipeline.generate` (the studio's Generate tab and this CLI) both call
+it, so a training sample and a generated image with the same settings cannot disagree.
+
+Reproducibility: image i of a request uses seed + i, and its initial noise is drawn
+from its own CPU float32 generator, so an image does not depend on the batch it was
+made in (up to the rounding of batched matrix kernels, far below one 8-bit level).
+Every saved PNG carries its settings twice: a `parameters` text chunk in the
+widely-used "prompt / Negative prompt: / Steps: ..., Seed: ..." layout that other tools
+read, and a `pixelhdm` JSON chunk with everything. `read_png_parameters` recalls them.
+
+Sampling runs under torch.no_grad, not inference_mode: the trainer calls render_grid
+between optimizer steps, and tensors created under inference_mode (e.g. cached text
+embeddings) could not be saved for backward afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
+
+from engine import __version__
+from engine.checkpoint import CheckpointError, file_hash, list_checkpoints, load_weights, read_meta
+from engine.config import ConfigError, RunConfig, config_from_dict
+from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
+from engine.flow import to_clean
+from engine.model import PixelHDM, TextCond
+from engine.sampling import SAMPLERS, cfg_model, img2img_grid, noise_image, sample_shift, time_grid
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+SIZE_FACTOR = 4           # largest side = SIZE_FACTOR * data.max_side of the training run
+MAX_SEED = 2**63 - 1      # torch generators take 64-bit seeds
+DEFAULT_STRENGTH = 0.75
+METADATA_FORMAT = 1
+FILE_NUMBER = re.compile(r"^(\d+)-")
+
+Encode = Callable[[list[str]], TextCond]
+Progress = Callable[[int, int, Image.Image], None]
+
+
+class GenerateError(ValueError):
+    """A generation request is invalid (size, sampler, seed...); the message says how."""
+
+
+class Cancelled(Exception):
+    """Raise it from a progress callback to stop generating; it propagates to the caller."""
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image  # RGB, carrying its PNG text chunks in image.info
+    params: dict        # every setting, this image's own seed included (png_text layout)
+
+
+# --------------------------------------------------------------------------------------
+# Tensors <-> PIL (the only place images change representation)
+# --------------------------------------------------------------------------------------
+
+def to_pil(x: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB images, rounded to the nearest 8-bit level."""
+    u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = u8.permute(0, 2, 3, 1).cpu().numpy()                              # (B, H, W, 3)
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+def from_pil(image: Image.Image) -> Tensor:
+    """An RGB image -> (1, 3, H, W) float32 in [-1, 1]; exact inverse of to_pil on 8-bit data."""
+    u8 = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (H, W, 3)
+    return (u8.permute(2, 0, 1)[None].float() / 127.5) - 1.0                # (1, 3, H, W)
+
+
+def flatten_alpha(image: Image.Image) -> Image.Image:
+    """RGB after EXIF rotation; transparent images are composed over white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def cover_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Lanczos-resize so the image covers width x height, then crop the centre."""
+    image = flatten_alpha(image)
+    w0, h0 = image.size
+    if (w0, h0) == (width, height):
+        return image
+    scale = max(width / w0, height / h0)
+    w1, h1 = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+    image = image.resize((w1, h1), Image.Resampling.LANCZOS)
+    left, top = (w1 - width) // 2, (h1 - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def preview_grid(x: Tensor) -> Image.Image:
+    """A batch (B, 3, H, W) tiled into one near-square image, for live previews."""
+    B, C, H, W = x.shape
+    cols = math.ceil(math.sqrt(B))
+    rows = math.ceil(B / cols)
+    x = torch.cat([x.detach().float().cpu(), x.new_full((rows * cols - B, C, H, W), -1.0).cpu()])
+    x = x.view(rows, cols, C, H, W).permute(2, 0, 3, 1, 4)                 # (C, rows, H, cols, W)
+    return to_pil(x.reshape(1, C, rows * H, cols * W))[0]
+
+
+def initial_noise(seeds: list[int], width: int, height: int) -> Tensor:
+    """(B, 3, H, W) float32 on the CPU; row i from its own generator seeded with seeds[i],
+    so an image's noise is the same whatever else is in the batch, on any device."""
+    return torch.stack([torch.randn(3, height, width, generator=torch.Generator().manual_seed(s))
+                        for s in seeds])
+
+
+# --------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------
+
+def max_side(cfg: RunConfig) -> int:
+    """Largest image side the generator accepts: SIZE_FACTOR times the training max_side
+    (the model has seen nothing bigger; far beyond it the output is meaningless)."""
+    return SIZE_FACTOR * cfg.data.max_side
+
+
+def check_size(width: int, height: int, patch: int, limit: int | None = None) -> None:
+    """Each side a multiple of the patch size, from one patch up to `limit` (None = no
+    upper bound)."""
+    top = limit if limit is not None else math.inf
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, int) or v % patch or not patch <= v <= top:
+            near = [patch]
+            if isinstance(v, int) and not isinstance(v, bool):
+                near = sorted({min(max(patch, m * patch), top)
+                               for m in (v // patch, -(-v // patch))})
+            span = f"from {patch} to {limit}" if limit is not None else f"of at least {patch}"
+            raise GenerateError(f"{name} = {v!r} is not allowed: use a multiple of the patch size "
+                                f"{patch} {span} (nearest: {' or '.join(map(str, near))})")
+
+
+def fit_size(width: int, height: int, patch: int, limit: int) -> tuple[int, int]:
+    """An image size scaled down to fit `limit` and rounded to patch multiples (the default
+    output size for an init image)."""
+    scale = min(1.0, limit / max(width, height))
+    return tuple(min(limit, max(patch, round(v * scale / patch) * patch)) for v in (width, height))
+
+
+# --------------------------------------------------------------------------------------
+# The sampling core
+# --------------------------------------------------------------------------------------
+
+def check_options(steps: int, sampler: str, cfg: float, rescale: float,
+                  interval: tuple[float, float], shift: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise GenerateError(f"steps = {steps!r}: allowed a whole number from 1 to 1000")
+    if sampler not in SAMPLERS:
+        raise GenerateError(f"sampler = {sampler!r}: allowed {', '.join(SAMPLERS)}")
+    if not (math.isfinite(cfg) and cfg >= 0.0):
+        raise GenerateError(f"cfg = {cfg!r}: allowed a number >= 0 (1 = no guidance)")
+    if not 0.0 <= rescale <= 1.0:
+        raise GenerateError(f"rescale = {rescale!r}: allowed 0 (plain guidance) to 1")
+    if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
+        raise GenerateError(f"interval = {list(interval)!r}: allowed [lo, hi] with "
+                            f"0 <= lo < hi <= 1 (t = 0 is noise)")
+    if not (math.isfinite(shift) and shift > 0.0):
+        raise GenerateError(f"shift = {shift!r}: allowed a number > 0 (1 = no shift)")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the network's forward (None = plain fp32)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, seeds: list[int],
+           width: int, height: int, *, steps: int, sampler: str, cfg: float, rescale: float,
+           interval: tuple[float, float], shift: float, amp_dtype: torch.dtype | None = None,
+           init: Tensor | None = None, strength: float = 1.0,
+           callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
+    """Images (B, 3, H, W) float32 on the CPU in [-1, 1], one per (prompts[i], seeds[i]).
+
+    The unconditional branch of guidance is encode([negative]) ('' = the unconditional
+    input), with its own mask. With `init` (1 or B, 3, H, W) in [-1, 1] sampling starts
+    from the init image noised to t = 1 - strength (strength 0 returns it, 1 ignores it).
+    callback(step, total, x_hat) is the samplers' progress callback."""
+    if len(prompts) != len(seeds) or not prompts:
+        raise GenerateError(f"render: {len(prompts)} prompts for {len(seeds)} seeds")
+    check_size(width, height, net.cfg.patch_size)
+    check_options(steps, sampler, cfg, rescale, interval, shift)
+    device = next(net.parameters()).device
+    prediction = net.cfg.prediction
+
+    unique = list(dict.fromkeys(prompts))
+    cond = encode(unique).select([unique.index(p) for p in prompts]).to(device)
+    uncond = encode([negative]).select([0] * len(prompts)).to(device)
+
+    def denoise(z: Tensor, t: Tensor, text: TextCond) -> Tensor:
+        with _autocast(device, amp_dtype):
+            pred = net(z, t, text)
+        return to_clean(pred.float(), z, t, prediction)
+
+    model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval))
+    noise = initial_noise(seeds, width, height).to(device)
+    if init is None:
+        ts, x = time_grid(steps, shift), noise
+    else:
+        ts = img2img_grid(steps, strength, shift)
+        x = noise_image(init.to(device, torch.float32).expand_as(noise), noise, float(ts[0]))
+    x = SAMPLERS[sampler](model_fn, x, ts, callback)
+    return x.float().clamp(-1.0, 1.0).cpu()
+
+
+def render_grid(net: PixelHDM, encode: Encode, cfg: RunConfig, device: torch.device | str,
+                precision: str) -> Tensor:
+    """The trainer's fixed sample grid (N, 3, H, W) in [-1, 1], N = len(sample.prompts):
+    image i has seed sample.seed + i; size, steps, sampler and guidance from cfg.sample;
+    autocast in `precision` on CUDA only (fp32 elsewhere). `device` is where `net` lives."""
+    s = cfg.sample
+    width, height = cfg.sample_size()
+    device = torch.device(device)
+    amp = PRECISIONS[precision] if device.type == "cuda" else None
+    return render(net, encode, list(s.prompts), s.negative,
+                  [s.seed + i for i in range(len(s.prompts))], width, height, steps=s.steps,
+                  sampler=s.sampler, cfg=s.cfg, rescale=s.cfg_rescale,
+                  interval=tuple(s.cfg_interval), shift=sample_shift(cfg, width, height),
+                  amp_dtype=amp)
+
+
+# --------------------------------------------------------------------------------------
+# Loading a checkpoint
+# --------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A weights file as given, or the newest step checkpoint of a run folder (or of its
+    checkpoints/ folder)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        infos = list_checkpoints(folder)
+        if not infos:
+            raise CheckpointError(f"'{p}' holds no checkpoint (expected "
+                                  f"checkpoints/step_XXXXXXX.safetensors); give a run folder "
+                                  f"that has saved at least once, or a .safetensors file")
+        return infos[-1].path
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint '{p}' does not exist; give a .safetensors file or a "
+                              f"run folder")
+    return p
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise GenerateError(f"device = {device!r} is not a device name (use cpu, cuda or "
+                            f"cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"device = {device!r}: no CUDA GPU is visible to PyTorch; use cpu")
+    return dev
+
+
+def resolve_precision(dtype: str | None, device: torch.device) -> str:
+    """fp32 / bf16 / fp16 (aliases float32, bfloat16, float16); default bf16 on a GPU that
+    supports it, fp16 on older GPUs, fp32 on the CPU."""
+    if dtype in (None, "", "auto"):
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    name = PRECISION_ALIASES.get(dtype, dtype)
+    if name not in PRECISIONS:
+        raise GenerateError(f"dtype = {dtype!r}: allowed {', '.join(PRECISIONS)}")
+    return name
+
+
+class Pipeline:
+    """A trained network with its text encoder, ready to generate. Build it with
+    Pipeline.load(path)."""
+
+    def __init__(self, net: PixelHDM, text_encoder, cfg: RunConfig, meta: dict, path: Path,
+                 device: torch.device, precision: str, weights: str):
+        self.net, self.text_encoder, self.cfg, self.meta = net, text_encoder, cfg, meta
+        self.path, self.device, self.precision, self.weights = path, device, precision, weights
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, ema: bool = True, device: str | None = None,
+             dtype: str | None = None) -> "Pipeline":
+        """Load a checkpoint file or a run folder's newest checkpoint: EMA weights when
+        `ema` and present, else the raw ones. Raises CheckpointError (missing, damaged or
+        mismatched file), EncoderLoadError (text encoder weights) or GenerateError."""
+        path = resolve_checkpoint(path)
+        dev = resolve_device(device)
+        precision = resolve_precision(dtype, dev)
+        meta = read_meta(path)
+        if "config" not in meta or "text_dim" not in meta:
+            raise CheckpointError(f"checkpoint '{path}' lacks its config or text_dim metadata; "
+                                  f"it was not written by this engine")
+        try:
+            cfg = config_from_dict(yaml.safe_load(meta["config"]), f"{path.name} (config)")
+        except (ConfigError, yaml.YAMLError) as e:
+            raise CheckpointError(f"the config stored in '{path}' is not valid for this engine "
+                                  f"version ({e})") from e
+        weights, meta = load_weights(path, ema=ema)
+        parts = {part: {k[len(part) + 1:]: v for k, v in weights.items()
+                        if k.startswith(part + ".")} for part in ("net", "text")}
+        if not parts["net"]:
+            raise CheckpointError(f"checkpoint '{path}' holds no network weights (net.*)")
+        net = PixelHDM(cfg.model, int(meta["text_dim"]))
+        try:
+            net.load_state_dict(parts["net"])
+        except RuntimeError as e:
+            raise CheckpointError(f"network weights in '{path}' do not match its config: "
+                                  f"{str(e).splitlines()[-1].strip()}") from e
+        net = net.to(dev).eval().requires_grad_(False)
+
+        if cfg.text.encoder == "builtin":
+            enc = BuiltinTextEncoder(cfg.text)
+            if not parts["text"]:
+                raise EncoderLoadError(f"checkpoint '{path}' uses the builtin text encoder but "
+                                       f"holds no text.* weights for it")
+            try:
+                enc.load_state_dict(parts["text"])
+            except RuntimeError as e:
+                raise EncoderLoadError(f"builtin text-encoder weights in '{path}' do not match "
+                                       f"its config: {str(e).splitlines()[-1].strip()}") from e
+            enc = enc.to(dev).eval().requires_grad_(False)
+        else:
+            enc_dtype = PRECISIONS[precision] if dev.type == "cuda" else torch.float32
+            enc = load_text_encoder(cfg.text, dev, enc_dtype)
+        if enc.dim != int(meta["text_dim"]):
+            raise EncoderLoadError(f"text encoder '{cfg.text.name_or_path}' is {enc.dim} wide but "
+                                   f"the checkpoint was trained with a {meta['text_dim']}-wide "
+                                   f"one; use the encoder of the training run")
+        used = "ema" if ema and meta.get("has_ema") else meta.get("exported_weights", "raw")
+        return cls(net, enc, cfg, meta, path, dev, precision, used)
+
+    # ---------------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return str(self.meta.get("run_id", self.path.stem))
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    @property
+    def max_side(self) -> int:
+        return max_side(self.cfg)
+
+    @cached_property
+    def checkpoint_hash(self) -> str:
+        return file_hash(self.path)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextCond:
+        return self.text_encoder.encode(list(prompts))
+
+    def generate(self, prompts: str | list[str], negative: str | None = None,
+                 width: int | None = None, height: int | None = None, steps: int | None = None,
+                 sampler: str | None = None, cfg: float | None = None,
+                 rescale: float | None = None, interval: tuple[float, float] | None = None,
+                 shift: float | None = None, seed: int | None = None, n: int = 1, *,
+                 init_image: Image.Image | None = None, strength: float | None = None,
+                 callback: Progress | None = None, batch_size: int = 0) -> list[GeneratedImage]:
+        """n images per prompt, prompt by prompt; image i of the request has seed seed + i.
+
+        None takes the value from the checkpoint's `sample` config (size: the init image's
+        size rounded to patch multiples, when there is one); shift None or 0 is the
+        size-dependent default; seed None or -1 draws a random seed. img2img: `init_image`
+        is cover-resized and centre-cropped to the size; `strength` (default 0.75) from 0
+        (the init image back) to 1 (the same as text-to-image). callback(step, total,
+        preview) gets a tiled preview of the current clean estimates after each step;
+        raise Cancelled in it to stop. batch_size > 0 caps images per forward pass."""
+        s, p = self.cfg.sample, self.cfg.model.patch_size
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(q, str) for q in prompts):
+            raise GenerateError("prompts: give one prompt or a non-empty list of prompts")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise GenerateError(f"n = {n!r}: allowed a whole number >= 1 (images per prompt)")
+        negative = s.negative if negative is None else negative
+        if init_image is not None:
+            dw, dh = fit_size(*init_image.size, p, self.max_side)
+        else:
+            dw, dh = self.cfg.sample_size()
+        width, height = dw if width is None else width, dh if height is None else height
+        check_size(width, height, p, self.max_side)
+        steps = s.steps if steps is None else steps
+        sampler = s.sampler if sampler is None else sampler
+        cfg = s.cfg if cfg is None else float(cfg)
+        rescale = s.cfg_rescale if rescale is None else float(rescale)
+        interval = tuple(float(v) for v in (s.cfg_interval if interval is None else interval))
+        shift = sample_shift(self.cfg, width, height) if not shift else float(shift)
+        check_options(steps, sampler, cfg, rescale, interval, shift)
+        count = len(prompts) * n
+        if seed is None or seed == -1:
+            seed = secrets.randbelow(2**32)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - count:
+            raise GenerateError(f"seed = {seed!r}: allowed a whole number from 0 to "
+                                f"{MAX_SEED - count}, or -1 for a random seed")
+        init = None
+        if init_image is not None:
+            strength = DEFAULT_STRENGTH if strength is None else float(strength)
+            if not 0.0 <= strength <= 1.0:
+                raise GenerateError(f"strength = {strength!r}: allowed 0 (keep the init image) "
+                                    f"to 1 (ignore it)")
+            init = from_pil(cover_resize(init_image, width, height))
+        per_image = [q for q in prompts for _ in range(n)]
+        seeds = [seed + i for i in range(count)]
+        size = batch_size if batch_size > 0 else count
+        chunks = [range(a, min(a + size, count)) for a in range(0, count, size)]
+
+        done = []
+        for c, idx in enumerate(chunks):
+            done.append(render(
+                self.net, self.encode, [per_image[i] for i in idx], negative,
+                [seeds[i] for i in idx], width, height, steps=steps, sampler=sampler, cfg=cfg,
+                rescale=rescale, interval=interval, shift=shift,
+                amp_dtype=PRECISIONS[self.precision], init=init,
+                strength=strength if init is not None else 1.0,
+                callback=_chunk_progress(callback, c, len(chunks))))
+        images = to_pil(torch.cat(done))
+        out = []
+        for i, image in enumerate(images):
+            params = {
+                "prompt": per_image[i], "negative": negative, "width": width, "height": height,
+                "steps": steps, "sampler": sampler, "cfg": cfg, "rescale": rescale,
+                "interval": list(interval), "shift": shift, "seed": seeds[i],
+                "strength": strength if init is not None else None,
+                "run_id": self.run_id, "checkpoint": self.path.name,
+                "checkpoint_step": self.step, "checkpoint_hash": self.checkpoint_hash,
+                "weights": self.weights, "prediction": self.cfg.model.prediction,
+                "dtype": self.precision, "device": self.device.type,
+                "engine_version": __version__,
+            }
+            image.info.update(png_text(params))
+            out.append(GeneratedImage(image, params))
+        return out
+
+
+def _chunk_progress(callback: Progress | None, chunk: int, chunks: int):
+    """The samplers' callback for batch `chunk` of `chunks`: steps counted over the whole
+    request, the clean estimates tiled into one preview image."""
+    if callback is None:
+        return None
+
+    def progress(step: int, total: int, x_hat: Tensor) -> None:
+        callback(chunk * total + step, chunks * total, preview_grid(x_hat))
+    return progress
+
+
+# --------------------------------------------------------------------------------------
+# PNG metadata
+# --------------------------------------------------------------------------------------
+
+# label in the `parameters` text <-> key of the params dict, and how to read the value
+_TEXT_FIELDS: list[tuple[str, str, Callable]] = [
+    ("Steps", "steps", int), ("Sampler", "sampler", str), ("CFG scale", "cfg", float),
+    ("Seed", "seed", int), ("Size", "size", str), ("Model hash", "checkpoint_hash", str),
+    ("Model", "run_id", str), ("Denoising strength", "strength", float),
+    ("Shift", "shift", float), ("CFG rescale", "rescale", float),
+    ("CFG interval", "interval", lambda v: [float(a) for a in v.split("-")]),
+    ("Checkpoint step", "checkpoint_step", int), ("Weights", "weights", str),
+    ("Prediction", "prediction", str), ("PixelHDM version", "engine_version", str),
+]
+_PAIR = re.compile(r'\s*([A-Za-z][\w \-/+().]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
+
+
+def format_parameters(params: dict) -> str:
+    """The `parameters` text: prompt, 'Negative prompt: ...' (when there is one), then one
+    line of 'Label: value' pairs."""
+    values = dict(params, size=f"{params['width']}x{params['height']}",
+                  interval="-".join(str(v) for v in params["interval"]))
+    pairs = [f"{label}: {_quote(values[key])}" for label, key, _ in _TEXT_FIELDS
+             if values.get(key) is not None]
+    lines = [params["prompt"]]
+    if params.get("negative"):
+        lines.append(f"Negative prompt: {params['negative']}")
+    return "\n".join(lines + [", ".join(pairs)])
+
+
+def _sampler_name(name: str) -> str:
+    """Our sampler key for a name other tools write ('DPM++ 2M Karras' -> dpmpp_2m);
+    unknown names (e.g. ancestral samplers) are returned as written."""
+    low = name.strip().lower().replace("_", " ")
+    if low in ("euler", "heun", "ab2"):
+        return low
+    if low in ("dpmpp 2m", "dpm++ 2m", "dpm++ 2m karras"):
+        return "dpmpp_2m"
+    return name
+
+
+def parse_parameters(text: str) -> dict:
+    """Read a `parameters` text (ours or another tool's in the same layout) into the params
+    keys: prompt, negative and whatever the last line holds; labels without a key of ours
+    go to params['other'] as text. 'Model' is read as run_id, 'Model hash' as
+    checkpoint_hash."""
+    lines = text.strip("\n").split("\n")
+    pairs = [(m.group(1).strip(), m.group(2).strip()) for m in _PAIR.finditer(lines[-1])
+             if m.group(1)]
+    if len(pairs) < 3:  # no settings line: the whole text is the prompt
+        pairs, body = [], lines
+    else:
+        body = lines[:-1]
+    neg_at = next((i for i, ln in enumerate(body) if ln.startswith("Negative prompt:")), len(body))
+    out: dict = {"prompt": "\n".join(body[:neg_at]),
+                 "negative": "\n".join(body[neg_at:])[len("Negative prompt:"):].strip()}
+    fields = {label: (key, conv) for label, key, conv in _TEXT_FIELDS}
+    other = {}
+    for label, value in pairs:
+        key, conv = fields.get(label, (None, None))
+        try:
+            if len(value) > 1 and value[0] == value[-1] == '"':
+                value = json.loads(value)
+            if key == "size":
+                out["width"], out["height"] = (int(v) for v in value.lower().split("x"))
+            elif key is not None:
+                out[key] = conv(value)
+            else:
+                other[label] = value
+        except ValueError:
+            other[label] = value
+    if "sampler" in out:
+        out["sampler"] = _sampler_name(out["sampler"])
+    if other:
+        out["other"] = other
+    return out
+
+
+def png_text(params: dict) -> dict[str, str]:
+    """The PNG text chunks of an image: `parameters` and the `pixelhdm` JSON."""
+    return {"parameters": format_parameters(params),
+            "pixelhdm": json.dumps(dict(params, format=METADATA_FORMAT), ensure_ascii=False)}
+
+
+def read_png_parameters(source: str | os.PathLike | Image.Image) -> dict:
+    """The settings of an image ("recall"): the `pixelhdm` JSON when present, else the
+    parsed `parameters` text; {} when the image carries neither."""
+    def chunks_of(im: Image.Image) -> dict:
+        return {**im.info, **(getattr(im, "text", None) or {})}
+    if isinstance(source, Image.Image):
+        chunks = chunks_of(source)
+    else:
+        try:
+            with Image.open(source) as im:
+                chunks = chunks_of(im)
+        except OSError as e:
+            raise GenerateError(f"cannot read image '{source}' ({e})") from e
+    raw = chunks.get("pixelhdm")
+    if isinstance(raw, str):
+        try:
+            data = json.loads(raw)
+            if isinstance(data, dict):
+                return data
+        except json.JSONDecodeError:
+            pass
+    text = chunks.get("parameters")
+    return parse_parameters(text) if isinstance(text, str) and text.strip() else {}
+
+
+def save_png(result: GeneratedImage, out_dir: str | os.PathLike) -> Path:
+    """Write `NNNNN-<seed>.png` (NNNNN = one more than the highest number in the folder)
+    with its text chunks. Never overwrites: the name is claimed with O_EXCL and the
+    finished file moved onto the claim."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key, value in png_text(result.params).items():
+        info.add_text(key, value)
+    fd, tmp = tempfile.mkstemp(prefix=".gen-", suffix=".png", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            result.image.save(f, format="PNG", pnginfo=info)
+        numbers = [int(m.group(1)) for p in out_dir.iterdir() if (m := FILE_NUMBER.match(p.name))]
+        number = max(numbers, default=0) + 1
+        while True:
+            path = out_dir / f"{number:05d}-{result.params['seed']}.png"
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                break
+            except FileExistsError:
+                number += 1
+        os.replace(tmp, path)
+        return path
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line on stderr, with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not LO,HI (e.g. 0,0.75)") from None
+    return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m engine.generate",
+                description="Generate images from a PixelHDM checkpoint. Unset options take "
+                            "the checkpoint's sample settings.")
+    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder "
+                   "(its newest checkpoint)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt (repeat for several prompts)")
+    p.add_argument("--negative", help="negative prompt ('' = unconditional)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", choices=list(SAMPLERS))
+    p.add_argument("--cfg", type=float, help="guidance scale (1 = off)")
+    p.add_argument("--rescale", type=float, help="CFG rescale phi, 0 to 1")
+    p.add_argument("--interval", type=_interval, metavar="LO,HI",
+                   help="apply guidance only for t in [LO, HI] (t = 0 is noise)")
+    p.add_argument("--shift", type=float, help="time shift (0 = the default for the size)")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i "
+                   "(-1 = random)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=0, help="images per forward (0 = all)")
+    p.add_argument("--init", type=Path, metavar="IMAGE", help="init image for img2img")
+    p.add_argument("--strength", type=float, help=f"img2img strength, 0 (keep the image) to 1 "
+                   f"(ignore it); default {DEFAULT_STRENGTH}")
+    p.add_argument("--out", type=Path, default=Path("workspace/outputs"),
+                   help="output folder (default workspace/outputs)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(PRECISIONS) + list(PRECISION_ALIASES),
+                   help="autocast precision (default: bf16 on a GPU, fp32 on the CPU)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.strength is not None and args.init is None:
+        parser.error("--strength needs --init IMAGE")
+    try:
+        init = None
+        if args.init is not None:
+            try:
+                with Image.open(args.init) as im:
+                    init = flatten_alpha(im)
+            except OSError as e:
+                raise GenerateError(f"--init: cannot read image '{args.init}' ({e})") from e
+        pipe = Pipeline.load(args.checkpoint, ema=not args.no_ema, device=args.device,
+                             dtype=args.dtype)
+        results = pipe.generate(args.prompt, args.negative, args.width, args.height, args.steps,
+                                args.sampler, args.cfg, args.rescale, args.interval, args.shift,
+                                args.seed, args.n, init_image=init, strength=args.strength,
+                                batch_size=args.batch_size)
+    except (GenerateError, CheckpointError, EncoderLoadError) as e:
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(save_png(r, args.out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""Generation: per-image seeds, sizes, img2img, PNG metadata and recall, checkpoint
+loading (run folders, EMA/raw, builtin text weights), render_grid, the CLI and the
+sampling benchmark, on a tiny model saved with engine.checkpoint and loaded back.
+
+Closed forms: a network whose output layer is zeroed predicts its bias c everywhere.
+With x-prediction every sampler returns x_hat = c; with v-prediction the flow has the
+constant velocity c, which Euler and Heun integrate exactly: z_1 = eps + c.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import __version__
+from engine.bench import main as bench_main
+from engine.checkpoint import CheckpointError, save_checkpoint
+from engine.config import RunConfig, dump_yaml, load_preset
+from engine.encoders import BuiltinTextEncoder, EncoderLoadError
+from engine.generate import (
+    Cancelled,
+    GenerateError,
+    Pipeline,
+    from_pil,
+    initial_noise,
+    main,
+    parse_parameters,
+    read_png_parameters,
+    render,
+    render_grid,
+    resolve_checkpoint,
+    save_png,
+    to_pil,
+)
+from engine.model import PixelHDM
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.hidden_dim=32", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.mrope_split=[4,6,6]", "model.patch_layers=1", "model.pixel_layers=1",
+        "model.pixel_dim=4", "model.bottleneck_dim=16", "text.builtin_dim=32",
+        "text.builtin_layers=1", "text.max_tokens=16", "data.min_side=16", "data.max_side=32",
+        "data.bucket_step=8", "sample.steps=3", "sample.width=16", "sample.height=16",
+        "sample.prompts=[a red circle, a blue square on a white background]"]
+FAST = dict(steps=2, width=16, height=16)
+
+
+def tiny_cfg(*extra: str) -> RunConfig:
+    return load_preset("tiny-cpu", TINY + list(extra))  # patch 8, generation up to 128 px
+
+
+def build(cfg: RunConfig, seed: int = 0) -> tuple[PixelHDM, BuiltinTextEncoder]:
+    torch.manual_seed(seed)
+    enc = BuiltinTextEncoder(cfg.text).eval()
+    return PixelHDM(cfg.model, enc.dim).eval(), enc
+
+
+def weights(net: PixelHDM, enc: BuiltinTextEncoder | None) -> dict:
+    out = {f"net.{k}": v for k, v in net.state_dict().items()}
+    if enc is not None:
+        out.update({f"text.{k}": v for k, v in enc.state_dict().items()})
+    return out
+
+
+def save(run_dir: Path, cfg: RunConfig, model: dict, ema: dict | None = None, step: int = 10,
+         text_dim: int = 32) -> Path:
+    meta = {"run_id": run_dir.name, "config": dump_yaml(cfg), "text_dim": text_dim,
+            "engine_version": __version__}
+    return save_checkpoint(run_dir / "checkpoints", step, model, ema, meta, {}, {})
+
+
+def constant_output(net: PixelHDM, c: tuple[float, float, float]) -> PixelHDM:
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.copy_(torch.tensor(c))
+    return net
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A run folder with one checkpoint whose EMA weights differ from the raw ones."""
+    cfg = tiny_cfg()
+    net, enc = build(cfg)
+    raw = weights(net, enc)
+    ema = {k: v + 0.05 * torch.randn_like(v) if k.startswith("net.") else v
+           for k, v in raw.items()}
+    run_dir = tmp_path_factory.mktemp("runs") / "run-a"
+    save(run_dir, cfg, raw, ema)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def pipe(run) -> Pipeline:
+    return Pipeline.load(run, device="cpu")
+
+
+# --------------------------------------------------------------------------------------
+# Seeds
+# --------------------------------------------------------------------------------------
+
+def test_seed_alone_equals_seed_in_batch_exactly():
+    """Image i of a request is made from seed + i only: with a batch-independent network
+    (constant velocity) the pixels are bit-identical alone and inside a batch."""
+    cfg = tiny_cfg()
+    net, enc = build(cfg)
+    constant_output(net, (0.1, -0.2, 0.3))
+    opts = dict(steps=3, sampler="heun", cfg=3.0, rescale=0.0, interval=(0.0, 1.0), shift=1.0)
+    batch = render(net, enc.encode, ["a", "b", "a"], "", [5, 6, 7], 16, 24, **opts)
+    alone = render(net, enc.encode, ["b"], "", [6], 16, 24, **opts)
+    assert torch.equal(batch[1], alone[0])
+    assert not torch.equal(batch[0], batch[2])  # same prompt, other seed
+
+
+def test_seed_alone_vs_batch_and_different_seeds(pipe):
+    batch = pipe.generate("a red circle", seed=7, n=3, **FAST)
+    alone = pipe.generate("a red circle", seed=8, n=1, **FAST)
+    assert [r.params["seed"] for r in batch] == [7, 8, 9]
+    assert alone[0].params["seed"] == 8
+    # equal up to the rounding of batched matrix kernels (1e-7), i.e. at most one level
+    diff = np.abs(pixels(batch[1].image) - pixels(alone[0].image))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    assert np.abs(pixels(batch[0].image) - pixels(batch[1].image)).mean() > 5
+
+
+def test_random_seed_is_recorded_and_reproduces(pipe):
+    first = pipe.generate("a blue square", seed=-1, **FAST)[0]
+    seed = first.params["seed"]
+    assert isinstance(seed, int) and seed >= 0
+    again = pipe.generate("a blue square", seed=seed, **FAST)[0]
+    assert np.array_equal(pixels(first.image), pixels(again.image))
+
+
+def test_several_prompts_with_n_images(pipe):
+    out = pipe.generate(["a red circle", "a blue square"], seed=100, n=2, batch_size=3, **FAST)
+    assert [(r.params["prompt"], r.params["seed"]) for r in out] == [
+        ("a red circle", 100), ("a red circle", 101), ("a blue square", 102),
+        ("a blue square", 103)]
+    # chunked batches give the same images as one batch
+    whole = pipe.generate(["a red circle", "a blue square"], seed=100, n=2, **FAST)
+    for a, b in zip(out, whole):
+        assert np.abs(pixels(a.image) - pixels(b.image)).max() <= 1
+
+
+def test_initial_noise_is_per_seed():
+    both = initial_noise([3, 4], 8, 16)
+    assert both.shape == (2, 3, 16, 8) and both.dtype == torch.float32
+    assert torch.equal(both[1], initial_noise([4], 8, 16)[0])
+
+
+# --------------------------------------------------------------------------------------
+# Requests checked with clear messages
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(width=20), r"width = 20 .*multiple of the patch size 8 from 8 to 128 "
+                     r"\(nearest: 16 or 24\)"),
+    (dict(height=0), r"height = 0 .*from 8 to 128"),
+    (dict(width=136), r"width = 136 .*from 8 to 128 \(nearest: 128\)"),
+    (dict(sampler="ddim"), r"sampler = 'ddim': allowed euler, heun, dpmpp_2m, ab2"),
+    (dict(steps=0), r"steps = 0"),
+    (dict(rescale=1.5), r"rescale = 1\.5"),
+    (dict(interval=(0.8, 0.2)), r"interval = \[0\.8, 0\.2\]"),
+    (dict(seed=-5), r"seed = -5"),
+    (dict(n=0), r"n = 0"),
+])
+def test_bad_requests_name_the_value(pipe, kwargs, message):
+    with pytest.raises(GenerateError, match=message):
+        pipe.generate("a red circle", **{**dict(steps=2), **kwargs})
+
+
+# --------------------------------------------------------------------------------------
+# img2img
+# --------------------------------------------------------------------------------------
+
+def _init_image(w: int = 24, h: int = 16) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def test_img2img_strength_0_returns_the_init_image(pipe):
+    init = _init_image()
+    out = pipe.generate("a red circle", seed=1, steps=4, init_image=init, strength=0.0)[0]
+    assert out.image.size == (24, 16)  # the init image's size by default
+    assert np.array_equal(pixels(out.image), pixels(init))
+    assert out.params["strength"] == 0.0
+
+
+def test_img2img_strength_1_equals_text_to_image(pipe):
+    init = _init_image()
+    i2i = pipe.generate("a red circle", seed=3, steps=3, init_image=init, strength=1.0)[0]
+    t2i = pipe.generate("a red circle", seed=3, steps=3, width=24, height=16)[0]
+    assert np.array_equal(pixels(i2i.image), pixels(t2i.image))
+    half = pipe.generate("a red circle", seed=3, steps=3, init_image=init, strength=0.5)[0]
+    assert not np.array_equal(pixels(half.image), pixels(t2i.image))
+    assert not np.array_equal(pixels(half.image), pixels(init))
+
+
+def test_img2img_default_size_and_cover_crop(pipe):
+    init = _init_image(41, 30)
+    out = pipe.generate("x", seed=0, steps=2, init_image=init, strength=0.0)[0]
+    assert out.image.size == (40, 32)  # rounded to multiples of the patch size 8
+    big = pipe.generate("x", seed=0, steps=1, init_image=_init_image(300, 150), strength=0.0)[0]
+    assert big.image.size == (128, 64)  # scaled down to the 128 px limit first
+
+
+def test_pil_round_trip_is_exact():
+    image = _init_image()
+    assert np.array_equal(pixels(to_pil(from_pil(image))[0]), pixels(image))
+
+
+# --------------------------------------------------------------------------------------
+# Progress, preview and cancelling
+# --------------------------------------------------------------------------------------
+
+def test_progress_callback_counts_over_batches_and_can_cancel(pipe):
+    seen = []
+    pipe.generate("a red circle", seed=0, n=2, batch_size=1, sampler="heun",
+                  callback=lambda step, total, im: seen.append((step, total, im.size)), **FAST)
+    assert [(s, t) for s, t, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(size == (16, 16) for _, _, size in seen)
+
+    def cancel(step, total, image):
+        raise Cancelled()
+    with pytest.raises(Cancelled):
+        pipe.generate("a red circle", seed=0, n=3, callback=cancel, **FAST)
+    grid = []
+    pipe.generate("a", seed=0, n=3, callback=lambda s, t, im: grid.append(im.size), **FAST)
+    assert grid[0] == (32, 32)  # three images tiled 2 x 2
+
+
+# --------------------------------------------------------------------------------------
+# PNG metadata and recall
+# --------------------------------------------------------------------------------------
+
+def test_png_metadata_round_trip(pipe, tmp_path):
+    out = pipe.generate("a red circle, flat colours", negative="blurry, dark", seed=42, n=2,
+                        cfg=2.5, rescale=0.7, interval=(0.1, 0.9), shift=2.0, sampler="dpmpp_2m",
+                        steps=2, width=24, height=16)
+    paths = [save_png(r, tmp_path) for r in out]
+    assert [p.name for p in paths] == ["00001-42.png", "00002-43.png"]
+    for r, path in zip(out, paths):
+        recalled = read_png_parameters(path)
+        assert {k: v for k, v in recalled.items() if k != "format"} == r.params
+        assert read_png_parameters(r.image) == recalled  # in-memory images carry it too
+        with Image.open(path) as im:
+            assert np.array_equal(pixels(im.convert("RGB")), pixels(r.image))
+    p = out[1].params
+    assert p["seed"] == 43 and p["run_id"] == "run-a" and p["checkpoint_step"] == 10
+    assert p["weights"] == "ema" and len(p["checkpoint_hash"]) == 10
+    assert p["engine_version"] == __version__ and p["strength"] is None
+    # the `parameters` text alone recalls the settings other tools understand, and ours
+    with Image.open(paths[1]) as im:
+        text = im.text["parameters"]
+    assert text.splitlines()[:2] == ["a red circle, flat colours", "Negative prompt: blurry, dark"]
+    parsed = parse_parameters(text)
+    for key in ("prompt", "negative", "steps", "sampler", "cfg", "seed", "width", "height",
+                "rescale", "interval", "shift", "checkpoint_hash", "run_id", "checkpoint_step",
+                "weights", "prediction", "engine_version"):
+        assert parsed[key] == p[key], key
+
+
+def test_save_png_never_overwrites(pipe, tmp_path):
+    r = pipe.generate("a", seed=5, **FAST)[0]
+    (tmp_path / "00007-1.png").write_bytes(b"keep")
+    path = save_png(r, tmp_path)
+    assert path.name == "00008-5.png"
+    assert (tmp_path / "00007-1.png").read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00007-1.png", "00008-5.png"]
+
+
+def test_parse_foreign_parameters_text(tmp_path):
+    text = ("masterpiece, a cat sitting on a chair\nsecond line of the prompt\n"
+            "Negative prompt: blurry, lowres\nugly\n"
+            "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 3141592653, "
+            "Size: 832x1216, Model hash: 1a2b3c4d5e, Model: someModel_v10, "
+            "Denoising strength: 0.4, Lora hashes: \"foo: abc, bar: def\", Version: v1.10.1")
+    image = Image.new("RGB", (8, 8))
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", text)
+    image.save(tmp_path / "a1111.png", pnginfo=info)
+    p = read_png_parameters(tmp_path / "a1111.png")
+    assert p["prompt"] == "masterpiece, a cat sitting on a chair\nsecond line of the prompt"
+    assert p["negative"] == "blurry, lowres\nugly"
+    assert (p["steps"], p["sampler"], p["cfg"], p["seed"]) == (28, "dpmpp_2m", 7.0, 3141592653)
+    assert (p["width"], p["height"], p["strength"]) == (832, 1216, 0.4)
+    assert (p["checkpoint_hash"], p["run_id"]) == ("1a2b3c4d5e", "someModel_v10")
+    assert p["other"] == {"Lora hashes": "foo: abc, bar: def", "Version": "v1.10.1"}
+    assert parse_parameters("just a prompt") == {"prompt": "just a prompt", "negative": ""}
+    assert parse_parameters("p\nSteps: 20, Sampler: Euler a, Seed: 1")["sampler"] == "Euler a"
+    assert read_png_parameters(Image.new("RGB", (4, 4))) == {}
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+
+def test_run_folder_resolves_to_the_newest_checkpoint(tmp_path):
+    cfg = tiny_cfg()
+    net, enc = build(cfg)
+    for step in (20, 100, 3):
+        save(tmp_path / "run-b", cfg, weights(net, enc), step=step)
+    newest = tmp_path / "run-b" / "checkpoints" / "step_0000100.safetensors"
+    assert resolve_checkpoint(tmp_path / "run-b") == newest
+    assert resolve_checkpoint(tmp_path / "run-b" / "checkpoints") == newest
+    loaded = Pipeline.load(tmp_path / "run-b", device="cpu")
+    assert loaded.step == 100 and loaded.weights == "raw"  # saved without EMA
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Pipeline.load(tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="damaged"):
+        Pipeline.load(tmp_path / "bad.safetensors")
+
+
+def test_ema_and_raw_weights(run, pipe):
+    raw = Pipeline.load(run, ema=False, device="cpu")
+    assert (pipe.weights, raw.weights) == ("ema", "raw")
+    a = pipe.generate("a red circle", seed=1, **FAST)[0]
+    b = raw.generate("a red circle", seed=1, **FAST)[0]
+    assert b.params["weights"] == "raw"
+    assert np.abs(pixels(a.image) - pixels(b.image)).mean() > 1
+
+
+def test_builtin_text_weights_come_from_the_checkpoint(tmp_path):
+    cfg = tiny_cfg()
+    net, enc = build(cfg)
+    save(tmp_path / "one", cfg, weights(net, enc))
+    with torch.no_grad():
+        enc.embed.weight.mul_(-3.0)
+    save(tmp_path / "two", cfg, weights(net, enc))
+    a = Pipeline.load(tmp_path / "one", device="cpu").generate("a red circle", seed=2, **FAST)[0]
+    b = Pipeline.load(tmp_path / "two", device="cpu").generate("a red circle", seed=2, **FAST)[0]
+    assert np.abs(pixels(a.image) - pixels(b.image)).mean() > 1
+    save(tmp_path / "three", cfg, weights(net, None))
+    with pytest.raises(EncoderLoadError, match="no text.* weights"):
+        Pipeline.load(tmp_path / "three", device="cpu")
+    save(tmp_path / "four", tiny_cfg("model.hidden_dim=64", "model.num_heads=4"), weights(net, enc))
+    with pytest.raises(CheckpointError, match="do not match its config"):
+        Pipeline.load(tmp_path / "four", device="cpu")
+
+
+def test_qwen3_text_encoder_from_the_config(tmp_path, tiny_qwen3):
+    cfg = tiny_cfg("text.encoder=qwen3", f"text.name_or_path={tiny_qwen3}")
+    torch.manual_seed(0)
+    net = PixelHDM(cfg.model, 64)
+    save(tmp_path / "q", cfg, weights(net, None), text_dim=64)
+    out = Pipeline.load(tmp_path / "q", device="cpu").generate("a red circle", seed=0, **FAST)
+    assert out[0].image.size == (16, 16)
+    save(tmp_path / "w", cfg, weights(PixelHDM(cfg.model, 48), None), text_dim=48)
+    with pytest.raises(EncoderLoadError, match="64 wide"):
+        Pipeline.load(tmp_path / "w", device="cpu")
+
+
+# --------------------------------------------------------------------------------------
+# Both prediction types (closed form) and render_grid
+# --------------------------------------------------------------------------------------
+
+C = (0.25, -0.5, 0.75)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_v_prediction_integrates_a_constant_velocity_exactly(sampler):
+    cfg = tiny_cfg()
+    net, enc = build(cfg)
+    constant_output(net, C)
+    out = render(net, enc.encode, ["a"], "", [9], 16, 16, steps=4, sampler=sampler, cfg=4.0,
+                 rescale=0.0, interval=(0.0, 1.0), shift=3.0)
+    expected = (initial_noise([9], 16, 16) + torch.tensor(C).view(1, 3, 1, 1)).clamp(-1, 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_x_prediction_returns_the_predicted_image(tmp_path):
+    cfg = tiny_cfg("model.prediction=x")
+    net, enc = build(cfg)
+    constant_output(net, C)
+    save(tmp_path / "x", cfg, weights(net, enc))
+    for sampler in ("euler", "heun", "dpmpp_2m", "ab2"):
+        out = Pipeline.load(tmp_path / "x", device="cpu").generate(
+            "a", seed=4, sampler=sampler, **FAST)[0]
+        expected = np.round((np.array(C) + 1) * 127.5)
+        assert np.array_equal(pixels(out.image), np.broadcast_to(expected, (16, 16, 3)))
+        assert out.params["prediction"] == "x"
+
+
+def test_render_grid_matches_the_pipeline(pipe):
+    grid = render_grid(pipe.net, pipe.encode, pipe.cfg, "cpu", "bf16")
+    s = pipe.cfg.sample
+    assert grid.shape == (2, 3, 16, 16) and grid.dtype == torch.float32
+    assert grid.min() >= -1 and grid.max() <= 1
+    assert torch.equal(grid, render_grid(pipe.net, pipe.encode, pipe.cfg, "cpu", "fp32"))
+    out = pipe.generate(list(s.prompts), seed=s.seed)
+    for image, r in zip(to_pil(grid), out):
+        assert np.array_equal(pixels(image), pixels(r.image))
+
+
+# --------------------------------------------------------------------------------------
+# Command lines
+# --------------------------------------------------------------------------------------
+
+def test_cli_end_to_end(run, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "engine.generate", "--checkpoint", str(run), "--prompt",
+           "a red circle", "--n", "2", "--steps", "2", "--seed", "3", "--out", str(tmp_path),
+           "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    paths = [Path(line) for line in done.stdout.splitlines()]
+    assert [p.name for p in paths] == ["00001-3.png", "00002-4.png"]
+    params = read_png_parameters(paths[1])
+    assert params["seed"] == 4 and (params["width"], params["height"]) == (16, 16)
+    assert params["cfg"] == 3.0 and params["sampler"] == "heun"  # the run's sample settings
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing"), *cmd[5:]], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "does not exist" in bad.stderr
+
+
+def test_cli_bad_arguments_exit_2(run, tmp_path, capsys):
+    base = ["--checkpoint", str(run), "--prompt", "a", "--out", str(tmp_path)]
+    assert main(base + ["--width", "20", "--device", "cpu"]) == 2
+    assert "width = 20" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--strength", "0.5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--strength needs --init" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_sample_reports_every_sampler_and_size(capsys):
+    code = bench_main(["sample", "--preset", "tiny-cpu", *sum((["--set", o] for o in TINY), []),
+                       "--sizes", "16x16,24x16", "--steps", "2", "--samplers", "euler,heun",
+                       "--repeats", "1", "--device", "cpu", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["rows"]
+    assert [(r["sampler"], r["size"]) for r in rows] == [
+        ("euler", "16x16"), ("heun", "16x16"), ("euler", "24x16"), ("heun", "24x16")]
+    assert [r["model_evals"] for r in rows] == [2, 3, 2, 3]
+    assert all(r["seconds_per_image"] > 0 for r in rows)
+    assert bench_main(["sample", "--preset", "tiny-cpu", "--sizes", "30x30"]) == 2
+    assert "width = 30" in capsys.readouterr().err

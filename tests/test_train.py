@@ -1,0 +1,266 @@
+"""The trainer end to end on the CPU: it learns, resumes exactly (also after SIGKILL),
+skips corrupt images, obeys control requests, reports its states, guards against
+divergence, and keeps DDP ranks in sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoint import list_checkpoints
+from engine.demo_data import write_demo_dataset
+from engine.job import RunDir, effective_state
+from engine.train import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a smaller tiny-cpu: each step takes a few milliseconds
+FAST = ["model.hidden_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.mrope_split=[4,6,6]", "model.patch_layers=2", "model.pixel_layers=1",
+        "model.pixel_dim=4", "text.builtin_dim=64", "text.builtin_layers=1",
+        "train.batch_size=8", "train.log_every=1", "train.sample_every=0", "train.val_every=0",
+        "train.warmup_steps=5", "train.save_every=1000", "data.val_images=0",
+        "data.min_side=32", "data.max_side=48", "train.cpu_threads=1"]
+
+
+def sets(*extra: str) -> list[str]:
+    return [a for kv in [*FAST, *extra] for a in ("--set", kv)]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", count=64, seed=3)
+
+
+def losses(run: Path) -> dict[int, float]:
+    """Step -> loss; a step logged twice (re-done after a crash) keeps its last value."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def records(run: Path, key: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def train_cli(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "engine.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout=90.0, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_step(run: Path) -> int:
+    s = RunDir(run).read_status()
+    return s.step if s else -1
+
+
+# --------------------------------------------------------------------------------------
+
+def test_loss_falls_on_the_demo_dataset(demo, tmp_path):
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "80", *sets("train.lr=2e-3")]) == 0
+    ls = losses(run)
+    first = sum(ls[s] for s in range(1, 11)) / 10
+    last = sum(ls[s] for s in range(71, 81)) / 10
+    assert last < 0.75 * first, (first, last)
+    status = RunDir(run).read_status()
+    assert status.state == "completed" and status.step == 80
+    assert list_checkpoints(run / "checkpoints")[-1].step == 80
+
+
+def test_a_few_images_are_overfitted(demo, tmp_path):
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(demo.glob("*.png"))[:4]:
+        shutil.copy(p, few / p.name)
+        shutil.copy(p.with_suffix(".txt"), few / p.with_suffix(".txt").name)
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(few), "--run-dir", str(run),
+                       "--max-steps", "150", *sets("train.lr=3e-3", "train.batch_size=4",
+                                                   "data.caption_dropout=0", "loss.freq_weight=0",
+                                                   "train.schedule=constant")]) == 0
+    ls = losses(run)
+    assert sum(ls[s] for s in range(141, 151)) / 10 < 0.4 * sum(ls[s] for s in range(1, 11)) / 10
+
+
+@pytest.fixture(scope="module")
+def reference(demo, tmp_path_factory) -> dict[int, float]:
+    """An uninterrupted 24-step run (3 epochs of 8 batches, so resumes cross epochs)."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "24", *sets("data.flip=true", "data.crop=random")]) == 0
+    return losses(run)
+
+
+def test_exact_resume_after_stop(demo, tmp_path, reference):
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "11", *sets("data.flip=true", "data.crop=random")]) == 0
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "24"]) == 0
+    assert losses(run) == reference
+
+
+def test_sigkill_mid_run_then_resume(demo, tmp_path, reference):
+    run = tmp_path / "run"
+    proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                     "--max-steps", "24",
+                     *sets("data.flip=true", "data.crop=random", "train.save_every=6"))
+    try:
+        # slow enough to catch it between checkpoints: wait for step 8 (checkpoint at 6)
+        wait_for(lambda: status_step(run) >= 8, what="step 8")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status = RunDir(run).read_status()
+    if status.step < 24:
+        assert effective_state(status) == "crashed"
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "24"]) == 0
+    assert losses(run) == reference
+
+
+def test_a_corrupt_image_is_skipped_and_counted(demo, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo, data)
+    png = (data / "shape_0000.png").read_bytes()
+    (data / "broken.png").write_bytes(png[: len(png) // 3])   # a readable header, no pixels
+    (data / "broken.txt").write_text("a broken picture")
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
+                       "--max-steps", "20", *sets()]) == 0
+    assert "broken.png" in (run / "log.txt").read_text()
+    assert records(run, "bad_files")[-1]["bad_files"] >= 1
+    assert RunDir(run).read_status().state == "completed"
+
+
+def test_control_requests_and_states(demo, tmp_path):
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                     "--max-steps", "100000", *sets("train.log_every=5"))
+    try:
+        wait_for(lambda: (s := rd.read_status()) and s.state == "running" and s.step > 2,
+                 what="running")
+        assert effective_state(rd.read_status()) == "running"
+        rid = rd.request("save-now")
+        wait_for(lambda: rd.read_status().handled.get("save-now") == rid, what="save-now handled")
+        assert list_checkpoints(run / "checkpoints")
+        rd.request("pause")
+        assert proc.wait(timeout=60) == 0
+        status = rd.read_status()
+        assert status.state == "paused" and effective_state(status) == "paused"
+        paused_at = status.step
+        assert list_checkpoints(run / "checkpoints")[-1].step == paused_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # resume: the old pause request must not pause it again (the runner clears control/,
+    # and the trainer remembers what it handled)
+    proc = train_cli("--run-dir", str(run), "--resume")
+    try:
+        wait_for(lambda: rd.read_status().state == "running" and rd.read_status().step > paused_at,
+                 what="resumed")
+        rd.request("stop")
+        assert proc.wait(timeout=60) == 0
+        assert rd.read_status().state == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    assert "stopped" in out
+
+
+def test_sigterm_saves_and_stops(demo, tmp_path):
+    run = tmp_path / "run"
+    proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                     "--max-steps", "100000", *sets("train.log_every=5"))
+    try:
+        wait_for(lambda: status_step(run) > 2, what="running")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status = RunDir(run).read_status()
+    assert status.state == "stopped"
+    assert list_checkpoints(run / "checkpoints")[-1].step == status.step
+
+
+def test_failures_are_one_line_with_a_status(tmp_path, demo):
+    run = tmp_path / "run"
+    proc = train_cli("--preset", "tiny-cpu", "--data", str(tmp_path / "missing"), "--run-dir",
+                     str(run), *sets())
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert out.strip().splitlines()[-1].startswith("error: dataset folder")
+    status = RunDir(run).read_status()
+    assert status.state == "failed" and "does not exist" in status.error
+    # config errors: exit code 2, one line naming the key
+    proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir",
+                     str(tmp_path / "r2"), "--set", "train.lr=-1")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "train.lr = -1.0" in out
+    # an existing run is not overwritten; resuming nothing is explained
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run)]) == 1
+    assert train_main(["--run-dir", str(tmp_path / "empty"), "--resume"]) == 1
+
+
+def test_divergence_guard_skips_rolls_back_and_gives_up(demo, tmp_path):
+    run = tmp_path / "run"
+    # a threshold below the running average flags every batch after the first 20 steps
+    code = train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "40", *sets("train.spike_factor=0.1", "train.max_bad_steps=2",
+                                                  "train.save_every=10")])
+    assert code == 1
+    events = records(run, "event")
+    kinds = [r["event"] for r in events]
+    assert kinds.count("skipped-batch") == 8 and kinds.count("rollback") == 3
+    rollbacks = [r["message"] for r in events if r["event"] == "rollback"]
+    assert "step_0000020" in rollbacks[0] and "x0.5" in rollbacks[0] and "x0.125" in rollbacks[2]
+    skipped = next(r for r in events if r["event"] == "skipped-batch")
+    assert skipped["files"] and skipped["files"][0].endswith(".png")
+    status = RunDir(run).read_status()
+    assert status.state == "failed" and "keeps diverging" in status.error
+    assert "Lower train.lr" in status.error
+
+
+def test_ddp_two_processes_stay_in_sync(demo, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "engine.train", "--preset", "tiny-cpu", "--data", str(demo), "--run-dir",
+         str(run), "--max-steps", "6", "--device", "cpu",
+         *sets("train.save_every=3", "train.batch_size=4")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stderr
+    assert log.count("2 ranks in sync") >= 4        # both ranks, at steps 3 and 6
+    assert "[rank 1] 2 ranks in sync" in log
+    status = RunDir(run).read_status()
+    assert status.state == "completed" and status.world_size == 2
+    # each rank trained its own half: 4 images per rank per micro-batch
+    assert all(r["images_s"] > 0 for r in records(run, "images_s"))
