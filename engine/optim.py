@@ -27,7 +27,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or id(p) in no_decay_ids or name.endswith(".pos"):
+        if p.ndim < 2 or id(p) in no_decay_ids or name.rsplit(".", 1)[-1] == "pos":
             plain.append(p)
         else:
             decay.append(p)

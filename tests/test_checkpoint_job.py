@@ -1,0 +1,191 @@
+"""Checkpoint files (safetensors only) and the job-directory protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from engine.checkpoint import (CheckpointError, apply_retention, export_inference, file_hash,
+                               flatten_optimizer, latest_resumable, list_checkpoints, load_state,
+                               load_weights, read_meta, save_checkpoint, unflatten_optimizer)
+from engine.job import REQUESTS, RunDir, Status, effective_state, list_runs, pid_alive
+
+
+def weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"net.a": torch.randn(3, 4, generator=g), "text.b": torch.randn(5, generator=g)}
+
+
+def save(ckdir, step, ema=True, state=True):
+    path = save_checkpoint(ckdir, step, weights(step), weights(100 + step) if ema else None,
+                           {"run_id": "r1", "config": "model: {}\n"},
+                           {"opt.0.exp_avg": torch.ones(2)}, {"step": step})
+    if not state:
+        path.with_name(path.name.replace(".safetensors", ".state.safetensors")).unlink()
+    return path
+
+
+def test_round_trip_raw_ema_meta_and_state(tmp_path):
+    path = save(tmp_path, 7)
+    meta = read_meta(path)
+    assert meta["step"] == 7 and meta["has_ema"] and meta["run_id"] == "r1" and meta["format"] == 1
+    raw, _ = load_weights(path, ema=False)
+    ema, _ = load_weights(path, ema=True)
+    assert set(raw) == {"net.a", "text.b"}
+    assert torch.equal(raw["net.a"], weights(7)["net.a"])
+    assert torch.equal(ema["net.a"], weights(107)["net.a"])
+    tensors, info = load_state(path.with_name("step_0000007.state.safetensors"))
+    assert info == {"step": 7} and torch.equal(tensors["opt.0.exp_avg"], torch.ones(2))
+    # no EMA saved: asking for EMA gives the raw weights
+    path = save(tmp_path, 8, ema=False)
+    assert torch.equal(load_weights(path, ema=True)[0]["net.a"], weights(8)["net.a"])
+
+
+def test_files_hold_no_pickle_and_are_written_atomically(tmp_path):
+    path = save(tmp_path, 1)
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"          # not a pickle stream
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_meta(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="damaged"):
+        read_meta(bad)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(1)}, str(other))
+    with pytest.raises(CheckpointError, match="not a PixelHDM checkpoint"):
+        load_weights(other)
+    with pytest.raises(CheckpointError, match="training state"):
+        load_state(tmp_path / "missing.state.safetensors")
+
+
+def test_listing_latest_and_retention_with_pins(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        save(tmp_path, step)
+    save(tmp_path, 60, state=False)                          # weights only: not resumable
+    infos = list_checkpoints(tmp_path)
+    assert [c.step for c in infos] == [10, 20, 30, 40, 50, 60]
+    assert latest_resumable(tmp_path).step == 50
+    (tmp_path / "keep.txt").write_text("20\n")
+    deleted = apply_retention(tmp_path, keep_last=2, keep={30})
+    assert [c.step for c in list_checkpoints(tmp_path)] == [20, 30, 50, 60]
+    assert len(deleted) == 4                                  # 10 and 40, weights and state
+
+
+def test_export_inference_file(tmp_path):
+    src = save(tmp_path, 5)
+    dst = export_inference(src, tmp_path / "model.safetensors", torch.bfloat16, ema=True)
+    w, meta = load_weights(dst, ema=True)
+    assert w["net.a"].dtype == torch.bfloat16
+    assert torch.allclose(w["net.a"].float(), weights(105)["net.a"], atol=1e-2)
+    assert meta["exported_weights"] == "ema" and not meta["has_ema"] and meta["step"] == 5
+    raw = export_inference(src, tmp_path / "raw.safetensors", torch.float32, ema=False)
+    assert torch.equal(load_weights(raw)[0]["net.a"], weights(5)["net.a"])
+    assert len(file_hash(dst)) == 10 and file_hash(dst) == file_hash(dst)
+
+
+def test_optimizer_state_round_trip_continues_identically():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    for _ in range(3):
+        net(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    tensors, info = flatten_optimizer(opt.state_dict())
+    info = json.loads(json.dumps(info))                       # what the file stores
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    twin = nn.Linear(3, 2)
+    twin.load_state_dict(net.state_dict())
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=0.1)
+    opt2.load_state_dict(unflatten_optimizer(tensors, info))
+    x = torch.randn(4, 3)
+    for model, o in ((net, opt), (twin, opt2)):
+        model(x).square().sum().backward()
+        o.step()
+    assert torch.equal(net.weight, twin.weight)
+
+
+# --------------------------------------------------------------------------------------
+# job directory
+# --------------------------------------------------------------------------------------
+
+def test_status_round_trip_and_bad_files(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create()
+    assert run.read_status() is None
+    run.write_status(Status(state="running", step=3, pid=os.getpid(), heartbeat=time.time()))
+    assert run.read_status().step == 3
+    data = json.loads(run.status_file.read_text())
+    data["from_a_newer_version"] = 1
+    run.status_file.write_text(json.dumps(data))
+    assert run.read_status().state == "running"
+    run.status_file.write_text("{half")
+    assert run.read_status() is None
+
+
+def test_metrics_are_read_incrementally_and_partial_lines_wait(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create()
+    run.append_metrics({"step": 1, "loss": 1.0})
+    recs, off = run.read_metrics()
+    assert recs == [{"step": 1, "loss": 1.0}]
+    with open(run.metrics_file, "a") as f:
+        f.write('{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    recs, off = run.read_metrics(off)
+    assert recs == [{"step": 2, "loss": 0.5}]
+    with open(run.metrics_file, "a") as f:
+        f.write('ss": 0.25}\n')
+    recs, off = run.read_metrics(off)
+    assert recs == [{"step": 3, "loss": 0.25}]
+    assert run.read_metrics(off) == ([], off)
+
+
+def test_requests_are_pending_until_handled(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create()
+    rid = run.request("sample-now")
+    assert run.pending_requests({}) == {"sample-now": rid}
+    assert run.pending_requests({"sample-now": rid}) == {}
+    rid2 = run.request("sample-now")
+    assert run.pending_requests({"sample-now": rid}) == {"sample-now": rid2}
+    run.clear_requests()
+    assert run.pending_requests({}) == {}
+    with pytest.raises(ValueError, match="unknown request"):
+        run.request("explode")
+    assert set(REQUESTS) == {"stop", "pause", "save-now", "sample-now"}
+
+
+def test_effective_state_detects_crashes():
+    now = time.time()
+    assert effective_state(None) == "none"
+    assert effective_state(Status(state="completed", pid=1)) == "completed"
+    alive = Status(state="running", pid=os.getpid(), heartbeat=now)
+    assert effective_state(alive, now) == "running"
+    assert effective_state(alive, now + 3600) == "crashed"       # heartbeat stale
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert not pid_alive(dead.pid)
+    assert effective_state(Status(state="running", pid=dead.pid, heartbeat=now), now) == "crashed"
+
+
+def test_list_runs_newest_first(tmp_path):
+    for i, name in enumerate(["a", "b"]):
+        r = RunDir(tmp_path / name)
+        r.create()
+        r.config.write_text("x: 1\n")
+        os.utime(r.config, (1000 + i, 1000 + i))
+    (tmp_path / "not-a-run").mkdir()
+    assert [r.run_id for r in list_runs(tmp_path)] == ["b", "a"]
+    assert list_runs(tmp_path / "missing") == []
