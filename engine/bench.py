@@ -37,7 +37,6 @@ from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
 from engine.generate import (
-    PRECISIONS,
     GenerateError,
     OneLineParser,
     Pipeline,
@@ -47,7 +46,7 @@ from engine.generate import (
     resolve_device,
     resolve_precision,
 )
-from engine.model import PixelHDM, TextCond
+from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.sampling import SAMPLERS, model_evals, sample_shift
 
 # (key, header, format) of a printed table column
@@ -249,7 +248,8 @@ def bench_train(args) -> dict:
 
 TRAIN_COLUMNS: list[Column] = [
     ("steps", "steps", str), ("images_s", "images/s", lambda v: f"{v:.1f}"),
-    ("step_s", "s/step", lambda v: f"{v:.4f}"), ("loss_first", "loss (first 10)", lambda v: f"{v:.4f}"),
+    ("step_s", "s/step", lambda v: f"{v:.4f}"),
+    ("loss_first", "loss (first 10)", lambda v: f"{v:.4f}"),
     ("loss_last", "loss (last 10)", lambda v: f"{v:.4f}"),
     ("val_loss", "val loss", lambda v: "-" if v is None else f"{v:.4f}"),
 ]

@@ -172,10 +172,13 @@ def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
         if not m:
             continue
         state = p.with_name(f"{step_name(int(m.group(1)))}.state.safetensors")
-        st = p.stat()
-        size = st.st_size + (state.stat().st_size if state.is_file() else 0)
-        out.append(CheckpointInfo(int(m.group(1)), p, state if state.is_file() else None, size,
-                                  st.st_mtime))
+        try:   # retention may delete a step while the folder is listed
+            st = p.stat()
+            state_size = state.stat().st_size if state.is_file() else None
+        except OSError:
+            continue
+        out.append(CheckpointInfo(int(m.group(1)), p, state if state_size is not None else None,
+                                  st.st_size + (state_size or 0), st.st_mtime))
     return sorted(out, key=lambda c: c.step)
 
 

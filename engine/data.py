@@ -41,8 +41,17 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from engine.buckets import (Box, BucketBatchSampler, BucketPlan, PlannedImage, SampleKey, Size,
-                            cover_scale, crop_box, plan_buckets)
+from engine.buckets import (
+    Box,
+    BucketBatchSampler,
+    BucketPlan,
+    PlannedImage,
+    SampleKey,
+    Size,
+    cover_scale,
+    crop_box,
+    plan_buckets,
+)
 from engine.config import ConfigError, DataConfig, RunConfig, atomic_write_text, load_preset
 from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
 

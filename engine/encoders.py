@@ -125,7 +125,8 @@ class Qwen3TextEncoder:
                f"'{name}', or download it with `hf download Qwen/Qwen3-0.6B "
                f"--local-dir workspace/models/Qwen3-0.6B` and set text.name_or_path to that "
                f"folder. Hub ids download on first use when the machine is online.")
-        if (name.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
+        looks_local = name.startswith((".", "/", "~")) or local.exists()
+        if looks_local and not (local / "config.json").is_file():
             raise EncoderLoadError(f"text encoder folder '{name}' has no config.json. {how}")
         source = str(local) if local.exists() else name
         try:
@@ -155,7 +156,8 @@ class Qwen3TextEncoder:
         ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device).bool()
         if ids.shape[1] == 0:  # every prompt empty
             z = torch.zeros(len(prompts), 1, self.dim, device=device, dtype=self.model.dtype)
-            return TextCond(z, torch.zeros(len(prompts), 1, dtype=torch.bool, device=device), z[:, 0])
+            none = torch.zeros(len(prompts), 1, dtype=torch.bool, device=device)
+            return TextCond(z, none, z[:, 0])
         hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         tokens, pooled = _unconditional_rows(hidden, mask)
         return TextCond(tokens, mask, pooled)

@@ -48,10 +48,9 @@ from engine.checkpoint import CheckpointError, file_hash, list_checkpoints, load
 from engine.config import ConfigError, RunConfig, config_from_dict
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
 from engine.flow import to_clean
-from engine.model import PixelHDM, TextCond
+from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.sampling import SAMPLERS, cfg_model, img2img_grid, noise_image, sample_shift, time_grid
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SIZE_FACTOR = 4           # largest side = SIZE_FACTOR * data.max_side of the training run
 MAX_SEED = 2**63 - 1      # torch generators take 64-bit seeds

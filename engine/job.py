@@ -57,6 +57,10 @@ class Status:
     handled: dict = field(default_factory=dict)   # request kind -> id acted upon
 
 
+_OPTIONAL = {f for f, v in Status.__dataclass_fields__.items() if v.default is None}
+_TYPES = {float: (int, float), type(None): (int, float)}   # JSON numbers may lose their '.0'
+
+
 class RunDir:
     """Paths of one run and the small readers/writers of its files."""
 
@@ -85,13 +89,30 @@ class RunDir:
         atomic_write_text(self.status_file, json.dumps(asdict(status), indent=1))
 
     def read_status(self) -> Status | None:
-        """The last status written, or None when there is none (or it is unreadable)."""
+        """The last status written, or None when there is none or it is damaged (not
+        JSON, not an object, an unknown state or a field of the wrong type). Unknown keys
+        are ignored."""
         try:
             raw = json.loads(self.status_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        known = {f.name for f in fields(Status)}
-        return Status(**{k: v for k, v in raw.items() if k in known})
+        if not isinstance(raw, dict):
+            return None
+        defaults = Status()
+        values = {}
+        for f in fields(Status):
+            if f.name not in raw:
+                continue
+            v, default = raw[f.name], getattr(defaults, f.name)
+            if isinstance(v, bool) or (v is None and default is not None and f.name not in
+                                       _OPTIONAL):
+                return None
+            if v is not None and not isinstance(v, _TYPES.get(type(default), type(default))):
+                return None
+            numeric = isinstance(default, float) or f.name in _OPTIONAL
+            values[f.name] = float(v) if numeric and v is not None else v
+        status = Status(**values)
+        return status if status.state in STATES else None
 
     # metrics ---------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
@@ -204,5 +225,10 @@ def list_runs(runs_root: str | os.PathLike) -> list[RunDir]:
     root = Path(runs_root)
     if not root.is_dir():
         return []
-    runs = [RunDir(p) for p in root.iterdir() if (p / "config.yaml").is_file()]
-    return sorted(runs, key=lambda r: r.config.stat().st_mtime, reverse=True)
+    found = []
+    for p in root.iterdir():
+        try:   # a run may be deleted while the folder is listed
+            found.append((p.joinpath("config.yaml").stat().st_mtime, RunDir(p)))
+        except OSError:
+            continue
+    return [r for _, r in sorted(found, key=lambda x: x[0], reverse=True)]

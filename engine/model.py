@@ -37,10 +37,13 @@ from torch.utils.checkpoint import checkpoint
 from engine.attention import GatedAttention, RMSNorm, rope_angles
 from engine.config import ModelConfig
 
-
 # --------------------------------------------------------------------------------------
 # Inputs and outputs
 # --------------------------------------------------------------------------------------
+
+# The config's precision names (train.precision, generation dtypes) as torch dtypes.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass
 class TextCond:
@@ -154,7 +157,8 @@ class SwiGLU(nn.Module):
 
 class PatchBlock(nn.Module):
     """Single-stream block over [text; image] with sandwich RMSNorm:
-    x += alpha1 * s * norm(attn(modulate(norm(x)))); x += alpha2 * s * norm(mlp(modulate(norm(x))))."""
+        x += alpha1 * s * norm(attn(modulate(norm(x))))
+        x += alpha2 * s * norm(mlp(modulate(norm(x))))"""
 
     def __init__(self, cfg: ModelConfig, res_scale: float):
         super().__init__()
@@ -262,7 +266,8 @@ class PixelHDM(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
         nn.init.zeros_(self.pooled_proj[1].bias)
         # the pooled vector joins the time embedding gently
-        nn.init.normal_(self.pooled_proj[3].weight, std=0.1 / math.sqrt(self.pooled_proj[3].in_features))
+        last = self.pooled_proj[3]
+        nn.init.normal_(last.weight, std=0.1 / math.sqrt(last.in_features))
         nn.init.zeros_(self.pooled_proj[3].bias)
         nn.init.xavier_uniform_(self.pixel_in.weight)
         nn.init.zeros_(self.pixel_in.bias)
@@ -321,8 +326,8 @@ class PixelHDM(nn.Module):
 
         # pixel path; compacted tokens use mRoPE ids (0, i, j)
         pos_px = F.pad(grid, (1, 0))[None]                                     # (1, L, 3)
-        ang_px = rope_angles(pos_px, tuple(cfg.mrope_split), cfg.rope_theta)[:, None]  # (1, 1, L, hd/2)
-        cos_px, sin_px = ang_px.cos(), ang_px.sin()
+        ang_px = rope_angles(pos_px, tuple(cfg.mrope_split), cfg.rope_theta)[:, None]
+        cos_px, sin_px = ang_px.cos(), ang_px.sin()                            # (1, 1, L, hd/2)
         y = self.pixel_in(pix)                                                 # (B, L, p*p, d)
         gamma_sq = torch.zeros((), device=z.device)
         for block in self.pixel_blocks:

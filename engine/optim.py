@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from engine.config import TrainConfig
 
-
 # --------------------------------------------------------------------------------------
 # Parameter groups and optimizer
 # --------------------------------------------------------------------------------------
@@ -74,7 +73,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
     cycle, pos = divmod(s, cfg.restart_every)
     peak = max(cfg.min_lr, cfg.lr * cfg.restart_decay ** cycle)
-    return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * pos / cfg.restart_every))
+    frac = pos / cfg.restart_every
+    return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 # --------------------------------------------------------------------------------------

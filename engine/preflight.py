@@ -18,7 +18,7 @@ import torch
 
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
-from engine.model import PixelHDM
+from engine.model import PRECISIONS, PixelHDM
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).
 KNOWN_TEXT = {"Qwen/Qwen3-0.6B": (1024, 596e6), "Qwen/Qwen3-1.7B": (2048, 1.72e9),
@@ -44,7 +44,8 @@ def text_shape(cfg: TextConfig) -> tuple[int, float]:
 
 def largest_bucket(cfg: RunConfig) -> tuple[int, int]:
     d = cfg.data
-    buckets = make_buckets(d.min_side, d.max_side, d.bucket_step, cfg.model.patch_size, d.max_aspect)
+    buckets = make_buckets(d.min_side, d.max_side, d.bucket_step, cfg.model.patch_size,
+                           d.max_aspect)
     return max(buckets, key=lambda b: (b[0] * b[1], b[0]))
 
 
@@ -163,13 +164,13 @@ def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
     from engine.encoders import DinoTeacher, load_text_encoder
     from engine.flow import IREPAProjector
     from engine.optim import build_optimizer
-    from engine.train import Trainable, autocast_for, _oom_message
+    from engine.train import Trainable, _oom_message, autocast_for
     from engine.train_io import TextCache
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tr = cfg.train
     width, height = largest_bucket(cfg)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tr.precision]
+    dtype = PRECISIONS[tr.precision]
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)

@@ -29,21 +29,44 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from engine import __version__
-from engine.checkpoint import (CheckpointError, CheckpointInfo, apply_retention,
-                               flatten_optimizer, latest_resumable, load_state, load_weights,
-                               save_checkpoint, unflatten_optimizer)
+from engine.buckets import plan_buckets
+from engine.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    apply_retention,
+    flatten_optimizer,
+    latest_resumable,
+    load_state,
+    load_weights,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from engine.config import ConfigError, RunConfig, load_preset, save_config
 from engine.data import DataError, make_loader, scan_dataset
-from engine.buckets import plan_buckets
 from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
-from engine.flow import (IREPAProjector, drop_captions, flow_losses, interpolate, repa_active,
-                         resolution_shift, sample_t, t_bin_index, to_velocity, v_loss_per_sample,
-                         validation_loss)
-from engine.job import RunDir, Status
-from engine.model import PixelHDM, TextCond
+from engine.flow import (
+    IREPAProjector,
+    drop_captions,
+    flow_losses,
+    interpolate,
+    repa_active,
+    resolution_shift,
+    sample_t,
+    t_bin_index,
+    to_velocity,
+    v_loss_per_sample,
+    validation_loss,
+)
+from engine.job import REQUESTS, RunDir, Status
+from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, lr_at
-from engine.train_io import (LOG_CAPTURED_ENV, JobReporter, TextCache, dataset_fingerprint,
-                             save_sample_grid)
+from engine.train_io import (
+    LOG_CAPTURED_ENV,
+    JobReporter,
+    TextCache,
+    dataset_fingerprint,
+    save_sample_grid,
+)
 
 T_BINS = 10
 MAX_ROLLBACKS = 3   # rollbacks without a good step in between before the run gives up
@@ -80,7 +103,8 @@ class Trainable(nn.Module):
         text = self.encode(captions)
         z = interpolate(x, eps, t)
         grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
-        out = self.net.forward_train(z, t, text, cfg.loss.repa_layer if teacher is not None else None)
+        repa_layer = cfg.loss.repa_layer if teacher is not None else None
+        out = self.net.forward_train(z, t, text, repa_layer)
         terms = flow_losses(out.pred, z, t, x, eps, cfg.model.prediction, cfg.loss,
                             features=out.features, grid=grid, teacher=teacher,
                             teacher_grid=teacher_grid, projector=self.repa,
@@ -123,7 +147,8 @@ def setup_device(name: str | None) -> tuple[Dist, torch.device]:
         if not torch.cuda.is_available():
             raise TrainError(f"--device {name}: no CUDA GPU is visible to PyTorch (torch "
                              f"{torch.__version__}); use --device cpu or install a CUDA build")
-        device = torch.device("cuda", d.local_rank if d.world > 1 else (torch.device(name).index or 0))
+        index = d.local_rank if d.world > 1 else (torch.device(name).index or 0)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     else:
         device = torch.device(name)
@@ -135,7 +160,7 @@ def setup_device(name: str | None) -> tuple[Dist, torch.device]:
 def autocast_for(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def _rng_tensors(gen: torch.Generator, device: torch.device) -> dict[str, Tensor]:
@@ -187,7 +212,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         f"per rank, {len(plan.dropped)} dropped")
 
     # ---- models ---------------------------------------------------------------------
-    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tr.precision]
+    compute_dtype = PRECISIONS[tr.precision]
     text_encoder = load_text_encoder(cfg.text, device, compute_dtype if cfg.text.encoder == "qwen3"
                                      else torch.float32)
     teacher = DinoTeacher(lo.repa_teacher, device, compute_dtype) if lo.repa_teacher else None
@@ -241,7 +266,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 "val_loss": report.last_val, "reason": reason}
         path = save_checkpoint(run.checkpoints, step, model.weights(),
                                ema.shadow if ema else None, meta, tensors, info)
-        apply_retention(run.checkpoints, tr.keep_last, {report.best_step} if report.best_step else set())
+        best = {report.best_step} if report.best_step else set()
+        apply_retention(run.checkpoints, tr.keep_last, best)
         report.checkpoint(step, path)
         return path
 
@@ -261,8 +287,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 for k in ema.shadow:
                     ema.shadow[k].copy_(ema_w[k])
         tensors, info = load_state(ckpt.state_path, device="cpu")
-        optimizer.load_state_dict(unflatten_optimizer(
-            {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")}, info["optimizer"]))
+        opt_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")}
+        optimizer.load_state_dict(unflatten_optimizer(opt_tensors, info["optimizer"]))
         if zclip and info.get("zclip"):
             zclip.load_state_dict(info["zclip"])
         if ema is not None:
@@ -388,16 +414,16 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         wanted = report.requests() if d.main else {}
         if stop_signal["hit"]:
             wanted["stop"] = "signal"
-        flags = _broadcast_flags(d, [k in wanted for k in ("stop", "pause", "save-now", "sample-now")])
-        if flags[0] or flags[1]:
-            final_state = "stopped" if flags[0] else "paused"
+        asked = dict(zip(REQUESTS, _broadcast_flags(d, [k in wanted for k in REQUESTS])))
+        if asked["stop"] or asked["pause"]:
+            final_state = "stopped" if asked["stop"] else "paused"
             report.handled(wanted)
             break
-        if flags[2]:
+        if asked["save-now"]:
             save("save-now")
-        if flags[3]:
+        if asked["sample-now"]:
             report.sample(step, sample())
-        if flags[2] or flags[3]:
+        if asked["save-now"] or asked["sample-now"]:
             report.handled(wanted)
 
         t0 = time.perf_counter()
@@ -412,9 +438,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             batch = next_batch()
             x = batch.images.to(device, non_blocking=True)
             B = x.shape[0]
-            captions = drop_captions(batch.captions, cfg.data.caption_dropout, generator=_cpu(noise_gen))
+            captions = drop_captions(batch.captions, cfg.data.caption_dropout,
+                                     generator=_cpu(noise_gen))
             shift = resolution_shift(x.shape[3], x.shape[2], lo.time_shift, lo.shift_reference)
-            t = sample_t(B, lo.p_mean, lo.p_std, lo.t_eps, shift, generator=noise_gen, device=device)
+            t = sample_t(B, lo.p_mean, lo.p_std, lo.t_eps, shift, generator=noise_gen,
+                         device=device)
             eps = torch.randn(x.shape, generator=noise_gen, device=device)
             grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
             use_repa = teacher is not None and repa_active(lo, step)
@@ -604,7 +632,8 @@ def _yaml(cfg: RunConfig) -> str:
 def _validation_batches(plan, cfg: RunConfig, device) -> list[tuple[Tensor, Tensor, list[str]]]:
     """The held-out images, centre-cropped, with noise fixed by the seed: the validation
     loss of two steps differs only because the weights do."""
-    loader, _ = make_loader(plan, replace(cfg.data, workers=0), seed=cfg.train.seed, validation=True)
+    loader, _ = make_loader(plan, replace(cfg.data, workers=0), seed=cfg.train.seed,
+                            validation=True)
     out = []
     for i, batch in enumerate(loader):
         if not len(batch):

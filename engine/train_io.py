@@ -132,7 +132,8 @@ class JobReporter:
         self.run.append_metrics(record)
         step = record["step"]
         for k, v in record.items():
-            if k in ("step", "time", "epoch") or not isinstance(v, (int, float)) or isinstance(v, bool):
+            numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if k in ("step", "time", "epoch") or not numeric:
                 continue
             self.tb.add_scalar(("val/" if k.startswith("val") else "train/") + k, v, step)
         for i, v in enumerate(record.get("loss_t") or []):
@@ -208,7 +209,9 @@ def _hms(seconds: float | None) -> str:
     if seconds is None:
         return "--:--"
     s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
 
 
 # --------------------------------------------------------------------------------------

@@ -13,9 +13,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.checkpoint import (CheckpointError, apply_retention, export_inference, file_hash,
-                               flatten_optimizer, latest_resumable, list_checkpoints, load_state,
-                               load_weights, read_meta, save_checkpoint, unflatten_optimizer)
+from engine.checkpoint import (
+    CheckpointError,
+    apply_retention,
+    export_inference,
+    file_hash,
+    flatten_optimizer,
+    latest_resumable,
+    list_checkpoints,
+    load_state,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from engine.job import REQUESTS, RunDir, Status, effective_state, list_runs, pid_alive
 
 

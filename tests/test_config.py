@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from engine.config import (MODEL_SIZES, ConfigError, config_from_dict, dump_yaml, field_docs,
-                           list_presets, load_preset, save_config)
+from engine.config import (
+    MODEL_SIZES,
+    ConfigError,
+    config_from_dict,
+    dump_yaml,
+    field_docs,
+    list_presets,
+    load_preset,
+    save_config,
+)
 
 PRESETS = ["home-12gb", "home-24gb", "home-8gb", "pixelhdm-default", "tiny-cpu"]
 
@@ -48,7 +56,8 @@ def test_size_row_then_explicit_keys():
     assert cfg.model.hidden_dim == MODEL_SIZES["small"]["hidden_dim"]
     cfg = load_preset("tiny-cpu", ["model.hidden_dim=256", "model.num_heads=8",
                                    "model.mrope_split=[8,12,12]"])
-    assert cfg.model.hidden_dim == 256 and cfg.model.patch_layers == MODEL_SIZES["tiny"]["patch_layers"]
+    assert cfg.model.hidden_dim == 256
+    assert cfg.model.patch_layers == MODEL_SIZES["tiny"]["patch_layers"]
 
 
 def test_overrides_are_typed():

@@ -17,11 +17,30 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.buckets import (BatchLayout, BucketBatchSampler, assign_bucket, batch_layout, crop_box,
-                            make_buckets, plan_buckets, split_validation)
+from engine.buckets import (
+    BatchLayout,
+    BucketBatchSampler,
+    assign_bucket,
+    batch_layout,
+    crop_box,
+    make_buckets,
+    plan_buckets,
+    split_validation,
+)
 from engine.config import DataConfig
-from engine.data import (BucketDataset, DataError, ImageRecord, collate, health_report,
-                         load_crop, main, make_loader, read_header, scan_dataset, to_tensor)
+from engine.data import (
+    BucketDataset,
+    DataError,
+    ImageRecord,
+    collate,
+    health_report,
+    load_crop,
+    main,
+    make_loader,
+    read_header,
+    scan_dataset,
+    to_tensor,
+)
 from engine.demo_data import COLOURS, SHAPES, make_caption, render, sample_item, write_demo_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from engine.config import TextConfig
-from engine.encoders import (BuiltinTextEncoder, DinoTeacher, EncoderLoadError, Qwen3TextEncoder,
-                             load_text_encoder)
+from engine.encoders import (
+    BuiltinTextEncoder,
+    DinoTeacher,
+    EncoderLoadError,
+    Qwen3TextEncoder,
+    load_text_encoder,
+)
 from engine.model import PixelHDM, TextCond
 
 

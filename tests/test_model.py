@@ -193,7 +193,8 @@ def test_initial_output_has_the_intended_scale():
     for seed in range(3):
         net = model(cfg, seed)
         with torch.no_grad():
-            stds.append(net(torch.randn(4, 3, 32, 32), torch.rand(4), make_text([3, 4, 0, 2])).std())
+            out = net(torch.randn(4, 3, 32, 32), torch.rand(4), make_text([3, 4, 0, 2]))
+            stds.append(out.std())
     assert 0.6 < float(torch.stack(stds).mean()) < 1.5
     ada = net.patch_blocks[0].ada
     c = torch.randn(8, 128)

@@ -51,7 +51,8 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def records(run: Path, key: str) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
 
 
 def train_cli(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
@@ -264,3 +265,15 @@ def test_ddp_two_processes_stay_in_sync(demo, tmp_path):
     assert status.state == "completed" and status.world_size == 2
     # each rank trained its own half: 4 images per rank per micro-batch
     assert all(r["images_s"] > 0 for r in records(run, "images_s"))
+
+
+def test_train_benchmark_reports_throughput_and_samples(tmp_path, capsys):
+    from engine.bench import main as bench_main
+    code = bench_main(["train", "--steps", "20", "--count", "24", "--out", str(tmp_path / "b"),
+                       "--json", *sets("train.sample_every=20")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    row = report["rows"][0]
+    assert report["state"] == "completed" and row["steps"] == 20
+    assert row["images_s"] > 0 and row["loss_last"] < row["loss_first"]
+    assert Path(report["sample_grid"]).is_file()

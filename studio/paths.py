@@ -1,0 +1,84 @@
+"""Checks for paths and names that come from the browser.
+
+Everything a user types is untrusted: a folder path may climb out of the workspace with
+`..`, point through a symlink to somewhere else, or carry a NUL byte; a run or file name
+may hold a separator. `resolve_inside` turns typed text into a real path (symlinks
+resolved) and accepts it only inside the allowed roots (the workspace and the folders
+given with --allow-dir); `safe_name` accepts only plain, portable file names.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+NAME_MAX = 80
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# Device names Windows reserves in every folder, with or without an extension.
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                     *(f"LPT{i}" for i in range(1, 10))}
+
+
+class PathError(ValueError):
+    """A typed path or name is not acceptable; the message says why and what is allowed."""
+
+
+def _strip(text: str) -> str:
+    """Surrounding blanks, and one pair of quotes as left by "copy as path" on Windows."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def resolve_inside(text: str, roots: list[Path]) -> Path:
+    """The real path `text` names (absolute, or relative to the first root; `~` expanded,
+    symlinks resolved), provided it lies inside one of `roots`; else PathError."""
+    if not roots:
+        raise PathError("no folder is open to the studio: start it with a workspace")
+    allowed = ", ".join(str(r) for r in roots)
+    if not isinstance(text, str) or not _strip(text):
+        raise PathError(f"no path given: type a folder inside {allowed}")
+    if "\x00" in text:
+        raise PathError(f"the path {text!r} contains a NUL character; type a plain path")
+    raw = _strip(text)
+    try:
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = Path(roots[0]).expanduser() / path
+        real = path.resolve(strict=False)
+        real_roots = [Path(r).expanduser().resolve(strict=False) for r in roots]
+    except (OSError, RuntimeError, ValueError) as e:   # symlink loops, bad ~user, ...
+        raise PathError(f"cannot resolve the path '{raw}' ({e})") from e
+    if any(real == root or real.is_relative_to(root) for root in real_roots):
+        return real
+    shown = f"'{raw}'" + (f" (which leads to {real})" if str(real) != raw else "")
+    raise PathError(f"the path {shown} is outside the folders the studio may use: {allowed}. "
+                    f"Move the files into the workspace, or restart the studio with "
+                    f"--allow-dir FOLDER")
+
+
+def safe_name(text: str) -> str:
+    """`text` without surrounding blanks when it is a plain file name: letters, digits,
+    '-', '_' and '.', no dot first or last, not a Windows device name, at most 80
+    characters; else PathError."""
+    name = text.strip() if isinstance(text, str) else ""
+    if not name:
+        raise PathError("no name given: use letters, digits, '-', '_' and '.'")
+    if len(name) > NAME_MAX:
+        raise PathError(f"the name '{name[:NAME_MAX]}...' is {len(name)} characters long; "
+                        f"the most is {NAME_MAX}")
+    if not _NAME.fullmatch(name):
+        bad = sorted({c for c in name if not _NAME.fullmatch(c)})
+        raise PathError(f"the name {name!r} contains {' '.join(repr(c) for c in bad)}; "
+                        f"use only letters, digits, '-', '_' and '.'")
+    if name.startswith("."):
+        raise PathError(f"the name '{name}' starts with a dot (a hidden file); start it "
+                        f"with a letter or digit")
+    if name.endswith("."):
+        raise PathError(f"the name '{name}' ends with a dot, which Windows drops; end it "
+                        f"with a letter or digit")
+    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
+        raise PathError(f"the name '{name}' is reserved for a device on Windows; choose "
+                        f"another")
+    return name

@@ -1,0 +1,588 @@
+"""The studio's training worker: starts trainer processes and reads what they report.
+
+A run is a folder `<workspace>/runs/<run-id>/` (engine/job.py describes its files). The
+trainer (`python -m engine.train`, or torchrun for several GPUs) runs in its own process
+session, so it outlives a browser refresh and a restart of the studio. Everything shown
+comes from the run folder, never from this process's memory: a new `Runner` on the same
+workspace re-attaches to a run an earlier one started.
+
+Besides config.yaml (written once) and control/ (requests), the runner owns one file:
+
+    launch.json   pid, argv, started_at, device and max_steps of the latest process the
+                  studio started for the run. Until the trainer writes its first status,
+                  a live launch pid shows the run as "starting"; a launch pid that died
+                  without any status since then shows it as "crashed".
+
+Liveness follows engine.job.effective_state: a process that is gone, or whose heartbeat
+is older than STALE_SECONDS (a pid reused by another program keeps "alive" but stops
+beating), in a non-final state is "crashed".
+
+`ComputeGate` keeps training and image generation from fighting over the CPU: a
+generation is refused while a CPU run is alive, and a CPU run cannot start while a
+generation holds the gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from engine.checkpoint import latest_resumable, list_checkpoints
+from engine.config import (
+    ConfigError,
+    RunConfig,
+    atomic_write_text,
+    load_preset,
+    save_config,
+    validate,
+)
+from engine.job import (
+    FINAL_STATES,
+    REQUESTS,
+    STALE_SECONDS,
+    RunDir,
+    Status,
+    effective_state,
+    pid_alive,
+)
+from engine.train_io import LOG_CAPTURED_ENV
+from studio.paths import NAME_MAX, PathError, safe_name
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent   # the folder holding engine/
+LAUNCH_FILE = "launch.json"
+ACTIVE_STATES = ("starting", "running", "stopping")
+EXIT_WAIT_SECONDS = 15.0   # how long start/resume wait for a run that reported its end to exit
+
+
+class RunnerError(RuntimeError):
+    """A run cannot be started, resumed, asked or deleted; the message says why."""
+
+
+@dataclass
+class RunInfo:
+    """One run as the studio shows it."""
+    run_id: str
+    path: Path
+    state: str              # starting|running|stopping|paused|stopped|completed|failed|crashed|none
+    step: int
+    total: int
+    loss: float | None
+    eta_s: float | None
+    description: str
+    created: float
+    last_checkpoint: str
+    last_sample: str
+    error: str
+    message: str
+    resumable: bool         # has a checkpoint with training state and is not running
+    alive: bool             # a process of this run is alive (also while it exits)
+    device: str             # "cpu", "cuda", "cuda:1"... ("" when unknown)
+    pid: int                # the trainer's pid (the launched one while starting; 0 if none)
+
+
+@dataclass
+class Launch:
+    """The contents of launch.json."""
+    pid: int
+    argv: list
+    started_at: float
+    device: str
+    max_steps: int | None
+
+
+def resolve_device(device: str | None) -> str:
+    """The device a trainer given `device` will use (None/""/"auto": CUDA when visible)."""
+    if device in (None, "", "auto"):
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def on_cpu(device: str) -> bool:
+    return device.split(":")[0] == "cpu"
+
+
+# --------------------------------------------------------------------------------------
+# Tolerant readers: a damaged file reads as missing, never as an exception
+# --------------------------------------------------------------------------------------
+
+def read_launch(run: RunDir) -> Launch | None:
+    try:
+        raw = json.loads((run.root / LAUNCH_FILE).read_text(encoding="utf-8"))
+        launch = Launch(**{f.name: raw[f.name] for f in fields(Launch)})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = (isinstance(launch.pid, int) and isinstance(launch.argv, list)
+          and isinstance(launch.started_at, (int, float)) and isinstance(launch.device, str)
+          and (launch.max_steps is None or isinstance(launch.max_steps, int)))
+    return launch if ok else None
+
+
+def _fresh(status: Status | None, launch: Launch | None) -> bool:
+    """Whether status.json was written by the latest launched process (or, without a
+    launch.json, by whoever ran the trainer) rather than by an earlier one."""
+    return status is not None and (launch is None or status.heartbeat >= launch.started_at)
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (not path.name.startswith(".") and path.is_dir()
+            and any((path / f).is_file() for f in ("config.yaml", "status.json", LAUNCH_FILE)))
+
+
+def _looks_like_trainer(pid: int) -> bool:
+    """False when the pid now belongs to some other program (Linux can tell from the
+    command line; elsewhere the heartbeat has to). An exiting process has an empty one."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return True
+    return not cmdline or b"engine.train" in cmdline
+
+
+def _launched_group(launch: Launch | None, pid: int) -> int:
+    """The process group the studio started for the run (its leader's pid), when the
+    trainer `pid` or the leader still belongs to it; 0 otherwise (a run started from a
+    terminal, or an old launch.json whose pid has been reused)."""
+    if launch is None or not hasattr(os, "getpgid"):
+        return 0
+    for p in (pid, launch.pid):
+        try:
+            if p > 0 and os.getpgid(p) == launch.pid:
+                return launch.pid
+        except (ProcessLookupError, PermissionError):
+            continue
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# The compute gate
+# --------------------------------------------------------------------------------------
+
+class ComputeGate:
+    """Generation and CPU training exclude each other; on a GPU both may run.
+
+        with runner.gate.generation() as note:   # RunnerError while a CPU run is alive
+            ...                                   # note: "" or a word on shared GPU memory
+    """
+
+    def __init__(self, runner: Runner):
+        self._runner = runner
+        self._holders = 0
+
+    @property
+    def busy(self) -> bool:
+        """True while a generation holds the gate."""
+        return self._holders > 0
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator[str]:
+        with self._runner._lock:
+            run = self._runner.active()
+            if run is not None and on_cpu(run.device or resolve_device(None)):
+                raise RunnerError("training is running on the CPU: pause it (Train tab) to "
+                                  "generate")
+            self._holders += 1
+        try:
+            yield self._note(run)
+        finally:
+            with self._runner._lock:
+                self._holders -= 1
+
+    def note(self) -> str:
+        """What a generation started now should know ("" when nothing)."""
+        return self._note(self._runner.active())
+
+    @staticmethod
+    def _note(run: RunInfo | None) -> str:
+        if run is None:
+            return ""
+        return (f"training ({run.run_id}) is using {run.device} at the same time: both share "
+                f"its memory and run slower; pause the run if memory runs out")
+
+
+# --------------------------------------------------------------------------------------
+# The runner
+# --------------------------------------------------------------------------------------
+
+class Runner:
+    """Starts, watches and stops training runs in one workspace."""
+
+    def __init__(self, workspace: str | os.PathLike):
+        self.workspace = Path(workspace).expanduser().resolve()
+        self.runs_root = self.workspace / "runs"
+        self.datasets_root = self.workspace / "datasets"
+        self.outputs_root = self.workspace / "outputs"
+        self.models_root = self.workspace / "models"
+        for d in (self.runs_root, self.datasets_root, self.outputs_root, self.models_root):
+            d.mkdir(parents=True, exist_ok=True)
+        self.gate = ComputeGate(self)
+        self._lock = threading.RLock()
+        self._procs: dict[str, subprocess.Popen] = {}   # kept only to reap them
+        self._issued: set[str] = set()
+        self._config_cache: dict[str, tuple[int, str, int]] = {}
+
+    # ---- names -------------------------------------------------------------------------
+    def new_run_id(self, preset_name: str) -> str:
+        """A fresh run id, e.g. '20261125-190102-tiny-cpu' (made unique with -2, -3...)."""
+        stem = Path(preset_name).stem if preset_name.endswith((".yaml", ".yml")) else preset_name
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:NAME_MAX - 24] or "run"
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+        with self._lock:
+            run_id, n = base, 1
+            while run_id in self._issued or (self.runs_root / run_id).exists():
+                n += 1
+                run_id = f"{base}-{n}"
+            self._issued.add(run_id)
+        return run_id
+
+    def _run(self, run_id: str) -> RunDir:
+        """The run folder named `run_id`: one plain path component under runs/."""
+        if (not isinstance(run_id, str) or not run_id or run_id in (".", "..")
+                or run_id.startswith(".") or any(c in run_id for c in "/\\:\x00")):
+            raise RunnerError(f"{run_id!r} is not a run name")
+        return RunDir(self.runs_root / run_id)
+
+    def _existing(self, run_id: str) -> RunDir:
+        run = self._run(run_id)
+        if not _is_run_dir(run.root):
+            raise RunnerError(f"there is no run '{run_id}' in {self.runs_root} (deleted, or "
+                              f"never started)")
+        return run
+
+    # ---- starting ----------------------------------------------------------------------
+    def start(self, cfg: RunConfig, run_id: str | None = None, *, gpus: int = 1,
+              max_steps: int | None = None, device: str | None = None) -> RunDir:
+        """Write `cfg` into a new run folder and start training it in the background."""
+        if gpus < 1:
+            raise RunnerError(f"gpus = {gpus}: at least 1")
+        if max_steps is not None and max_steps < 1:
+            raise RunnerError(f"max steps = {max_steps}: at least 1")
+        if not cfg.data.path:
+            raise RunnerError("no dataset chosen: pick a dataset folder before starting")
+        if not Path(cfg.data.path).is_dir():
+            raise RunnerError(f"the dataset folder {cfg.data.path} does not exist")
+        try:
+            validate(cfg, "the run's settings")
+        except ConfigError as e:
+            raise RunnerError(str(e)) from e
+        if run_id is None:
+            run_id = self.new_run_id("run")
+        else:
+            try:
+                run_id = safe_name(run_id)
+            except PathError as e:
+                raise RunnerError(f"run name: {e}") from e
+        run = self._run(run_id)
+        with self._lock:
+            self._check_free(resolve_device(device))
+            self.runs_root.mkdir(parents=True, exist_ok=True)
+            try:
+                run.root.mkdir()
+            except FileExistsError:
+                raise RunnerError(f"a run named '{run_id}' already exists; choose another "
+                                  f"name, or resume that run") from None
+            try:
+                run.create()
+                save_config(cfg, run.config)
+                run.clear_requests()
+                self._spawn(run, [], resolve_device(device), device, gpus, max_steps)
+            except BaseException:
+                shutil.rmtree(run.root, ignore_errors=True)
+                raise
+        return run
+
+    def resume(self, run_id: str, *, max_steps: int | None = None, gpus: int = 1,
+               device: str | None = None) -> RunDir:
+        """Continue a paused, stopped, crashed (or finished, with a higher `max_steps`)
+        run from its newest checkpoint that has the training state."""
+        if gpus < 1:
+            raise RunnerError(f"gpus = {gpus}: at least 1")
+        run = self._existing(run_id)
+        with self._lock:
+            self._check_free(resolve_device(device))
+            ckpt = latest_resumable(run.checkpoints)
+            if ckpt is None:
+                raise RunnerError(f"run '{run_id}' has no checkpoint with its training state "
+                                  f"to resume from; start a new run instead")
+            try:
+                cfg = load_preset(run.config)
+            except ConfigError as e:
+                raise RunnerError(f"run '{run_id}' cannot be resumed: {e}") from e
+            target = max_steps or cfg.train.max_steps
+            if ckpt.step >= target:
+                raise RunnerError(f"run '{run_id}' is already at step {ckpt.step}; give a "
+                                  f"number of steps above {ckpt.step} to continue it")
+            run.clear_requests()   # an old stop request must not stop the new process
+            self._spawn(run, ["--resume"], resolve_device(device), device, gpus, max_steps)
+        return run
+
+    def _check_free(self, device: str) -> None:
+        """Refuse while another run is alive, or while a generation holds the CPU."""
+        busy = self.active()
+        deadline = time.monotonic() + EXIT_WAIT_SECONDS
+        while busy is not None and busy.state in FINAL_STATES and time.monotonic() < deadline:
+            time.sleep(0.2)   # it has reported its end and is exiting: give it a moment
+            busy = self.active()
+        if busy is not None:
+            raise RunnerError(f"run '{busy.run_id}' is {busy.state} (pid {busy.pid}); one run "
+                              f"trains at a time: pause or stop it first")
+        if self.gate.busy and on_cpu(device):
+            raise RunnerError("an image is being generated on the CPU: start training when "
+                              "it is done (both at once would crawl)")
+
+    def _spawn(self, run: RunDir, extra: list[str], device: str, device_flag: str | None,
+               gpus: int, max_steps: int | None) -> None:
+        """Start the trainer on `run` (`device`: where it will run; `device_flag`: the
+        --device given to it, None to let it choose the same way)."""
+        if gpus > 1:
+            head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={gpus}", "-m", "engine.train"]
+        else:
+            head = [sys.executable, "-m", "engine.train"]
+        argv = head + ["--run-dir", str(run.root), *extra]
+        if max_steps is not None:
+            argv += ["--max-steps", str(max_steps)]
+        if device_flag:
+            argv += ["--device", device_flag]
+        env = {**os.environ, LOG_CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        if os.name == "nt":  # pragma: no cover - Windows
+            detach = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP
+                      | subprocess.DETACHED_PROCESS}
+        else:
+            detach = {"start_new_session": True}
+        started = time.time()
+        try:
+            with open(run.log_file, "ab") as log:
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} studio: "
+                          f"{shlex.join(argv)}\n".encode("utf-8"))
+                log.flush()
+                proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, **detach)
+        except OSError as e:
+            raise RunnerError(f"cannot start the trainer ({e.strerror or e}): "
+                              f"{shlex.join(argv)}") from e
+        try:
+            atomic_write_text(run.root / LAUNCH_FILE, json.dumps(
+                {"pid": proc.pid, "argv": argv, "started_at": started, "device": device,
+                 "max_steps": max_steps}, indent=1))
+        except OSError as e:   # a run the studio could not find again must not go on
+            proc.kill()
+            proc.wait()
+            raise RunnerError(f"cannot write {run.root / LAUNCH_FILE} ({e.strerror or e}); "
+                              f"is the disk full?") from e
+        self._procs[run.run_id] = proc
+
+    # ---- asking and stopping -----------------------------------------------------------
+    def request(self, run_id: str, kind: str) -> str:
+        """Ask the running trainer to stop, pause, save-now or sample-now; returns the
+        request id (status.json's `handled` holds it once done)."""
+        if kind not in REQUESTS:
+            raise RunnerError(f"unknown request '{kind}' (allowed: {', '.join(REQUESTS)})")
+        run = self._existing(run_id)
+        info = self._info(run)
+        if not info.alive or info.state not in ACTIVE_STATES:
+            raise RunnerError(f"run '{run_id}' is not running (it is {info.state}); there is "
+                              f"nothing to {kind}")
+        return run.request(kind)
+
+    def force_stop(self, run_id: str, grace: float = 30.0) -> None:
+        """Stop the run now: a stop request and SIGTERM (the trainer saves and stops at the
+        next step), then, after `grace` seconds, kill its whole process group. Returns when
+        the process is gone (at once when it is not alive)."""
+        run = self._existing(run_id)
+        info = self._info(run)
+        if not info.alive:
+            return
+        group = _launched_group(read_launch(run), info.pid)
+        leader = group or info.pid
+        if leader <= 0 or not _looks_like_trainer(leader):
+            return
+        if info.state in ACTIVE_STATES:
+            with contextlib.suppress(OSError):
+                run.request("stop")
+        if os.name != "nt":
+            # the leader only: torchrun forwards it to its ranks, while data-loader workers
+            # killed under a trainer would make it fail instead of saving
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(leader, signal.SIGTERM)
+        if self._wait_gone(run, grace):
+            return
+        if os.name == "nt":  # pragma: no cover - Windows
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(leader)], capture_output=True,
+                           check=False)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if group:
+                    os.killpg(group, signal.SIGKILL)
+                else:
+                    os.kill(leader, signal.SIGKILL)
+        self._wait_gone(run, 10.0)
+
+    def _wait_gone(self, run: RunDir, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while True:
+            if not self._info(run).alive:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete the run folder (checkpoints, samples, logs); refused while it is alive."""
+        run = self._existing(run_id)
+        with self._lock:
+            info = self._info(run)
+            if info.alive:
+                raise RunnerError(f"run '{run_id}' is {info.state}; stop it before deleting it")
+            try:
+                shutil.rmtree(run.root)
+            except OSError as e:
+                raise RunnerError(f"cannot delete {run.root} completely ({e}); close programs "
+                                  f"using its files and try again") from e
+            self._procs.pop(run_id, None)
+
+    # ---- reading -----------------------------------------------------------------------
+    def info(self, run_id: str) -> RunInfo:
+        return self._info(self._existing(run_id))
+
+    def runs(self) -> list[RunInfo]:
+        """Every run in the workspace, newest first."""
+        self._reap()
+        try:
+            paths = [p for p in self.runs_root.iterdir() if _is_run_dir(p)]
+        except OSError:
+            return []
+        out = []
+        for p in paths:
+            try:
+                out.append(self._info(RunDir(p)))
+            except OSError:   # deleted while being read
+                continue
+        return sorted(out, key=lambda r: r.created, reverse=True)
+
+    def active(self) -> RunInfo | None:
+        """The run whose process is alive, if any."""
+        alive = [r for r in self.runs() if r.alive]
+        return alive[0] if alive else None
+
+    def metrics(self, run_id: str, offset: int = 0) -> tuple[list[dict], int]:
+        """Metric records after byte `offset`, and the offset to continue from."""
+        return self._run(run_id).read_metrics(offset)
+
+    def log_tail(self, run_id: str, lines: int = 60) -> str:
+        return self._run(run_id).log_tail(lines)
+
+    # ---- state derivation ----------------------------------------------------------------
+    def _reap(self) -> None:
+        for run_id, proc in list(self._procs.items()):
+            if proc.poll() is not None:
+                self._procs.pop(run_id, None)
+
+    def _launch_alive(self, run: RunDir, launch: Launch | None, status: Status | None,
+                      fresh: bool, now: float) -> bool:
+        proc = self._procs.get(run.run_id)
+        if proc is not None and (launch is None or proc.pid == launch.pid):
+            # poll() reaps it; pid_alive also sees a leader that is a zombie while its
+            # other threads are still being torn down (not yet reapable)
+            return proc.poll() is None and pid_alive(proc.pid)
+        if launch is None or not pid_alive(launch.pid) or not _looks_like_trainer(launch.pid):
+            return False
+        # a final state written long ago: the pid now belongs to some other process
+        return not (fresh and status.state in FINAL_STATES
+                    and now - status.heartbeat > STALE_SECONDS)
+
+    def _config_summary(self, run: RunDir) -> tuple[str, int, float]:
+        """(description, train.max_steps, mtime) of config.yaml; ("", 0, 0.0) if unreadable."""
+        try:
+            st = run.config.stat()
+        except OSError:
+            return "", 0, 0.0
+        key = str(run.config)
+        cached = self._config_cache.get(key)
+        if cached is None or cached[0] != st.st_mtime_ns:
+            try:
+                raw = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+            except (OSError, ValueError, yaml.YAMLError):
+                raw = None
+            raw = raw if isinstance(raw, dict) else {}
+            train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+            desc = raw.get("description") if isinstance(raw.get("description"), str) else ""
+            steps = train.get("max_steps") if isinstance(train.get("max_steps"), int) else 0
+            cached = (st.st_mtime_ns, desc, steps)
+            self._config_cache[key] = cached
+        return cached[1], cached[2], st.st_mtime
+
+    def _state(self, run: RunDir, status: Status | None, launch: Launch | None,
+               now: float) -> tuple[str, bool, str]:
+        """(state, alive, error) from status.json, launch.json and the processes."""
+        fresh = _fresh(status, launch)
+        # the trainer's liveness before the launched process's: a process seen dead stays
+        # dead, so the two answers cannot disagree
+        state = effective_state(status, now) if fresh else "none"
+        launched = self._launch_alive(run, launch, status, fresh, now)
+        if not fresh:
+            if launched:
+                return "starting", True, ""
+            # (a damaged status.json leaves the state unknown rather than crashed)
+            if launch is not None and (status is not None or not run.status_file.exists()):
+                return "crashed", False, ("the training process ended before reporting "
+                                          "anything; the log says why")
+            return "none", False, ""
+        if state == "running" and {"stop", "pause"} & run.pending_requests(status.handled).keys():
+            state = "stopping"
+        if state != "crashed" or status.error:
+            return state, launched or state in ACTIVE_STATES, status.error
+        if pid_alive(status.pid):
+            return state, launched, (f"the training process (pid {status.pid}) stopped reporting "
+                                     f"{now - status.heartbeat:.0f} s ago (hung, or the pid is "
+                                     f"now another program's)")
+        return state, launched, (f"the training process (pid {status.pid}) ended without "
+                                 f"saving its state")
+
+    def _info(self, run: RunDir) -> RunInfo:
+        now = time.time()
+        status = run.read_status()
+        launch = read_launch(run)
+        state, alive, error = self._state(run, status, launch, now)
+        fresh = _fresh(status, launch)
+        message = status.message if fresh else ""
+        if status is None and run.status_file.exists():
+            message = "status.json is damaged; the run's state is unknown"
+        description, cfg_steps, created = self._config_summary(run)
+        ckpts = list_checkpoints(run.checkpoints)
+        last_state = next((c for c in reversed(ckpts) if c.state_path is not None), None)
+        resumable = not alive and last_state is not None
+        if state == "crashed":
+            message = (f"resume continues from step {last_state.step}" if resumable else
+                       "no checkpoint with training state was saved: start a new run")
+        step = status.step if status else 0
+        if state == "starting" and launch and "--resume" in launch.argv and last_state:
+            step = last_state.step
+        total = status.total if fresh else 0
+        total = total or (launch.max_steps if launch and launch.max_steps else 0) or cfg_steps
+        device = (status.device if fresh else "") or (launch.device if launch else "")
+        pid = status.pid if fresh else (launch.pid if launch and alive else 0)
+        return RunInfo(
+            run_id=run.run_id, path=run.root, state=state, step=step, total=total,
+            loss=float(status.loss) if fresh and status.loss is not None else None,
+            eta_s=float(status.eta_s) if state == "running" and status.eta_s is not None else None,
+            description=description, created=created or (launch.started_at if launch else 0.0),
+            last_checkpoint=str(ckpts[-1].path) if ckpts else "",
+            last_sample=status.last_sample if status else "", error=error, message=message,
+            resumable=resumable, alive=alive, device=device, pid=pid)

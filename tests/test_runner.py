@@ -1,0 +1,369 @@
+"""The studio's training worker against real tiny-cpu trainer processes on a small demo
+dataset: start, progress, save-now, stop, pause and resume, re-attach from a new Runner,
+crash detection after SIGKILL, one run at a time, the compute gate, and run folders that
+are damaged or half there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoint import latest_resumable
+from engine.config import RunConfig, dump_yaml, load_preset
+from engine.demo_data import write_demo_dataset
+from engine.job import RunDir, Status, pid_alive
+from studio.runner import LAUNCH_FILE, Runner, RunnerError
+
+POSIX = os.name == "posix"
+FAST = ["model.patch_layers=2", "train.batch_size=4", "train.log_every=1", "train.save_every=5",
+        "train.sample_every=0", "train.val_every=0", "data.val_images=0", "train.cpu_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", count=48, seed=1)
+
+
+def fast_config(dataset: Path, *overrides: str) -> RunConfig:
+    return load_preset("tiny-cpu", [*FAST, f"data.path={dataset}", *overrides])
+
+
+def _kill_launched(workspace: Path) -> None:
+    """Kill every trainer the studio launched in `workspace`, whatever the runner thinks."""
+    for launch in (workspace / "runs").glob(f"*/{LAUNCH_FILE}"):
+        try:
+            pid = json.loads(launch.read_text())["pid"]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"engine.train" not in f.read():
+                    continue
+            os.killpg(pid, signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            continue
+
+
+@pytest.fixture
+def runner(tmp_path):
+    r = Runner(tmp_path / "ws")
+    try:
+        yield r
+    finally:
+        for info in r.runs():
+            if info.alive and (info.path / LAUNCH_FILE).exists():
+                r.force_stop(info.run_id, grace=0)
+        if POSIX:
+            _kill_launched(r.workspace)
+
+
+def wait_for(runner: Runner, run_id: str, pred, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        info = runner.info(run_id)
+        if pred(info):
+            return info
+        if time.monotonic() > deadline:
+            pytest.fail(f"{run_id}: no '{what}' after {timeout:.0f} s; last: {info}\n"
+                        f"{runner.log_tail(run_id)}")
+        time.sleep(0.1)
+
+
+def loss_steps(runner: Runner, run_id: str) -> list[int]:
+    records, _ = runner.metrics(run_id)
+    return [r["step"] for r in records if "loss" in r]
+
+
+def write_status(run: RunDir, **fields) -> None:
+    run.root.mkdir(parents=True, exist_ok=True)
+    (run.status_file).write_text(json.dumps({**Status().__dict__, **fields}))
+
+
+# --------------------------------------------------------------------------------------
+# Real trainer processes
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
+def test_start_runs_in_background_saves_on_request_and_a_new_runner_stops_it(runner, dataset):
+    cfg = fast_config(dataset, "train.save_every=100000")
+    run = runner.start(cfg, "first", device="cpu")
+
+    # just spawned: the trainer has not written its status yet (importing torch takes longer)
+    info = runner.info("first")
+    assert (info.state, info.alive, info.total) == ("starting", True, cfg.train.max_steps)
+    assert not run.status_file.exists()
+    launch = json.loads((run.root / LAUNCH_FILE).read_text())
+    assert launch["argv"][:5] == [sys.executable, "-m", "engine.train", "--run-dir", str(run.root)]
+    assert launch["pid"] == info.pid and launch["device"] == "cpu"
+    assert os.getpgid(info.pid) == info.pid            # its own session: survives the studio
+    assert run.config.read_text() == dump_yaml(cfg)
+    assert "studio: " in run.log_tail()
+
+    info = wait_for(runner, "first", lambda i: i.state == "running" and i.step >= 2, "running")
+    later = wait_for(runner, "first", lambda i: i.step > info.step, "more steps")
+    assert later.loss is not None and later.device == "cpu"
+
+    # one run at a time, and no generation next to a CPU run
+    with pytest.raises(RunnerError, match="run 'first' is running"):
+        runner.start(cfg, "second", device="cpu")
+    assert not (runner.runs_root / "second").exists()
+    with pytest.raises(RunnerError, match="training is running on the CPU"):
+        with runner.gate.generation():
+            pass
+    assert not runner.gate.busy
+    with pytest.raises(RunnerError, match="stop it before deleting"):
+        runner.delete_run("first")
+
+    rid = runner.request("first", "save-now")
+    saved = wait_for(runner, "first", lambda i: i.last_checkpoint != "", "a save-now checkpoint")
+    assert latest_resumable(run.checkpoints) is not None
+    assert not saved.resumable                          # alive: resume is not offered
+    wait_for(runner, "first", lambda i: run.read_status().handled.get("save-now") == rid,
+             "save-now handled")
+
+    # a studio restart: a fresh Runner finds the run from its folder alone and stops it
+    again = Runner(runner.workspace)
+    active = again.active()
+    assert active is not None and (active.run_id, active.state) == ("first", "running")
+    again.request("first", "stop")
+    done = wait_for(again, "first", lambda i: i.state == "stopped" and not i.alive, "stopped")
+    assert not pid_alive(done.pid)
+    assert latest_resumable(run.checkpoints).step == done.step
+    assert done.resumable and done.eta_s is None and again.active() is None
+    assert loss_steps(again, "first") == list(range(1, done.step + 1))
+    _, offset = again.metrics("first")
+    assert again.metrics("first", offset) == ([], offset)
+    assert f"stopped at step {done.step}" in again.log_tail("first")
+    with pytest.raises(RunnerError, match="not running"):
+        again.request("first", "pause")
+
+    again.delete_run("first")
+    assert not run.root.exists() and again.runs() == []
+
+
+@pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
+def test_pause_then_resume_continues_from_the_paused_step_to_completion(runner, dataset):
+    run = runner.start(fast_config(dataset), "p", device="cpu")
+    wait_for(runner, "p", lambda i: i.state == "running" and i.step >= 3, "running")
+    runner.request("p", "pause")
+    paused = wait_for(runner, "p", lambda i: i.state == "paused" and not i.alive, "paused")
+    assert paused.resumable and latest_resumable(run.checkpoints).step == paused.step
+    end = paused.step + 6
+
+    runner.resume("p", max_steps=end)
+    assert not (run.control / "pause").exists()          # the old request is gone
+    assert runner.info("p").state == "starting"          # not the previous process's "paused"
+    done = wait_for(runner, "p", lambda i: i.state == "completed" and not i.alive, "completed")
+    assert (done.step, done.total) == (end, end)
+    assert loss_steps(runner, "p") == list(range(1, end + 1))   # nothing repeated, nothing skipped
+    assert f"resumed from step_{paused.step:07d}" in runner.log_tail("p", 200)
+    with pytest.raises(RunnerError, match=f"already at step {end}"):
+        runner.resume("p", max_steps=end)
+
+
+@pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
+def test_a_killed_trainer_shows_crashed_resumes_and_force_stop_saves(runner, dataset):
+    run = runner.start(fast_config(dataset), "c", device="cpu")
+    info = wait_for(runner, "c", lambda i: i.step >= 7 and latest_resumable(run.checkpoints),
+                    "a checkpoint")
+    os.killpg(info.pid, signal.SIGKILL)
+    crashed = wait_for(runner, "c", lambda i: i.state == "crashed", "crashed", timeout=20)
+    kept = latest_resumable(run.checkpoints).step
+    assert not crashed.alive and crashed.resumable and runner.active() is None
+    assert "ended without saving" in crashed.error
+    assert crashed.message == f"resume continues from step {kept}"
+
+    runner.resume("c")
+    wait_for(runner, "c", lambda i: i.state == "running" and i.step > kept + 1, "running again")
+    assert f"resumed from step_{kept:07d}" in runner.log_tail("c", 200)
+    steps = loss_steps(runner, "c")
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[:restart] == list(range(1, restart + 1))    # the killed process
+    assert steps[restart] == kept + 1                           # the resumed one
+
+    runner.force_stop("c", grace=30)
+    stopped = runner.info("c")
+    assert (stopped.state, stopped.alive) == ("stopped", False)
+    assert latest_resumable(run.checkpoints).step == stopped.step
+
+
+# --------------------------------------------------------------------------------------
+# The gate, names and checks before anything is spawned
+# --------------------------------------------------------------------------------------
+
+def test_a_cpu_start_waits_for_a_running_generation(runner, dataset):
+    with runner.gate.generation() as note:
+        assert note == "" and runner.gate.busy
+        with pytest.raises(RunnerError, match="generated on the CPU"):
+            runner.start(fast_config(dataset), "blocked", device="cpu")
+    assert not runner.gate.busy
+    assert not (runner.runs_root / "blocked").exists()
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that is not a trainer (its pid stands in for a trainer's)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_gpu_run_lets_generation_through_with_a_note(runner, dataset, sleeper):
+    run = RunDir(runner.runs_root / "gpu")
+    run.create()
+    (run.config).write_text(dump_yaml(fast_config(dataset)))
+    write_status(run, state="running", step=12, total=3000, pid=sleeper, device="cuda:0",
+                 heartbeat=time.time())
+    active = runner.active()
+    assert active is not None
+    assert (active.run_id, active.state, active.step) == ("gpu", "running", 12)
+    with runner.gate.generation() as note:
+        assert "cuda:0" in note and "memory" in note
+    with pytest.raises(RunnerError, match="one run trains at a time"):
+        runner.start(fast_config(dataset), "other", device="cpu")
+
+    # the same pid, no heartbeat for minutes: a hung trainer, or the pid is now another program
+    write_status(run, state="running", step=12, total=3000, pid=sleeper, device="cuda:0",
+                 heartbeat=time.time() - 600)
+    info = runner.info("gpu")
+    assert (info.state, info.alive, info.resumable) == ("crashed", False, False)
+    assert "stopped reporting" in info.error and runner.active() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_force_stop_never_signals_a_process_that_is_not_a_trainer(runner, dataset, sleeper):
+    run = RunDir(runner.runs_root / "stranger")
+    run.create()
+    write_status(run, state="running", pid=sleeper, device="cpu", heartbeat=time.time())
+    assert runner.info("stranger").alive
+    runner.force_stop("stranger", grace=0)
+    assert pid_alive(sleeper)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_force_stop_kills_the_whole_group_of_a_trainer_that_ignores_sigterm(runner):
+    """A stand-in trainer (its command line names engine.train) that ignores SIGTERM and
+    has a child: after the grace period both are killed."""
+    hung = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            "print(c.pid, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", hung, "engine.train"], stdout=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        run = RunDir(runner.runs_root / "hung")
+        run.create()
+        run.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
+            {"pid": proc.pid, "argv": ["engine.train"], "started_at": time.time() - 1,
+             "device": "cpu", "max_steps": None}))
+        write_status(run, state="running", pid=proc.pid, device="cpu", heartbeat=time.time())
+        assert runner.info("hung").alive
+        t0 = time.monotonic()
+        runner.force_stop("hung", grace=1.0)
+        assert 1.0 <= time.monotonic() - t0 < 10
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while pid_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(child)
+        assert runner.info("hung").state == "crashed"
+        assert (run.control / "stop").exists()                # asked politely first
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_new_run_ids_are_dated_unique_and_safe(runner):
+    a, b = runner.new_run_id("tiny-cpu"), runner.new_run_id("tiny-cpu")
+    assert a != b and b == f"{a}-2"
+    assert a.endswith("-tiny-cpu") and a[:8].isdigit() and a[8] == "-" and a[9:15].isdigit()
+    odd = runner.new_run_id("../My Preset!.yaml")
+    assert odd.endswith("-My-Preset") and "/" not in odd
+    assert runner.new_run_id("///").endswith("-run")
+
+
+def test_start_and_resume_check_their_input_before_spawning(runner, dataset, tmp_path):
+    cfg = fast_config(dataset)
+    with pytest.raises(RunnerError, match="no dataset chosen"):
+        runner.start(fast_config(dataset, "data.path="), "a")
+    with pytest.raises(RunnerError, match="does not exist"):
+        runner.start(fast_config(dataset, f"data.path={tmp_path / 'missing'}"), "a")
+    with pytest.raises(RunnerError, match="run name"):
+        runner.start(cfg, "../escape")
+    with pytest.raises(RunnerError, match="at least 1"):
+        runner.start(cfg, "a", gpus=0)
+    (runner.runs_root / "taken").mkdir()
+    with pytest.raises(RunnerError, match="already exists"):
+        runner.start(cfg, "taken")
+    with pytest.raises(RunnerError, match="no run 'ghost'"):
+        runner.resume("ghost")
+    empty = RunDir(runner.runs_root / "empty")
+    empty.create()
+    empty.config.write_text(dump_yaml(cfg))
+    with pytest.raises(RunnerError, match="no checkpoint"):
+        runner.resume("empty")
+    with pytest.raises(RunnerError, match="unknown request"):
+        runner.request("empty", "explode")
+    with pytest.raises(RunnerError, match="not running"):
+        runner.request("empty", "stop")
+    assert [r.state for r in runner.runs()] == ["none"]      # "taken" has no run files
+
+
+def test_damaged_and_partial_run_folders_never_break_the_listing(runner, dataset):
+    root = runner.runs_root
+    good = dump_yaml(fast_config(dataset))
+
+    def folder(name: str, config: str | None = good, status: str | None = None) -> RunDir:
+        run = RunDir(root / name)
+        run.create()
+        if config is not None:
+            run.config.write_text(config)
+        if status is not None:
+            run.status_file.write_text(status)
+        return run
+
+    folder("not-json", status="{half a status")
+    folder("a-list", status="[1, 2, 3]")
+    folder("bad-types", status=json.dumps({"state": "running", "pid": "abc", "heartbeat": "x"}))
+    folder("bad-yaml", config="::: [", status=json.dumps({"state": "completed", "step": 9}))
+    folder("no-config", config=None, status=json.dumps({"state": "stopped", "step": 7}))
+    folder("died", status=json.dumps({"state": "running", "step": 3, "pid": 2 ** 22 + 12345,
+                                      "heartbeat": time.time()}))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    launched = folder("never-reported")
+    launched.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
+        {"pid": gone.pid, "argv": ["x"], "started_at": time.time(), "device": "cpu",
+         "max_steps": None}))
+    (root / "stray-file.txt").write_text("not a run")
+    (root / ".hidden").mkdir()
+    (root / "deleted").mkdir()
+
+    states = {r.run_id: (r.state, r.alive) for r in runner.runs()}
+    assert states == {
+        "not-json": ("none", False), "a-list": ("none", False), "bad-types": ("none", False),
+        "bad-yaml": ("completed", False), "no-config": ("stopped", False),
+        "died": ("crashed", False), "never-reported": ("crashed", False)}
+    assert "damaged" in runner.info("not-json").message
+    assert runner.info("bad-yaml").description == ""
+    assert runner.info("no-config").step == 7
+    assert runner.info("died").message.startswith("no checkpoint")
+    assert "before reporting" in runner.info("never-reported").error
+    assert runner.info("not-json").description == fast_config(dataset).description
+    assert runner.active() is None
+
+    (root / "deleted").rmdir()
+    for bad in ("deleted", "stray-file.txt", ".hidden", "..", "../ws", "a/b", ""):
+        with pytest.raises(RunnerError):
+            runner.info(bad)
+    assert runner.metrics("deleted") == ([], 0) and runner.log_tail("deleted") == ""
+    runner.delete_run("died")
+    assert "died" not in {r.run_id for r in runner.runs()}
