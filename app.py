@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     # flag error should answer at once.
     from studio.ui import build_ui
 
-    demo = build_ui(workspace)
+    demo = build_ui(workspace, [d.expanduser().resolve() for d in args.allow_dir])
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     allowed = [str(workspace)] + [str(d.expanduser().resolve()) for d in args.allow_dir]
     try:

@@ -1,42 +1,200 @@
-"""The studio page: the engine version, the workspace and the presets with their model sizes."""
+"""The studio page: a header, a first-start demo banner and four tabs (Dataset, Train,
+Checkpoints, Generate). Each tab lives in its own module; this one builds the shared
+context, puts the tabs together and wires the few events that cross tabs.
+
+The browser addresses datasets, runs and checkpoints by name; the only paths it may
+type are checked by studio.paths.resolve_inside against the workspace and the folders
+given with --allow-dir, and every file it is shown comes from those folders.
+"""
 
 from __future__ import annotations
 
+import html
+from functools import cached_property
 from pathlib import Path
 
 import gradio as gr
 
 import engine
 from engine import config
+from engine.checkpoint import list_checkpoints, read_meta, step_name
+from studio import tab_checkpoints, tab_dataset, tab_generate, tab_train
+from studio.paths import PathError, resolve_inside
+from studio.runner import Runner, RunnerError
 
-PRESET_HEADERS = ["Preset", "Model size", "Description"]
+CSS = """
+.phdm-header { display: flex; align-items: baseline; gap: 16px; flex-wrap: wrap; }
+.phdm-header h2 { margin: 0; font-size: 1.5em; }
+.phdm-header span { color: var(--body-text-color-subdued); font-size: 0.9em; }
+.phdm-help p { color: var(--body-text-color-subdued); font-size: 0.92em; margin: 0; }
+.phdm-status p { margin: 0.2em 0; }
+.phdm-banner { border: 1px solid var(--color-accent); border-radius: 8px;
+               padding: 10px 16px; background: var(--color-accent-soft); }
+.phdm-progress { border: 1px solid var(--border-color-primary); border-radius: 8px;
+                 padding: 10px 14px; }
+.phdm-progress-head { display: flex; justify-content: space-between; gap: 12px;
+                      flex-wrap: wrap; margin-bottom: 6px; }
+.phdm-bar { height: 10px; border-radius: 5px; background: var(--neutral-200); overflow: hidden; }
+.phdm-bar > div { height: 100%; background: var(--color-accent); transition: width 0.6s; }
+.phdm-completed .phdm-bar > div { background: #16a34a; }
+.phdm-crashed .phdm-bar > div, .phdm-failed .phdm-bar > div { background: #dc2626; }
+.phdm-paused .phdm-bar > div, .phdm-stopped .phdm-bar > div { background: #9ca3af; }
+.phdm-note { margin-top: 6px; font-size: 0.9em; color: var(--body-text-color-subdued); }
+.phdm-log { max-height: 320px; overflow: auto; display: flex; flex-direction: column-reverse;
+            border: 1px solid var(--border-color-primary); border-radius: 8px; }
+.phdm-log pre { margin: 0; padding: 8px 12px; font-size: 0.8em; white-space: pre-wrap; }
+.phdm-pixels img { object-fit: contain !important; image-rendering: pixelated; }
+"""
+
+RUN_PREFIX, MODEL_PREFIX = "run/", "model/"
 
 
-def model_size_text(m: config.ModelConfig) -> str:
-    """One line naming the size row and the network's shape, e.g. 'tiny: width 128, ...'."""
-    row = m.size or "custom"
-    return (f"{row}: width {m.hidden_dim}, {m.patch_layers} patch + {m.pixel_layers} pixel "
-            f"blocks, patch {m.patch_size} px")
+class Studio:
+    """What every tab shares: the workspace folders, the runner and the path checks."""
+
+    def __init__(self, workspace: Path, allow_dirs=()):
+        self.workspace = Path(workspace).expanduser().resolve()
+        self.allow_dirs = [Path(d).expanduser().resolve() for d in allow_dirs]
+        self.runner = Runner(self.workspace)
+        self.datasets_dir = self.runner.datasets_root
+        self.outputs_dir = self.runner.outputs_root
+        self.models_dir = self.runner.models_root
+        self.cache_dir = self.workspace / "cache"
+
+    @property
+    def roots(self) -> list[Path]:
+        """Folders typed paths may point into."""
+        return [self.workspace, *self.allow_dirs]
+
+    @cached_property
+    def gpu_count(self) -> int:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    # ---- datasets ----------------------------------------------------------------------
+    def dataset_names(self) -> list[str]:
+        """Folders in workspace/datasets (hidden and half-written ones left out)."""
+        if not self.datasets_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.datasets_dir.iterdir()
+                      if p.is_dir() and not p.name.startswith("."))
+
+    def dataset_dir(self, name: str) -> Path:
+        """The folder of a dataset chosen by name: one of dataset_names(), and (links
+        resolved) inside the workspace or an allowed folder."""
+        if name not in self.dataset_names():
+            raise PathError(f"there is no dataset '{name}' in {self.datasets_dir}; refresh the "
+                            f"list or type its folder path")
+        return resolve_inside(str(self.datasets_dir / name), self.roots)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def checkpoint_choices(self) -> list[tuple[str, str]]:
+        """(label, id) of every run checkpoint (newest run and step first) and every
+        exported model; ids are 'run/<run-id>/<step>' and 'model/<file name>'."""
+        out = []
+        for run in self.runner.runs():
+            for info in reversed(list_checkpoints(run.path / "checkpoints")):
+                out.append((f"{run.run_id} · step {info.step}",
+                            f"{RUN_PREFIX}{run.run_id}/{info.step}"))
+        if self.models_dir.is_dir():
+            for p in sorted(self.models_dir.glob("*.safetensors"),
+                            key=lambda p: p.stat().st_mtime, reverse=True):
+                out.append((f"exported · {p.stem}", f"{MODEL_PREFIX}{p.name}"))
+        return out
+
+    def checkpoint_path(self, cid: str) -> Path:
+        """The weights file of a checkpoint id; PathError/RunnerError when it is not one."""
+        if cid.startswith(RUN_PREFIX):
+            run_id, _, step = cid[len(RUN_PREFIX):].rpartition("/")
+            if not step.isdigit():
+                raise PathError(f"'{cid}' is not a checkpoint id")
+            folder = self.runner.info(run_id).path / "checkpoints"
+            path = folder / f"{step_name(int(step))}.safetensors"
+        elif cid.startswith(MODEL_PREFIX):
+            name = cid[len(MODEL_PREFIX):]
+            if name not in {p.name for p in self.models_dir.glob("*.safetensors")}:
+                raise PathError(f"there is no exported model '{name}' in {self.models_dir}")
+            path = self.models_dir / name
+        else:
+            raise PathError(f"'{cid}' is not a checkpoint id")
+        if not path.is_file():
+            raise PathError(f"the checkpoint '{cid}' no longer exists (deleted by retention or "
+                            f"by hand); pick another")
+        return path
+
+    def checkpoint_meta(self, cid: str) -> dict:
+        return read_meta(self.checkpoint_path(cid))
 
 
-def preset_rows() -> list[list[str]]:
-    """One row per preset in presets/; a preset that fails validation shows its error."""
-    rows = []
-    for name in config.list_presets():
-        try:
-            cfg = config.load_preset(name)
-        except config.ConfigError as e:
-            rows.append([name, "", f"invalid preset: {e}"])
-            continue
-        rows.append([name, model_size_text(cfg.model), cfg.description])
-    return rows
+def banner_markdown() -> str:
+    return ("**New here?** One click creates a small built-in dataset of coloured shapes "
+            "(`datasets/demo-shapes`), starts the `tiny-cpu` preset on it (it trains on a CPU "
+            "in minutes) and opens the Train tab. When the first checkpoint appears, generate "
+            "from it in the Generate tab.")
 
 
-def build_ui(workspace: Path) -> gr.Blocks:
+def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
     """The studio as a Blocks app; the caller launches it."""
+    studio = Studio(workspace, allow_dirs)
     with gr.Blocks(title="PixelHDM Studio") as demo:
-        gr.Markdown(f"# PixelHDM Studio\n\nEngine {engine.__version__} · workspace "
-                    f"`{Path(workspace)}`")
-        gr.Dataframe(value=preset_rows(), headers=PRESET_HEADERS, label="Presets",
-                     interactive=False, wrap=True, column_widths=["15%", "30%", "55%"])
+        gr.HTML(f'<div class="phdm-header"><h2>PixelHDM Studio</h2><span>Engine '
+                f'{engine.__version__} · workspace {html.escape(str(studio.workspace))}'
+                f'</span></div>', head=f"<style>{CSS}</style>")
+        with gr.Row(visible=False, elem_classes="phdm-banner") as banner:
+            gr.Markdown(banner_markdown())
+            demo_btn = gr.Button("Start the demo", variant="primary", scale=0, min_width=180)
+        banner_msg = gr.Markdown()
+        selection = gr.State({})
+        with gr.Tabs(selected="dataset") as tabs:
+            ds = tab_dataset.build(studio, selection)
+            tr = tab_train.build(studio, selection)
+            ck = tab_checkpoints.build(studio)
+            gen = tab_generate.build(studio)
+
+        # ---- first start ---------------------------------------------------------------
+        def show_banner():
+            return gr.Row(visible=not studio.runner.runs())
+
+        def start_demo():
+            choice, _, preset_name = ds["make_demo"]()
+            try:
+                cfg = config.load_preset(preset_name)
+                cfg.data.path = str(studio.dataset_dir(tab_dataset.DEMO_NAME))
+                run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name))
+            except (config.ConfigError, PathError, RunnerError) as e:
+                return (f"**The demo did not start:** {e}", gr.skip(), gr.skip(), gr.skip(),
+                        gr.skip(), gr.skip(), gr.skip())
+            return ("", gr.Row(visible=False), gr.Tabs(selected="train"),
+                    tr["select_update"](run.run_id), tab_train.empty_watch(run.run_id),
+                    gr.Accordion(open=False), choice)
+
+        demo.load(show_banner, outputs=banner)
+        tr["started"].then(show_banner, outputs=banner)
+        demo.load(tr["attach"], outputs=[tr["run_select"], tr["watch"], tr["setup_box"]])
+        demo.load(tr["preset_description"], inputs=tr["preset"], outputs=tr["preset_info"]
+                  ).then(**tr["check_args"])
+        demo_btn.click(start_demo, outputs=[banner_msg, banner, tabs, tr["run_select"],
+                                            tr["watch"], tr["setup_box"], ds["choice"]],
+                       concurrency_limit=1).then(**ds["plan_args"])
+
+        # ---- cross-tab actions ---------------------------------------------------------
+        ck["generate_btn"].click(
+            lambda cid: (gen["select"](cid), gr.Tabs(selected="generate")),
+            inputs=ck["checkpoint_id"], outputs=[gen["checkpoint"], tabs]
+        ).then(**gen["model_args"])
+
+        def resume_from_checkpoints(run_id):
+            try:
+                studio.runner.resume(run_id)
+            except RunnerError as e:
+                return f"**Not resumed:** {e}", gr.skip(), gr.skip(), gr.skip()
+            return (f"Resuming `{run_id}`.", tr["select_update"](run_id),
+                    tab_train.empty_watch(run_id), gr.Tabs(selected="train"))
+
+        ck["resume_btn"].click(resume_from_checkpoints, inputs=ck["run"],
+                               outputs=[ck["message"], tr["run_select"], tr["watch"], tabs],
+                               concurrency_limit=1)
+        tabs.select(ck["refresh_fn"], inputs=ck["refresh_inputs"], outputs=ck["refresh_outputs"])
+        tabs.select(gen["refresh_fn"], inputs=gen["checkpoint"], outputs=gen["refresh_outputs"]
+                    ).then(**gen["model_args"])
     return demo

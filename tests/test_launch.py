@@ -93,7 +93,7 @@ def test_parse_args_defaults_and_accepted_combinations(tmp_path):
 # --------------------------------------------------------------------------------------
 
 def test_preset_rows_name_every_preset_with_its_model_size():
-    from studio.ui import model_size_text, preset_rows
+    from studio.views import model_size_text, preset_rows
 
     rows = preset_rows()
     assert [r[0] for r in rows] == config.list_presets()

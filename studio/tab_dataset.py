@@ -1,0 +1,273 @@
+"""The Dataset tab: choose a folder (or create the demo), edit the bucket settings and see
+exactly what training will do with it: the bucket histogram and table, steps per epoch,
+aspect errors, every image's crop box and the health report.
+
+The plan comes from engine.data.scan_dataset and engine.buckets.plan_buckets, the code
+the trainer runs, so the preview cannot disagree with training. The chosen dataset and
+the edited settings are published in a gr.State that the Train tab reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from engine import config
+from engine.buckets import BucketPlan, plan_buckets
+from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
+from engine.demo_data import write_demo_dataset
+from studio import views
+from studio.paths import PathError, resolve_inside
+
+if TYPE_CHECKING:
+    from studio.ui import Studio
+
+DEMO_NAME = "demo-shapes"
+DEFAULT_PRESET = "tiny-cpu"
+THUMBS_PER_PAGE = 24
+THUMB_SIZE = 160
+EDITED_KEYS = views.DATASET_KEYS
+ORDERS = ("dataset", "worst crop", "bucket")
+
+
+@dataclass
+class Preview:
+    scan: Scan
+    plan: BucketPlan
+    health: HealthReport
+    key: tuple                  # what was planned with which settings (see preview_key)
+
+
+_PREVIEWS: OrderedDict[tuple, Preview] = OrderedDict()   # the last few plans, for paging
+
+
+@functools.lru_cache(maxsize=4)
+def _token_counter(text: tuple):
+    """The text encoder's token counter for the health report, loaded once per encoder
+    (engine.data's own: the encoder's tokenizer, or a labelled estimate offline)."""
+    from engine.data import _cli_token_counter
+    cfg = config.RunConfig(text=config.TextConfig(*text))
+    return _cli_token_counter(cfg)
+
+
+def preview_key(root: Path, cfg: config.RunConfig, gpus: int) -> tuple:
+    return (str(root), repr(cfg.data), cfg.model.patch_size, cfg.train.batch_size,
+            cfg.train.grad_accum, gpus, repr(cfg.text))
+
+
+def preview(root: Path, cfg: config.RunConfig, gpus: int, cache_dir: Path) -> Preview:
+    """Scan (headers only, cached on disk by file size and time), plan and check a dataset
+    with `cfg`'s data, patch and batch settings."""
+    digest = hashlib.blake2b(str(root).encode(), digest_size=6).hexdigest()
+    scan = scan_dataset(root, cfg.data, cache_path=cache_dir / f"scan-{digest}.json")
+    plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, cfg.train.batch_size,
+                        gpus, cfg.train.grad_accum)
+    counter, name = _token_counter(astuple(cfg.text))
+    health = health_report(scan, count_tokens=counter, max_tokens=cfg.text.max_tokens,
+                           counter_name=name)
+    result = Preview(scan, plan, health, preview_key(root, cfg, gpus))
+    key = result.key
+    _PREVIEWS[key] = result
+    _PREVIEWS.move_to_end(key)
+    while len(_PREVIEWS) > 4:
+        _PREVIEWS.popitem(last=False)
+    return result
+
+
+def preset_values(name: str) -> tuple:
+    """(patch size, then the edited settings in EDITED_KEYS order) of a preset."""
+    try:
+        cfg = config.load_preset(name)
+    except config.ConfigError as e:
+        raise gr.Error(str(e)) from e
+    d = cfg.data
+    return (cfg.model.patch_size, d.min_side, d.max_side, d.bucket_step, d.max_aspect,
+            cfg.train.batch_size, d.drop_last, d.missing_caption)
+
+
+def settings_overrides(values: dict) -> str:
+    """Override lines for the tab's edited settings."""
+    text = ""
+    for key in EDITED_KEYS:
+        if values.get(key) is not None:
+            text = views.set_override(text, key, values[key])
+    return text
+
+
+def build(studio: Studio, selection: gr.State) -> dict:
+    """The tab's components; returns those other tabs wire to."""
+    presets = config.list_presets()
+    first = DEFAULT_PRESET if DEFAULT_PRESET in presets else presets[0]
+    p0, min0, max0, step0, asp0, bs0, drop0, miss0 = preset_values(first)
+    with gr.Tab("Dataset", id="dataset"):
+        gr.Markdown("Pick a folder of images with `.txt` captions of the same name. The "
+                    "preview below runs the trainer's own bucketing code, so it shows "
+                    "exactly how each image will be cropped and batched.",
+                    elem_classes="phdm-help")
+        with gr.Row(equal_height=True):
+            ds_choice = gr.Dropdown(studio.dataset_names(), value=None, scale=3,
+                                    label="Dataset in workspace/datasets",
+                                    info="folders in the workspace's datasets folder")
+            ds_path = gr.Textbox(label="Or a folder path", scale=4,
+                                 placeholder="a folder inside the workspace or an --allow-dir "
+                                             "folder", info="typed paths are checked")
+            with gr.Column(scale=2, min_width=180):
+                refresh = gr.Button("Refresh list", size="sm")
+                demo = gr.Button("Create the demo dataset", size="sm")
+        with gr.Row():
+            preset = gr.Dropdown(presets, value=first, label="Preset", scale=2,
+                                 info="bucket settings start from the preset")
+            patch = gr.Number(value=p0, label="Patch size (model)", interactive=False, precision=0,
+                              info="sides are multiples of it")
+            min_side = gr.Number(value=min0, label="Min side", precision=0,
+                                 info="smaller images are skipped")
+            max_side = gr.Number(value=max0, label="Max side", precision=0,
+                                 info="longest bucket side in pixels")
+            step = gr.Number(value=step0, label="Bucket step", precision=0,
+                             info="pixels between base sizes")
+            aspect = gr.Number(value=asp0, label="Max aspect", minimum=1.0, step=0.25,
+                               info="long side / short side")
+        with gr.Row():
+            batch = gr.Number(value=bs0, label="Batch size", precision=0, minimum=1,
+                              info="images per batch and GPU")
+            gpus = gr.Number(label="GPUs", precision=0, value=1, minimum=1,
+                             visible=studio.gpu_count > 1, info="plan for this many ranks")
+            drop_last = gr.Checkbox(value=drop0, label="Drop incomplete last batches",
+                                    info="else the last batch of a bucket is smaller")
+            missing = gr.Radio(["skip", "default"], value=miss0, label="Images without a caption",
+                               info="skip them, or train them with the default caption")
+            plan_btn = gr.Button("Preview buckets", variant="primary", scale=0, min_width=160)
+        status = gr.Markdown(elem_classes="phdm-status")
+        summary = gr.Markdown(elem_id="plan-summary")
+        with gr.Row():
+            hist = gr.BarPlot(elem_id="bucket-plot", x="bucket", y="images",
+                              label="Images per bucket (smallest area first)", height=260,
+                              scale=2, x_label_angle=-45, y_lim=[0, None])
+            table = gr.Dataframe(headers=views.BUCKET_HEADERS, label="Buckets", interactive=False,
+                                 max_height=300, scale=3, elem_id="bucket-table")
+        with gr.Accordion("Health report", open=True):
+            health_md = gr.Markdown()
+            health_df = gr.Dataframe(headers=views.HEALTH_HEADERS, interactive=False,
+                                     max_height=260, wrap=True, label="Files with problems",
+                                     column_widths=["9%", "38%", "23%", "30%"])
+        with gr.Accordion("Crops (the dimmed part is cut off)", open=True):
+            with gr.Row():
+                order = gr.Radio(list(ORDERS), value="dataset", label="Order",
+                                 info="'worst crop' shows the images that lose most first")
+                bucket_filter = gr.Dropdown(["all"], value="all", label="Bucket")
+                page = gr.Number(value=1, precision=0, minimum=1, label="Page")
+                pages = gr.Markdown()
+            thumbs = gr.Gallery(label="Crop boxes", columns=8, height="auto",
+                                object_fit="contain", format="png", allow_preview=True,
+                                fit_columns=False)
+
+    # ---- handlers ------------------------------------------------------------------
+    def dataset_root(choice, typed) -> Path | None:
+        if typed and typed.strip():
+            return resolve_inside(typed, studio.roots)
+        if choice:
+            return studio.dataset_dir(choice)
+        return None
+
+    def edited(min_s, max_s, stp, asp, bs, drop, miss) -> dict:
+        vals = dict(zip(EDITED_KEYS, (min_s, max_s, stp, asp, bs, drop, miss)))
+        for k in ("data.min_side", "data.max_side", "data.bucket_step", "train.batch_size"):
+            if vals[k] is not None:
+                vals[k] = int(vals[k])
+        return vals
+
+    def run_plan(choice, typed, preset_name, min_s, max_s, stp, asp, bs, drop, miss, n_gpus,
+                 order_v, bucket_v, page_v, sel):
+        vals = edited(min_s, max_s, stp, asp, bs, drop, miss)
+        empty = ("", None, None, "", None, gr.skip(), gr.skip(), "", None)
+        try:
+            root = dataset_root(choice, typed)
+            if root is None:
+                return ("Choose a dataset above, type a folder path, or create the demo "
+                        "dataset.",) + empty + (sel,)
+            cfg = views.resolve_config(preset_name, settings_overrides(vals), str(root))
+        except (PathError, config.ConfigError) as e:
+            return (f"**Cannot preview:** {e}",) + empty + (sel,)
+        try:
+            pv = preview(root, cfg, max(1, int(n_gpus or 1)), studio.cache_dir)
+        except (DataError, OSError) as e:
+            return (f"**Cannot read the dataset:** {e}",) + empty + (sel,)
+        used = ["all"] + [views.bucket_name(b.size) for b in pv.plan.buckets if b.images]
+        bucket_v = bucket_v if bucket_v in used else "all"
+        gallery, page_v, page_text = thumbnails(pv.plan, order_v, bucket_v, page_v)
+        new_sel = {"path": str(root), "name": choice if not (typed or "").strip() else str(root),
+                   "preset": preset_name, "overrides": settings_overrides(vals), "key": pv.key}
+        return (f"Planned `{root}` in {pv.scan.seconds:.2f} s.",
+                views.plan_summary(pv.plan, len(pv.scan.records)),
+                bucket_plot(pv.plan), views.bucket_rows(pv.plan),
+                views.health_summary(pv.health), views.health_rows(pv.health),
+                gr.Dropdown(choices=used, value=bucket_v), page_v, page_text, gallery, new_sel)
+
+    def bucket_plot(plan: BucketPlan):
+        frame = views.bucket_frame(plan)
+        if not len(frame):
+            return None
+        return gr.BarPlot(frame, sort=list(frame["bucket"]))   # by area, as planned
+
+    def thumbnails(plan: BucketPlan, order_v, bucket_v, page_v):
+        items = views.planned_order(plan, order_v, bucket_v)
+        n_pages = max(1, math.ceil(len(items) / THUMBS_PER_PAGE))
+        page_v = min(max(1, int(page_v or 1)), n_pages)
+        chunk = items[(page_v - 1) * THUMBS_PER_PAGE: page_v * THUMBS_PER_PAGE]
+        gallery = []
+        for im in chunk:
+            try:
+                gallery.append((views.crop_thumbnail(im.record.path, im.box, THUMB_SIZE),
+                                views.thumbnail_caption(im)))
+            except OSError:
+                continue
+        return gallery, page_v, f"page {page_v} of {n_pages} · {len(items)} images"
+
+    def repage(sel, order_v, bucket_v, page_v):
+        """Thumbnails of the last plan of this selection (no rescan)."""
+        pv = _PREVIEWS.get(tuple(sel.get("key") or ())) if sel else None
+        if pv is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        gallery, page_v, text = thumbnails(pv.plan, order_v, bucket_v, page_v)
+        return page_v, text, gallery
+
+    def make_demo():
+        target = studio.datasets_dir / DEMO_NAME
+        if not target.exists():
+            write_demo_dataset(target)
+            gr.Info(f"Wrote the demo dataset to {target}")
+        return gr.Dropdown(choices=studio.dataset_names(), value=DEMO_NAME), "", DEFAULT_PRESET
+
+    settings = [min_side, max_side, step, aspect, batch, drop_last, missing]
+    plan_inputs = [ds_choice, ds_path, preset, *settings, gpus, order, bucket_filter, page,
+                   selection]
+    plan_outputs = [status, summary, hist, table, health_md, health_df, bucket_filter, page,
+                    pages, thumbs, selection]
+    plan_args = dict(fn=run_plan, inputs=plan_inputs, outputs=plan_outputs,
+                     concurrency_limit=2, trigger_mode="always_last")
+
+    refresh.click(lambda: gr.Dropdown(choices=studio.dataset_names()), outputs=ds_choice)
+    demo.click(make_demo, outputs=[ds_choice, ds_path, preset]).then(**plan_args)
+    preset.change(preset_values, inputs=preset,
+                  outputs=[patch, *settings]).then(**plan_args)
+    plan_btn.click(**plan_args)
+    ds_choice.input(lambda: "", outputs=ds_path).then(**plan_args)
+    ds_path.submit(**plan_args)
+    for c in (min_side, max_side, step, aspect, batch, gpus):
+        c.submit(**plan_args)
+        c.blur(**plan_args)
+    for c in (drop_last, missing):
+        c.input(**plan_args)
+    page_inputs = [selection, order, bucket_filter, page]
+    for c in (order, bucket_filter):
+        c.input(lambda: 1, outputs=page).then(repage, inputs=page_inputs,
+                                              outputs=[page, pages, thumbs])
+    page.submit(repage, inputs=page_inputs, outputs=[page, pages, thumbs])
+    return {"choice": ds_choice, "plan_args": plan_args, "make_demo": make_demo}

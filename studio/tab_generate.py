@@ -1,0 +1,354 @@
+"""The Generate tab: pick a run checkpoint or an exported model, set the prompt and the
+sampler, and watch the image form step by step; every image is saved with its settings
+in workspace/outputs and can be recalled later (from the history, or by dropping a PNG).
+
+Sampling runs in a worker thread that reports previews through a queue; the event that
+started it streams them to the page and ends with the results. Cancel sets a flag that
+the sampler's callback turns into generate.Cancelled. The loaded pipeline is kept for
+the next request with the same checkpoint and freed when another one is chosen.
+"""
+
+from __future__ import annotations
+
+import gc
+import queue
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+import yaml
+
+from engine import config, generate
+from engine.checkpoint import CheckpointError
+from engine.encoders import EncoderLoadError
+from engine.sampling import SAMPLERS
+from studio import views
+from studio.paths import PathError
+from studio.runner import RunnerError
+
+if TYPE_CHECKING:
+    from studio.ui import Studio
+
+HISTORY_LIMIT = 48
+EXPECTED_ERRORS = (generate.GenerateError, CheckpointError, EncoderLoadError, PathError,
+                   RunnerError, config.ConfigError)
+
+
+class PipelineCache:
+    """One loaded pipeline, keyed by (file, modification time, EMA)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._pipe: generate.Pipeline | None = None
+
+    def get(self, path: Path, ema: bool) -> generate.Pipeline:
+        key = (str(path), path.stat().st_mtime_ns, bool(ema))
+        with self._lock:
+            if key != self._key:
+                self.free_locked()
+                self._pipe = generate.Pipeline.load(path, ema=ema)
+                self._key = key
+            return self._pipe
+
+    def keep_only(self, path: Path) -> None:
+        """Free the loaded pipeline unless it is `path`'s (another checkpoint was chosen)."""
+        with self._lock:
+            if self._key is not None and self._key[0] != str(path):
+                self.free_locked()
+
+    def free_locked(self) -> None:
+        self._pipe, self._key = None, None
+        gc.collect()
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def model_config(meta: dict) -> config.RunConfig:
+    """The training config stored in a checkpoint's metadata."""
+    if "config" not in meta:
+        raise CheckpointError("the checkpoint holds no config; it was not written by this engine")
+    return config.config_from_dict(yaml.safe_load(meta["config"]), "checkpoint config")
+
+
+def model_markdown(meta: dict, cfg: config.RunConfig) -> str:
+    w, h = cfg.sample_size()
+    weights = "EMA and raw weights" if meta.get("has_ema") else \
+        f"{meta.get('exported_weights', 'raw')} weights"
+    return (f"Run `{meta.get('run_id', '?')}`, step {meta.get('step', '?')} · {weights} · patch "
+            f"{cfg.model.patch_size} · trained at {cfg.data.min_side}-{cfg.data.max_side} px · "
+            f"default size {w}x{h}, up to {generate.max_side(cfg)} px per side")
+
+
+def history(outputs_dir: Path) -> list[str]:
+    """The newest generated images, newest first."""
+    if not outputs_dir.is_dir():
+        return []
+    files = sorted(outputs_dir.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [str(p) for p in files[:HISTORY_LIMIT]]
+
+
+def build(studio: Studio) -> dict:
+    cache = PipelineCache()
+    cancels: dict[str, threading.Event] = {}
+    with gr.Tab("Generate", id="generate"):
+        with gr.Row(equal_height=True):
+            checkpoint = gr.Dropdown(studio.checkpoint_choices(), label="Checkpoint", scale=4,
+                                     info="run checkpoints and exported models")
+            ema = gr.Checkbox(value=True, label="EMA weights", scale=1,
+                              info="smoother; off = the raw weights")
+            refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
+        model_info = gr.Markdown(elem_classes="phdm-help")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=2)
+                negative = gr.Textbox(label="Negative prompt", lines=1,
+                                      info="empty = the unconditional input")
+                with gr.Row():
+                    sampler = gr.Dropdown(list(SAMPLERS), value="heun", label="Sampler")
+                    steps = gr.Slider(1, 200, value=20, step=1, label="Steps")
+                    count = gr.Slider(1, 16, value=4, step=1, label="Images")
+                with gr.Row():
+                    cfg = gr.Slider(0.0, 15.0, value=3.0, step=0.1, label="CFG scale",
+                                    info="1 = no guidance")
+                    rescale = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CFG rescale")
+                    lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance from t")
+                    hi = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Guidance until t",
+                                   info="t = 0 noise, 1 image")
+                with gr.Row():
+                    size = gr.Dropdown([], label="Size (training buckets)")
+                    width = gr.Number(value=64, precision=0, label="Width", minimum=1)
+                    height = gr.Number(value=64, precision=0, label="Height", minimum=1)
+                    shift = gr.Number(value=0.0, label="Shift", minimum=0.0,
+                                      info="0 = the default for the size")
+                    seed = gr.Textbox(label="Seed", placeholder="random", elem_id="generate-seed",
+                                      info="image i uses seed + i")
+                with gr.Accordion("Image to image", open=False):
+                    with gr.Row():
+                        init = gr.Image(label="Start image", type="pil", height=200,
+                                        sources=["upload", "clipboard"])
+                        strength = gr.Slider(0.0, 1.0, value=0.75, step=0.05, label="Strength",
+                                             info="0 = keep the image, 1 = ignore it")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary")
+                    stop = gr.Button("Cancel", variant="stop")
+                status = gr.Markdown(elem_classes="phdm-status", elem_id="generate-status")
+            with gr.Column(scale=2):
+                live = gr.Image(label="Preview", type="pil", interactive=False, height=320,
+                                elem_classes="phdm-pixels")
+                results = gr.Gallery(label="Results", columns=4, height=240,
+                                     object_fit="contain", fit_columns=False,
+                                     elem_classes="phdm-pixels")
+                params = gr.Markdown(elem_id="generate-params")
+        with gr.Accordion("History (workspace/outputs)", open=True):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    past = gr.Gallery(history(studio.outputs_dir), label="Past images (click one "
+                                      "to see its settings)", columns=8, height=280,
+                                      object_fit="contain", allow_preview=False,
+                                      fit_columns=False, elem_classes="phdm-pixels")
+                with gr.Column(scale=2):
+                    recall_file = gr.File(label="Drop a PNG here to restore its settings",
+                                          file_types=[".png"], type="filepath", height=120,
+                                          elem_id="recall-file")
+                    past_params = gr.Markdown(elem_id="recalled-params")
+                    use_params = gr.Button("Use these settings", size="sm")
+        recalled = gr.State({})
+        past_files = gr.State(history(studio.outputs_dir))
+
+    setting_fields = [prompt, negative, sampler, steps, cfg, rescale, lo, hi, shift, width,
+                      height, seed, strength]
+
+    # ---- model choice ------------------------------------------------------------------
+    def refresh_fn(cid):
+        """The current lists; the newest checkpoint when none is chosen yet."""
+        choices = studio.checkpoint_choices()
+        ids = [c for _, c in choices]
+        cid = cid if cid in ids else (ids[0] if ids else None)
+        files = history(studio.outputs_dir)
+        return gr.Dropdown(choices=choices, value=cid), files, files
+
+    def select(cid=None):
+        return gr.Dropdown(choices=studio.checkpoint_choices(), value=cid)
+
+    def on_model(cid, prompt_v):
+        """Model info, bucket sizes and size limits; the run's sample settings when the
+        prompt is still empty."""
+        n_out = 2 + len(setting_fields)
+        if not cid:
+            return ("Choose a checkpoint (train a run first, or export a model).",
+                    *[gr.skip()] * (n_out - 1))
+        try:
+            path = studio.checkpoint_path(cid)
+            meta = studio.checkpoint_meta(cid)
+            mcfg = model_config(meta)
+        except EXPECTED_ERRORS as e:
+            return (f"**{e}**", *[gr.skip()] * (n_out - 1))
+        cache.keep_only(path)
+        p, top = mcfg.model.patch_size, generate.max_side(mcfg)
+        w, h = mcfg.sample_size()
+        sizes = views.size_choices(mcfg)
+        default = f"{w}x{h}"
+        fresh = not prompt_v
+        s = mcfg.sample
+        values = [s.prompts[0], s.negative, s.sampler, s.steps, s.cfg, s.cfg_rescale,
+                  s.cfg_interval[0], s.cfg_interval[1], s.shift]
+        fields = [v if fresh else gr.skip() for v in values]
+        sides = [gr.Number(value=v, step=p, minimum=p, maximum=top) if fresh
+                 else gr.Number(step=p, minimum=p, maximum=top) for v in (w, h)]
+        return (model_markdown(meta, mcfg),
+                gr.Dropdown(choices=sizes, value=default if default in sizes else None),
+                *fields, *sides, gr.skip(), gr.skip())
+
+    model_outputs = [model_info, size, *setting_fields]
+    model_args = dict(fn=on_model, inputs=[checkpoint, prompt], outputs=model_outputs)
+
+    # ---- generating --------------------------------------------------------------------
+    def run(cid, use_ema, prompt_v, negative_v, sampler_v, steps_v, cfg_v, rescale_v, lo_v,
+            hi_v, shift_v, width_v, height_v, seed_v, strength_v, count_v, init_v,
+            request: gr.Request):
+        key = request.session_hash if request is not None else ""
+        cancel = threading.Event()
+        cancels[key] = cancel
+        try:
+            seed_i = views.parse_seed(seed_v)
+            path = studio.checkpoint_path(cid or "")
+        except (ValueError, PathError, RunnerError) as e:
+            yield say(f"**{e}**")
+            return
+        events: queue.Queue = queue.Queue()
+
+        def work():
+            try:
+                with studio.runner.gate.generation() as note:
+                    if note:
+                        events.put(("note", note))
+                    pipe = cache.get(path, use_ema)
+                    events.put(("loaded", None))
+
+                    def progress(step, total, preview):
+                        if cancel.is_set():
+                            raise generate.Cancelled()
+                        events.put(("preview", (step, total, preview)))
+
+                    out = pipe.generate(
+                        prompt_v, negative_v, int(width_v), int(height_v), int(steps_v),
+                        sampler_v, float(cfg_v), float(rescale_v), (float(lo_v), float(hi_v)),
+                        float(shift_v or 0.0), seed_i, int(count_v),
+                        init_image=init_v, strength=float(strength_v) if init_v else None,
+                        callback=progress)
+                    saved = [generate.save_png(r, studio.outputs_dir) for r in out]
+                events.put(("done", (out, saved)))
+            except generate.Cancelled:
+                events.put(("cancelled", None))
+            except EXPECTED_ERRORS as e:
+                events.put(("error", str(e)))
+            except Exception as e:  # shown on the page instead of dying silently in a thread
+                events.put(("error", f"{type(e).__name__}: {e}"))
+
+        threading.Thread(target=work, name="generate", daemon=True).start()
+        yield say("Loading the model...")
+        note = ""
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "note":
+                    note = f" ({value})"
+                elif kind == "loaded":
+                    yield say(f"Sampling...{note}")
+                elif kind == "preview":
+                    step, total, image = value
+                    yield (image, *say(f"Step {step} of {total}{note}")[1:])
+                elif kind == "done":
+                    yield finished(*value)
+                    return
+                else:
+                    yield say("Cancelled." if kind == "cancelled"
+                              else f"**Not generated:** {value}")
+                    return
+        finally:
+            cancel.set()   # the page went away or the event ended: stop the sampler too
+            if cancels.get(key) is cancel:
+                cancels.pop(key, None)
+
+    def say(text: str) -> tuple:
+        """Outputs of `run` that change only the status line."""
+        return gr.skip(), text, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+    def finished(out: list, saved: list) -> tuple:
+        first = out[0].params["seed"]
+        seeds = f"seed {first}" + (f" to {first + len(out) - 1}" if len(out) > 1 else "")
+        names = saved[0].name + (f" ... {saved[-1].name}" if len(saved) > 1 else "")
+        files = history(studio.outputs_dir)
+        return (out[0].image, f"Done: {len(out)} image(s), {seeds}, saved to "
+                f"`workspace/outputs/` ({names}).",
+                [(str(p), f"seed {r.params['seed']}") for p, r in zip(saved, out)],
+                views.params_markdown(out[0].params), files, files)
+
+    def cancel_run(request: gr.Request):
+        ev = cancels.get(request.session_hash if request is not None else "")
+        if ev is None:
+            return "Nothing is being generated."
+        ev.set()
+        return "Cancelling after the current step..."
+
+    # ---- recall ------------------------------------------------------------------------
+    def fields_from(p: dict):
+        """Setting fields from recalled parameters (missing ones unchanged)."""
+        interval = p.get("interval") or [None, None]
+        values = [p.get("prompt"), p.get("negative"), p.get("sampler"), p.get("steps"),
+                  p.get("cfg"), p.get("rescale"), interval[0], interval[1], p.get("shift"),
+                  p.get("width"), p.get("height"),
+                  str(p["seed"]) if p.get("seed") is not None else None, p.get("strength")]
+        if values[2] not in SAMPLERS:
+            values[2] = None
+        return [gr.skip() if v is None else v for v in values]
+
+    def checkpoint_for(p: dict):
+        cid = f"run/{p.get('run_id')}/{p.get('checkpoint_step')}"
+        ids = [c for _, c in studio.checkpoint_choices()]
+        return gr.Dropdown(choices=studio.checkpoint_choices(), value=cid) if cid in ids \
+            else gr.skip()
+
+    def on_past(files, evt: gr.SelectData):
+        try:
+            p = generate.read_png_parameters(files[evt.index])
+        except (generate.GenerateError, IndexError, TypeError) as e:
+            return f"**{e}**", {}
+        return views.params_markdown(p), p
+
+    def on_recall(path):
+        if not path:
+            return "", {}
+        try:
+            p = generate.read_png_parameters(path)
+        except generate.GenerateError as e:
+            return f"**{e}**", {}
+        if not p:
+            return "This PNG carries no generation settings.", {}
+        return views.params_markdown(p), p
+
+    def apply(p):
+        if not p:
+            return ("Choose an image in the history or drop a PNG first.",
+                    *[gr.skip()] * (len(setting_fields) + 1))
+        return ("Settings restored.", *fields_from(p), checkpoint_for(p))
+
+    checkpoint.input(**model_args)
+    refresh.click(refresh_fn, inputs=checkpoint, outputs=[checkpoint, past, past_files]
+                  ).then(**model_args)
+    size.input(lambda s: views.parse_size(s) if s else (gr.skip(), gr.skip()), inputs=size,
+               outputs=[width, height])
+    go.click(run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init],
+             outputs=[live, status, results, params, past, past_files], concurrency_limit=1,
+             concurrency_id="generate")
+    stop.click(cancel_run, outputs=status, queue=False)
+    past.select(on_past, inputs=past_files, outputs=[past_params, recalled])
+    recall_file.upload(on_recall, inputs=recall_file, outputs=[past_params, recalled])
+    use_params.click(apply, inputs=recalled, outputs=[status, *setting_fields, checkpoint]
+                     ).then(**model_args)
+
+    return {"checkpoint": checkpoint, "select": select, "model_args": model_args,
+            "refresh_fn": refresh_fn, "refresh_outputs": [checkpoint, past, past_files]}

@@ -1,0 +1,419 @@
+"""The Train tab: set up a run (preset, dataset, overrides with inline validation, cost
+estimate, dry run), start it in the background through the Runner, and watch it.
+
+Watching never holds an event open: a gr.Timer asks every two seconds for what changed
+in the run folder (status, new metric lines, sample grids, the log) and updates only the
+parts that changed. Closing the page or restarting the studio does not touch the run;
+the tab re-attaches to the active run (or the newest one) when the page loads.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+import yaml
+
+from engine import config, preflight
+from studio import views
+from studio.paths import PathError, resolve_inside
+from studio.runner import RunInfo, RunnerError
+
+if TYPE_CHECKING:
+    from studio.ui import Studio
+
+POLL_SECONDS = 2.0
+LOG_LINES = 200
+# the form's common settings: (key, label, kind)
+FORM = (("train.max_steps", "Max steps", int), ("train.batch_size", "Batch size", int),
+        ("train.lr", "Learning rate", float), ("train.warmup_steps", "Warm-up steps", int),
+        ("train.save_every", "Save every", int), ("train.sample_every", "Sample every", int))
+
+
+def empty_watch(run_id: str = "") -> dict:
+    """What the monitor remembers about the run it shows (kept per browser session)."""
+    return {"run_id": run_id, "offset": 0, "records": [], "log": None, "state": "",
+            "samples": None}
+
+
+def run_choices(runs: list[RunInfo]) -> list[tuple[str, str]]:
+    return [(f"{r.run_id} · {views.STATE_TEXT.get(r.state, r.state).lower()}", r.run_id)
+            for r in runs]
+
+
+def sample_files(run_path: Path) -> list[Path]:
+    """The run's sample grids, oldest first."""
+    folder = Path(run_path) / "samples"
+    return sorted(folder.glob("step_*.png")) if folder.is_dir() else []
+
+
+def estimate_markdown(cfg: config.RunConfig, gpus: int) -> str:
+    est = preflight.estimate(cfg, gpus)
+    mem = est["memory_gib"]
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in mem.items()
+                      if k != "total" and v > 0.005)
+    w, h = est["bucket"]
+    return (f"**{views.fmt_count(est['parameters'])}** trained parameters"
+            + (f" (+{views.fmt_count(est['frozen_parameters'])} frozen text encoder)"
+               if est["frozen_parameters"] else "")
+            + f" · largest bucket {w}x{h} = **{est['image_tokens']}** image tokens"
+            f" · {est['gflops_per_image']:.2f} GFLOPs per image forward"
+            f"\n\nMemory per GPU about **{mem['total']:.2f} GiB** ({parts} GiB): "
+            f"{est['fits']}.")
+
+
+def dry_run_markdown(res: dict) -> str:
+    peak = views.fmt_bytes(res["peak_memory_mib"] * 2 ** 20)
+    what = "process memory" if res.get("peak_is_process_rss") else "peak GPU memory"
+    w, h = res["bucket"]
+    return (f"Dry run on **{res['device']}** at {w}x{h}, batch {res['batch_size']}: "
+            f"**{res['seconds_per_step']:.3f} s/step**, {res['images_s']:.1f} images/s, "
+            f"{what} {peak}.")
+
+
+def build(studio: Studio, selection: gr.State) -> dict:
+    presets = config.list_presets()
+    docs = config.field_docs()
+    with gr.Tab("Train", id="train"):
+        with gr.Accordion("New run", open=True) as setup_box:
+            with gr.Row():
+                preset = gr.Dropdown(presets, value="tiny-cpu" if "tiny-cpu" in presets
+                                     else presets[0], label="Preset", scale=2)
+                ds_choice = gr.Dropdown(studio.dataset_names(), label="Dataset", scale=2,
+                                        info="from the Dataset tab, or pick one here")
+                ds_path = gr.Textbox(label="Or a folder path", scale=3,
+                                     placeholder="inside the workspace or an --allow-dir folder")
+                gpus = gr.Number(value=max(1, studio.gpu_count), precision=0, minimum=1,
+                                 maximum=max(1, studio.gpu_count), label="GPUs",
+                                 visible=studio.gpu_count > 1, scale=1,
+                                 info="more than one starts torchrun")
+            preset_info = gr.Markdown(elem_classes="phdm-help")
+            with gr.Accordion("All presets", open=False):
+                gr.Dataframe(value=views.preset_rows(), headers=views.PRESET_HEADERS,
+                             interactive=False, wrap=True,
+                             column_widths=["15%", "30%", "55%"])
+            with gr.Row():
+                form = [gr.Number(label=label, precision=0 if kind is int else None,
+                                  info=docs[key].split(" (")[0][:48], min_width=120)
+                        for key, label, kind in FORM]
+            with gr.Row():
+                overrides = gr.Textbox(label="Overrides: section.key=value, one per line",
+                                       lines=5, max_lines=20, scale=3,
+                                       placeholder="train.max_steps=2000\nmodel.patch_layers=2")
+                with gr.Column(scale=2):
+                    help_key = gr.Dropdown(sorted(docs), label="What does a key do?",
+                                           value=None, allow_custom_value=False)
+                    help_text = gr.Markdown()
+            validity = gr.Markdown(elem_classes="phdm-status", elem_id="train-validity")
+            estimate = gr.Markdown()
+            with gr.Accordion("Resolved config (YAML)", open=False):
+                changes = gr.Markdown()
+                yaml_view = gr.Code(language="yaml", interactive=False, max_lines=40)
+            with gr.Row():
+                dry = gr.Button("Dry run (one real step at the largest bucket)", size="md")
+                start = gr.Button("Start training", variant="primary", interactive=False)
+            dry_out = gr.Markdown(elem_id="dry-run")
+
+        gr.Markdown("### Run")
+        no_run = gr.Markdown("No run yet: set one up above, or start the demo.",
+                             elem_classes="phdm-help")
+        with gr.Row(equal_height=True):
+            run_select = gr.Dropdown([], label="Run", scale=4,
+                                     info="the active run is chosen when the page opens")
+            refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
+        with gr.Column(visible=False) as monitor:
+            progress = gr.HTML(views.progress_html("none", 0, 0, None, None))
+            numbers = gr.Markdown()
+            with gr.Row():
+                b_stop = gr.Button("Stop", interactive=False, min_width=90)
+                b_pause = gr.Button("Pause", interactive=False, min_width=90)
+                b_resume = gr.Button("Resume", interactive=False, variant="primary", min_width=90)
+                b_save = gr.Button("Save now", interactive=False, min_width=90)
+                b_sample = gr.Button("Sample now", interactive=False, min_width=90)
+                b_force = gr.Button("Force stop", interactive=False, variant="stop", min_width=90)
+            run_msg = gr.Markdown(elem_classes="phdm-status")
+            with gr.Row():
+                with gr.Column(scale=3):
+                    loss_plot = gr.LinePlot(x="step", y="value", color="series", label="Loss",
+                                            y_title="loss", color_title="term")
+                    smoothing = gr.Slider(0.0, 0.99, value=0.6, step=0.01, label="Smoothing")
+                with gr.Column(scale=2):
+                    sample_img = gr.Image(label="Sample grid", type="filepath", interactive=False,
+                                          height=300, buttons=["download", "fullscreen"],
+                                          elem_classes="phdm-pixels")
+                    with gr.Row():
+                        scrub = gr.Slider(1, 2, value=1, step=1, label="Grid", scale=3,
+                                          visible=False)
+                        follow = gr.Checkbox(value=True, label="Follow the latest", scale=1)
+                    sample_note = gr.Markdown(elem_id="sample-note")
+            with gr.Row():
+                lr_plot = gr.LinePlot(x="step", y="value", label="Learning rate", height=240,
+                                      y_title="lr")
+                grad_plot = gr.LinePlot(x="step", y="value", color="series", label="Gradient norm",
+                                        y_title="norm", color_title="")
+                speed_plot = gr.LinePlot(x="step", y="value", label="Throughput", height=240,
+                                         y_title="images / s")
+            with gr.Row():
+                t_plot = gr.BarPlot(x="t", y="loss", label="Loss by time t (0 = noise, 1 = data), "
+                                    "latest window", height=220, sort="x", y_lim=[0, None])
+                val_plot = gr.LinePlot(x="step", y="value", label="Validation loss (EMA weights, "
+                                       "fixed noise and times)", height=220, y_title="loss")
+            events = gr.Dataframe(headers=views.EVENT_HEADERS, label="Events (skipped batches, "
+                                  "rollbacks, notes)", interactive=False, max_height=220, wrap=True)
+            gr.Markdown("Log (last lines)", elem_classes="phdm-help")
+            log = gr.HTML(elem_classes="phdm-log")
+        watch = gr.State(empty_watch())
+        timer = gr.Timer(POLL_SECONDS)
+
+    # ---- set-up ----------------------------------------------------------------------
+    def dataset_path(choice, typed) -> str:
+        if typed and typed.strip():
+            return str(resolve_inside(typed, studio.roots))
+        if choice:
+            return str(studio.dataset_dir(choice))
+        return ""
+
+    def check(preset_name, text, choice, typed, n_gpus):
+        """Resolve and validate; outputs: validity, start, yaml, changes, estimate, form."""
+        try:
+            base = config.load_preset(preset_name)
+            path = dataset_path(choice, typed)
+            cfg = views.resolve_config(preset_name, text, path)
+        except (config.ConfigError, PathError) as e:
+            return (f"**Not valid:** {e}", gr.Button(interactive=False), gr.skip(), gr.skip(),
+                    "", *[gr.skip()] * len(FORM))
+        form_values = [getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k, _, _ in FORM]
+        diff = views.config_diff(cfg, base)
+        diff = [d for d in diff if not d.startswith("data.path")]
+        changes_md = ("Changed from the preset: " + "; ".join(f"`{d}`" for d in diff)
+                      if diff else "No changes from the preset.")
+        try:
+            est = estimate_markdown(cfg, max(1, int(n_gpus or 1)))
+        except (RuntimeError, ValueError, OSError) as e:
+            est = f"No estimate: {e}"
+        if not path:
+            msg = "Valid settings. **Choose a dataset** (above or in the Dataset tab) to start."
+            ok = False
+        else:
+            msg = f"Valid settings · dataset `{path}`."
+            ok = True
+        return (msg, gr.Button(interactive=ok), config.dump_yaml(cfg), changes_md, est,
+                *form_values)
+
+    def preset_description(name):
+        try:
+            return config.load_preset(name).description
+        except config.ConfigError as e:
+            return f"**Invalid preset:** {e}"
+
+    def form_edit(key, kind):
+        def edit(value, text):
+            if value is None:
+                return gr.skip()
+            return views.set_override(text, key, kind(value))
+        return edit
+
+    def from_selection(sel, text):
+        """Take the Dataset tab's folder, preset and edits."""
+        if not sel or not sel.get("path"):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        edits = views.override_values(sel.get("overrides", ""))
+        try:
+            base = config.load_preset(sel["preset"])
+        except config.ConfigError:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        for key in views.DATASET_KEYS:
+            section, name = key.split(".")
+            preset_value = views.yaml_value(getattr(getattr(base, section), name))
+            value = edits.get(key)
+            text = views.set_override(text, key, None if value in (None, preset_value)
+                                      else yaml.safe_load(value))
+        names = studio.dataset_names()
+        in_list = sel.get("name") in names
+        return (gr.Dropdown(choices=names, value=sel["name"] if in_list else None),
+                "" if in_list else sel["path"], sel["preset"], text)
+
+    def start_run(preset_name, text, choice, typed, n_gpus):
+        try:
+            path = dataset_path(choice, typed)
+            cfg = views.resolve_config(preset_name, text, path)
+            run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name),
+                                      gpus=max(1, int(n_gpus or 1)))
+        except (config.ConfigError, PathError, RunnerError) as e:
+            return f"**Not started:** {e}", gr.skip(), gr.skip(), gr.skip()
+        return (f"Started run `{run.run_id}`.", select_update(run.run_id),
+                empty_watch(run.run_id), gr.Accordion(open=False))
+
+    def run_dry(preset_name, text, choice, typed, progress=gr.Progress()):
+        try:
+            cfg = views.resolve_config(preset_name, text, dataset_path(choice, typed))
+        except (config.ConfigError, PathError) as e:
+            return f"**Not valid:** {e}"
+        progress(0.1, desc="Building the model and running three training steps")
+        try:
+            with studio.runner.gate.generation():
+                res = preflight.dry_run(cfg)
+        except RunnerError as e:
+            return f"**Dry run not started:** {e}"
+        except (RuntimeError, ValueError, OSError) as e:
+            return f"**Dry run failed:** {e}"
+        return dry_run_markdown(res)
+
+    # ---- monitor -----------------------------------------------------------------------
+    def select_update(run_id=None):
+        runs = studio.runner.runs()
+        return gr.Dropdown(choices=run_choices(runs), value=run_id)
+
+    def attach():
+        """On page load: the active run, else the newest."""
+        runs = studio.runner.runs()
+        active = next((r for r in runs if r.alive), None)
+        chosen = active or (runs[0] if runs else None)
+        run_id = chosen.run_id if chosen else None
+        return (gr.Dropdown(choices=run_choices(runs), value=run_id), empty_watch(run_id or ""),
+                gr.Accordion(open=chosen is None or not chosen.alive))
+
+    def plots(records, smooth_w):
+        train, val, evs = views.split_records(records)
+        frames = (views.series_frame(train, views.LOSS_SERIES, smooth_w),
+                  views.series_frame(train, {"lr": "lr"}),
+                  views.series_frame(train, {"grad_norm": "before clipping",
+                                             "grad_norm_clipped": "after clipping"}, smooth_w),
+                  views.series_frame(train, {"images_s": "images/s"}, smooth_w),
+                  views.loss_t_frame(train[-1] if train else None),
+                  views.series_frame(val, {"val_loss": "validation"}))
+        # an empty frame would fix the plot's colour legend before any series exists
+        return (*[f if len(f) else None for f in frames], views.event_rows(evs),
+                views.latest_numbers(train, val))
+
+    n_plot_outputs = 8
+
+    def poll(w, smooth_w, follow_v, scrub_v):
+        """One timer tick: everything that changed since the last one."""
+        skip_all = [gr.skip()] * (n_plot_outputs + 16)
+        run_id = w.get("run_id")
+        if not run_id:
+            return [w] + skip_all[1:]
+        try:
+            info = studio.runner.info(run_id)
+        except RunnerError as e:
+            return [empty_watch(), views.progress_html("none", 0, 0, None, None, str(e))] \
+                + skip_all[2:]
+        new, offset = studio.runner.metrics(run_id, w["offset"])
+        new_state = w["state"] != info.state
+        changed = bool(new) or new_state
+        w = dict(w, offset=offset, records=w["records"] + new, state=info.state)
+        out_plots = plots(w["records"], smooth_w) if changed else [gr.skip()] * n_plot_outputs
+        note = info.error or info.message
+        prog = views.progress_html(info.state, info.step, info.total, info.eta_s, info.loss, note)
+        can = views.control_states(info.state, info.resumable)
+        buttons = [gr.Button(interactive=can[k]) for k in
+                   ("stop", "pause", "resume", "save", "sample", "force")]
+        if info.state == "crashed":
+            msg = (f"**The training process died:** {info.error.rstrip('.')}. "
+                   + ("Press Resume to continue from the last good checkpoint."
+                      if info.resumable else "No checkpoint with training state was saved."))
+        elif info.state == "failed":
+            msg = f"**Training failed:** {info.error}"
+        else:
+            msg = "" if new_state else gr.skip()
+        # sample grids
+        samples = [str(p) for p in sample_files(info.path)]
+        if samples != w["samples"]:
+            w["samples"] = samples
+            n = max(1, len(samples))
+            index = n if follow_v or not scrub_v else min(int(scrub_v), n)
+            scrub_up = gr.Slider(1, max(2, n), value=index, step=1, visible=n > 1,
+                                 label=f"Grid ({len(samples)} saved; drag to see earlier ones)")
+            img, caption = sample_at(samples, index)
+        else:
+            scrub_up, img, caption = gr.skip(), gr.skip(), gr.skip()
+        tail = studio.runner.log_tail(run_id, LOG_LINES)
+        log_up = f"<pre>{html.escape(tail)}</pre>" if tail != w["log"] else gr.skip()
+        w["log"] = tail
+        select_up = select_update(run_id) if new_state else gr.skip()
+        shown = [gr.Column(visible=True), gr.Markdown(visible=False)] if new_state else \
+            [gr.skip(), gr.skip()]
+        return [w, prog, *buttons, msg, *out_plots, scrub_up, img, caption, log_up, select_up,
+                *shown]
+
+    def sample_at(samples, index):
+        if not samples:
+            return None, "No sample grid yet."
+        index = min(max(1, int(index)), len(samples))
+        path = Path(samples[index - 1])
+        return str(path), f"{path.stem.replace('_', ' ')} ({index} of {len(samples)})"
+
+    def pick_run(run_id):
+        return empty_watch(run_id or "")
+
+    def resmooth(w, smooth_w):
+        return plots(w.get("records", []), smooth_w)
+
+    def control(kind):
+        def act(w):
+            run_id = w.get("run_id")
+            if not run_id:
+                return "No run selected."
+            try:
+                if kind == "resume":
+                    studio.runner.resume(run_id)
+                    return f"Resuming `{run_id}` from its last checkpoint."
+                if kind == "force":
+                    studio.runner.force_stop(run_id)
+                    return f"`{run_id}` was stopped."
+                studio.runner.request(run_id, kind)
+            except RunnerError as e:
+                return f"**{e}**"
+            return {"stop": "Stop requested: the trainer saves a checkpoint and stops.",
+                    "pause": "Pause requested: the trainer saves its state and exits; Resume "
+                             "continues exactly where it stopped.",
+                    "save-now": "A checkpoint will be saved after the current step.",
+                    "sample-now": "A sample grid will be made after the current step."}[kind]
+        return act
+
+    # ---- wiring ------------------------------------------------------------------------
+    check_inputs = [preset, overrides, ds_choice, ds_path, gpus]
+    check_outputs = [validity, start, yaml_view, changes, estimate, *form]
+    check_args = dict(fn=check, inputs=check_inputs, outputs=check_outputs,
+                      trigger_mode="always_last", show_progress="hidden")
+    preset.change(preset_description, inputs=preset, outputs=preset_info).then(**check_args)
+    overrides.change(**check_args)
+    ds_choice.input(lambda: "", outputs=ds_path).then(**check_args)
+    ds_path.blur(**check_args)
+    ds_path.submit(**check_args)
+    gpus.change(**check_args)
+    for comp, (key, _, kind) in zip(form, FORM):
+        comp.input(form_edit(key, kind), inputs=[comp, overrides], outputs=overrides,
+                   trigger_mode="always_last")
+    help_key.change(lambda k: f"`{k}`: {docs[k]}" if k else "", inputs=help_key,
+                    outputs=help_text)
+    selection.change(from_selection, inputs=[selection, overrides],
+                     outputs=[ds_choice, ds_path, preset, overrides]).then(**check_args)
+    started = start.click(start_run, inputs=check_inputs,
+                          outputs=[validity, run_select, watch, setup_box], concurrency_limit=1)
+    dry.click(run_dry, inputs=check_inputs[:4], outputs=dry_out, concurrency_limit=1)
+
+    monitor_outputs = [watch, progress, b_stop, b_pause, b_resume, b_save, b_sample, b_force,
+                       run_msg, loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot,
+                       events, numbers, scrub, sample_img, sample_note, log, run_select,
+                       monitor, no_run]
+    timer.tick(poll, inputs=[watch, smoothing, follow, scrub], outputs=monitor_outputs,
+               show_progress="hidden", concurrency_limit=4)
+    run_select.input(pick_run, inputs=run_select, outputs=watch)
+    refresh.click(lambda w: select_update(w.get("run_id") or None), inputs=watch,
+                  outputs=run_select)
+    smoothing.release(resmooth, inputs=[watch, smoothing],
+                      outputs=[loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot,
+                               events, numbers])
+    scrub.release(lambda w, i: (*sample_at(w.get("samples", []), i), False),
+                  inputs=[watch, scrub], outputs=[sample_img, sample_note, follow])
+    for button, kind in ((b_stop, "stop"), (b_pause, "pause"), (b_resume, "resume"),
+                         (b_save, "save-now"), (b_sample, "sample-now"), (b_force, "force")):
+        button.click(control(kind), inputs=watch, outputs=run_msg, concurrency_limit=2)
+    return {"started": started, "preset": preset, "preset_info": preset_info,
+            "preset_description": preset_description, "check_args": check_args,
+            "run_select": run_select, "watch": watch, "setup_box": setup_box, "attach": attach,
+            "select_update": select_update}

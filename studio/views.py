@@ -1,0 +1,497 @@
+"""What the studio shows, computed without a browser: number formats, override text,
+plot data frames, tables, crop-box thumbnails and the progress bar.
+
+Every function here takes engine objects or plain values and returns text, rows, a
+pandas DataFrame or a PIL image, so the tabs only wire them to components and the tests
+can check them directly.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw, ImageOps
+
+from engine import config
+from engine.buckets import BucketPlan, PlannedImage, make_buckets
+from engine.data import HealthReport, read_header
+from studio.runner import ACTIVE_STATES
+
+MAX_PLOT_POINTS = 600
+LOSS_SERIES = {"loss": "total", "loss_v": "velocity", "loss_freq": "frequency",
+               "loss_repa": "iREPA", "loss_gamma": "gamma L2"}
+# the settings the Dataset tab edits and hands to the Train tab, in its input order
+DATASET_KEYS = ("data.min_side", "data.max_side", "data.bucket_step", "data.max_aspect",
+                "train.batch_size", "data.drop_last", "data.missing_caption")
+
+
+# --------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------
+
+def fmt_count(n: float | None) -> str:
+    """1234 -> '1.2 k', 1.8e6 -> '1.8 M', 3.4e9 -> '3.4 B'; below 1000 as is."""
+    if n is None:
+        return "-"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:.3g}" if isinstance(n, float) else str(n)
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Binary units: 512 -> '512 B', 3.4 * 2**30 -> '3.4 GiB'."""
+    if n is None:
+        return "-"
+    for power, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if abs(n) >= 2 ** power:
+            return f"{n / 2 ** power:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """723 -> '12:03', 3723 -> '1:02:03', two days -> '2 d 0:00:00'; None -> '--:--'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "--:--"
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    text = f"{h}:{m:02d}:{sec:02d}" if h or days else f"{m}:{sec:02d}"
+    return f"{days} d {text}" if days else text
+
+
+def fmt_time(timestamp: float | None) -> str:
+    """Local 'YYYY-MM-DD HH:MM' of a Unix time."""
+    if not timestamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def fmt_loss(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------------------
+# Config overrides
+# --------------------------------------------------------------------------------------
+
+def model_size_text(m: config.ModelConfig) -> str:
+    """One line naming the size row and the network's shape, e.g. 'tiny: width 128, ...'."""
+    row = m.size or "custom"
+    return (f"{row}: width {m.hidden_dim}, {m.patch_layers} patch + {m.pixel_layers} pixel "
+            f"blocks, patch {m.patch_size} px")
+
+
+PRESET_HEADERS = ["Preset", "Model size", "Description"]
+
+
+def preset_rows() -> list[list[str]]:
+    """One row per preset in presets/; a preset that fails validation shows its error."""
+    rows = []
+    for name in config.list_presets():
+        try:
+            cfg = config.load_preset(name)
+        except config.ConfigError as e:
+            rows.append([name, "", f"invalid preset: {e}"])
+            continue
+        rows.append([name, model_size_text(cfg.model), cfg.description])
+    return rows
+
+
+def override_lines(text: str) -> list[str]:
+    """`section.key=value` lines of a text box; blank lines and '#' comments are skipped."""
+    return [ln.strip() for ln in (text or "").splitlines()
+            if ln.strip() and not ln.strip().startswith("#")]
+
+
+def yaml_value(value) -> str:
+    """A Python value as the YAML text an override line needs."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+def set_override(text: str, key: str, value) -> str:
+    """The text with `key=value` replacing every line for `key` (added at the end when
+    absent); None removes the key's lines."""
+    lines = (text or "").splitlines()
+    out, placed = [], False
+    for ln in lines:
+        if ln.split("=", 1)[0].strip() == key:
+            if value is not None and not placed:
+                out.append(f"{key}={yaml_value(value)}")
+                placed = True
+            continue
+        out.append(ln)
+    if value is not None and not placed:
+        out.append(f"{key}={yaml_value(value)}")
+    return "\n".join(out).strip("\n")
+
+
+def override_values(text: str) -> dict[str, str]:
+    """key -> value text of the well-formed lines (later lines win)."""
+    out = {}
+    for ln in override_lines(text):
+        if "=" in ln:
+            k, v = ln.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def resolve_config(preset: str, overrides: str, data_path: str = "") -> config.RunConfig:
+    """The preset with the override lines applied and validated (raises ConfigError with
+    the engine's message); `data_path` becomes data.path when given."""
+    if not preset:
+        raise config.ConfigError("choose a preset")
+    cfg = config.load_preset(preset, override_lines(overrides))
+    if data_path:
+        cfg.data.path = str(data_path)
+    return cfg
+
+
+def config_diff(cfg: config.RunConfig, base: config.RunConfig) -> list[str]:
+    """`section.key: base -> value` for every value that differs from `base`."""
+    a, b = config.config_to_dict(base), config.config_to_dict(cfg)
+    out = []
+    for section, values in b.items():
+        if not isinstance(values, dict):
+            if values != a.get(section):
+                out.append(f"{section}: {a.get(section)!r} -> {values!r}")
+            continue
+        for k, v in values.items():
+            if a[section].get(k) != v:
+                out.append(f"{section}.{k}: {a[section].get(k)!r} -> {v!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Bucket plan and health report
+# --------------------------------------------------------------------------------------
+
+def bucket_name(size: Sequence[int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def bucket_frame(plan: BucketPlan) -> pd.DataFrame:
+    """One row per used bucket, smallest area first: bucket name and image count."""
+    rows = [{"bucket": bucket_name(b.size), "images": b.images}
+            for b in plan.buckets if b.images]
+    return pd.DataFrame(rows, columns=["bucket", "images"])
+
+
+BUCKET_HEADERS = ["Bucket", "Aspect", "Images", "Batches", "Last batch", "Padded", "Dropped",
+                  "Tokens", "Aspect error mean / worst"]
+
+
+def bucket_rows(plan: BucketPlan) -> list[list]:
+    """The per-bucket table (used buckets only) with a total row."""
+    rows = []
+    for b in plan.buckets:
+        if b.images:
+            rows.append([bucket_name(b.size), f"{b.size[0] / b.size[1]:.2f}", b.images, b.batches,
+                         b.last_batch, b.padded, b.dropped, b.tokens,
+                         f"{b.mean_aspect_error:.3f} / {b.worst_aspect_error:.3f}"])
+    rows.append(["total", "", len(plan.images), plan.batches_per_epoch, "",
+                 sum(b.padded for b in plan.buckets), sum(b.dropped for b in plan.buckets), "",
+                 f"{plan.mean_aspect_error:.3f} / {plan.worst_aspect_error:.3f}"])
+    return rows
+
+
+def plan_summary(plan: BucketPlan, images_found: int) -> str:
+    """Markdown: counts, steps per epoch, aspect errors and the planner's warnings."""
+    used = sum(1 for b in plan.buckets if b.images)
+    reasons: dict[str, int] = {}
+    for d in plan.dropped:
+        reasons[d.reason.replace("_", " ")] = reasons.get(d.reason.replace("_", " "), 0) + 1
+    dropped = ", ".join(f"{v} {k}" for k, v in sorted(reasons.items()))
+    lines = [
+        f"**{len(plan.images)}** training images of {images_found} found, "
+        f"**{len(plan.val_images)}** held out for validation, **{len(plan.dropped)}** dropped"
+        + (f" ({dropped})" if dropped else ""),
+        f"**{used}** of {len(plan.buckets)} buckets used · **{plan.batches_per_epoch}** batches "
+        f"of up to {plan.batch_size} per epoch = **{plan.steps_per_epoch:g}** optimizer steps "
+        f"(grad accum {plan.grad_accum}, {plan.world_size} GPU(s))",
+        f"Aspect error |ln(image aspect / bucket aspect)|: mean **{plan.mean_aspect_error:.3f}**,"
+        f" worst **{plan.worst_aspect_error:.3f}** · {plan.upscaled} image(s) upscaled",
+    ]
+    lines += [f"- Warning: {w}" for w in plan.warnings]
+    return "\n\n".join(lines[:3]) + ("\n\n" + "\n".join(lines[3:]) if plan.warnings else "")
+
+
+HEALTH_HEADERS = ["Severity", "Problem", "File", "Detail"]
+
+
+def health_rows(health: HealthReport, limit: int = 500) -> list[list[str]]:
+    """Every problem file (up to `limit` rows), errors first."""
+    rows = []
+    for p in sorted(health.problems, key=lambda p: p.severity != "error"):
+        for rel, note in p.files.items():
+            rows.append([p.severity, f"{p.kind.replace('_', ' ')}: {p.message}", rel, note])
+    return rows[:limit]
+
+
+def health_summary(health: HealthReport) -> str:
+    if not health.problems:
+        text = f"No problems in {health.images} images."
+    else:
+        text = (f"{health.errors} file(s) will not be trained, {health.warnings} to check "
+                f"({len(health.problems)} kind(s) of problem).")
+    t = health.tokens
+    if t is not None:
+        limit = f"; limit {t.max_tokens}, {t.over} over" if t.max_tokens is not None else ""
+        text += (f" Caption length in {t.counter}: min {t.min}, mean {t.mean:.1f}, 95% {t.p95},"
+                 f" max {t.max}{limit}.")
+    return text
+
+
+def planned_order(plan: BucketPlan, order: str = "dataset", bucket: str = "all"
+                  ) -> list[PlannedImage]:
+    """Training images filtered to one bucket ('all' = every bucket) and sorted by
+    'dataset' order, 'worst crop' (least of the image kept first) or 'bucket'."""
+    images = [im for im in plan.images if bucket in ("all", "", None)
+              or bucket_name(im.bucket) == bucket]
+    if order == "worst crop":
+        return sorted(images, key=lambda im: (im.kept, im.rel))
+    if order == "bucket":
+        return sorted(images, key=lambda im: (im.bucket[0] * im.bucket[1], im.bucket, im.rel))
+    return images
+
+
+def crop_thumbnail(path: str | Path, box: Sequence[float], size: int = 160) -> Image.Image:
+    """A thumbnail of the image (EXIF-rotated, at most `size` px) with the area outside
+    the crop box dimmed and the box outlined. `box` is in original-image pixels."""
+    width, height = read_header(str(path))          # displayed size, before any draft
+    with Image.open(path) as im:
+        im.draft("RGB", (size * 2, size * 2))       # JPEG: decode at a reduced scale
+        thumb = ImageOps.exif_transpose(im).convert("RGB")
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    sx, sy = thumb.width / width, thumb.height / height
+    rect = (box[0] * sx, box[1] * sy, box[2] * sx - 1, box[3] * sy - 1)
+    mask = Image.new("L", thumb.size, 150)          # how much of the shade covers a pixel
+    ImageDraw.Draw(mask).rectangle(rect, fill=0)
+    out = Image.composite(Image.new("RGB", thumb.size, (0, 0, 0)), thumb, mask)
+    ImageDraw.Draw(out).rectangle(rect, outline=(255, 200, 0), width=max(1, round(size / 80)))
+    return out
+
+
+def thumbnail_caption(im: PlannedImage) -> str:
+    return (f"{im.rel} · {im.record.width}x{im.record.height} -> {bucket_name(im.bucket)} · "
+            f"kept {im.kept:.0%}{' · upscaled' if im.scale > 1 else ''}")
+
+
+# --------------------------------------------------------------------------------------
+# Training metrics
+# --------------------------------------------------------------------------------------
+
+def split_records(records: Iterable[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training metric lines, validation lines, event lines) of metrics.jsonl."""
+    train, val, events = [], [], []
+    for r in records:
+        if "event" in r:
+            events.append(r)
+        elif "val_loss" in r:
+            val.append(r)
+        elif "loss" in r:
+            train.append(r)
+    return train, val, events
+
+
+def smooth(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average with bias correction (the TensorBoard slider): weight
+    0 returns the values, 0.99 averages over about a hundred points. Missing values
+    (None, NaN) pass through and do not disturb the average."""
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight {weight} outside [0, 1)")
+    out, acc, n = [], 0.0, 0
+    for v in values:
+        if v is None or not math.isfinite(v):
+            out.append(v)
+            continue
+        acc = acc * weight + (1 - weight) * v
+        n += 1
+        out.append(acc / (1 - weight ** n))
+    return out
+
+
+def thin(n: int, max_points: int = MAX_PLOT_POINTS) -> list[int]:
+    """Indices of at most `max_points` evenly spread points, the last one always kept."""
+    if n <= max_points:
+        return list(range(n))
+    stride = n / max_points
+    idx = sorted({int(i * stride) for i in range(max_points)} | {n - 1})
+    return idx
+
+
+def series_frame(records: Sequence[dict], series: dict[str, str], smoothing: float = 0.0,
+                 max_points: int = MAX_PLOT_POINTS) -> pd.DataFrame:
+    """Long-format frame (step, value, series) of the keys of `series` (key -> label)
+    present in the records, each smoothed, then thinned to `max_points` steps."""
+    frames = []
+    for key, label in series.items():
+        pts = [(r["step"], r[key]) for r in records
+               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if not pts:
+            continue
+        values = smooth([v for _, v in pts], smoothing) if smoothing else [v for _, v in pts]
+        keep = thin(len(pts), max_points)
+        frames.append(pd.DataFrame({"step": [pts[i][0] for i in keep],
+                                    "value": [values[i] for i in keep],
+                                    "series": label}))
+    if not frames:
+        return pd.DataFrame({"step": pd.Series(dtype="int64"),
+                             "value": pd.Series(dtype="float64"),
+                             "series": pd.Series(dtype="str")})
+    return pd.concat(frames, ignore_index=True)
+
+
+def loss_t_frame(record: dict | None) -> pd.DataFrame:
+    """The latest loss by time bin: t from 0 (noise) to 1 (clean data), one bar per bin."""
+    values = (record or {}).get("loss_t") or []
+    rows = [{"t": f"{i / len(values):.1f}-{(i + 1) / len(values):.1f}", "loss": v}
+            for i, v in enumerate(values) if v is not None]
+    return pd.DataFrame(rows, columns=["t", "loss"])
+
+
+EVENT_HEADERS = ["Step", "Time", "Event", "Message", "Files"]
+
+
+def event_rows(events: Sequence[dict], limit: int = 200) -> list[list]:
+    """Newest first: step, time, kind, message and the first files involved."""
+    rows = []
+    for e in reversed(events[-limit:]):
+        files = e.get("files") or []
+        rows.append([e.get("step", ""), fmt_time(e.get("time")), e.get("event", ""),
+                     e.get("message", ""),
+                     ", ".join(files[:3]) + (f" (+{len(files) - 3})" if len(files) > 3 else "")])
+    return rows
+
+
+def latest_numbers(train: Sequence[dict], val: Sequence[dict]) -> str:
+    """One line: loss, LR, grad norm, throughput, memory and validation loss."""
+    if not train:
+        return "No metrics yet."
+    r = train[-1]
+    parts = [f"loss {fmt_loss(r.get('loss'))}", f"lr {r.get('lr', 0):.3g}",
+             f"grad norm {fmt_loss(r.get('grad_norm'))}"
+             + (f" (clipped {r['clip_fraction']:.0%} of steps)" if r.get("clip_fraction") else ""),
+             f"{r.get('images_s', 0):.1f} img/s", f"{fmt_count(r.get('tokens_s'))} tokens/s",
+             f"{r.get('step_s', 0):.2f} s/step", f"memory {fmt_bytes(r.get('mem_mb', 0) * 2**20)}"]
+    if val:
+        parts.append(f"validation {fmt_loss(val[-1]['val_loss'])} (step {val[-1]['step']})")
+    if r.get("skipped_batches"):
+        parts.append(f"{r['skipped_batches']} skipped batches")
+    if r.get("bad_files"):
+        parts.append(f"{r['bad_files']} unreadable files")
+    return " · ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Run state
+# --------------------------------------------------------------------------------------
+
+STATE_TEXT = {"starting": "Starting", "running": "Running", "stopping": "Stopping",
+              "paused": "Paused", "stopped": "Stopped", "completed": "Completed",
+              "failed": "Failed", "crashed": "Crashed", "none": "Not started"}
+
+
+def progress_html(state: str, step: int, total: int, eta_s: float | None,
+                  loss: float | None, note: str = "") -> str:
+    """A progress bar with step, percentage, ETA and loss."""
+    frac = min(1.0, step / total) if total else 0.0
+    label = STATE_TEXT.get(state, state)
+    eta = f"ETA {fmt_duration(eta_s)}" if state in ACTIVE_STATES and eta_s is not None else ""
+    info = " · ".join(x for x in (f"step {step:,} / {total:,}" if total else f"step {step:,}",
+                                  f"{frac:.1%}", eta, f"loss {fmt_loss(loss)}"
+                                  if loss is not None else "") if x)
+    extra = f'<div class="phdm-note">{html.escape(note)}</div>' if note else ""
+    return (f'<div class="phdm-progress phdm-{html.escape(state)}">'
+            f'<div class="phdm-progress-head"><b>{html.escape(label)}</b>'
+            f'<span>{html.escape(info)}</span></div>'
+            f'<div class="phdm-bar"><div style="width:{frac * 100:.2f}%"></div></div>'
+            f'{extra}</div>')
+
+
+def control_states(state: str, resumable: bool) -> dict[str, bool]:
+    """Which run buttons make sense in a state."""
+    alive = state in ("starting", "running")
+    return {"stop": alive, "pause": state == "running", "save": state == "running",
+            "sample": state == "running", "force": state in ACTIVE_STATES,
+            "resume": resumable and state in ("paused", "stopped", "completed", "failed",
+                                              "crashed")}
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and generation
+# --------------------------------------------------------------------------------------
+
+CHECKPOINT_HEADERS = ["Step", "Saved", "Size", "EMA", "Validation loss", "Kept", "Resumable",
+                      "Sample"]
+
+
+def checkpoint_row(step: int, saved: float, size: int, meta: dict, pinned: bool,
+                   resumable: bool, has_sample: bool) -> list:
+    return [step, fmt_time(saved), fmt_bytes(size), "yes" if meta.get("has_ema") else "no",
+            fmt_loss(meta.get("val_loss")), "pinned" if pinned else "",
+            "yes" if resumable else "weights only", "yes" if has_sample else ""]
+
+
+def retention_preview(steps: Sequence[int], keep_last: int, pinned: Iterable[int]) -> list[int]:
+    """Steps that engine.checkpoint.apply_retention deletes at the next save, when that
+    save adds one newer checkpoint (so only keep_last - 1 of these stay)."""
+    steps = sorted(steps)
+    protected = set(pinned) | set(steps[len(steps) - (keep_last - 1):] if keep_last > 1 else [])
+    return [s for s in steps if s not in protected]
+
+
+def size_choices(cfg: config.RunConfig) -> list[str]:
+    """'WxH' of every training bucket of a model (engine.buckets.make_buckets with its data
+    settings), smallest first."""
+    d = cfg.data
+    return [bucket_name(b) for b in make_buckets(d.min_side, d.max_side, d.bucket_step,
+                                                 cfg.model.patch_size, d.max_aspect)]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    w, _, h = (text or "").lower().partition("x")
+    return int(w), int(h.split()[0])
+
+
+def parse_seed(text) -> int | None:
+    """None (random) for empty text or -1; else a whole number >= 0."""
+    if text is None or str(text).strip() in ("", "-1"):
+        return None
+    try:
+        seed = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"seed '{text}' is not a whole number (leave it empty for a random "
+                         f"seed)") from None
+    if seed < 0:
+        raise ValueError(f"seed {seed} is negative (leave it empty for a random seed)")
+    return seed
+
+
+PARAM_LABELS = [("prompt", "Prompt"), ("negative", "Negative prompt"), ("seed", "Seed"),
+                ("width", "Width"), ("height", "Height"), ("steps", "Steps"),
+                ("sampler", "Sampler"), ("cfg", "CFG"), ("rescale", "CFG rescale"),
+                ("interval", "CFG interval"), ("shift", "Shift"), ("strength", "Strength"),
+                ("run_id", "Run"), ("checkpoint_step", "Step"), ("weights", "Weights"),
+                ("checkpoint_hash", "Model hash")]
+
+
+def params_markdown(params: dict) -> str:
+    """The settings of a generated image as a short Markdown table."""
+    if not params:
+        return "No parameters stored in this image."
+    rows = [f"| {label} | {html.escape(str(params[key]))} |" for key, label in PARAM_LABELS
+            if params.get(key) not in (None, "")]
+    return "| Setting | Value |\n|---|---|\n" + "\n".join(rows)

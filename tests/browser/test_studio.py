@@ -1,0 +1,170 @@
+"""The studio in a real browser, the way a person uses it on a fresh workspace: the
+first-start demo, the Dataset tab's bucket preview, a short tiny-cpu run watched live
+and stopped, its checkpoint in the Checkpoints tab, and an image generated from it whose
+settings are shown and recalled. The tests share one page and run in file order.
+
+A full-page screenshot of each tab goes to $PIXELHDM_TEST_OUTPUT/screenshots (default
+./test-output/screenshots).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+# Small enough to reach a checkpoint and a sample grid in seconds on two CPU cores; the
+# step count is far away so that the run is still going when Stop is pressed.
+SHORT_RUN = "\n".join([
+    "train.max_steps=5000", "model.patch_layers=2", "model.pixel_layers=1",
+    "train.batch_size=4", "train.log_every=5", "train.sample_every=20", "train.save_every=20",
+    "train.val_every=20", "data.val_images=4", "data.max_side=32", "sample.steps=6",
+    "train.cpu_threads=1"])
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+    page.wait_for_timeout(300)
+
+
+def text_of(page, selector: str) -> str:
+    return page.locator(selector).inner_text()
+
+
+def wait_text(page, selector: str, pattern: str, timeout: float = 30_000) -> None:
+    """Wait until the text of `selector` matches the regular expression `pattern`."""
+    page.wait_for_function(
+        "([sel, pat]) => { const e = document.querySelector(sel);"
+        " return !!e && new RegExp(pat).test(e.innerText); }",
+        arg=[selector, pattern], timeout=timeout)
+
+
+def test_first_start_offers_the_one_click_demo(page, studio_server, screenshots):
+    _, workspace = studio_server
+    demo = page.get_by_role("button", name="Start the demo")
+    demo.wait_for(state="visible")
+    page.screenshot(path=str(screenshots / "0-first-start.png"), full_page=True)
+    demo.click()
+    # the demo dataset is written, the tiny-cpu run starts and the Train tab opens
+    page.wait_for_selector(".phdm-progress.phdm-running, .phdm-progress.phdm-starting",
+                           timeout=60_000)
+    assert page.get_by_role("tab", name="Train", selected=True).is_visible()
+    assert (workspace / "datasets" / "demo-shapes" / "README.txt").is_file()
+    runs = list((workspace / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.endswith("tiny-cpu")
+    assert not demo.is_visible()
+    # this one would train for minutes: stop it at once, the short run follows below
+    page.get_by_role("button", name="Force stop").click()
+    page.wait_for_selector(".phdm-progress.phdm-stopped, .phdm-progress.phdm-crashed",
+                           timeout=90_000)
+
+
+def test_dataset_tab_previews_buckets_crops_and_health(page, screenshots):
+    open_tab(page, "Dataset")
+    page.get_by_role("button", name="Create the demo dataset").click()
+    wait_text(page, "#plan-summary", "training images of 600 found",
+                           timeout=60_000)
+    summary = text_of(page, "#plan-summary")
+    assert re.search(r"\d+ optimizer steps", summary)
+    assert "Aspect error" in summary
+    table = text_of(page, "#bucket-table")
+    assert "64x64" in table and "total" in table
+    page.wait_for_selector("#bucket-plot canvas, #bucket-plot svg")
+    assert page.get_by_text("No problems in 600 images").is_visible()
+    assert page.get_by_text("page 1 of").is_visible()
+    thumbs = page.locator("button.thumbnail-item, .thumbnail-item")
+    assert thumbs.count() >= 8
+    # a live edit re-plans: a bigger batch leaves buckets under-filled
+    batch = page.get_by_label("Batch size", exact=True)
+    batch.fill("256")
+    batch.press("Enter")
+    wait_text(page, "#plan-summary", "Warning:", timeout=30_000)
+    batch.fill("16")
+    batch.press("Enter")
+    wait_text(page, "#plan-summary", "batches of up to 16", timeout=30_000)
+    page.screenshot(path=str(screenshots / "1-dataset.png"), full_page=True)
+
+
+def test_train_tab_validates_starts_watches_and_stops_a_run(page, screenshots):
+    open_tab(page, "Train")
+    page.get_by_text("New run", exact=True).click()        # the set-up box was folded
+    overrides = page.get_by_label("Overrides: section.key=value, one per line")
+    overrides.wait_for(state="visible")
+    start = page.get_by_role("button", name="Start training")
+    overrides.fill("train.nope=1")
+    wait_text(page, "#train-validity", "unknown key 'train.nope'")
+    assert start.is_disabled()
+    overrides.fill(SHORT_RUN)
+    wait_text(page, "#train-validity", "Valid settings")
+    assert "demo-shapes" in text_of(page, "#train-validity")
+    assert start.is_enabled()
+    assert page.get_by_text("trained parameters").is_visible()
+    page.get_by_role("button", name="Dry run (one real step at the largest bucket)").click()
+    wait_text(page, "#dry-run", r"s/step", timeout=120_000)
+    start.click()
+    wait_text(page, "#sample-note", r"step \d{7}", timeout=120_000)
+    progress = text_of(page, ".phdm-progress")
+    assert re.search(r"step \d[\d,]* / 5,000", progress)
+    assert page.locator(".phdm-log pre").inner_text().count("\n") > 3
+    # pause saves and exits; resume continues from that checkpoint
+    page.get_by_role("button", name="Pause").click()
+    page.wait_for_selector(".phdm-progress.phdm-paused", timeout=90_000)
+    paused_at = int(re.search(r"step (\d+)", text_of(page, ".phdm-progress")).group(1))
+    page.get_by_role("button", name="Resume").click()
+    page.wait_for_selector(".phdm-progress.phdm-running", timeout=90_000)
+    wait_text(page, ".phdm-log pre", f"resumed from step_{paused_at:07d}", timeout=60_000)
+    page.get_by_role("button", name="Stop", exact=True).click()
+    page.wait_for_selector(".phdm-progress.phdm-stopped", timeout=90_000)
+    page.wait_for_timeout(2500)          # one more poll: plots and the final log lines
+    assert page.get_by_role("button", name="Resume").is_enabled()
+    assert page.get_by_role("button", name="Stop", exact=True).is_disabled()
+    page.screenshot(path=str(screenshots / "2-train.png"), full_page=True)
+
+
+def test_checkpoints_tab_lists_pins_and_exports(page, studio_server, screenshots):
+    _, workspace = studio_server
+    open_tab(page, "Checkpoints")
+    wait_text(page, "#checkpoint-table", "MiB")
+    table = text_of(page, "#checkpoint-table")
+    assert "yes" in table                       # EMA, resumable
+    page.get_by_role("button", name="Pin / unpin (retention keeps pinned)").click()
+    wait_text(page, "#checkpoint-message", "pinned")
+    assert "pinned" in text_of(page, "#checkpoint-table")
+    page.get_by_text("Export an inference file").click()
+    page.get_by_role("button", name="Export", exact=True).click()
+    wait_text(page, "#checkpoint-message", "Exported", timeout=60_000)
+    assert len(list((workspace / "models").glob("*.safetensors"))) == 1
+    page.screenshot(path=str(screenshots / "3-checkpoints.png"), full_page=True)
+
+
+def test_generate_from_the_checkpoint_and_recall_its_settings(page, studio_server, screenshots):
+    _, workspace = studio_server
+    open_tab(page, "Checkpoints")
+    page.get_by_role("button", name="Generate with this").click()
+    page.wait_for_timeout(500)
+    assert page.get_by_role("tab", name="Generate", selected=True).is_visible()
+    page.wait_for_selector("text=default size 32x32")
+    page.get_by_label("Prompt", exact=True).fill("a red circle on a white background")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    assert page.get_by_label("Width").input_value() == "32"   # the run's sample settings
+    wait_text(page, "#generate-status", "Done:", timeout=120_000)
+    status = text_of(page, "#generate-status")
+    seed = int(re.search(r"seed (\d+)", status).group(1))
+    params = text_of(page, "#generate-params")
+    assert "a red circle on a white background" in params and str(seed) in params
+    outputs = sorted((workspace / "outputs").glob("*.png"))
+    assert len(outputs) == 4
+    page.screenshot(path=str(screenshots / "4-generate.png"), full_page=True)
+
+    # dropping the first image back in restores its settings, seed included
+    page.locator("#recall-file input[type=file]").set_input_files(str(outputs[0]))
+    wait_text(page, "#recalled-params", str(seed))
+    page.get_by_label("Seed").fill("")
+    page.get_by_role("button", name="Use these settings").click()
+    wait_text(page, "#generate-status", "Settings restored")
+    assert page.locator("#generate-seed textarea, #generate-seed input").first.input_value() \
+        == str(seed)
+    assert Path(outputs[0]).stat().st_size > 0

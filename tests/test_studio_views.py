@@ -1,0 +1,328 @@
+"""The studio's pure view helpers: number formats, override text, plot frames, the bucket
+and health tables, crop-box thumbnails, run-state rules and checkpoint rows; plus the
+Studio context's name-to-path checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import config
+from engine.buckets import make_buckets, plan_buckets
+from engine.data import HealthReport, ImageRecord, Problem, TokenStats
+from studio import views
+
+# --------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------
+
+
+def test_number_formats():
+    assert views.fmt_count(999) == "999"
+    assert views.fmt_count(1234) == "1.2 k"
+    assert views.fmt_count(1_800_000) == "1.8 M"
+    assert views.fmt_count(3.4e9) == "3.4 B"
+    assert views.fmt_count(272.872) == "273"
+    assert views.fmt_count(None) == "-"
+    assert views.fmt_bytes(512) == "512 B"
+    assert views.fmt_bytes(3.4 * 2**30) == "3.4 GiB"
+    assert views.fmt_bytes(1536) == "1.5 KiB"
+    assert views.fmt_duration(723) == "12:03"
+    assert views.fmt_duration(3723) == "1:02:03"
+    assert views.fmt_duration(2 * 86400 + 5) == "2 d 0:00:05"
+    assert views.fmt_duration(None) == "--:--"
+    assert views.fmt_duration(math.inf) == "--:--"
+    assert views.fmt_loss(0.123456) == "0.1235"
+    assert views.fmt_loss(float("nan")) == "-"
+
+
+# --------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------
+
+
+def test_override_lines_skip_blanks_and_comments():
+    text = "train.lr=3e-4\n\n  # a note\n model.patch_layers = 2 \n"
+    assert views.override_lines(text) == ["train.lr=3e-4", "model.patch_layers = 2"]
+    assert views.override_values(text) == {"train.lr": "3e-4", "model.patch_layers": "2"}
+
+
+def test_set_override_replaces_adds_and_removes():
+    text = "train.lr=1e-3\ntrain.max_steps=100\ntrain.lr=2e-3"
+    text = views.set_override(text, "train.lr", 0.0005)
+    assert text == "train.lr=0.0005\ntrain.max_steps=100"
+    text = views.set_override(text, "data.drop_last", True)
+    assert text.splitlines()[-1] == "data.drop_last=true"
+    text = views.set_override(text, "train.max_steps", None)
+    assert "max_steps" not in text
+    assert views.set_override("", "train.batch_size", 8.0) == "train.batch_size=8"
+
+
+def test_resolve_config_applies_overrides_and_dataset():
+    cfg = views.resolve_config("tiny-cpu", "train.max_steps=60\nmodel.patch_layers=2",
+                               "/data/shapes")
+    assert cfg.train.max_steps == 60 and cfg.model.patch_layers == 2
+    assert cfg.data.path == "/data/shapes"
+    base = config.load_preset("tiny-cpu")
+    diff = views.config_diff(cfg, base)
+    assert any(d.startswith("train.max_steps: 3000 -> 60") for d in diff)
+    assert any(d.startswith("data.path") for d in diff)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("train.nope=1", "unknown key 'train.nope'"),
+    ("train.lr=-1", "train.lr"),
+    ("model.patch_size=7", "multiple of model.patch_size"),
+    ("just words", "not of the form section.key=value"),
+])
+def test_resolve_config_reports_the_engine_message(text, fragment):
+    with pytest.raises(config.ConfigError) as e:
+        views.resolve_config("tiny-cpu", text)
+    assert fragment in str(e.value)
+
+
+def test_resolve_config_needs_a_preset():
+    with pytest.raises(config.ConfigError, match="preset"):
+        views.resolve_config("", "")
+
+
+# --------------------------------------------------------------------------------------
+# Bucket plan, health report, thumbnails
+# --------------------------------------------------------------------------------------
+
+
+def _records(sizes, caption="a shape"):
+    return [ImageRecord(f"/nowhere/{i}.png", f"{i:03d}.png", w, h, caption, 100)
+            for i, (w, h) in enumerate(sizes)]
+
+
+def _plan(sizes, batch=4, **data):
+    d = config.DataConfig(min_side=32, max_side=64, bucket_step=16, max_aspect=2.0,
+                          val_images=0, **data)
+    return plan_buckets(_records(sizes), d, patch_size=8, batch_size=batch)
+
+
+def test_bucket_frame_and_rows_match_the_plan():
+    plan = _plan([(64, 64)] * 9 + [(128, 64)] * 2)
+    frame = views.bucket_frame(plan)
+    assert list(frame["bucket"]) == ["64x32", "64x64"]      # by area
+    assert list(frame["images"]) == [2, 9]
+    rows = views.bucket_rows(plan)
+    assert rows[-1][0] == "total" and rows[-1][2] == 11
+    row = next(r for r in rows if r[0] == "64x64")
+    assert row[3] == 3 and row[4] == 1          # 9 images at batch 4: 3 batches, last of 1
+    text = views.plan_summary(plan, 11)
+    assert "**11** training images of 11 found" in text
+    assert "Warning:" in text                   # the 64x32 bucket is under-filled
+
+
+def test_plan_summary_counts_dropped_images():
+    plan = _plan([(64, 64)] * 4 + [(16, 16)])
+    text = views.plan_summary(plan, 5)
+    assert "**1** dropped (1 too small)" in text
+
+
+def test_planned_order_worst_crop_first_and_bucket_filter():
+    plan = _plan([(64, 64), (100, 64), (64, 64), (64, 128)])
+    worst = views.planned_order(plan, "worst crop")
+    kept = [im.kept for im in worst]
+    assert kept == sorted(kept) and kept[0] < 1.0
+    only = views.planned_order(plan, "dataset", "64x64")
+    assert {views.bucket_name(im.bucket) for im in only} == {"64x64"}
+
+
+def test_health_rows_errors_first():
+    report = HealthReport("/d", 3, [
+        Problem("duplicate", "warning", "same file", {"b.png": "same as a.png"}),
+        Problem("unreadable", "error", "cannot be read", {"c.png": "truncated"}),
+    ], TokenStats("words", 8, 2, 3, 4.5, 6, 9, 1))
+    rows = views.health_rows(report)
+    assert rows[0][0] == "error" and rows[0][2] == "c.png"
+    assert rows[1][2] == "b.png"
+    text = views.health_summary(report)
+    assert "1 file(s) will not be trained" in text and "limit 8, 1 over" in text
+    assert views.health_summary(HealthReport("/d", 3, [], None)) == "No problems in 3 images."
+
+
+def test_crop_thumbnail_dims_outside_the_box(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (200, 100), (200, 200, 200)).save(path)
+    box = (50.0, 0.0, 150.0, 100.0)   # the centre crop of a square bucket
+    thumb = views.crop_thumbnail(path, box, size=160)
+    assert thumb.size == (160, 80)
+    arr = np.asarray(thumb).astype(int)
+    assert (arr[40, 80] == 200).all()              # inside: untouched
+    assert arr[40, 10].max() < 120                 # outside: shaded
+    assert tuple(arr[40, 40]) == (255, 200, 0)     # the outline at x = 50 * 0.8
+
+
+def test_crop_thumbnail_uses_displayed_orientation(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6                               # stored 100x50, displayed 50x100
+    Image.new("RGB", (100, 50), (90, 90, 90)).save(path, exif=exif)
+    thumb = views.crop_thumbnail(path, (0.0, 25.0, 50.0, 75.0), size=100)
+    assert thumb.size == (50, 100)
+
+
+# --------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------
+
+RECORDS = [
+    {"step": 10, "loss": 2.0, "loss_v": 1.5, "lr": 1e-4, "grad_norm": 3.0,
+     "loss_t": [1.0, None, 0.5, 0.25]},
+    {"step": 20, "val_loss": 1.7},
+    {"step": 20, "loss": 1.0, "loss_v": 0.8, "lr": 2e-4, "grad_norm": 2.0, "images_s": 40.0,
+     "tokens_s": 2560.0, "step_s": 0.1, "mem_mb": 512.0, "skipped_batches": 1,
+     "loss_t": [0.9, None, 0.4, 0.2]},
+    {"step": 21, "event": "skipped-batch", "message": "loss 9 > 5 x 1", "time": 0,
+     "files": ["a.png", "b.png", "c.png", "d.png"]},
+]
+
+
+def test_split_records():
+    train, val, events = views.split_records(RECORDS)
+    assert [r["step"] for r in train] == [10, 20]
+    assert val == [RECORDS[1]] and events == [RECORDS[3]]
+
+
+def test_smooth_closed_forms():
+    assert views.smooth([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
+    assert views.smooth([5.0] * 4, 0.9) == pytest.approx([5.0] * 4)  # debiased: no ramp
+    out = views.smooth([0.0, 1.0], 0.5)
+    assert out == pytest.approx([0.0, (0.5 * 0.0 * 0.5 + 0.5) / 0.75])
+    assert views.smooth([1.0, None, 3.0], 0.0) == [1.0, None, 3.0]
+    with pytest.raises(ValueError):
+        views.smooth([1.0], 1.0)
+
+
+def test_thin_keeps_the_last_point():
+    idx = views.thin(1000, 100)
+    assert len(idx) <= 101 and idx[0] == 0 and idx[-1] == 999
+    assert views.thin(5, 100) == [0, 1, 2, 3, 4]
+
+
+def test_series_frame_long_format():
+    train, _, _ = views.split_records(RECORDS)
+    frame = views.series_frame(train, views.LOSS_SERIES)
+    assert set(frame["series"]) == {"total", "velocity"}
+    total = frame[frame["series"] == "total"]
+    assert list(total["step"]) == [10, 20] and list(total["value"]) == [2.0, 1.0]
+    empty = views.series_frame(train, {"loss_repa": "iREPA"})
+    assert len(empty) == 0 and list(empty.columns) == ["step", "value", "series"]
+
+
+def test_loss_t_frame_skips_empty_bins():
+    frame = views.loss_t_frame(RECORDS[2])
+    assert list(frame["t"]) == ["0.0-0.2", "0.5-0.8", "0.8-1.0"]
+    assert list(frame["loss"]) == [0.9, 0.4, 0.2]
+    assert len(views.loss_t_frame(None)) == 0
+
+
+def test_event_rows_and_latest_numbers():
+    train, val, events = views.split_records(RECORDS)
+    rows = views.event_rows(events)
+    assert rows[0][0] == 21 and rows[0][2] == "skipped-batch"
+    assert rows[0][4] == "a.png, b.png, c.png (+1)"
+    line = views.latest_numbers(train, val)
+    assert "loss 1" in line and "40.0 img/s" in line and "validation 1.7" in line
+    assert "1 skipped batches" in line and "memory 512.0 MiB" in line
+    assert views.latest_numbers([], []) == "No metrics yet."
+
+
+# --------------------------------------------------------------------------------------
+# Run state
+# --------------------------------------------------------------------------------------
+
+
+def test_progress_html():
+    text = views.progress_html("running", 250, 1000, 723, 0.5, "step 3: <rollback>")
+    assert "25.0%" in text and "ETA 12:03" in text and "loss 0.5" in text
+    assert "&lt;rollback&gt;" in text and "<rollback>" not in text
+    assert 'style="width:25.00%"' in text
+    done = views.progress_html("completed", 1000, 1000, 0, 0.1)
+    assert "ETA" not in done and "100.0%" in done
+
+
+@pytest.mark.parametrize("state, resumable, enabled", [
+    ("running", False, {"stop", "pause", "save", "sample", "force"}),
+    ("starting", False, {"stop", "force"}),
+    ("stopping", False, {"force"}),
+    ("paused", True, {"resume"}),
+    ("crashed", True, {"resume"}),
+    ("crashed", False, set()),
+    ("completed", True, {"resume"}),
+])
+def test_control_states(state, resumable, enabled):
+    can = views.control_states(state, resumable)
+    assert {k for k, v in can.items() if v} == enabled
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and generation
+# --------------------------------------------------------------------------------------
+
+
+def test_checkpoint_row():
+    row = views.checkpoint_row(1200, 0, 3 * 2**20, {"has_ema": True, "val_loss": 0.123456},
+                               pinned=True, resumable=False, has_sample=True)
+    assert row == [1200, "-", "3.0 MiB", "yes", "0.1235", "pinned", "weights only", "yes"]
+
+
+def test_retention_preview_matches_the_rule():
+    # the next save adds a newer step: the newest keep_last - 1 existing ones stay
+    assert views.retention_preview([10, 20, 30, 40], 3, {10}) == [20]
+    assert views.retention_preview([10, 20, 30, 40], 1, set()) == [10, 20, 30, 40]
+    assert views.retention_preview([10], 5, set()) == []
+
+
+def test_size_choices_are_the_model_buckets():
+    cfg = config.load_preset("tiny-cpu")
+    d = cfg.data
+    expected = make_buckets(d.min_side, d.max_side, d.bucket_step, cfg.model.patch_size,
+                            d.max_aspect)
+    sizes = views.size_choices(cfg)
+    assert [views.parse_size(s) for s in sizes] == expected
+
+
+def test_parse_seed():
+    assert views.parse_seed("") is None and views.parse_seed(" -1 ") is None
+    assert views.parse_seed(" 42 ") == 42
+    with pytest.raises(ValueError, match="whole number"):
+        views.parse_seed("4.5")
+    with pytest.raises(ValueError, match="negative"):
+        views.parse_seed("-3")
+
+
+def test_params_markdown():
+    text = views.params_markdown({"prompt": "a red | circle", "seed": 7, "negative": ""})
+    assert "| Seed | 7 |" in text and "Negative prompt" not in text
+    assert views.params_markdown({}).startswith("No parameters")
+
+
+# --------------------------------------------------------------------------------------
+# The Studio context: names from the browser never become arbitrary paths
+# --------------------------------------------------------------------------------------
+
+
+def test_studio_names_stay_inside_the_workspace(tmp_path):
+    from studio.paths import PathError
+    from studio.runner import RunnerError
+    from studio.ui import Studio
+
+    studio = Studio(tmp_path / "ws")
+    (studio.datasets_dir / "shapes").mkdir()
+    (studio.datasets_dir / ".hidden").mkdir()
+    assert studio.dataset_names() == ["shapes"]
+    assert studio.dataset_dir("shapes") == (studio.datasets_dir / "shapes").resolve()
+    for bad in ("../..", "a/b", ".hidden"):
+        with pytest.raises(PathError):
+            studio.dataset_dir(bad)
+    for cid in ("run/../../etc/1", "model/../x.safetensors", "/etc/passwd", "run/x/abc"):
+        with pytest.raises((PathError, RunnerError)):
+            studio.checkpoint_path(cid)
+    assert studio.checkpoint_choices() == []
