@@ -138,7 +138,9 @@ class DataConfig:
 class LossConfig:
     p_mean: float = _f(0.0, "mean of the logit-normal time distribution")
     p_std: float = _f(1.0, "std of the logit-normal time distribution", lo=0.0, lo_open=True)
-    t_eps: float = _f(0.05, "training times are squeezed into [t_eps, 1 - t_eps]", lo=0.0, hi=0.49)
+    t_eps: float = _f(0.05, "x-prediction: 1 - t is clamped at t_eps when the clean estimate is "
+                      "turned into a velocity (JiT); also the margin of the validation time grid",
+                      lo=0.0, hi=0.49)
     time_shift: float = _f(1.0, "time shift s: t' = t / (t + (1 - t) s); s > 1 spends more time "
                            "near noise", lo=0.0, lo_open=True)
     shift_reference: int = _f(0, "0 = constant shift; else the image side at which the shift "

@@ -1,5 +1,6 @@
-"""Datasets: scanning an image folder with captions, the health report, the torch
-dataset and collate that feed the trainer, and the `python -m engine.data` CLI.
+"""Datasets: scanning an image folder with captions, the health report, and the
+`python -m engine.data` CLI. The torch Dataset that feeds the trainer is in
+engine.dataset.
 
 A dataset is a folder, scanned recursively: .jpg .jpeg .png .webp .bmp images in any
 letter case; the caption of `a/x.png` is the UTF-8 text of `a/x.txt`. Hidden files and
@@ -13,11 +14,9 @@ Typical use (trainer):
     scan = scan_dataset(root, cfg.data)
     plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, cfg.train.batch_size,
                         world_size, cfg.train.grad_accum)
-    loader, sampler = make_loader(plan, cfg.data, seed=cfg.train.seed, rank=rank)
+    loader, sampler = engine.dataset.make_loader(plan, cfg.data, seed=cfg.train.seed,
+                                                 rank=rank)
     for epoch in ...: sampler.set_epoch(epoch); for batch in loader: ...
-
-A file that fails to decode during training does not stop it: its sample comes back with
-an error, collate leaves it out and lists it in `Batch.failed`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import struct
 import sys
@@ -36,20 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from engine.buckets import (
-    Box,
-    BucketBatchSampler,
     BucketPlan,
-    PlannedImage,
-    SampleKey,
-    Size,
-    cover_scale,
-    crop_box,
     plan_buckets,
 )
 from engine.config import ConfigError, DataConfig, RunConfig, atomic_write_text, load_preset
@@ -68,7 +56,7 @@ BROKEN_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Ty
                       struct.error, Image.DecompressionBombError)
 
 # EXIF orientation -> the transpose that shows the image upright (EXIF 2.32, tag 0x0112)
-_ORIENT_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+ORIENT_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                      6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                      8: Image.Transpose.ROTATE_90}
@@ -131,7 +119,7 @@ def _problem(problems: dict[str, Problem], kind: str, severity: str, message: st
 # Scanning
 # --------------------------------------------------------------------------------------
 
-def _orientation(img: Image.Image) -> int:
+def exif_orientation(img: Image.Image) -> int:
     """EXIF orientation read from the header only (1 when absent): PNG keeps EXIF after
     the pixels at times, and reading it there would decode the whole image."""
     if "exif" not in img.info:
@@ -140,10 +128,10 @@ def _orientation(img: Image.Image) -> int:
         value = img.getexif().get(0x0112, 1)
     except BROKEN_FILE_ERRORS:
         return 1
-    return value if value in _ORIENT_TRANSPOSE else 1
+    return value if value in ORIENT_TRANSPOSE else 1
 
 
-def _open(path: str) -> Image.Image:
+def open_image(path: str) -> Image.Image:
     """Image.open with PIL's bomb warning silenced (our own limit is checked by callers)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -152,13 +140,32 @@ def _open(path: str) -> Image.Image:
 
 def read_header(path: str) -> tuple[int, int]:
     """(width, height) as displayed, from the file header."""
-    with _open(path) as img:
+    with open_image(path) as img:
         w, h = img.size
-        if _orientation(img) >= 5:   # orientations 5-8 swap the axes
+        if exif_orientation(img) >= 5:   # orientations 5-8 swap the axes
             w, h = h, w
     if w < 1 or h < 1:
         raise OSError(f"image has no pixels ({w}x{h})")
     return w, h
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; transparent pixels are composited on white, 16-bit grey is rescaled."""
+    if img.mode.startswith("I;16"):
+        grey = (np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """to_rgb of an opened image, turned the way its EXIF orientation says it is shown."""
+    orient = exif_orientation(img)
+    rgb = to_rgb(img)
+    return rgb.transpose(ORIENT_TRANSPOSE[orient]) if orient != 1 else rgb
 
 
 CAPTION_PROBLEMS = {"missing_caption": "no caption file", "empty_caption": "empty caption",
@@ -313,171 +320,6 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
 
 
 # --------------------------------------------------------------------------------------
-# Decoding a crop
-# --------------------------------------------------------------------------------------
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB; transparent pixels are composited on white, 16-bit grey is rescaled."""
-    if img.mode.startswith("I;16"):
-        grey = (np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: bool = False, *,
-              max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """The bucket-sized RGB crop of an image: the crop box of engine.buckets.crop_box at
-    (fx, fy), resampled with Lanczos straight from the original pixels, optionally
-    mirrored. Large JPEGs are decoded at a reduced DCT scale that still covers the crop
-    at full resolution. Raises one of BROKEN_FILE_ERRORS for a broken file."""
-    with _open(path) as img:
-        orient = _orientation(img)
-        w, h = img.size if orient < 5 else img.size[::-1]
-        if w * h > max_pixels:
-            raise DataError(f"{w}x{h} px is over the limit of {max_pixels} pixels")
-        s = cover_scale(w, h, bucket)
-        factor = 1.0     # decoded pixels per original pixel
-        if img.format in ("JPEG", "MPO") and s < 0.5:
-            stored_w, stored_h = img.size
-            drafted = img.draft(None, (math.ceil(stored_w * s), math.ceil(stored_h * s)))
-            if drafted is not None:    # (mode, (0, 0, stored_w / k, stored_h / k))
-                factor = drafted[1][2] / stored_w
-        rgb = _to_rgb(img)
-    if orient != 1:
-        rgb = rgb.transpose(_ORIENT_TRANSPOSE[orient])
-    box = tuple(v * factor for v in crop_box(w, h, bucket, fx, fy))
-    out = rgb.resize(bucket, Image.Resampling.LANCZOS, box=box)
-    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
-
-
-def to_tensor(img: Image.Image) -> Tensor:
-    """PIL RGB -> float (3, H, W) in [-1, 1]."""
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (H, W, 3) -> (3, H, W)
-
-
-# --------------------------------------------------------------------------------------
-# Dataset, samples, batches
-# --------------------------------------------------------------------------------------
-
-@dataclass
-class Sample:
-    image: Tensor | None      # (3, H, W) in [-1, 1]; None when the file failed
-    caption: str
-    path: str
-    bucket: Size
-    epoch: int
-    position: int
-    error: str = ""           # why the file failed ('' = it did not)
-
-
-@dataclass
-class Batch:
-    images: Tensor                     # (B, 3, H, W) in [-1, 1], B may be 0
-    captions: list[str]
-    paths: list[str]
-    failed: list[tuple[str, str]]      # (path, reason) of samples left out
-    epoch: int
-    position: int                      # batches of the epoch trained once this one is
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def grid(self, patch_size: int) -> tuple[int, int]:
-        """The patch grid (h, w) = (H / p, W / p)."""
-        H, W = self.images.shape[-2:]
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"batch size {W}x{H} is not a multiple of patch {patch_size}")
-        return H // patch_size, W // patch_size
-
-    def pin_memory(self) -> Batch:
-        """Called by DataLoader(pin_memory=True)."""
-        return Batch(self.images.pin_memory(), self.captions, self.paths, self.failed,
-                     self.epoch, self.position)
-
-
-class BucketDataset(Dataset):
-    """The planned images as training samples. Indexed by SampleKey (from
-    BucketBatchSampler) or a plain index (epoch 0). Random crop offsets and flips are
-    a function of (seed, epoch, index) alone, so any number of workers, and a resumed
-    run, see exactly the same pixels."""
-
-    def __init__(self, images: Sequence[PlannedImage], *, crop: str = "center",
-                 flip: bool = False, seed: int = 0, max_pixels: int = MAX_PIXELS):
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-        self.images, self.crop, self.flip = list(images), crop, flip
-        self.seed, self.max_pixels = seed, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def augmentation(self, index: int, epoch: int) -> tuple[float, float, bool]:
-        """(fx, fy, flip) of an image in an epoch; crop_box(w, h, bucket, fx, fy) is the
-        exact box trained."""
-        u = np.random.default_rng([self.seed, epoch, index]).random(3)
-        fx, fy = (u[0], u[1]) if self.crop == "random" else (0.5, 0.5)
-        return float(fx), float(fy), bool(self.flip and u[2] < 0.5)
-
-    def crop_at(self, index: int, epoch: int) -> tuple[Box, bool]:
-        """(box in original pixels, mirrored) trained for an image in an epoch: what a
-        preview draws for random crops (the plan holds the centre boxes)."""
-        im = self.images[index]
-        fx, fy, flip = self.augmentation(index, epoch)
-        return crop_box(im.record.width, im.record.height, im.bucket, fx, fy), flip
-
-    def __getitem__(self, key: SampleKey | int) -> Sample:
-        if not isinstance(key, SampleKey):
-            key = SampleKey(int(key), 0, 0)
-        im = self.images[key.index]
-        fx, fy, flip = self.augmentation(key.index, key.epoch)
-        try:
-            img = load_crop(im.record.path, im.bucket, fx, fy, flip, max_pixels=self.max_pixels)
-        except BROKEN_FILE_ERRORS as e:
-            return Sample(None, im.caption, im.record.path, im.bucket, key.epoch, key.position,
-                          f"{type(e).__name__}: {e}")
-        return Sample(to_tensor(img), im.caption, im.record.path, im.bucket, key.epoch,
-                      key.position)
-
-
-def collate(samples: Sequence[Sample]) -> Batch:
-    """Stack one bucket's samples; failed ones are left out and listed in `failed`."""
-    if not samples:
-        raise ValueError("collate needs at least one sample")
-    buckets = {s.bucket for s in samples}
-    if len(buckets) > 1:
-        raise ValueError(f"a batch mixes buckets {sorted(buckets)}; use BucketBatchSampler")
-    ok = [s for s in samples if not s.error]
-    bw, bh = samples[0].bucket
-    images = torch.stack([s.image for s in ok]) if ok else torch.empty(0, 3, bh, bw)
-    return Batch(images, [s.caption for s in ok], [s.path for s in ok],
-                 [(s.path, s.error) for s in samples if s.error],
-                 samples[0].epoch, samples[0].position)
-
-
-def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int = 0,
-                validation: bool = False, pin_memory: bool = False
-                ) -> tuple[DataLoader, BucketBatchSampler]:
-    """DataLoader and its sampler for the plan's training images, or (validation=True)
-    its held-out images: centre crops, no flips, every image once, rank 0's view."""
-    if validation:
-        ds = BucketDataset(plan.val_images, seed=seed)
-        sampler = BucketBatchSampler([im.bucket for im in plan.val_images], plan.batch_size,
-                                     seed=seed)
-    else:
-        ds = BucketDataset(plan.images, crop=data_cfg.crop, flip=data_cfg.flip, seed=seed)
-        sampler = BucketBatchSampler.from_plan(plan, seed=seed, rank=rank)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=data_cfg.workers, pin_memory=pin_memory,
-                        persistent_workers=data_cfg.workers > 0)
-    return loader, sampler
-
-
-# --------------------------------------------------------------------------------------
 # Health report
 # --------------------------------------------------------------------------------------
 
@@ -566,7 +408,7 @@ def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] 
             if progress is not None:
                 progress(i + 1, len(scan.records))
             try:
-                with _open(r.path) as img:
+                with open_image(r.path) as img:
                     if img.size[0] * img.size[1] > max_pixels:
                         continue
                     img.load()
@@ -599,7 +441,7 @@ def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] 
 # CLI: python -m engine.data demo | report
 # --------------------------------------------------------------------------------------
 
-def _cli_token_counter(cfg: RunConfig) -> tuple[Callable[[list[str]], list[int]], str]:
+def token_counter(cfg: RunConfig) -> tuple[Callable[[list[str]], list[int]], str]:
     """The text encoder's own count where it is available offline, else an estimate that
     says so."""
     if cfg.text.encoder == "builtin":
@@ -683,7 +525,7 @@ def _report(args) -> int:
     scan = scan_dataset(args.dir, cfg.data)
     plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, cfg.train.batch_size,
                         args.gpus, cfg.train.grad_accum)
-    counter, counter_name = _cli_token_counter(cfg)
+    counter, counter_name = token_counter(cfg)
     health = health_report(scan, count_tokens=counter, max_tokens=cfg.text.max_tokens,
                            counter_name=counter_name, deep=args.deep)
     if args.json:

@@ -54,13 +54,15 @@ def resolution_shift(width: int, height: int, time_shift: float, shift_reference
     return time_shift * math.sqrt(width * height) / shift_reference
 
 
-def sample_t(n: int, p_mean: float, p_std: float, t_eps: float, shift: float = 1.0, *,
+def sample_t(n: int, p_mean: float, p_std: float, shift: float = 1.0, *,
              generator: torch.Generator | None = None, device=None) -> Tensor:
-    """Training times: logit-normal u ~ N(p_mean, p_std^2), t = sigmoid(u) squeezed into
-    [t_eps, 1 - t_eps], then shifted. Returns (n,) float32."""
+    """Training times: logit-normal, t = sigmoid(u) with u ~ N(p_mean, p_std^2), then
+    shifted. Returns (n,) float32 on the whole of (0, 1): samplers start from pure noise
+    at t = 0, so training must reach down to it (a squeeze into [0.05, 0.95], as the
+    original PixelHDM did, leaves the first sampling steps outside what the network
+    has seen). Times are kept 1e-5 away from 0 and 1 only for float safety."""
     u = torch.randn(n, generator=generator, device=device) * p_std + p_mean
-    t = t_eps + (1.0 - 2.0 * t_eps) * torch.sigmoid(u)
-    return shift_time(t, shift)
+    return shift_time(torch.sigmoid(u), shift).clamp(1e-5, 1.0 - 1e-5)
 
 
 # --------------------------------------------------------------------------------------
@@ -87,7 +89,8 @@ def to_clean(pred: Tensor, z: Tensor, t: Tensor, prediction: str) -> Tensor:
 
 def to_velocity(pred: Tensor, z: Tensor, t: Tensor, prediction: str, t_eps: float = 0.0) -> Tensor:
     """The network's output as a velocity. For x-prediction v = (x_hat - z) / (1 - t),
-    with 1 - t clamped below at t_eps (JiT), the reason training squeezes t."""
+    with 1 - t clamped below at t_eps (JiT): near t = 1 the division would otherwise
+    amplify tiny errors of x_hat without bound."""
     if prediction == "v":
         return pred
     return (pred - z) / (1.0 - _bcast(t, z)).clamp_min(t_eps if t_eps > 0 else 1e-6)

@@ -39,13 +39,14 @@ from typing import Callable
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from engine import __version__
 from engine.checkpoint import CheckpointError, file_hash, list_checkpoints, load_weights, read_meta
 from engine.config import ConfigError, RunConfig, config_from_dict
+from engine.data import upright_rgb
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
 from engine.flow import to_clean
 from engine.model import PRECISIONS, PixelHDM, TextCond
@@ -93,18 +94,9 @@ def from_pil(image: Image.Image) -> Tensor:
     return (u8.permute(2, 0, 1)[None].float() / 127.5) - 1.0                # (1, 3, H, W)
 
 
-def flatten_alpha(image: Image.Image) -> Image.Image:
-    """RGB after EXIF rotation; transparent images are composed over white."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def cover_resize(image: Image.Image, width: int, height: int) -> Image.Image:
     """Lanczos-resize so the image covers width x height, then crop the centre."""
-    image = flatten_alpha(image)
+    image = upright_rgb(image)
     w0, h0 = image.size
     if (w0, h0) == (width, height):
         return image
@@ -677,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.init is not None:
             try:
                 with Image.open(args.init) as im:
-                    init = flatten_alpha(im)
+                    init = upright_rgb(im)
             except OSError as e:
                 raise GenerateError(f"--init: cannot read image '{args.init}' ({e})") from e
         pipe = Pipeline.load(args.checkpoint, ema=not args.no_ema, device=args.device,

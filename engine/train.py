@@ -42,7 +42,8 @@ from engine.checkpoint import (
     unflatten_optimizer,
 )
 from engine.config import ConfigError, RunConfig, load_preset, save_config
-from engine.data import DataError, make_loader, scan_dataset
+from engine.data import DataError, scan_dataset
+from engine.dataset import make_loader
 from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flow import (
     IREPAProjector,
@@ -441,8 +442,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             captions = drop_captions(batch.captions, cfg.data.caption_dropout,
                                      generator=_cpu(noise_gen))
             shift = resolution_shift(x.shape[3], x.shape[2], lo.time_shift, lo.shift_reference)
-            t = sample_t(B, lo.p_mean, lo.p_std, lo.t_eps, shift, generator=noise_gen,
-                         device=device)
+            t = sample_t(B, lo.p_mean, lo.p_std, shift, generator=noise_gen, device=device)
             eps = torch.randn(x.shape, generator=noise_gen, device=device)
             grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
             use_repa = teacher is not None and repa_active(lo, step)

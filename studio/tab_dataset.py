@@ -21,7 +21,7 @@ import gradio as gr
 
 from engine import config
 from engine.buckets import BucketPlan, plan_buckets
-from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
+from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset, token_counter
 from engine.demo_data import write_demo_dataset
 from studio import views
 from studio.paths import PathError, resolve_inside
@@ -52,9 +52,8 @@ _PREVIEWS: OrderedDict[tuple, Preview] = OrderedDict()   # the last few plans, f
 def _token_counter(text: tuple):
     """The text encoder's token counter for the health report, loaded once per encoder
     (engine.data's own: the encoder's tokenizer, or a labelled estimate offline)."""
-    from engine.data import _cli_token_counter
     cfg = config.RunConfig(text=config.TextConfig(*text))
-    return _cli_token_counter(cfg)
+    return token_counter(cfg)
 
 
 def preview_key(root: Path, cfg: config.RunConfig, gpus: int) -> tuple:

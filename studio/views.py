@@ -15,11 +15,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from engine import config
 from engine.buckets import BucketPlan, PlannedImage, make_buckets
-from engine.data import HealthReport, read_header
+from engine.data import HealthReport, open_image, read_header, upright_rgb
 from studio.runner import ACTIVE_STATES
 
 MAX_PLOT_POINTS = 600
@@ -271,9 +271,9 @@ def crop_thumbnail(path: str | Path, box: Sequence[float], size: int = 160) -> I
     """A thumbnail of the image (EXIF-rotated, at most `size` px) with the area outside
     the crop box dimmed and the box outlined. `box` is in original-image pixels."""
     width, height = read_header(str(path))          # displayed size, before any draft
-    with Image.open(path) as im:
+    with open_image(str(path)) as im:
         im.draft("RGB", (size * 2, size * 2))       # JPEG: decode at a reduced scale
-        thumb = ImageOps.exif_transpose(im).convert("RGB")
+        thumb = upright_rgb(im)
     thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
     sx, sy = thumb.width / width, thumb.height / height
     rect = (box[0] * sx, box[1] * sy, box[2] * sx - 1, box[3] * sy - 1)

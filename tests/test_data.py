@@ -28,19 +28,8 @@ from engine.buckets import (
     split_validation,
 )
 from engine.config import DataConfig
-from engine.data import (
-    BucketDataset,
-    DataError,
-    ImageRecord,
-    collate,
-    health_report,
-    load_crop,
-    main,
-    make_loader,
-    read_header,
-    scan_dataset,
-    to_tensor,
-)
+from engine.data import DataError, ImageRecord, health_report, main, read_header, scan_dataset
+from engine.dataset import BucketDataset, collate, load_crop, make_loader, to_tensor
 from engine.demo_data import COLOURS, SHAPES, make_caption, render, sample_item, write_demo_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

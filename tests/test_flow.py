@@ -87,13 +87,17 @@ def test_x_prediction_velocity_clamps_at_t_eps():
 
 
 def test_sample_t_range_and_centre():
-    t = sample_t(20000, 0.0, 1.0, 0.05, generator=_gen())
+    t = sample_t(20000, 0.0, 1.0, generator=_gen())
     assert t.shape == (20000,) and t.dtype == torch.float32
-    assert t.min() >= 0.05 and t.max() <= 0.95
+    assert 0.0 < t.min() < 0.03 and 0.97 < t.max() < 1.0   # not squeezed into [0.05, 0.95]
     assert abs(t.median().item() - 0.5) < 0.02
     assert abs(t.mean().item() - 0.5) < 0.01
-    # a negative mean puts more samples near noise
-    assert sample_t(20000, -0.8, 1.0, 0.05, generator=_gen()).median() < 0.4
+    # logit-normal: P(t < sigmoid(-1.645)) = 5 %
+    assert abs((t < torch.sigmoid(torch.tensor(-1.645))).float().mean().item() - 0.05) < 0.01
+    # a negative mean puts more samples near noise; a shift > 1 too
+    assert sample_t(20000, -0.8, 1.0, generator=_gen()).median() < 0.4
+    shifted = sample_t(20000, 0.0, 1.0, 3.0, generator=_gen())
+    assert shifted.median() == pytest.approx(0.25, abs=0.02)
 
 
 def test_shift_time_monotonic_and_fixes_endpoints():

@@ -1,0 +1,193 @@
+"""The torch side of a dataset: decoding an image's exact crop, the Dataset that feeds
+the trainer, collate and the DataLoader.
+
+A file that fails to decode during training does not stop it: its sample comes back with
+an error, collate leaves it out and lists it in `Batch.failed`, and the trainer logs and
+counts it. Random crops and flips are a function of (seed, epoch, index) alone, so any
+number of workers, and a resumed run, see exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from engine.buckets import (
+    Box,
+    BucketBatchSampler,
+    BucketPlan,
+    PlannedImage,
+    SampleKey,
+    Size,
+    cover_scale,
+    crop_box,
+)
+from engine.config import DataConfig
+from engine.data import (
+    BROKEN_FILE_ERRORS,
+    MAX_PIXELS,
+    ORIENT_TRANSPOSE,
+    DataError,
+    exif_orientation,
+    open_image,
+    to_rgb,
+)
+
+# --------------------------------------------------------------------------------------
+# Decoding a crop
+# --------------------------------------------------------------------------------------
+
+def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: bool = False, *,
+              max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The bucket-sized RGB crop of an image: the crop box of engine.buckets.crop_box at
+    (fx, fy), resampled with Lanczos straight from the original pixels, optionally
+    mirrored. Large JPEGs are decoded at a reduced DCT scale that still covers the crop
+    at full resolution. Raises one of BROKEN_FILE_ERRORS for a broken file."""
+    with open_image(path) as img:
+        orient = exif_orientation(img)
+        w, h = img.size if orient < 5 else img.size[::-1]
+        if w * h > max_pixels:
+            raise DataError(f"{w}x{h} px is over the limit of {max_pixels} pixels")
+        s = cover_scale(w, h, bucket)
+        factor = 1.0     # decoded pixels per original pixel
+        if img.format in ("JPEG", "MPO") and s < 0.5:
+            stored_w, stored_h = img.size
+            drafted = img.draft(None, (math.ceil(stored_w * s), math.ceil(stored_h * s)))
+            if drafted is not None:    # (mode, (0, 0, stored_w / k, stored_h / k))
+                factor = drafted[1][2] / stored_w
+        rgb = to_rgb(img)
+    if orient != 1:
+        rgb = rgb.transpose(ORIENT_TRANSPOSE[orient])
+    box = tuple(v * factor for v in crop_box(w, h, bucket, fx, fy))
+    out = rgb.resize(bucket, Image.Resampling.LANCZOS, box=box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB -> float (3, H, W) in [-1, 1]."""
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (H, W, 3) -> (3, H, W)
+
+
+# --------------------------------------------------------------------------------------
+# Dataset, samples, batches
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    image: Tensor | None      # (3, H, W) in [-1, 1]; None when the file failed
+    caption: str
+    path: str
+    bucket: Size
+    epoch: int
+    position: int
+    error: str = ""           # why the file failed ('' = it did not)
+
+
+@dataclass
+class Batch:
+    images: Tensor                     # (B, 3, H, W) in [-1, 1], B may be 0
+    captions: list[str]
+    paths: list[str]
+    failed: list[tuple[str, str]]      # (path, reason) of samples left out
+    epoch: int
+    position: int                      # batches of the epoch trained once this one is
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def grid(self, patch_size: int) -> tuple[int, int]:
+        """The patch grid (h, w) = (H / p, W / p)."""
+        H, W = self.images.shape[-2:]
+        if H % patch_size or W % patch_size:
+            raise ValueError(f"batch size {W}x{H} is not a multiple of patch {patch_size}")
+        return H // patch_size, W // patch_size
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True)."""
+        return Batch(self.images.pin_memory(), self.captions, self.paths, self.failed,
+                     self.epoch, self.position)
+
+
+class BucketDataset(Dataset):
+    """The planned images as training samples. Indexed by SampleKey (from
+    BucketBatchSampler) or a plain index (epoch 0). Random crop offsets and flips are
+    a function of (seed, epoch, index) alone, so any number of workers, and a resumed
+    run, see exactly the same pixels."""
+
+    def __init__(self, images: Sequence[PlannedImage], *, crop: str = "center",
+                 flip: bool = False, seed: int = 0, max_pixels: int = MAX_PIXELS):
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.images, self.crop, self.flip = list(images), crop, flip
+        self.seed, self.max_pixels = seed, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def augmentation(self, index: int, epoch: int) -> tuple[float, float, bool]:
+        """(fx, fy, flip) of an image in an epoch; crop_box(w, h, bucket, fx, fy) is the
+        exact box trained."""
+        u = np.random.default_rng([self.seed, epoch, index]).random(3)
+        fx, fy = (u[0], u[1]) if self.crop == "random" else (0.5, 0.5)
+        return float(fx), float(fy), bool(self.flip and u[2] < 0.5)
+
+    def crop_at(self, index: int, epoch: int) -> tuple[Box, bool]:
+        """(box in original pixels, mirrored) trained for an image in an epoch: what a
+        preview draws for random crops (the plan holds the centre boxes)."""
+        im = self.images[index]
+        fx, fy, flip = self.augmentation(index, epoch)
+        return crop_box(im.record.width, im.record.height, im.bucket, fx, fy), flip
+
+    def __getitem__(self, key: SampleKey | int) -> Sample:
+        if not isinstance(key, SampleKey):
+            key = SampleKey(int(key), 0, 0)
+        im = self.images[key.index]
+        fx, fy, flip = self.augmentation(key.index, key.epoch)
+        try:
+            img = load_crop(im.record.path, im.bucket, fx, fy, flip, max_pixels=self.max_pixels)
+        except BROKEN_FILE_ERRORS as e:
+            return Sample(None, im.caption, im.record.path, im.bucket, key.epoch, key.position,
+                          f"{type(e).__name__}: {e}")
+        return Sample(to_tensor(img), im.caption, im.record.path, im.bucket, key.epoch,
+                      key.position)
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    """Stack one bucket's samples; failed ones are left out and listed in `failed`."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    buckets = {s.bucket for s in samples}
+    if len(buckets) > 1:
+        raise ValueError(f"a batch mixes buckets {sorted(buckets)}; use BucketBatchSampler")
+    ok = [s for s in samples if not s.error]
+    bw, bh = samples[0].bucket
+    images = torch.stack([s.image for s in ok]) if ok else torch.empty(0, 3, bh, bw)
+    return Batch(images, [s.caption for s in ok], [s.path for s in ok],
+                 [(s.path, s.error) for s in samples if s.error],
+                 samples[0].epoch, samples[0].position)
+
+
+def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int = 0,
+                validation: bool = False, pin_memory: bool = False
+                ) -> tuple[DataLoader, BucketBatchSampler]:
+    """DataLoader and its sampler for the plan's training images, or (validation=True)
+    its held-out images: centre crops, no flips, every image once, rank 0's view."""
+    if validation:
+        ds = BucketDataset(plan.val_images, seed=seed)
+        sampler = BucketBatchSampler([im.bucket for im in plan.val_images], plan.batch_size,
+                                     seed=seed)
+    else:
+        ds = BucketDataset(plan.images, crop=data_cfg.crop, flip=data_cfg.flip, seed=seed)
+        sampler = BucketBatchSampler.from_plan(plan, seed=seed, rank=rank)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=data_cfg.workers, pin_memory=pin_memory,
+                        persistent_workers=data_cfg.workers > 0)
+    return loader, sampler
