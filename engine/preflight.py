@@ -18,7 +18,12 @@ import torch
 
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
+from engine.encoders import DinoTeacher, load_text_encoder
+from engine.flow import IREPAProjector
 from engine.model import PRECISIONS, PixelHDM
+from engine.optim import build_optimizer
+from engine.train import Trainable, autocast_for, oom_message
+from engine.train_io import TextCache
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).
 KNOWN_TEXT = {"Qwen/Qwen3-0.6B": (1024, 596e6), "Qwen/Qwen3-1.7B": (2048, 1.72e9),
@@ -161,12 +166,6 @@ def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
     with the configured batch size and the longest captions, on random pixels. Reports the
     time of the last steps and the peak memory. Raises RuntimeError with the settings to
     change when the step does not fit in memory."""
-    from engine.encoders import DinoTeacher, load_text_encoder
-    from engine.flow import IREPAProjector
-    from engine.optim import build_optimizer
-    from engine.train import Trainable, _oom_message, autocast_for
-    from engine.train_io import TextCache
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tr = cfg.train
     width, height = largest_bucket(cfg)
@@ -204,7 +203,7 @@ def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError as e:
-        raise RuntimeError(_oom_message(cfg, x.shape)) from e
+        raise RuntimeError(oom_message(cfg, x.shape)) from e
     step_s = min(times[1:] or times)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20

@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,9 +41,18 @@ from engine.checkpoint import (
     save_checkpoint,
     unflatten_optimizer,
 )
-from engine.config import ConfigError, RunConfig, load_preset, save_config
+from engine.config import ConfigError, RunConfig, dump_yaml, load_preset, save_config
 from engine.data import DataError, scan_dataset
 from engine.dataset import make_loader
+from engine.distributed import (
+    DeviceError,
+    Dist,
+    barrier,
+    broadcast_flags,
+    check_ranks_in_sync,
+    mean_over_ranks,
+    setup_device,
+)
 from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flow import (
     IREPAProjector,
@@ -64,6 +73,7 @@ from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, lr_at
 from engine.train_io import (
     LOG_CAPTURED_ENV,
     JobReporter,
+    MetricWindow,
     TextCache,
     dataset_fingerprint,
     save_sample_grid,
@@ -127,36 +137,6 @@ class Trainable(nn.Module):
 # --------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_device(name: str | None) -> tuple[Dist, torch.device]:
-    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-             int(os.environ.get("LOCAL_RANK", 0)))
-    if name in (None, "", "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {name}: no CUDA GPU is visible to PyTorch (torch "
-                             f"{torch.__version__}); use --device cpu or install a CUDA build")
-        index = d.local_rank if d.world > 1 else (torch.device(name).index or 0)
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device(name)
-    if d.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d, device
-
 
 def autocast_for(precision: str, device: torch.device):
     if precision == "fp32":
@@ -257,11 +237,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         return tensors, info
 
     def save(reason: str) -> Path | None:
-        _check_ranks_in_sync(d, model, log)
+        check_ranks_in_sync(d, model, log)
         if not d.main:
             return None
         tensors, info = state_payload()
-        meta = {"run_id": run.run_id, "config": _yaml(cfg), "dataset_fingerprint": fingerprint,
+        meta = {"run_id": run.run_id, "config": dump_yaml(cfg), "dataset_fingerprint": fingerprint,
                 "engine_version": __version__, "text_dim": text_encoder.dim,
                 "images_seen": step * tr.batch_size * tr.grad_accum * d.world,
                 "val_loss": report.last_val, "reason": reason}
@@ -389,7 +369,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     model.train()
     data_iter = iter(loader)
     bad_steps, skipped_total, bad_files_total, rollbacks_in_a_row = 0, 0, 0, 0
-    window = _Window()
+    window = MetricWindow(T_BINS)
     final_state = "completed"
 
     def next_batch():
@@ -415,7 +395,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         wanted = report.requests() if d.main else {}
         if stop_signal["hit"]:
             wanted["stop"] = "signal"
-        asked = dict(zip(REQUESTS, _broadcast_flags(d, [k in wanted for k in REQUESTS])))
+        asked = dict(zip(REQUESTS, broadcast_flags(d, [k in wanted for k in REQUESTS])))
         if asked["stop"] or asked["pause"]:
             final_state = "stopped" if asked["stop"] else "paused"
             report.handled(wanted)
@@ -456,7 +436,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                                                       teacher_tokens, grid if use_repa else None)
                     scaler.scale(terms["total"] / tr.grad_accum).backward()
                 except torch.OutOfMemoryError as e:
-                    raise TrainError(_oom_message(cfg, x.shape)) from e
+                    raise TrainError(oom_message(cfg, x.shape)) from e
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / tr.grad_accum
             idx = t_bin_index(t.detach().cpu(), T_BINS)
@@ -467,7 +447,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             step_paths += batch.paths
 
         # divergence guard: the same decision on every rank
-        loss = _mean_over_ranks(d, terms_sum["total"], device)
+        loss = mean_over_ranks(d, terms_sum["total"], device)
         spike = (tr.spike_factor > 0 and loss_count >= 20 and loss > tr.spike_factor * loss_avg)
         if not math.isfinite(loss) or spike:
             optimizer.zero_grad(set_to_none=True)
@@ -528,13 +508,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             save("every")
         if tr.sample_every and step % tr.sample_every == 0 and step < stop_at:
             report.sample(step, sample())
-        _barrier(d)
+        barrier(d)
 
     # ---- end ------------------------------------------------------------------------------
     save(final_state)
     if final_state == "completed" and tr.sample_every:
         report.sample(step, sample())
-    _barrier(d)
+    barrier(d)
     report.finish(final_state, step)
     return final_state
 
@@ -543,90 +523,9 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 # Small helpers of the loop
 # --------------------------------------------------------------------------------------
 
-class _Window:
-    """Sums over the steps between two metric lines."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.n, self.terms, self.norm, self.clipped, self.clips = 0, {}, 0.0, 0.0, 0
-        self.images, self.tokens, self.seconds = 0, 0, 0.0
-        self.bin_loss, self.bin_count = torch.zeros(T_BINS), torch.zeros(T_BINS)
-
-    def add(self, terms, norm, clipped, images, tokens, seconds, bin_loss, bin_count):
-        self.n += 1
-        for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + v
-        self.norm += norm
-        self.clipped += clipped
-        self.clips += clipped < norm
-        self.images += images
-        self.tokens += tokens
-        self.seconds += seconds
-        self.bin_loss += bin_loss
-        self.bin_count += bin_count
-
-    def flush(self) -> dict:
-        n = max(self.n, 1)
-        out = {("loss" if k == "total" else f"loss_{k}"): v / n for k, v in self.terms.items()}
-        out.update(grad_norm=self.norm / n, grad_norm_clipped=self.clipped / n,
-                   clip_fraction=self.clips / n, images_s=self.images / max(self.seconds, 1e-9),
-                   tokens_s=self.tokens / max(self.seconds, 1e-9), step_s=self.seconds / n,
-                   loss_t=[round(float(s / c), 5) if c > 0 else None
-                           for s, c in zip(self.bin_loss, self.bin_count)])
-        self.reset()
-        return out
-
-
 def _cpu(gen: torch.Generator) -> torch.Generator | None:
     """Caption dropout draws on the CPU; a CPU noise generator is shared, a GPU one is not."""
     return gen if gen.device.type == "cpu" else None
-
-
-def _broadcast_flags(d: Dist, flags: list[bool]) -> list[bool]:
-    if d.world == 1:
-        return flags
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.broadcast(t, 0)
-    return [bool(v) for v in t.tolist()]
-
-
-def _mean_over_ranks(d: Dist, value: float, device: torch.device) -> float:
-    if d.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64,
-                     device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return float(t) / d.world
-
-
-def _check_ranks_in_sync(d: Dist, model: nn.Module, log) -> None:
-    """DDP keeps replicas identical; verify it before each checkpoint (a mismatch would
-    otherwise be saved silently from rank 0)."""
-    if d.world == 1:
-        return
-    with torch.no_grad():
-        local = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-    backend_device = local.device if dist.get_backend() == "nccl" else "cpu"
-    gathered = [torch.zeros((), dtype=torch.float64, device=backend_device) for _ in range(d.world)]
-    dist.all_gather(gathered, local.to(backend_device))
-    values = [float(g) for g in gathered]
-    if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
-        raise TrainError(f"DDP ranks are out of sync (parameter checksums {values}); the run "
-                         f"cannot continue safely")
-    log(f"{d.world} ranks in sync (parameter checksum {values[0]:.6f})")
-
-
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
-
-
-def _yaml(cfg: RunConfig) -> str:
-    from engine.config import dump_yaml
-    return dump_yaml(cfg)
 
 
 def _validation_batches(plan, cfg: RunConfig, device) -> list[tuple[Tensor, Tensor, list[str]]]:
@@ -644,7 +543,7 @@ def _validation_batches(plan, cfg: RunConfig, device) -> list[tuple[Tensor, Tens
     return out
 
 
-def _oom_message(cfg: RunConfig, shape) -> str:
+def oom_message(cfg: RunConfig, shape) -> str:
     tr = cfg.train
     hints = [f"lower train.batch_size (now {tr.batch_size}; raise train.grad_accum to keep the "
              f"effective batch)", f"lower data.max_side (now {cfg.data.max_side})"]
@@ -685,8 +584,9 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
         overrides.append(f"train.seed={args.seed}")
     if args.data:
         overrides.append(f"data.path={Path(args.data).resolve()}")
+    main_rank = int(os.environ.get("RANK", 0)) == 0   # other ranks may see rank 0's config.yaml
     if args.preset:
-        if run.config.is_file():
+        if run.config.is_file() and main_rank:
             raise TrainError(f"'{run.root}' already holds a run; add --resume to continue it "
                              f"(without --preset), or choose a new --run-dir")
         if args.resume:
@@ -697,7 +597,7 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
         if not run.config.is_file():
             raise TrainError(f"'{run.root}' holds no config.yaml: give --preset (and --data) "
                              f"to start a new run there")
-        if not args.resume and latest_resumable(run.checkpoints) is not None:
+        if not args.resume and main_rank and latest_resumable(run.checkpoints) is not None:
             raise TrainError(f"'{run.root}' already has checkpoints; add --resume to continue it")
         cfg = load_preset(run.config, overrides)
     if not cfg.data.path:
@@ -718,7 +618,8 @@ def main(argv=None) -> int:
             if args.preset or args.overrides or args.data or args.seed is not None:
                 save_config(cfg, run.config)   # the resolved config, with what the flags changed
         state = train(cfg, run, resume=args.resume, stop_at=args.max_steps, device_name=args.device)
-    except (ConfigError, TrainError, DataError, EncoderLoadError, CheckpointError) as e:
+    except (ConfigError, TrainError, DataError, EncoderLoadError, CheckpointError,
+            DeviceError) as e:
         _fail(run, str(e))
         return 2 if isinstance(e, ConfigError) else 1
     except Exception as e:   # unexpected: the traceback goes to the log, one line to stderr

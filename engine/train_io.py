@@ -215,6 +215,48 @@ def _hms(seconds: float | None) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Metric windows
+# --------------------------------------------------------------------------------------
+
+class MetricWindow:
+    """Sums over the optimizer steps between two metric lines; `flush` returns their
+    means (and the loss by time bin) and starts a new window."""
+
+    def __init__(self, t_bins: int):
+        self.t_bins = t_bins
+        self.reset()
+
+    def reset(self):
+        self.n, self.terms, self.norm, self.clipped, self.clips = 0, {}, 0.0, 0.0, 0
+        self.images, self.tokens, self.seconds = 0, 0, 0.0
+        self.bin_loss, self.bin_count = torch.zeros(self.t_bins), torch.zeros(self.t_bins)
+
+    def add(self, terms, norm, clipped, images, tokens, seconds, bin_loss, bin_count):
+        self.n += 1
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v
+        self.norm += norm
+        self.clipped += clipped
+        self.clips += clipped < norm
+        self.images += images
+        self.tokens += tokens
+        self.seconds += seconds
+        self.bin_loss += bin_loss
+        self.bin_count += bin_count
+
+    def flush(self) -> dict:
+        n = max(self.n, 1)
+        out = {("loss" if k == "total" else f"loss_{k}"): v / n for k, v in self.terms.items()}
+        out.update(grad_norm=self.norm / n, grad_norm_clipped=self.clipped / n,
+                   clip_fraction=self.clips / n, images_s=self.images / max(self.seconds, 1e-9),
+                   tokens_s=self.tokens / max(self.seconds, 1e-9), step_s=self.seconds / n,
+                   loss_t=[round(float(s / c), 5) if c > 0 else None
+                           for s, c in zip(self.bin_loss, self.bin_count)])
+        self.reset()
+        return out
+
+
+# --------------------------------------------------------------------------------------
 # Sample grids
 # --------------------------------------------------------------------------------------
 
