@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 import yaml
 
-from engine import config, generate
+from engine import config, generate, pngmeta
 from engine.checkpoint import CheckpointError
 from engine.encoders import EncoderLoadError
 from engine.sampling import SAMPLERS
@@ -239,7 +239,7 @@ def build(studio: Studio) -> dict:
                         float(shift_v or 0.0), seed_i, int(count_v),
                         init_image=init_v, strength=float(strength_v) if init_v else None,
                         callback=progress)
-                    saved = [generate.save_png(r, studio.outputs_dir) for r in out]
+                    saved = [pngmeta.save_png(r.image, r.params, studio.outputs_dir) for r in out]
                 events.put(("done", (out, saved)))
             except generate.Cancelled:
                 events.put(("cancelled", None))
@@ -314,8 +314,8 @@ def build(studio: Studio) -> dict:
 
     def on_past(files, evt: gr.SelectData):
         try:
-            p = generate.read_png_parameters(files[evt.index])
-        except (generate.GenerateError, IndexError, TypeError) as e:
+            p = pngmeta.read_png_parameters(files[evt.index])
+        except (pngmeta.MetadataError, IndexError, TypeError) as e:
             return f"**{e}**", {}
         return views.params_markdown(p), p
 
@@ -323,8 +323,8 @@ def build(studio: Studio) -> dict:
         if not path:
             return "", {}
         try:
-            p = generate.read_png_parameters(path)
-        except generate.GenerateError as e:
+            p = pngmeta.read_png_parameters(path)
+        except pngmeta.MetadataError as e:
             return f"**{e}**", {}
         if not p:
             return "This PNG carries no generation settings.", {}

@@ -32,15 +32,13 @@ from engine.generate import (
     from_pil,
     initial_noise,
     main,
-    parse_parameters,
-    read_png_parameters,
     render,
     render_grid,
     resolve_checkpoint,
-    save_png,
     to_pil,
 )
 from engine.model import PixelHDM
+from engine.pngmeta import parse_parameters, read_png_parameters, save_png
 
 torch.set_num_threads(1)
 
@@ -249,7 +247,7 @@ def test_png_metadata_round_trip(pipe, tmp_path):
     out = pipe.generate("a red circle, flat colours", negative="blurry, dark", seed=42, n=2,
                         cfg=2.5, rescale=0.7, interval=(0.1, 0.9), shift=2.0, sampler="dpmpp_2m",
                         steps=2, width=24, height=16)
-    paths = [save_png(r, tmp_path) for r in out]
+    paths = [save_png(r.image, r.params, tmp_path) for r in out]
     assert [p.name for p in paths] == ["00001-42.png", "00002-43.png"]
     for r, path in zip(out, paths):
         recalled = read_png_parameters(path)
@@ -275,7 +273,7 @@ def test_png_metadata_round_trip(pipe, tmp_path):
 def test_save_png_never_overwrites(pipe, tmp_path):
     r = pipe.generate("a", seed=5, **FAST)[0]
     (tmp_path / "00007-1.png").write_bytes(b"keep")
-    path = save_png(r, tmp_path)
+    path = save_png(r.image, r.params, tmp_path)
     assert path.name == "00008-5.png"
     assert (tmp_path / "00007-1.png").read_bytes() == b"keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00007-1.png", "00008-5.png"]
