@@ -77,8 +77,12 @@ nvidia-smi -L >nul 2>&1
 if errorlevel 1 goto install_file
 for /f %%t in ('findstr /b /c:"torch==" requirements.txt') do set "TORCH_PIN=%%t"
 echo NVIDIA GPU found: installing the CUDA build of %TORCH_PIN% first.
-"%VPY%" -m pip install --disable-pip-version-check "%TORCH_PIN%" --index-url https://download.pytorch.org/whl/cu128
-if errorlevel 1 exit /b 1
+rem The newest CUDA line first; an older driver or a torch release without it falls back.
+for %%c in (cu130 cu128 cu126) do (
+    "%VPY%" -m pip install --disable-pip-version-check "%TORCH_PIN%" --index-url https://download.pytorch.org/whl/%%c && goto install_file
+)
+echo launch.bat: no CUDA build of %TORCH_PIN% could be installed from the PyTorch index. 1>&2
+exit /b 1
 :install_file
 "%VPY%" -m pip install --disable-pip-version-check -r "%~1"
 if errorlevel 1 exit /b 1
