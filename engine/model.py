@@ -86,12 +86,12 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-def _init_modulation(lin: nn.Linear, chunks: int) -> None:
-    """Near-identity AdaLN: small random weights (every parameter upstream of the
-    modulation gets a gradient from the first step and the time dependence exists from
-    the start), biases gamma = beta = 0 and alpha = 1 for the chunks
+def _init_modulation(lin: nn.Linear, chunks: int, gain: float) -> None:
+    """AdaLN projection: random weights of std gain / sqrt(fan_in) (every parameter
+    upstream of the modulation gets a gradient from the first step, and the conditioning
+    acts from the start), biases gamma = beta = 0 and alpha = 1 for the chunks
     (gamma1, beta1, alpha1, gamma2, beta2, alpha2)."""
-    nn.init.normal_(lin.weight, std=0.1 / math.sqrt(lin.in_features))
+    nn.init.normal_(lin.weight, std=gain / math.sqrt(lin.in_features))
     with torch.no_grad():
         bias = lin.bias.view(chunks, -1)
         bias.zero_()
@@ -168,7 +168,8 @@ class PatchBlock(nn.Module):
         self.attn = GatedAttention(D, cfg.num_heads, cfg.num_kv_heads, cfg.gate, cfg.attention)
         self.mlp = SwiGLU(D, int(D * cfg.mlp_ratio))
         self.ada = nn.Linear(D, 6 * D)
-        _init_modulation(self.ada, 6)
+        # time and pooled text only nudge the patch path: near-identity modulation
+        _init_modulation(self.ada, 6, gain=0.1)
 
     def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor,
                 mask: Tensor | None) -> Tensor:
@@ -210,7 +211,10 @@ class PixelBlock(nn.Module):
         nn.init.xavier_uniform_(self.compress.weight)
         # a small expand gain keeps the compacted attention a gentle update at the start
         nn.init.xavier_uniform_(self.expand.weight, gain=0.1)
-        _init_modulation(self.ada, 6)
+        # the per-pixel condition is how the patch path's meaning reaches the pixels: a
+        # unit-gain map, or the pixel path learns for a long time without it (measured on
+        # the demo set: shapes appear several times sooner than with a 0.1 gain)
+        _init_modulation(self.ada, 6, gain=1.0)
 
     def forward(self, x: Tensor, s_cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         B, L, pp, d = x.shape
