@@ -422,7 +422,8 @@ def test_cli_end_to_end(run, tmp_path):
     assert [p.name for p in paths] == ["00001-3.png", "00002-4.png"]
     params = read_png_parameters(paths[1])
     assert params["seed"] == 4 and (params["width"], params["height"]) == (16, 16)
-X
+    cfg = load_preset("tiny-cpu").sample                         # the run's sample settings
+    assert params["cfg"] == cfg.cfg and params["sampler"] == cfg.sampler
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing"), *cmd[5:]], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
