@@ -11,6 +11,7 @@ an identical config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -496,23 +497,29 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, width=100)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and os.replace (never half-written)."""
+@contextlib.contextmanager
+def atomic_target(path: Path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one
+    os.replace, on any error it is deleted. Readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (flushed to disk before it replaces the old one)."""
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

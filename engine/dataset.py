@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -191,3 +191,19 @@ def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int 
                         num_workers=data_cfg.workers, pin_memory=pin_memory,
                         persistent_workers=data_cfg.workers > 0)
     return loader, sampler
+
+
+def validation_batches(plan: BucketPlan, data_cfg: DataConfig, seed: int, device
+                       ) -> list[tuple[Tensor, Tensor, list[str]]]:
+    """The held-out images as (images, noise, captions) batches on `device`: centre crops
+    and noise fixed by the seed, so the validation loss of two steps differs only because
+    the weights do."""
+    loader, _ = make_loader(plan, replace(data_cfg, workers=0), seed=seed, validation=True)
+    out = []
+    for i, batch in enumerate(loader):
+        if not len(batch):
+            continue
+        g = torch.Generator().manual_seed(seed + 7919 * (i + 1))
+        eps = torch.randn(batch.images.shape, generator=g)
+        out.append((batch.images.to(device), eps.to(device), list(batch.captions)))
+    return out

@@ -247,7 +247,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         infos = list_checkpoints(folder)
         if not infos:
             raise CheckpointError(f"'{p}' holds no checkpoint (expected "
-                                  f"checkpoints/step_XXXXXXX.safetensors); give a run folder "
+                                  f"checkpoints/step_NNNNNNN.safetensors); give a run folder "
                                   f"that has saved at least once, or a .safetensors file")
         return infos[-1].path
     if not p.is_file():

@@ -6,8 +6,8 @@
       metrics.jsonl    trainer only, appended: one JSON object per logged step
       events.out.tfevents.*   the same scalars for TensorBoard
       log.txt          the trainer's log (and, when the studio starts it, stdout/stderr)
-      samples/         fixed-prompt, fixed-seed sample grids (step_XXXXXXX.png + .json)
-      checkpoints/     step_XXXXXXX.safetensors (+ .state.safetensors), keep.txt (studio)
+      samples/         fixed-prompt, fixed-seed sample grids (step_NNNNNNN.png + .json)
+      checkpoints/     step_NNNNNNN.safetensors (+ .state.safetensors), keep.txt (studio)
       control/         studio only: one file per request kind (stop, pause, save-now,
                        sample-now) holding a request id; the trainer acts on an id it has
                        not handled yet and records it in status.json's `handled`.

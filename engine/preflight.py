@@ -22,8 +22,9 @@ from engine.encoders import DinoTeacher, load_text_encoder
 from engine.flow import IREPAProjector
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import build_optimizer
-from engine.train import Trainable, autocast_for, oom_message
+from engine.train import oom_message
 from engine.train_io import TextCache
+from engine.trainable import Trainable, autocast_for
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).
 KNOWN_TEXT = {"Qwen/Qwen3-0.6B": (1024, 596e6), "Qwen/Qwen3-1.7B": (2048, 1.72e9),

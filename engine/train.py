@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from engine.checkpoint import (
 )
 from engine.config import ConfigError, RunConfig, dump_yaml, load_preset, save_config
 from engine.data import DataError, scan_dataset
-from engine.dataset import make_loader
+from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
     DeviceError,
     Dist,
@@ -57,18 +56,14 @@ from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flow import (
     IREPAProjector,
     drop_captions,
-    flow_losses,
-    interpolate,
     repa_active,
     resolution_shift,
     sample_t,
     t_bin_index,
-    to_velocity,
-    v_loss_per_sample,
     validation_loss,
 )
 from engine.job import REQUESTS, RunDir, Status
-from engine.model import PRECISIONS, PixelHDM, TextCond
+from engine.model import PRECISIONS, PixelHDM
 from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, lr_at
 from engine.train_io import (
     LOG_CAPTURED_ENV,
@@ -78,6 +73,7 @@ from engine.train_io import (
     dataset_fingerprint,
     save_sample_grid,
 )
+from engine.trainable import Trainable, autocast_for
 
 T_BINS = 10
 MAX_ROLLBACKS = 3   # rollbacks without a good step in between before the run gives up
@@ -88,61 +84,8 @@ class TrainError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------
-# The trained modules, as one nn.Module so DDP sees a single forward
-# --------------------------------------------------------------------------------------
-
-class Trainable(nn.Module):
-    """The network, the builtin text encoder (when used) and the iREPA projector.
-    A frozen text encoder is kept as a plain attribute: it is neither trained nor saved."""
-
-    def __init__(self, net: PixelHDM, text_encoder, projector: IREPAProjector | None,
-                 text_cache: TextCache | None):
-        super().__init__()
-        self.net = net
-        self.text = text_encoder if isinstance(text_encoder, nn.Module) else None
-        self.repa = projector
-        self._frozen = None if self.text is not None else text_encoder
-        self._cache = text_cache
-
-    def encode(self, captions: list[str]) -> TextCond:
-        if self.text is not None:
-            return self.text.encode(captions)
-        return self._cache.encode(captions) if self._cache else self._frozen.encode(captions)
-
-    def forward(self, x: Tensor, captions: list[str], t: Tensor, eps: Tensor, cfg: RunConfig,
-                step: int, teacher: Tensor | None, teacher_grid: tuple[int, int] | None):
-        text = self.encode(captions)
-        z = interpolate(x, eps, t)
-        grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
-        repa_layer = cfg.loss.repa_layer if teacher is not None else None
-        out = self.net.forward_train(z, t, text, repa_layer)
-        terms = flow_losses(out.pred, z, t, x, eps, cfg.model.prediction, cfg.loss,
-                            features=out.features, grid=grid, teacher=teacher,
-                            teacher_grid=teacher_grid, projector=self.repa,
-                            gamma_sq=out.gamma_sq, step=step)
-        with torch.no_grad():
-            per_sample = v_loss_per_sample(
-                to_velocity(out.pred, z, t, cfg.model.prediction, cfg.loss.t_eps), x - eps)
-        return terms, per_sample
-
-    def weights(self) -> dict[str, Tensor]:
-        """Everything saved as `model.*`: net., text., repa."""
-        return self.state_dict()
-
-    def ema_params(self) -> dict[str, Tensor]:
-        """Parameters averaged by the EMA (the projector is not needed for sampling)."""
-        return {k: p for k, p in self.named_parameters() if not k.startswith("repa.")}
-
-
-# --------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
 
 def _rng_tensors(gen: torch.Generator, device: torch.device) -> dict[str, Tensor]:
     out = {"rng.torch": torch.get_rng_state(), "rng.noise": gen.get_state()}
@@ -314,7 +257,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     report.start(step, stop_at, epoch, handled)
 
     # ---- validation and samples (main rank; EMA weights) ---------------------------------
-    val_batches = _validation_batches(plan, cfg, device) if d.main and plan.val_images else []
+    val_batches = (validation_batches(plan, cfg.data, tr.seed, device)
+                   if d.main and plan.val_images else [])
 
     def with_ema(fn):
         if ema is None:
@@ -526,21 +470,6 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 def _cpu(gen: torch.Generator) -> torch.Generator | None:
     """Caption dropout draws on the CPU; a CPU noise generator is shared, a GPU one is not."""
     return gen if gen.device.type == "cpu" else None
-
-
-def _validation_batches(plan, cfg: RunConfig, device) -> list[tuple[Tensor, Tensor, list[str]]]:
-    """The held-out images, centre-cropped, with noise fixed by the seed: the validation
-    loss of two steps differs only because the weights do."""
-    loader, _ = make_loader(plan, replace(cfg.data, workers=0), seed=cfg.train.seed,
-                            validation=True)
-    out = []
-    for i, batch in enumerate(loader):
-        if not len(batch):
-            continue
-        g = torch.Generator().manual_seed(cfg.train.seed + 7919 * (i + 1))
-        eps = torch.randn(batch.images.shape, generator=g)
-        out.append((batch.images.to(device), eps.to(device), list(batch.captions)))
-    return out
 
 
 def oom_message(cfg: RunConfig, shape) -> str:

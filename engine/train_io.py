@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from engine.checkpoint import step_name
-from engine.config import RunConfig
+from engine.config import RunConfig, atomic_target, atomic_write_text
 from engine.job import HEARTBEAT_SECONDS, RunDir, Status
 from engine.model import TextCond
 
@@ -267,7 +267,7 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 
 def save_sample_grid(run: RunDir, step: int, images: Tensor, cfg: RunConfig) -> Path:
-    """Write `samples/step_XXXXXXX.png` (a grid, up to 4 per row) and its `.json` with the
+    """Write `samples/step_NNNNNNN.png` (a grid, up to 4 per row) and its `.json` with the
     prompts and settings. Atomic: a half-written grid is never visible."""
     arr = to_uint8(images)
     n, h, w, _ = arr.shape
@@ -288,10 +288,8 @@ def save_sample_grid(run: RunDir, step: int, images: Tensor, cfg: RunConfig) -> 
     path = run.samples / f"{step_name(step)}.png"
     meta = PngImagePlugin.PngInfo()
     meta.add_text("pixelhdm-grid", json.dumps(info))
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG", pnginfo=meta)
-    os.replace(tmp, path)
-    from engine.config import atomic_write_text
+    with atomic_target(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG", pnginfo=meta)
     atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=1))
     return path
 

@@ -1,0 +1,68 @@
+"""What a training run optimises, as one nn.Module (so DistributedDataParallel sees a
+single forward): the PixelHDM network, the builtin text encoder when the config uses it,
+and the iREPA projector. Its forward is one micro-batch: encode the captions, noise the
+images to times t, run the network and return every loss term (engine/flow.py).
+The trainer, the dry run (engine/preflight.py) and nothing else call it."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from engine.config import RunConfig
+from engine.flow import IREPAProjector, flow_losses, interpolate, to_velocity, v_loss_per_sample
+from engine.model import PRECISIONS, PixelHDM, TextCond
+from engine.train_io import TextCache
+
+
+class Trainable(nn.Module):
+    """The network, the builtin text encoder (when used) and the iREPA projector.
+    A frozen text encoder is kept as a plain attribute: it is neither trained nor saved."""
+
+    def __init__(self, net: PixelHDM, text_encoder, projector: IREPAProjector | None,
+                 text_cache: TextCache | None):
+        super().__init__()
+        self.net = net
+        self.text = text_encoder if isinstance(text_encoder, nn.Module) else None
+        self.repa = projector
+        self._frozen = None if self.text is not None else text_encoder
+        self._cache = text_cache
+
+    def encode(self, captions: list[str]) -> TextCond:
+        if self.text is not None:
+            return self.text.encode(captions)
+        return self._cache.encode(captions) if self._cache else self._frozen.encode(captions)
+
+    def forward(self, x: Tensor, captions: list[str], t: Tensor, eps: Tensor, cfg: RunConfig,
+                step: int, teacher: Tensor | None, teacher_grid: tuple[int, int] | None):
+        text = self.encode(captions)
+        z = interpolate(x, eps, t)
+        grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
+        repa_layer = cfg.loss.repa_layer if teacher is not None else None
+        out = self.net.forward_train(z, t, text, repa_layer)
+        terms = flow_losses(out.pred, z, t, x, eps, cfg.model.prediction, cfg.loss,
+                            features=out.features, grid=grid, teacher=teacher,
+                            teacher_grid=teacher_grid, projector=self.repa,
+                            gamma_sq=out.gamma_sq, step=step)
+        with torch.no_grad():
+            per_sample = v_loss_per_sample(
+                to_velocity(out.pred, z, t, cfg.model.prediction, cfg.loss.t_eps), x - eps)
+        return terms, per_sample
+
+    def weights(self) -> dict[str, Tensor]:
+        """Everything saved as `model.*`: net., text., repa."""
+        return self.state_dict()
+
+    def ema_params(self) -> dict[str, Tensor]:
+        """Parameters averaged by the EMA (the projector is not needed for sampling)."""
+        return {k: p for k, p in self.named_parameters() if not k.startswith("repa.")}
+
+
+
+def autocast_for(precision: str, device: torch.device):
+    """Mixed precision for a config's train.precision (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
