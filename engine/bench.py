@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,8 @@ import torch
 
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset
+from engine.demo_data import write_demo_dataset
+from engine.distributed import DeviceError, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
 from engine.generate import (
     GenerateError,
@@ -43,11 +46,12 @@ from engine.generate import (
     check_size,
     max_side,
     render,
-    resolve_device,
     resolve_precision,
 )
+from engine.job import RunDir
 from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.sampling import SAMPLERS, model_evals, sample_shift
+from engine.train import TrainError, train
 
 # (key, header, format) of a printed table column
 Column = tuple[str, str, Callable[[object], str]]
@@ -200,12 +204,6 @@ def add_sample(sub, common: argparse.ArgumentParser) -> None:
 def bench_train(args) -> dict:
     """Train a preset for a fixed number of steps on a dataset (the built-in demo when
     none is given) and report the throughput, the loss and the final sample grid."""
-    import tempfile
-
-    from engine.demo_data import write_demo_dataset
-    from engine.job import RunDir
-    from engine.train import TrainError, train
-
     if args.steps < 10:
         raise GenerateError("--steps: allowed whole numbers >= 10")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="pixelhdm-bench-"))
@@ -223,21 +221,18 @@ def bench_train(args) -> dict:
         overrides.append(f"train.precision={args.dtype}")
     cfg = load_preset(args.preset, overrides)
     run.create()
-    from engine.config import save_config
-    save_config(cfg, run.config)
-    try:
-        state = train(cfg, run, device_name=args.device)
-    except TrainError as e:
-        raise GenerateError(str(e)) from e
+    state = train(cfg, run, device_name=args.device)
     lines = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
     windows = [r for r in lines if "images_s" in r]
-    timed_windows = windows[1:] or windows        # the first window includes warm-up
-    seconds = sum(r["step_s"] * 10 for r in timed_windows)
-    images = sum(r["images_s"] * r["step_s"] * 10 for r in timed_windows)
+    # each metric line averages the steps since the previous one; the first holds warm-up
+    counts = [r["step"] - p for r, p in zip(windows, [0] + [w["step"] for w in windows])]
+    timed = list(zip(windows, counts))[1:] or list(zip(windows, counts))
+    seconds = sum(r["step_s"] * n for r, n in timed)
+    images = sum(r["images_s"] * r["step_s"] * n for r, n in timed)
     val = [r["val_loss"] for r in lines if "val_loss" in r]
     status = run.read_status()
     row = {"steps": status.step, "images_s": images / max(seconds, 1e-9),
-           "step_s": seconds / max(10 * len(timed_windows), 1),
+           "step_s": seconds / max(sum(n for _, n in timed), 1),
            "loss_first": windows[0]["loss"], "loss_last": windows[-1]["loss"],
            "val_loss": val[-1] if val else None}
     return {"benchmark": "train", "preset": args.preset, "state": state,
@@ -300,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = args.run(args)
-    except (GenerateError, ConfigError, CheckpointError, EncoderLoadError) as e:
+    except (GenerateError, ConfigError, CheckpointError, EncoderLoadError, DeviceError,
+            TrainError) as e:
         print(f"{parser.prog} {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if args.json:

@@ -151,6 +151,16 @@ def load_state(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str
                               f"from an earlier checkpoint") from e
 
 
+def read_state_info(path: Path) -> dict:
+    """The JSON part of a training-state file (step, stop_at, ...), without its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["state"])
+    except Exception as e:
+        raise CheckpointError(f"training state '{path}' is damaged or missing ({e}); resume "
+                              f"from an earlier checkpoint") from e
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
     """Step checkpoints in a folder, oldest first."""
     out = []
@@ -189,14 +199,23 @@ def pinned_steps(ckpt_dir: Path) -> set[int]:
     return {int(s) for s in text.split() if s.isdigit()}
 
 
+def retention_victims(steps: list[int], keep_last: int, keep: set[int]) -> list[int]:
+    """Steps the retention rule deletes: all but the newest `keep_last`, the pinned steps
+    and `keep` (the best validation step). Pure, so the studio previews the same rule."""
+    steps = sorted(steps)
+    protected = set(keep) | set(steps[-keep_last:] if keep_last > 0 else [])
+    return [s for s in steps if s not in protected]
+
+
 def apply_retention(ckpt_dir: Path, keep_last: int, keep: set[int] = frozenset()) -> list[Path]:
-    """Delete step checkpoints beyond the newest `keep_last`, except pinned steps and
-    `keep`. Returns the deleted files."""
+    """Delete the step checkpoints `retention_victims` names (pinned steps from keep.txt
+    are protected too). Returns the deleted files."""
     infos = list_checkpoints(ckpt_dir)
-    protected = pinned_steps(ckpt_dir) | set(keep) | {c.step for c in infos[-keep_last:]}
+    victims = set(retention_victims([c.step for c in infos], keep_last,
+                                    pinned_steps(ckpt_dir) | set(keep)))
     deleted = []
     for info in infos:
-        if info.step in protected:
+        if info.step not in victims:
             continue
         for p in (info.path, info.state_path):
             if p is not None:

@@ -374,6 +374,9 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise _fail(source, "model.num_kv_heads", m.num_kv_heads,
                     f"num_heads {m.num_heads} is not divisible by it (allowed: a divisor of "
                     f"num_heads)")
+    if m.time_embed_dim % 2:
+        raise _fail(source, "model.time_embed_dim", m.time_embed_dim,
+                    "allowed: an even number (sine and cosine halves)")
     hd = m.head_dim
     if hd % 2:
         raise _fail(source, "model.num_heads", m.num_heads,

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from engine.buckets import (
     BucketPlan,
@@ -162,10 +162,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def upright_rgb(img: Image.Image) -> Image.Image:
-    """to_rgb of an opened image, turned the way its EXIF orientation says it is shown."""
-    orient = exif_orientation(img)
-    rgb = to_rgb(img)
-    return rgb.transpose(ORIENT_TRANSPOSE[orient]) if orient != 1 else rgb
+    """to_rgb of an opened image, turned the way its EXIF orientation says it is shown.
+    The result carries no orientation tag, so calling it again changes nothing."""
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 CAPTION_PROBLEMS = {"missing_caption": "no caption file", "empty_caption": "empty caption",
@@ -357,7 +356,7 @@ class HealthReport:
                 "tokens": asdict(self.tokens) if self.tokens else None}
 
 
-def file_hash(path: str) -> str:
+def content_hash(path: str) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -378,7 +377,7 @@ def find_duplicates(records: Sequence[ImageRecord]) -> list[list[ImageRecord]]:
         by_hash: dict[str, list[ImageRecord]] = {}
         for r in same_size:
             try:
-                by_hash.setdefault(file_hash(r.path), []).append(r)
+                by_hash.setdefault(content_hash(r.path), []).append(r)
             except OSError:
                 continue
         groups += [sorted(g, key=lambda r: r.rel) for g in by_hash.values() if len(g) > 1]

@@ -70,6 +70,13 @@ def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: b
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, rounded to the nearest level: the
+    inverse of to_tensor on 8-bit images."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()                 # (N, 3, H, W) -> (N, H, W, 3)
+
+
 def to_tensor(img: Image.Image) -> Tensor:
     """PIL RGB -> float (3, H, W) in [-1, 1]."""
     arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)

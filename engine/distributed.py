@@ -12,8 +12,29 @@ import torch.distributed as dist
 from torch import nn
 
 
-class DeviceError(RuntimeError):
-    """The requested device is not available."""
+class DeviceError(ValueError):
+    """The requested device is not a device name or is not available."""
+
+
+class RankSyncError(RuntimeError):
+    """DDP replicas hold different weights."""
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device a name means: None, '' or 'auto' is the GPU when PyTorch sees one, else
+    the CPU; anything else must name a device that is there."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"device {name!r} is not a device name (use cpu, cuda or cuda:N)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r}: no CUDA GPU is visible to PyTorch (torch "
+                          f"{torch.__version__}); use cpu, or install a CUDA build of torch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    return device
 
 
 @dataclass
@@ -30,17 +51,11 @@ class Dist:
 def setup_device(name: str | None) -> tuple[Dist, torch.device]:
     d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
              int(os.environ.get("LOCAL_RANK", 0)))
-    if name in (None, "", "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: no CUDA GPU is visible to PyTorch (torch "
-                             f"{torch.__version__}); use --device cpu or install a CUDA build")
-        index = d.local_rank if d.world > 1 else (torch.device(name).index or 0)
-        device = torch.device("cuda", index)
+    device = resolve_device(name)
+    if device.type == "cuda":
+        # under torchrun each rank takes the GPU of its local rank
+        device = torch.device("cuda", d.local_rank if d.world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
-    else:
-        device = torch.device(name)
     if d.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return d, device
@@ -76,7 +91,7 @@ def check_ranks_in_sync(d: Dist, model: nn.Module, log) -> None:
     dist.all_gather(gathered, local.to(backend_device))
     values = [float(g) for g in gathered]
     if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
-        raise DeviceError(f"DDP ranks are out of sync (parameter checksums {values}); the run "
+        raise RankSyncError(f"DDP ranks are out of sync (parameter checksums {values}); the run "
                          f"cannot continue safely")
     log(f"{d.world} ranks in sync (parameter checksum {values[0]:.6f})")
 
@@ -84,3 +99,40 @@ def check_ranks_in_sync(d: Dist, model: nn.Module, log) -> None:
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()
+
+
+def _gather(d: Dist, t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of a CPU tensor of the same shape on all ranks."""
+    if d.world == 1:
+        return [t]
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    parts = [torch.empty_like(t, device=on) for _ in range(d.world)]
+    dist.all_gather(parts, t.to(on))
+    return [p.cpu() for p in parts]
+
+
+def gather_rng_states(d: Dist, gen: torch.Generator, device: torch.device
+                      ) -> dict[str, torch.Tensor]:
+    """The random states every rank draws from (the global CPU one, the rank's noise
+    generator and its CUDA one), keyed `rng.<name>.<rank>`: a collective call."""
+    mine = {"torch": torch.get_rng_state(), "noise": gen.get_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for name, state in mine.items():
+        for rank, part in enumerate(_gather(d, state)):
+            out[f"rng.{name}.{rank}"] = part
+    return out
+
+
+def restore_rng_states(d: Dist, gen: torch.Generator, device: torch.device,
+                       tensors: dict[str, torch.Tensor]) -> bool:
+    """Set this rank's random states from a checkpoint; False when it holds none for this
+    rank (the number of processes changed)."""
+    if f"rng.noise.{d.rank}" not in tensors:
+        return False
+    torch.set_rng_state(tensors[f"rng.torch.{d.rank}"])
+    gen.set_state(tensors[f"rng.noise.{d.rank}"])
+    if device.type == "cuda" and f"rng.cuda.{d.rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{d.rank}"], device)
+    return True

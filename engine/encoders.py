@@ -135,7 +135,9 @@ class Qwen3TextEncoder:
                 raise EncoderLoadError(f"text encoder '{name}' is a {config.model_type!r} model; "
                                        f"a Qwen3 model is expected (e.g. Qwen/Qwen3-0.6B)")
             self.tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+            # safetensors only: a folder with just pytorch_model.bin would be unpickled
+            model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
+                                              use_safetensors=True)
         except (OSError, ValueError) as e:
             raise _missing_weights("text encoder", name, e, how) from e
         self.tokenizer.padding_side = "right"
@@ -203,7 +205,7 @@ class DinoTeacher:
             if config.model_type != "dinov3_vit":
                 raise EncoderLoadError(f"iREPA teacher '{path}' is a {config.model_type!r} model; "
                                        f"a DINOv3 ViT (model_type dinov3_vit) is expected. {how}")
-            model = AutoModel.from_pretrained(str(folder), dtype=dtype)
+            model = AutoModel.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
         except OSError as e:
             raise _missing_weights("iREPA teacher", path, e, how) from e
         self.model = model.to(device).eval().requires_grad_(False)

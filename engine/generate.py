@@ -43,6 +43,8 @@ from engine import __version__
 from engine.checkpoint import CheckpointError, file_hash, list_checkpoints, load_weights, read_meta
 from engine.config import ConfigError, RunConfig, config_from_dict
 from engine.data import upright_rgb
+from engine.dataset import to_uint8
+from engine.distributed import DeviceError, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
 from engine.flow import to_clean
 from engine.model import PRECISIONS, PixelHDM, TextCond
@@ -78,9 +80,7 @@ class GeneratedImage:
 
 def to_pil(x: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> RGB images, rounded to the nearest 8-bit level."""
-    u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = u8.permute(0, 2, 3, 1).cpu().numpy()                              # (B, H, W, 3)
-    return [Image.fromarray(a, "RGB") for a in arr]
+    return [Image.fromarray(a, "RGB") for a in to_uint8(x)]
 
 
 def from_pil(image: Image.Image) -> Tensor:
@@ -254,19 +254,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"checkpoint '{p}' does not exist; give a .safetensors file or a "
                               f"run folder")
     return p
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise GenerateError(f"device = {device!r} is not a device name (use cpu, cuda or "
-                            f"cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GenerateError(f"device = {device!r}: no CUDA GPU is visible to PyTorch; use cpu")
-    return dev
 
 
 def resolve_precision(dtype: str | None, device: torch.device) -> str:
@@ -529,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.sampler, args.cfg, args.rescale, args.interval, args.shift,
                                 args.seed, args.n, init_image=init, strength=args.strength,
                                 batch_size=args.batch_size)
-    except (GenerateError, CheckpointError, EncoderLoadError) as e:
+    except (GenerateError, CheckpointError, EncoderLoadError, DeviceError) as e:
         print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for r in results:

@@ -178,6 +178,15 @@ class RunDir:
         return out
 
 
+def resume_target(saved_total: int | None, max_steps: int, requested: int | None) -> int:
+    """The step a resumed run trains to: what was asked for (--max-steps), else the
+    larger of the target it was started with and train.max_steps (so raising
+    train.max_steps extends a run, and a run started with a larger --max-steps keeps it)."""
+    if requested is not None:
+        return requested
+    return max(saved_total or 0, max_steps)
+
+
 # --------------------------------------------------------------------------------------
 # Liveness
 # --------------------------------------------------------------------------------------

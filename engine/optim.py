@@ -133,8 +133,7 @@ def clip_gradients(params: list[Tensor], zclip: ZClip | None, max_norm: float
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0, 0.0
-    norm = float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(g.float()) for g in grads])))
+    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
     if not math.isfinite(norm):
         return norm, norm
     target = zclip.target(norm) if zclip is not None else norm

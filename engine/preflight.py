@@ -9,6 +9,7 @@ step time from this device's measured matrix-multiply speed at an assumed effici
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -18,6 +19,7 @@ import torch
 
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
+from engine.distributed import resolve_device
 from engine.encoders import DinoTeacher, load_text_encoder
 from engine.flow import IREPAProjector
 from engine.model import PRECISIONS, PixelHDM
@@ -156,7 +158,7 @@ def measured_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> 
 
 def estimate_step_seconds(cfg: RunConfig, device: str | None = None) -> float:
     """Seconds per optimizer step from the FLOP count and this device's matmul speed."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dtype = torch.float32 if cfg.train.precision == "fp32" or dev.type == "cpu" else torch.bfloat16
     est = estimate(cfg)
     return est["tflops_per_step"] / (measured_tflops(dev, dtype) * STEP_EFFICIENCY)
@@ -166,8 +168,18 @@ def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
     """Run `steps` real training steps (forward, backward, optimizer) at the largest bucket
     with the configured batch size and the longest captions, on random pixels. Reports the
     time of the last steps and the peak memory. Raises RuntimeError with the settings to
-    change when the step does not fit in memory."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    change when the step does not fit in memory. Everything it allocated is released
+    before it returns: the studio starts the real run in another process right after."""
+    dev = resolve_device(device)
+    try:
+        return _dry_run(cfg, dev, steps)
+    finally:
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _dry_run(cfg: RunConfig, dev: torch.device, steps: int) -> dict:
     tr = cfg.train
     width, height = largest_bucket(cfg)
     dtype = PRECISIONS[tr.precision]

@@ -37,6 +37,7 @@ from engine.checkpoint import (
     latest_resumable,
     load_state,
     load_weights,
+    read_state_info,
     save_checkpoint,
     unflatten_optimizer,
 )
@@ -46,10 +47,13 @@ from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
     DeviceError,
     Dist,
+    RankSyncError,
     barrier,
     broadcast_flags,
     check_ranks_in_sync,
+    gather_rng_states,
     mean_over_ranks,
+    restore_rng_states,
     setup_device,
 )
 from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
@@ -62,7 +66,7 @@ from engine.flow import (
     t_bin_index,
     validation_loss,
 )
-from engine.job import REQUESTS, RunDir, Status
+from engine.job import REQUESTS, RunDir, Status, resume_target
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, lr_at
 from engine.train_io import (
@@ -83,16 +87,13 @@ class TrainError(RuntimeError):
     """A run cannot start or continue; the message says why and what to change."""
 
 
+class StoppedEarly(Exception):
+    """A stop signal arrived while the run was still being set up."""
+
+
 # --------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------
-
-def _rng_tensors(gen: torch.Generator, device: torch.device) -> dict[str, Tensor]:
-    out = {"rng.torch": torch.get_rng_state(), "rng.noise": gen.get_state()}
-    if device.type == "cuda":
-        out["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return out
-
 
 # --------------------------------------------------------------------------------------
 # The loop
@@ -100,18 +101,42 @@ def _rng_tensors(gen: torch.Generator, device: torch.device) -> dict[str, Tensor
 
 def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | None = None,
           device_name: str | None = None) -> str:
-    """Train `cfg` in `run` until `stop_at` optimizer steps (default train.max_steps), a
-    stop or pause request, or an error. Returns the final state."""
+    """Train `cfg` in `run` until `stop_at` optimizer steps (default: what the run was
+    started with, at least train.max_steps), a stop or pause request, Ctrl+C or SIGTERM,
+    or an error. Returns the final state."""
     d, device = setup_device(device_name)
     report = JobReporter(run, main=d.main, world=d.world, device=str(device))
+    signals = _StopSignals()
     try:
-        return _train(cfg, run, report, d, device, resume, stop_at)
+        return _train(cfg, run, report, d, device, resume, stop_at, signals)
     finally:
+        signals.restore()
         report.close()
 
 
+class _StopSignals:
+    """Ctrl+C and SIGTERM: before the loop runs they stop at once (there is nothing to
+    save yet); inside it they ask the loop to save and stop at the next step."""
+
+    def __init__(self):
+        self.hit, self.in_loop, self._old = False, False, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):   # only the main thread may set handlers
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.hit = True
+        if not self.in_loop:
+            raise StoppedEarly(f"stopped by signal {signal.Signals(signum).name} before "
+                               f"training began")
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: torch.device,
-           resume: bool, stop_at: int | None) -> str:
+           resume: bool, stop_at: int | None, signals: _StopSignals) -> str:
     tr, lo = cfg.train, cfg.loss
     if tr.cpu_threads:
         torch.set_num_threads(tr.cpu_threads)
@@ -167,10 +192,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     epoch, position = 0, 0
     initial_weights = None
 
-    def state_payload() -> tuple[dict[str, Tensor], dict]:
+    def state_payload(rng: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
         opt_tensors, opt_info = flatten_optimizer(optimizer.state_dict())
-        tensors = {**opt_tensors, **_rng_tensors(noise_gen, device)}
+        tensors = {**opt_tensors, **rng}
         info = {"step": step, "stop_at": stop_at, "epoch": epoch, "position": position,
+                "best_step": report.best_step, "last_val": report.last_val,
                 "sampler": sampler.state_dict(position), "optimizer": opt_info,
                 "lr_scale": lr_scale, "loss_avg": loss_avg, "loss_count": loss_count,
                 "best_val": best_val if math.isfinite(best_val) else None,
@@ -181,9 +207,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
     def save(reason: str) -> Path | None:
         check_ranks_in_sync(d, model, log)
+        rng = gather_rng_states(d, noise_gen, device)   # every rank's, for an exact resume
         if not d.main:
             return None
-        tensors, info = state_payload()
+        tensors, info = state_payload(rng)
         meta = {"run_id": run.run_id, "config": dump_yaml(cfg), "dataset_fingerprint": fingerprint,
                 "engine_version": __version__, "text_dim": text_encoder.dim,
                 "images_seen": step * tr.batch_size * tr.grad_accum * d.world,
@@ -221,39 +248,41 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             scaler.load_state_dict(info["scaler"])
         if not full:
             return
-        stop_at = stop_at or info.get("stop_at")   # a resumed run keeps its target
+        stop_at = resume_target(info.get("stop_at"), tr.max_steps, stop_at)
         step, lr_scale = info["step"], info["lr_scale"]
+        report.best_step, report.last_val = info.get("best_step"), info.get("last_val")
         loss_avg, loss_count = info["loss_avg"], info["loss_count"]
         best_val = info["best_val"] if info.get("best_val") is not None else math.inf
         epoch, position = info["epoch"], info["position"]
-        torch.set_rng_state(tensors["rng.torch"])
-        noise_gen.set_state(tensors["rng.noise"].to(noise_gen.get_state().device))
-        if "rng.cuda" in tensors and device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        if info.get("fingerprint") != fingerprint:
-            report.event(step, "dataset-changed", "the dataset differs from the one this "
-                         "checkpoint was trained on; the epoch restarts")
+        if not restore_rng_states(d, noise_gen, device, tensors):
+            noise_gen.manual_seed(tr.seed * 1000 + d.rank + 7 * step)
+            report.event(step, "rng-reseeded", f"no random state saved for rank {d.rank} (the "
+                         f"number of processes changed); its noise is drawn afresh")
+        changed = ("the dataset differs from the one this checkpoint was trained on"
+                   if info.get("fingerprint") != fingerprint else "")
+        if not changed:
+            try:
+                sampler.load_state_dict(info["sampler"])
+            except ValueError:
+                changed = ("the batch size, number of processes, drop_last or seed differ "
+                           "from the checkpoint's")
+        if changed:
+            report.event(step, "epoch-restarted", f"{changed}; epoch {epoch} starts again "
+                         f"from its first batch")
             sampler.set_epoch(epoch)
             position = 0
-        else:
-            sampler.load_state_dict(info["sampler"])
 
     if resume:
-        last = latest_resumable(run.checkpoints)
-        if last is None:
-            raise TrainError(f"nothing to resume in '{run.root}': no checkpoint with its training "
-                             f"state in {run.checkpoints}")
+        last = resume_point(run, cfg, stop_at)
         restore(last, full=True)
-        stop_at = stop_at or tr.max_steps
-        if step >= stop_at:
-            raise TrainError(f"the run is already at step {step}; pass a --max-steps above "
-                             f"{step} (or raise train.max_steps) to continue it")
         log(f"resumed from {last.path.name} at step {step} (epoch {epoch}, batch {position})")
     else:
         stop_at = stop_at or tr.max_steps
         sampler.set_epoch(0)
         # what a rollback before the first checkpoint returns to
         initial_weights = {k: v.detach().cpu().clone() for k, v in model.weights().items()}
+    if d.main:   # the config this process trains, now that it is known to fit the run
+        save_config(cfg, run.config)
     report.start(step, stop_at, epoch, handled)
 
     # ---- validation and samples (main rank; EMA weights) ---------------------------------
@@ -300,16 +329,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         images = with_ema(run_sample)
         return save_sample_grid(run, step, images, cfg)
 
-    # ---- signals: Ctrl-C / SIGTERM save and stop -----------------------------------------
-    stop_signal = {"hit": False}
-
-    def on_signal(signum, frame):
-        stop_signal["hit"] = True
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):   # not in the main thread (tests)
-            signal.signal(sig, on_signal)
-
     # ---- loop -----------------------------------------------------------------------------
+    signals.in_loop = True
     model.train()
     data_iter = iter(loader)
     bad_steps, skipped_total, bad_files_total, rollbacks_in_a_row = 0, 0, 0, 0
@@ -337,7 +358,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     while step < stop_at:
         # requests from the studio (main rank reads, every rank acts)
         wanted = report.requests() if d.main else {}
-        if stop_signal["hit"]:
+        if signals.hit:
             wanted["stop"] = "signal"
         asked = dict(zip(REQUESTS, broadcast_flags(d, [k in wanted for k in REQUESTS])))
         if asked["stop"] or asked["pause"]:
@@ -505,6 +526,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resume_point(run: RunDir, cfg: RunConfig, requested: int | None) -> CheckpointInfo:
+    """The checkpoint a resume continues from; TrainError when there is none or the run
+    already reached the step it would train to."""
+    last = latest_resumable(run.checkpoints)
+    if last is None:
+        raise TrainError(f"nothing to resume in '{run.root}': no checkpoint with its training "
+                         f"state in {run.checkpoints}")
+    info = read_state_info(last.state_path)
+    if info["step"] >= resume_target(info.get("stop_at"), cfg.train.max_steps, requested):
+        raise TrainError(f"the run is already at step {info['step']}; pass a --max-steps "
+                         f"above {info['step']}, or raise train.max_steps above it, to continue")
+    return last
+
+
 def _resolve_config(args, run: RunDir) -> RunConfig:
     """The run's config: from --preset for a new run directory, else from the run
     directory's config.yaml (a resumed run, or one whose config the studio wrote)."""
@@ -526,9 +561,12 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
         if not run.config.is_file():
             raise TrainError(f"'{run.root}' holds no config.yaml: give --preset (and --data) "
                              f"to start a new run there")
-        if not args.resume and main_rank and latest_resumable(run.checkpoints) is not None:
+        last = latest_resumable(run.checkpoints)
+        if not args.resume and main_rank and last is not None:
             raise TrainError(f"'{run.root}' already has checkpoints; add --resume to continue it")
         cfg = load_preset(run.config, overrides)
+        if args.resume:
+            resume_point(run, cfg, args.max_steps)
     if not cfg.data.path:
         raise TrainError("--data is required (the folder of images and .txt captions)")
     return cfg
@@ -540,15 +578,20 @@ def main(argv=None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         print("error: --max-steps must be at least 1", file=sys.stderr)
         return 2
-    try:
+    try:   # nothing is written before the request is known to make sense
         cfg = _resolve_config(args, run)
+    except (ConfigError, TrainError, CheckpointError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    try:
         if int(os.environ.get("RANK", 0)) == 0:
             run.create()
-            if args.preset or args.overrides or args.data or args.seed is not None:
-                save_config(cfg, run.config)   # the resolved config, with what the flags changed
         state = train(cfg, run, resume=args.resume, stop_at=args.max_steps, device_name=args.device)
+    except StoppedEarly as e:
+        _fail(run, str(e), state="stopped")
+        return 0
     except (ConfigError, TrainError, DataError, EncoderLoadError, CheckpointError,
-            DeviceError) as e:
+            DeviceError, RankSyncError) as e:
         _fail(run, str(e))
         return 2 if isinstance(e, ConfigError) else 1
     except Exception as e:   # unexpected: the traceback goes to the log, one line to stderr
@@ -563,20 +606,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def _fail(run: RunDir, message: str) -> None:
+def _fail(run: RunDir, message: str, state: str = "failed") -> None:
     """One line on stderr; the run's status (and log, unless the studio captures stderr
-    into it) records the failure."""
+    into it) records the failure (or an early stop)."""
     message = " ".join(message.split())
-    print(f"error: {message}", file=sys.stderr)
+    print(f"{'error' if state == 'failed' else state}: {message}", file=sys.stderr)
     if int(os.environ.get("RANK", 0)) != 0 or not run.root.is_dir():
         return
     status = run.read_status() or Status()
-    status.state, status.error, status.pid = "failed", message, os.getpid()
+    status.state, status.pid, status.message = state, os.getpid(), message
+    status.error = message if state == "failed" else ""
     status.heartbeat = time.time()
     run.write_status(status)
     if os.environ.get(LOG_CAPTURED_ENV) != "1":
         with open(run.log_file, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {message}\n")
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {message}\n")
 
 
 if __name__ == "__main__":

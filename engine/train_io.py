@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from engine.checkpoint import step_name
 from engine.config import RunConfig, atomic_target, atomic_write_text
+from engine.dataset import to_uint8
 from engine.job import HEARTBEAT_SECONDS, RunDir, Status
 from engine.model import TextCond
 
@@ -157,7 +159,7 @@ class JobReporter:
         if not self.main:
             return
         text = (f"step {step}/{stop_at} loss {window.get('loss', float('nan')):.4f} lr {lr:.3g} "
-                f"{window.get('images_s', 0):.1f} img/s ETA {_hms(eta)}")
+                f"{window.get('images_s', 0):.1f} img/s ETA {format_duration(eta)}")
         if self._tty:
             done = int(30 * step / max(stop_at, 1))
             sys.stderr.write(f"\r\033[K[{'#' * done}{'.' * (30 - done)}] {text}")
@@ -205,13 +207,16 @@ def _peak_rss_mb() -> float:
         return 0.0
 
 
-def _hms(seconds: float | None) -> str:
-    if seconds is None:
+def format_duration(seconds: float | None) -> str:
+    """723 -> '12:03', 3723 -> '1:02:03', two days -> '2 d 0:00:00'; None -> '--:--'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "--:--"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-    return f"{s // 60}:{s % 60:02d}"
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    text = f"{h}:{m:02d}:{sec:02d}" if h or days else f"{m}:{sec:02d}"
+    return f"{days} d {text}" if days else text
 
 
 # --------------------------------------------------------------------------------------
@@ -260,12 +265,6 @@ class MetricWindow:
 # Sample grids
 # --------------------------------------------------------------------------------------
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, rounded."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def save_sample_grid(run: RunDir, step: int, images: Tensor, cfg: RunConfig) -> Path:
     """Write `samples/step_NNNNNNN.png` (a grid, up to 4 per row) and its `.json` with the
     prompts and settings. Atomic: a half-written grid is never visible."""
@@ -299,25 +298,31 @@ def save_sample_grid(run: RunDir, step: int, images: Tensor, cfg: RunConfig) -> 
 # --------------------------------------------------------------------------------------
 
 class TextCache:
-    """Caption -> encoding of a frozen text encoder, kept on the CPU (least recently used
-    out first). Captions repeat every epoch, so a frozen encoder runs once per caption."""
+    """Caption -> encoding of a frozen text encoder, kept on the CPU up to `max_bytes`
+    (least recently used out first). Captions repeat every epoch, so a frozen encoder
+    runs about once per caption instead of once per sample."""
 
-    def __init__(self, encoder, capacity: int = 8192):
-        self.encoder, self.capacity = encoder, capacity
+    def __init__(self, encoder, max_bytes: int = 2**30):
+        self.encoder, self.max_bytes, self.bytes = encoder, max_bytes, 0
         self._items: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
 
     def encode(self, captions: list[str]) -> TextCond:
         missing = list(dict.fromkeys(c for c in captions if c not in self._items))
+        fresh = {}
         if missing:
             cond = self.encoder.encode(missing)
             for i, c in enumerate(missing):
                 n = int(cond.mask[i].sum())
-                self._items[c] = (cond.tokens[i, :n].cpu(), cond.pooled[i].cpu())
+                fresh[c] = (cond.tokens[i, :n].cpu(), cond.pooled[i].cpu())
+        rows = [fresh[c] if c in fresh else self._items[c] for c in captions]
+        for c, item in fresh.items():
+            self._items[c] = item
+            self.bytes += sum(t.numel() * t.element_size() for t in item)
         for c in captions:
             self._items.move_to_end(c)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        rows = [self._items[c] for c in captions]
+        while self.bytes > self.max_bytes and len(self._items) > len(set(captions)):
+            _, (tok, pooled) = self._items.popitem(last=False)
+            self.bytes -= tok.numel() * tok.element_size() + pooled.numel() * pooled.element_size()
         device = next(self.encoder.model.parameters()).device
         T = max(1, max(r[0].shape[0] for r in rows))
         dim = rows[0][1].shape[-1]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.checkpoint import list_checkpoints
 from engine.demo_data import write_demo_dataset
@@ -224,8 +225,15 @@ def test_failures_are_one_line_with_a_status(tmp_path, demo):
                      str(tmp_path / "r2"), "--set", "train.lr=-1")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "train.lr = -1.0" in out
-    # an existing run is not overwritten; resuming nothing is explained
-    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run)]) == 1
+    # a run that failed to start holds no config.yaml: the same command can be retried
+    assert not (run / "config.yaml").exists()
+    # an existing run is not overwritten; resuming nothing or past the end is explained
+    done = tmp_path / "done"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(done),
+                       "--max-steps", "2", *sets()]) == 0
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(done)]) == 1
+    assert train_main(["--run-dir", str(done), "--resume", "--max-steps", "2"]) == 1
+    assert RunDir(done).read_status().state == "completed"      # refusals leave the run alone
     assert train_main(["--run-dir", str(tmp_path / "empty"), "--resume"]) == 1
 
 
@@ -263,8 +271,12 @@ def test_ddp_two_processes_stay_in_sync(demo, tmp_path):
     assert "[rank 1] 2 ranks in sync" in log
     status = RunDir(run).read_status()
     assert status.state == "completed" and status.world_size == 2
-    # each rank trained its own half: 4 images per rank per micro-batch
     assert all(r["images_s"] > 0 for r in records(run, "images_s"))
+    # every rank's random state is saved, so a resume continues each rank's own noise
+    from engine.checkpoint import latest_resumable, load_state
+    tensors, info = load_state(latest_resumable(run / "checkpoints").state_path)
+    assert {"rng.noise.0", "rng.noise.1", "rng.torch.0", "rng.torch.1"} <= set(tensors)
+    assert not torch.equal(tensors["rng.noise.0"], tensors["rng.noise.1"])
 
 
 def test_train_benchmark_reports_throughput_and_samples(tmp_path, capsys):
