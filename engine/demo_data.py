@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,8 +169,8 @@ def write_demo_dataset(out_dir: str | os.PathLike, count: int = DEFAULT_COUNT,
         raise FileExistsError(f"{out} already exists and is not an empty folder; choose a "
                               f"new folder for the demo dataset")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a unique temporary folder: two writers (two clicks, two processes) never share one
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()     # (not mkdtemp: its 0700 mode would stay on the finished folder)
     try:
         rng = np.random.default_rng(seed)

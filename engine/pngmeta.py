@@ -130,7 +130,7 @@ def read_png_parameters(source: str | os.PathLike | Image.Image) -> dict:
         try:
             with Image.open(source) as im:
                 chunks = chunks_of(im)
-        except OSError as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise MetadataError(f"cannot read image '{source}' ({e})") from e
     raw = chunks.get("pixelhdm")
     if isinstance(raw, str):
