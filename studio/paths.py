@@ -4,13 +4,15 @@ Everything a user types is untrusted: a folder path may climb out of the workspa
 `..`, point through a symlink to somewhere else, or carry a NUL byte; a run or file name
 may hold a separator. `resolve_inside` turns typed text into a real path (symlinks
 resolved) and accepts it only inside the allowed roots (the workspace and the folders
-given with --allow-dir); `safe_name` accepts only plain, portable file names.
+given with --allow-dir); `safe_name` accepts only plain, portable file names;
+`names_local_path` tells a local folder from a hub id in a `name_or_path` setting.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PurePath, PureWindowsPath
 
 NAME_MAX = 80
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -56,6 +58,27 @@ def resolve_inside(text: str, roots: list[Path]) -> Path:
     raise PathError(f"the path {shown} is outside the folders the studio may use: {allowed}. "
                     f"Move the files into the workspace, or restart the studio with "
                     f"--allow-dir FOLDER")
+
+
+def names_local_path(text: str, bases: Iterable[Path]) -> bool:
+    """Whether a `name_or_path` setting names a local folder rather than a hub id: it
+    starts like a path ('.', '/', '~', a drive), holds a backslash or more than the one
+    '/' of 'owner/name', or exists relative to one of `bases` (the folders a program
+    reading it may run in). A hub id such as 'Qwen/Qwen3-0.6B' that exists in none of
+    them stays a hub id."""
+    name = _strip(text) if isinstance(text, str) else ""
+    if not name:
+        return False
+    if (name.startswith((".", "/", "~")) or "\\" in name or "\x00" in name
+            or name.count("/") > 1 or PurePath(name).anchor or PureWindowsPath(name).anchor):
+        return True
+    for base in bases:
+        try:
+            if (Path(base) / name).exists():
+                return True
+        except (OSError, ValueError):
+            return True
+    return False
 
 
 def safe_name(text: str) -> str:

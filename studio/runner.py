@@ -8,8 +8,9 @@ workspace re-attaches to a run an earlier one started.
 
 Besides config.yaml (written once) and control/ (requests), the runner owns one file:
 
-    launch.json   pid, argv, started_at, device and max_steps of the latest process the
-                  studio started for the run. Until the trainer writes its first status,
+    launch.json   pid, argv, started_at, device, gpus and max_steps of the latest process
+                  the studio started for the run (a resume reuses its device and number
+                  of GPUs). Until the trainer writes its first status,
                   a live launch pid shows the run as "starting"; a launch pid that died
                   without any status since then shows it as "crashed".
 
@@ -39,9 +40,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
 import yaml
 
-from engine.checkpoint import latest_resumable, list_checkpoints
+from engine.checkpoint import CheckpointError, list_checkpoints
 from engine.config import (
     ConfigError,
     RunConfig,
@@ -50,6 +52,7 @@ from engine.config import (
     save_config,
     validate,
 )
+from engine.distributed import resolve_device
 from engine.job import (
     FINAL_STATES,
     REQUESTS,
@@ -59,6 +62,7 @@ from engine.job import (
     effective_state,
     pid_alive,
 )
+from engine.train import TrainError, resume_point
 from engine.train_io import LOG_CAPTURED_ENV
 from studio.paths import NAME_MAX, PathError, safe_name
 
@@ -100,20 +104,13 @@ class Launch:
     pid: int
     argv: list
     started_at: float
-    device: str
+    device: str             # where it runs ("cpu", "cuda", "cuda:1"...)
     max_steps: int | None
+    gpus: int = 1           # processes torchrun started (1: no torchrun)
 
 
-def resolve_device(device: str | None) -> str:
-    """The device a trainer given `device` will use (None/""/"auto": CUDA when visible)."""
-    if device in (None, "", "auto"):
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def on_cpu(device: str) -> bool:
-    return device.split(":")[0] == "cpu"
+def on_cpu(device: str | torch.device) -> bool:
+    return str(device).split(":")[0] == "cpu"
 
 
 # --------------------------------------------------------------------------------------
@@ -123,12 +120,15 @@ def on_cpu(device: str) -> bool:
 def read_launch(run: RunDir) -> Launch | None:
     try:
         raw = json.loads((run.root / LAUNCH_FILE).read_text(encoding="utf-8"))
-        launch = Launch(**{f.name: raw[f.name] for f in fields(Launch)})
-    except (OSError, ValueError, KeyError, TypeError):
+        # (a launch.json from before `gpus` was recorded is a one-process launch)
+        launch = Launch(**{f.name: raw.get(f.name, 1) if f.name == "gpus" else raw[f.name]
+                           for f in fields(Launch)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     ok = (isinstance(launch.pid, int) and isinstance(launch.argv, list)
           and isinstance(launch.started_at, (int, float)) and isinstance(launch.device, str)
-          and (launch.max_steps is None or isinstance(launch.max_steps, int)))
+          and (launch.max_steps is None or isinstance(launch.max_steps, int))
+          and isinstance(launch.gpus, int) and launch.gpus >= 1)
     return launch if ok else None
 
 
@@ -267,7 +267,9 @@ class Runner:
     # ---- starting ----------------------------------------------------------------------
     def start(self, cfg: RunConfig, run_id: str | None = None, *, gpus: int = 1,
               max_steps: int | None = None, device: str | None = None) -> RunDir:
-        """Write `cfg` into a new run folder and start training it in the background."""
+        """Write `cfg` into a new run folder and start training it in the background.
+        RunnerError when it cannot start; engine.distributed.DeviceError for a device
+        that is not there."""
         if gpus < 1:
             raise RunnerError(f"gpus = {gpus}: at least 1")
         if max_steps is not None and max_steps < 1:
@@ -288,8 +290,10 @@ class Runner:
             except PathError as e:
                 raise RunnerError(f"run name: {e}") from e
         run = self._run(run_id)
+        where = resolve_device(device)
+        self._wait_for_exit()
         with self._lock:
-            self._check_free(resolve_device(device))
+            self._check_free(where)
             self.runs_root.mkdir(parents=True, exist_ok=True)
             try:
                 run.root.mkdir()
@@ -300,44 +304,57 @@ class Runner:
                 run.create()
                 save_config(cfg, run.config)
                 run.clear_requests()
-                self._spawn(run, [], resolve_device(device), device, gpus, max_steps)
+                self._spawn(run, [], str(where), device, gpus, max_steps)
             except BaseException:
                 shutil.rmtree(run.root, ignore_errors=True)
                 raise
         return run
 
-    def resume(self, run_id: str, *, max_steps: int | None = None, gpus: int = 1,
+    def resume(self, run_id: str, *, max_steps: int | None = None, gpus: int | None = None,
                device: str | None = None) -> RunDir:
         """Continue a paused, stopped, crashed (or finished, with a higher `max_steps`)
-        run from its newest checkpoint that has the training state."""
-        if gpus < 1:
+        run from its newest checkpoint that has the training state, on the device and
+        number of GPUs of its latest launch unless `device` / `gpus` are given. Whether
+        anything is left to train is the trainer's own rule (engine.train.resume_point).
+        RunnerError when it cannot resume; engine.distributed.DeviceError for a device
+        that is not there."""
+        if gpus is not None and gpus < 1:
             raise RunnerError(f"gpus = {gpus}: at least 1")
+        if max_steps is not None and max_steps < 1:
+            raise RunnerError(f"max steps = {max_steps}: at least 1")
         run = self._existing(run_id)
+        launch = read_launch(run)
+        if gpus is None:
+            gpus = launch.gpus if launch is not None else 1
+        if device is None and launch is not None:
+            device = launch.device
+        where = resolve_device(device)
+        self._wait_for_exit()
         with self._lock:
-            self._check_free(resolve_device(device))
-            ckpt = latest_resumable(run.checkpoints)
-            if ckpt is None:
-                raise RunnerError(f"run '{run_id}' has no checkpoint with its training state "
-                                  f"to resume from; start a new run instead")
+            self._check_free(where)
             try:
                 cfg = load_preset(run.config)
-            except ConfigError as e:
+                resume_point(run, cfg, max_steps)
+            except (ConfigError, TrainError, CheckpointError) as e:
                 raise RunnerError(f"run '{run_id}' cannot be resumed: {e}") from e
-            target = max_steps or cfg.train.max_steps
-            if ckpt.step >= target:
-                raise RunnerError(f"run '{run_id}' is already at step {ckpt.step}; give a "
-                                  f"number of steps above {ckpt.step} to continue it")
             run.clear_requests()   # an old stop request must not stop the new process
-            self._spawn(run, ["--resume"], resolve_device(device), device, gpus, max_steps)
+            self._spawn(run, ["--resume"], str(where), device, gpus, max_steps)
         return run
 
-    def _check_free(self, device: str) -> None:
-        """Refuse while another run is alive, or while a generation holds the CPU."""
+    def _wait_for_exit(self) -> None:
+        """Give a run that has reported its end but is still exiting up to
+        EXIT_WAIT_SECONDS to go. Called without the lock: generations and the other
+        runner calls go on meanwhile (start and resume check again under the lock)."""
         busy = self.active()
         deadline = time.monotonic() + EXIT_WAIT_SECONDS
         while busy is not None and busy.state in FINAL_STATES and time.monotonic() < deadline:
-            time.sleep(0.2)   # it has reported its end and is exiting: give it a moment
+            time.sleep(0.2)
             busy = self.active()
+
+    def _check_free(self, device: torch.device) -> None:
+        """Refuse while another run is alive, or while a generation holds the CPU (under
+        the lock, without waiting)."""
+        busy = self.active()
         if busy is not None:
             raise RunnerError(f"run '{busy.run_id}' is {busy.state} (pid {busy.pid}); one run "
                               f"trains at a time: pause or stop it first")
@@ -380,7 +397,7 @@ class Runner:
         try:
             atomic_write_text(run.root / LAUNCH_FILE, json.dumps(
                 {"pid": proc.pid, "argv": argv, "started_at": started, "device": device,
-                 "max_steps": max_steps}, indent=1))
+                 "max_steps": max_steps, "gpus": gpus}, indent=1))
         except OSError as e:   # a run the studio could not find again must not go on
             proc.kill()
             proc.wait()

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
-import torch
 
 from engine import config
 from engine.checkpoint import (
@@ -24,6 +23,7 @@ from engine.checkpoint import (
     read_meta,
     step_name,
 )
+from engine.model import PRECISIONS
 from studio import views
 from studio.paths import PathError, safe_name
 from studio.runner import RunnerError
@@ -31,7 +31,6 @@ from studio.runner import RunnerError
 if TYPE_CHECKING:
     from studio.ui import Studio
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RUN_HEADERS = ["Run", "State", "Step", "Checkpoints", "Disk", "Created", "Description"]
 
 
@@ -83,7 +82,7 @@ def build(studio: Studio) -> dict:
                         elem_classes="phdm-help")
             with gr.Row():
                 export_name = gr.Textbox(label="File name (letters, digits, - _ .)", scale=3)
-                export_dtype = gr.Radio(list(DTYPES), value="bf16", label="Precision", scale=2)
+                export_dtype = gr.Radio(list(PRECISIONS), value="bf16", label="Precision", scale=2)
                 export_ema = gr.Checkbox(value=True, label="EMA weights", scale=1)
                 export_btn = gr.Button("Export", scale=1)
             models_df = gr.Dataframe(headers=["File", "Size", "From", "Weights", "Precision"],
@@ -199,7 +198,7 @@ def build(studio: Studio) -> dict:
             if dst.exists():
                 return f"**{fname} already exists** in workspace/models: choose another name.", \
                     gr.skip()
-            export_inference(src, dst, DTYPES[dtype], ema=ema)
+            export_inference(src, dst, PRECISIONS[dtype], ema=ema)
         except (PathError, RunnerError, CheckpointError, OSError) as e:
             return f"**Not exported:** {e}", gr.skip()
         return (f"Exported `{dst.name}` ({views.fmt_bytes(dst.stat().st_size)}).",

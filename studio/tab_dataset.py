@@ -21,10 +21,18 @@ import gradio as gr
 
 from engine import config
 from engine.buckets import BucketPlan, plan_buckets
-from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset, token_counter
+from engine.data import (
+    BROKEN_FILE_ERRORS,
+    DataError,
+    HealthReport,
+    Scan,
+    health_report,
+    scan_dataset,
+    token_counter,
+)
 from engine.demo_data import write_demo_dataset
 from studio import views
-from studio.paths import PathError, resolve_inside
+from studio.paths import PathError
 
 if TYPE_CHECKING:
     from studio.ui import Studio
@@ -35,6 +43,10 @@ THUMBS_PER_PAGE = 24
 THUMB_SIZE = 160
 EDITED_KEYS = views.DATASET_KEYS
 ORDERS = ("dataset", "worst crop", "bucket")
+
+
+class DemoBusy(RuntimeError):
+    """The demo dataset is being written by another request."""
 
 
 @dataclass
@@ -89,6 +101,46 @@ def preset_values(name: str) -> tuple:
     d = cfg.data
     return (cfg.model.patch_size, d.min_side, d.max_side, d.bucket_step, d.max_aspect,
             cfg.train.batch_size, d.drop_last, d.missing_caption)
+
+
+def create_demo(studio: Studio) -> bool:
+    """Write the demo dataset into workspace/datasets unless it is there; True when it was
+    written now. One writer at a time (studio.demo_lock): DemoBusy while another request
+    writes it, OSError when it cannot be written."""
+    if not studio.demo_lock.acquire(blocking=False):
+        raise DemoBusy("the demo dataset is being created by an earlier click; wait a few "
+                       "seconds and it appears in the list")
+    try:
+        target = studio.datasets_dir / DEMO_NAME
+        if target.exists():
+            return False
+        write_demo_dataset(target)
+        return True
+    finally:
+        studio.demo_lock.release()
+
+
+def thumbnails(plan: BucketPlan, order: str, bucket: str, page: int | None
+               ) -> tuple[list[tuple], int, str]:
+    """(gallery items, page shown, page text) of one page of crop-box thumbnails. A file
+    that cannot be shown (broken, replaced by a huge or hostile one since the scan)
+    gets a placeholder and a note instead of ending the page."""
+    items = views.planned_order(plan, order, bucket)
+    n_pages = max(1, math.ceil(len(items) / THUMBS_PER_PAGE))
+    page = min(max(1, int(page or 1)), n_pages)
+    gallery, broken = [], 0
+    for im in items[(page - 1) * THUMBS_PER_PAGE: page * THUMBS_PER_PAGE]:
+        try:
+            gallery.append((views.crop_thumbnail(im.record.path, im.box, THUMB_SIZE),
+                            views.thumbnail_caption(im)))
+        except BROKEN_FILE_ERRORS as e:
+            broken += 1
+            gallery.append((views.placeholder_thumbnail(THUMB_SIZE),
+                            f"{im.rel} · cannot be shown: {str(e) or type(e).__name__}"))
+    text = f"page {page} of {n_pages} · {len(items)} images"
+    if broken:
+        text += f" · {broken} on this page cannot be read (re-run the preview to see why)"
+    return gallery, page, text
 
 
 def settings_overrides(values: dict) -> str:
@@ -169,11 +221,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
 
     # ---- handlers ------------------------------------------------------------------
     def dataset_root(choice, typed) -> Path | None:
-        if typed and typed.strip():
-            return resolve_inside(typed, studio.roots)
-        if choice:
-            return studio.dataset_dir(choice)
-        return None
+        chosen = studio.chosen_dataset(choice, typed)
+        return Path(chosen) if chosen else None
 
     def edited(min_s, max_s, stp, asp, bs, drop, miss) -> dict:
         vals = dict(zip(EDITED_KEYS, (min_s, max_s, stp, asp, bs, drop, miss)))
@@ -215,20 +264,6 @@ def build(studio: Studio, selection: gr.State) -> dict:
             return None
         return gr.BarPlot(frame, sort=list(frame["bucket"]))   # by area, as planned
 
-    def thumbnails(plan: BucketPlan, order_v, bucket_v, page_v):
-        items = views.planned_order(plan, order_v, bucket_v)
-        n_pages = max(1, math.ceil(len(items) / THUMBS_PER_PAGE))
-        page_v = min(max(1, int(page_v or 1)), n_pages)
-        chunk = items[(page_v - 1) * THUMBS_PER_PAGE: page_v * THUMBS_PER_PAGE]
-        gallery = []
-        for im in chunk:
-            try:
-                gallery.append((views.crop_thumbnail(im.record.path, im.box, THUMB_SIZE),
-                                views.thumbnail_caption(im)))
-            except OSError:
-                continue
-        return gallery, page_v, f"page {page_v} of {n_pages} · {len(items)} images"
-
     def repage(sel, order_v, bucket_v, page_v):
         """Thumbnails of the last plan of this selection (no rescan)."""
         pv = _PREVIEWS.get(tuple(sel.get("key") or ())) if sel else None
@@ -238,10 +273,12 @@ def build(studio: Studio, selection: gr.State) -> dict:
         return page_v, text, gallery
 
     def make_demo():
-        target = studio.datasets_dir / DEMO_NAME
-        if not target.exists():
-            write_demo_dataset(target)
-            gr.Info(f"Wrote the demo dataset to {target}")
+        try:
+            if create_demo(studio):
+                gr.Info(f"Wrote the demo dataset to {studio.datasets_dir / DEMO_NAME}")
+        except (DemoBusy, OSError) as e:
+            gr.Warning(f"The demo dataset was not created: {e}")
+            return gr.Dropdown(choices=studio.dataset_names()), gr.skip(), gr.skip()
         return gr.Dropdown(choices=studio.dataset_names(), value=DEMO_NAME), "", DEFAULT_PRESET
 
     settings = [min_side, max_side, step, aspect, batch, drop_last, missing]
@@ -269,4 +306,4 @@ def build(studio: Studio, selection: gr.State) -> dict:
         c.input(lambda: 1, outputs=page).then(repage, inputs=page_inputs,
                                               outputs=[page, pages, thumbs])
     page.submit(repage, inputs=page_inputs, outputs=[page, pages, thumbs])
-    return {"choice": ds_choice, "plan_args": plan_args, "make_demo": make_demo}
+    return {"choice": ds_choice, "plan_args": plan_args}

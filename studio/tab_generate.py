@@ -21,6 +21,8 @@ import yaml
 
 from engine import config, generate, pngmeta
 from engine.checkpoint import CheckpointError
+from engine.data import BROKEN_FILE_ERRORS
+from engine.distributed import DeviceError
 from engine.encoders import EncoderLoadError
 from engine.sampling import SAMPLERS
 from studio import views
@@ -32,7 +34,10 @@ if TYPE_CHECKING:
 
 HISTORY_LIMIT = 48
 EXPECTED_ERRORS = (generate.GenerateError, CheckpointError, EncoderLoadError, PathError,
-                   RunnerError, config.ConfigError)
+                   RunnerError, config.ConfigError, DeviceError)
+# what reading the settings of a PNG from the history or the browser may raise: the file
+# may be broken or hostile (MetadataError is the engine's word for it)
+RECALL_ERRORS = (pngmeta.MetadataError, *BROKEN_FILE_ERRORS)
 
 
 class PipelineCache:
@@ -83,11 +88,29 @@ def model_markdown(meta: dict, cfg: config.RunConfig) -> str:
 
 
 def history(outputs_dir: Path) -> list[str]:
-    """The newest generated images, newest first."""
-    if not outputs_dir.is_dir():
+    """The newest generated images, newest first (files deleted meanwhile left out)."""
+    dated = []
+    try:
+        for p in outputs_dir.glob("*.png"):
+            try:
+                dated.append((p.stat().st_mtime, str(p)))
+            except OSError:
+                continue
+    except OSError:
         return []
-    files = sorted(outputs_dir.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [str(p) for p in files[:HISTORY_LIMIT]]
+    return [p for _, p in sorted(dated, reverse=True)[:HISTORY_LIMIT]]
+
+
+def recall(path) -> tuple[str, dict]:
+    """(Markdown, parameters) of an image's stored settings; a file that cannot be read
+    gives a message and no parameters."""
+    try:
+        p = pngmeta.read_png_parameters(path)
+    except RECALL_ERRORS as e:
+        return f"**Cannot read the settings of this image:** {e}", {}
+    if not isinstance(p, dict) or not p:
+        return "This PNG carries no generation settings.", {}
+    return views.params_markdown(p), p
 
 
 def build(studio: Studio) -> dict:
@@ -296,39 +319,24 @@ def build(studio: Studio) -> dict:
 
     # ---- recall ------------------------------------------------------------------------
     def fields_from(p: dict):
-        """Setting fields from recalled parameters (missing ones unchanged)."""
-        interval = p.get("interval") or [None, None]
-        values = [p.get("prompt"), p.get("negative"), p.get("sampler"), p.get("steps"),
-                  p.get("cfg"), p.get("rescale"), interval[0], interval[1], p.get("shift"),
-                  p.get("width"), p.get("height"),
-                  str(p["seed"]) if p.get("seed") is not None else None, p.get("strength")]
-        if values[2] not in SAMPLERS:
-            values[2] = None
-        return [gr.skip() if v is None else v for v in values]
+        """Setting fields from recalled parameters (missing or unusable ones unchanged)."""
+        return [gr.skip() if v is None else v for v in views.recall_values(p)]
 
     def checkpoint_for(p: dict):
         cid = f"run/{p.get('run_id')}/{p.get('checkpoint_step')}"
-        ids = [c for _, c in studio.checkpoint_choices()]
-        return gr.Dropdown(choices=studio.checkpoint_choices(), value=cid) if cid in ids \
+        choices = studio.checkpoint_choices()
+        return gr.Dropdown(choices=choices, value=cid) if cid in [c for _, c in choices] \
             else gr.skip()
 
     def on_past(files, evt: gr.SelectData):
         try:
-            p = pngmeta.read_png_parameters(files[evt.index])
-        except (pngmeta.MetadataError, IndexError, TypeError) as e:
-            return f"**{e}**", {}
-        return views.params_markdown(p), p
+            path = files[evt.index]
+        except (IndexError, TypeError, KeyError):
+            return "That image is no longer in the history; press Refresh.", {}
+        return recall(path)
 
     def on_recall(path):
-        if not path:
-            return "", {}
-        try:
-            p = pngmeta.read_png_parameters(path)
-        except pngmeta.MetadataError as e:
-            return f"**{e}**", {}
-        if not p:
-            return "This PNG carries no generation settings.", {}
-        return views.params_markdown(p), p
+        return recall(path) if path else ("", {})
 
     def apply(p):
         if not p:

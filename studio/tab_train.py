@@ -17,8 +17,9 @@ import gradio as gr
 import yaml
 
 from engine import config, preflight
+from engine.distributed import DeviceError
 from studio import views
-from studio.paths import PathError, resolve_inside
+from studio.paths import PathError
 from studio.runner import RunInfo, RunnerError
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 2.0
 LOG_LINES = 200
+# what starting or resuming a run may refuse with, shown as a message on the page
+EXPECTED_ERRORS = (config.ConfigError, PathError, RunnerError, DeviceError)
 # the form's common settings: (key, label, kind)
 FORM = (("train.max_steps", "Max steps", int), ("train.batch_size", "Batch size", int),
         ("train.lr", "Learning rate", float), ("train.warmup_steps", "Warm-up steps", int),
@@ -168,19 +171,13 @@ def build(studio: Studio, selection: gr.State) -> dict:
         timer = gr.Timer(POLL_SECONDS)
 
     # ---- set-up ----------------------------------------------------------------------
-    def dataset_path(choice, typed) -> str:
-        if typed and typed.strip():
-            return str(resolve_inside(typed, studio.roots))
-        if choice:
-            return str(studio.dataset_dir(choice))
-        return ""
-
     def check(preset_name, text, choice, typed, n_gpus):
         """Resolve and validate; outputs: validity, start, yaml, changes, estimate, form."""
         try:
             base = config.load_preset(preset_name)
-            path = dataset_path(choice, typed)
-            cfg = views.resolve_config(preset_name, text, path)
+            path = studio.chosen_dataset(choice, typed)
+            cfg = studio.check_paths(views.resolve_config(preset_name, text, path),
+                                     require_data=False)
         except (config.ConfigError, PathError) as e:
             return (f"**Not valid:** {e}", gr.Button(interactive=False), gr.skip(), gr.skip(),
                     "", *[gr.skip()] * len(FORM))
@@ -237,25 +234,24 @@ def build(studio: Studio, selection: gr.State) -> dict:
 
     def start_run(preset_name, text, choice, typed, n_gpus):
         try:
-            path = dataset_path(choice, typed)
-            cfg = views.resolve_config(preset_name, text, path)
+            cfg = studio.run_config(preset_name, text, choice, typed)
             run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name),
                                       gpus=max(1, int(n_gpus or 1)))
-        except (config.ConfigError, PathError, RunnerError) as e:
+        except EXPECTED_ERRORS as e:
             return f"**Not started:** {e}", gr.skip(), gr.skip(), gr.skip()
         return (f"Started run `{run.run_id}`.", select_update(run.run_id),
                 empty_watch(run.run_id), gr.Accordion(open=False))
 
     def run_dry(preset_name, text, choice, typed, progress=gr.Progress()):
         try:
-            cfg = views.resolve_config(preset_name, text, dataset_path(choice, typed))
+            cfg = studio.run_config(preset_name, text, choice, typed)
         except (config.ConfigError, PathError) as e:
             return f"**Not valid:** {e}"
         progress(0.1, desc="Building the model and running three training steps")
         try:
             with studio.runner.gate.generation():
                 res = preflight.dry_run(cfg)
-        except RunnerError as e:
+        except (RunnerError, DeviceError) as e:
             return f"**Dry run not started:** {e}"
         except (RuntimeError, ValueError, OSError) as e:
             return f"**Dry run failed:** {e}"
@@ -304,7 +300,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
         new, offset = studio.runner.metrics(run_id, w["offset"])
         new_state = w["state"] != info.state
         changed = bool(new) or new_state
-        w = dict(w, offset=offset, records=w["records"] + new, state=info.state)
+        w = dict(w, offset=offset, records=views.fold_records(w["records"], new),
+                 state=info.state)
         out_plots = plots(w["records"], smooth_w) if changed else [gr.skip()] * n_plot_outputs
         note = info.error or info.message
         prog = views.progress_html(info.state, info.step, info.total, info.eta_s, info.loss, note)
@@ -358,14 +355,14 @@ def build(studio: Studio, selection: gr.State) -> dict:
             if not run_id:
                 return "No run selected."
             try:
-                if kind == "resume":
+                if kind == "resume":   # on the device and GPUs of its latest launch
                     studio.runner.resume(run_id)
                     return f"Resuming `{run_id}` from its last checkpoint."
                 if kind == "force":
                     studio.runner.force_stop(run_id)
                     return f"`{run_id}` was stopped."
                 studio.runner.request(run_id, kind)
-            except RunnerError as e:
+            except EXPECTED_ERRORS as e:
                 return f"**{e}**"
             return {"stop": "Stop requested: the trainer saves a checkpoint and stops.",
                     "pause": "Pause requested: the trainer saves its state and exits; Resume "

@@ -9,7 +9,9 @@ given with --allow-dir, and every file it is shown comes from those folders.
 
 from __future__ import annotations
 
+import copy
 import html
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -18,9 +20,10 @@ import gradio as gr
 import engine
 from engine import config
 from engine.checkpoint import list_checkpoints, read_meta, step_name
-from studio import tab_checkpoints, tab_dataset, tab_generate, tab_train
-from studio.paths import PathError, resolve_inside
-from studio.runner import Runner, RunnerError
+from engine.distributed import DeviceError
+from studio import tab_checkpoints, tab_dataset, tab_generate, tab_train, views
+from studio.paths import PathError, names_local_path, resolve_inside
+from studio.runner import PROJECT_ROOT, Runner, RunnerError
 
 CSS = """
 .phdm-header { display: flex; align-items: baseline; gap: 16px; flex-wrap: wrap; }
@@ -60,6 +63,8 @@ class Studio:
         self.outputs_dir = self.runner.outputs_root
         self.models_dir = self.runner.models_root
         self.cache_dir = self.workspace / "cache"
+        # one writer of the demo dataset at a time (the first-start banner, the Dataset tab)
+        self.demo_lock = threading.Lock()
 
     @property
     def roots(self) -> list[Path]:
@@ -86,6 +91,59 @@ class Studio:
             raise PathError(f"there is no dataset '{name}' in {self.datasets_dir}; refresh the "
                             f"list or type its folder path")
         return resolve_inside(str(self.datasets_dir / name), self.roots)
+
+    def chosen_dataset(self, choice: str | None, typed: str | None) -> str:
+        """The dataset folder chosen in the page: a typed path (checked), else a name
+        from the list; "" when neither is given."""
+        if typed and typed.strip():
+            return str(resolve_inside(typed, self.roots))
+        if choice:
+            return str(self.dataset_dir(choice))
+        return ""
+
+    # ---- run configs -------------------------------------------------------------------
+    def check_paths(self, cfg: config.RunConfig, *, require_data: bool = True
+                    ) -> config.RunConfig:
+        """A copy of `cfg` whose path-valued settings lie inside the workspace or an
+        --allow-dir folder, written as real absolute paths (relative ones are taken in
+        the workspace): data.path (an existing folder; required unless `require_data`
+        is False), loss.repa_teacher when set, and text.name_or_path when it names a
+        local folder rather than a hub id. Every config the studio starts or dry-runs
+        passes here (a resume reuses the config.yaml written at the start), so an
+        override line cannot point the trainer anywhere else. PathError naming the
+        setting and the allowed folders otherwise."""
+        out = copy.deepcopy(cfg)
+        allowed = ", ".join(str(r) for r in self.roots)
+
+        def inside(key: str, value: str) -> str:
+            try:
+                return str(resolve_inside(value, self.roots))
+            except PathError as e:
+                raise PathError(f"{key}: {e}") from None
+
+        if out.data.path or require_data:
+            if not out.data.path:
+                raise PathError(f"data.path: no dataset chosen: pick one in the Dataset tab or "
+                                f"the Dataset list, or type a folder inside {allowed}")
+            out.data.path = inside("data.path", out.data.path)
+            if not Path(out.data.path).is_dir():
+                raise PathError(f"data.path: the dataset folder {out.data.path} does not exist "
+                                f"(folders the studio may use: {allowed})")
+        if out.loss.repa_teacher:
+            out.loss.repa_teacher = inside("loss.repa_teacher", out.loss.repa_teacher)
+        # the folders a loader may resolve a relative name in: the workspace, the trainer's
+        # working folder and this process's
+        if names_local_path(out.text.name_or_path, [self.workspace, PROJECT_ROOT, Path.cwd()]):
+            out.text.name_or_path = inside("text.name_or_path", out.text.name_or_path)
+        return out
+
+    def run_config(self, preset: str, overrides: str, choice: str | None = None,
+                   typed: str | None = None) -> config.RunConfig:
+        """The config a Train-tab start or dry run uses: the preset with the override
+        lines, data.path the chosen dataset (required), every path through check_paths.
+        ConfigError or PathError."""
+        cfg = views.resolve_config(preset, overrides, self.chosen_dataset(choice, typed))
+        return self.check_paths(cfg)
 
     # ---- checkpoints -------------------------------------------------------------------
     def checkpoint_choices(self) -> list[tuple[str, str]]:
@@ -156,17 +214,19 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
             return gr.Row(visible=not studio.runner.runs())
 
         def start_demo():
-            choice, _, preset_name = ds["make_demo"]()
+            preset_name = tab_dataset.DEFAULT_PRESET
             try:
-                cfg = config.load_preset(preset_name)
-                cfg.data.path = str(studio.dataset_dir(tab_dataset.DEMO_NAME))
+                tab_dataset.create_demo(studio)
+                cfg = studio.run_config(preset_name, "", tab_dataset.DEMO_NAME)
                 run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name))
-            except (config.ConfigError, PathError, RunnerError) as e:
+            except (tab_dataset.DemoBusy, OSError, config.ConfigError, PathError, RunnerError,
+                    DeviceError) as e:
                 return (f"**The demo did not start:** {e}", gr.skip(), gr.skip(), gr.skip(),
-                        gr.skip(), gr.skip(), gr.skip())
+                        gr.skip(), gr.skip(), gr.Dropdown(choices=studio.dataset_names()))
             return ("", gr.Row(visible=False), gr.Tabs(selected="train"),
                     tr["select_update"](run.run_id), tab_train.empty_watch(run.run_id),
-                    gr.Accordion(open=False), choice)
+                    gr.Accordion(open=False),
+                    gr.Dropdown(choices=studio.dataset_names(), value=tab_dataset.DEMO_NAME))
 
         demo.load(show_banner, outputs=banner)
         tr["started"].then(show_banner, outputs=banner)
@@ -185,8 +245,8 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
 
         def resume_from_checkpoints(run_id):
             try:
-                studio.runner.resume(run_id)
-            except RunnerError as e:
+                studio.runner.resume(run_id)   # on its launch's device and GPUs
+            except (RunnerError, DeviceError) as e:
                 return f"**Not resumed:** {e}", gr.skip(), gr.skip(), gr.skip()
             return (f"Resuming `{run_id}`.", tr["select_update"](run_id),
                     tab_train.empty_watch(run_id), gr.Tabs(selected="train"))

@@ -19,7 +19,10 @@ from PIL import Image, ImageDraw
 
 from engine import config
 from engine.buckets import BucketPlan, PlannedImage, make_buckets
-from engine.data import HealthReport, open_image, read_header, upright_rgb
+from engine.checkpoint import retention_victims
+from engine.data import MAX_PIXELS, DataError, HealthReport, open_image, read_header, upright_rgb
+from engine.sampling import SAMPLERS
+from engine.train_io import format_duration
 from studio.runner import ACTIVE_STATES
 
 MAX_PLOT_POINTS = 600
@@ -52,18 +55,6 @@ def fmt_bytes(n: float | None) -> str:
         if abs(n) >= 2 ** power:
             return f"{n / 2 ** power:.1f} {unit}"
     return f"{int(n)} B"
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """723 -> '12:03', 3723 -> '1:02:03', two days -> '2 d 0:00:00'; None -> '--:--'."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "--:--"
-    s = int(round(seconds))
-    days, s = divmod(s, 86400)
-    h, rest = divmod(s, 3600)
-    m, sec = divmod(rest, 60)
-    text = f"{h}:{m:02d}:{sec:02d}" if h or days else f"{m}:{sec:02d}"
-    return f"{days} d {text}" if days else text
 
 
 def fmt_time(timestamp: float | None) -> str:
@@ -150,12 +141,17 @@ def override_values(text: str) -> dict[str, str]:
 
 def resolve_config(preset: str, overrides: str, data_path: str = "") -> config.RunConfig:
     """The preset with the override lines applied and validated (raises ConfigError with
-    the engine's message); `data_path` becomes data.path when given."""
+    the engine's message); data.path is `data_path`, the dataset chosen in the studio
+    (a data.path override line is refused: the folder is chosen, and checked, there)."""
     if not preset:
         raise config.ConfigError("choose a preset")
-    cfg = config.load_preset(preset, override_lines(overrides))
-    if data_path:
-        cfg.data.path = str(data_path)
+    lines = override_lines(overrides)
+    cfg = config.load_preset(preset, lines)
+    if cfg.data.path != config.load_preset(preset).data.path:
+        raise config.ConfigError("data.path cannot be set by an override line: choose the "
+                                 "dataset in the Dataset tab, the Dataset list or the folder "
+                                 "path box, and remove the data.path line")
+    cfg.data.path = str(data_path or "")
     return cfg
 
 
@@ -269,8 +265,12 @@ def planned_order(plan: BucketPlan, order: str = "dataset", bucket: str = "all"
 
 def crop_thumbnail(path: str | Path, box: Sequence[float], size: int = 160) -> Image.Image:
     """A thumbnail of the image (EXIF-rotated, at most `size` px) with the area outside
-    the crop box dimmed and the box outlined. `box` is in original-image pixels."""
+    the crop box dimmed and the box outlined. `box` is in original-image pixels. Raises
+    one of engine.data.BROKEN_FILE_ERRORS for a broken file, and DataError for one over
+    engine.data.MAX_PIXELS (a file replaced since the scan)."""
     width, height = read_header(str(path))          # displayed size, before any draft
+    if width * height > MAX_PIXELS:
+        raise DataError(f"{width}x{height} px is over the limit of {MAX_PIXELS} pixels")
     with open_image(str(path)) as im:
         im.draft("RGB", (size * 2, size * 2))       # JPEG: decode at a reduced scale
         thumb = upright_rgb(im)
@@ -284,6 +284,15 @@ def crop_thumbnail(path: str | Path, box: Sequence[float], size: int = 160) -> I
     return out
 
 
+def placeholder_thumbnail(size: int = 160) -> Image.Image:
+    """A plain grey square with a cross, shown in place of an image that cannot be read."""
+    out = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(out)
+    draw.line((0, 0, size - 1, size - 1), fill=(90, 90, 90), width=max(1, size // 40))
+    draw.line((0, size - 1, size - 1, 0), fill=(90, 90, 90), width=max(1, size // 40))
+    return out
+
+
 def thumbnail_caption(im: PlannedImage) -> str:
     return (f"{im.rel} · {im.record.width}x{im.record.height} -> {bucket_name(im.bucket)} · "
             f"kept {im.kept:.0%}{' · upscaled' if im.scale > 1 else ''}")
@@ -293,17 +302,44 @@ def thumbnail_caption(im: PlannedImage) -> str:
 # Training metrics
 # --------------------------------------------------------------------------------------
 
+def record_kind(record: dict) -> str:
+    """'event', 'val' (a validation line), 'train' (a training metric line) or '' (other)."""
+    if "event" in record:
+        return "event"
+    if "val_loss" in record:
+        return "val"
+    return "train" if "loss" in record else ""
+
+
+def fold_records(records: Sequence[dict], new: Iterable[dict]) -> list[dict]:
+    """`records` followed by `new`, read in order from the append-only metrics.jsonl.
+    A training or validation line whose step is not after the last one of its kind
+    comes from a process resumed at an earlier checkpoint: the lines of that kind from
+    its step on are stale (the steps after the checkpoint that the lost process
+    trained) and are dropped, so the plots never go back. Events are kept as they are."""
+    out = list(records)
+    last: dict[str, float] = {}
+    for r in out:
+        kind = record_kind(r)
+        if kind in ("train", "val") and isinstance(r.get("step"), (int, float)):
+            last[kind] = r["step"]
+    for r in new:
+        kind, step = record_kind(r), r.get("step")
+        if kind in ("train", "val") and isinstance(step, (int, float)):
+            if kind in last and step <= last[kind]:
+                out = [o for o in out if record_kind(o) != kind
+                       or not isinstance(o.get("step"), (int, float)) or o["step"] < step]
+            last[kind] = step
+        out.append(r)
+    return out
+
+
 def split_records(records: Iterable[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     """(training metric lines, validation lines, event lines) of metrics.jsonl."""
-    train, val, events = [], [], []
+    out: dict[str, list[dict]] = {"train": [], "val": [], "event": [], "": []}
     for r in records:
-        if "event" in r:
-            events.append(r)
-        elif "val_loss" in r:
-            val.append(r)
-        elif "loss" in r:
-            train.append(r)
-    return train, val, events
+        out[record_kind(r)].append(r)
+    return out["train"], out["val"], out["event"]
 
 
 def smooth(values: Sequence[float], weight: float) -> list[float]:
@@ -409,7 +445,7 @@ def progress_html(state: str, step: int, total: int, eta_s: float | None,
     """A progress bar with step, percentage, ETA and loss."""
     frac = min(1.0, step / total) if total else 0.0
     label = STATE_TEXT.get(state, state)
-    eta = f"ETA {fmt_duration(eta_s)}" if state in ACTIVE_STATES and eta_s is not None else ""
+    eta = f"ETA {format_duration(eta_s)}" if state in ACTIVE_STATES and eta_s is not None else ""
     info = " · ".join(x for x in (f"step {step:,} / {total:,}" if total else f"step {step:,}",
                                   f"{frac:.1%}", eta, f"loss {fmt_loss(loss)}"
                                   if loss is not None else "") if x)
@@ -446,11 +482,11 @@ def checkpoint_row(step: int, saved: float, size: int, meta: dict, pinned: bool,
 
 
 def retention_preview(steps: Sequence[int], keep_last: int, pinned: Iterable[int]) -> list[int]:
-    """Steps that engine.checkpoint.apply_retention deletes at the next save, when that
-    save adds one newer checkpoint (so only keep_last - 1 of these stay)."""
+    """Steps that engine.checkpoint.apply_retention deletes at the next save: its rule
+    (engine.checkpoint.retention_victims) applied with that save's newer step added."""
     steps = sorted(steps)
-    protected = set(pinned) | set(steps[len(steps) - (keep_last - 1):] if keep_last > 1 else [])
-    return [s for s in steps if s not in protected]
+    after = (steps[-1] + 1) if steps else 1
+    return [s for s in retention_victims([*steps, after], keep_last, set(pinned)) if s != after]
 
 
 def size_choices(cfg: config.RunConfig) -> list[str]:
@@ -486,6 +522,38 @@ PARAM_LABELS = [("prompt", "Prompt"), ("negative", "Negative prompt"), ("seed", 
                 ("interval", "CFG interval"), ("shift", "Shift"), ("strength", "Strength"),
                 ("run_id", "Run"), ("checkpoint_step", "Step"), ("weights", "Weights"),
                 ("checkpoint_hash", "Model hash")]
+
+
+def _number(value, lo: float, hi: float, whole: bool = False) -> float | int | None:
+    """`value` when it is a finite number in [lo, hi] (a whole one when `whole`), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if not lo <= value <= hi or (whole and value != int(value)):
+        return None
+    return int(value) if whole else float(value)
+
+
+def recall_values(params: dict) -> list:
+    """The Generate tab's settings from an image's recalled parameters, in the order
+    prompt, negative, sampler, steps, cfg, rescale, guidance from t, guidance until t,
+    shift, width, height, seed (text), strength. A value that is missing, of the wrong
+    type or out of its control's range is None (the control is left as it is): the
+    parameters come from a file anyone could have written."""
+    p = params if isinstance(params, dict) else {}
+    interval = p.get("interval")
+    if not (isinstance(interval, (list, tuple)) and len(interval) == 2):
+        interval = (None, None)
+    seed = _number(p.get("seed"), 0, 2 ** 63 - 1, whole=True)
+    return [p.get("prompt") if isinstance(p.get("prompt"), str) else None,
+            p.get("negative") if isinstance(p.get("negative"), str) else None,
+            p.get("sampler") if isinstance(p.get("sampler"), str) and p["sampler"] in SAMPLERS
+            else None,
+            _number(p.get("steps"), 1, 200, whole=True), _number(p.get("cfg"), 0.0, 15.0),
+            _number(p.get("rescale"), 0.0, 1.0), _number(interval[0], 0.0, 1.0),
+            _number(interval[1], 0.0, 1.0),
+            _number(p.get("shift"), 0.0, 1e6), _number(p.get("width"), 1, 65536, whole=True),
+            _number(p.get("height"), 1, 65536, whole=True),
+            str(seed) if seed is not None else None, _number(p.get("strength"), 0.0, 1.0)]
 
 
 def params_markdown(params: dict) -> str:

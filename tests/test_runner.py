@@ -10,15 +10,20 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from engine.checkpoint import latest_resumable
+from engine.checkpoint import latest_resumable, step_name
 from engine.config import RunConfig, dump_yaml, load_preset
 from engine.demo_data import write_demo_dataset
+from engine.distributed import DeviceError
 from engine.job import RunDir, Status, pid_alive
+from studio import runner as runner_module
 from studio.runner import LAUNCH_FILE, Runner, RunnerError
 
 POSIX = os.name == "posix"
@@ -98,7 +103,7 @@ def test_start_runs_in_background_saves_on_request_and_a_new_runner_stops_it(run
     assert not run.status_file.exists()
     launch = json.loads((run.root / LAUNCH_FILE).read_text())
     assert launch["argv"][:5] == [sys.executable, "-m", "engine.train", "--run-dir", str(run.root)]
-    assert launch["pid"] == info.pid and launch["device"] == "cpu"
+    assert launch["pid"] == info.pid and (launch["device"], launch["gpus"]) == ("cpu", 1)
     assert os.getpgid(info.pid) == info.pid            # its own session: survives the studio
     assert run.config.read_text() == dump_yaml(cfg)
     assert "studio: " in run.log_tail()
@@ -154,7 +159,9 @@ def test_pause_then_resume_continues_from_the_paused_step_to_completion(runner, 
     assert paused.resumable and latest_resumable(run.checkpoints).step == paused.step
     end = paused.step + 6
 
-    runner.resume("p", max_steps=end)
+    runner.resume("p", max_steps=end)                     # on the launch's device
+    argv = json.loads((run.root / LAUNCH_FILE).read_text())["argv"]
+    assert argv[argv.index("--device") + 1] == "cpu" and "--resume" in argv
     assert not (run.control / "pause").exists()          # the old request is gone
     assert runner.info("p").state == "starting"          # not the previous process's "paused"
     done = wait_for(runner, "p", lambda i: i.state == "completed" and not i.alive, "completed")
@@ -279,6 +286,145 @@ def test_force_stop_kills_the_whole_group_of_a_trainer_that_ignores_sigterm(runn
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture
+def stand_in_trainer(monkeypatch):
+    """The runner's trainer processes replaced by a sleeping stand-in whose command line
+    names engine.train; launch.json still records the argv the runner meant to run."""
+    real = subprocess.Popen
+
+    def popen(argv, *args, **kwargs):
+        if "engine.train" in argv:
+            argv = [sys.executable, "-c", "import time; time.sleep(60)", "engine.train"]
+        return real(argv, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.subprocess, "Popen", popen)
+
+
+def saved_run(runner: Runner, name: str, cfg: RunConfig, step: int, stop_at: int | None,
+              launch: dict | None = None) -> RunDir:
+    """A stopped run with a checkpoint at `step` whose training state records the target
+    `stop_at` it was started with."""
+    run = RunDir(runner.runs_root / name)
+    run.create()
+    run.config.write_text(dump_yaml(cfg))
+    base = run.checkpoints / step_name(step)
+    save_file({"w": torch.zeros(1)}, f"{base}.safetensors")
+    save_file({"x": torch.zeros(1)}, f"{base}.state.safetensors",
+              metadata={"state": json.dumps({"step": step, "stop_at": stop_at})})
+    if launch is not None:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        (run.root / LAUNCH_FILE).write_text(json.dumps(
+            {"pid": gone.pid, "argv": ["engine.train"], "started_at": time.time() - 60,
+             "max_steps": stop_at, **launch}))
+    write_status(run, state="stopped", step=step, pid=0, heartbeat=time.time())
+    return run
+
+
+def launched_argv(run: RunDir) -> tuple[list, int, str]:
+    launch = json.loads((run.root / LAUNCH_FILE).read_text())
+    return launch["argv"], launch["gpus"], launch["device"]
+
+
+@pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
+def test_resume_reuses_the_launch_gpus_and_device(runner, dataset, stand_in_trainer):
+    run = saved_run(runner, "multi", fast_config(dataset), 5, 60,
+                    launch={"device": "cpu", "gpus": 2})
+    runner.resume("multi")
+    argv, gpus, device = launched_argv(run)
+    assert (gpus, device) == (2, "cpu")
+    assert "--nproc_per_node=2" in argv and argv[argv.index("--device") + 1] == "cpu"
+    assert argv[-len(["--resume", "--device", "cpu"]):] == ["--resume", "--device", "cpu"]
+    runner.force_stop("multi", grace=0)
+
+    runner.resume("multi", gpus=1)                      # given: it wins, and is recorded
+    argv, gpus, device = launched_argv(run)
+    assert gpus == 1 and argv[:3] == [sys.executable, "-m", "engine.train"]
+    runner.force_stop("multi", grace=0)
+    runner.resume("multi")                              # the latest launch counts
+    assert launched_argv(run)[1] == 1
+    runner.force_stop("multi", grace=0)
+
+    with pytest.raises(DeviceError):
+        runner.resume("multi", device="nonsense")
+    with pytest.raises(RunnerError, match="at least 1"):
+        runner.resume("multi", gpus=0)
+
+    # a launch.json written before gpus was recorded is a one-process launch
+    old = saved_run(runner, "old", fast_config(dataset), 5, 60, launch={"device": "cpu"})
+    (old.root / LAUNCH_FILE).write_text(json.dumps(
+        {k: v for k, v in json.loads((old.root / LAUNCH_FILE).read_text()).items()
+         if k != "gpus"}))
+    assert runner.info("old").state == "stopped"
+    runner.resume("old")
+    assert launched_argv(old)[1] == 1
+    runner.force_stop("old", grace=0)
+
+
+@pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
+def test_resume_asks_the_trainer_rule_whether_steps_are_left(runner, dataset, stand_in_trainer):
+    """engine.train.resume_point decides: the target is what was asked, else the larger
+    of the target the run was started with and train.max_steps (engine.job.resume_target)."""
+    cfg = fast_config(dataset, "train.max_steps=10")
+    # started with --max-steps 20 and stopped at 12: it continues to 20, past max_steps
+    run = saved_run(runner, "longer", cfg, 12, 20)
+    runner.resume("longer")
+    argv, _, _ = launched_argv(run)
+    assert "--resume" in argv and "--max-steps" not in argv
+    runner.force_stop("longer", grace=0)
+    with pytest.raises(RunnerError, match="already at step 12"):
+        runner.resume("longer", max_steps=12)
+    saved_run(runner, "done", cfg, 10, None)
+    with pytest.raises(RunnerError, match="already at step 10"):
+        runner.resume("done")
+    runner.resume("done", max_steps=11)
+    runner.force_stop("done", grace=0)
+    damaged = saved_run(runner, "damaged", cfg, 4, None)
+    (damaged.checkpoints / f"{step_name(4)}.state.safetensors").write_bytes(b"not a state")
+    with pytest.raises(RunnerError, match="damaged"):
+        runner.resume("damaged")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_waiting_for_an_exiting_run_leaves_the_runner_free(runner, dataset, monkeypatch):
+    """A run that reported its end but whose process is still there is waited for
+    (EXIT_WAIT_SECONDS) without holding the runner's lock: generations and other calls
+    go on meanwhile."""
+    monkeypatch.setattr(runner_module, "EXIT_WAIT_SECONDS", 3.0)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "engine.train"], start_new_session=True)
+    try:
+        run = RunDir(runner.runs_root / "exiting")
+        run.create()
+        run.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
+            {"pid": proc.pid, "argv": ["engine.train"], "started_at": time.time() - 1,
+             "device": "cuda", "max_steps": None}))
+        write_status(run, state="stopped", pid=proc.pid, device="cuda", heartbeat=time.time())
+        assert runner.info("exiting").alive
+        errors = []
+
+        def start():
+            try:
+                runner.start(fast_config(dataset), "next", device="cpu")
+            except RunnerError as e:
+                errors.append(str(e))
+
+        waiter = threading.Thread(target=start)
+        waiter.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        with runner.gate.generation() as note:
+            assert "cuda" in note
+        runner.new_run_id("x")
+        assert time.monotonic() - t0 < 1.0 and waiter.is_alive()
+        waiter.join(10)
+        assert errors and "one run trains at a time" in errors[0]
+        assert not (runner.runs_root / "next").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_new_run_ids_are_dated_unique_and_safe(runner):

@@ -13,7 +13,8 @@ import urllib.parse
 import pytest
 
 import app
-from studio.paths import NAME_MAX, PathError, resolve_inside, safe_name
+from engine import config
+from studio.paths import NAME_MAX, PathError, names_local_path, resolve_inside, safe_name
 
 SYMLINKS = pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
 
@@ -119,6 +120,115 @@ def test_safe_names_are_accepted(name):
 def test_unsafe_names_are_refused(name, message):
     with pytest.raises(PathError, match=message):
         safe_name(name)
+
+
+# --------------------------------------------------------------------------------------
+# Path-valued settings of a run: the overrides box cannot point the trainer elsewhere
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def studio_ctx(tree):
+    from studio.ui import Studio
+    ws, allowed, outside = tree
+    (ws / "models" / "qwen").mkdir(parents=True)
+    (allowed / "dino").mkdir()
+    return Studio(ws, [allowed]), ws, allowed, outside
+
+
+def _cfg(**paths) -> config.RunConfig:
+    cfg = config.load_preset("tiny-cpu", ["loss.repa_layer=1"])
+    cfg.data.path = paths.get("data", "")
+    cfg.loss.repa_teacher = paths.get("teacher", "")
+    cfg.text.name_or_path = paths.get("text", "Qwen/Qwen3-0.6B")
+    return cfg
+
+
+def test_run_paths_inside_the_roots_become_real_absolute_paths(studio_ctx):
+    studio, ws, allowed, _ = studio_ctx
+    cfg = _cfg(data="datasets/cats", teacher=str(allowed / "dino"), text="models/qwen")
+    out = studio.check_paths(cfg)
+    assert out.data.path == str(ws / "datasets" / "cats")             # relative: the workspace
+    assert out.loss.repa_teacher == str(allowed / "dino")             # an --allow-dir folder
+    assert out.text.name_or_path == str(ws / "models" / "qwen")       # a local folder
+    assert cfg.data.path == "datasets/cats"                           # the input is unchanged
+    # a hub id stays a hub id; an empty teacher means iREPA off
+    plain = studio.check_paths(_cfg(data=str(ws / "datasets" / "cats")))
+    assert (plain.text.name_or_path, plain.loss.repa_teacher) == ("Qwen/Qwen3-0.6B", "")
+
+
+@pytest.mark.parametrize("key, paths", [
+    ("data.path", {"data": "{outside}"}),
+    ("data.path", {"data": "../outside"}),
+    ("loss.repa_teacher", {"teacher": "{outside}"}),
+    ("loss.repa_teacher", {"teacher": "datasets/../../outside"}),
+    ("text.name_or_path", {"text": "{outside}"}),
+    ("text.name_or_path", {"text": "../outside"}),
+    ("text.name_or_path", {"text": "~/../outside"}),
+])
+def test_run_paths_outside_the_roots_are_refused_by_name(studio_ctx, key, paths):
+    studio, ws, allowed, outside = studio_ctx
+    paths = {k: v.format(outside=outside) for k, v in paths.items()}
+    paths.setdefault("data", "datasets/cats")
+    with pytest.raises(PathError) as e:
+        studio.check_paths(_cfg(**paths))
+    message = str(e.value)
+    assert message.startswith(f"{key}:") and str(ws) in message and str(allowed) in message
+
+
+def test_a_run_needs_an_existing_dataset_folder(studio_ctx):
+    studio, ws, _, _ = studio_ctx
+    with pytest.raises(PathError, match="data.path: no dataset chosen"):
+        studio.check_paths(_cfg())
+    with pytest.raises(PathError, match="does not exist"):
+        studio.check_paths(_cfg(data="datasets/dogs"))
+    # the Train tab's inline check, before a dataset is chosen, still checks the others
+    assert studio.check_paths(_cfg(), require_data=False).data.path == ""
+    with pytest.raises(PathError, match="loss.repa_teacher"):
+        studio.check_paths(_cfg(teacher="/"), require_data=False)
+
+
+def test_the_train_tab_config_takes_the_dataset_only_from_the_choice(studio_ctx):
+    """What Start and Dry run use: overrides cannot set data.path, and without a chosen
+    dataset nothing starts."""
+    studio, ws, _, outside = studio_ctx
+    with pytest.raises(PathError, match="no dataset chosen"):
+        studio.run_config("tiny-cpu", "train.max_steps=5")
+    with pytest.raises(config.ConfigError, match="data.path cannot be set by an override"):
+        studio.run_config("tiny-cpu", f"data.path={outside}")
+    with pytest.raises(config.ConfigError, match="data.path cannot be set by an override"):
+        studio.run_config("tiny-cpu", f"data.path={outside}", "cats")
+    with pytest.raises(PathError, match="loss.repa_teacher"):
+        studio.run_config("tiny-cpu", f"loss.repa_teacher={outside}\nloss.repa_layer=1", "cats")
+    with pytest.raises(PathError, match="text.name_or_path"):
+        studio.run_config("tiny-cpu", f"text.name_or_path={outside}", None, "datasets/cats")
+    cfg = studio.run_config("tiny-cpu", "text.name_or_path=models/qwen", "cats")
+    assert cfg.data.path == str(ws / "datasets" / "cats")
+    assert cfg.text.name_or_path == str(ws / "models" / "qwen")
+
+
+@SYMLINKS
+def test_run_paths_are_judged_by_where_links_lead(studio_ctx):
+    studio, ws, _, outside = studio_ctx
+    (ws / "models" / "escape").symlink_to(outside, target_is_directory=True)
+    (ws / "datasets" / "escape").symlink_to(outside, target_is_directory=True)
+    for paths in ({"data": "datasets/escape"}, {"data": "datasets/cats", "text": "models/escape"},
+                  {"data": "datasets/cats", "teacher": "models/escape"}):
+        with pytest.raises(PathError, match="which leads to"):
+            studio.check_paths(_cfg(**paths))
+    with pytest.raises(PathError):
+        studio.run_config("tiny-cpu", "", "escape")          # listed, but leads outside
+
+
+@pytest.mark.parametrize("name, local", [
+    ("Qwen/Qwen3-0.6B", False), ("gpt2", False), ("", False),
+    ("./qwen", True), ("/models/qwen", True), ("~/qwen", True), ("..", True),
+    ("C:\\models\\qwen", True), ("models\\qwen", True), ("a/b/c", True),
+    ("models/qwen", True),                     # exists in the workspace
+])
+def test_name_or_path_tells_folders_from_hub_ids(tree, name, local):
+    ws = tree[0]
+    (ws / "models" / "qwen").mkdir(parents=True)
+    assert names_local_path(name, [ws]) is local
 
 
 # --------------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ Studio context's name-to-path checks."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,11 +28,6 @@ def test_number_formats():
     assert views.fmt_bytes(512) == "512 B"
     assert views.fmt_bytes(3.4 * 2**30) == "3.4 GiB"
     assert views.fmt_bytes(1536) == "1.5 KiB"
-    assert views.fmt_duration(723) == "12:03"
-    assert views.fmt_duration(3723) == "1:02:03"
-    assert views.fmt_duration(2 * 86400 + 5) == "2 d 0:00:05"
-    assert views.fmt_duration(None) == "--:--"
-    assert views.fmt_duration(math.inf) == "--:--"
     assert views.fmt_loss(0.123456) == "0.1235"
     assert views.fmt_loss(float("nan")) == "-"
 
@@ -70,6 +63,15 @@ def test_resolve_config_applies_overrides_and_dataset():
     diff = views.config_diff(cfg, base)
     assert any(d.startswith("train.max_steps: 3000 -> 60") for d in diff)
     assert any(d.startswith("data.path") for d in diff)
+    assert views.resolve_config("tiny-cpu", "").data.path == ""
+
+
+@pytest.mark.parametrize("line", ["data.path=/etc", " data.path = /etc ", "data.path='/x'"])
+def test_resolve_config_refuses_a_data_path_override(line):
+    """The dataset folder comes only from the studio's checked choice."""
+    for chosen in ("", "/data/shapes"):
+        with pytest.raises(config.ConfigError, match="data.path cannot be set by an override"):
+            views.resolve_config("tiny-cpu", line, chosen)
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -159,6 +161,47 @@ def test_crop_thumbnail_dims_outside_the_box(tmp_path):
     assert tuple(arr[40, 40]) == (255, 200, 0)     # the outline at x = 50 * 0.8
 
 
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims `width` x `height` (CRC right) over a 1x1 image's data."""
+    import struct
+    import zlib
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]                                   # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def test_crop_thumbnails_survive_broken_and_hostile_files(tmp_path):
+    from studio import tab_dataset
+
+    good, garbage, truncated = tmp_path / "good.png", tmp_path / "garbage.png", tmp_path / "cut.png"
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(good)
+    garbage.write_bytes(b"not an image at all")
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    bomb, big = tmp_path / "bomb.png", tmp_path / "big.png"
+    _png_header_only(bomb, 40_000, 40_000)             # PIL refuses to open it
+    _png_header_only(big, 12_000, 12_000)              # opens; over engine.data.MAX_PIXELS
+    with pytest.raises(Image.DecompressionBombError):
+        views.crop_thumbnail(bomb, (0, 0, 1, 1))
+    with pytest.raises(ValueError, match="over the limit"):
+        views.crop_thumbnail(big, (0, 0, 1, 1))
+
+    plan = _plan([(64, 64)] * 5)
+    for im, path in zip(plan.images, (good, garbage, truncated, bomb, big)):
+        im.record.path = str(path)
+    gallery, page, text = tab_dataset.thumbnails(plan, "dataset", "all", 1)
+    assert page == 1 and len(gallery) == 5
+    assert "4 on this page cannot be read" in text
+    shown = dict((caption.split(" · ")[0], image) for image, caption in gallery)
+    assert np.asarray(shown["000.png"])[32, 32, 0] == 200           # the real thumbnail
+    assert all("cannot be shown" in caption for _, caption in gallery[1:])
+    assert all(image.size == (tab_dataset.THUMB_SIZE,) * 2 for image, _ in gallery[1:])
+
+
 def test_crop_thumbnail_uses_displayed_orientation(tmp_path):
     path = tmp_path / "rotated.jpg"
     exif = Image.Exif()
@@ -188,6 +231,28 @@ def test_split_records():
     train, val, events = views.split_records(RECORDS)
     assert [r["step"] for r in train] == [10, 20]
     assert val == [RECORDS[1]] and events == [RECORDS[3]]
+
+
+def _lines(steps, key="loss"):
+    return [{"step": s, key: float(s)} for s in steps]
+
+
+def test_fold_records_drops_the_stale_tail_after_a_resume():
+    """Killed after step 8 with a checkpoint at 6: the resumed process logs 7, 8, 9...
+    again; its lines replace the lost process's 7 and 8 instead of going back."""
+    first = _lines(range(1, 9)) + _lines([4, 8], "val_loss")
+    event = {"step": 8, "event": "note", "message": "x"}
+    folded = views.fold_records([], first + [event])
+    folded = views.fold_records(folded, _lines([7, 8]))          # arrives across two polls
+    folded = views.fold_records(folded, _lines([9, 10]) + _lines([8], "val_loss"))
+    train, val, events = views.split_records(folded)
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert [r["step"] for r in val] == [4, 8] and val[-1] is folded[-1]
+    assert events == [event]                                       # events are a history
+    # in one batch, and a resume at the very first step
+    assert [r["step"] for r in views.fold_records([], _lines([1, 2, 3, 2, 3]))] == [1, 2, 3]
+    assert [r["step"] for r in views.fold_records(_lines([1, 2]), _lines([1]))] == [1]
+    assert views.fold_records(_lines([1, 2]), []) == _lines([1, 2])
 
 
 def test_smooth_closed_forms():
@@ -274,10 +339,18 @@ def test_checkpoint_row():
 
 
 def test_retention_preview_matches_the_rule():
+    from engine.checkpoint import retention_victims
+
     # the next save adds a newer step: the newest keep_last - 1 existing ones stay
     assert views.retention_preview([10, 20, 30, 40], 3, {10}) == [20]
-    assert views.retention_preview([10, 20, 30, 40], 1, set()) == [10, 20, 30, 40]
+    assert views.retention_preview([40, 10, 30, 20], 1, set()) == [10, 20, 30, 40]
     assert views.retention_preview([10], 5, set()) == []
+    assert views.retention_preview([], 2, set()) == []
+    # exactly the engine's rule once the next step exists
+    for steps, keep_last, keep in (([5, 10, 15, 20, 25], 2, {10}), ([5, 10], 3, set()),
+                                   ([5, 10, 15], 1, {15}), ([5, 10, 15], 0, set())):
+        assert views.retention_preview(steps, keep_last, keep) == \
+            [s for s in retention_victims([*steps, 30], keep_last, keep) if s != 30]
 
 
 def test_size_choices_are_the_model_buckets():
@@ -296,6 +369,45 @@ def test_parse_seed():
         views.parse_seed("4.5")
     with pytest.raises(ValueError, match="negative"):
         views.parse_seed("-3")
+
+
+def test_recall_values_keep_only_usable_settings():
+    good = {"prompt": "a cat", "negative": "", "sampler": "heun", "steps": 30, "cfg": 4.0,
+            "rescale": 0.5, "interval": [0.1, 0.9], "shift": 2.0, "width": 64, "height": 32,
+            "seed": 7, "strength": 0.6}
+    assert views.recall_values(good) == ["a cat", "", "heun", 30, 4.0, 0.5, 0.1, 0.9, 2.0, 64,
+                                         32, "7", 0.6]
+    hostile = {"prompt": ["x"], "negative": 5, "sampler": "ancestral", "steps": "many",
+               "cfg": float("nan"), "rescale": 7, "interval": 5, "shift": -1, "width": 2.5,
+               "height": True, "seed": -4, "strength": {"a": 1}}
+    assert views.recall_values(hostile) == [None] * 13
+    assert views.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 13
+    assert views.recall_values([]) == [None] * 13
+
+
+def test_recall_reports_unreadable_images(tmp_path):
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from studio import tab_generate
+
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    text, params = tab_generate.recall(str(junk))
+    assert text.startswith("**Cannot read the settings") and params == {}
+    text, params = tab_generate.recall(str(tmp_path / "gone.png"))
+    assert text.startswith("**Cannot read") and params == {}
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (4, 4)).save(plain)
+    assert tab_generate.recall(str(plain)) == ("This PNG carries no generation settings.", {})
+    odd = tmp_path / "odd.png"
+    info = PngInfo()
+    info.add_text("pixelhdm", json.dumps({"prompt": "<b>x</b>", "interval": 3, "steps": "s"}))
+    Image.new("RGB", (4, 4)).save(odd, pnginfo=info)
+    text, params = tab_generate.recall(str(odd))
+    assert "&lt;b&gt;" in text and views.recall_values(params)[0] == "<b>x</b>"
+    assert views.recall_values(params)[1:] == [None] * 12
 
 
 def test_params_markdown():
@@ -326,3 +438,34 @@ def test_studio_names_stay_inside_the_workspace(tmp_path):
         with pytest.raises((PathError, RunnerError)):
             studio.checkpoint_path(cid)
     assert studio.checkpoint_choices() == []
+
+
+def test_demo_creation_runs_once_at_a_time(tmp_path, monkeypatch):
+    """The first-start banner and the Dataset tab's button may be pressed together: the
+    second request is told, and the folder is written once."""
+    import threading
+
+    from studio import tab_dataset
+    from studio.ui import Studio
+
+    studio = Studio(tmp_path / "ws")
+    started, release, writes = threading.Event(), threading.Event(), []
+
+    def slow_write(target):
+        writes.append(target)
+        started.set()
+        release.wait(10)
+        target.mkdir()
+
+    monkeypatch.setattr(tab_dataset, "write_demo_dataset", slow_write)
+    results = []
+    first = threading.Thread(target=lambda: results.append(tab_dataset.create_demo(studio)))
+    first.start()
+    assert started.wait(10)
+    with pytest.raises(tab_dataset.DemoBusy, match="being created"):
+        tab_dataset.create_demo(studio)
+    release.set()
+    first.join(10)
+    assert results == [True] and len(writes) == 1
+    assert tab_dataset.create_demo(studio) is False           # there now: nothing to write
+    assert studio.dataset_names() == [tab_dataset.DEMO_NAME] and len(writes) == 1

@@ -97,6 +97,13 @@ def test_train_tab_validates_starts_watches_and_stops_a_run(page, screenshots):
     overrides.fill("train.nope=1")
     wait_text(page, "#train-validity", "unknown key 'train.nope'")
     assert start.is_disabled()
+    # path settings typed as overrides are held to the workspace like typed folders
+    overrides.fill("loss.repa_layer=1\nloss.repa_teacher=/")
+    wait_text(page, "#train-validity", "loss.repa_teacher: the path '/' is outside")
+    assert start.is_disabled()
+    overrides.fill("data.path=/")
+    wait_text(page, "#train-validity", "data.path cannot be set by an override")
+    assert start.is_disabled()
     overrides.fill(SHORT_RUN)
     wait_text(page, "#train-validity", "Valid settings")
     assert "demo-shapes" in text_of(page, "#train-validity")
