@@ -9,14 +9,12 @@ workspace re-attaches to a run an earlier one started.
 Besides config.yaml (written once) and control/ (requests), the runner owns one file:
 
     launch.json   pid, argv, started_at, device, gpus and max_steps of the latest process
-                  the studio started for the run (a resume reuses its device and number
-                  of GPUs). Until the trainer writes its first status,
-                  a live launch pid shows the run as "starting"; a launch pid that died
-                  without any status since then shows it as "crashed".
+                  the studio started for the run (a resume reuses device and GPUs). Until
+                  the trainer writes a status, a live launch pid means "starting" and a
+                  dead one "crashed".
 
 Liveness follows engine.job.effective_state: a process that is gone, or whose heartbeat
-is older than STALE_SECONDS (a pid reused by another program keeps "alive" but stops
-beating), in a non-final state is "crashed".
+is stale (a reused pid stays "alive" but stops beating), in a non-final state is "crashed".
 
 `ComputeGate` keeps training and image generation from fighting over the CPU: a
 generation is refused while a CPU run is alive, and a CPU run cannot start while a
