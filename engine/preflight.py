@@ -24,8 +24,7 @@ from engine.encoders import DinoTeacher, load_text_encoder
 from engine.flow import IREPAProjector
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import build_optimizer
-from engine.train import oom_message
-from engine.train_io import TextCache
+from engine.train_io import TextCache, oom_message
 from engine.trainable import Trainable, autocast_for
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -73,8 +72,11 @@ from engine.train_io import (
     LOG_CAPTURED_ENV,
     JobReporter,
     MetricWindow,
+    StoppedEarly,
+    StopSignals,
     TextCache,
     dataset_fingerprint,
+    oom_message,
     save_sample_grid,
 )
 from engine.trainable import Trainable, autocast_for
@@ -85,10 +87,6 @@ MAX_ROLLBACKS = 3   # rollbacks without a good step in between before the run gi
 
 class TrainError(RuntimeError):
     """A run cannot start or continue; the message says why and what to change."""
-
-
-class StoppedEarly(Exception):
-    """A stop signal arrived while the run was still being set up."""
 
 
 # --------------------------------------------------------------------------------------
@@ -106,7 +104,7 @@ def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | N
     or an error. Returns the final state."""
     d, device = setup_device(device_name)
     report = JobReporter(run, main=d.main, world=d.world, device=str(device))
-    signals = _StopSignals()
+    signals = StopSignals()
     try:
         return _train(cfg, run, report, d, device, resume, stop_at, signals)
     finally:
@@ -114,29 +112,8 @@ def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | N
         report.close()
 
 
-class _StopSignals:
-    """Ctrl+C and SIGTERM: before the loop runs they stop at once (there is nothing to
-    save yet); inside it they ask the loop to save and stop at the next step."""
-
-    def __init__(self):
-        self.hit, self.in_loop, self._old = False, False, {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):   # only the main thread may set handlers
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.hit = True
-        if not self.in_loop:
-            raise StoppedEarly(f"stopped by signal {signal.Signals(signum).name} before "
-                               f"training began")
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: torch.device,
-           resume: bool, stop_at: int | None, signals: _StopSignals) -> str:
+           resume: bool, stop_at: int | None, signals: StopSignals) -> str:
     tr, lo = cfg.train, cfg.loss
     if tr.cpu_threads:
         torch.set_num_threads(tr.cpu_threads)
@@ -491,18 +468,6 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 def _cpu(gen: torch.Generator) -> torch.Generator | None:
     """Caption dropout draws on the CPU; a CPU noise generator is shared, a GPU one is not."""
     return gen if gen.device.type == "cpu" else None
-
-
-def oom_message(cfg: RunConfig, shape) -> str:
-    tr = cfg.train
-    hints = [f"lower train.batch_size (now {tr.batch_size}; raise train.grad_accum to keep the "
-             f"effective batch)", f"lower data.max_side (now {cfg.data.max_side})"]
-    if not tr.grad_checkpointing:
-        hints.append("set train.grad_checkpointing: true")
-    if tr.precision == "fp32":
-        hints.append("use train.precision: bf16")
-    return (f"out of GPU memory on a batch of {shape[0]} images of {shape[3]}x{shape[2]}: "
-            + "; or ".join(hints))
 
 
 # --------------------------------------------------------------------------------------

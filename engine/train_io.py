@@ -1,13 +1,16 @@
-"""What the training loop writes: the job directory's status, metrics, TensorBoard
-events, log and sample grids (engine/job.py describes the files), plus the text
+"""The training loop's edges: what it writes (the job directory's status, metrics,
+TensorBoard events, log and sample grids; engine/job.py describes the files), how it
+hears Ctrl+C and SIGTERM, the messages it gives for out-of-memory errors, the text
 embedding cache for frozen encoders and the dataset fingerprint."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -24,6 +27,44 @@ from engine.config import RunConfig, atomic_target, atomic_write_text
 from engine.dataset import to_uint8
 from engine.job import HEARTBEAT_SECONDS, RunDir, Status
 from engine.model import TextCond
+
+
+class StoppedEarly(Exception):
+    """A stop signal arrived while the run was still being set up."""
+
+
+class StopSignals:
+    """Ctrl+C and SIGTERM: before the loop runs they stop at once (there is nothing to
+    save yet); inside it they ask the loop to save and stop at the next step."""
+
+    def __init__(self):
+        self.hit, self.in_loop, self._old = False, False, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):   # only the main thread may set handlers
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.hit = True
+        if not self.in_loop:
+            raise StoppedEarly(f"stopped by signal {signal.Signals(signum).name} before "
+                               f"training began")
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def oom_message(cfg: RunConfig, shape) -> str:
+    tr = cfg.train
+    hints = [f"lower train.batch_size (now {tr.batch_size}; raise train.grad_accum to keep the "
+             f"effective batch)", f"lower data.max_side (now {cfg.data.max_side})"]
+    if not tr.grad_checkpointing:
+        hints.append("set train.grad_checkpointing: true")
+    if tr.precision == "fp32":
+        hints.append("use train.precision: bf16")
+    return (f"out of GPU memory on a batch of {shape[0]} images of {shape[3]}x{shape[2]}: "
+            + "; or ".join(hints))
+
 
 LOG_CAPTURED_ENV = "PIXELHDM_LOG_CAPTURED"   # set by the studio, which redirects output to log.txt
 

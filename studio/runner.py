@@ -104,7 +104,7 @@ class Launch:
     started_at: float
     device: str             # where it runs ("cpu", "cuda", "cuda:1"...)
     max_steps: int | None
-    gpus: int = 1           # processes torchrun started (1: no torchrun)
+    gpus: int               # processes torchrun started (1: no torchrun)
 
 
 def on_cpu(device: str | torch.device) -> bool:
@@ -118,9 +118,7 @@ def on_cpu(device: str | torch.device) -> bool:
 def read_launch(run: RunDir) -> Launch | None:
     try:
         raw = json.loads((run.root / LAUNCH_FILE).read_text(encoding="utf-8"))
-        # (a launch.json from before `gpus` was recorded is a one-process launch)
-        launch = Launch(**{f.name: raw.get(f.name, 1) if f.name == "gpus" else raw[f.name]
-                           for f in fields(Launch)})
+        launch = Launch(**{f.name: raw[f.name] for f in fields(Launch)})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     ok = (isinstance(launch.pid, int) and isinstance(launch.argv, list)
@@ -200,10 +198,6 @@ class ComputeGate:
         finally:
             with self._runner._lock:
                 self._holders -= 1
-
-    def note(self) -> str:
-        """What a generation started now should know ("" when nothing)."""
-        return self._note(self._runner.active())
 
     @staticmethod
     def _note(run: RunInfo | None) -> str:

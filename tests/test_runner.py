@@ -269,7 +269,7 @@ def test_force_stop_kills_the_whole_group_of_a_trainer_that_ignores_sigterm(runn
         run.create()
         run.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
             {"pid": proc.pid, "argv": ["engine.train"], "started_at": time.time() - 1,
-             "device": "cpu", "max_steps": None}))
+             "device": "cpu", "max_steps": None, "gpus": 1}))
         write_status(run, state="running", pid=proc.pid, device="cpu", heartbeat=time.time())
         assert runner.info("hung").alive
         t0 = time.monotonic()
@@ -352,16 +352,6 @@ def test_resume_reuses_the_launch_gpus_and_device(runner, dataset, stand_in_trai
     with pytest.raises(RunnerError, match="at least 1"):
         runner.resume("multi", gpus=0)
 
-    # a launch.json written before gpus was recorded is a one-process launch
-    old = saved_run(runner, "old", fast_config(dataset), 5, 60, launch={"device": "cpu"})
-    (old.root / LAUNCH_FILE).write_text(json.dumps(
-        {k: v for k, v in json.loads((old.root / LAUNCH_FILE).read_text()).items()
-         if k != "gpus"}))
-    assert runner.info("old").state == "stopped"
-    runner.resume("old")
-    assert launched_argv(old)[1] == 1
-    runner.force_stop("old", grace=0)
-
 
 @pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
 def test_resume_asks_the_trainer_rule_whether_steps_are_left(runner, dataset, stand_in_trainer):
@@ -400,7 +390,7 @@ def test_waiting_for_an_exiting_run_leaves_the_runner_free(runner, dataset, monk
         run.create()
         run.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
             {"pid": proc.pid, "argv": ["engine.train"], "started_at": time.time() - 1,
-             "device": "cuda", "max_steps": None}))
+             "device": "cuda", "max_steps": None, "gpus": 1}))
         write_status(run, state="stopped", pid=proc.pid, device="cuda", heartbeat=time.time())
         assert runner.info("exiting").alive
         errors = []
@@ -488,7 +478,7 @@ def test_damaged_and_partial_run_folders_never_break_the_listing(runner, dataset
     launched = folder("never-reported")
     launched.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
         {"pid": gone.pid, "argv": ["x"], "started_at": time.time(), "device": "cpu",
-         "max_steps": None}))
+         "max_steps": None, "gpus": 1}))
     (root / "stray-file.txt").write_text("not a run")
     (root / ".hidden").mkdir()
     (root / "deleted").mkdir()
