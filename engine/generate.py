@@ -269,6 +269,19 @@ def resolve_precision(dtype: str | None, device: torch.device) -> str:
     return name
 
 
+def _load_part(module: torch.nn.Module, weights: dict, what: str, prefix: str, path: Path,
+               error: type[Exception]) -> torch.nn.Module:
+    """`module` with a checkpoint part's weights loaded strictly, frozen, in eval mode."""
+    if not weights:
+        raise error(f"checkpoint '{path}' holds no {prefix}.* weights for its {what}")
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise error(f"{what} weights in '{path}' do not match its config: "
+                    f"{str(e).splitlines()[-1].strip()}") from e
+    return module.eval().requires_grad_(False)
+
+
 class Pipeline:
     """A trained network with its text encoder, ready to generate. Build it with
     Pipeline.load(path)."""
@@ -299,27 +312,11 @@ class Pipeline:
         weights, meta = load_weights(path, ema=ema)
         parts = {part: {k[len(part) + 1:]: v for k, v in weights.items()
                         if k.startswith(part + ".")} for part in ("net", "text")}
-        if not parts["net"]:
-            raise CheckpointError(f"checkpoint '{path}' holds no network weights (net.*)")
-        net = PixelHDM(cfg.model, int(meta["text_dim"]))
-        try:
-            net.load_state_dict(parts["net"])
-        except RuntimeError as e:
-            raise CheckpointError(f"network weights in '{path}' do not match its config: "
-                                  f"{str(e).splitlines()[-1].strip()}") from e
-        net = net.to(dev).eval().requires_grad_(False)
-
+        net = _load_part(PixelHDM(cfg.model, int(meta["text_dim"])), parts["net"], "network",
+                         "net", path, CheckpointError).to(dev)
         if cfg.text.encoder == "builtin":
-            enc = BuiltinTextEncoder(cfg.text)
-            if not parts["text"]:
-                raise EncoderLoadError(f"checkpoint '{path}' uses the builtin text encoder but "
-                                       f"holds no text.* weights for it")
-            try:
-                enc.load_state_dict(parts["text"])
-            except RuntimeError as e:
-                raise EncoderLoadError(f"builtin text-encoder weights in '{path}' do not match "
-                                       f"its config: {str(e).splitlines()[-1].strip()}") from e
-            enc = enc.to(dev).eval().requires_grad_(False)
+            enc = _load_part(BuiltinTextEncoder(cfg.text), parts["text"],
+                             "builtin text-encoder", "text", path, EncoderLoadError).to(dev)
         else:
             enc_dtype = PRECISIONS[precision] if dev.type == "cuda" else torch.float32
             enc = load_text_encoder(cfg.text, dev, enc_dtype)

@@ -267,9 +267,7 @@ def test_force_stop_kills_the_whole_group_of_a_trainer_that_ignores_sigterm(runn
         child = int(proc.stdout.readline())
         run = RunDir(runner.runs_root / "hung")
         run.create()
-        run.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
-            {"pid": proc.pid, "argv": ["engine.train"], "started_at": time.time() - 1,
-             "device": "cpu", "max_steps": None, "gpus": 1}))
+        write_launch(run, proc.pid, "cpu")
         write_status(run, state="running", pid=proc.pid, device="cpu", heartbeat=time.time())
         assert runner.info("hung").alive
         t0 = time.monotonic()
@@ -302,6 +300,13 @@ def stand_in_trainer(monkeypatch):
     monkeypatch.setattr(runner_module.subprocess, "Popen", popen)
 
 
+def write_launch(run: RunDir, pid: int, device: str, **changes) -> None:
+    """A launch.json as the runner writes it, for a process started a second ago."""
+    launch = {"pid": pid, "argv": ["engine.train"], "started_at": time.time() - 1,
+              "device": device, "max_steps": None, "gpus": 1, **changes}
+    run.root.joinpath(LAUNCH_FILE).write_text(json.dumps(launch))
+
+
 def saved_run(runner: Runner, name: str, cfg: RunConfig, step: int, stop_at: int | None,
               launch: dict | None = None) -> RunDir:
     """A stopped run with a checkpoint at `step` whose training state records the target
@@ -316,9 +321,8 @@ def saved_run(runner: Runner, name: str, cfg: RunConfig, step: int, stop_at: int
     if launch is not None:
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
-        (run.root / LAUNCH_FILE).write_text(json.dumps(
-            {"pid": gone.pid, "argv": ["engine.train"], "started_at": time.time() - 60,
-             "max_steps": stop_at, **launch}))
+        write_launch(run, gone.pid, **{"started_at": time.time() - 60, "max_steps": stop_at,
+                                       **launch})
     write_status(run, state="stopped", step=step, pid=0, heartbeat=time.time())
     return run
 
@@ -388,9 +392,7 @@ def test_waiting_for_an_exiting_run_leaves_the_runner_free(runner, dataset, monk
     try:
         run = RunDir(runner.runs_root / "exiting")
         run.create()
-        run.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
-            {"pid": proc.pid, "argv": ["engine.train"], "started_at": time.time() - 1,
-             "device": "cuda", "max_steps": None, "gpus": 1}))
+        write_launch(run, proc.pid, "cuda")
         write_status(run, state="stopped", pid=proc.pid, device="cuda", heartbeat=time.time())
         assert runner.info("exiting").alive
         errors = []
@@ -476,9 +478,7 @@ def test_damaged_and_partial_run_folders_never_break_the_listing(runner, dataset
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     launched = folder("never-reported")
-    launched.root.joinpath(LAUNCH_FILE).write_text(json.dumps(
-        {"pid": gone.pid, "argv": ["x"], "started_at": time.time(), "device": "cpu",
-         "max_steps": None, "gpus": 1}))
+    write_launch(launched, gone.pid, "cpu", argv=["x"], started_at=time.time())
     (root / "stray-file.txt").write_text("not a run")
     (root / ".hidden").mkdir()
     (root / "deleted").mkdir()
