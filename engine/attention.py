@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional GPU extra (requirements-gpu.txt); never needed on the CPU
     from flash_attn import flash_attn_func
@@ -20,6 +21,8 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
 BACKENDS = ("auto", "sdpa", "flash", "math")
+FAST_CUDA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.CUDNN_ATTENTION]
 
 
 class RMSNorm(nn.Module):
@@ -39,21 +42,31 @@ class RMSNorm(nn.Module):
 # mRoPE: rotary embedding over three position axes (Lumina-Image 2.0 style)
 # --------------------------------------------------------------------------------------
 
-def rope_angles(pos: Tensor, split: tuple[int, int, int], theta: float) -> Tensor:
-    """Rotation angles for integer positions `pos` (..., 3) -> (..., head_dim / 2).
+def rope_frequencies(split: tuple[int, int, int], theta: float) -> Tensor:
+    """(3, head_dim / 2) float32 matrix F with angles = positions @ F.
 
     Axis a owns `split[a]` channels of each head, i.e. split[a]/2 rotation pairs with
-    frequencies theta^(-2j / split[a]). The angle of a pair is position * frequency, so
-    q.k after rotation depends only on position differences.
-    """
-    parts = []
+    frequencies theta^(-2j / split[a]); row a of F holds them in that axis' columns and
+    zeros elsewhere. The angle of a pair is position * frequency, so q.k after rotation
+    depends only on position differences."""
+    rows = torch.zeros(3, sum(split) // 2, dtype=torch.float64)
+    col = 0
     for axis, dim in enumerate(split):
-        if dim == 0:
-            continue
-        j = torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64)
-        freqs = theta ** (-j / dim)                                        # (dim/2,)
-        parts.append(pos[..., axis, None].double() * freqs)               # (..., dim/2)
-    return torch.cat(parts, dim=-1).float()
+        j = torch.arange(0, dim, 2, dtype=torch.float64)
+        rows[axis, col:col + dim // 2] = theta ** (-j / dim)
+        col += dim // 2
+    return rows.float()
+
+
+def rope_angles(pos: Tensor, split: tuple[int, int, int], theta: float) -> Tensor:
+    """Rotation angles for integer positions `pos` (..., 3) -> (..., head_dim / 2)."""
+    return angles_from(pos, rope_frequencies(split, theta).to(pos.device))
+
+
+def angles_from(pos: Tensor, freqs: Tensor) -> Tensor:
+    """pos (..., 3) times the frequency matrix (3, n) -> (..., n), in fp32 elementwise
+    products (a matmul would run in TF32 or bf16 under autocast and lose the angles)."""
+    return (pos.float()[..., :, None] * freqs).sum(-2)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -90,20 +103,49 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, backend: str) -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for q (B, Hq, S, d) and k, v (B, Hkv, S, d) with
     Hq a multiple of Hkv (grouped-query: query head i uses kv head i // (Hq / Hkv)).
-
     `mask` (B, S) masks keys. flash-attn takes no padding mask here, so masked calls run
-    through SDPA; SDPA's `enable_gqa` reads shared K/V heads without repeating them.
-    """
-    hq, hkv = q.shape[1], k.shape[1]
+    through SDPA (see `sdpa_attention` for which kernel that is)."""
     kernel = resolve_backend(backend, q.device, q.dtype)
     if kernel == "flash" and mask is None:
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)                                         # (B, Hq, S, d)
     if kernel in ("sdpa", "flash"):
-        attn_mask = None if mask is None else mask[:, None, None, :]       # (B, 1, 1, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                              enable_gqa=hq != hkv)
-    # explicit reference: repeat K/V per group, fp32 softmax
+        return sdpa_attention(q, k, v, mask, expand_kv=needs_expanded_kv(q, mask))
+    return reference_attention(q, k, v, mask)
+
+
+def needs_expanded_kv(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether SDPA needs K/V repeated to the query heads to reach a fast kernel.
+
+    On the CPU, SDPA's flash kernel takes both a key mask and shared K/V heads. On CUDA
+    the flash kernel reads shared K/V heads but takes no mask and no fp32, while the
+    memory-efficient kernel takes masks and fp32 but not shared heads: every masked or
+    fp32 call would fall to the math kernel, which materialises B x H x S^2 scores. Such
+    calls repeat K/V instead (Hq/Hkv times the K/V memory, far less than the scores)."""
+    if q.device.type != "cuda":
+        return False
+    return mask is not None or q.dtype not in (torch.float16, torch.bfloat16)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                   expand_kv: bool) -> Tensor:
+    """PyTorch SDPA; on CUDA restricted to the flash, memory-efficient and cuDNN kernels,
+    so a call that only the math kernel could take raises instead of running slowly."""
+    hq, hkv = q.shape[1], k.shape[1]
+    if expand_kv and hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)                          # (B, Hq, S, d)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    attn_mask = None if mask is None else mask[:, None, None, :]           # (B, 1, 1, S)
+    gqa = k.shape[1] != hq
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+    with sdpa_kernel(FAST_CUDA_KERNELS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """The explicit reference: K/V repeated per group, fp32 scores and softmax."""
+    hq, hkv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(hq // hkv, dim=1)                              # (B, Hq, S, d)
     v = v.repeat_interleave(hq // hkv, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, Hq, S, S)

@@ -203,6 +203,7 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     uncond = encode([negative]).select([0] * len(prompts)).to(device)
 
     def denoise(z: Tensor, t: Tensor, text: TextCond) -> Tensor:
+        t = t.to(device, non_blocking=True)   # the samplers' times are on the CPU
         with _autocast(device, amp_dtype):
             pred = net(z, t, text)
         return to_clean(pred.float(), z, t, prediction)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.attention import GatedAttention, RMSNorm, rope_angles
+from engine.attention import GatedAttention, RMSNorm, angles_from, rope_frequencies
 from engine.config import ModelConfig
 
 # --------------------------------------------------------------------------------------
@@ -48,14 +48,30 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 @dataclass
 class TextCond:
     """Encoded prompts. Padding rows of `tokens` are zero; an empty prompt has an
-    all-False mask and a zero pooled vector (the unconditional input)."""
+    all-False mask and a zero pooled vector (the unconditional input).
+
+    `dense` is known on the host: True when every mask entry is True, so the network can
+    drop the attention mask without reading the mask back from the GPU (a sync). It is
+    derived for free while the mask is still on the CPU (encoders build masks there, and
+    `to()` keeps the answer when moving); None means unknown."""
 
     tokens: Tensor  # (B, T, C) with T >= 1
     mask: Tensor    # (B, T) bool, True = real token
     pooled: Tensor  # (B, C)
+    dense: bool | None = None
+
+    def __post_init__(self):
+        if self.dense is None and self.mask.device.type == "cpu":
+            self.dense = bool(self.mask.all())
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    def is_dense(self) -> bool:
+        """Every prompt fills every token slot (one device read when not known)."""
+        if self.dense is None:
+            self.dense = bool(self.mask.all())
+        return self.dense
 
     @staticmethod
     def cat(items: list["TextCond"]) -> "TextCond":
@@ -63,16 +79,20 @@ class TextCond:
         T = max(it.tokens.shape[1] for it in items)
         tokens = torch.cat([F.pad(it.tokens, (0, 0, 0, T - it.tokens.shape[1])) for it in items])
         mask = torch.cat([F.pad(it.mask, (0, T - it.mask.shape[1])) for it in items])
-        return TextCond(tokens, mask, torch.cat([it.pooled for it in items]))
+        known = [it.dense for it in items]
+        dense = (None if None in known else
+                 all(known) and all(it.tokens.shape[1] == T for it in items))
+        return TextCond(tokens, mask, torch.cat([it.pooled for it in items]), dense)
 
     def select(self, index: Tensor | list[int]) -> "TextCond":
         """Rows `index` (e.g. one prompt repeated for several images)."""
         index = torch.as_tensor(index, device=self.tokens.device)
-        return TextCond(self.tokens[index], self.mask[index], self.pooled[index])
+        return TextCond(self.tokens[index], self.mask[index], self.pooled[index],
+                        True if self.dense else None)
 
     def to(self, device=None, dtype=None) -> "TextCond":
         return TextCond(self.tokens.to(device=device, dtype=dtype), self.mask.to(device),
-                        self.pooled.to(device=device, dtype=dtype))
+                        self.pooled.to(device=device, dtype=dtype), self.dense)
 
 
 @dataclass
@@ -225,7 +245,9 @@ class PixelBlock(nn.Module):
         h = self.expand(self.expand_norm(h)).view(B, L, pp, d)                # (B, L, p*p, d)
         x = x + (a1 * self.res_scale) * h
         x = x + (a2 * self.res_scale) * self.mlp(modulate(self.norm2(x), b2, g2))
-        gamma_sq = g1.float().pow(2).mean() + g2.float().pow(2).mean()
+        # the penalty only acts through its gradient: skipped at inference
+        gamma_sq = (g1.float().pow(2).mean() + g2.float().pow(2).mean()
+                    if torch.is_grad_enabled() else x.new_zeros((), dtype=torch.float32))
         return x, gamma_sq
 
 
@@ -239,6 +261,7 @@ class PixelHDM(nn.Module):
         self.cfg = cfg
         D, p, d = cfg.hidden_dim, cfg.patch_size, cfg.pixel_dim
         self.grad_checkpointing = False
+        self._rope_cache: dict[tuple, tuple[Tensor, ...]] = {}
         # conditioning: time + projected pooled text (upstream added the raw pooled
         # vector to every patch, which drowned the per-patch semantics)
         self.t_embed = TimestepEmbedder(D, cfg.time_embed_dim)
@@ -308,17 +331,15 @@ class PixelHDM(nn.Module):
         img = self.patch_out(F.silu(self.patch_in(pix.flatten(2))))          # (B, L, D)
         txt = self.text_proj(self.text_norm(text.tokens))                      # (B, T, D)
         x = torch.cat([txt.to(img.dtype), img], dim=1)                         # (B, T+L, D)
-        mask = torch.cat([text.mask, text.mask.new_ones(B, L)], dim=1)        # (B, T+L)
-        mask = None if bool(mask.all()) else mask
+        mask = (None if text.is_dense() else
+                torch.cat([text.mask, text.mask.new_ones(B, L)], dim=1))       # (B, T+L)
 
         # mRoPE ids: text n -> (n, 0, 0); patch (i, j) -> (valid text tokens, i, j)
-        grid = self._grid_ids(h, w, z.device)                                  # (L, 2)
-        n_text = text.mask.sum(1)                                              # (B,)
-        pos = torch.zeros(B, T + L, 3, device=z.device, dtype=torch.long)
-        pos[:, :T, 0] = torch.arange(T, device=z.device)
-        pos[:, T:, 0] = n_text[:, None]
-        pos[:, T:, 1:] = grid
-        ang = rope_angles(pos, tuple(cfg.mrope_split), cfg.rope_theta)[:, None]  # (B, 1, T+L, hd/2)
+        freqs, grid_ang, cos_px, sin_px = self._rope_tables(h, w, z.device)
+        txt_ang = torch.arange(T, device=z.device, dtype=torch.float32)[:, None] * freqs[0]
+        n_text = text.mask.sum(1).float()                                      # (B,)
+        img_ang = grid_ang + n_text[:, None, None] * freqs[0]                  # (B, L, hd/2)
+        ang = torch.cat([txt_ang.expand(B, -1, -1), img_ang], dim=1)[:, None]  # (B, 1, T+L, hd/2)
         cos, sin = ang.cos(), ang.sin()
 
         features = None
@@ -328,10 +349,7 @@ class PixelHDM(nn.Module):
                 features = x[:, T:]                                            # (B, L, D)
         s_cond = self.semantic_norm(x[:, T:]) + c[:, None]                     # (B, L, D)
 
-        # pixel path; compacted tokens use mRoPE ids (0, i, j)
-        pos_px = F.pad(grid, (1, 0))[None]                                     # (1, L, 3)
-        ang_px = rope_angles(pos_px, tuple(cfg.mrope_split), cfg.rope_theta)[:, None]
-        cos_px, sin_px = ang_px.cos(), ang_px.sin()                            # (1, 1, L, hd/2)
+        # pixel path; compacted tokens use mRoPE ids (0, i, j): cos_px, sin_px above
         y = self.pixel_in(pix)                                                 # (B, L, p*p, d)
         gamma_sq = torch.zeros((), device=z.device)
         for block in self.pixel_blocks:
@@ -345,8 +363,18 @@ class PixelHDM(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    @staticmethod
-    def _grid_ids(h: int, w: int, device) -> Tensor:
-        rows = torch.arange(h, device=device).repeat_interleave(w)
-        cols = torch.arange(w, device=device).repeat(h)
-        return torch.stack([rows, cols], dim=-1)                               # (h*w, 2)
+    def _rope_tables(self, h: int, w: int, device: torch.device
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """mRoPE tables of a (h, w) patch grid, built once per grid and device: the
+        frequency matrix (3, hd/2), the grid's angles (L, hd/2) with sequence position 0,
+        and their cos/sin (1, 1, L, hd/2) for the pixel path's compacted tokens."""
+        key = (h, w, str(device))
+        if key not in self._rope_cache:
+            freqs = rope_frequencies(tuple(self.cfg.mrope_split), self.cfg.rope_theta).to(device)
+            rows = torch.arange(h, device=device).repeat_interleave(w)
+            cols = torch.arange(w, device=device).repeat(h)
+            ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)    # (L, 3)
+            grid_ang = angles_from(ids, freqs)                                 # (L, hd/2)
+            px = grid_ang[None, None]                                          # (1, 1, L, hd/2)
+            self._rope_cache[key] = (freqs, grid_ang, px.cos(), px.sin())
+        return self._rope_cache[key]

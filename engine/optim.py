@@ -126,14 +126,22 @@ class ZClip:
         self._seen = list(state["seen"])
 
 
-def clip_gradients(params: list[Tensor], zclip: ZClip | None, max_norm: float
+def grad_norm(params: list[Tensor]) -> Tensor:
+    """The total L2 norm of the parameters' gradients, an fp32 device scalar."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
+def clip_gradients(params: list[Tensor], zclip: ZClip | None, max_norm: float, norm: float
                    ) -> tuple[float, float]:
-    """Clip the total gradient norm with ZClip and/or a hard cap. Returns (norm before,
-    norm after). A non-finite norm is returned as is and nothing is clipped."""
+    """Clip the gradients, whose total norm `norm` (see grad_norm) the caller has read,
+    with ZClip and/or a hard cap. Returns (norm before, norm after). A non-finite norm
+    is returned as is and nothing is clipped."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0, 0.0
-    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
     if not math.isfinite(norm):
         return norm, norm
     target = zclip.target(norm) if zclip is not None else norm

@@ -7,7 +7,9 @@ functions with one signature:
     sample_x(model_fn, x, ts, callback=None) -> Tensor
 
 * model_fn(z, t) -> x_hat: the clean-image estimate for a state z (B, C, H, W) at times
-  t (B,). The pipeline builds it with engine.flow.to_clean from whatever the network
+  t (B,). The times live on the CPU whatever the state's device, so a wrapper can decide
+  on them (the guidance interval) without waiting for the GPU; the network's side moves
+  them over. The pipeline builds it with engine.flow.to_clean from whatever the network
   predicts and wraps it with cfg_model() for guidance; samplers never see conditioning.
 * x: the state at ts[0] (pure noise for text-to-image, a noised image for img2img).
 * ts: strictly increasing times ending at exactly 1 (time_grid, img2img_grid). The model
@@ -88,7 +90,7 @@ def img2img_grid(steps: int, strength: float, shift: float = 1.0) -> Tensor:
 def noise_image(image: Tensor, noise: Tensor, t: float) -> Tensor:
     """An init image noised to time t along the path z_t = t x + (1 - t) eps: the image
     itself at t = 1, the noise itself at t = 0. Use t = float(ts[0]) of img2img_grid."""
-    return interpolate(image, noise, _t(image, float(t)))
+    return interpolate(image, noise, _t(image, float(t)).to(image.device))
 
 
 # --------------------------------------------------------------------------------------
@@ -107,9 +109,9 @@ def _times(ts: Tensor | Sequence[float]) -> list[float]:
 
 
 def _t(x: Tensor, t: float) -> Tensor:
-    """A time as the (B,) tensor model_fn takes: float32 (float64 for a float64 state)."""
+    """A time as the (B,) CPU tensor model_fn takes: float32 (float64 for a float64 state)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
+    return torch.full((x.shape[0],), t, dtype=dtype)
 
 
 def _toward(z: Tensor, t: float, t_next: float, d: Tensor) -> Tensor:
@@ -273,7 +275,7 @@ def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond,
     both = type(cond).cat([cond, uncond])
 
     def guided(z: Tensor, t: Tensor) -> Tensor:
-        inside = (t >= lo) & (t <= hi)
+        inside = (t >= lo) & (t <= hi)   # t on the CPU: deciding here reads nothing back
         if not bool(inside.any()):
             return denoise(z, t, cond)
         out = denoise(torch.cat([z, z]), torch.cat([t, t]), both)  # (2B, C, H, W)
@@ -287,6 +289,6 @@ def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond,
             x_cfg = z + (x_cfg - z) * (rescale * ratio + (1.0 - rescale))
         if bool(inside.all()):
             return x_cfg
-        return torch.where(inside.view(-1, *([1] * (z.dim() - 1))), x_cfg, c)
+        return torch.where(inside.to(z.device).view(-1, *([1] * (z.dim() - 1))), x_cfg, c)
 
     return guided

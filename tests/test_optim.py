@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from engine.config import TrainConfig
-from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, lr_at, param_groups
+from engine.optim import (
+    EMA,
+    ZClip,
+    build_optimizer,
+    clip_gradients,
+    grad_norm,
+    lr_at,
+    param_groups,
+)
 
 
 def cfg(**kw) -> TrainConfig:
@@ -69,14 +77,16 @@ def test_clip_gradients_scales_to_the_target():
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
     a.grad, b.grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
     before = math.sqrt(27 + 64)
-    norm, after = clip_gradients([a, b], None, max_norm=1.0)
+    assert float(grad_norm([a, b])) == pytest.approx(before)
+    norm, after = clip_gradients([a, b], None, 1.0, float(grad_norm([a, b])))
     assert norm == pytest.approx(before) and after == pytest.approx(1.0)
     total = torch.cat([a.grad, b.grad]).norm()
     assert float(total) == pytest.approx(1.0, rel=1e-4)
     a.grad, b.grad = torch.full((3,), 0.1), torch.full((4,), 0.1)
-    assert clip_gradients([a, b], None, max_norm=1.0)[1] == pytest.approx(math.sqrt(0.07))
+    assert clip_gradients([a, b], None, 1.0, float(grad_norm([a, b])))[1] == \
+        pytest.approx(math.sqrt(0.07))
     a.grad = torch.tensor([float("nan"), 0.0, 0.0])
-    n, m = clip_gradients([a, b], None, 1.0)
+    n, m = clip_gradients([a, b], None, 1.0, float(grad_norm([a, b])))
     assert math.isnan(n) and math.isnan(m)
 
 
