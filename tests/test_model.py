@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import GatedAttention, apply_rope, attention, rope_angles
+from engine.attention import (
+    GatedAttention,
+    apply_rope,
+    attention,
+    needs_expanded_kv,
+    reference_attention,
+    rope_angles,
+    sdpa_attention,
+)
 from engine.config import load_preset
 from engine.model import PixelHDM, TextCond, patchify, unpatchify
 
@@ -155,6 +163,96 @@ def test_attention_backends_agree(kv, masked):
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(attention(q, k, v, mask, "auto"), attention(q, k, v, mask, "math"),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_sdpa_path_with_repeated_kv_equals_the_reference(kv, masked, dtype):
+    """The path CUDA takes for masked and fp32 calls (K/V repeated to the query heads, so
+    the memory-efficient kernel can run) gives the reference's numbers."""
+    g = torch.Generator().manual_seed(kv)
+    q = torch.randn(2, 4, 19, 8, generator=g).to(dtype)
+    k, v = (torch.randn(2, kv, 19, 8, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(2, 19, generator=g) > 0.4 if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    want = reference_attention(q, k, v, mask)
+    for expand in (True, False):
+        torch.testing.assert_close(sdpa_attention(q, k, v, mask, expand_kv=expand), want, **tol)
+
+
+def test_kv_is_repeated_only_where_cuda_would_otherwise_run_the_math_kernel():
+    cpu = torch.zeros(1, 4, 3, 8)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert not needs_expanded_kv(cpu, mask) and not needs_expanded_kv(cpu, None)
+    cuda = torch.zeros(1, 4, 3, 8, device="meta")   # device type is all that is read
+    cuda_like = type("Q", (), {"device": torch.device("cuda", 0), "dtype": torch.bfloat16})()
+    assert needs_expanded_kv(cuda_like, mask)            # masked: efficient kernel, no GQA
+    assert not needs_expanded_kv(cuda_like, None)        # flash kernel reads shared heads
+    cuda_like.dtype = torch.float32
+    assert needs_expanded_kv(cuda_like, None)            # fp32: no flash kernel
+    assert not needs_expanded_kv(cuda, mask)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_attention_runs_the_flash_kernel_not_the_math_one(masked):
+    """Which SDPA kernel runs, from the profiler: masked and grouped-query calls too."""
+    from torch.profiler import ProfilerActivity, profile
+    q, k, v = torch.randn(2, 4, 70, 16), torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    mask = (torch.arange(70) < 60).expand(2, 70).clone() if masked else None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        attention(q, k, v, mask, "auto")
+    names = {e.key for e in prof.key_averages()}
+    assert any("flash_attention_for_cpu" in n for n in names), names
+    assert not any("_scaled_dot_product_attention_math" in n for n in names), names
+
+
+def test_forward_and_backward_read_nothing_back_from_the_device():
+    """On the meta device any read of a value (bool(), .item(), .tolist()) raises, so a
+    training forward + backward that runs there has no host-device sync in it."""
+    net = model().train().to("meta")
+    for lengths in ([3, 0, 5], [4, 4, 4]):
+        text = make_text(lengths).to("meta")       # masks built on the CPU: density known
+        z = torch.randn(3, 3, 32, 16, device="meta", requires_grad=True)
+        out = net.forward_train(z, torch.rand(3, device="meta"), text, repa_layer=1)
+        (out.pred.square().mean() + out.gamma_sq).backward()
+        assert z.grad.shape == z.shape
+
+
+def test_dense_text_drops_the_mask_and_gives_the_same_output():
+    z, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    text = make_text([4, 4])
+    assert text.dense is True and make_text([4, 2]).dense is False
+    assert text.to("meta").dense is True and make_text([4, 2]).to("meta").dense is False
+    unknown = TextCond(text.tokens, text.mask, text.pooled)
+    unknown.dense = None
+    net = model()
+    with torch.no_grad():
+        torch.testing.assert_close(net(z, t, text), net(z, t, unknown))
+    assert TextCond.cat([text, make_text([2, 1], T=2)]).dense is False
+    assert TextCond.cat([text, make_text([4], T=4)]).dense is True
+
+
+def test_rope_tables_are_built_once_per_grid_and_match_the_explicit_ids():
+    net = model()
+    a = net._rope_tables(3, 5, torch.device("cpu"))
+    assert net._rope_tables(3, 5, torch.device("cpu")) is a
+    freqs, grid_ang, cos_px, _ = a
+    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(5), indexing="ij")
+    ids = torch.stack([torch.full((15,), 7), rows.flatten(), cols.flatten()], dim=-1)
+    split = tuple(net.cfg.mrope_split)
+    want = rope_angles(ids, split, net.cfg.rope_theta)
+    torch.testing.assert_close(grid_ang + 7 * freqs[0], want)
+    # the float64 formula of the angles, for a large position
+    big = torch.tensor([[4000, 90, 130]])
+    exact = []
+    for axis, dim in enumerate(split):
+        j = torch.arange(0, dim, 2, dtype=torch.float64)
+        exact.append(big[0, axis].double() * 10000.0 ** (-j / dim))
+    torch.testing.assert_close(rope_angles(big, split, 10000.0)[0].double(), torch.cat(exact),
+                               rtol=1e-6, atol=1e-4)
 
 
 def test_whole_model_agrees_across_backends():

@@ -505,3 +505,31 @@ def test_img2img_partial_strength():
     for bad in (-0.1, 1.1):
         with pytest.raises(ValueError, match="strength"):
             img2img_grid(30, bad)
+
+
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.3, 0.7)])
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_guided_sampling_reads_nothing_back_from_the_device(interval, rescale):
+    """The samplers hand model_fn CPU times, so the guidance interval is decided without a
+    read from the device: a whole guided run on the meta device (where any read raises)
+    goes through and reaches the network with the state's device."""
+    seen = []
+
+    class Cond:
+        def __init__(self, v):
+            self.v = v
+
+        @staticmethod
+        def cat(items):
+            return Cond(torch.cat([i.v for i in items]))
+
+    def denoise(z, t, c):
+        seen.append((t.device.type, z.device.type))
+        return z * 0.5 + c.v.view(-1, 1, 1, 1)
+
+    model = cfg_model(denoise, Cond(torch.ones(2, device="meta")),
+                      Cond(torch.zeros(2, device="meta")), 3.0, rescale, interval)
+    for name in SAMPLERS:
+        out = SAMPLERS[name](model, torch.zeros(2, 3, 4, 4, device="meta"), time_grid(6, 2.0))
+        assert out.device.type == "meta"
+    assert seen and all(t == "cpu" and z == "meta" for t, z in seen)
