@@ -42,6 +42,21 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+def compiler_problem(device: torch.device) -> str:
+    """Why torch.compile cannot run on `device` here ('' when it can): compiles and runs a
+    one-line function, so a missing C++ compiler (CPU: e.g. Windows without MSVC) or
+    Triton (CUDA) is found before training starts rather than in its first step."""
+    try:
+        fn = torch.compile(lambda x: x * 2.0 + 1.0, fullgraph=True)
+        fn(torch.ones(8, device=device))
+    except Exception as e:   # any backend failure means: run eager
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first[:200]}"
+    finally:
+        torch._dynamo.reset()
+    return ""
+
+
 def allow_tf32() -> None:
     """fp32 matmuls and convolutions on CUDA through TF32 (fp32 range, 10-bit mantissa
     inputs, fp32 accumulation): several times the fp32 throughput on every GPU since

@@ -44,7 +44,7 @@ from engine.checkpoint import CheckpointError, file_hash, list_checkpoints, load
 from engine.config import ConfigError, RunConfig, config_from_dict
 from engine.data import upright_rgb
 from engine.dataset import to_uint8
-from engine.distributed import DeviceError, resolve_device
+from engine.distributed import DeviceError, compiler_problem, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
 from engine.flow import to_clean
 from engine.model import PRECISIONS, PixelHDM, TextCond
@@ -328,6 +328,15 @@ class Pipeline:
         used = "ema" if ema and meta.get("has_ema") else meta.get("exported_weights", "raw")
         return cls(net, enc, cfg, meta, path, dev, precision, used)
 
+    def compile(self) -> str:
+        """Compile the network's blocks (torch.compile, see PixelHDM.compile_blocks); the
+        first image of each new size then takes a while, the rest run faster. Returns ''
+        or why compilation cannot run here (the pipeline then stays uncompiled)."""
+        problem = compiler_problem(self.device)
+        if not problem:
+            self.net.compile_blocks()
+        return problem
+
     # ---------------------------------------------------------------------------------
     @property
     def run_id(self) -> str:
@@ -489,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("workspace/outputs"),
                    help="output folder (default workspace/outputs)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the network first (slower first image, faster after; pays "
+                        "off for many images or many steps)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=list(PRECISIONS) + list(PRECISION_ALIASES),
                    help="autocast precision (default: bf16 on a GPU, fp32 on the CPU)")
@@ -510,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise GenerateError(f"--init: cannot read image '{args.init}' ({e})") from e
         pipe = Pipeline.load(args.checkpoint, ema=not args.no_ema, device=args.device,
                              dtype=args.dtype)
+        if args.compile and (problem := pipe.compile()):
+            print(f"note: --compile: torch.compile cannot run here ({problem}); generating "
+                  f"uncompiled", file=sys.stderr)
         results = pipe.generate(args.prompt, args.negative, args.width, args.height, args.steps,
                                 args.sampler, args.cfg, args.rescale, args.interval, args.shift,
                                 args.seed, args.n, init_image=init, strength=args.strength,

@@ -358,6 +358,14 @@ class PixelHDM(nn.Module):
         out = self.out(self.out_norm(y))                                       # (B, L, p*p, 3)
         return TrainOutput(unpatchify(out, p, h, w), features, gamma_sq)
 
+    def compile_blocks(self) -> None:
+        """Regional compilation: each patch and pixel block is compiled as a whole graph
+        (fullgraph: a graph break inside a block is an error, not a silent slowdown), with
+        sizes made dynamic after the first new shape, so the buckets' grids and prompt
+        lengths share compiled code. Everything between blocks stays eager."""
+        for block in (*self.patch_blocks, *self.pixel_blocks):
+            block.compile(fullgraph=True, dynamic=None)
+
     def _run(self, block: nn.Module, *args):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
