@@ -113,6 +113,10 @@ class TextConfig:
                          "to their longest prompt", lo=1, hi=8192)
     builtin_dim: int = _f(256, "width of the builtin encoder (a multiple of 32)", lo=32)
     builtin_layers: int = _f(2, "transformer layers of the builtin encoder", lo=0, hi=24)
+    cache_dir: str = _f("", "folder of the precomputed qwen3 text features, one subfolder per "
+                        "encoder (its files, max_tokens and dtype), reused by every run and "
+                        "resume; '' = $PIXELHDM_CACHE_DIR/text-features when that variable is "
+                        "set, else ~/.cache/pixelhdm/text-features")
 
 
 @dataclass
@@ -189,6 +193,9 @@ class TrainConfig:
                           lo=0.0, hi=1.0)
     ema_warmup: bool = _f(True, "EMA decay ramps as min(decay, (1+n)/(10+n))")
     grad_checkpointing: bool = _f(False, "recompute block activations in backward (less memory)")
+    compile: bool = _f(True, "compile each transformer block with torch.compile (faster steps "
+                       "after a warm-up; falls back to eager with one log line where no "
+                       "compiler is available)")
     seed: int = _f(42, "seed of weights, data order, noise and times", lo=0)
     log_every: int = _f(10, "optimizer steps between metric lines", lo=1)
     save_every: int = _f(1000, "optimizer steps between checkpoints", lo=1)

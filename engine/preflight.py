@@ -9,9 +9,11 @@ step time from this device's measured matrix-multiply speed at an assumed effici
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,11 +22,11 @@ import torch
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
 from engine.distributed import resolve_device
-from engine.encoders import DinoTeacher, load_text_encoder
+from engine.encoders import DinoTeacher, cached_text_encoder, load_text_encoder
 from engine.flow import IREPAProjector
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import build_optimizer
-from engine.train_io import TextCache, oom_message
+from engine.train_io import oom_message
 from engine.trainable import Trainable, autocast_for
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).
@@ -104,9 +106,9 @@ def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
     grads = params * 4 / GiB
     optimizer = params * opt_bytes / GiB
     ema = params * 4 / GiB if tr.ema_decay > 0 else 0.0
-    frozen = text_params * (2 if half else 4) / GiB
-    if cfg.loss.repa_teacher:
-        frozen += 86e6 * (2 if half else 4) / GiB
+    # a frozen text encoder is unloaded before training (its features come from the disk
+    # cache, engine/encoders.py); only the iREPA teacher stays
+    frozen = 86e6 * (2 if half else 4) / GiB if cfg.loss.repa_teacher else 0.0
     # activations kept for backward, per sample: a transformer layer keeps ~34 values per
     # token and channel (Korthikanti et al. 2022, no attention matrix with fused kernels);
     # a pixel block ~30 values per pixel channel plus its compacted tokens. With
@@ -179,23 +181,34 @@ def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
 
 
 def _dry_run(cfg: RunConfig, dev: torch.device, steps: int) -> dict:
+    captions = [" ".join(["word"] * cfg.text.max_tokens)] * cfg.train.batch_size
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        return _measure(cfg, dev, steps, captions, dataclasses.replace(cfg.text, cache_dir=tmp))
+
+
+def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
+             text_cfg: TextConfig) -> dict:
+    """The dry run's steps, with a frozen text encoder unloaded as in training (its
+    features cached in a folder of the dry run's own, so the user's cache stays clean)."""
     tr = cfg.train
     width, height = largest_bucket(cfg)
     dtype = PRECISIONS[tr.precision]
+    if cfg.text.encoder == "qwen3":
+        text = cached_text_encoder(text_cfg, captions, dev, dtype, log=lambda _: None)
+    else:
+        text = load_text_encoder(text_cfg, dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    text = load_text_encoder(cfg.text, dev, dtype if cfg.text.encoder == "qwen3" else torch.float32)
     teacher = DinoTeacher(cfg.loss.repa_teacher, dev, dtype) if cfg.loss.repa_teacher else None
     net = PixelHDM(cfg.model, text.dim).to(dev)
     net.grad_checkpointing = tr.grad_checkpointing
     proj = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(dev) if teacher else None
-    model = Trainable(net, text, proj, TextCache(text) if cfg.text.encoder == "qwen3" else None)
+    model = Trainable(net, text, proj)
     optimizer, _ = build_optimizer(model, tr, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=tr.precision == "fp16")
     B = tr.batch_size
     x = torch.rand(B, 3, height, width, device=dev) * 2 - 1
-    captions = [" ".join(["word"] * cfg.text.max_tokens)] * B
     grid = (height // cfg.model.patch_size, width // cfg.model.patch_size)
     times = []
     try:

@@ -50,12 +50,14 @@ from engine.distributed import (
     barrier,
     broadcast_flags,
     check_ranks_in_sync,
+    compiler_problem,
     gather_rng_states,
     mean_over_ranks,
+    read_scalars,
     restore_rng_states,
     setup_device,
 )
-from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
+from engine.encoders import DinoTeacher, EncoderLoadError, cached_text_encoder, load_text_encoder
 from engine.flow import (
     IREPAProjector,
     drop_captions,
@@ -67,16 +69,16 @@ from engine.flow import (
 )
 from engine.job import REQUESTS, RunDir, Status, resume_target
 from engine.model import PRECISIONS, PixelHDM
-from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, lr_at
+from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, grad_norm, lr_at
 from engine.train_io import (
     LOG_CAPTURED_ENV,
     JobReporter,
     MetricWindow,
     StoppedEarly,
     StopSignals,
-    TextCache,
     dataset_fingerprint,
     oom_message,
+    run_captions,
     save_sample_grid,
 )
 from engine.trainable import Trainable, autocast_for
@@ -139,14 +141,23 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
     # ---- models ---------------------------------------------------------------------
     compute_dtype = PRECISIONS[tr.precision]
-    text_encoder = load_text_encoder(cfg.text, device, compute_dtype if cfg.text.encoder == "qwen3"
-                                     else torch.float32)
+    if cfg.text.encoder == "qwen3":   # frozen: its features come from the disk cache
+        text_encoder = cached_text_encoder(cfg.text, run_captions(plan, cfg), device,
+                                           compute_dtype, log)
+    else:
+        text_encoder = load_text_encoder(cfg.text, device)
     teacher = DinoTeacher(lo.repa_teacher, device, compute_dtype) if lo.repa_teacher else None
     net = PixelHDM(cfg.model, text_encoder.dim).to(device)
     net.grad_checkpointing = tr.grad_checkpointing
+    if tr.compile:
+        problem = compiler_problem(device)
+        if problem:
+            log(f"note: train.compile is on but torch.compile cannot run here ({problem}); "
+                f"training uncompiled")
+        else:
+            net.compile_blocks()
     projector = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(device) if teacher else None
-    cache = TextCache(text_encoder) if cfg.text.encoder == "qwen3" else None
-    model = Trainable(net, text_encoder, projector, cache)
+    model = Trainable(net, text_encoder, projector)
     n_params = sum(p.numel() for p in net.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, text encoder {cfg.text.encoder} "
         f"({text_encoder.dim}-wide), iREPA {'on' if teacher else 'off'}, device {device}, "
@@ -354,9 +365,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        terms_sum: dict[str, float] = {}
+        # device tensors: the step reads back one pair of numbers (loss, gradient norm)
+        terms_sum: dict[str, Tensor] = {}
         images, tokens, step_paths = 0, 0, []
-        bin_loss, bin_count = torch.zeros(T_BINS), torch.zeros(T_BINS)
+        bin_loss = torch.zeros(T_BINS, device=device)
+        bin_count = torch.zeros(T_BINS, device=device)
         for micro in range(tr.grad_accum):
             batch = next_batch()
             x = batch.images.to(device, non_blocking=True)
@@ -380,16 +393,18 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 except torch.OutOfMemoryError as e:
                     raise TrainError(oom_message(cfg, x.shape)) from e
             for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / tr.grad_accum
-            idx = t_bin_index(t.detach().cpu(), T_BINS)
-            bin_loss.index_add_(0, idx, per_sample.float().cpu())
-            bin_count.index_add_(0, idx, torch.ones(B))
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / tr.grad_accum
+            idx = t_bin_index(t.detach(), T_BINS)
+            bin_loss.index_add_(0, idx, per_sample.float())
+            bin_count.index_add_(0, idx, torch.ones(B, device=device))
             images += B
             tokens += B * (grid[0] * grid[1])
             step_paths += batch.paths
 
-        # divergence guard: the same decision on every rank
-        loss = mean_over_ranks(d, terms_sum["total"], device)
+        # divergence guard: the same decision on every rank. The step's one read from the
+        # device: the loss it needs, with the gradient norm that clipping needs.
+        params = [p for p in model.parameters() if p.requires_grad]
+        loss, norm = read_scalars(mean_over_ranks(d, terms_sum["total"]), grad_norm(params))
         spike = (tr.spike_factor > 0 and loss_count >= 20 and loss > tr.spike_factor * loss_avg)
         if not math.isfinite(loss) or spike:
             optimizer.zero_grad(set_to_none=True)
@@ -422,9 +437,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 report.event(step, "rollback", msg)
             continue
 
-        scaler.unscale_(optimizer)
-        params = [p for p in model.parameters() if p.requires_grad]
-        norm, clipped = clip_gradients(params, zclip, tr.grad_clip)
+        if scaler.is_enabled():   # fp16: the norm above is of the scaled gradients
+            scaler.unscale_(optimizer)
+            norm /= scaler.get_scale()
+        norm, clipped = clip_gradients(params, zclip, tr.grad_clip, norm)
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:

@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ from engine.checkpoint import step_name
 from engine.config import RunConfig, atomic_target, atomic_write_text
 from engine.dataset import to_uint8
 from engine.job import HEARTBEAT_SECONDS, RunDir, Status
-from engine.model import TextCond
 
 
 class StoppedEarly(Exception):
@@ -266,7 +264,8 @@ def format_duration(seconds: float | None) -> str:
 
 class MetricWindow:
     """Sums over the optimizer steps between two metric lines; `flush` returns their
-    means (and the loss by time bin) and starts a new window."""
+    means (and the loss by time bin) and starts a new window. The loss terms and time
+    bins stay on the device until `flush` reads them in one transfer."""
 
     def __init__(self, t_bins: int):
         self.t_bins = t_bins
@@ -275,9 +274,10 @@ class MetricWindow:
     def reset(self):
         self.n, self.terms, self.norm, self.clipped, self.clips = 0, {}, 0.0, 0.0, 0
         self.images, self.tokens, self.seconds = 0, 0, 0.0
-        self.bin_loss, self.bin_count = torch.zeros(self.t_bins), torch.zeros(self.t_bins)
+        self.bin_loss, self.bin_count = 0.0, 0.0
 
-    def add(self, terms, norm, clipped, images, tokens, seconds, bin_loss, bin_count):
+    def add(self, terms: dict[str, Tensor], norm: float, clipped: float, images: int,
+            tokens: int, seconds: float, bin_loss: Tensor, bin_count: Tensor):
         self.n += 1
         for k, v in terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v
@@ -287,17 +287,22 @@ class MetricWindow:
         self.images += images
         self.tokens += tokens
         self.seconds += seconds
-        self.bin_loss += bin_loss
-        self.bin_count += bin_count
+        self.bin_loss = self.bin_loss + bin_loss
+        self.bin_count = self.bin_count + bin_count
 
     def flush(self) -> dict:
         n = max(self.n, 1)
-        out = {("loss" if k == "total" else f"loss_{k}"): v / n for k, v in self.terms.items()}
+        keys = list(self.terms)
+        host = (torch.cat([torch.stack([self.terms[k] for k in keys]).double(),
+                           self.bin_loss.double(), self.bin_count.double()]).tolist()
+                if self.n else [0.0] * (len(keys) + 2 * self.t_bins))
+        sums, bins = host[:len(keys)], host[len(keys):]
+        out = {("loss" if k == "total" else f"loss_{k}"): v / n for k, v in zip(keys, sums)}
         out.update(grad_norm=self.norm / n, grad_norm_clipped=self.clipped / n,
                    clip_fraction=self.clips / n, images_s=self.images / max(self.seconds, 1e-9),
                    tokens_s=self.tokens / max(self.seconds, 1e-9), step_s=self.seconds / n,
-                   loss_t=[round(float(s / c), 5) if c > 0 else None
-                           for s, c in zip(self.bin_loss, self.bin_count)])
+                   loss_t=[round(s / c, 5) if c > 0 else None
+                           for s, c in zip(bins[:self.t_bins], bins[self.t_bins:])])
         self.reset()
         return out
 
@@ -335,45 +340,18 @@ def save_sample_grid(run: RunDir, step: int, images: Tensor, cfg: RunConfig) -> 
 
 
 # --------------------------------------------------------------------------------------
-# Text cache and dataset fingerprint
+# Captions and dataset fingerprint
 # --------------------------------------------------------------------------------------
 
-class TextCache:
-    """Caption -> encoding of a frozen text encoder, kept on the CPU up to `max_bytes`
-    (least recently used out first). Captions repeat every epoch, so a frozen encoder
-    runs about once per caption instead of once per sample."""
-
-    def __init__(self, encoder, max_bytes: int = 2**30):
-        self.encoder, self.max_bytes, self.bytes = encoder, max_bytes, 0
-        self._items: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
-
-    def encode(self, captions: list[str]) -> TextCond:
-        missing = list(dict.fromkeys(c for c in captions if c not in self._items))
-        fresh = {}
-        if missing:
-            cond = self.encoder.encode(missing)
-            for i, c in enumerate(missing):
-                n = int(cond.mask[i].sum())
-                fresh[c] = (cond.tokens[i, :n].cpu(), cond.pooled[i].cpu())
-        rows = [fresh[c] if c in fresh else self._items[c] for c in captions]
-        for c, item in fresh.items():
-            self._items[c] = item
-            self.bytes += sum(t.numel() * t.element_size() for t in item)
-        for c in captions:
-            self._items.move_to_end(c)
-        while self.bytes > self.max_bytes and len(self._items) > len(set(captions)):
-            _, (tok, pooled) = self._items.popitem(last=False)
-            self.bytes -= tok.numel() * tok.element_size() + pooled.numel() * pooled.element_size()
-        device = next(self.encoder.model.parameters()).device
-        T = max(1, max(r[0].shape[0] for r in rows))
-        dim = rows[0][1].shape[-1]
-        tokens = torch.zeros(len(rows), T, dim, dtype=rows[0][1].dtype)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, (tok, _) in enumerate(rows):
-            tokens[i, :tok.shape[0]] = tok
-            mask[i, :tok.shape[0]] = True
-        pooled = torch.stack([r[1] for r in rows])
-        return TextCond(tokens, mask, pooled).to(device)
+def run_captions(plan, cfg: RunConfig) -> list[str]:
+    """Every caption a run can encode, once each: its training and validation captions,
+    data.default_caption, the empty prompt (caption dropout, guidance), the sample prompts
+    and the sample negative prompt. A frozen encoder's features are made for these
+    before training, and the encoder is unloaded."""
+    return list(dict.fromkeys([*(im.caption for im in plan.images),
+                               *(im.caption for im in plan.val_images),
+                               cfg.data.default_caption, "", *cfg.sample.prompts,
+                               cfg.sample.negative]))
 
 
 def dataset_fingerprint(plan) -> str:

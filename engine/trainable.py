@@ -14,26 +14,22 @@ from torch import Tensor, nn
 from engine.config import RunConfig
 from engine.flow import IREPAProjector, flow_losses, interpolate, to_velocity, v_loss_per_sample
 from engine.model import PRECISIONS, PixelHDM, TextCond
-from engine.train_io import TextCache
 
 
 class Trainable(nn.Module):
     """The network, the builtin text encoder (when used) and the iREPA projector.
-    A frozen text encoder is kept as a plain attribute: it is neither trained nor saved."""
+    A frozen text encoder (in training, its feature cache: engine/encoders.py
+    `cached_text_encoder`) is kept as a plain attribute: it is neither trained nor saved."""
 
-    def __init__(self, net: PixelHDM, text_encoder, projector: IREPAProjector | None,
-                 text_cache: TextCache | None):
+    def __init__(self, net: PixelHDM, text_encoder, projector: IREPAProjector | None):
         super().__init__()
         self.net = net
         self.text = text_encoder if isinstance(text_encoder, nn.Module) else None
         self.repa = projector
         self._frozen = None if self.text is not None else text_encoder
-        self._cache = text_cache
 
     def encode(self, captions: list[str]) -> TextCond:
-        if self.text is not None:
-            return self.text.encode(captions)
-        return self._cache.encode(captions) if self._cache else self._frozen.encode(captions)
+        return (self._frozen if self.text is None else self.text).encode(captions)
 
     def forward(self, x: Tensor, captions: list[str], t: Tensor, eps: Tensor, cfg: RunConfig,
                 step: int, teacher: Tensor | None, teacher_grid: tuple[int, int] | None):

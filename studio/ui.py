@@ -107,8 +107,9 @@ class Studio:
         """A copy of `cfg` whose path-valued settings lie inside the workspace or an
         --allow-dir folder, written as real absolute paths (relative ones are taken in
         the workspace): data.path (an existing folder; required unless `require_data`
-        is False), loss.repa_teacher when set, and text.name_or_path when it names a
-        local folder rather than a hub id. Every config the studio starts or dry-runs
+        is False), loss.repa_teacher and text.cache_dir when set, and text.name_or_path
+        when it names a local folder rather than a hub id (the default text.cache_dir, the
+        user's cache folder, stays allowed). Every config the studio starts or dry-runs
         passes here (a resume reuses the config.yaml written at the start), so an
         override line cannot point the trainer anywhere else. PathError naming the
         setting and the allowed folders otherwise."""
@@ -131,6 +132,8 @@ class Studio:
                                 f"(folders the studio may use: {allowed})")
         if out.loss.repa_teacher:
             out.loss.repa_teacher = inside("loss.repa_teacher", out.loss.repa_teacher)
+        if out.text.cache_dir:
+            out.text.cache_dir = inside("text.cache_dir", out.text.cache_dir)
         # the folders a loader may resolve a relative name in: the workspace, the trainer's
         # working folder and this process's
         if names_local_path(out.text.name_or_path, [self.workspace, PROJECT_ROOT, Path.cwd()]):
@@ -238,9 +241,14 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
                        concurrency_limit=1).then(**ds["plan_args"])
 
         # ---- cross-tab actions ---------------------------------------------------------
+        def generate_with(cid):
+            if not cid:
+                return "Choose a checkpoint first.", gr.skip(), gr.skip()
+            return gr.skip(), gen["select"](cid), gr.Tabs(selected="generate")
+
         ck["generate_btn"].click(
-            lambda cid: (gen["select"](cid), gr.Tabs(selected="generate")),
-            inputs=ck["checkpoint_id"], outputs=[gen["checkpoint"], tabs]
+            generate_with, inputs=ck["checkpoint_id"],
+            outputs=[ck["message"], gen["checkpoint"], tabs], **gen["model_queue"]
         ).then(**gen["model_args"])
 
         def resume_from_checkpoints(run_id):
@@ -255,6 +263,6 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
                                outputs=[ck["message"], tr["run_select"], tr["watch"], tabs],
                                concurrency_limit=1)
         tabs.select(ck["refresh_fn"], inputs=ck["refresh_inputs"], outputs=ck["refresh_outputs"])
-        tabs.select(gen["refresh_fn"], inputs=gen["checkpoint"], outputs=gen["refresh_outputs"]
-                    ).then(**gen["model_args"])
+        tabs.select(gen["refresh_fn"], inputs=gen["checkpoint"], outputs=gen["refresh_outputs"],
+                    **gen["model_queue"]).then(**gen["model_args"])
     return demo

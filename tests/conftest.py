@@ -1,12 +1,19 @@
-"""Shared test setup: offline, one torch thread, and tiny random Qwen3 / DINOv3 models
-built with `transformers`, saved to disk and loaded back through the user code path."""
+"""Shared test setup: offline, one torch thread, the text-feature cache in a temporary
+folder, and tiny random Qwen3 / DINOv3 models built with `transformers`, saved to disk
+and loaded back through the user code path."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# never the user's ~/.cache (subprocesses started by tests inherit it too)
+os.environ["PIXELHDM_CACHE_DIR"] = tempfile.mkdtemp(prefix="pixelhdm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PIXELHDM_CACHE_DIR"], ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 
