@@ -3,6 +3,9 @@
     python -m engine.bench sample --preset tiny-cpu --sizes 32x32,64x64 --steps 20
     python -m engine.bench sample --checkpoint workspace/runs/RUN --json
     python -m engine.bench train --preset tiny-cpu --steps 300
+    python -m engine.bench network --preset tiny-cpu --sizes 64x64,32x32 [--profile]
+    python -m engine.bench overhead --preset tiny-cpu
+    python -m engine.bench gpu [--quick]
 
 `sample` times the sampling core that training samples and the Generate tab share
 (engine.generate.render): seconds per image for each sampler at each size, the minimum
@@ -17,9 +20,26 @@ built-in demo dataset (or --data) and reports images per second (warm-up exclude
 loss at the start and the end, the validation loss, and the path of the final sample
 grid, which shows whether the shapes follow their prompts.
 
+`network` measures the bare network (engine/perf.py): analytic forward FLOPs per image
+by part (engine/flops.py), images and tokens per second of a training step and of an
+inference forward pass, achieved FLOP/s and their share of a large matmul's rate on the
+same device, peak memory, and seconds per FLOP relative to a plain single-path
+transformer of the same width and depth (engine/baseline.py) timed in the same loop;
+--profile adds each part's share of a training step and its top operators.
+
+`overhead` runs `train` (without samples and validation) and then times bare network
+steps at the batch sizes and bucket sizes of that run's epoch: the trainer's time per
+image over the bare network's is what the trainer adds (data, text encoder, the extra
+losses, clipping, EMA).
+
+`gpu` (CUDA only) checks which attention kernel runs, measures bf16 training MFU of
+pixelhdm-default at 256 and 512 px, the training memory of the home presets at their
+largest bucket, and Heun-50 + CFG seconds per 512 px image, in a few minutes.
+
 A subcommand is a function `add_<name>(subparsers, common)` listed in COMMANDS: it adds
 its parser (with `common`'s --device, --dtype and --json) and sets `run` (args -> a
-report dict whose "rows" are printed) and `columns` (how to print the rows).
+report dict) and `tables` ((report key, title, columns) of each table to print; the
+other keys are printed as one header line). A report with "errors" exits with 1.
 """
 
 from __future__ import annotations
@@ -28,14 +48,17 @@ import argparse
 import json
 import sys
 import tempfile
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from engine.attention import flash_attn_func
+from engine.buckets import plan_buckets
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset
+from engine.data import scan_dataset
 from engine.demo_data import write_demo_dataset
 from engine.distributed import DeviceError, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
@@ -49,7 +72,19 @@ from engine.generate import (
     resolve_precision,
 )
 from engine.job import RunDir
+from engine.flops import PARTS
 from engine.model import PRECISIONS, PixelHDM, TextCond
+from engine.perf import (
+    attention_kernels,
+    batch_shapes,
+    compile_status,
+    dense_peak,
+    measure_network,
+    preset_memory,
+    release_memory,
+    timed,
+    train_step_seconds,
+)
 from engine.sampling import SAMPLERS, model_evals, sample_shift
 from engine.train import TrainError, train
 
@@ -76,17 +111,6 @@ def parse_samplers(text: str) -> list[str]:
             raise GenerateError(f"--samplers: unknown sampler '{s}' (allowed: "
                                 f"{', '.join(SAMPLERS)})")
     return names
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock seconds of fn(), with the GPU's queue drained on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def memoized(encode: Callable[[list[str]], TextCond]) -> Callable[[list[str]], TextCond]:
@@ -194,7 +218,7 @@ def add_sample(sub, common: argparse.ArgumentParser) -> None:
                    help="width of the random text tokens for a Qwen3 preset without checkpoint")
     p.add_argument("--tokens", type=int, default=32,
                    help="number of random text tokens for a Qwen3 preset without checkpoint")
-    p.set_defaults(run=bench_sample, columns=SAMPLE_COLUMNS)
+    p.set_defaults(run=bench_sample, tables=[("rows", "", SAMPLE_COLUMNS)])
 
 
 # --------------------------------------------------------------------------------------
@@ -250,20 +274,279 @@ TRAIN_COLUMNS: list[Column] = [
 ]
 
 
-def add_train(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("train", parents=[common],
-                       help="images per second of a short training run, and its samples")
+def train_arguments(p: argparse.ArgumentParser, steps: int) -> None:
+    """The arguments of a short training run (`train` and `overhead`)."""
     p.add_argument("--preset", default="tiny-cpu", help="preset name or YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"optimizer steps (default {steps}, at least 10)")
     p.add_argument("--data", help="dataset folder (default: the built-in demo dataset)")
     p.add_argument("--count", type=int, default=600, help="demo images when --data is not given")
     p.add_argument("--out", help="folder for the run (default: a new temporary folder)")
-    p.set_defaults(run=bench_train, columns=TRAIN_COLUMNS)
 
 
-COMMANDS = (add_sample, add_train)
+def add_train(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("train", parents=[common],
+                       help="images per second of a short training run, and its samples")
+    train_arguments(p, steps=300)
+    p.set_defaults(run=bench_train, tables=[("rows", "", TRAIN_COLUMNS)])
+
+
+# --------------------------------------------------------------------------------------
+# network
+# --------------------------------------------------------------------------------------
+
+def si(v: float | None, unit: str = "") -> str:
+    """3 significant digits with an SI prefix: 4.25e12 -> '4.25 T'."""
+    if v is None:
+        return "-"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {prefix}{unit}"
+    return f"{v:.3g} {unit}".rstrip()
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.3g}%"
+
+
+def num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def text_width(cfg, args) -> int:
+    """Width of the random text tokens: the builtin encoder's, else --text-dim (the
+    hidden size of the frozen Qwen3)."""
+    return cfg.text.builtin_dim if cfg.text.encoder == "builtin" else args.text_dim
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"device": str(device)}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def bench_network(args) -> dict:
+    cfg = load_preset(args.preset, args.overrides)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.dtype, device)
+    sizes = parse_sizes(args.sizes) if args.sizes else [cfg.sample_size()]
+    for w, h in sizes:
+        check_size(w, h, cfg.model.patch_size)
+    batch = args.batch or cfg.train.batch_size
+    if min(batch, args.steps, args.tokens) < 1:
+        raise GenerateError("--batch, --steps and --tokens: allowed whole numbers >= 1")
+    result = measure_network(cfg, text_width(cfg, args), sizes, batch, args.tokens, args.steps,
+                             device, precision, profile_steps=2 if args.profile else 0)
+    return {"benchmark": "network", "preset": args.preset, **device_info(device),
+            "precision": precision, "grad_checkpointing": cfg.train.grad_checkpointing,
+            "blocks": result["blocks"], "prediction": cfg.model.prediction,
+            "text_dim": text_width(cfg, args),
+            "parameters": result["parameters"],
+            "baseline_parameters": result["baseline_parameters"], "rows": result["rows"],
+            "flops": result["flops"], "profile": result["profile"]}
+
+
+NETWORK_COLUMNS: list[Column] = [
+    ("size", "size", str), ("batch", "batch", str),
+    ("gflop_image", "GFLOP/img", lambda v: f"{v:.4g}"),
+    ("train_images_s", "train img/s", num), ("train_tokens_s", "train tok/s", num),
+    ("train_flops_s", "train FLOP/s", si), ("train_util", "util", pct),
+    ("train_vs_baseline", "s/FLOP vs base", lambda v: f"{v:.2f}x"),
+    ("infer_images_s", "infer img/s", num), ("infer_tokens_s", "infer tok/s", num),
+    ("infer_flops_s", "infer FLOP/s", si), ("infer_util", "util", pct),
+    ("infer_vs_baseline", "s/FLOP vs base", lambda v: f"{v:.2f}x"),
+    ("matmul_peak_flops", "matmul peak", si), ("peak_mib", "peak MiB", num),
+]
+FLOP_COLUMNS: list[Column] = [("size", "size", str), ("network", "network", str)] + [
+    (part, part, si) for part in (*PARTS, "total")]
+PROFILE_COLUMNS: list[Column] = [
+    ("size", "size", str), ("part", "part", str), ("share", "share", pct),
+    ("ms_per_step", "ms/step", lambda v: f"{v:.1f}"),
+    ("top_ops", "top ops (share of the part)",
+     lambda ops: ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops)),
+]
+
+
+def add_network(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("network", parents=[common],
+                       help="FLOPs, throughput and utilisation of the bare network")
+    p.add_argument("--preset", default="tiny-cpu", help="preset name or YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset value, e.g. model.size=small")
+    p.add_argument("--sizes", help="WIDTHxHEIGHT list, e.g. 64x64,32x32 (default: the sample size)")
+    p.add_argument("--batch", type=int, default=0,
+                   help="images per step (default: train.batch_size)")
+    p.add_argument("--tokens", type=int, default=32, help="text tokens per image (default 32)")
+    p.add_argument("--text-dim", type=int, default=1024,
+                   help="width of the random text tokens for a Qwen3 preset (default 1024)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed steps per measurement after a warm-up; the median counts")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile two training steps: each part's share and top operators")
+    p.set_defaults(run=bench_network, tables=[("rows", "throughput", NETWORK_COLUMNS),
+                                              ("flops", "forward FLOPs per image", FLOP_COLUMNS),
+                                              ("profile", "where a training step's time goes",
+                                               PROFILE_COLUMNS)])
+
+
+# --------------------------------------------------------------------------------------
+# overhead
+# --------------------------------------------------------------------------------------
+
+def bench_overhead(args) -> dict:
+    """The trainer's time per image (`train`, without samples and validation) over the
+    bare network's at the same batches and bucket sizes, measured in one process."""
+    trained = bench_train(argparse.Namespace(**{**vars(args), "overrides": [
+        "train.sample_every=0", "train.val_every=0", *args.overrides]}))
+    run = RunDir(Path(trained["run"]))
+    cfg = load_preset(run.config)          # the config the trainer resolved and ran
+    records = scan_dataset(cfg.data.path, cfg.data,
+                           cache_path=run.root / "dataset-index.json").records
+    mix = batch_shapes(plan_buckets(records, cfg.data, cfg.model.patch_size,
+                                    cfg.train.batch_size))
+    if min(args.tokens, args.repeats) < 1:
+        raise GenerateError("--tokens and --repeats: allowed whole numbers >= 1")
+    device = resolve_device(args.device)
+    blocks = compile_status(cfg, device)
+    secs = train_step_seconds(cfg, text_width(cfg, args), list(mix), args.tokens, args.repeats,
+                              device, cfg.train.precision, blocks == "compiled")
+    bare_time = sum(n * secs[k] for k, n in mix.items())
+    bare_images = sum(n * k[0] for k, n in mix.items())
+    t = trained["rows"][0]
+    row = {"steps": t["steps"], "trainer_step_s": t["step_s"], "trainer_images_s": t["images_s"],
+           "bare_step_s": bare_time / sum(mix.values()), "bare_images_s": bare_images / bare_time}
+    row["overhead"] = row["bare_images_s"] / row["trainer_images_s"]
+    buckets = [{"size": f"{w}x{h}", "batch": bs, "batches": n, "bare_step_s": secs[bs, w, h]}
+               for (bs, w, h), n in sorted(mix.items(), key=lambda kv: -kv[1])]
+    return {"benchmark": "overhead", "preset": args.preset, "device": trained["device"],
+            "precision": cfg.train.precision, "blocks": blocks, "text_tokens": args.tokens,
+            "data": trained["data"], "run": trained["run"], "rows": [row], "buckets": buckets}
+
+
+OVERHEAD_COLUMNS: list[Column] = [
+    ("steps", "steps", str), ("trainer_step_s", "trainer s/step", lambda v: f"{v:.4f}"),
+    ("trainer_images_s", "trainer img/s", lambda v: f"{v:.1f}"),
+    ("bare_step_s", "bare s/step", lambda v: f"{v:.4f}"),
+    ("bare_images_s", "bare img/s", lambda v: f"{v:.1f}"),
+    ("overhead", "trainer / bare (s per image)", lambda v: f"{v:.2f}x"),
+]
+BUCKET_COLUMNS: list[Column] = [
+    ("size", "size", str), ("batch", "batch", str), ("batches", "batches/epoch", str),
+    ("bare_step_s", "bare s/step", lambda v: f"{v:.4f}"),
+]
+
+
+def add_overhead(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("overhead", parents=[common],
+                       help="full trainer step time over the bare network step time")
+    train_arguments(p, steps=60)
+    p.add_argument("--tokens", type=int, default=12,
+                   help="text tokens per image of the bare steps (default 12: a demo caption)")
+    p.add_argument("--text-dim", type=int, default=1024,
+                   help="width of the random text tokens for a Qwen3 preset (default 1024)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed bare steps per batch shape after a warm-up; the median counts")
+    p.set_defaults(run=bench_overhead, tables=[("rows", "", OVERHEAD_COLUMNS),
+                                               ("buckets", "bucket mix of the bare steps",
+                                                BUCKET_COLUMNS)])
+
+
+# --------------------------------------------------------------------------------------
+# gpu
+# --------------------------------------------------------------------------------------
+
+# home presets and the GPU memory (GiB) each is meant for
+GPU_MEMORY = (("home-8gb", 8), ("home-12gb", 12), ("home-24gb", 24))
+
+
+def bench_gpu(args) -> dict:
+    """Attention kernels, bf16 training MFU, the home presets' memory and Heun-50 + CFG
+    sampling on one CUDA GPU; a part that fails is reported and the others still run."""
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        raise DeviceError(f"gpu needs a CUDA GPU and PyTorch {torch.__version__} sees none "
+                          f"here; run it on a machine with an NVIDIA GPU")
+    name = torch.cuda.get_device_name(device)
+    peak = dense_peak(name)
+    steps, repeats = (3, 1) if args.quick else (10, 3)
+    default = load_preset("pixelhdm-default")
+    report = {"benchmark": "gpu", "device": str(device), "device_name": name,
+              "torch": torch.__version__, "cuda": torch.version.cuda,
+              "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+              "quick": args.quick, "flash_attn": flash_attn_func is not None,
+              "dense_bf16_peak": peak, "errors": []}
+
+    def part(key: str, measure: Callable[[], list[dict]]) -> None:
+        try:
+            report[key] = measure()
+        except Exception as e:  # one failed measurement must not hide the others
+            report[key] = []
+            report["errors"].append(f"{key}: {type(e).__name__}: {' '.join(str(e).split())}")
+        release_memory(device)
+
+    def throughput() -> list[dict]:
+        rows = measure_network(default, 1024, [(256, 256), (512, 512)],
+                               default.train.batch_size, 64, steps, device, "bf16")["rows"]
+        for row in rows:
+            row["mfu"] = row["train_flops_s"] / peak if peak else None
+        return rows
+
+    sample_args = argparse.Namespace(
+        checkpoint=None, preset="pixelhdm-default", overrides=[], device=str(device),
+        dtype="bf16", sizes="512x512", steps=50, samplers="heun", batch=1, repeats=repeats,
+        text_dim=1024, tokens=64)
+    part("kernels", lambda: attention_kernels(default, 512, 512, 64, 2, device, "bf16"))
+    part("throughput", throughput)
+    part("memory", lambda: [preset_memory(name, load_preset(name), gib, device)
+                            for name, gib in GPU_MEMORY])
+    part("sampling", lambda: bench_sample(sample_args)["rows"])
+    return report
+
+
+def gib(v: float | None) -> str:
+    return "OOM" if v is None else f"{v:.2f}"
+
+
+KERNEL_COLUMNS: list[Column] = [
+    ("call", "call", str), ("seq", "tokens", str), ("backend", "model.attention", str),
+    ("kernel", "kernel", str), ("top_kernels", "top kernels by GPU time",
+                                lambda names: "; ".join(n[:60] for n in names)),
+]
+GPU_THROUGHPUT_COLUMNS: list[Column] = [
+    ("size", "size", str), ("batch", "batch", str), ("train_images_s", "train img/s", num),
+    ("train_tokens_s", "train tok/s", num), ("train_flops_s", "train FLOP/s", si),
+    ("mfu", "MFU (data sheet)", lambda v: "unknown" if v is None else pct(v)),
+    ("train_util", "MFU (matmul peak)", pct),
+    ("matmul_peak_flops", "matmul peak", si),
+    ("train_vs_baseline", "s/FLOP vs base", lambda v: f"{v:.2f}x"),
+    ("peak_mib", "peak MiB", num),
+]
+MEMORY_COLUMNS: list[Column] = [
+    ("preset", "preset", str), ("size", "size", str), ("batch", "batch", str),
+    ("grad_checkpointing", "grad ckpt", str), ("precision", "precision", str),
+    ("step_peak_gib", "step peak GiB", gib),
+    ("with_ema_gib", "+ EMA GiB", gib),
+    ("budget_gib", "budget GiB (90%)", lambda v: f"{v:.1f}"),
+    ("fits", "fits", lambda v: "yes" if v else "NO"),
+]
+
+
+def add_gpu(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("gpu", parents=[common],
+                       help="attention kernels, MFU, preset memory and sampling on a CUDA GPU")
+    p.add_argument("--quick", action="store_true", help="fewer timed steps and repeats")
+    p.set_defaults(run=bench_gpu, tables=[
+        ("kernels", "attention kernels (bf16, 512x512, 64 text tokens)", KERNEL_COLUMNS),
+        ("throughput", "pixelhdm-default bf16 training", GPU_THROUGHPUT_COLUMNS),
+        ("memory", "training step memory of the home presets at their largest bucket "
+         "(eager blocks)", MEMORY_COLUMNS),
+        ("sampling", "Heun-50 + CFG, pixelhdm-default, random weights", SAMPLE_COLUMNS)])
+
+
+COMMANDS = (add_sample, add_train, add_network, add_overhead, add_gpu)
 
 
 # --------------------------------------------------------------------------------------
@@ -302,10 +585,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        head = {k: v for k, v in report.items() if k != "rows"}
+        keys = {key for key, _, _ in args.tables}
+        head = {k: v for k, v in report.items() if k not in keys}
         print(", ".join(f"{k}: {v}" for k, v in head.items()))
-        print(format_table(report["rows"], args.columns))
-    return 0
+        for key, title, columns in args.tables:
+            if report.get(key):
+                if title:
+                    print(f"\n{title}")
+                print(format_table(report[key], columns))
+    return 1 if report.get("errors") else 0
 
 
 if __name__ == "__main__":

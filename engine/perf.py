@@ -1,0 +1,491 @@
+"""Measuring the network: bare training and inference steps on random inputs, the
+matmul peak of the device, achieved FLOP/s against it, peak memory, the plain baseline
+measured alongside, where the time goes (torch.profiler, attributed to the network's
+parts), and which attention kernel runs on a GPU. `python -m engine.bench network`
+and `gpu` print what these return.
+
+A *bare* training step is what the network itself costs: forward, the v-space loss
+of engine/flow.py (x-prediction is turned into a velocity as in training), backward
+and the trainer's optimizer (engine/optim.py), on random images, noise, times and
+text tokens. Everything else the trainer does per step (data loading, the text
+encoder, the frequency, iREPA and gamma losses, clipping, EMA) is trainer overhead.
+
+FLOPs are the analytic counts of engine/flops.py; a training step counts 3x the
+forward (the backward computes two matmuls per forward matmul). Recomputation under
+gradient checkpointing is not counted, so utilisation is model-FLOPs utilisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from engine.attention import attention
+from engine.baseline import PlainDiT
+from engine.buckets import BucketPlan
+from engine.config import RunConfig
+from engine.distributed import compiler_problem
+from engine.flops import PARTS, baseline_flops, pixelhdm_flops
+from engine.flow import interpolate, resolution_shift, sample_t, to_velocity, v_loss
+from engine.model import PRECISIONS, PixelHDM, TextCond
+from engine.optim import build_optimizer
+from engine.trainable import autocast_for
+
+# Dense bf16 tensor-core peaks in FLOP/s by GPU name (vendor data sheets, no sparsity;
+# GeForce cards at their fp32-accumulate rate). First match wins.
+KNOWN_PEAKS: tuple[tuple[str, float], ...] = (
+    (r"H100.*NVL", 835e12), (r"H100.*PCIe", 756e12), (r"H100", 989e12), (r"H200", 989e12),
+    (r"A100", 312e12), (r"L40S", 362e12),
+    (r"RTX 4090", 165e12), (r"RTX 4080(?! SUPER)", 97.5e12),
+    (r"RTX 4070 Ti(?! SUPER)", 80.2e12), (r"RTX 3090", 71e12),
+)
+
+
+def dense_peak(device_name: str) -> float | None:
+    """The data-sheet dense bf16 peak of a GPU by its name; None when unknown."""
+    for pattern, peak in KNOWN_PEAKS:
+        if re.search(pattern, device_name):
+            return peak
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of fn(), with the GPU's queue drained on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(fns: dict[str, Callable[[], object]], steps: int, device: torch.device,
+                   warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function after `warmup` calls each. The calls
+    are interleaved (a, b, a, b, ...), so load that drifts during the run (other
+    processes, clocks) weighs on all of them alike and their ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak(device: torch.device, precision: str) -> tuple[float, int]:
+    """(FLOP/s, n) of the best of a few n x n matmuls in the precision's dtype: what
+    this device reaches on the easiest large workload, right now. n = 4096 on a GPU,
+    1024 on the CPU (a 4096 matmul takes seconds there)."""
+    n, reps = (4096, 10) if device.type == "cuda" else (1024, 1)
+    gen = torch.Generator().manual_seed(0)
+    dtype = PRECISIONS[precision]
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+
+    def run() -> None:
+        for _ in range(reps):
+            torch.mm(a, b)
+    run()
+    best = min(timed(run, device) for _ in range(5))
+    return 2 * n ** 3 * reps / best, n
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak CUDA memory allocated (MiB) during fn() after a first call (so optimizer
+    state exists, as in every step but the first); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def release_memory(device: torch.device) -> None:
+    """Return what freed tensors held to the device, so the next measurement starts empty."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------
+# Bare steps
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """One random training batch: images x, noise eps, times t, z_t and text."""
+    x: Tensor
+    eps: Tensor
+    t: Tensor
+    z: Tensor
+    text: TextCond
+
+    @staticmethod
+    def random(cfg: RunConfig, text_dim: int, batch: int, width: int, height: int,
+               tokens: int, device: torch.device, seed: int = 0) -> "Inputs":
+        """Times drawn as in training (logit-normal, shifted for the size); `tokens`
+        real text tokens of width `text_dim` per image."""
+        gen = torch.Generator().manual_seed(seed)
+        x = (torch.rand(batch, 3, height, width, generator=gen) * 2 - 1).to(device)
+        eps = torch.randn(batch, 3, height, width, generator=gen).to(device)
+        lo = cfg.loss
+        shift = resolution_shift(width, height, lo.time_shift, lo.shift_reference)
+        t = sample_t(batch, lo.p_mean, lo.p_std, shift, generator=gen).to(device)
+        tok = torch.randn(batch, tokens, text_dim, generator=gen).to(device)
+        mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+        return Inputs(x, eps, t, interpolate(x, eps, t), TextCond(tok, mask, tok[:, -1]))
+
+
+# warm-up calls of a compiled network at a new shape: the first compiles, and the next
+# one is still slow on the CPU (measured: 5-7x a settled step)
+WARMUP_COMPILED = 3
+
+
+def compile_status(cfg: RunConfig, device: torch.device) -> str:
+    """How the trainer would run the blocks: 'compiled' (train.compile and a working
+    compiler), 'eager (train.compile off)' or 'eager (<why the compiler cannot run>)'."""
+    if not cfg.train.compile:
+        return "eager (train.compile off)"
+    problem = compiler_problem(device)
+    return f"eager ({problem})" if problem else "compiled"
+
+
+def build_network(cls: type[nn.Module], cfg: RunConfig, text_dim: int, device: torch.device,
+                  compile_blocks: bool) -> nn.Module:
+    """PixelHDM or PlainDiT for the config, seeded, with its gradient checkpointing and,
+    with `compile_blocks`, its blocks compiled as in training (the first call compiles)."""
+    torch.manual_seed(cfg.train.seed)
+    net = cls(cfg.model, text_dim).to(device)
+    net.grad_checkpointing = cfg.train.grad_checkpointing
+    if compile_blocks:
+        net.compile_blocks()
+    return net
+
+
+class TrainStep:
+    """One bare optimizer step of `net` (see the module docstring)."""
+
+    def __init__(self, net: nn.Module, cfg: RunConfig, precision: str, device: torch.device):
+        self.net, self.cfg, self.precision, self.device = net, cfg, precision, device
+        self.optimizer, _ = build_optimizer(net, cfg.train, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def __call__(self, b: Inputs) -> None:
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_for(self.precision, self.device):
+            pred = self.net(b.z, b.t, b.text)
+        m = self.cfg.model
+        loss = v_loss(to_velocity(pred.float(), b.z, b.t, m.prediction, self.cfg.loss.t_eps),
+                      b.x - b.eps)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def forward_only(net: nn.Module, b: Inputs, precision: str, device: torch.device) -> None:
+    """One inference forward pass of `net` on the batch."""
+    net.eval()
+    with torch.no_grad(), autocast_for(precision, device):
+        net(b.z, b.t, b.text)
+
+
+# --------------------------------------------------------------------------------------
+# The network measurement
+# --------------------------------------------------------------------------------------
+
+def measure_network(cfg: RunConfig, text_dim: int, sizes: list[tuple[int, int]], batch: int,
+                    tokens: int, steps: int, device: torch.device, precision: str,
+                    profile_steps: int = 0) -> dict:
+    """Throughput, FLOP/s, utilisation and memory of PixelHDM at each (width, height),
+    with the plain baseline timed in the same loop, both compiled when training would
+    compile. Returns {"rows", "flops", "profile", "blocks" (compile_status),
+    "parameters", "baseline_parameters"}; "profile" is empty unless `profile_steps` > 0."""
+    blocks = compile_status(cfg, device)
+    compiled = blocks == "compiled"
+    ours = build_network(PixelHDM, cfg, text_dim, device, compiled)
+    ours_step = TrainStep(ours, cfg, precision, device)
+    peaks = {}   # before the baseline exists, so that the peak is PixelHDM's alone
+    for w, h in sizes:
+        b = Inputs.random(cfg, text_dim, batch, w, h, tokens, device)
+        peaks[w, h] = peak_memory_mib(lambda: ours_step(b), device)
+    base = build_network(PlainDiT, cfg, text_dim, device, compiled)
+    base_step = TrainStep(base, cfg, precision, device)
+    rows, flop_rows, profile_rows = [], [], []
+    for w, h in sizes:
+        b = Inputs.random(cfg, text_dim, batch, w, h, tokens, device)
+        f_ours = pixelhdm_flops(cfg.model, text_dim, w, h, tokens)
+        f_base = baseline_flops(cfg.model, text_dim, w, h, tokens)
+        size = f"{w}x{h}"
+        flop_rows += [{"size": size, "network": name, **f, "total": sum(f.values())}
+                      for name, f in (("PixelHDM", f_ours), ("baseline", f_base))]
+        peak, n = matmul_peak(device, precision)
+        secs = median_seconds({
+            "train": lambda: ours_step(b), "base_train": lambda: base_step(b),
+            "infer": lambda: forward_only(ours, b, precision, device),
+            "base_infer": lambda: forward_only(base, b, precision, device)}, steps, device,
+            warmup=WARMUP_COMPILED if compiled else 1)
+        fwd, fwd_base = sum(f_ours.values()) * batch, sum(f_base.values()) * batch
+        patches = (w // cfg.model.patch_size) * (h // cfg.model.patch_size)
+        row = {"size": size, "batch": batch, "text_tokens": tokens, "patch_tokens": patches,
+               "gflop_image": fwd / batch / 1e9, "matmul_peak_flops": peak, "matmul_n": n}
+        for kind, work in (("train", 3 * fwd), ("infer", fwd)):
+            s = secs[kind]
+            row.update({f"{kind}_s": s, f"{kind}_images_s": batch / s,
+                        f"{kind}_tokens_s": batch * patches / s, f"{kind}_flops_s": work / s,
+                        f"{kind}_util": work / s / peak})
+            # seconds per FLOP relative to the baseline's; the 3x of training cancels
+            row[f"{kind}_vs_baseline"] = (s / fwd) / (secs[f"base_{kind}"] / fwd_base)
+            row[f"base_{kind}_images_s"] = batch / secs[f"base_{kind}"]
+        row["peak_mib"] = peaks[w, h]
+        rows.append(row)
+        if profile_steps:
+            profile_rows += [{"size": size, **r} for r in
+                             profile_parts(ours, lambda: ours_step(b), device, profile_steps)]
+    params = sum(p.numel() for p in ours.parameters())
+    base_params = sum(p.numel() for p in base.parameters())
+    del ours, ours_step, base, base_step
+    release_memory(device)
+    return {"rows": rows, "flops": flop_rows, "profile": profile_rows, "blocks": blocks,
+            "parameters": params, "baseline_parameters": base_params}
+
+
+def train_step_seconds(cfg: RunConfig, text_dim: int, shapes: list[tuple[int, int, int]],
+                       tokens: int, steps: int, device: torch.device, precision: str,
+                       compiled: bool) -> dict[tuple[int, int, int], float]:
+    """Median seconds of a bare PixelHDM training step for each (batch, width, height)."""
+    net = build_network(PixelHDM, cfg, text_dim, device, compiled)
+    step = TrainStep(net, cfg, precision, device)
+    out = {}
+    for batch, w, h in shapes:
+        b = Inputs.random(cfg, text_dim, batch, w, h, tokens, device)
+        out[batch, w, h] = median_seconds({"train": lambda: step(b)}, steps, device,
+                                          warmup=WARMUP_COMPILED if compiled else 1)["train"]
+    return out
+
+
+def batch_shapes(plan: BucketPlan) -> dict[tuple[int, int, int], int]:
+    """(batch, width, height) -> micro-batches per epoch of that shape, as the trainer
+    cuts a bucket plan (each bucket's last batch may be smaller)."""
+    mix: dict[tuple[int, int, int], int] = {}
+    for b in plan.buckets:
+        if b.batches:
+            for shape, n in (((plan.batch_size, *b.size), b.batches - 1),
+                             ((b.last_batch, *b.size), 1)):
+                mix[shape] = mix.get(shape, 0) + n
+    return {shape: n for shape, n in mix.items() if n}
+
+
+def preset_memory(name: str, cfg: RunConfig, budget_gib: float, device: torch.device) -> dict:
+    """Peak memory of a bare training step of a preset at its largest square bucket, its
+    batch size, precision and gradient checkpointing, with 64 text tokens of width 1024;
+    plus the fp32 EMA copy that a run holds too (a frozen text encoder is unloaded once
+    its features are cached), against 90% of `budget_gib`. The peak is None when the step ran out of memory. The blocks run
+    eagerly: an upper bound of the compiled step (fused kernels keep fewer
+    intermediates), and what a machine without a working compiler trains with."""
+    side, batch = cfg.data.max_side, cfg.train.batch_size
+    row = {"preset": name, "size": f"{side}x{side}", "batch": batch,
+           "grad_checkpointing": cfg.train.grad_checkpointing, "precision": cfg.train.precision,
+           "step_peak_gib": None, "with_ema_gib": None, "budget_gib": 0.9 * budget_gib}
+    net = build_network(PixelHDM, cfg, 1024, device, compile_blocks=False)
+    step = TrainStep(net, cfg, cfg.train.precision, device)
+    b = Inputs.random(cfg, 1024, batch, side, side, 64, device)
+    try:
+        peak = peak_memory_mib(lambda: step(b), device) / 1024
+        ema = 4 * sum(p.numel() for p in net.parameters()) * (cfg.train.ema_decay > 0)
+        row.update(step_peak_gib=peak, with_ema_gib=peak + ema / 2 ** 30)
+    except torch.OutOfMemoryError:
+        pass                         # the row keeps None: the table says OOM
+    finally:
+        del net, step, b
+        release_memory(device)
+    total = row["with_ema_gib"]
+    row["fits"] = total is not None and total <= row["budget_gib"]
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# Where the time goes
+# --------------------------------------------------------------------------------------
+
+def part_modules(net: PixelHDM) -> list[tuple[str, nn.Module]]:
+    """(part, submodule) for every submodule that engine.flops counts as a part."""
+    out = []
+    for block in net.patch_blocks:
+        out += [("patch_attn", block.attn), ("patch_mlp", block.mlp)]
+    for block in net.pixel_blocks:
+        out += [("pixel_adaln", block.cond_expand), ("pixel_adaln", block.ada),
+                ("compaction", block.compress), ("compaction", block.expand),
+                ("pixel_attn", block.attn), ("pixel_mlp", block.mlp)]
+    return out
+
+
+RANGE = "part::"
+# profile parts beyond engine.flops.PARTS: what the blocks do around their parts (norms,
+# modulation, residuals, and the patch blocks' AdaLN projection) and the optimizer step
+PROFILE_PARTS = PARTS[:2] + ("patch_glue",) + PARTS[2:6] + ("pixel_glue", "optimizer", "other")
+
+
+@contextlib.contextmanager
+def part_ranges(net: PixelHDM):
+    """Forward hooks that open a torch.profiler range `part::<part>` around each part's
+    submodules (and `part::patch_glue` / `part::pixel_glue` around whole blocks, so
+    their own ops count apart); the innermost range names an op's part."""
+    ranges = ([("patch_glue", b) for b in net.patch_blocks]
+              + [("pixel_glue", b) for b in net.pixel_blocks] + part_modules(net))
+    handles, open_ranges = [], {}
+
+    def hooks(part: str, module: nn.Module):
+        def enter(mod, args):
+            rf = record_function(RANGE + part)
+            rf.__enter__()
+            open_ranges.setdefault(id(mod), []).append(rf)
+
+        def leave(mod, args, output):
+            open_ranges[id(mod)].pop().__exit__(None, None, None)
+        return (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))
+
+    for part, module in ranges:
+        handles += hooks(part, module)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _self_time(e, on_gpu: bool) -> float:
+    return e.self_device_time_total if on_gpu else e.self_cpu_time_total
+
+
+def profile_parts(net: PixelHDM, step: Callable[[], None], device: torch.device,
+                  steps: int = 2, top: int = 3) -> list[dict]:
+    """Each part's share of `steps` calls of step(), its milliseconds per call and its
+    `top` operators by self time (GPU time on CUDA, CPU time otherwise).
+
+    Forward ops belong to the innermost part range around them. A backward op has no
+    range around it; it belongs to the part of the forward op that created its autograd
+    node, found through the profiler's (forward thread, sequence number) link."""
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    # compiled blocks run eagerly here: the hooks' ranges cannot enter a compiled graph
+    with (torch.compiler.set_stance("force_eager"), part_ranges(net),
+          profile(activities=activities) as prof):
+        for _ in range(steps):
+            step()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+
+    def walk(visit) -> None:
+        stack = [(e, "other") for e in events if e.cpu_parent is None]
+        while stack:
+            e, part = stack.pop()
+            part = visit(e, part)
+            stack += [(c, part) for c in e.cpu_children]
+
+    created_by: dict[tuple[int, int], str] = {}
+
+    def label_forward(e, part: str) -> str:
+        if e.name.startswith(RANGE):
+            return e.name[len(RANGE):]
+        if e.name.startswith("Optimizer.step"):
+            return "optimizer"
+        if part != "other" and e.sequence_nr >= 0:
+            created_by.setdefault((e.thread, e.sequence_nr), part)
+        return part
+    walk(label_forward)
+
+    per_op: dict[str, dict[str, float]] = {p: {} for p in PROFILE_PARTS}
+
+    def attribute(e, part: str) -> str:
+        part = label_forward(e, part)
+        if e.name.startswith("autograd::engine::evaluate_function") and part == "other":
+            part = created_by.get((e.fwd_thread, e.sequence_nr), part)
+        if not e.name.startswith(RANGE):
+            ops = per_op[part]
+            ops[e.name] = ops.get(e.name, 0.0) + _self_time(e, on_gpu)
+        return part
+    walk(attribute)
+
+    total = sum(sum(ops.values()) for ops in per_op.values()) or 1.0
+    rows = []
+    for part, ops in per_op.items():
+        spent = sum(ops.values())
+        best = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+        rows.append({"part": part, "share": spent / total, "ms_per_step": spent / steps / 1e3,
+                     "top_ops": [{"op": name, "share": t / (spent or 1.0)} for name, t in best]})
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Which attention kernel runs (CUDA)
+# --------------------------------------------------------------------------------------
+
+def kernel_family(names: list[str]) -> str:
+    """cudnn / flash / efficient from SDPA's kernel names, else math (plain GEMMs and a
+    softmax kernel)."""
+    low = [n.lower() for n in names]
+    for family, keys in (("cudnn", ("cudnn",)), ("flash", ("flash",)),
+                         ("efficient", ("fmha", "efficient", "mem_eff"))):
+        if any(k in n for n in low for k in keys):
+            return family
+    return "math"
+
+
+def attention_kernels(cfg: RunConfig, width: int, height: int, text_tokens: int,
+                      batch: int, device: torch.device, precision: str) -> list[dict]:
+    """Which kernels one forward + backward of engine.attention.attention launches for
+    the network's attention shapes at a size: the patch path with and without padded
+    text (a masked call) and the pixel path's compacted tokens."""
+    m = cfg.model
+    L = (width // m.patch_size) * (height // m.patch_size)
+    S = text_tokens + L
+    dtype = PRECISIONS[precision]
+    rows = []
+    for case, seq, masked in (("patch attention, padded text", S, True),
+                              ("patch attention, no padding", S, False),
+                              ("pixel attention (compacted)", L, False)):
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, seq, m.head_dim, generator=gen)
+                   .to(device, dtype).requires_grad_()
+                   for heads in (m.num_heads, m.num_kv_heads, m.num_kv_heads))
+        mask = None
+        if masked:
+            mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+            mask[0, text_tokens // 2:text_tokens] = False     # the first prompt is shorter
+
+        def run() -> None:
+            attention(q, k, v, mask, m.attention).float().sum().backward()
+        run()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize(device)
+        spent: dict[str, float] = {}
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                spent[e.name] = spent.get(e.name, 0.0) + e.self_device_time_total
+        names = sorted(spent, key=lambda n: -spent[n])
+        rows.append({"call": case, "seq": seq, "mask": masked, "backend": m.attention,
+                     "kernel": kernel_family(names), "top_kernels": names[:3]})
+    return rows

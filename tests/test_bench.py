@@ -1,0 +1,184 @@
+"""The performance benchmarks: analytic FLOPs against torch's FLOP counter, the
+`network` and `overhead` reports on a tiny config, profiler attribution, and the `gpu`
+command's refusal on a machine without CUDA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from engine.baseline import PlainDiT
+from engine.bench import main as bench_main
+from engine.config import load_preset
+from engine.flops import PARTS, baseline_flops, pixelhdm_flops
+from engine.model import PixelHDM, TextCond
+from engine.perf import Inputs, TrainStep, dense_peak, kernel_family, part_modules, profile_parts
+
+# a smaller tiny-cpu: a training step takes milliseconds
+TINY = ["model.hidden_dim=32", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.mrope_split=[4,6,6]", "model.patch_layers=1", "model.pixel_layers=1",
+        "model.pixel_dim=4", "model.bottleneck_dim=16", "text.builtin_dim=32",
+        "text.builtin_layers=1", "train.batch_size=4", "train.cpu_threads=1",
+        "train.compile=false",
+        "data.min_side=16", "data.max_side=32", "data.bucket_step=8", "data.val_images=0"]
+
+
+def sets(*extra: str) -> list[str]:
+    return [a for kv in [*TINY, *extra] for a in ("--set", kv)]
+
+
+def measured_flops(net: PixelHDM, z, t, text) -> dict[str, int]:
+    """FLOPs of one forward pass per part, from torch's FLOP counter per submodule."""
+    with FlopCounterMode(display=False) as counter:
+        net(z, t, text)
+    per_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    names = {id(m): f"{type(net).__name__}.{n}" for n, m in net.named_modules()}
+    out = dict.fromkeys(PARTS, 0)
+    for part, module in part_modules(net):
+        out[part] += per_module.get(names[id(module)], 0)
+    out["other"] = counter.get_total_flops() - sum(out.values())
+    return out
+
+
+@pytest.mark.parametrize("gate", ["headwise", "elementwise", "none"])
+def test_analytic_flops_match_the_flop_counter_per_part(gate):
+    # the explicit attention kernel runs matmuls the counter sees (CPU SDPA is not counted);
+    # non-square image, GQA, a mlp_ratio whose hidden width is rounded down
+    cfg = load_preset("tiny-cpu", ["model.attention=math", f"model.gate={gate}",
+                                   "model.mlp_ratio=2.7", "model.num_kv_heads=2"])
+    B, T, W, H, C = 2, 5, 32, 16, 40
+    torch.manual_seed(0)
+    text = TextCond(torch.randn(B, T, C), torch.ones(B, T, dtype=torch.bool), torch.randn(B, C))
+    z, t = torch.randn(B, 3, H, W), torch.rand(B)
+    measured = measured_flops(PixelHDM(cfg.model, C), z, t, text)
+    analytic = pixelhdm_flops(cfg.model, C, W, H, T)
+    for part in PARTS:   # the counts are exact; any formula error shows
+        assert measured[part] > 0
+        assert analytic[part] * B == pytest.approx(measured[part], rel=1e-9), part
+    with FlopCounterMode(display=False) as counter:
+        PlainDiT(cfg.model, C)(z, t, text)
+    assert sum(baseline_flops(cfg.model, C, W, H, T).values()) * B == pytest.approx(
+        counter.get_total_flops(), rel=1e-9)
+
+
+def test_network_reports_rates_utilisation_and_the_baseline_ratio(capsys):
+    code = bench_main(["network", "--preset", "tiny-cpu", *sets(), "--sizes", "16x16,24x16",
+                       "--batch", "2", "--tokens", "4", "--steps", "1", "--device", "cpu",
+                       "--json", "--profile"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"] > report["baseline_parameters"] > 0
+    assert report["blocks"] == "eager (train.compile off)"
+    rows = report["rows"]
+    assert [r["size"] for r in rows] == ["16x16", "24x16"]
+    cfg = load_preset("tiny-cpu", TINY)
+    for row in rows:
+        w, h = map(int, row["size"].split("x"))
+        assert row["gflop_image"] * 1e9 == pytest.approx(
+            sum(pixelhdm_flops(cfg.model, 32, w, h, 4).values()))
+        assert row["patch_tokens"] == (w // 8) * (h // 8)
+        for kind in ("train", "infer"):
+            assert row[f"{kind}_images_s"] > 0 and row[f"{kind}_flops_s"] > 0
+            assert row[f"{kind}_tokens_s"] == pytest.approx(
+                row[f"{kind}_images_s"] * row["patch_tokens"])
+            assert 0 < row[f"{kind}_util"] < 1.5
+            assert row[f"{kind}_vs_baseline"] > 0 and row[f"base_{kind}_images_s"] > 0
+        # training counts 3x the forward FLOPs
+        assert row["train_flops_s"] == pytest.approx(
+            3 * row["gflop_image"] * 1e9 * row["train_images_s"])
+        assert row["matmul_peak_flops"] > 0 and row["peak_mib"] is None   # no CUDA here
+    assert {(r["size"], r["network"]) for r in report["flops"]} == {
+        (s, n) for s in ("16x16", "24x16") for n in ("PixelHDM", "baseline")}
+    shares = [r["share"] for r in report["profile"] if r["size"] == "16x16"]
+    assert sum(shares) == pytest.approx(1.0) and all(s >= 0 for s in shares)
+
+
+def test_profile_puts_backward_ops_in_the_part_of_their_forward_op():
+    cfg = load_preset("tiny-cpu", TINY)
+    torch.manual_seed(0)
+    net = PixelHDM(cfg.model, 32)
+    step = TrainStep(net, cfg, "fp32", torch.device("cpu"))
+    b = Inputs.random(cfg, 32, 2, 16, 16, 4, torch.device("cpu"))
+    rows = {r["part"]: {o["op"] for o in r["top_ops"]}
+            for r in profile_parts(net, lambda: step(b), torch.device("cpu"), 1, top=100)}
+    # compress/expand are bias-free linears: their matmuls forward and backward
+    assert "aten::mm" in rows["compaction"]
+    assert any("MmBackward0" in op for op in rows["compaction"])
+    assert any("silu_backward" in op for op in rows["pixel_mlp"])
+    assert not any("silu_backward" in op for op in rows["compaction"])
+    assert any(op.startswith("Optimizer.step") for op in rows["optimizer"])
+
+
+def test_overhead_compares_the_trainer_with_the_bare_network(tmp_path, capsys):
+    code = bench_main(["overhead", "--steps", "10", "--count", "24", "--repeats", "1",
+                       "--out", str(tmp_path / "o"), "--device", "cpu", "--json", *sets()])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    row = report["rows"][0]
+    assert row["steps"] == 10 and report["blocks"] == "eager (train.compile off)"
+    for key in ("trainer_step_s", "trainer_images_s", "bare_step_s", "bare_images_s"):
+        assert row[key] > 0
+    assert row["overhead"] == pytest.approx(row["bare_images_s"] / row["trainer_images_s"])
+    buckets = report["buckets"]
+    assert buckets and all(1 <= b["batch"] <= 4 and b["bare_step_s"] > 0 for b in buckets)
+    assert all(int(s) % 8 == 0 and 16 <= int(s) <= 32
+               for b in buckets for s in b["size"].split("x"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_refuses_without_cuda(capsys):
+    assert bench_main(["gpu", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CUDA GPU" in err[0]
+
+
+def test_peak_table_and_kernel_names():
+    assert dense_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert dense_peak("NVIDIA H100 PCIe") == 756e12
+    assert dense_peak("NVIDIA GeForce RTX 4090") == 165e12
+    assert dense_peak("NVIDIA GeForce RTX 4080 SUPER") is None
+    assert dense_peak("Some Future GPU") is None
+    assert kernel_family(["pytorch_flash::flash_fwd_kernel<...>"]) == "flash"
+    assert kernel_family(["fmha_cutlassF_bf16_aligned_64x64_rf_sm80"]) == "efficient"
+    assert kernel_family(["cudnn_generated_fort_native_sdpa_sm90_flash_fprop"]) == "cudnn"
+    assert kernel_family(["ampere_bf16_s16816gemm", "softmax_warp_forward"]) == "math"
+
+
+def test_gpu_report_computes_mfu_and_survives_a_failing_part(monkeypatch, capsys):
+    # no GPU here: the measurements are stubbed, the assembly and the MFU are real
+    import engine.bench as bench
+    monkeypatch.setattr(bench, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    monkeypatch.setattr(bench, "release_memory", lambda device: None)
+    monkeypatch.setattr(bench, "attention_kernels", lambda *a: [
+        {"call": "patch", "seq": 1088, "mask": True, "backend": "auto", "kernel": "efficient",
+         "top_kernels": ["fmha_cutlassF_bf16"]}])
+    row = {"size": "256x256", "batch": 16, "train_images_s": 100.0, "train_tokens_s": 25600.0,
+           "train_flops_s": 378e12, "train_util": 0.6, "matmul_peak_flops": 630e12,
+           "train_vs_baseline": 1.2, "peak_mib": 9000.0}
+    monkeypatch.setattr(bench, "measure_network", lambda *a, **k: {"rows": [dict(row)]})
+
+    def out_of_luck(*args):
+        raise RuntimeError("no memory today")
+    monkeypatch.setattr(bench, "preset_memory", out_of_luck)
+    asked = {}
+
+    def sample(args):
+        asked.update(vars(args))
+        return {"rows": [{"sampler": "heun", "size": "512x512", "steps": 50, "model_evals": 99,
+                          "batch": 1, "seconds_per_image": 1.5, "peak_mib": 4000.0}]}
+    monkeypatch.setattr(bench, "bench_sample", sample)
+    assert bench_main(["gpu", "--quick", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["device_name"] == "NVIDIA H100 PCIe" and report["dense_bf16_peak"] == 756e12
+    assert report["throughput"][0]["mfu"] == pytest.approx(0.5)
+    assert report["memory"] == [] and report["errors"] == ["memory: RuntimeError: no memory today"]
+    assert report["kernels"][0]["kernel"] == "efficient" and report["sampling"]
+    assert (asked["sizes"], asked["steps"], asked["samplers"]) == ("512x512", 50, "heun")
+    assert report["torch"] == torch.__version__ and report["date"]
+    assert bench_main(["gpu", "--quick"]) == 1
+    text = capsys.readouterr().out
+    assert "MFU (data sheet)" in text and "50%" in text and "Heun-50 + CFG" in text
