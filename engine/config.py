@@ -137,6 +137,9 @@ class DataConfig:
                                 lo=0.0, hi=1.0)
     val_images: int = _f(4, "images held out for the validation loss", lo=0)
     workers: int = _f(2, "data-loading worker processes (0 = in the trainer process)", lo=0, hi=64)
+    cache_mb: int = _f(1024, "MiB of decoded training images kept in memory (per loading "
+                       "process) when they are the same every epoch: centre crops, no flips "
+                       "(0 = decode every time)", lo=0)
 
 
 @dataclass

@@ -79,7 +79,11 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 def to_tensor(img: Image.Image) -> Tensor:
     """PIL RGB -> float (3, H, W) in [-1, 1]."""
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
+    return uint8_to_tensor(torch.from_numpy(np.array(img, dtype=np.uint8)))
+
+
+def uint8_to_tensor(arr: Tensor) -> Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
     return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (H, W, 3) -> (3, H, W)
 
 
@@ -130,11 +134,18 @@ class BucketDataset(Dataset):
     run, see exactly the same pixels."""
 
     def __init__(self, images: Sequence[PlannedImage], *, crop: str = "center",
-                 flip: bool = False, seed: int = 0, max_pixels: int = MAX_PIXELS):
+                 flip: bool = False, seed: int = 0, max_pixels: int = MAX_PIXELS,
+                 cache_bytes: int = 0):
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         self.images, self.crop, self.flip = list(images), crop, flip
         self.seed, self.max_pixels = seed, max_pixels
+        # without random crops or flips an image's pixels are the same every epoch: keep
+        # the decoded uint8 crops (each process its own), up to `cache_bytes`
+        fixed = crop == "center" and not flip
+        self.cache_bytes = cache_bytes if fixed else 0
+        self._cache: dict[int, Tensor] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -157,14 +168,21 @@ class BucketDataset(Dataset):
         if not isinstance(key, SampleKey):
             key = SampleKey(int(key), 0, 0)
         im = self.images[key.index]
-        fx, fy, flip = self.augmentation(key.index, key.epoch)
-        try:
-            img = load_crop(im.record.path, im.bucket, fx, fy, flip, max_pixels=self.max_pixels)
-        except BROKEN_FILE_ERRORS as e:
-            return Sample(None, im.caption, im.record.path, im.bucket, key.epoch, key.position,
-                          f"{type(e).__name__}: {e}")
-        return Sample(to_tensor(img), im.caption, im.record.path, im.bucket, key.epoch,
-                      key.position)
+        pixels = self._cache.get(key.index)
+        if pixels is None:
+            fx, fy, flip = self.augmentation(key.index, key.epoch)
+            try:
+                img = load_crop(im.record.path, im.bucket, fx, fy, flip,
+                                max_pixels=self.max_pixels)
+            except BROKEN_FILE_ERRORS as e:
+                return Sample(None, im.caption, im.record.path, im.bucket, key.epoch,
+                              key.position, f"{type(e).__name__}: {e}")
+            pixels = torch.from_numpy(np.array(img, dtype=np.uint8))         # (H, W, 3)
+            if self._cached_bytes + pixels.numel() <= self.cache_bytes:
+                self._cache[key.index] = pixels
+                self._cached_bytes += pixels.numel()
+        return Sample(uint8_to_tensor(pixels), im.caption, im.record.path, im.bucket,
+                      key.epoch, key.position)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -192,7 +210,8 @@ def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int 
         sampler = BucketBatchSampler([im.bucket for im in plan.val_images], plan.batch_size,
                                      seed=seed)
     else:
-        ds = BucketDataset(plan.images, crop=data_cfg.crop, flip=data_cfg.flip, seed=seed)
+        ds = BucketDataset(plan.images, crop=data_cfg.crop, flip=data_cfg.flip, seed=seed,
+                           cache_bytes=data_cfg.cache_mb * 2**20)
         sampler = BucketBatchSampler.from_plan(plan, seed=seed, rank=rank)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                         num_workers=data_cfg.workers, pin_memory=pin_memory,

@@ -106,6 +106,11 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def _mean_square(x: Tensor) -> Tensor:
+    """mean(x^2) in fp32."""
+    return torch.linalg.vector_norm(x, dtype=torch.float32).square() / x.numel()
+
+
 def _init_modulation(lin: nn.Linear, chunks: int, gain: float) -> None:
     """AdaLN projection: random weights of std gain / sqrt(fan_in) (every parameter
     upstream of the modulation gets a gradient from the first step, and the conditioning
@@ -242,12 +247,15 @@ class PixelBlock(nn.Module):
         g1, b1, a1, g2, b2, a2 = self.ada(F.silu(cond)).chunk(6, dim=-1)      # each (B, L, p*p, d)
         h = modulate(self.norm1(x), b1, g1).reshape(B, L, pp * d)             # (B, L, p*p*d)
         h = self.attn(self.compress_norm(self.compress(h)), cos, sin)         # (B, L, D)
-        h = self.expand(self.expand_norm(h)).view(B, L, pp, d)                # (B, L, p*p, d)
-        x = x + (a1 * self.res_scale) * h
-        x = x + (a2 * self.res_scale) * self.mlp(modulate(self.norm2(x), b2, g2))
-        # the penalty only acts through its gradient: skipped at inference
-        gamma_sq = (g1.float().pow(2).mean() + g2.float().pow(2).mean()
-                    if torch.is_grad_enabled() else x.new_zeros((), dtype=torch.float32))
+        # the residual scale applied before the (linear) expand touches D values per
+        # patch instead of p*p*d, and leaves one fused x + a1 * h per pixel
+        h = self.expand(self.expand_norm(h) * self.res_scale).view(B, L, pp, d)  # (B, L, p*p, d)
+        x = torch.addcmul(x, a1, h)
+        x = torch.addcmul(x, a2, self.mlp(modulate(self.norm2(x), b2, g2)), value=self.res_scale)
+        # the penalty only acts through its gradient: skipped at inference. A squared
+        # norm is one reduction pass, with no squared copy of the per-pixel scales.
+        gamma_sq = (_mean_square(g1) + _mean_square(g2) if torch.is_grad_enabled()
+                    else x.new_zeros((), dtype=torch.float32))
         return x, gamma_sq
 
 

@@ -488,3 +488,25 @@ def test_cli_errors_and_text_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "d"), "--preset", "tiny-cpu"]) == 0
     text = capsys.readouterr().out
     assert "Buckets" in text and "Epoch" in text and "total" in text
+
+
+def test_fixed_crops_are_decoded_once_and_kept_within_the_budget(tmp_path):
+    """Centre crops without flips are the same every epoch: they are decoded once, kept
+    as uint8 within the byte budget, and give exactly the pixels of a fresh decode."""
+    for i in range(3):
+        save(tmp_path / f"{i}.png", colour=(40 * i, 90, 200), caption=f"image {i}")
+    c = cfg()
+    plan = plan_buckets(scan_dataset(tmp_path, c).records, c, 8, 4)
+    fresh = BucketDataset(plan.images)
+    cached = BucketDataset(plan.images, cache_bytes=2 * 64 * 64 * 3)   # room for two
+    first = [cached[i].image for i in range(3)]
+    for i in range(3):
+        torch.testing.assert_close(first[i], fresh[i].image, rtol=0, atol=0)
+        (tmp_path / f"{i}.png").unlink()           # the cached ones no longer need the file
+    again = [cached[i] for i in range(3)]
+    assert [s.error == "" for s in again] == [True, True, False]
+    for i in range(2):
+        torch.testing.assert_close(again[i].image, first[i], rtol=0, atol=0)
+    random = BucketDataset(plan.images, crop="random", cache_bytes=2**30)
+    flipped = BucketDataset(plan.images, flip=True, cache_bytes=2**30)
+    assert random.cache_bytes == 0 and flipped.cache_bytes == 0
