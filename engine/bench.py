@@ -62,6 +62,7 @@ from engine.data import scan_dataset
 from engine.demo_data import write_demo_dataset
 from engine.distributed import DeviceError, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
+from engine.flops import PARTS
 from engine.generate import (
     GenerateError,
     OneLineParser,
@@ -72,7 +73,6 @@ from engine.generate import (
     resolve_precision,
 )
 from engine.job import RunDir
-from engine.flops import PARTS
 from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.perf import (
     attention_kernels,

@@ -8,9 +8,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 
 class DeviceError(ValueError):

@@ -36,8 +36,8 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device
                     ) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW. Returns the optimizer and a
-    note for the log when the requested one was not available."""
+    """AdamW (fused on CUDA and the CPU) or bitsandbytes' 8-bit AdamW. Returns the
+    optimizer and a note for the log when the requested one was not available."""
     groups = param_groups(module, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     note = ""
@@ -51,7 +51,9 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device
         note = ("train.optimizer = adamw8bit needs the bitsandbytes package on a CUDA GPU "
                 f"({'not installed' if bnb is None else 'no CUDA device'}); using 32-bit AdamW, "
                 "which needs about twice the optimizer memory")
-    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs), note
+    # fused: one kernel over all parameters, on CUDA and on the CPU alike (the CPU's
+    # default otherwise is a Python loop over parameters)
+    return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs), note
 
 
 # --------------------------------------------------------------------------------------

@@ -264,7 +264,7 @@ def measure_network(cfg: RunConfig, text_dim: int, sizes: list[tuple[int, int]],
                              profile_parts(ours, lambda: ours_step(b), device, profile_steps)]
     params = sum(p.numel() for p in ours.parameters())
     base_params = sum(p.numel() for p in base.parameters())
-    del ours, ours_step, base, base_step
+    ours = ours_step = base = base_step = None   # dropped before the memory is released
     release_memory(device)
     return {"rows": rows, "flops": flop_rows, "profile": profile_rows, "blocks": blocks,
             "parameters": params, "baseline_parameters": base_params}
@@ -300,9 +300,10 @@ def preset_memory(name: str, cfg: RunConfig, budget_gib: float, device: torch.de
     """Peak memory of a bare training step of a preset at its largest square bucket, its
     batch size, precision and gradient checkpointing, with 64 text tokens of width 1024;
     plus the fp32 EMA copy that a run holds too (a frozen text encoder is unloaded once
-    its features are cached), against 90% of `budget_gib`. The peak is None when the step ran out of memory. The blocks run
-    eagerly: an upper bound of the compiled step (fused kernels keep fewer
-    intermediates), and what a machine without a working compiler trains with."""
+    its features are cached), against 90% of `budget_gib`. The peak is None when the step
+    ran out of memory. The blocks run eagerly: an upper bound of the compiled step (fused
+    kernels keep fewer intermediates), and what a machine without a working compiler
+    trains with."""
     side, batch = cfg.data.max_side, cfg.train.batch_size
     row = {"preset": name, "size": f"{side}x{side}", "batch": batch,
            "grad_checkpointing": cfg.train.grad_checkpointing, "precision": cfg.train.precision,
@@ -317,7 +318,7 @@ def preset_memory(name: str, cfg: RunConfig, budget_gib: float, device: torch.de
     except torch.OutOfMemoryError:
         pass                         # the row keeps None: the table says OOM
     finally:
-        del net, step, b
+        net = step = b = None
         release_memory(device)
     total = row["with_ema_gib"]
     row["fits"] = total is not None and total <= row["budget_gib"]
