@@ -183,6 +183,10 @@ def build(studio: Studio) -> dict:
 
     setting_fields = [prompt, negative, sampler, steps, cfg, rescale, lo, hi, shift, width,
                       height, seed, strength]
+    # the settings a checkpoint fills in (its run's sample settings), and the values they
+    # were last given that way (first: the page's own); None where the user set the value
+    sample_fields = setting_fields[:11]
+    filled = gr.State(["" if c.value is None else c.value for c in sample_fields])
 
     # ---- model choice ------------------------------------------------------------------
     def refresh_fn(cid):
@@ -194,12 +198,18 @@ def build(studio: Studio) -> dict:
         return gr.Dropdown(choices=choices, value=cid), files, files
 
     def select(cid=None):
-        return gr.Dropdown(choices=studio.checkpoint_choices(), value=cid)
+        """The checkpoint list with `cid` chosen; none chosen when it is not (or no
+        longer) in the list, which the dropdown would refuse as the next event's input."""
+        choices = studio.checkpoint_choices()
+        return gr.Dropdown(choices=choices, value=cid if cid in [c for _, c in choices] else None)
 
-    def on_model(cid, prompt_v):
-        """Model info, bucket sizes and size limits; the run's sample settings when the
-        prompt is still empty."""
-        n_out = 2 + len(setting_fields)
+    def on_model(cid, *args):
+        """Model info, bucket sizes and size limits; the run's sample settings in the
+        fields that still hold what was filled in before (by the page or the previously
+        chosen checkpoint): the ones the user changed are kept. Inputs: the checkpoint,
+        the sample fields and `filled`."""
+        current, before = args[:-1], args[-1]
+        n_out = 3 + len(setting_fields)
         if not cid:
             return ("Choose a checkpoint (train a run first, or export a model).",
                     *[gr.skip()] * (n_out - 1))
@@ -214,19 +224,32 @@ def build(studio: Studio) -> dict:
         w, h = mcfg.sample_size()
         sizes = views.size_choices(mcfg)
         default = f"{w}x{h}"
-        fresh = not prompt_v
         s = mcfg.sample
         values = [s.prompts[0], s.negative, s.sampler, s.steps, s.cfg, s.cfg_rescale,
-                  s.cfg_interval[0], s.cfg_interval[1], s.shift]
-        fields = [v if fresh else gr.skip() for v in values]
-        sides = [gr.Number(value=v, step=p, minimum=p, maximum=top) if fresh
-                 else gr.Number(step=p, minimum=p, maximum=top) for v in (w, h)]
+                  s.cfg_interval[0], s.cfg_interval[1], s.shift, w, h]
+        follow = [unchanged(c, b) for c, b in zip(current, before)]
+        fields = [v if f else gr.skip() for v, f in zip(values[:-2], follow)]
+        sides = [gr.Number(value=v, step=p, minimum=p, maximum=top) if f
+                 else gr.Number(step=p, minimum=p, maximum=top)
+                 for v, f in zip(values[-2:], follow[-2:])]
         return (model_markdown(meta, mcfg),
                 gr.Dropdown(choices=sizes, value=default if default in sizes else None),
-                *fields, *sides, gr.skip(), gr.skip())
+                *fields, *sides, gr.skip(), gr.skip(), values)
 
-    model_outputs = [model_info, size, *setting_fields]
-    model_args = dict(fn=on_model, inputs=[checkpoint, prompt], outputs=model_outputs)
+    def unchanged(value, before) -> bool:
+        """Whether a field still holds the value it was filled in with (an empty text
+        box reads "" or None)."""
+        if before is None:
+            return False
+        return value == before or (before == "" and value is None)
+
+    model_outputs = [model_info, size, *setting_fields, filled]
+    # what chooses the checkpoint and what shows it run one at a time, in the order they
+    # were asked for, so that an older request cannot land last and show, or fill in the
+    # settings of, a checkpoint that is no longer the chosen one
+    model_queue = dict(concurrency_id="generate-model", concurrency_limit=1)
+    model_args = dict(fn=on_model, inputs=[checkpoint, *sample_fields, filled],
+                      outputs=model_outputs, **model_queue)
 
     # ---- generating --------------------------------------------------------------------
     def run(cid, use_ema, prompt_v, negative_v, sampler_v, steps_v, cfg_v, rescale_v, lo_v,
@@ -338,15 +361,18 @@ def build(studio: Studio) -> dict:
     def on_recall(path):
         return recall(path) if path else ("", {})
 
-    def apply(p):
+    def apply(p, before):
         if not p:
             return ("Choose an image in the history or drop a PNG first.",
-                    *[gr.skip()] * (len(setting_fields) + 1))
-        return ("Settings restored.", *fields_from(p), checkpoint_for(p))
+                    *[gr.skip()] * (len(setting_fields) + 2))
+        # restored settings count as the user's: the checkpoint shown next keeps them
+        restored = views.recall_values(p)
+        return ("Settings restored.", *fields_from(p), checkpoint_for(p),
+                [b if v is None else None for v, b in zip(restored, before)])
 
     checkpoint.input(**model_args)
-    refresh.click(refresh_fn, inputs=checkpoint, outputs=[checkpoint, past, past_files]
-                  ).then(**model_args)
+    refresh.click(refresh_fn, inputs=checkpoint, outputs=[checkpoint, past, past_files],
+                  **model_queue).then(**model_args)
     size.input(lambda s: views.parse_size(s) if s else (gr.skip(), gr.skip()), inputs=size,
                outputs=[width, height])
     go.click(run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init],
@@ -355,8 +381,10 @@ def build(studio: Studio) -> dict:
     stop.click(cancel_run, outputs=status, queue=False)
     past.select(on_past, inputs=past_files, outputs=[past_params, recalled])
     recall_file.upload(on_recall, inputs=recall_file, outputs=[past_params, recalled])
-    use_params.click(apply, inputs=recalled, outputs=[status, *setting_fields, checkpoint]
-                     ).then(**model_args)
+    use_params.click(apply, inputs=[recalled, filled],
+                     outputs=[status, *setting_fields, checkpoint, filled],
+                     **model_queue).then(**model_args)
 
     return {"checkpoint": checkpoint, "select": select, "model_args": model_args,
-            "refresh_fn": refresh_fn, "refresh_outputs": [checkpoint, past, past_files]}
+            "model_queue": model_queue, "refresh_fn": refresh_fn,
+            "refresh_outputs": [checkpoint, past, past_files]}

@@ -33,6 +33,30 @@ EXPECTED_ERRORS = (config.ConfigError, PathError, RunnerError, DeviceError)
 FORM = (("train.max_steps", "Max steps", int), ("train.batch_size", "Batch size", int),
         ("train.lr", "Learning rate", float), ("train.warmup_steps", "Warm-up steps", int),
         ("train.save_every", "Save every", int), ("train.sample_every", "Sample every", int))
+# Applies a patch, a list of [key, "key=value" line or null], to the override text in the
+# browser, the way views.set_override does: the line replaces every line of its key (or is
+# added at the end), null removes them; a patch that changes nothing leaves the text as it
+# is. Done there because the text is read when the patch arrives: a patch computed from a
+# copy of the text taken earlier would undo what was typed meanwhile.
+MERGE_OVERRIDES_JS = """(patch, text) => {
+  const original = (text || "").split(/\\r?\\n/);
+  let lines = original;
+  for (const [key, line] of (patch || [])) {
+    const out = [];
+    let placed = false;
+    for (const ln of lines) {
+      if (ln.split("=")[0].trim() === key) {
+        if (line !== null && !placed) { out.push(line); placed = true; }
+        continue;
+      }
+      out.push(ln);
+    }
+    if (line !== null && !placed) out.push(line);
+    lines = out;
+  }
+  if (lines.join("\\n") === original.join("\\n")) return text;
+  return lines.join("\\n").replace(/^\\n+|\\n+$/g, "");
+}"""
 
 
 def empty_watch(run_id: str = "") -> dict:
@@ -76,9 +100,20 @@ def dry_run_markdown(res: dict) -> str:
             f"{what} {peak}.")
 
 
+def warm_up(preset_name: str) -> None:
+    """Make one estimate now: the first one builds a model on the meta device, which
+    imports torch's compiler stack (seconds; tens of seconds on a busy machine, holding up
+    the other handlers meanwhile). At start-up nobody waits for it."""
+    try:
+        estimate_markdown(config.load_preset(preset_name), 1)
+    except (config.ConfigError, RuntimeError, ValueError, OSError):
+        pass
+
+
 def build(studio: Studio, selection: gr.State) -> dict:
     presets = config.list_presets()
     docs = config.field_docs()
+    warm_up("tiny-cpu" if "tiny-cpu" in presets else presets[0])
     with gr.Tab("Train", id="train"):
         with gr.Accordion("New run", open=True) as setup_box:
             with gr.Row():
@@ -168,6 +203,10 @@ def build(studio: Studio, selection: gr.State) -> dict:
             gr.Markdown("Log (last lines)", elem_classes="phdm-help")
             log = gr.HTML(elem_classes="phdm-log")
         watch = gr.State(empty_watch())
+        # what the Dataset tab changed, as [key, line or None] pairs for MERGE_OVERRIDES_JS,
+        # and the line (or None) of each of its settings as last sent
+        selection_patch = gr.JSON(visible=False)
+        selection_sent = gr.State({})
         timer = gr.Timer(POLL_SECONDS)
 
     # ---- set-up ----------------------------------------------------------------------
@@ -212,27 +251,34 @@ def build(studio: Studio, selection: gr.State) -> dict:
             return views.set_override(text, key, kind(value))
         return edit
 
-    def from_selection(sel, text):
-        """Take the Dataset tab's folder, preset and edits."""
+    def from_selection(sel, sent):
+        """Take the Dataset tab's folder, preset and edits. Each of its settings stands
+        for an override line: `key=value` when it differs from the preset, none when not.
+        Those that changed since the last time come as a patch that MERGE_OVERRIDES_JS
+        applies; the others are left as they are in the text, typed over or not."""
+        skip = gr.skip(), gr.skip(), gr.skip(), [], gr.skip()
         if not sel or not sel.get("path"):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return skip
         edits = views.override_values(sel.get("overrides", ""))
         try:
             base = config.load_preset(sel["preset"])
         except config.ConfigError:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return skip
+        lines, patch = {}, []
         for key in views.DATASET_KEYS:
             section, name = key.split(".")
             preset_value = views.yaml_value(getattr(getattr(base, section), name))
             value = edits.get(key)
-            text = views.set_override(text, key, None if value in (None, preset_value)
-                                      else yaml.safe_load(value))
+            lines[key] = (None if value in (None, preset_value)
+                          else views.override_line(key, yaml.safe_load(value)))
+            if lines[key] != (sent or {}).get(key):
+                patch.append([key, lines[key]])
         names = studio.dataset_names()
         in_list = sel.get("name") in names
         return (gr.Dropdown(choices=names, value=sel["name"] if in_list else None),
-                "" if in_list else sel["path"], sel["preset"], text)
+                "" if in_list else sel["path"], sel["preset"], patch, lines)
 
-    def start_run(preset_name, text, choice, typed, n_gpus):
+    def start_run(preset_name, text, choice, typed, n_gpus, request: gr.Request):
         try:
             cfg = studio.run_config(preset_name, text, choice, typed)
             run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name),
@@ -240,7 +286,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         except EXPECTED_ERRORS as e:
             return f"**Not started:** {e}", gr.skip(), gr.skip(), gr.skip()
         return (f"Started run `{run.run_id}`.", select_update(run.run_id),
-                empty_watch(run.run_id), gr.Accordion(open=False))
+                watch_run(run.run_id, request), gr.Accordion(open=False))
 
     def run_dry(preset_name, text, choice, typed, progress=gr.Progress()):
         try:
@@ -258,17 +304,28 @@ def build(studio: Studio, selection: gr.State) -> dict:
         return dry_run_markdown(res)
 
     # ---- monitor -----------------------------------------------------------------------
+    # the run each page (browser session) last chose to watch. The watch state goes
+    # through every timer tick, so a tick that read the previous choice and ends after a
+    # new one was made writes the old run back; the next tick puts this choice back.
+    watching: dict[str, str] = {}
+
+    def watch_run(run_id: str | None, request: gr.Request | None) -> dict:
+        """A fresh watch state for `run_id`, remembered as the page's choice."""
+        if request is not None and request.session_hash:
+            watching[request.session_hash] = run_id or ""
+        return empty_watch(run_id or "")
+
     def select_update(run_id=None):
         runs = studio.runner.runs()
         return gr.Dropdown(choices=run_choices(runs), value=run_id)
 
-    def attach():
+    def attach(request: gr.Request):
         """On page load: the active run, else the newest."""
         runs = studio.runner.runs()
         active = next((r for r in runs if r.alive), None)
         chosen = active or (runs[0] if runs else None)
         run_id = chosen.run_id if chosen else None
-        return (gr.Dropdown(choices=run_choices(runs), value=run_id), empty_watch(run_id or ""),
+        return (gr.Dropdown(choices=run_choices(runs), value=run_id), watch_run(run_id, request),
                 gr.Accordion(open=chosen is None or not chosen.alive))
 
     def plots(records, smooth_w):
@@ -286,17 +343,20 @@ def build(studio: Studio, selection: gr.State) -> dict:
 
     n_plot_outputs = 8
 
-    def poll(w, smooth_w, follow_v, scrub_v):
+    def poll(w, smooth_w, follow_v, scrub_v, request: gr.Request):
         """One timer tick: everything that changed since the last one."""
         skip_all = [gr.skip()] * (n_plot_outputs + 16)
+        chosen = watching.get(request.session_hash) if request is not None else None
+        if chosen is not None and chosen != w.get("run_id"):
+            w = empty_watch(chosen)
         run_id = w.get("run_id")
         if not run_id:
             return [w] + skip_all[1:]
         try:
             info = studio.runner.info(run_id)
         except RunnerError as e:
-            return [empty_watch(), views.progress_html("none", 0, 0, None, None, str(e))] \
-                + skip_all[2:]
+            return [watch_run("", request),
+                    views.progress_html("none", 0, 0, None, None, str(e))] + skip_all[2:]
         new, offset = studio.runner.metrics(run_id, w["offset"])
         new_state = w["state"] != info.state
         changed = bool(new) or new_state
@@ -343,8 +403,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
         path = Path(samples[index - 1])
         return str(path), f"{path.stem.replace('_', ' ')} ({index} of {len(samples)})"
 
-    def pick_run(run_id):
-        return empty_watch(run_id or "")
+    def pick_run(run_id, request: gr.Request):
+        return watch_run(run_id, request)
 
     def resmooth(w, smooth_w):
         return plots(w.get("records", []), smooth_w)
@@ -374,8 +434,12 @@ def build(studio: Studio, selection: gr.State) -> dict:
     # ---- wiring ------------------------------------------------------------------------
     check_inputs = [preset, overrides, ds_choice, ds_path, gpus]
     check_outputs = [validity, start, yaml_view, changes, estimate, *form]
+    # every trigger of the check shares one queue, taken in order: the result shown is
+    # that of the newest settings (checks of separate listeners would run side by side
+    # and could finish in any order)
     check_args = dict(fn=check, inputs=check_inputs, outputs=check_outputs,
-                      trigger_mode="always_last", show_progress="hidden")
+                      trigger_mode="always_last", show_progress="hidden",
+                      concurrency_id="train-check", concurrency_limit=1)
     preset.change(preset_description, inputs=preset, outputs=preset_info).then(**check_args)
     overrides.change(**check_args)
     ds_choice.input(lambda: "", outputs=ds_path).then(**check_args)
@@ -387,8 +451,10 @@ def build(studio: Studio, selection: gr.State) -> dict:
                    trigger_mode="always_last")
     help_key.change(lambda k: f"`{k}`: {docs[k]}" if k else "", inputs=help_key,
                     outputs=help_text)
-    selection.change(from_selection, inputs=[selection, overrides],
-                     outputs=[ds_choice, ds_path, preset, overrides]).then(**check_args)
+    selection.change(from_selection, inputs=[selection, selection_sent],
+                     outputs=[ds_choice, ds_path, preset, selection_patch, selection_sent]
+                     ).then(None, inputs=[selection_patch, overrides], outputs=overrides,
+                            js=MERGE_OVERRIDES_JS).then(**check_args)
     started = start.click(start_run, inputs=check_inputs,
                           outputs=[validity, run_select, watch, setup_box], concurrency_limit=1)
     dry.click(run_dry, inputs=check_inputs[:4], outputs=dry_out, concurrency_limit=1)
@@ -413,4 +479,4 @@ def build(studio: Studio, selection: gr.State) -> dict:
     return {"started": started, "preset": preset, "preset_info": preset_info,
             "preset_description": preset_description, "check_args": check_args,
             "run_select": run_select, "watch": watch, "setup_box": setup_box, "attach": attach,
-            "select_update": select_update}
+            "select_update": select_update, "watch_run": watch_run}

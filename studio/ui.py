@@ -216,7 +216,7 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
         def show_banner():
             return gr.Row(visible=not studio.runner.runs())
 
-        def start_demo():
+        def start_demo(request: gr.Request):
             preset_name = tab_dataset.DEFAULT_PRESET
             try:
                 tab_dataset.create_demo(studio)
@@ -227,7 +227,7 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
                 return (f"**The demo did not start:** {e}", gr.skip(), gr.skip(), gr.skip(),
                         gr.skip(), gr.skip(), gr.Dropdown(choices=studio.dataset_names()))
             return ("", gr.Row(visible=False), gr.Tabs(selected="train"),
-                    tr["select_update"](run.run_id), tab_train.empty_watch(run.run_id),
+                    tr["select_update"](run.run_id), tr["watch_run"](run.run_id, request),
                     gr.Accordion(open=False),
                     gr.Dropdown(choices=studio.dataset_names(), value=tab_dataset.DEMO_NAME))
 
@@ -251,13 +251,13 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
             outputs=[ck["message"], gen["checkpoint"], tabs], **gen["model_queue"]
         ).then(**gen["model_args"])
 
-        def resume_from_checkpoints(run_id):
+        def resume_from_checkpoints(run_id, request: gr.Request):
             try:
                 studio.runner.resume(run_id)   # on its launch's device and GPUs
             except (RunnerError, DeviceError) as e:
                 return f"**Not resumed:** {e}", gr.skip(), gr.skip(), gr.skip()
             return (f"Resuming `{run_id}`.", tr["select_update"](run_id),
-                    tab_train.empty_watch(run_id), gr.Tabs(selected="train"))
+                    tr["watch_run"](run_id, request), gr.Tabs(selected="train"))
 
         ck["resume_btn"].click(resume_from_checkpoints, inputs=ck["run"],
                                outputs=[ck["message"], tr["run_select"], tr["watch"], tabs],

@@ -112,6 +112,11 @@ def yaml_value(value) -> str:
     return str(value)
 
 
+def override_line(key: str, value) -> str:
+    """The `key=value` line of one setting."""
+    return f"{key}={yaml_value(value)}"
+
+
 def set_override(text: str, key: str, value) -> str:
     """The text with `key=value` replacing every line for `key` (added at the end when
     absent); None removes the key's lines."""
@@ -120,12 +125,12 @@ def set_override(text: str, key: str, value) -> str:
     for ln in lines:
         if ln.split("=", 1)[0].strip() == key:
             if value is not None and not placed:
-                out.append(f"{key}={yaml_value(value)}")
+                out.append(override_line(key, value))
                 placed = True
             continue
         out.append(ln)
     if value is not None and not placed:
-        out.append(f"{key}={yaml_value(value)}")
+        out.append(override_line(key, value))
     return "\n".join(out).strip("\n")
 
 

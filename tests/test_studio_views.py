@@ -4,6 +4,10 @@ Studio context's name-to-path checks."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,6 +56,38 @@ def test_set_override_replaces_adds_and_removes():
     text = views.set_override(text, "train.max_steps", None)
     assert "max_steps" not in text
     assert views.set_override("", "train.batch_size", 8.0) == "train.batch_size=8"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_browser_merge_of_dataset_settings_matches_set_override():
+    """MERGE_OVERRIDES_JS (run in the page when the Dataset tab's settings arrive) edits
+    the text as views.set_override does, keeps lines of other keys as typed, and leaves
+    the text untouched when the patch changes nothing."""
+    from studio.tab_train import MERGE_OVERRIDES_JS
+
+    cases = [
+        ("train.nope=1", [["train.batch_size", "train.batch_size=256"],
+                          ["data.max_side", None]]),
+        ("data.max_side=32\ntrain.batch_size=4\nx.y=1\ntrain.batch_size=8",
+         [["train.batch_size", None], ["data.max_side", "data.max_side=48"]]),
+        ("\ntrain.lr=1e-3\n", [["train.batch_size", None]]),
+        ("", [["data.drop_last", "data.drop_last=true"]]),
+    ]
+    script = (f"const merge = {MERGE_OVERRIDES_JS};\n"
+              f"const cases = {json.dumps(cases)};\n"
+              "console.log(JSON.stringify(cases.map(([t, p]) => merge(p, t))));")
+    out = json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True,
+                                    check=True, timeout=60).stdout)
+    for (text, patch), merged in zip(cases, out):
+        expected = text
+        for key, line in patch:
+            expected = views.set_override(expected, key,
+                                          None if line is None else line.split("=", 1)[1])
+        changed = any(ln.split("=", 1)[0].strip() == key for ln in text.splitlines()
+                      for key, _ in patch) or any(line for _, line in patch)
+        assert merged == (expected if changed else text)
+    assert out[0] == "train.nope=1\ntrain.batch_size=256"
+    assert out[2] == "\ntrain.lr=1e-3\n"
 
 
 def test_resolve_config_applies_overrides_and_dataset():

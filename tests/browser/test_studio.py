@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.browser
 
@@ -25,9 +26,16 @@ SHORT_RUN = "\n".join([
     "train.cpu_threads=1"])
 
 
+def expect(target):
+    """Playwright's retrying assertions (imported here: without playwright the tests are
+    skipped, not broken)."""
+    from playwright.sync_api import expect as playwright_expect
+    return playwright_expect(target)
+
+
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
-    page.wait_for_timeout(300)
+    expect(page.get_by_role("tab", name=name, selected=True)).to_be_visible(timeout=30_000)
 
 
 def text_of(page, selector: str) -> str:
@@ -125,9 +133,9 @@ def test_train_tab_validates_starts_watches_and_stops_a_run(page, screenshots):
     wait_text(page, ".phdm-log pre", f"resumed from step_{paused_at:07d}", timeout=60_000)
     page.get_by_role("button", name="Stop", exact=True).click()
     page.wait_for_selector(".phdm-progress.phdm-stopped", timeout=90_000)
+    expect(page.get_by_role("button", name="Resume")).to_be_enabled(timeout=30_000)
+    expect(page.get_by_role("button", name="Stop", exact=True)).to_be_disabled(timeout=30_000)
     page.wait_for_timeout(2500)          # one more poll: plots and the final log lines
-    assert page.get_by_role("button", name="Resume").is_enabled()
-    assert page.get_by_role("button", name="Stop", exact=True).is_disabled()
     page.screenshot(path=str(screenshots / "2-train.png"), full_page=True)
 
 
@@ -151,12 +159,12 @@ def test_generate_from_the_checkpoint_and_recall_its_settings(page, studio_serve
     _, workspace = studio_server
     open_tab(page, "Checkpoints")
     page.get_by_role("button", name="Generate with this").click()
-    page.wait_for_timeout(500)
-    assert page.get_by_role("tab", name="Generate", selected=True).is_visible()
+    expect(page.get_by_role("tab", name="Generate", selected=True)).to_be_visible(timeout=30_000)
     page.wait_for_selector("text=default size 32x32")
+    # the run's sample settings, in place before the images are made with them
+    expect(page.get_by_label("Width")).to_have_value("32", timeout=30_000)
     page.get_by_label("Prompt", exact=True).fill("a red circle on a white background")
     page.get_by_role("button", name="Generate", exact=True).click()
-    assert page.get_by_label("Width").input_value() == "32"   # the run's sample settings
     wait_text(page, "#generate-status", "Done:", timeout=120_000)
     status = text_of(page, "#generate-status")
     seed = int(re.search(r"seed (\d+)", status).group(1))
@@ -164,6 +172,8 @@ def test_generate_from_the_checkpoint_and_recall_its_settings(page, studio_serve
     assert "a red circle on a white background" in params and str(seed) in params
     outputs = sorted((workspace / "outputs").glob("*.png"))
     assert len(outputs) == 4
+    with Image.open(outputs[0]) as image:
+        assert image.size == (32, 32)
     page.screenshot(path=str(screenshots / "4-generate.png"), full_page=True)
 
     # dropping the first image back in restores its settings, seed included
