@@ -92,10 +92,6 @@ class TrainError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------
-# Setup helpers
-# --------------------------------------------------------------------------------------
-
-# --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
 
@@ -149,13 +145,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     teacher = DinoTeacher(lo.repa_teacher, device, compute_dtype) if lo.repa_teacher else None
     net = PixelHDM(cfg.model, text_encoder.dim).to(device)
     net.grad_checkpointing = tr.grad_checkpointing
-    if tr.compile:
-        problem = compiler_problem(device)
-        if problem:
-            log(f"note: train.compile is on but torch.compile cannot run here ({problem}); "
-                f"training uncompiled")
-        else:
-            net.compile_blocks()
+    if tr.compile and (problem := compiler_problem(device)):
+        log(f"note: train.compile is on but torch.compile cannot run here ({problem}); "
+            f"training uncompiled")
+    elif tr.compile:
+        net.compile_blocks()
     projector = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(device) if teacher else None
     model = Trainable(net, text_encoder, projector)
     n_params = sum(p.numel() for p in net.parameters())

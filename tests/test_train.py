@@ -289,3 +289,26 @@ def test_train_benchmark_reports_throughput_and_samples(tmp_path, capsys):
     assert report["state"] == "completed" and row["steps"] == 20
     assert row["images_s"] > 0 and row["loss_last"] < row["loss_first"]
     assert Path(report["sample_grid"]).is_file()
+
+
+def test_compile_falls_back_to_eager_with_one_log_line(demo, tmp_path, monkeypatch):
+    """Where torch.compile cannot run (no C++ compiler, no Triton), the run trains
+    uncompiled and says so once in its log."""
+    import engine.train as train_module
+    monkeypatch.setattr(train_module, "compiler_problem",
+                        lambda device: "CppCompileError: no C++ compiler found")
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "3", *sets("train.compile=true")]) == 0
+    log = (run / "log.txt").read_text()
+    assert log.count("torch.compile cannot run here (CppCompileError: no C++ compiler") == 1
+    assert RunDir(run).read_status().state == "completed"
+
+
+def test_compiler_probe_names_what_failed(monkeypatch):
+    from engine.distributed import compiler_problem
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Compiler: cl is not found.\nmore detail")
+    monkeypatch.setattr(torch, "compile", broken)
+    assert compiler_problem(torch.device("cpu")) == "RuntimeError: Compiler: cl is not found."
