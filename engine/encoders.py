@@ -102,7 +102,9 @@ class BuiltinTextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> TextCond:
         ids, mask = self.tokenize(prompts)
         dense = bool(mask[:, 1:].all())   # known here, on the CPU, for free
-        ids, mask = ids.to(self.pos.device), mask.to(self.pos.device)
+        # CPU -> GPU without waiting for the GPU's queue: the source is staged at once
+        ids = ids.to(self.pos.device, non_blocking=True)
+        mask = mask.to(self.pos.device, non_blocking=True)
         x = self.embed(ids) + self.pos[: ids.shape[1]]                          # (B, 1+T, C)
         if self.layers is not None:
             x = self.layers(x, src_key_padding_mask=~mask)
@@ -439,7 +441,8 @@ class TextFeatureCache:
                     tokens[b, : end - start] = shard.tokens[start:end]
                 pooled[b] = shard.pooled[r:r + 1][0]
         mask = torch.arange(T) < lengths[:, None]                             # (B, T)
-        return TextCond(tokens, mask, pooled).to(self.device)
+        # CPU -> GPU without waiting for the GPU's queue: the source is staged at once
+        return TextCond(tokens, mask, pooled).to(self.device, non_blocking=True)
 
     # ---- writing ------------------------------------------------------------------
     @contextlib.contextmanager

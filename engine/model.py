@@ -90,9 +90,12 @@ class TextCond:
         return TextCond(self.tokens[index], self.mask[index], self.pooled[index],
                         True if self.dense else None)
 
-    def to(self, device=None, dtype=None) -> "TextCond":
-        return TextCond(self.tokens.to(device=device, dtype=dtype), self.mask.to(device),
-                        self.pooled.to(device=device, dtype=dtype), self.dense)
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "TextCond":
+        """Moved and/or cast. `non_blocking` is for copies from the CPU to a GPU: the
+        host then does not wait for the GPU's queue to drain (a sync)."""
+        move = dict(device=device, non_blocking=non_blocking)
+        return TextCond(self.tokens.to(dtype=dtype, **move), self.mask.to(**move),
+                        self.pooled.to(dtype=dtype, **move), self.dense)
 
 
 @dataclass
