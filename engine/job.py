@@ -25,6 +25,8 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from engine.config import atomic_write_text
 
 STATES = ("starting", "running", "stopping", "paused", "stopped", "completed", "failed")
@@ -241,3 +243,67 @@ def list_runs(runs_root: str | os.PathLike) -> list[RunDir]:
         except OSError:
             continue
     return [r for _, r in sorted(found, key=lambda x: x[0], reverse=True)]
+
+
+# --------------------------------------------------------------------------------------
+# One trainer per run: an OS-level lock held for the trainer's whole life
+# --------------------------------------------------------------------------------------
+
+LOCK_FILE, OWNER_FILE = "trainer.lock", "trainer.json"
+
+
+class RunBusy(RuntimeError):
+    """Another live process trains this run."""
+
+
+class RunLock:
+    """The trainer's exclusive lock on its run folder (flock on Linux and macOS,
+    LockFileEx on Windows). The operating system releases it when the process ends in any
+    way, SIGKILL included, so a dead trainer never leaves a stale lock. The holder's pid
+    goes to trainer.json beside it, for the message a second starter gets."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self._lock = FileLock(run.root / LOCK_FILE, is_singleton=False)
+
+    def acquire(self, wait: float = 3.0) -> None:
+        """Take the lock (waiting up to `wait` seconds: a look by `run_owner` holds it for
+        an instant), or raise RunBusy naming the process that holds it."""
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=wait)
+        except Timeout:
+            pid = read_owner(self.run)
+            who = f"process {pid}" if pid else "another process"
+            raise RunBusy(f"'{self.run.root}' is being trained by {who} right now; a run has "
+                          f"one trainer at a time. Stop that one first (the studio's Stop "
+                          f"button, or `kill {pid or 'PID'}`) or let it finish, then resume"
+                          ) from None
+        atomic_write_text(self.run.root / OWNER_FILE,
+                          json.dumps({"pid": os.getpid(), "since": time.time()}))
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def read_owner(run: RunDir) -> int | None:
+    """The pid the last lock holder wrote, or None."""
+    try:
+        pid = json.loads((run.root / OWNER_FILE).read_text(encoding="utf-8")).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def run_owner(run: RunDir) -> int | None:
+    """The pid of the process that trains the run now (0 when it cannot be told), or
+    None when no process holds the run's lock."""
+    if not (run.root / LOCK_FILE).exists():
+        return None
+    probe = FileLock(run.root / LOCK_FILE, is_singleton=False)
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return read_owner(run) or 0
+    probe.release()
+    return None

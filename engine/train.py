@@ -67,7 +67,7 @@ from engine.flow import (
     t_bin_index,
     validation_loss,
 )
-from engine.job import REQUESTS, RunDir, Status, resume_target
+from engine.job import REQUESTS, RunBusy, RunDir, RunLock, Status, resume_target
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, grad_norm, lr_at
 from engine.train_io import (
@@ -254,11 +254,14 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             sampler.set_epoch(epoch)
             position = 0
 
-    if resume:
-        last = resume_point(run, cfg, stop_at)
+    last = resume_point(run, cfg, stop_at) if resume else None
+    if last is not None:
         restore(last, full=True)
         log(f"resumed from {last.path.name} at step {step} (epoch {epoch}, batch {position})")
     else:
+        if resume:
+            log("resume: the run stopped before its first checkpoint; it starts again from "
+                "step 0 with its saved config")
         stop_at = stop_at or tr.max_steps
         sampler.set_epoch(0)
         # what a rollback before the first checkpoint returns to
@@ -501,13 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resume_point(run: RunDir, cfg: RunConfig, requested: int | None) -> CheckpointInfo:
-    """The checkpoint a resume continues from; TrainError when there is none or the run
-    already reached the step it would train to."""
+def resume_point(run: RunDir, cfg: RunConfig, requested: int | None) -> CheckpointInfo | None:
+    """The checkpoint a resume continues from, or None for a run that stopped before its
+    first checkpoint (it starts again from step 0); TrainError when the run already
+    reached the step it would train to."""
     last = latest_resumable(run.checkpoints)
     if last is None:
-        raise TrainError(f"nothing to resume in '{run.root}': no checkpoint with its training "
-                         f"state in {run.checkpoints}")
+        return None
     info = read_state_info(last.state_path)
     if info["step"] >= resume_target(info.get("stop_at"), cfg.train.max_steps, requested):
         raise TrainError(f"the run is already at step {info['step']}; pass a --max-steps "
@@ -524,13 +527,18 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
     if args.data:
         overrides.append(f"data.path={Path(args.data).resolve()}")
     main_rank = int(os.environ.get("RANK", 0)) == 0   # other ranks may see rank 0's config.yaml
+    if args.resume and args.preset:
+        extra = [f"--preset {args.preset}"]
+        if args.data:
+            extra.append(f"--data {args.data}")
+        raise TrainError(f"--resume continues the run in '{run.root}' with its saved "
+                         f"config.yaml: drop {' and '.join(extra)} (change single values with "
+                         f"--set key=value)")
     if args.preset:
         if run.config.is_file() and main_rank:
-            raise TrainError(f"'{run.root}' already holds a run; add --resume to continue it "
-                             f"(without --preset), or choose a new --run-dir")
-        if args.resume:
-            raise TrainError("--resume continues the run in --run-dir with its own config.yaml; "
-                             "leave out --preset")
+            raise TrainError(f"'{run.root}' already holds a run; continue it with "
+                             f"`--run-dir {run.root} --resume` (without --preset and --data), "
+                             f"or choose a new --run-dir")
         cfg = load_preset(args.preset, overrides)
     else:
         if not run.config.is_file():
@@ -558,8 +566,15 @@ def main(argv=None) -> int:
     except (ConfigError, TrainError, CheckpointError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    lock = RunLock(run) if int(os.environ.get("RANK", 0)) == 0 else None
+    try:   # held until this process ends: one trainer per run
+        if lock is not None:
+            lock.acquire()
+    except RunBusy as e:   # refused: the other trainer's files are left alone
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     try:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if lock is not None:
             run.create()
         state = train(cfg, run, resume=args.resume, stop_at=args.max_steps, device_name=args.device)
     except StoppedEarly as e:
@@ -577,6 +592,8 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
     print(f"{state} at {run.root}", file=sys.stderr)
     return 0
 

@@ -446,8 +446,6 @@ def test_start_and_resume_check_their_input_before_spawning(runner, dataset, tmp
     empty = RunDir(runner.runs_root / "empty")
     empty.create()
     empty.config.write_text(dump_yaml(cfg))
-    with pytest.raises(RunnerError, match="no checkpoint"):
-        runner.resume("empty")
     with pytest.raises(RunnerError, match="unknown request"):
         runner.request("empty", "explode")
     with pytest.raises(RunnerError, match="not running"):
@@ -503,3 +501,16 @@ def test_damaged_and_partial_run_folders_never_break_the_listing(runner, dataset
     assert runner.metrics("deleted") == ([], 0) and runner.log_tail("deleted") == ""
     runner.delete_run("died")
     assert "died" not in {r.run_id for r in runner.runs()}
+
+
+@pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
+def test_a_run_without_a_checkpoint_can_be_resumed(runner, dataset, stand_in_trainer):
+    """A run that died before its first checkpoint is resumed, not refused: the trainer
+    starts it again from step 0 with its saved config (engine/train.py)."""
+    run = RunDir(runner.runs_root / "early")
+    run.create()
+    run.config.write_text(dump_yaml(fast_config(dataset)))
+    write_status(run, state="running", step=3, pid=0, heartbeat=time.time() - 600)
+    runner.resume("early")
+    argv, _, _ = launched_argv(run)
+    assert "--resume" in argv

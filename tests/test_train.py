@@ -312,3 +312,58 @@ def test_compiler_probe_names_what_failed(monkeypatch):
         raise RuntimeError("Compiler: cl is not found.\nmore detail")
     monkeypatch.setattr(torch, "compile", broken)
     assert compiler_problem(torch.device("cpu")) == "RuntimeError: Compiler: cl is not found."
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(demo, tmp_path,
+                                                                      reference):
+    run = tmp_path / "run"
+    proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                     "--max-steps", "24", *sets("data.flip=true", "data.crop=random",
+                                                "train.save_every=1000"))
+    try:
+        wait_for(lambda: status_step(run) >= 3, what="step 3")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list_checkpoints(run / "checkpoints")
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "24"]) == 0
+    assert "starts again from step 0 with its saved config" in (run / "log.txt").read_text()
+    assert losses(run) == reference    # the same run as one never interrupted
+
+
+def test_a_second_trainer_of_a_running_run_is_refused(demo, tmp_path, capsys):
+    from engine.job import run_owner
+    run = tmp_path / "run"
+    proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                     "--max-steps", "100000", *sets("train.save_every=5"))
+    try:
+        wait_for(lambda: status_step(run) >= 6, what="step 6")
+        assert run_owner(RunDir(run)) == proc.pid
+        before = RunDir(run).read_status()
+        assert train_main(["--run-dir", str(run), "--resume"]) == 1
+        err = capsys.readouterr().err
+        assert f"being trained by process {proc.pid}" in err and "kill" in err
+        after = RunDir(run).read_status()
+        assert after.pid == proc.pid and after.state == "running" and after.step >= before.step
+        assert proc.poll() is None                   # the first one trains on
+        os.kill(proc.pid, signal.SIGKILL)            # the OS frees the lock with the process
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert run_owner(RunDir(run)) is None
+    step = list_checkpoints(run / "checkpoints")[-1].step
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", str(step + 2)]) == 0
+    assert RunDir(run).read_status().state == "completed"
+
+
+def test_resume_with_preset_and_data_names_the_flags_to_drop(demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "2", *sets()]) == 0
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"drop --preset tiny-cpu and --data {demo}" in err and "add --resume" not in err
