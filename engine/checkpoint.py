@@ -32,6 +32,8 @@ from engine.config import atomic_target
 
 FORMAT = 1
 STEP_FILE = re.compile(r"^step_(\d{7,})\.safetensors$")
+# the time-based resume point (train.save_minutes): one rotating entry, outside retention
+LATEST_FILE = re.compile(r"^latest_(\d{7,})\.safetensors$")
 
 
 class CheckpointError(RuntimeError):
@@ -47,8 +49,8 @@ class CheckpointInfo:
     mtime: float
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
+def step_name(step: int, prefix: str = "step") -> str:
+    return f"{prefix}_{step:07d}"
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -73,10 +75,14 @@ def _clone_shared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, Tensor],
                     ema: dict[str, Tensor] | None, meta: dict,
-                    state_tensors: dict[str, Tensor], state: dict) -> Path:
-    """Write one step's state file, then its weights file. Returns the weights path."""
+                    state_tensors: dict[str, Tensor], state: dict, *,
+                    latest: bool = False) -> Path:
+    """Write one step's state file, then its weights file (which marks the pair complete).
+    Returns the weights path. `latest` writes the rotating time-based resume point
+    `latest_NNNNNNN.*` instead of a step checkpoint, and then removes the older latest
+    entries: a crash at any moment leaves at least one complete pair."""
     ckpt_dir = Path(ckpt_dir)
-    name = step_name(step)
+    name = step_name(step, "latest" if latest else "step")
     _atomic_save(_clone_shared(state_tensors), ckpt_dir / f"{name}.state.safetensors",
                  {"state": json.dumps(state), "format": str(FORMAT)})
     tensors = {f"model.{k}": v for k, v in model.items()}
@@ -85,7 +91,25 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, Tensor],
     meta = dict(meta, format=FORMAT, step=step, has_ema=ema is not None, saved_at=time.time())
     path = ckpt_dir / f"{name}.safetensors"
     _atomic_save(_clone_shared(tensors), path, {"pixelhdm": json.dumps(meta)})
+    drop_latest(ckpt_dir, before=step + 1 if not latest else step)
     return path
+
+
+def _latest_entries(ckpt_dir: Path) -> list[CheckpointInfo]:
+    return _listing(ckpt_dir, LATEST_FILE, "latest")
+
+
+LATEST_ANY = re.compile(r"^latest_(\d{7,})\.(state\.)?safetensors$")
+
+
+def drop_latest(ckpt_dir: Path, before: int) -> None:
+    """Remove the files of time-based resume points of steps below `before` (superseded by
+    a newer latest entry or a step checkpoint at least as new), including a state file
+    whose weights a crash never wrote."""
+    for p in Path(ckpt_dir).iterdir():
+        m = LATEST_ANY.match(p.name)
+        if m and int(m.group(1)) < before:
+            p.unlink(missing_ok=True)
 
 
 def export_inference(src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16,
@@ -162,16 +186,21 @@ def read_state_info(path: Path) -> dict:
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
-    """Step checkpoints in a folder, oldest first."""
+    """Step checkpoints in a folder, oldest first (the time-based latest entry is a resume
+    point, not one of them)."""
+    return _listing(ckpt_dir, STEP_FILE, "step")
+
+
+def _listing(ckpt_dir: Path, pattern: re.Pattern, prefix: str) -> list[CheckpointInfo]:
     out = []
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return out
     for p in ckpt_dir.iterdir():
-        m = STEP_FILE.match(p.name)
+        m = pattern.match(p.name)
         if not m:
             continue
-        state = p.with_name(f"{step_name(int(m.group(1)))}.state.safetensors")
+        state = p.with_name(f"{step_name(int(m.group(1)), prefix)}.state.safetensors")
         try:   # retention may delete a step while the folder is listed
             st = p.stat()
             state_size = state.stat().st_size if state.is_file() else None
@@ -183,11 +212,11 @@ def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
 
 
 def latest_resumable(ckpt_dir: Path) -> CheckpointInfo | None:
-    """The newest checkpoint that has its training state."""
-    for info in reversed(list_checkpoints(ckpt_dir)):
-        if info.state_path is not None:
-            return info
-    return None
+    """The newest point a run can resume from: the step checkpoint or time-based latest
+    entry with its training state that has the highest step."""
+    found = [c for c in list_checkpoints(ckpt_dir) + _latest_entries(ckpt_dir)
+             if c.state_path is not None]
+    return max(found, key=lambda c: c.step, default=None)
 
 
 def pinned_steps(ckpt_dir: Path) -> set[int]:

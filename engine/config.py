@@ -202,6 +202,9 @@ class TrainConfig:
     seed: int = _f(42, "seed of weights, data order, noise and times", lo=0)
     log_every: int = _f(10, "optimizer steps between metric lines", lo=1)
     save_every: int = _f(1000, "optimizer steps between checkpoints", lo=1)
+    save_minutes: float = _f(10.0, "minutes between time-based resume points: one rotating "
+                             "'latest' entry outside keep_last, so a crash loses at most this "
+                             "much work (0 = off)", lo=0.0)
     keep_last: int = _f(3, "step checkpoints kept (named keeps are never deleted)", lo=1)
     sample_every: int = _f(500, "optimizer steps between sample grids (0 = never)", lo=0)
     val_every: int = _f(500, "optimizer steps between validation losses (0 = never)", lo=0)

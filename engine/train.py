@@ -187,7 +187,16 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 "ema_updates": ema.updates if ema else 0, "fingerprint": fingerprint}
         return tensors, info
 
-    def save(reason: str) -> Path | None:
+    last_save = time.monotonic()
+
+    def latest_due() -> bool:
+        """Time for the rotating resume point (train.save_minutes; rank 0's clock)."""
+        return (d.main and tr.save_minutes > 0
+                and time.monotonic() - last_save >= tr.save_minutes * 60)
+
+    def save(reason: str, latest: bool = False) -> Path | None:
+        nonlocal last_save
+        last_save = time.monotonic()
         check_ranks_in_sync(d, model, log)
         rng = gather_rng_states(d, noise_gen, device)   # every rank's, for an exact resume
         if not d.main:
@@ -198,7 +207,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 "images_seen": step * tr.batch_size * tr.grad_accum * d.world,
                 "val_loss": report.last_val, "reason": reason}
         path = save_checkpoint(run.checkpoints, step, model.weights(),
-                               ema.shadow if ema else None, meta, tensors, info)
+                               ema.shadow if ema else None, meta, tensors, info, latest=latest)
+        if latest:   # a resume point only: not a listed checkpoint, outside retention
+            log(f"step {step}: saved the resume point {path.name}")
+            return path
         best = {report.best_step} if report.best_step else set()
         apply_retention(run.checkpoints, tr.keep_last, best)
         report.checkpoint(step, path)
@@ -345,13 +357,16 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         wanted = report.requests() if d.main else {}
         if signals.hit:
             wanted["stop"] = "signal"
-        asked = dict(zip(REQUESTS, broadcast_flags(d, [k in wanted for k in REQUESTS])))
+        *flags, time_save = broadcast_flags(d, [k in wanted for k in REQUESTS] + [latest_due()])
+        asked = dict(zip(REQUESTS, flags))
         if asked["stop"] or asked["pause"]:
             final_state = "stopped" if asked["stop"] else "paused"
             report.handled(wanted)
             break
         if asked["save-now"]:
             save("save-now")
+        elif time_save and step > 0:
+            save("time", latest=True)
         if asked["sample-now"]:
             report.sample(step, sample())
         if asked["save-now"] or asked["sample-now"]:

@@ -94,6 +94,29 @@ def test_listing_latest_and_retention_with_pins(tmp_path):
     assert len(deleted) == 4                                  # 10 and 40, weights and state
 
 
+def test_the_time_based_resume_point_rotates_and_stays_outside_retention(tmp_path):
+    def latest(step):
+        return save_checkpoint(tmp_path, step, weights(step), None, {"run_id": "r1"},
+                               {"opt.0.exp_avg": torch.ones(2)}, {"step": step}, latest=True)
+    save(tmp_path, 10)
+    latest(13)
+    assert latest_resumable(tmp_path).path.name == "latest_0000013.safetensors"
+    latest(17)                                                # the older entry goes
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest_0000017.safetensors", "latest_0000017.state.safetensors",
+                     "step_0000010.safetensors", "step_0000010.state.safetensors"]
+    assert [c.step for c in list_checkpoints(tmp_path)] == [10]   # not a listed checkpoint
+    apply_retention(tmp_path, keep_last=1)
+    assert (tmp_path / "latest_0000017.safetensors").is_file()
+    # a weights file not yet written (a crash between the two files) is not resumable
+    (tmp_path / "latest_0000017.safetensors").unlink()
+    assert latest_resumable(tmp_path).step == 10
+    latest(19)
+    save(tmp_path, 20)                                        # a newer step supersedes it
+    assert latest_resumable(tmp_path).path.name == "step_0000020.safetensors"
+    assert not list(tmp_path.glob("latest_*"))
+
+
 def test_export_inference_file(tmp_path):
     src = save(tmp_path, 5)
     dst = export_inference(src, tmp_path / "model.safetensors", torch.bfloat16, ema=True)

@@ -367,3 +367,26 @@ def test_resume_with_preset_and_data_names_the_flags_to_drop(demo, tmp_path, cap
                        "--resume"]) == 1
     err = capsys.readouterr().err
     assert f"drop --preset tiny-cpu and --data {demo}" in err and "add --resume" not in err
+
+
+def test_a_crash_loses_no_more_than_save_minutes_of_work(demo, tmp_path, reference):
+    """With step checkpoints far apart, the time-based resume point is what a resume after
+    SIGKILL continues from, exactly."""
+    run = tmp_path / "run"
+    proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                     "--max-steps", "24", *sets("data.flip=true", "data.crop=random",
+                                                "train.save_every=1000",
+                                                "train.save_minutes=0.0005"))
+    try:
+        wait_for(lambda: list((run / "checkpoints").glob("latest_*.state.safetensors"))
+                 and status_step(run) >= 8, what="a resume point and step 8")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list_checkpoints(run / "checkpoints")          # no step checkpoint yet
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "24"]) == 0
+    assert "resumed from latest_" in (run / "log.txt").read_text()
+    assert losses(run) == reference
+    assert not list((run / "checkpoints").glob("latest_*"))   # the final step supersedes it
