@@ -59,6 +59,7 @@ from engine.job import (
     Status,
     effective_state,
     pid_alive,
+    run_owner,
 )
 from engine.train import TrainError, resume_point
 from engine.train_io import LOG_CAPTURED_ENV
@@ -324,6 +325,11 @@ class Runner:
         self._wait_for_exit()
         with self._lock:
             self._check_free(where)
+            owner = run_owner(run)
+            if owner is not None:   # e.g. a trainer started from the command line
+                raise RunnerError(f"run '{run_id}' is being trained by process "
+                                  f"{owner or '(unknown pid)'} right now; one trainer per run: "
+                                  f"stop that process first")
             try:
                 cfg = load_preset(run.config)
                 resume_point(run, cfg, max_steps)

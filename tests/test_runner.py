@@ -514,3 +514,24 @@ def test_a_run_without_a_checkpoint_can_be_resumed(runner, dataset, stand_in_tra
     runner.resume("early")
     argv, _, _ = launched_argv(run)
     assert "--resume" in argv
+
+
+def test_resume_is_refused_while_another_process_holds_the_run(runner, dataset):
+    """A trainer that stopped reporting (shown as crashed) but still lives holds the run's
+    lock: resuming would start a second trainer, so the runner refuses, naming the pid."""
+    run = RunDir(runner.runs_root / "held")
+    run.create()
+    run.config.write_text(dump_yaml(fast_config(dataset)))
+    write_status(run, state="running", step=3, pid=0, heartbeat=time.time() - 600)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from engine.job import RunDir, RunLock; "
+         "lock = RunLock(RunDir(sys.argv[1])); lock.acquire(); print('held', flush=True); "
+         "time.sleep(60)",
+         str(run.root)], cwd=runner_module.PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunnerError, match=f"being trained by process {holder.pid}"):
+            runner.resume("held")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
