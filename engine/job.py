@@ -266,9 +266,11 @@ class RunLock:
         self.run = run
         self._lock = FileLock(run.root / LOCK_FILE, is_singleton=False)
 
-    def acquire(self, wait: float = 3.0) -> None:
-        """Take the lock (waiting up to `wait` seconds: a look by `run_owner` holds it for
-        an instant), or raise RunBusy naming the process that holds it."""
+    def acquire(self, wait: float = 10.0) -> None:
+        """Take the lock, or raise RunBusy naming the process that holds it. It waits up to
+        `wait` seconds: a look by `run_owner` holds the lock for an instant, and the
+        data-loading workers of a trainer that was just killed hold it (inherited) until
+        they notice and exit."""
         self.run.root.mkdir(parents=True, exist_ok=True)
         try:
             self._lock.acquire(timeout=wait)
@@ -307,3 +309,13 @@ def run_owner(run: RunDir) -> int | None:
         return read_owner(run) or 0
     probe.release()
     return None
+
+
+def wait_for_owner_exit(run: RunDir, seconds: float = 10.0) -> int | None:
+    """`run_owner`, given up to `seconds` to become None: a trainer that was just killed
+    may still be ending (its data-loading workers hold the inherited lock until they
+    notice). Returns the owner that stayed, or None."""
+    end = time.monotonic() + seconds
+    while (owner := run_owner(run)) is not None and time.monotonic() < end:
+        time.sleep(0.2)
+    return owner

@@ -60,6 +60,7 @@ from engine.job import (
     effective_state,
     pid_alive,
     run_owner,
+    wait_for_owner_exit,
 )
 from engine.train import TrainError, resume_point
 from engine.train_io import LOG_CAPTURED_ENV
@@ -323,6 +324,7 @@ class Runner:
             device = launch.device
         where = resolve_device(device)
         self._wait_for_exit()
+        wait_for_owner_exit(run)   # a trainer killed a moment ago may still be ending
         with self._lock:
             self._check_free(where)
             owner = run_owner(run)
