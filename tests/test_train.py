@@ -72,6 +72,17 @@ def wait_for(predicate, timeout=90.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def sigkill_when(proc: subprocess.Popen, predicate, what: str) -> None:
+    """SIGKILL a trainer process once `predicate()` holds."""
+    try:
+        wait_for(predicate, what=what)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def status_step(run: Path) -> int:
     s = RunDir(run).read_status()
     return s.step if s else -1
@@ -129,14 +140,8 @@ def test_sigkill_mid_run_then_resume(demo, tmp_path, reference):
     proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
                      "--max-steps", "24",
                      *sets("data.flip=true", "data.crop=random", "train.save_every=6"))
-    try:
-        # slow enough to catch it between checkpoints: wait for step 8 (checkpoint at 6)
-        wait_for(lambda: status_step(run) >= 8, what="step 8")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # slow enough to catch it between checkpoints: wait for step 8 (checkpoint at 6)
+    sigkill_when(proc, lambda: status_step(run) >= 8, "step 8")
     status = RunDir(run).read_status()
     if status.step < 24:
         assert effective_state(status) == "crashed"
@@ -320,13 +325,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(demo, tmp_
     proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
                      "--max-steps", "24", *sets("data.flip=true", "data.crop=random",
                                                 "train.save_every=1000"))
-    try:
-        wait_for(lambda: status_step(run) >= 3, what="step 3")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(proc, lambda: status_step(run) >= 3, "step 3")
     assert not list_checkpoints(run / "checkpoints")
     assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "24"]) == 0
     assert "starts again from step 0 with its saved config" in (run / "log.txt").read_text()
@@ -377,14 +376,8 @@ def test_a_crash_loses_no_more_than_save_minutes_of_work(demo, tmp_path, referen
                      "--max-steps", "24", *sets("data.flip=true", "data.crop=random",
                                                 "train.save_every=1000",
                                                 "train.save_minutes=0.0005"))
-    try:
-        wait_for(lambda: list((run / "checkpoints").glob("latest_*.state.safetensors"))
-                 and status_step(run) >= 8, what="a resume point and step 8")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(proc, lambda: list((run / "checkpoints").glob("latest_*.state.safetensors"))
+                 and status_step(run) >= 8, "a resume point and step 8")
     assert not list_checkpoints(run / "checkpoints")          # no step checkpoint yet
     assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "24"]) == 0
     assert "resumed from latest_" in (run / "log.txt").read_text()
