@@ -34,6 +34,7 @@ FORMAT = 1
 STEP_FILE = re.compile(r"^step_(\d{7,})\.safetensors$")
 # the time-based resume point (train.save_minutes): one rotating entry, outside retention
 LATEST_FILE = re.compile(r"^latest_(\d{7,})\.safetensors$")
+LATEST_ANY = re.compile(r"^latest_(\d{7,})\.(state\.)?safetensors$")   # either file
 
 
 class CheckpointError(RuntimeError):
@@ -97,9 +98,6 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, Tensor],
 
 def _latest_entries(ckpt_dir: Path) -> list[CheckpointInfo]:
     return _listing(ckpt_dir, LATEST_FILE, "latest")
-
-
-LATEST_ANY = re.compile(r"^latest_(\d{7,})\.(state\.)?safetensors$")
 
 
 def drop_latest(ckpt_dir: Path, before: int) -> None:

@@ -22,10 +22,11 @@ import torch
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
 from engine.distributed import resolve_device
-from engine.encoders import DinoTeacher, cached_text_encoder, load_text_encoder
+from engine.encoders import DinoTeacher, load_text_encoder
 from engine.flow import IREPAProjector
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import build_optimizer
+from engine.text_features import cached_text_encoder
 from engine.train_io import oom_message
 from engine.trainable import Trainable, autocast_for
 
@@ -107,7 +108,7 @@ def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
     optimizer = params * opt_bytes / GiB
     ema = params * 4 / GiB if tr.ema_decay > 0 else 0.0
     # a frozen text encoder is unloaded before training (its features come from the disk
-    # cache, engine/encoders.py); only the iREPA teacher stays
+    # cache, engine/text_features.py); only the iREPA teacher stays
     frozen = 86e6 * (2 if half else 4) / GiB if cfg.loss.repa_teacher else 0.0
     # activations kept for backward, per sample: a transformer layer keeps ~34 values per
     # token and channel (Korthikanti et al. 2022, no attention matrix with fused kernels);

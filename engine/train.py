@@ -57,7 +57,7 @@ from engine.distributed import (
     restore_rng_states,
     setup_device,
 )
-from engine.encoders import DinoTeacher, EncoderLoadError, cached_text_encoder, load_text_encoder
+from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flow import (
     IREPAProjector,
     drop_captions,
@@ -70,6 +70,7 @@ from engine.flow import (
 from engine.job import REQUESTS, RunBusy, RunDir, RunLock, Status, resume_target
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, grad_norm, lr_at
+from engine.text_features import cached_text_encoder
 from engine.train_io import (
     LOG_CAPTURED_ENV,
     JobReporter,

@@ -18,7 +18,7 @@ from engine.model import PRECISIONS, PixelHDM, TextCond
 
 class Trainable(nn.Module):
     """The network, the builtin text encoder (when used) and the iREPA projector.
-    A frozen text encoder (in training, its feature cache: engine/encoders.py
+    A frozen text encoder (in training, its feature cache: engine/text_features.py
     `cached_text_encoder`) is kept as a plain attribute: it is neither trained nor saved."""
 
     def __init__(self, net: PixelHDM, text_encoder, projector: IREPAProjector | None):

@@ -18,13 +18,12 @@ import torch
 from filelock import FileLock
 
 from engine.config import TextConfig
-from engine.encoders import (
-    Qwen3TextEncoder,
+from engine.encoders import Qwen3TextEncoder, load_text_encoder
+from engine.text_features import (
     TextFeatureCache,
     TextFeatureError,
     build_text_features,
     cached_text_encoder,
-    load_text_encoder,
 )
 
 LONG = "a small yellow star on a purple background " * 12   # over max_tokens below
@@ -110,9 +109,9 @@ def test_a_second_build_encodes_nothing_and_new_captions_add_a_shard(enc, tiny_q
 
 def test_an_interrupted_build_keeps_its_shards_and_reports_progress(enc, tiny_qwen3, tmp_path,
                                                                    monkeypatch):
-    import engine.encoders as encoders
+    import engine.text_features as text_features
 
-    monkeypatch.setattr(encoders, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(text_features, "PROGRESS_SECONDS", 0.0)
     cache = TextFeatureCache(tmp_path, tiny_qwen3, 16, torch.float32, encoder=enc,
                              log=lambda _: None)
     captions = [f"caption {i} " + "word " * (i % 3) for i in range(12)]
