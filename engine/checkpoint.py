@@ -16,7 +16,6 @@ step whose weights file exists is complete. An exported inference file holds onl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -28,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine.config import atomic_target
+from engine.fileio import atomic_target
 
 FORMAT = 1
 STEP_FILE = re.compile(r"^step_(\d{7,})\.safetensors$")
@@ -249,22 +248,6 @@ def apply_retention(ckpt_dir: Path, keep_last: int, keep: set[int] = frozenset()
                 p.unlink(missing_ok=True)
                 deleted.append(p)
     return deleted
-
-
-_HASHES: dict[tuple, str] = {}
-
-
-def file_hash(path: Path) -> str:
-    """First 10 hex digits of the file's SHA-256 (the usual "Model hash"), cached."""
-    st = Path(path).stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()[:10]
-    return _HASHES[key]
 
 
 # --------------------------------------------------------------------------------------

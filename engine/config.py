@@ -11,16 +11,16 @@ an identical config.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from engine.fileio import atomic_write_text
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -511,31 +511,6 @@ def load_preset(name_or_path: str | os.PathLike, overrides=()) -> RunConfig:
 def dump_yaml(cfg: RunConfig) -> str:
     """Every value of `cfg` as YAML; loading it again yields an identical config."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, width=100)
-
-
-@contextlib.contextmanager
-def atomic_target(path: Path):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one
-    os.replace, on any error it is deleted. Readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (flushed to disk before it replaces the old one)."""
-    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

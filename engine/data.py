@@ -40,8 +40,9 @@ from engine.buckets import (
     BucketPlan,
     plan_buckets,
 )
-from engine.config import ConfigError, DataConfig, RunConfig, atomic_write_text, load_preset
+from engine.config import ConfigError, DataConfig, RunConfig, load_preset
 from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
+from engine.fileio import atomic_write_text
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 # Images over this many pixels are refused before decoding (a decompression bomb of a few

@@ -40,12 +40,13 @@ from PIL import Image
 from torch import Tensor
 
 from engine import __version__
-from engine.checkpoint import CheckpointError, file_hash, list_checkpoints, load_weights, read_meta
+from engine.checkpoint import CheckpointError, list_checkpoints, load_weights, read_meta
 from engine.config import ConfigError, RunConfig, config_from_dict
 from engine.data import upright_rgb
 from engine.dataset import to_uint8
 from engine.distributed import DeviceError, compiler_problem, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
+from engine.fileio import file_hash
 from engine.flow import to_clean
 from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.pngmeta import png_text, save_png

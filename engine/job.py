@@ -27,7 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from engine.config import atomic_write_text
+from engine.fileio import append_line, atomic_write_text
 
 STATES = ("starting", "running", "stopping", "paused", "stopped", "completed", "failed")
 FINAL_STATES = ("paused", "stopped", "completed", "failed")
@@ -118,9 +118,7 @@ class RunDir:
 
     # metrics ---------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
-        with open(self.metrics_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            f.flush()
+        append_line(self.metrics_file, json.dumps(record, separators=(",", ":")))
 
     def read_metrics(self, offset: int = 0) -> tuple[list[dict], int]:
         """Complete metric lines after byte `offset`, and the offset to continue from

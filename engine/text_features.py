@@ -23,8 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine.config import TextConfig, atomic_target, atomic_write_text
+from engine.config import TextConfig
 from engine.encoders import EncoderLoadError, Qwen3TextEncoder, encoder_folder, load_text_encoder
+from engine.fileio import atomic_target, atomic_write_text
 from engine.model import TextCond
 
 # --------------------------------------------------------------------------------------

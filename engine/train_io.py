@@ -22,8 +22,9 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from engine.checkpoint import step_name
-from engine.config import RunConfig, atomic_target, atomic_write_text
+from engine.config import RunConfig
 from engine.dataset import to_uint8
+from engine.fileio import atomic_target, atomic_write_text
 from engine.job import HEARTBEAT_SECONDS, RunDir, Status
 
 

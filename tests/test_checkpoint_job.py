@@ -17,7 +17,6 @@ from engine.checkpoint import (
     CheckpointError,
     apply_retention,
     export_inference,
-    file_hash,
     flatten_optimizer,
     latest_resumable,
     list_checkpoints,
@@ -27,6 +26,7 @@ from engine.checkpoint import (
     save_checkpoint,
     unflatten_optimizer,
 )
+from engine.fileio import file_hash
 from engine.job import REQUESTS, RunDir, Status, effective_state, list_runs, pid_alive
 
 
