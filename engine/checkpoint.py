@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine.fileio import atomic_target
+from engine.fileio import atomic_target, ensure_free
 
 FORMAT = 1
 STEP_FILE = re.compile(r"^step_(\d{7,})\.safetensors$")
@@ -53,8 +53,12 @@ def step_name(step: int, prefix: str = "step") -> str:
     return f"{prefix}_{step:07d}"
 
 
+def _nbytes(tensors: dict[str, Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    with atomic_target(path) as tmp:
+    with atomic_target(path, _nbytes(tensors)) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata)
 
@@ -83,14 +87,21 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, Tensor],
     entries: a crash at any moment leaves at least one complete pair."""
     ckpt_dir = Path(ckpt_dir)
     name = step_name(step, "latest" if latest else "step")
-    _atomic_save(_clone_shared(state_tensors), ckpt_dir / f"{name}.state.safetensors",
-                 {"state": json.dumps(state), "format": str(FORMAT)})
     tensors = {f"model.{k}": v for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    path, state_path = ckpt_dir / f"{name}.safetensors", ckpt_dir / f"{name}.state.safetensors"
+    # a disk that visibly cannot hold the pair is named before anything is written
+    ensure_free(path, _nbytes(tensors) + _nbytes(state_tensors))
+    _atomic_save(_clone_shared(state_tensors), state_path,
+                 {"state": json.dumps(state), "format": str(FORMAT)})
     meta = dict(meta, format=FORMAT, step=step, has_ema=ema is not None, saved_at=time.time())
-    path = ckpt_dir / f"{name}.safetensors"
-    _atomic_save(_clone_shared(tensors), path, {"pixelhdm": json.dumps(meta)})
+    try:
+        _atomic_save(_clone_shared(tensors), path, {"pixelhdm": json.dumps(meta)})
+    except BaseException:   # a state file without its weights is no checkpoint: free its room
+        if not path.exists():
+            state_path.unlink(missing_ok=True)
+        raise
     drop_latest(ckpt_dir, before=step + 1 if not latest else step)
     return path
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -33,6 +34,8 @@ STATES = ("starting", "running", "stopping", "paused", "stopped", "completed", "
 FINAL_STATES = ("paused", "stopped", "completed", "failed")
 REQUESTS = ("stop", "pause", "save-now", "sample-now")
 HEARTBEAT_SECONDS = 5.0
+# a temporary file of engine.fileio.atomic_target: ".<name>.<8 random characters>"
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 STALE_SECONDS = 90.0
 
 
@@ -85,6 +88,39 @@ class RunDir:
     def create(self) -> None:
         for d in (self.root, self.samples, self.checkpoints, self.control):
             d.mkdir(parents=True, exist_ok=True)
+
+    def recover(self) -> list[str]:
+        """Tidy what a killed trainer left behind; only the holder of the run lock calls
+        this. Removes unfinished temporary files and training-state files whose weights
+        file was never written, and cuts a metrics line that was cut short. Returns one
+        note per thing done."""
+        notes, freed = [], 0
+        for folder in (self.root, self.checkpoints, self.samples):
+            for p in folder.glob(".*"):
+                if _TEMP_FILE.match(p.name) and p.is_file():
+                    freed += p.stat().st_size
+                    p.unlink(missing_ok=True)
+                    notes.append(f"removed the unfinished file {p.name} of an interrupted write")
+        for p in self.checkpoints.glob("*.state.safetensors"):
+            if not p.with_name(p.name.replace(".state.", ".")).exists():
+                freed += p.stat().st_size
+                p.unlink(missing_ok=True)
+                notes.append(f"removed {p.name}: its weights file was never written")
+        try:
+            with open(self.metrics_file, "r+b") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = f.seek(max(0, size - (1 << 16)))
+                data = f.read()
+                end = start + data.rfind(b"\n") + 1   # metric lines are far below 64 KB
+                if end < size:
+                    f.truncate(end)
+                    notes.append(f"metrics.jsonl: dropped a last line cut short "
+                                 f"({size - end} bytes)")
+        except FileNotFoundError:
+            pass
+        if freed:
+            notes.append(f"{freed / 2**20:.1f} MB freed")
+        return notes
 
     # status ----------------------------------------------------------------------
     def write_status(self, status: Status) -> None:

@@ -136,6 +136,13 @@ def grad_norm(params: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every value of every tensor is finite (one read from the device)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def clip_gradients(params: list[Tensor], zclip: ZClip | None, max_norm: float, norm: float
                    ) -> tuple[float, float]:
     """Clip the gradients, whose total norm `norm` (see grad_norm) the caller has read,

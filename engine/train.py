@@ -58,6 +58,7 @@ from engine.distributed import (
     setup_device,
 )
 from engine.encoders import DinoTeacher, EncoderLoadError, load_text_encoder
+from engine.fileio import DiskFull
 from engine.flow import (
     IREPAProjector,
     drop_captions,
@@ -69,7 +70,15 @@ from engine.flow import (
 )
 from engine.job import REQUESTS, RunBusy, RunDir, RunLock, Status, resume_target
 from engine.model import PRECISIONS, PixelHDM
-from engine.optim import EMA, ZClip, build_optimizer, clip_gradients, grad_norm, lr_at
+from engine.optim import (
+    EMA,
+    ZClip,
+    all_finite,
+    build_optimizer,
+    clip_gradients,
+    grad_norm,
+    lr_at,
+)
 from engine.text_features import cached_text_encoder
 from engine.train_io import (
     LOG_CAPTURED_ENV,
@@ -118,6 +127,9 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         torch.set_num_threads(tr.cpu_threads)
     torch.manual_seed(tr.seed)
     log = report.log
+    if d.main:   # what a killed trainer left half-done (this process holds the run lock)
+        for note in run.recover():
+            log(f"recovery: {note}")
 
     # ---- data ---------------------------------------------------------------------
     scan = scan_dataset(cfg.data.path, cfg.data, cache_path=run.root / "dataset-index.json")
@@ -202,12 +214,21 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         rng = gather_rng_states(d, noise_gen, device)   # every rank's, for an exact resume
         if not d.main:
             return None
+        weights = model.weights()
+        if not all_finite([*weights.values(), *(ema.shadow.values() if ema else [])]):
+            msg = (f"the weights hold NaN/inf values at step {step}; no checkpoint was written, "
+                   f"so the last one saved stays the last good one")
+            if reason in ("every", "time", "save-now"):   # the guard rolls back on the next step
+                log(f"step {step}: {msg}")
+                report.event(step, "not-saved", msg)
+                return None
+            raise TrainError(f"{msg}. Resume continues from it; lower train.lr if it recurs")
         tensors, info = state_payload(rng)
         meta = {"run_id": run.run_id, "config": dump_yaml(cfg), "dataset_fingerprint": fingerprint,
                 "engine_version": __version__, "text_dim": text_encoder.dim,
                 "images_seen": step * tr.batch_size * tr.grad_accum * d.world,
                 "val_loss": report.last_val, "reason": reason}
-        path = save_checkpoint(run.checkpoints, step, model.weights(),
+        path = save_checkpoint(run.checkpoints, step, weights,
                                ema.shadow if ema else None, meta, tensors, info, latest=latest)
         if latest:   # a resume point only: not a listed checkpoint, outside retention
             log(f"step {step}: saved the resume point {path.name}")
@@ -419,12 +440,15 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         params = [p for p in model.parameters() if p.requires_grad]
         loss, norm = read_scalars(mean_over_ranks(d, terms_sum["total"]), grad_norm(params))
         spike = (tr.spike_factor > 0 and loss_count >= 20 and loss > tr.spike_factor * loss_avg)
-        if not math.isfinite(loss) or spike:
+        # fp16's scaler skips steps with inf gradients itself (and lowers its scale)
+        bad_grads = not math.isfinite(norm) and not scaler.is_enabled()
+        if not math.isfinite(loss) or bad_grads or spike:
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
             skipped_total += 1
-            why = "non-finite loss" if not math.isfinite(loss) else \
-                f"loss {loss:.4g} > {tr.spike_factor:g} x running average {loss_avg:.4g}"
+            why = ("non-finite loss" if not math.isfinite(loss) else "non-finite gradients"
+                   if bad_grads else
+                   f"loss {loss:.4g} > {tr.spike_factor:g} x running average {loss_avg:.4g}")
             log(f"step {step + 1}: skipped batch ({why}); files: {', '.join(step_paths[:8])}"
                 f"{' ...' if len(step_paths) > 8 else ''}")
             report.event(step, "skipped-batch", why, files=step_paths)
@@ -442,6 +466,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 elif initial_weights is not None:
                     model.load_state_dict({k: v.to(device) for k, v in initial_weights.items()})
                     optimizer.state.clear()
+                    if ema is not None:   # the average may hold the bad steps as well
+                        ema.updates = 0
+                        for k, v in ema.shadow.items():
+                            v.copy_(initial_weights[k])
                 lr_scale *= 0.5
                 bad_steps = 0
                 msg = (f"rolled back to {last.path.name if last else 'the initial weights'} "
@@ -592,18 +620,20 @@ def main(argv=None) -> int:
     try:
         if lock is not None:
             run.create()
+            if args.preset:   # a new run: resumable (from step 0) from its first moment
+                save_config(cfg, run.config)
         state = train(cfg, run, resume=args.resume, stop_at=args.max_steps, device_name=args.device)
     except StoppedEarly as e:
         _fail(run, str(e), state="stopped")
         return 0
     except (ConfigError, TrainError, DataError, EncoderLoadError, CheckpointError,
-            DeviceError, RankSyncError) as e:
-        _fail(run, str(e))
+            DeviceError, RankSyncError, DiskFull) as e:
+        _fail(run, str(e), new_run=bool(args.preset))
         return 2 if isinstance(e, ConfigError) else 1
     except Exception as e:   # unexpected: the traceback goes to the log, one line to stderr
         import traceback
         traceback.print_exc()
-        _fail(run, f"{type(e).__name__}: {e}")
+        _fail(run, f"{type(e).__name__}: {e}", new_run=bool(args.preset))
         return 1
     finally:
         if dist.is_initialized():
@@ -614,13 +644,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def _fail(run: RunDir, message: str, state: str = "failed") -> None:
+def _fail(run: RunDir, message: str, state: str = "failed", new_run: bool = False) -> None:
     """One line on stderr; the run's status (and log, unless the studio captures stderr
-    into it) records the failure (or an early stop)."""
+    into it) records the failure (or an early stop). A new run that failed before its
+    first step forgets its config, so the same command can be tried again."""
     message = " ".join(message.split())
     print(f"{'error' if state == 'failed' else state}: {message}", file=sys.stderr)
     if int(os.environ.get("RANK", 0)) != 0 or not run.root.is_dir():
         return
+    if new_run and not run.metrics_file.exists() and latest_resumable(run.checkpoints) is None:
+        run.config.unlink(missing_ok=True)
     status = run.read_status() or Status()
     status.state, status.pid, status.message = state, os.getpid(), message
     status.error = message if state == "failed" else ""
