@@ -28,7 +28,7 @@ class DiskFull(OSError):
 
     def __init__(self, path: Path, free: int, needed: int):
         self.path, self.free, self.needed = Path(path), free, needed
-        need = f"; about {format_bytes(needed)} more is needed" if needed else ""
+        need = f"; it needs about {format_bytes(needed)}" if needed else ""
         super().__init__(errno.ENOSPC,
                          f"the disk holding {self.path.parent} is full "
                          f"({format_bytes(free)} free) while writing {self.path.name}{need}: "

@@ -186,6 +186,52 @@ def test_metrics_are_read_incrementally_and_partial_lines_wait(tmp_path):
     assert run.read_metrics(off) == ([], off)
 
 
+def test_a_line_cut_short_never_swallows_the_next_and_a_failed_append_is_taken_back(
+        tmp_path, monkeypatch):
+    import errno
+
+    import engine.fileio as fileio
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo')   # a writer killed mid-line
+    fileio.append_line(path, '{"step": 3}')
+    assert path.read_text().splitlines()[-1] == '{"step": 3}'
+    before = path.read_bytes()
+    real_open = open
+
+    class HalfThenFull:   # a disk that fills up halfway through the write
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio, "open", lambda *a, **k: HalfThenFull(real_open(*a, **k)),
+                        raising=False)
+    with pytest.raises(fileio.DiskFull, match=r"the disk holding .* is full .* m\.jsonl"):
+        fileio.append_line(path, '{"step": 4, "loss": 0.5}')
+    assert path.read_bytes() == before
+
+
+def test_a_full_disk_is_named_before_a_checkpoint_is_written(tmp_path, monkeypatch):
+    import engine.fileio as fileio
+    monkeypatch.setattr(fileio, "free_bytes", lambda folder: 1000)
+    with pytest.raises(fileio.DiskFull) as e:
+        save(tmp_path / "c", 5)
+    assert "1000 B free" in str(e.value) and "step_0000005.safetensors" in str(e.value)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
 def test_requests_are_pending_until_handled(tmp_path):
     run = RunDir(tmp_path / "r")
     run.create()

@@ -10,82 +10,30 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from trainhelp import (
+    ROOT,
+    losses,
+    records,
+    sets,
+    sigkill_when,
+    status_step,
+    train_cli,
+    wait_for,
+)
 
 from engine.checkpoint import list_checkpoints
 from engine.demo_data import write_demo_dataset
 from engine.job import RunDir, effective_state
 from engine.train import main as train_main
 
-ROOT = Path(__file__).resolve().parent.parent
-
-# a smaller tiny-cpu: each step takes a few milliseconds
-FAST = ["model.hidden_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.mrope_split=[4,6,6]", "model.patch_layers=2", "model.pixel_layers=1",
-        "model.pixel_dim=4", "text.builtin_dim=64", "text.builtin_layers=1",
-        "train.batch_size=8", "train.log_every=1", "train.sample_every=0", "train.val_every=0",
-        "train.warmup_steps=5", "train.save_every=1000", "data.val_images=0",
-        "data.min_side=32", "data.max_side=48", "train.cpu_threads=1"]
-
-
-def sets(*extra: str) -> list[str]:
-    return [a for kv in [*FAST, *extra] for a in ("--set", kv)]
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", count=64, seed=3)
-
-
-def losses(run: Path) -> dict[int, float]:
-    """Step -> loss; a step logged twice (re-done after a crash) keeps its last value."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
-
-
-def records(run: Path, key: str) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if key in r]
-
-
-def train_cli(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "engine.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(predicate, timeout=90.0, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def sigkill_when(proc: subprocess.Popen, predicate, what: str) -> None:
-    """SIGKILL a trainer process once `predicate()` holds."""
-    try:
-        wait_for(predicate, what=what)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def status_step(run: Path) -> int:
-    s = RunDir(run).read_status()
-    return s.step if s else -1
 
 
 # --------------------------------------------------------------------------------------
