@@ -341,6 +341,8 @@ def run_owner(run: RunDir) -> int | None:
         probe.acquire(timeout=0)
     except Timeout:
         return read_owner(run) or 0
+    except OSError:   # a lock file that cannot be opened (permissions): no trainer could either
+        return None
     probe.release()
     return None
 

@@ -96,6 +96,7 @@ class RunInfo:
     alive: bool             # a process of this run is alive (also while it exits)
     device: str             # "cpu", "cuda", "cuda:1"... ("" when unknown)
     pid: int                # the trainer's pid (the launched one while starting; 0 if none)
+    owner: int | None = None  # the pid holding the run's lock (0: unknown), None when free
 
 
 @dataclass
@@ -324,14 +325,14 @@ class Runner:
             device = launch.device
         where = resolve_device(device)
         self._wait_for_exit()
-        wait_for_owner_exit(run)   # a trainer killed a moment ago may still be ending
+        wait_for_owner_exit(run, 3.0)   # a trainer killed a moment ago may still be ending
         with self._lock:
-            self._check_free(where)
             owner = run_owner(run)
             if owner is not None:   # e.g. a trainer started from the command line
                 raise RunnerError(f"run '{run_id}' is being trained by process "
                                   f"{owner or '(unknown pid)'} right now; one trainer per run: "
                                   f"stop that process first")
+            self._check_free(where)
             try:
                 cfg = load_preset(run.config)
                 resume_point(run, cfg, max_steps)
@@ -356,7 +357,8 @@ class Runner:
         the lock, without waiting)."""
         busy = self.active()
         if busy is not None:
-            raise RunnerError(f"run '{busy.run_id}' is {busy.state} (pid {busy.pid}); one run "
+            what = busy.state if busy.state in ACTIVE_STATES else "still held"
+            raise RunnerError(f"run '{busy.run_id}' is {what} (process {busy.pid}); one run "
                               f"trains at a time: pause or stop it first")
         if self.gate.busy and on_cpu(device):
             raise RunnerError("an image is being generated on the CPU: start training when "
@@ -577,6 +579,8 @@ class Runner:
         status = run.read_status()
         launch = read_launch(run)
         state, alive, error = self._state(run, status, launch, now)
+        owner = run_owner(run)   # a process holding the run's lock trains it, whatever it says
+        alive = alive or owner is not None
         fresh = _fresh(status, launch)
         message = status.message if fresh else ""
         if status is None and run.status_file.exists():
@@ -595,6 +599,11 @@ class Runner:
         total = total or (launch.max_steps if launch and launch.max_steps else 0) or cfg_steps
         device = (status.device if fresh else "") or (launch.device if launch else "")
         pid = status.pid if fresh else (launch.pid if launch and alive else 0)
+        if owner:
+            pid = owner
+        if owner is not None and state not in ACTIVE_STATES:
+            message = (f"process {owner or '(unknown pid)'} holds this run (a trainer that is "
+                       f"starting or ending, or one started outside the studio)")
         return RunInfo(
             run_id=run.run_id, path=run.root, state=state, step=step, total=total,
             loss=float(status.loss) if fresh and status.loss is not None else None,
@@ -602,4 +611,4 @@ class Runner:
             description=description, created=created or (launch.started_at if launch else 0.0),
             last_checkpoint=str(ckpts[-1].path) if ckpts else "",
             last_sample=status.last_sample if status else "", error=error, message=message,
-            resumable=resumable, alive=alive, device=device, pid=pid)
+            resumable=resumable, alive=alive, device=device, pid=pid, owner=owner)

@@ -66,8 +66,8 @@ def empty_watch(run_id: str = "") -> dict:
 
 
 def run_choices(runs: list[RunInfo]) -> list[tuple[str, str]]:
-    return [(f"{r.run_id} · {views.STATE_TEXT.get(r.state, r.state).lower()}", r.run_id)
-            for r in runs]
+    return [(f"{r.run_id} · {views.STATE_TEXT.get(r.state, r.state).lower()}"
+             + (f" · pid {r.pid}" if r.alive and r.pid else ""), r.run_id) for r in runs]
 
 
 def sample_files(run_path: Path) -> list[Path]:

@@ -532,6 +532,12 @@ def test_resume_is_refused_while_another_process_holds_the_run(runner, dataset):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunnerError, match=f"being trained by process {holder.pid}"):
             runner.resume("held")
+        info = runner.info("held")   # the studio shows the run as owned by that process
+        assert info.owner == holder.pid and info.pid == holder.pid and info.alive
+        assert not info.resumable and f"process {holder.pid} holds this run" in info.message
+        from studio.tab_train import run_choices
+        assert run_choices([info])[0][0].endswith(f"· pid {holder.pid}")
     finally:
         holder.kill()
         holder.wait(timeout=30)
+    assert runner.info("held").owner is None
