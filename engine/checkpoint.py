@@ -151,8 +151,16 @@ def read_meta(path: Path) -> dict:
                               f"({e}); pick another checkpoint") from e
     if raw is None:
         raise CheckpointError(f"'{path}' is a safetensors file but not a PixelHDM checkpoint "
-                              f"(no 'pixelhdm' metadata)")
-    return json.loads(raw)
+                              f"(no 'pixelhdm' metadata); pick another checkpoint, one written "
+                              f"by this engine")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        meta = e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint '{path}' has damaged metadata (not a JSON object); "
+                              f"pick another checkpoint")
+    return meta
 
 
 def load_weights(path: Path, ema: bool = True, device: str | torch.device = "cpu"

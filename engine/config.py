@@ -12,6 +12,7 @@ an identical config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import typing
@@ -273,13 +274,22 @@ def _allowed(f: dataclasses.Field) -> str:
     return ""
 
 
+_LIST_OF = {int: "whole numbers, e.g. [16, 24, 24]", float: "numbers, e.g. [0.9, 0.95]",
+            str: "texts, e.g. [a cat, a dog]"}
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def _coerce(value, tp, source: str, key: str):
     """Check `value` against the annotation `tp`; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise _fail(source, key, value, f"expected a list of {inner.__name__}")
+            raise _fail(source, key, value, f"expected a list of {_LIST_OF[inner]}")
         return [_coerce(v, inner, source, key) for v in value]
     if tp is bool:
         if not isinstance(value, bool):
@@ -287,22 +297,23 @@ def _coerce(value, tp, source: str, key: str):
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(source, key, value, "expected a whole number")
+            raise _fail(source, key, value, "expected a whole number, e.g. 4")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as text
             try:
                 value = float(value)
             except ValueError:
-                raise _fail(source, key, value, "expected a number") from None
+                raise _fail(source, key, value, "expected a number, e.g. 0.5 or 3e-4") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(source, key, value, "expected a number")
+            raise _fail(source, key, value, "expected a number, e.g. 0.5 or 3e-4")
         if not math.isfinite(value):
             raise _fail(source, key, value, "expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise _fail(source, key, value, "expected a text string")
+            raise _fail(source, key, value, "expected a text string (put it in quotes when it "
+                                            "reads as a number, true/false or a list)")
         return value
     raise TypeError(f"unsupported config type {tp}")
 
@@ -325,10 +336,11 @@ def _build_section(cls, raw: dict, source: str, prefix: str):
         raise _fail(source, prefix, raw, "expected a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"{source}: unknown key '{prefix}.{unknown[0]}' (known keys of "
-                          f"'{prefix}': {', '.join(fields)})")
+        raise ConfigError(f"{source}: unknown key '{prefix}.{unknown[0]}': "
+                          f"{_did_you_mean(str(unknown[0]), fields)}(known keys of '{prefix}': "
+                          f"{', '.join(fields)})")
     values = {}
     if cls is ModelConfig and raw.get("size"):
         size = raw["size"]
@@ -352,16 +364,19 @@ def config_from_dict(raw: dict, source: str = "<config>") -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
     known = set(SECTIONS) | {"description"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)
     if unknown:
-        raise ConfigError(f"{source}: unknown section '{unknown[0]}' (known: description, "
+        raise ConfigError(f"{source}: unknown section '{unknown[0]}': "
+                          f"{_did_you_mean(str(unknown[0]), known)}(known: description, "
                           f"{', '.join(SECTIONS)})")
     hints = typing.get_type_hints(RunConfig)
     kwargs = {}
     if "description" in raw:
         kwargs["description"] = _coerce(raw["description"], str, source, "description")
     for name in SECTIONS:
-        kwargs[name] = _build_section(hints[name], raw.get(name) or {}, source, name)
+        section = raw.get(name)
+        kwargs[name] = _build_section(hints[name], {} if section is None else section, source,
+                                      name)
     cfg = RunConfig(**kwargs)
     validate(cfg, source)
     return cfg
@@ -374,6 +389,12 @@ def config_to_dict(cfg: RunConfig) -> dict:
 # --------------------------------------------------------------------------------------
 # Cross-field validation
 # --------------------------------------------------------------------------------------
+
+def _near(v: int, p: int) -> str:
+    """The multiples of p next to v, for messages."""
+    lo = max(p, v // p * p)
+    return f"{lo} or {lo + p}" if lo < v else str(lo)
+
 
 def validate(cfg: RunConfig, source: str = "<config>") -> None:
     """Raise ConfigError for combinations that cannot build or train."""
@@ -403,7 +424,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         v = getattr(d, key)
         if v % p:
             raise _fail(source, f"data.{key}", v,
-                        f"must be a multiple of model.patch_size {p} (allowed: {p}, {2 * p}, ...)")
+                        f"must be a multiple of model.patch_size {p} (nearest: {_near(v, p)})")
     if d.min_side > d.max_side:
         raise _fail(source, "data.min_side", d.min_side,
                     f"larger than data.max_side {d.max_side} (allowed: <= {d.max_side})")
@@ -422,7 +443,8 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         v = getattr(s, key)
         if v % p:
             raise _fail(source, f"sample.{key}", v,
-                        f"must be 0 or a multiple of model.patch_size {p}")
+                        f"must be 0 or a multiple of model.patch_size {p} (nearest: "
+                        f"{_near(v, p)})")
     if not s.prompts:
         raise _fail(source, "sample.prompts", s.prompts, "allowed: at least one prompt")
     if cfg.text.builtin_dim % 32:
@@ -443,8 +465,11 @@ def preset_path(name_or_path: str | os.PathLike) -> Path:
     """Resolve a preset name (`tiny-cpu`) or a YAML path to an existing file."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder; give a preset name or a .yaml file")
         if not p.is_file():
-            raise ConfigError(f"{p}: no such config file")
+            raise ConfigError(f"{p}: no such config file; give a preset name (available: "
+                              f"{', '.join(list_presets())}) or the path of a .yaml file")
         return p
     q = PRESETS_DIR / f"{name_or_path}.yaml"
     if not q.is_file():
@@ -458,10 +483,20 @@ def read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8); give "
+                          f"a preset .yaml file") from e
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)}); fix that line") from e
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 def apply_overrides(raw: dict, overrides, source: str = "--set") -> dict:
@@ -475,7 +510,8 @@ def apply_overrides(raw: dict, overrides, source: str = "--set") -> dict:
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: {key} = {text!r}: not a valid value ({e})") from e
+            raise ConfigError(f"{source}: {key} = {text!r}: not a valid value "
+                              f"({_yaml_problem(e)}); quote text, write lists as [a, b]") from e
         if key == "description":
             raw["description"] = value if value is not None else ""
             continue
@@ -484,8 +520,8 @@ def apply_overrides(raw: dict, overrides, source: str = "--set") -> dict:
                               f"train.lr=3e-4")
         section, name = key.split(".", 1)
         if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section '{section}' in '{key}' (known: "
-                              f"{', '.join(SECTIONS)})")
+            raise ConfigError(f"{source}: unknown section '{section}' in '{key}': "
+                              f"{_did_you_mean(section, SECTIONS)}(known: {', '.join(SECTIONS)})")
         sec = raw.setdefault(section, {})
         if not isinstance(sec, dict):
             raise ConfigError(f"{source}: section '{section}' is not a mapping")

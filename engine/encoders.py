@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from engine.config import TextConfig
@@ -22,6 +23,12 @@ from engine.model import TextCond
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# what `transformers` raises for a folder it cannot use: missing or unreadable files
+# (OSError), a config it does not know (ValueError), damaged weights (SafetensorError)
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+# a tokenizer is either one tokenizer.json, a sentencepiece model, or a BPE vocabulary
+TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+QWEN_TYPES = ("qwen3", "qwen2", "qwen3_moe")   # config.json model_type of a usable encoder
 
 
 class EncoderLoadError(RuntimeError):
@@ -113,6 +120,18 @@ def _missing_weights(what: str, name: str, err: Exception, how: str) -> EncoderL
                             f"{str(err).splitlines()[0] if str(err) else ''}). {how}")
 
 
+def _not_a_model_folder(what: str, name: str, folder: Path, how: str) -> EncoderLoadError | None:
+    """Why `folder` cannot hold a model (missing, a file, no config.json); None if it may."""
+    if folder.is_file():
+        return EncoderLoadError(f"{what} '{name}' is a file; a model folder (config.json, "
+                                f"model.safetensors, ...) is expected. {how}")
+    if not folder.is_dir():
+        return EncoderLoadError(f"{what} folder '{name}' does not exist. {how}")
+    if not (folder / "config.json").is_file():
+        return EncoderLoadError(f"{what} folder '{name}' has no config.json. {how}")
+    return None
+
+
 def encoder_folder(name_or_path: str) -> Path | None:
     """The folder holding an encoder's files: a local folder, or the hub cache's snapshot
     of a downloaded hub id (looked up without the network); None when not downloaded."""
@@ -144,20 +163,30 @@ class Qwen3TextEncoder:
                f"--local-dir workspace/models/Qwen3-0.6B` and set text.name_or_path to that "
                f"folder. Hub ids download on first use when the machine is online.")
         looks_local = name.startswith((".", "/", "~")) or local.exists()
-        if looks_local and not (local / "config.json").is_file():
-            raise EncoderLoadError(f"text encoder folder '{name}' has no config.json. {how}")
+        if looks_local and (problem := _not_a_model_folder("text encoder", name, local, how)):
+            raise problem
         source = str(local) if local.exists() else name
         try:
             config = AutoConfig.from_pretrained(source)
-            if config.model_type not in ("qwen3", "qwen2", "qwen3_moe"):
+            if config.model_type not in QWEN_TYPES:
                 raise EncoderLoadError(f"text encoder '{name}' is a {config.model_type!r} model; "
-                                       f"a Qwen3 model is expected (e.g. Qwen/Qwen3-0.6B)")
+                                       f"a Qwen3 model is expected: set text.name_or_path to a "
+                                       f"Qwen3 folder or hub id (e.g. Qwen/Qwen3-0.6B)")
+            # without its files transformers builds an empty tokenizer that silently turns
+            # every prompt into the unconditional input
+            if looks_local and not any(all((local / f).is_file() for f in files)
+                                       for files in TOKENIZER_SETS):
+                raise EncoderLoadError(f"text encoder folder '{name}' has no tokenizer files "
+                                       f"(tokenizer.json, or vocab.json and merges.txt). {how}")
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             # safetensors only: a folder with just pytorch_model.bin would be unpickled
             model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
                                               use_safetensors=True)
-        except (OSError, ValueError) as e:
+        except LOAD_ERRORS as e:
             raise _missing_weights("text encoder", name, e, how) from e
+        if not self.tokenizer("a cat", add_special_tokens=False).input_ids:
+            raise EncoderLoadError(f"the tokenizer of text encoder '{name}' turns text into no "
+                                   f"tokens: its tokenizer files are missing or broken. {how}")
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -167,7 +196,9 @@ class Qwen3TextEncoder:
         self.folder = encoder_folder(name)   # where its files are: the feature cache's key
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False).input_ids]
+        # verbose=False: counting a long prompt is not running it through the model
+        return [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False,
+                                                   verbose=False).input_ids]
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextCond:
@@ -217,16 +248,15 @@ class DinoTeacher:
                "folder (`hf download facebook/dinov3-vitb16-pretrain-lvd1689m "
                "--local-dir workspace/models/dinov3-vitb16`) and set loss.repa_teacher to it, or "
                "set loss.repa_teacher to '' to train without iREPA.")
-        if not (folder / "config.json").is_file():
-            raise EncoderLoadError(f"iREPA teacher folder '{path}' not found or has no "
-                                   f"config.json. {how}")
+        if problem := _not_a_model_folder("iREPA teacher", path, folder, how):
+            raise problem
         try:
             config = AutoConfig.from_pretrained(str(folder))
             if config.model_type != "dinov3_vit":
                 raise EncoderLoadError(f"iREPA teacher '{path}' is a {config.model_type!r} model; "
                                        f"a DINOv3 ViT (model_type dinov3_vit) is expected. {how}")
             model = AutoModel.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
-        except OSError as e:
+        except LOAD_ERRORS as e:
             raise _missing_weights("iREPA teacher", path, e, how) from e
         self.model = model.to(device).eval().requires_grad_(False)
         self.patch = config.patch_size

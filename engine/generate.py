@@ -1,5 +1,6 @@
 """Image generation: the sampling core shared with the trainer's sample grids, the
-checkpoint-loading pipeline and the command line (PNG metadata: engine/pngmeta.py).
+checkpoint-loading pipeline and the command line (PNG metadata: engine/pngmeta.py;
+checks of checkpoint files and start images: engine/generate_io.py).
 
     python -m engine.generate --checkpoint RUN_OR_FILE --prompt "a red circle" --n 4
 
@@ -35,19 +36,19 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch import Tensor
 
 from engine import __version__
-from engine.checkpoint import CheckpointError, list_checkpoints, load_weights, read_meta
-from engine.config import ConfigError, RunConfig, config_from_dict
-from engine.data import upright_rgb
+from engine.checkpoint import CheckpointError, list_checkpoints, load_weights
+from engine.config import RunConfig
+from engine.data import BROKEN_FILE_ERRORS
 from engine.dataset import to_uint8
 from engine.distributed import DeviceError, compiler_problem, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
 from engine.fileio import file_hash
 from engine.flow import to_clean
+from engine.generate_io import checkpoint_config, init_rgb, load_part, upright_size
 from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.pngmeta import png_text, save_png
 from engine.sampling import SAMPLERS, cfg_model, img2img_grid, noise_image, sample_shift, time_grid
@@ -91,8 +92,9 @@ def from_pil(image: Image.Image) -> Tensor:
 
 
 def cover_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Lanczos-resize so the image covers width x height, then crop the centre."""
-    image = upright_rgb(image)
+    """Lanczos-resize so the image (any mode, see init_rgb) covers width x height, then
+    crop the centre."""
+    image = init_rgb(image)
     w0, h0 = image.size
     if (w0, h0) == (width, height):
         return image
@@ -134,13 +136,13 @@ def check_size(width: int, height: int, patch: int, limit: int | None = None) ->
     """Each side a multiple of the patch size, from one patch up to `limit` (None = no
     upper bound)."""
     top = limit if limit is not None else math.inf
+    span = f"from {patch} to {limit}" if limit is not None else f"of at least {patch}"
     for name, v in (("width", width), ("height", height)):
-        if isinstance(v, bool) or not isinstance(v, int) or v % patch or not patch <= v <= top:
-            near = [patch]
-            if isinstance(v, int) and not isinstance(v, bool):
-                near = sorted({min(max(patch, m * patch), top)
-                               for m in (v // patch, -(-v // patch))})
-            span = f"from {patch} to {limit}" if limit is not None else f"of at least {patch}"
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise GenerateError(f"{name} = {v!r} is not allowed: use a whole number of pixels, "
+                                f"a multiple of the patch size {patch} {span}")
+        if v % patch or not patch <= v <= top:
+            near = sorted({min(max(patch, m * patch), top) for m in (v // patch, -(-v // patch))})
             raise GenerateError(f"{name} = {v!r} is not allowed: use a multiple of the patch size "
                                 f"{patch} {span} (nearest: {' or '.join(map(str, near))})")
 
@@ -271,19 +273,6 @@ def resolve_precision(dtype: str | None, device: torch.device) -> str:
     return name
 
 
-def _load_part(module: torch.nn.Module, weights: dict, what: str, prefix: str, path: Path,
-               error: type[Exception]) -> torch.nn.Module:
-    """`module` with a checkpoint part's weights loaded strictly, frozen, in eval mode."""
-    if not weights:
-        raise error(f"checkpoint '{path}' holds no {prefix}.* weights for its {what}")
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as e:
-        raise error(f"{what} weights in '{path}' do not match its config: "
-                    f"{str(e).splitlines()[-1].strip()}") from e
-    return module.eval().requires_grad_(False)
-
-
 class Pipeline:
     """A trained network with its text encoder, ready to generate. Build it with
     Pipeline.load(path)."""
@@ -302,30 +291,22 @@ class Pipeline:
         path = resolve_checkpoint(path)
         dev = resolve_device(device)
         precision = resolve_precision(dtype, dev)
-        meta = read_meta(path)
-        if "config" not in meta or "text_dim" not in meta:
-            raise CheckpointError(f"checkpoint '{path}' lacks its config or text_dim metadata; "
-                                  f"it was not written by this engine")
-        try:
-            cfg = config_from_dict(yaml.safe_load(meta["config"]), f"{path.name} (config)")
-        except (ConfigError, yaml.YAMLError) as e:
-            raise CheckpointError(f"the config stored in '{path}' is not valid for this engine "
-                                  f"version ({e})") from e
+        _, cfg, text_dim = checkpoint_config(path)
         weights, meta = load_weights(path, ema=ema)
         parts = {part: {k[len(part) + 1:]: v for k, v in weights.items()
                         if k.startswith(part + ".")} for part in ("net", "text")}
-        net = _load_part(PixelHDM(cfg.model, int(meta["text_dim"])), parts["net"], "network",
-                         "net", path, CheckpointError).to(dev)
+        net = load_part(PixelHDM(cfg.model, text_dim), parts["net"], "network", "net", path,
+                        CheckpointError).to(dev)
         if cfg.text.encoder == "builtin":
-            enc = _load_part(BuiltinTextEncoder(cfg.text), parts["text"],
-                             "builtin text-encoder", "text", path, EncoderLoadError).to(dev)
+            enc = load_part(BuiltinTextEncoder(cfg.text), parts["text"], "builtin text-encoder",
+                            "text", path, EncoderLoadError).to(dev)
         else:
             enc_dtype = PRECISIONS[precision] if dev.type == "cuda" else torch.float32
             enc = load_text_encoder(cfg.text, dev, enc_dtype)
-        if enc.dim != int(meta["text_dim"]):
+        if enc.dim != text_dim:
             raise EncoderLoadError(f"text encoder '{cfg.text.name_or_path}' is {enc.dim} wide but "
-                                   f"the checkpoint was trained with a {meta['text_dim']}-wide "
-                                   f"one; use the encoder of the training run")
+                                   f"the checkpoint was trained with a {text_dim}-wide one; put "
+                                   f"the encoder of the training run there")
         used = "ema" if ema and meta.get("has_ema") else meta.get("exported_weights", "raw")
         return cls(net, enc, cfg, meta, path, dev, precision, used)
 
@@ -382,11 +363,7 @@ class Pipeline:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise GenerateError(f"n = {n!r}: allowed a whole number >= 1 (images per prompt)")
         negative = s.negative if negative is None else negative
-        if init_image is not None:
-            dw, dh = fit_size(*init_image.size, p, self.max_side)
-        else:
-            dw, dh = self.cfg.sample_size()
-        width, height = dw if width is None else width, dh if height is None else height
+        width, height = self._size(width, height, init_image)
         check_size(width, height, p, self.max_side)
         steps = s.steps if steps is None else steps
         sampler = s.sampler if sampler is None else sampler
@@ -398,9 +375,10 @@ class Pipeline:
         count = len(prompts) * n
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**32)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - count:
-            raise GenerateError(f"seed = {seed!r}: allowed a whole number from 0 to "
-                                f"{MAX_SEED - count}, or -1 for a random seed")
+        top = MAX_SEED - count + 1   # the last image's seed is seed + count - 1
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= top:
+            raise GenerateError(f"seed = {seed!r}: allowed a whole number from 0 to {top}, or "
+                                f"-1 (or empty) for a random seed")
         init = None
         if init_image is not None:
             strength = DEFAULT_STRENGTH if strength is None else float(strength)
@@ -438,6 +416,46 @@ class Pipeline:
             }
             image.info.update(png_text(params))
             out.append(GeneratedImage(image, params))
+        return out
+
+
+    def _size(self, width: int | None, height: int | None,
+              init_image: Image.Image | None) -> tuple[int, int]:
+        """The requested size; None takes the upright init image's size rounded to patch
+        multiples (within max_side), else the checkpoint's sample size."""
+        if init_image is not None:
+            dw, dh = fit_size(*upright_size(init_image), self.cfg.model.patch_size, self.max_side)
+        else:
+            dw, dh = self.cfg.sample_size()
+        return dw if width is None else width, dh if height is None else height
+
+    def notes(self, prompts: str | list[str], negative: str | None = None,
+              width: int | None = None, height: int | None = None, *,
+              init_image: Image.Image | None = None) -> list[str]:
+        """What a request to generate() will do that its author may not expect, one
+        sentence each: an empty prompt gives an unconditional image, a prompt longer than
+        text.max_tokens is cut there, a start image of another shape is cropped."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negative = self.cfg.sample.negative if negative is None else negative
+        named = [(f"prompt {i + 1}" if len(prompts) > 1 else "the prompt", q)
+                 for i, q in enumerate(prompts)]
+        named += [("the negative prompt", negative)] if negative else []
+        if not all(isinstance(q, str) for _, q in named):
+            return []   # generate() says what is wrong
+        limit, out = self.cfg.text.max_tokens, []
+        for (name, _), n in zip(named, self.text_encoder.count_tokens([q for _, q in named])):
+            if n == 0 and name != "the negative prompt":
+                out.append(f"{name} is empty: the image is unconditional (what the model draws "
+                           f"without a caption); type a prompt to describe the image")
+            elif n > limit:
+                out.append(f"{name} is {n} tokens long; the model reads only the first {limit} "
+                           f"(text.max_tokens of its training run) and ignores the rest: "
+                           f"shorten it to steer all of the image")
+        if init_image is not None:
+            (w0, h0), (w, h) = upright_size(init_image), self._size(width, height, init_image)
+            if isinstance(w, int) and isinstance(h, int) and abs(w0 * h - h0 * w) > 0.01 * w0 * h:
+                out.append(f"the start image ({w0}x{h0}) has another shape than {w}x{h}: it is "
+                           f"scaled to cover it and its centre is cropped")
         return out
 
 
@@ -508,33 +526,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unwritable(out: Path) -> str:
+    """Why images cannot be saved under `out` ('' when they can), found without creating it."""
+    p = out.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"'{p}' is a file"
+    return "" if os.access(p, os.W_OK) else f"'{p}' is not writable"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0; 2 for a bad argument (values, --device, an --out that cannot be
+    written); 1 for a file that cannot be used (checkpoint, text encoder, init image) or
+    images that could not be saved. One line on stderr says which and why."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.strength is not None and args.init is None:
         parser.error("--strength needs --init IMAGE")
+
+    def fail(message: str, code: int) -> int:
+        print(f"{parser.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        return code
+
+    if problem := _unwritable(args.out):
+        return fail(f"--out '{args.out}': {problem}; choose a folder you can write to", 2)
+    init = None
+    if args.init is not None:
+        try:
+            with Image.open(args.init) as im:
+                init = init_rgb(im)
+        except BROKEN_FILE_ERRORS as e:
+            return fail(f"--init: cannot read the image '{args.init}' ({e}); give a PNG, JPEG "
+                        f"or WebP file", 1)
     try:
-        init = None
-        if args.init is not None:
-            try:
-                with Image.open(args.init) as im:
-                    init = upright_rgb(im)
-            except OSError as e:
-                raise GenerateError(f"--init: cannot read image '{args.init}' ({e})") from e
         pipe = Pipeline.load(args.checkpoint, ema=not args.no_ema, device=args.device,
                              dtype=args.dtype)
         if args.compile and (problem := pipe.compile()):
             print(f"note: --compile: torch.compile cannot run here ({problem}); generating "
                   f"uncompiled", file=sys.stderr)
+        for note in pipe.notes(args.prompt, args.negative, args.width, args.height,
+                               init_image=init):
+            print(f"note: {note}", file=sys.stderr)
         results = pipe.generate(args.prompt, args.negative, args.width, args.height, args.steps,
                                 args.sampler, args.cfg, args.rescale, args.interval, args.shift,
                                 args.seed, args.n, init_image=init, strength=args.strength,
                                 batch_size=args.batch_size)
-    except (GenerateError, CheckpointError, EncoderLoadError, DeviceError) as e:
-        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    for r in results:
-        print(save_png(r.image, r.params, args.out), flush=True)
+    except (GenerateError, DeviceError) as e:
+        return fail(str(e), 2)
+    except (CheckpointError, EncoderLoadError) as e:
+        return fail(str(e), 1)
+    except torch.OutOfMemoryError:
+        return fail("out of memory while generating: lower --batch-size (e.g. 1), --n or "
+                    "--width/--height", 1)
+    for i, r in enumerate(results):
+        try:
+            print(save_png(r.image, r.params, args.out), flush=True)
+        except OSError as e:
+            return fail(f"cannot save into --out '{args.out}' ({e.strerror or e}); {i} of "
+                        f"{len(results)} images were saved: free some space or choose "
+                        f"another folder", 1)
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
 from engine.distributed import resolve_device
-from engine.encoders import DinoTeacher, load_text_encoder
+from engine.encoders import QWEN_TYPES, DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flow import IREPAProjector
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import build_optimizer
@@ -38,18 +38,26 @@ STEP_EFFICIENCY = 0.35   # fraction of the measured matmul speed a training step
 
 
 def text_shape(cfg: TextConfig) -> tuple[int, float]:
-    """(width, frozen parameter count) of the configured text encoder, without loading it."""
+    """(width, frozen parameter count) of the configured text encoder, without loading it.
+    EncoderLoadError when a local folder's config.json is not a Qwen3 config."""
     if cfg.encoder == "builtin":
         return cfg.builtin_dim, 0.0
     local = Path(cfg.name_or_path).expanduser() / "config.json"
-    if local.is_file():
+    if not local.is_file():
+        return KNOWN_TEXT.get(cfg.name_or_path, (1024, 596e6))
+    try:
         c = json.loads(local.read_text(encoding="utf-8"))
+        if c.get("model_type") not in QWEN_TYPES:
+            raise ValueError(f"model_type {c.get('model_type')!r}")
         d, layers, inter = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
         heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
-        hd = c.get("head_dim", d // heads)
+        hd = c.get("head_dim") or d // heads
         per_layer = d * hd * (heads * 2 + kv * 2) + 3 * d * inter
         return d, float(layers * per_layer + c["vocab_size"] * d)
-    return KNOWN_TEXT.get(cfg.name_or_path, (1024, 596e6))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+        raise EncoderLoadError(f"text encoder '{cfg.name_or_path}': its config.json is not a Qwen3 "
+                               f"model's ({type(e).__name__}: {e}); set text.name_or_path to a "
+                               f"Qwen3 model folder or hub id (e.g. Qwen/Qwen3-0.6B)") from e
 
 
 def largest_bucket(cfg: RunConfig) -> tuple[int, int]:

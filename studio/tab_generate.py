@@ -11,19 +11,21 @@ the next request with the same checkpoint and freed when another one is chosen.
 from __future__ import annotations
 
 import gc
+import math
 import queue
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
-import yaml
+import torch
 
 from engine import config, generate, pngmeta
 from engine.checkpoint import CheckpointError
 from engine.data import BROKEN_FILE_ERRORS
 from engine.distributed import DeviceError
 from engine.encoders import EncoderLoadError
+from engine.generate_io import checkpoint_config
 from engine.sampling import SAMPLERS
 from studio import views
 from studio.paths import PathError
@@ -49,7 +51,11 @@ class PipelineCache:
         self._pipe: generate.Pipeline | None = None
 
     def get(self, path: Path, ema: bool) -> generate.Pipeline:
-        key = (str(path), path.stat().st_mtime_ns, bool(ema))
+        try:
+            key = (str(path), path.stat().st_mtime_ns, bool(ema))
+        except OSError as e:   # deleted since it was chosen
+            raise CheckpointError(f"the checkpoint '{path.name}' is no longer on disk "
+                                  f"({e.strerror}); choose another") from e
         with self._lock:
             if key != self._key:
                 self.free_locked()
@@ -71,11 +77,26 @@ class PipelineCache:
             torch.cuda.empty_cache()
 
 
-def model_config(meta: dict) -> config.RunConfig:
-    """The training config stored in a checkpoint's metadata."""
-    if "config" not in meta:
-        raise CheckpointError("the checkpoint holds no config; it was not written by this engine")
-    return config.config_from_dict(yaml.safe_load(meta["config"]), "checkpoint config")
+def whole(value, label: str) -> int:
+    """A number field's value as an int; GenerateError naming the field otherwise."""
+    x = number(value, label)
+    if x != int(x):
+        raise generate.GenerateError(f"{label} = {value!r} is not a whole number")
+    return int(x)
+
+
+def number(value, label: str) -> float:
+    """A number field's finite value; GenerateError naming the field when it is empty or
+    not a number (the page sends None for an emptied box)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise generate.GenerateError(f"{label} is empty: type a number")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise generate.GenerateError(f"{label} = {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise generate.GenerateError(f"{label} = {value!r} is not a finite number")
+    return x
 
 
 def model_markdown(meta: dict, cfg: config.RunConfig) -> str:
@@ -150,8 +171,10 @@ def build(studio: Studio) -> dict:
                                       info="image i uses seed + i")
                 with gr.Accordion("Image to image", open=False):
                     with gr.Row():
+                        # image_mode None: the engine converts any mode (transparency on
+                        # white, 16-bit scaled) where the page's own RGB conversion clips
                         init = gr.Image(label="Start image", type="pil", height=200,
-                                        sources=["upload", "clipboard"])
+                                        sources=["upload", "clipboard"], image_mode=None)
                         strength = gr.Slider(0.0, 1.0, value=0.75, step=0.05, label="Strength",
                                              info="0 = keep the image, 1 = ignore it")
                 with gr.Row():
@@ -215,8 +238,7 @@ def build(studio: Studio) -> dict:
                     *[gr.skip()] * (n_out - 1))
         try:
             path = studio.checkpoint_path(cid)
-            meta = studio.checkpoint_meta(cid)
-            mcfg = model_config(meta)
+            meta, mcfg, _ = checkpoint_config(path)
         except EXPECTED_ERRORS as e:
             return (f"**{e}**", *[gr.skip()] * (n_out - 1))
         cache.keep_only(path)
@@ -259,10 +281,15 @@ def build(studio: Studio) -> dict:
         cancel = threading.Event()
         cancels[key] = cancel
         try:
-            seed_i = views.parse_seed(seed_v)
             path = studio.checkpoint_path(cid or "")
-        except (ValueError, PathError, RunnerError) as e:
-            yield say(f"**{e}**")
+            seed_i = views.parse_seed(seed_v)
+            w_i, h_i = whole(width_v, "Width"), whole(height_v, "Height")
+            steps_i, count_i = whole(steps_v, "Steps"), whole(count_v, "Images")
+            floats = [number(v, label) for v, label in (
+                (cfg_v, "CFG scale"), (rescale_v, "CFG rescale"), (lo_v, "Guidance from t"),
+                (hi_v, "Guidance until t"), (shift_v or 0.0, "Shift"), (strength_v, "Strength"))]
+        except (ValueError, PathError, RunnerError) as e:   # GenerateError is a ValueError
+            yield gone(cid) if cid and not listed(cid) else say(f"**{e}**")
             return
         events: queue.Queue = queue.Queue()
 
@@ -272,6 +299,7 @@ def build(studio: Studio) -> dict:
                     if note:
                         events.put(("note", note))
                     pipe = cache.get(path, use_ema)
+                    notes = pipe.notes(prompt_v, negative_v, w_i, h_i, init_image=init_v)
                     events.put(("loaded", None))
 
                     def progress(step, total, preview):
@@ -279,18 +307,23 @@ def build(studio: Studio) -> dict:
                             raise generate.Cancelled()
                         events.put(("preview", (step, total, preview)))
 
+                    cfg_f, rescale_f, lo_f, hi_f, shift_f, strength_f = floats
                     out = pipe.generate(
-                        prompt_v, negative_v, int(width_v), int(height_v), int(steps_v),
-                        sampler_v, float(cfg_v), float(rescale_v), (float(lo_v), float(hi_v)),
-                        float(shift_v or 0.0), seed_i, int(count_v),
-                        init_image=init_v, strength=float(strength_v) if init_v else None,
-                        callback=progress)
+                        prompt_v, negative_v, w_i, h_i, steps_i, sampler_v, cfg_f, rescale_f,
+                        (lo_f, hi_f), shift_f, seed_i, count_i, init_image=init_v,
+                        strength=strength_f if init_v else None, callback=progress)
                     saved = [pngmeta.save_png(r.image, r.params, studio.outputs_dir) for r in out]
-                events.put(("done", (out, saved)))
+                events.put(("done", (out, saved, notes)))
             except generate.Cancelled:
                 events.put(("cancelled", None))
             except EXPECTED_ERRORS as e:
                 events.put(("error", str(e)))
+            except torch.OutOfMemoryError:
+                events.put(("error", "out of memory: generate fewer images at once or a "
+                                     "smaller size"))
+            except OSError as e:   # saving the images
+                events.put(("error", f"cannot save into {studio.outputs_dir} ({e.strerror or e})"
+                                     f": free some space"))
             except Exception as e:  # shown on the page instead of dying silently in a thread
                 events.put(("error", f"{type(e).__name__}: {e}"))
 
@@ -310,6 +343,9 @@ def build(studio: Studio) -> dict:
                 elif kind == "done":
                     yield finished(*value)
                     return
+                elif kind == "error" and not path.is_file():
+                    yield gone(cid)
+                    return
                 else:
                     yield say("Cancelled." if kind == "cancelled"
                               else f"**Not generated:** {value}")
@@ -321,17 +357,29 @@ def build(studio: Studio) -> dict:
 
     def say(text: str) -> tuple:
         """Outputs of `run` that change only the status line."""
-        return gr.skip(), text, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), text, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
-    def finished(out: list, saved: list) -> tuple:
+    def listed(cid: str) -> bool:
+        return cid in [c for _, c in studio.checkpoint_choices()]
+
+    def gone(cid: str) -> tuple:
+        """Outputs of `run` when the chosen checkpoint is no longer on disk: the message, and
+        the checkpoint list refreshed with nothing chosen."""
+        return (gr.skip(), f"**Not generated:** the checkpoint `{cid}` is no longer on disk "
+                f"(deleted by retention or by hand). The list is refreshed: choose another "
+                f"checkpoint.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), select(None),
+                "Choose a checkpoint.")
+
+    def finished(out: list, saved: list, notes: list[str]) -> tuple:
         first = out[0].params["seed"]
         seeds = f"seed {first}" + (f" to {first + len(out) - 1}" if len(out) > 1 else "")
         names = saved[0].name + (f" ... {saved[-1].name}" if len(saved) > 1 else "")
         files = history(studio.outputs_dir)
+        note = "".join(f"\n\nNote: {n}." for n in notes)
         return (out[0].image, f"Done: {len(out)} image(s), {seeds}, saved to "
-                f"`workspace/outputs/` ({names}).",
+                f"`workspace/outputs/` ({names}).{note}",
                 [(str(p), f"seed {r.params['seed']}") for p, r in zip(saved, out)],
-                views.params_markdown(out[0].params), files, files)
+                views.params_markdown(out[0].params), files, files, gr.skip(), gr.skip())
 
     def cancel_run(request: gr.Request):
         ev = cancels.get(request.session_hash if request is not None else "")
@@ -376,8 +424,8 @@ def build(studio: Studio) -> dict:
     size.input(lambda s: views.parse_size(s) if s else (gr.skip(), gr.skip()), inputs=size,
                outputs=[width, height])
     go.click(run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init],
-             outputs=[live, status, results, params, past, past_files], concurrency_limit=1,
-             concurrency_id="generate")
+             outputs=[live, status, results, params, past, past_files, checkpoint, model_info],
+             concurrency_limit=1, concurrency_id="generate")
     stop.click(cancel_run, outputs=status, queue=False)
     past.select(on_past, inputs=past_files, outputs=[past_params, recalled])
     recall_file.upload(on_recall, inputs=recall_file, outputs=[past_params, recalled])
@@ -385,6 +433,6 @@ def build(studio: Studio) -> dict:
                      outputs=[status, *setting_fields, checkpoint, filled],
                      **model_queue).then(**model_args)
 
-    return {"checkpoint": checkpoint, "select": select, "model_args": model_args,
+    return {"checkpoint": checkpoint, "select": select, "model_args": model_args, "run": run,
             "model_queue": model_queue, "refresh_fn": refresh_fn,
             "refresh_outputs": [checkpoint, past, past_files]}

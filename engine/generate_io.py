@@ -1,0 +1,114 @@
+"""The edges of generation (engine/generate.py): reading a checkpoint for inference with
+every part checked, and turning any picture into the RGB start image of img2img.
+
+A checkpoint file can be damaged (cut short, bytes changed), foreign (a safetensors file
+of another program) or not fit the network its own config describes (weights of another
+size, written by another engine version). Each case is refused with one message that
+names the file, says what is wrong in a few words (not torch's list of every key) and
+what to do. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+
+from engine.checkpoint import CheckpointError, read_meta
+from engine.config import ConfigError, RunConfig, config_from_dict
+from engine.data import exif_orientation, upright_rgb
+
+PICK_ANOTHER = "pick another checkpoint"
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+
+def checkpoint_config(path: Path) -> tuple[dict, RunConfig, int]:
+    """(metadata, training config, text-encoder width) of a weights file, each checked;
+    CheckpointError naming the file otherwise."""
+    path = Path(path)
+    meta = read_meta(path)
+    if not isinstance(meta.get("config"), str) or "text_dim" not in meta:
+        raise CheckpointError(f"checkpoint '{path}' lacks its config or text_dim metadata; it "
+                              f"was not written by this engine: {PICK_ANOTHER}")
+    text_dim = meta["text_dim"]
+    if isinstance(text_dim, bool) or not isinstance(text_dim, int) or text_dim < 1:
+        raise CheckpointError(f"checkpoint '{path}' has damaged metadata (text_dim = "
+                              f"{text_dim!r}); {PICK_ANOTHER}")
+    try:
+        cfg = config_from_dict(yaml.safe_load(meta["config"]), f"{path.name} (config)")
+    except (ConfigError, yaml.YAMLError) as e:
+        raise CheckpointError(f"the config stored in '{path}' is not valid for this engine "
+                              f"version ({' '.join(str(e).split())}); generate with the engine "
+                              f"version that wrote it, or {PICK_ANOTHER}") from e
+    return meta, cfg, text_dim
+
+
+def _shape(t: Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def load_part(module: nn.Module, weights: dict[str, Tensor], what: str, prefix: str,
+              path: Path, error: type[Exception]) -> nn.Module:
+    """`module` with a checkpoint part's weights (keys without `prefix.`) loaded strictly,
+    frozen, in eval mode. `error` (with the file, the first difference and the count of
+    differences) when keys or shapes differ or a value is NaN or infinite."""
+    if not weights:
+        raise error(f"checkpoint '{path}' holds no {prefix}.* weights for its {what}; it is "
+                    f"incomplete: {PICK_ANOTHER}")
+    expected = module.state_dict()
+    shaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in weights]
+    unknown = [k for k in weights if k not in expected]
+    found = []
+    if shaped:
+        k = shaped[0]
+        found.append(f"{len(shaped)} of another shape (e.g. {prefix}.{k} is "
+                     f"{_shape(weights[k])} in the file, {_shape(expected[k])} in the network)")
+    if missing:
+        found.append(f"{len(missing)} missing (e.g. {prefix}.{missing[0]})")
+    if unknown:
+        found.append(f"{len(unknown)} unknown to the network (e.g. {prefix}.{unknown[0]})")
+    if found:
+        raise error(f"the {what} weights in '{path}' do not fit the network its config "
+                    f"describes: {'; '.join(found)}. The file was changed, or written by "
+                    f"another engine version: {PICK_ANOTHER}")
+    for k, v in weights.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise error(f"the {what} weights in '{path}' hold NaN or infinite values "
+                        f"({prefix}.{k}): the file is damaged or its training diverged; "
+                        f"{PICK_ANOTHER} (an earlier one)")
+    module.load_state_dict(weights)
+    return module.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------
+# Start images
+# --------------------------------------------------------------------------------------
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of a picture as shown (EXIF orientations 5 to 8 swap the axes)."""
+    w, h = image.size
+    return (h, w) if exif_orientation(image) >= 5 else (w, h)
+
+
+def init_rgb(image: Image.Image) -> Image.Image:
+    """Any picture as the 8-bit RGB image it shows: upright, transparency on white, 16-bit
+    grey rescaled (engine.data.upright_rgb), and the 32-bit modes PIL's own conversion
+    would clip: integer 'I' (how 16-bit files often open) scaled down from 16 bits when
+    its values need them, float 'F' taken as 0..1 when it stays within it."""
+    if image.mode in ("I", "F"):
+        a = np.asarray(ImageOps.exif_transpose(image), dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if image.mode == "I" and top > 255:
+            a = a / 257.0
+        elif image.mode == "F" and top <= 1.0:
+            a = a * 255.0
+        image = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L")
+    return upright_rgb(image)
