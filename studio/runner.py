@@ -217,8 +217,10 @@ class ComputeGate:
 class Runner:
     """Starts, watches and stops training runs in one workspace."""
 
-    def __init__(self, workspace: str | os.PathLike):
+    def __init__(self, workspace: str | os.PathLike, allow_dirs=()):
         self.workspace = Path(workspace).expanduser().resolve()
+        # where run folders may lie, links resolved: the studio writes nowhere else
+        self.roots = [self.workspace, *(Path(d).expanduser().resolve() for d in allow_dirs)]
         self.runs_root = self.workspace / "runs"
         self.datasets_root = self.workspace / "datasets"
         self.outputs_root = self.workspace / "outputs"
@@ -250,7 +252,16 @@ class Runner:
         if (not isinstance(run_id, str) or not run_id or run_id in (".", "..")
                 or run_id.startswith(".") or any(c in run_id for c in "/\\:\x00")):
             raise RunnerError(f"{run_id!r} is not a run name")
-        return RunDir(self.runs_root / run_id)
+        run = RunDir(self.runs_root / run_id)
+        if not self._inside_roots(run.root):
+            raise RunnerError(f"run '{run_id}' links to {run.root.resolve()}, outside the "
+                              f"workspace: the studio reads and writes runs only inside it "
+                              f"(start it with --allow-dir FOLDER to allow that folder)")
+        return run
+
+    def _inside_roots(self, path: Path) -> bool:
+        real = path.resolve()
+        return any(real == r or real.is_relative_to(r) for r in self.roots)
 
     def _existing(self, run_id: str) -> RunDir:
         run = self._run(run_id)
@@ -484,7 +495,8 @@ class Runner:
         """Every run in the workspace, newest first."""
         self._reap()
         try:
-            paths = [p for p in self.runs_root.iterdir() if _is_run_dir(p)]
+            paths = [p for p in self.runs_root.iterdir()
+                     if _is_run_dir(p) and self._inside_roots(p)]
         except OSError:
             return []
         out = []

@@ -58,7 +58,7 @@ class Studio:
     def __init__(self, workspace: Path, allow_dirs=()):
         self.workspace = Path(workspace).expanduser().resolve()
         self.allow_dirs = [Path(d).expanduser().resolve() for d in allow_dirs]
-        self.runner = Runner(self.workspace)
+        self.runner = Runner(self.workspace, self.allow_dirs)
         self.datasets_dir = self.runner.datasets_root
         self.outputs_dir = self.runner.outputs_root
         self.models_dir = self.runner.models_root
@@ -174,8 +174,9 @@ class Studio:
         elif cid.startswith(MODEL_PREFIX):
             name = cid[len(MODEL_PREFIX):]
             if name not in {p.name for p in self.models_dir.glob("*.safetensors")}:
-                raise PathError(f"there is no exported model '{name}' in {self.models_dir}")
-            path = self.models_dir / name
+                raise PathError(f"the exported model '{name}' no longer exists in "
+                                f"{self.models_dir} (deleted or renamed); pick another")
+            path = resolve_inside(str(self.models_dir / name), self.roots)   # links judged too
         else:
             raise PathError(f"'{cid}' is not a checkpoint id")
         if not path.is_file():

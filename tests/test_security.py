@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -364,3 +365,134 @@ def test_the_workspace_is_the_only_folder_app_py_serves_by_default(tmp_path, mon
     assert seen["allowed_paths"] == [str((tmp_path / "ws").resolve()), str(extra.resolve())]
     assert seen["server_name"] == "127.0.0.1" and seen["auth"] is None
     assert not seen.get("share")
+
+
+# --------------------------------------------------------------------------------------
+# Every field that names a file or folder, reading and writing: traversal is refused,
+# and nothing outside the workspace is read, changed or deleted
+# --------------------------------------------------------------------------------------
+
+TRAVERSALS = ["../outside/victim", "..", "/tmp", "a/../../outside/victim", "x\x00y", "",
+              "escape"]   # (escape: a link in runs/ that leads outside the workspace)
+
+
+@pytest.fixture
+def victim_ctx(tmp_path):
+    """A studio whose workspace has one real run, and a run-like folder outside it that a
+    link in runs/ and in models/ point to."""
+    from engine.config import dump_yaml, load_preset
+    from studio.ui import Studio
+    ws, outside = tmp_path / "workspace", tmp_path / "outside"
+    studio = Studio(ws)
+    victim = outside / "victim"
+    (victim / "checkpoints").mkdir(parents=True)
+    (victim / "config.yaml").write_text(dump_yaml(load_preset("tiny-cpu")))
+    (victim / "checkpoints" / "step_0000005.safetensors").write_bytes(b"not yours")
+    (outside / "model.safetensors").write_bytes(b"not yours either")
+    if os.name != "nt":
+        (studio.runner.runs_root / "escape").symlink_to(victim, target_is_directory=True)
+        (studio.models_dir / "escape.safetensors").symlink_to(outside / "model.safetensors")
+        (studio.datasets_dir / "escape").symlink_to(victim, target_is_directory=True)
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    yield studio, outside
+    after = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    assert after == before, "a file outside the workspace was changed, added or deleted"
+    assert not (victim / "control").exists() and not (victim / "launch.json").exists()
+
+
+def _operations(studio):
+    """(field, reads or writes, call) for every studio entry point that takes a name."""
+    from engine.config import load_preset
+    r = studio.runner
+    cfg = load_preset("tiny-cpu")
+    return [
+        ("run (monitor)", "reads", lambda v: r.info(v)),
+        ("run (metrics)", "reads", lambda v: r.metrics(v)),
+        ("run (log)", "reads", lambda v: r.log_tail(v)),
+        ("checkpoint id", "reads", lambda v: studio.checkpoint_path(f"run/{v}/5")),
+        ("checkpoint id (exported)", "reads",
+         lambda v: studio.checkpoint_path(f"model/{v}.safetensors")),
+        ("checkpoint metadata", "reads", lambda v: studio.checkpoint_meta(f"run/{v}/5")),
+        ("dataset choice", "reads", lambda v: studio.dataset_dir(v)),
+        ("dataset folder typed", "reads", lambda v: studio.chosen_dataset(
+            None, "datasets/escape" if v == "escape" else v or "/")),
+        ("new run name", "writes", lambda v: r.start(cfg, run_id=v)),
+        ("resume", "writes", lambda v: r.resume(v)),
+        ("stop / pause / save / sample request", "writes", lambda v: r.request(v, "stop")),
+        ("force stop", "writes", lambda v: r.force_stop(v, grace=0.1)),
+        ("delete run", "writes", lambda v: r.delete_run(v)),
+        ("export file name", "writes", lambda v: safe_name(v)),
+    ]
+
+
+@pytest.mark.parametrize("value", TRAVERSALS, ids=repr)
+def test_no_field_reads_or_writes_outside_the_workspace(victim_ctx, value):
+    from studio.runner import RunnerError
+    studio, outside = victim_ctx
+    if value == "escape" and os.name == "nt":
+        pytest.skip("symlinks need privileges on Windows")
+    for field, kind, call in _operations(studio):
+        if field == "export file name" and value == "escape":
+            continue   # a fine file name: the models folder is where it goes
+        try:
+            call(value)
+        except (PathError, RunnerError) as e:
+            assert str(e), (field, kind)
+        else:
+            raise AssertionError(f"{field} ({kind}) took {value!r}")
+    assert "escape" not in [i.run_id for i in studio.runner.runs()]
+    assert not [c for c in studio.checkpoint_choices() if "escape" in c[1] and
+                c[1].startswith("run/")]
+
+
+SOURCE_DIRS = ("engine", "studio")
+
+
+def _sources():
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "app.py"] + [p for d in SOURCE_DIRS for p in (root / d).rglob("*.py")]
+    return [(p.relative_to(root).as_posix(), p.read_text(encoding="utf-8")) for p in files]
+
+
+def _problems(name: str, text: str) -> list[str]:
+    """Unpicklers and shells in one source file."""
+    import ast
+    problems = []
+    for node in ast.walk(ast.parse(text, name)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            if any(m.split(".")[0] in ("pickle", "cPickle", "dill", "marshal", "shelve",
+                                       "joblib") for m in mods):
+                problems.append(f"{name}:{node.lineno} imports an unpickler")
+        if not isinstance(node, ast.Call):
+            continue
+        func = ast.unparse(node.func)
+        if func.endswith(("torch.load", "np.load", "numpy.load")) and not any(
+                k.arg in ("weights_only", "allow_pickle") and isinstance(k.value, ast.Constant)
+                and k.value.value is (k.arg == "weights_only") for k in node.keywords):
+            problems.append(f"{name}:{node.lineno} {func} may unpickle")
+        if func in ("os.system", "os.popen", "subprocess.getoutput",
+                    "subprocess.getstatusoutput", "eval", "exec"):
+            problems.append(f"{name}:{node.lineno} calls {func}")
+        for k in node.keywords:
+            if k.arg == "shell" and not (isinstance(k.value, ast.Constant)
+                                         and k.value.value is False):
+                problems.append(f"{name}:{node.lineno} starts a process through a shell")
+    return problems
+
+
+def test_nothing_is_unpickled_and_no_subprocess_uses_a_shell():
+    """Scans the code: training state and weights load through safetensors only, and every
+    process is started from an argument list."""
+    sources = _sources()
+    assert len(sources) > 20
+    assert [p for name, text in sources for p in _problems(name, text)] == []
+
+
+def test_the_scan_finds_planted_offenders():
+    planted = ("import pickle\nimport subprocess, os\nsubprocess.run('ls', shell=True)\n"
+               "torch.load(f)\ntorch.load(f, weights_only=True)\nos.system('x')\n"
+               "np.load(f, allow_pickle=True)\n")
+    assert [p.split(" ", 1)[1] for p in _problems("x.py", planted)] == [
+        "imports an unpickler", "starts a process through a shell", "torch.load may unpickle",
+        "calls os.system", "np.load may unpickle"]
