@@ -23,6 +23,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MAX_UPLOAD_MB = 200
+
+
+def serving_rules(workspace: Path, allow_dirs=(), max_upload_mb: int = MAX_UPLOAD_MB) -> dict:
+    """What the server may hand out and take in: files of the workspace (and the allowed
+    folders) only, and uploads up to `max_upload_mb` each (larger ones are refused with
+    HTTP 413 before they reach the disk)."""
+    allowed = [str(Path(workspace).resolve())] + [str(Path(d).expanduser().resolve())
+                                                  for d in allow_dirs]
+    return {"allowed_paths": allowed, "max_file_size": max_upload_mb * 1024 * 1024,
+            "prevent_thread_lock": True, "quiet": True}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; bad flags exit with code 2 and a message saying what to do."""
     p = argparse.ArgumentParser(
@@ -40,10 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-dir", action="append", default=[], type=Path, metavar="DIR",
                    help="also let the browser read files from DIR (repeatable); by default "
                         "only the workspace is served")
+    p.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_MB, metavar="MB",
+                   help=f"largest file the browser may upload: a start image, a PNG to recall, "
+                        f"dataset images (default {MAX_UPLOAD_MB})")
     p.add_argument("--inbrowser", action="store_true",
                    help="open the studio in the default browser once it is ready")
     args = p.parse_args(argv)
 
+    if not 1 <= args.max_upload_mb <= 4096:
+        p.error(f"--max-upload-mb {args.max_upload_mb}: allowed is 1 to 4096")
     if not 1 <= args.port <= 65535:
         p.error(f"--port {args.port}: allowed is 1 to 65535")
     if args.auth is not None:
@@ -76,11 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_ui(workspace, [d.expanduser().resolve() for d in args.allow_dir])
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    allowed = [str(workspace)] + [str(d.expanduser().resolve()) for d in args.allow_dir]
     try:
         _, url, _ = demo.launch(server_name=args.host, server_port=args.port, auth=auth,
-                                allowed_paths=allowed, inbrowser=args.inbrowser,
-                                prevent_thread_lock=True, quiet=True)
+                                inbrowser=args.inbrowser,
+                                **serving_rules(workspace, args.allow_dir, args.max_upload_mb))
     except OSError:
         # gradio reports every bind failure as one OSError about the port range
         print(f"app.py: cannot listen on {args.host}:{args.port}: the port is in use or the "

@@ -24,6 +24,14 @@ SYMLINKS = pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges 
 # app.py
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("flag", ["0", "5000"])
+def test_the_upload_limit_flag_is_checked(flag, capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-upload-mb", flag])
+    assert "--max-upload-mb" in capsys.readouterr().err
+    assert app.serving_rules(Path("w"), max_upload_mb=3)["max_file_size"] == 3 * 2**20
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
 def test_app_refuses_other_interfaces_without_auth(host, capsys):
     with pytest.raises(SystemExit) as e:
@@ -272,12 +280,32 @@ def served(tmp_path):
     (outside / "secret.txt").write_text("the secret")
     port = free_port()
     demo = build_ui(ws)
-    demo.launch(server_name="127.0.0.1", server_port=port, allowed_paths=[str(ws)],
-                prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port,
+                **app.serving_rules(ws, max_upload_mb=1))
     try:
         yield port, ws, outside
     finally:
         demo.close()
+
+
+def _upload(port: int, size: int) -> tuple[int, bytes]:
+    boundary = "phdmboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+            f"filename=\"big.png\"\r\nContent-Type: image/png\r\n\r\n").encode() \
+        + b"\x89PNG" + b"\0" * (size - 4) + f"\r\n--{boundary}--\r\n".encode()
+    status, data, _ = get(port, "/gradio_api/upload", method="POST", body=body, headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return status, data
+
+
+def test_uploads_above_the_limit_are_refused_before_they_reach_the_disk(served):
+    """Every upload (a start image, a PNG to recall, dataset images) goes through the one
+    upload route, under app.py's --max-upload-mb (1 MB here)."""
+    port, ws, _ = served
+    status, data = _upload(port, 1024 * 1024 + 4096)
+    assert status == 413, (status, data[:200])
+    status, data = _upload(port, 200 * 1024)
+    assert status == 200, (status, data[:200])
 
 
 def test_the_server_serves_workspace_files_and_nothing_else(served):
