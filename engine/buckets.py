@@ -370,6 +370,35 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
                       train, val, dropped, warnings)
 
 
+def format_plan(plan: BucketPlan) -> list[str]:
+    """The plan as text lines: the table of used buckets, then what an epoch trains."""
+    rows = [["bucket", "images", "batches", "last", "padded", "dropped", "tokens", "aspect err"]]
+    for b in plan.buckets:
+        if b.images:
+            rows.append([f"{b.size[0]}x{b.size[1]}", str(b.images), str(b.batches),
+                         str(b.last_batch), str(b.padded), str(b.dropped), str(b.tokens),
+                         f"{b.mean_aspect_error:.3f} / {b.worst_aspect_error:.3f}"])
+    rows.append(["total", str(len(plan.images)), str(plan.batches_per_epoch), "",
+                 str(sum(b.padded for b in plan.buckets)),
+                 str(sum(b.dropped for b in plan.buckets)), "",
+                 f"{plan.mean_aspect_error:.3f} / {plan.worst_aspect_error:.3f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    used = sum(1 for b in plan.buckets if b.images)
+    lines = [f"Buckets   {used} of {len(plan.buckets)} used; batches and last batch per rank; "
+             f"aspect error |ln(image/bucket aspect)| mean / worst"]
+    lines += ["  " + "  ".join(c.rjust(w) if 0 < i < 7 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    reasons: dict[str, int] = {}
+    for d in plan.dropped:
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+    why = f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""
+    return lines + ["", f"Training  {len(plan.images)} images, {len(plan.val_images)} held out "
+                        f"for validation, {len(plan.dropped)} dropped{why}",
+                    f"Epoch     {plan.batches_per_epoch} batches of up to {plan.batch_size} per "
+                    f"rank = {plan.steps_per_epoch:g} optimizer steps ({plan.samples_per_epoch} "
+                    f"samples over {plan.world_size} rank(s))"]
+
+
 # --------------------------------------------------------------------------------------
 # Batch sampler
 # --------------------------------------------------------------------------------------

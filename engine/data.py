@@ -2,11 +2,14 @@
 `python -m engine.data` CLI. The torch Dataset that feeds the trainer is in
 engine.dataset.
 
-A dataset is a folder, scanned recursively: .jpg .jpeg .png .webp .bmp images in any
-letter case; the caption of `a/x.png` is the UTF-8 text of `a/x.txt`. Hidden files and
-folders (names starting with '.') are ignored. The scan reads image headers only, never
-pixels; what it cannot use (unreadable files, images over the pixel limit, missing or
-empty captions) is reported as a Problem naming every file, never silently altered.
+A dataset is a folder, scanned recursively: .jpg .jpeg .png .webp .gif .bmp images in
+any letter case; the caption of `a/x.png` is the text of `a/x.txt` (UTF-8, or UTF-16
+with its byte-order mark). Hidden files and folders (names starting with '.') are
+ignored; a folder link that points back at a folder containing it is not followed. The
+scan reads image headers (and the last few kilobytes of each file, to notice one cut
+short) but no pixels; what it cannot use (unreadable or truncated files, images over the
+pixel limit, missing or empty captions) is reported as a Problem naming every file and
+what to do about it, never silently altered. Animated images train their first frame.
 Bucketing, cropping and batching are in engine.buckets; demo data in engine.demo_data.
 
 Typical use (trainer):
@@ -25,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
 import time
@@ -32,29 +36,29 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from engine.buckets import (
-    BucketPlan,
-    plan_buckets,
-)
+from engine.buckets import BucketPlan, format_plan, plan_buckets
 from engine.config import ConfigError, DataConfig, RunConfig, load_preset
 from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
 from engine.fileio import atomic_write_text
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-# Images over this many pixels are refused before decoding (a decompression bomb of a few
-# kilobytes can expand to gigabytes). PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS,
-# about 179 M) applies as well.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+# Our own limit, checked on the header before anything is decoded: a decompression bomb
+# of a few kilobytes can declare gigabytes of pixels. (PIL only warns from 89 M pixels and
+# refuses from 179 M; both are folded into ImageTooLarge here.)
 MAX_PIXELS = 100_000_000
 # Text files in a dataset that are documentation, not captions of a missing image.
 NOT_CAPTIONS = frozenset({"readme", "license", "licence"})
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # What PIL raises for broken, truncated or hostile files (its decoders are not uniform).
 BROKEN_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
                       struct.error, Image.DecompressionBombError)
+# How much of a file's end is read to check that it is all there.
+TAIL_BYTES = 4096
 
 # EXIF orientation -> the transpose that shows the image upright (EXIF 2.32, tag 0x0112)
 ORIENT_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -62,9 +66,22 @@ ORIENT_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTAT
                      6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                      8: Image.Transpose.ROTATE_90}
 
+# Problem kind of an image file -> (what it is, what to do about it)
+IMAGE_PROBLEMS = {
+    "unreadable": ("not a readable image", "replace it with a good copy or delete it"),
+    "truncated": ("file cut short (an interrupted copy or download?)",
+                  "copy it again from the original or delete it"),
+    "too_large": ("over the pixel limit, not decoded (possibly a decompression bomb)",
+                  "downscale it if it is a real picture, else delete it"),
+}
+
 
 class DataError(ValueError):
     """A dataset folder or file cannot be used as asked."""
+
+
+class ImageTooLarge(DataError, Image.DecompressionBombError):
+    """An image whose header declares more pixels than the limit: it is never decoded."""
 
 
 # --------------------------------------------------------------------------------------
@@ -88,7 +105,7 @@ class ImageRecord:
 class Problem:
     kind: str                 # unreadable, too_large, too_small, missing_caption, ...
     severity: str             # "error": the file is not trained; "warning": trained, but check
-    message: str
+    message: str              # what it means and what to do
     files: dict[str, str] = field(default_factory=dict)   # relative path -> what is wrong
 
     def to_dict(self) -> dict:
@@ -117,8 +134,14 @@ def _problem(problems: dict[str, Problem], kind: str, severity: str, message: st
 
 
 # --------------------------------------------------------------------------------------
-# Scanning
+# Image files
 # --------------------------------------------------------------------------------------
+
+class ImageInfo(NamedTuple):
+    width: int                # as displayed (EXIF orientation applied)
+    height: int
+    animated: bool            # several frames; the first is the one trained
+
 
 def exif_orientation(img: Image.Image) -> int:
     """EXIF orientation read from the header only (1 when absent): PNG keeps EXIF after
@@ -132,29 +155,121 @@ def exif_orientation(img: Image.Image) -> int:
     return value if value in ORIENT_TRANSPOSE else 1
 
 
-def open_image(path: str) -> Image.Image:
-    """Image.open with PIL's bomb warning silenced (our own limit is checked by callers)."""
+def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Image.open, refusing with ImageTooLarge (before any pixel is decoded) a header
+    that declares more than `max_pixels` pixels."""
+    limit = f"over the limit of {max_pixels / 1e6:g} M"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(path)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as e:    # over PIL's own, higher limit
+            n = re.search(r"(\d+) pixels", str(e))
+            size = f"{int(n[1]) / 1e6:.3g} M" if n else "too many"
+            raise ImageTooLarge(f"the header declares {size} pixels, {limit}") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageTooLarge(f"{w}x{h} = {w * h / 1e6:.3g} M pixels, {limit}")
+    return img
 
 
-def read_header(path: str) -> tuple[int, int]:
-    """(width, height) as displayed, from the file header."""
-    with open_image(path) as img:
-        w, h = img.size
-        if exif_orientation(img) >= 5:   # orientations 5-8 swap the axes
-            w, h = h, w
+def _displayed_size(img: Image.Image) -> tuple[int, int]:
+    w, h = img.size
+    if exif_orientation(img) >= 5:   # orientations 5-8 swap the axes
+        w, h = h, w
     if w < 1 or h < 1:
         raise OSError(f"image has no pixels ({w}x{h})")
     return w, h
 
 
+def read_header(path: str) -> tuple[int, int]:
+    """(width, height) as displayed, from the file header (ImageTooLarge over MAX_PIXELS)."""
+    with open_image(path) as img:
+        return _displayed_size(img)
+
+
+def cut_short(path: str | os.PathLike) -> bool:
+    """Whether the file lacks the end its format ends with (PNG IEND, JPEG EOI, GIF
+    trailer) or is shorter than its header says (WebP, BMP). Reads the first and last
+    bytes only. A hint that the scan confirms by decoding: data after the end (a JPEG
+    motion photo) makes it say True for a good file."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read()
+    if head.startswith(b"\x89PNG"):
+        return b"IEND" not in tail
+    if head.startswith(b"\xff\xd8"):       # EOI cannot occur inside JPEG entropy data
+        return b"\xff\xd9" not in tail
+    if head.startswith(b"GIF8"):
+        return not tail.rstrip(b"\0").endswith(b";")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return size < 8 + int.from_bytes(head[4:8], "little")
+    if head.startswith(b"BM"):
+        return size < int.from_bytes(head[2:6], "little")
+    return False
+
+
+def inspect_image(path: str, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Displayed size and animation of an image that training can decode, from its
+    header; a file that looks cut short is decoded to be sure. Raises ImageTooLarge over
+    the pixel limit, else one of BROKEN_FILE_ERRORS (see image_problem)."""
+    with open_image(path, max_pixels) as img:
+        w, h = _displayed_size(img)
+        animated = bool(getattr(img, "is_animated", False))
+        if cut_short(path):
+            img.load()
+    return ImageInfo(w, h, animated)
+
+
+def _content(head: bytes) -> str:
+    """What a file that is no image seems to hold, from its first bytes."""
+    if head[4:8] == b"ftyp":
+        return "an HEIC/AVIF or video container: convert it to PNG or JPEG"
+    if head.startswith((b"II*\0", b"MM\0*")):
+        return "a TIFF image: convert it to PNG"
+    if head.lstrip().startswith(b"<"):
+        return "HTML or XML text (a web page saved under an image name?)"
+    if head.isascii() and all(c >= 32 or c in b"\t\r\n" for c in head):
+        return "plain text"
+    return "no image format this program reads (PNG, JPEG, WebP, GIF, BMP)"
+
+
+def image_problem(e: BaseException, path: str | os.PathLike) -> tuple[str, str]:
+    """(kind, note) for an image file that failed to open or decode with `e`: the kind
+    is a key of IMAGE_PROBLEMS, the note says what is wrong in plain words."""
+    if isinstance(e, ImageTooLarge):
+        return "too_large", str(e)
+    if isinstance(e, Image.DecompressionBombError):
+        return "too_large", f"over PIL's pixel limit: {e}"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+        short = size > 0 and cut_short(path)
+    except OSError as err:
+        return "unreadable", f"cannot be read: {err.strerror or err}"
+    if size == 0:
+        return "unreadable", "empty file (0 bytes)"
+    if short or "truncated" in str(e):
+        return "truncated", f"the image data stops early ({size} bytes on disk)"
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "unreadable", f"not an image: the file holds {_content(head)}"
+    return "unreadable", f"damaged image data ({str(e) or type(e).__name__})"
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB; transparent pixels are composited on white, 16-bit grey is rescaled."""
-    if img.mode.startswith("I;16"):
-        grey = (np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
+    """8-bit RGB of the current frame. Transparent pixels are composited on white. 16-bit
+    grey (modes I;16* and I, as PNG's 16-bit grey opens) is scaled 65535 -> 255, which
+    PIL's own conversion does not do: it clips everything above 255 to white."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        raw = np.asarray(img)
+        grey = (np.clip(raw.astype(np.float32), 0, 65535) / 257.0).round().astype(np.uint8)
+        if isinstance(img.info.get("transparency"), int):
+            grey[raw == img.info["transparency"]] = 255
+        return Image.fromarray(grey).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -168,43 +283,65 @@ def upright_rgb(img: Image.Image) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(img))
 
 
-CAPTION_PROBLEMS = {"missing_caption": "no caption file", "empty_caption": "empty caption",
-                    "caption_unreadable": "caption file unreadable"}
+# --------------------------------------------------------------------------------------
+# Captions and scanning
+# --------------------------------------------------------------------------------------
+
+# caption problem kind -> (what it is, what to do)
+CAPTION_PROBLEMS = {"missing_caption": ("no caption file", "add a .txt of the same name"),
+                    "empty_caption": ("empty caption file", "write the caption into it"),
+                    "caption_unreadable": ("caption file is not UTF-8 text",
+                                           "save it again as UTF-8")}
 
 
 def read_caption(path: Path) -> tuple[str | None, str, str]:
     """(caption, problem, note): the stripped text, '', ''; or None, a key of
     CAPTION_PROBLEMS and what exactly is wrong."""
     try:
-        text = path.read_bytes().decode("utf-8-sig").strip()
+        raw = path.read_bytes()
+        text = (raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+                else raw.decode("utf-8-sig")).strip()
     except FileNotFoundError:
         return None, "missing_caption", f"no {path.name}"
     except UnicodeDecodeError as e:
-        return None, "caption_unreadable", f"{path.name} is not UTF-8 text (byte {e.start})"
+        return None, "caption_unreadable", (f"{path.name} is not UTF-8 text (byte {e.start} "
+                                            f"is 0x{e.object[e.start]:02X})")
     except OSError as e:
         return None, "caption_unreadable", f"cannot read {path.name}: {e.strerror}"
     return (text, "", "") if text else (None, "empty_caption", f"{path.name} is empty")
 
 
-def _walk(root: Path) -> tuple[list[tuple[Path, list[str], dict[str, str]]], dict[Path, str]]:
+def _contains(outer: str, inner: str) -> bool:
+    return os.path.commonpath([outer, inner]) == outer
+
+
+def _walk(root: Path) -> tuple[list[tuple[Path, list[str], dict[str, str]]], dict[Path, str],
+                               dict[Path, str]]:
     """[(folder, image names, lower-case .txt name -> real name)] for every folder under
-    root (folder links are followed, each real folder once, so a link loop ends), and
-    {folder: error} for folders that cannot be listed."""
-    out, failed, seen, stack = [], {}, set(), [root]
-    while stack:
-        folder = stack.pop()
+    root; {folder: error} for folders that cannot be listed; {link: target} for folder
+    links not followed because they point at a folder that contains them (a loop). Other
+    folder links are followed after every real folder, and each real folder is listed
+    once, so no file is counted twice and none is named by a link when it need not be."""
+    out, failed, loops, seen, stack, links = [], {}, {}, set(), [root], []
+    while stack or links:
+        folder = stack.pop() if stack else links.pop(0)
         real = os.path.realpath(folder)
         if real in seen:
             continue
         seen.add(real)
-        images, texts, subdirs = [], {}, []
+        images, texts, subdirs, linked = [], {}, [], []
         try:
             with os.scandir(folder) as it:
                 for e in it:
                     if e.name.startswith("."):
                         continue
                     if e.is_dir():
-                        subdirs.append(Path(e.path))
+                        if not e.is_symlink():
+                            subdirs.append(Path(e.path))
+                        elif _contains(target := os.path.realpath(e.path), real):
+                            loops[Path(e.path)] = target
+                        else:
+                            linked.append(Path(e.path))
                     elif e.is_file():
                         ext = os.path.splitext(e.name)[1].lower()
                         if ext in IMAGE_EXTENSIONS:
@@ -216,7 +353,8 @@ def _walk(root: Path) -> tuple[list[tuple[Path, list[str], dict[str, str]]], dic
             continue
         out.append((folder, sorted(images), texts))
         stack.extend(sorted(subdirs, reverse=True))
-    return out, failed
+        links.extend(sorted(linked))
+    return out, failed, loops
 
 
 def _load_cache(path: Path | None, root: Path) -> dict:
@@ -235,16 +373,26 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
                  cache_path: str | os.PathLike | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Scan:
     """Find every image under `root` with its size and caption, and what is wrong.
+    DataError when `root` is no folder or holds no image file at all.
 
-    Reads headers only. With `cache_path`, header sizes are kept in that JSON file keyed
-    by (file size, modification time), so a rescan of an unchanged 100k-image folder
-    opens no image. `progress(done, total)` is called as headers are read."""
+    Reads headers only. With `cache_path`, what a good file's header said is kept in
+    that JSON file keyed by (file size, modification time), so a rescan of an unchanged
+    100k-image folder opens no image. `progress(done, total)` is called as headers are
+    read."""
     start = time.perf_counter()
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise DataError(f"dataset folder '{root}' does not exist or is not a folder (give the "
                         f"folder that holds the images and their .txt captions)")
     root_path = root_path.resolve()
+    folders, unlistable, loops = _walk(root_path)
+    total = sum(len(imgs) for _, imgs, _ in folders)
+    if total == 0:
+        unread = "".join(f"; folder '{f}' cannot be listed ({err})" for f, err in
+                         list(unlistable.items())[:3])
+        raise DataError(f"no images in '{root_path}' or its subfolders (looked for "
+                        f"{' '.join(sorted(IMAGE_EXTENSIONS))} files){unread}: put the images "
+                        f"there, each with a .txt caption of the same name")
     cache_file = Path(cache_path) if cache_path is not None else None
     cache = _load_cache(cache_file, root_path)
     new_cache: dict[str, list[int]] = {}
@@ -256,17 +404,22 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
     caption_effect = "skipped (data.missing_caption = skip)" if missing_is_error else fallback
     caption_severity = "error" if missing_is_error else "warning"
 
-    folders, unlistable = _walk(root_path)
+    def rel_of(path: Path) -> str:
+        return path.relative_to(root_path).as_posix()
+
     for folder, err in unlistable.items():
-        _problem(problems, "unreadable", "error", "cannot be read: skipped",
-                 folder.relative_to(root_path).as_posix() + "/", f"folder: {err}")
-    total = sum(len(imgs) for _, imgs, _ in folders)
+        _problem(problems, "unreadable_folder", "error", "folder cannot be listed: its images "
+                 "are skipped; check its permissions", rel_of(folder) + "/", err)
+    for link, target in loops.items():
+        _problem(problems, "folder_loop", "warning", "folder link to a folder that contains "
+                 "it (a loop): not followed; remove the link unless something else needs it",
+                 rel_of(link) + "/", f"links to {target}")
     done = 0
     for folder, images, texts in folders:
         stems = set()
         for name in images:
             path = folder / name
-            rel = path.relative_to(root_path).as_posix()
+            rel = rel_of(path)
             stem = os.path.splitext(name)[0]
             stems.add(stem.lower())
             done += 1
@@ -275,39 +428,38 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
             try:
                 st = path.stat()
                 hit = cache.get(rel)
-                if hit and hit[:2] == [st.st_size, st.st_mtime_ns]:
-                    w, h = hit[2], hit[3]
+                if hit and hit[:2] == [st.st_size, st.st_mtime_ns] and \
+                        hit[2] * hit[3] <= max_pixels:
+                    info = ImageInfo(*hit[2:5])
                 else:
-                    w, h = read_header(str(path))
-                new_cache[rel] = [st.st_size, st.st_mtime_ns, w, h]
-            except Image.DecompressionBombError as e:
-                _problem(problems, "too_large", "error", "over the pixel limit, not decoded "
-                         "(possible decompression bomb)", rel, str(e))
-                continue
+                    info = inspect_image(str(path), max_pixels)
+                new_cache[rel] = [st.st_size, st.st_mtime_ns, *info]
             except BROKEN_FILE_ERRORS as e:
-                _problem(problems, "unreadable", "error", "cannot be read: skipped", rel,
-                         str(e) or type(e).__name__)
+                kind, note = image_problem(e, path)
+                what, todo = IMAGE_PROBLEMS[kind]
+                _problem(problems, kind, "error", f"{what}: skipped; {todo}", rel, note)
                 continue
-            if w * h > max_pixels:
-                _problem(problems, "too_large", "error", "over the pixel limit, not decoded "
-                         "(possible decompression bomb)", rel,
-                         f"{w}x{h} = {w * h / 1e6:.0f} M pixels > {max_pixels / 1e6:.0f} M")
-                continue
+            w, h = info.width, info.height
+            if info.animated:
+                _problem(problems, "animated", "warning", "animated image: only its first "
+                         "frame is trained; save the frame you want as a still image", rel,
+                         "animated: the first frame is trained")
             if min(w, h) < data_cfg.min_side:
                 _problem(problems, "too_small", "error", f"shorter side below data.min_side "
-                         f"{data_cfg.min_side}: skipped", rel, f"{w}x{h} px")
+                         f"{data_cfg.min_side}: skipped; use a larger image or lower "
+                         f"data.min_side", rel, f"{w}x{h} px")
             txt = texts.get(f"{stem}.txt".lower(), f"{stem}.txt")
             caption, kind, note = read_caption(folder / txt)
             if caption is None:
-                _problem(problems, kind, caption_severity,
-                         f"{CAPTION_PROBLEMS[kind]}: {caption_effect}", rel, note)
+                what, todo = CAPTION_PROBLEMS[kind]
+                _problem(problems, kind, caption_severity, f"{what}: {caption_effect}; {todo}",
+                         rel, note)
             records.append(ImageRecord(str(path), rel, w, h, caption, st.st_size))
         for low, real_name in texts.items():
             stem = low[:-4]
             if stem not in stems and stem not in NOT_CAPTIONS:
-                rel = (folder / real_name).relative_to(root_path).as_posix()
                 _problem(problems, "orphan_caption", "warning", "caption file with no image of "
-                         "the same name", rel, "no image with this name")
+                         "the same name", rel_of(folder / real_name), "no image with this name")
     if cache_file is not None and new_cache != cache:
         try:
             atomic_write_text(cache_file, json.dumps({"version": CACHE_VERSION,
@@ -317,6 +469,24 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
             pass   # the cache only saves time; a read-only location must not stop a scan
     records.sort(key=lambda r: r.rel)
     return Scan(str(root_path), records, list(problems.values()), time.perf_counter() - start)
+
+
+def why_nothing_trains(scan: Scan, plan: BucketPlan) -> str:
+    """'' when the plan trains at least one batch an epoch, else why not and what to do."""
+    if plan.batches_per_epoch > 0:
+        return ""
+    if plan.images:
+        return (f"no bucket of '{scan.root}' fills a batch of {plan.batch_size} and "
+                f"data.drop_last is on: lower train.batch_size or set data.drop_last off")
+    counts: dict[str, set[str]] = {}
+    for p in scan.problems:
+        if p.severity == "error":
+            counts.setdefault(p.kind.replace("_", " "), set()).update(p.files)
+    files = len(set().union(*counts.values())) if counts else len(scan.records)
+    why = ", ".join(f"{len(v)} {k}" for k, v in sorted(counts.items()))
+    return (f"none of the {files} image file(s) in '{scan.root}' can be trained ({why}): "
+            f"fix or replace the files its health report lists (`python -m engine.data "
+            f"report '{scan.root}' --preset <preset>`)")
 
 
 # --------------------------------------------------------------------------------------
@@ -403,17 +573,15 @@ def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] 
 
     if deep:
         corrupt = Problem("corrupt", "error", "header reads but the pixels do not decode: "
-                          "skipped in training")
+                          "skipped in training; replace it with a good copy or delete it")
         for i, r in enumerate(scan.records):
             if progress is not None:
                 progress(i + 1, len(scan.records))
             try:
-                with open_image(r.path) as img:
-                    if img.size[0] * img.size[1] > max_pixels:
-                        continue
+                with open_image(r.path, max_pixels) as img:
                     img.load()
             except BROKEN_FILE_ERRORS as e:
-                corrupt.files[r.rel] = str(e) or type(e).__name__
+                corrupt.files[r.rel] = image_problem(e, r.path)[1]
         if corrupt.files:
             problems.append(corrupt)
 
@@ -425,15 +593,15 @@ def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] 
             raise ValueError(f"count_tokens returned {len(counts)} counts for "
                              f"{len(captioned)} captions")
         arr = np.asarray(counts)
-        over = {r.rel: f"{n} tokens > {max_tokens}" for r, n in zip(captioned, counts)
-                if max_tokens is not None and n > max_tokens}
+        over = {r.rel: f"{n} tokens, will be cut to {max_tokens}" for r, n in
+                zip(captioned, counts) if max_tokens is not None and n > max_tokens}
         tokens = TokenStats(counter_name, max_tokens, len(counts), int(arr.min()),
                             float(arr.mean()), int(np.percentile(arr, 95, method="higher")),
                             int(arr.max()), len(over))
         if over:
-            problems.append(Problem("long_caption", "warning", f"caption longer than the text "
-                                    f"encoder's limit of {max_tokens} tokens: the end is cut "
-                                    f"off in training", over))
+            problems.append(Problem("long_caption", "warning", f"caption longer than "
+                                    f"text.max_tokens = {max_tokens}: the end is cut off in "
+                                    f"training; shorten it or raise text.max_tokens", over))
     return HealthReport(scan.root, len(scan.records), problems, tokens)
 
 
@@ -458,12 +626,6 @@ def token_counter(cfg: RunConfig) -> tuple[Callable[[list[str]], list[int]], str
             f"the tokenizer of '{cfg.text.name_or_path}'")
 
 
-def _table(rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
-
-
 def format_report(scan: Scan, plan: BucketPlan, health: HealthReport, title: str,
                   max_files: int = 8) -> str:
     """The human-readable report printed by `python -m engine.data report`."""
@@ -484,39 +646,15 @@ def format_report(scan: Scan, plan: BucketPlan, health: HealthReport, title: str
                              f"(--json lists all)")
     else:
         lines.append("Problems  none")
-    lines.append("")
-    rows = [["bucket", "images", "batches", "last", "padded", "dropped", "tokens", "aspect err"]]
-    for b in plan.buckets:
-        if b.images:
-            rows.append([f"{b.size[0]}x{b.size[1]}", str(b.images), str(b.batches),
-                         str(b.last_batch), str(b.padded), str(b.dropped), str(b.tokens),
-                         f"{b.mean_aspect_error:.3f} / {b.worst_aspect_error:.3f}"])
-    rows.append(["total", str(len(plan.images)), str(plan.batches_per_epoch), "",
-                 str(sum(b.padded for b in plan.buckets)),
-                 str(sum(b.dropped for b in plan.buckets)), "",
-                 f"{plan.mean_aspect_error:.3f} / {plan.worst_aspect_error:.3f}"])
-    used = sum(1 for b in plan.buckets if b.images)
-    lines.append(f"Buckets   {used} of {len(plan.buckets)} used; batches and last batch per "
-                 f"rank; aspect error |ln(image/bucket aspect)| mean / worst")
-    lines += _table(rows, right={1, 2, 3, 4, 5, 6})
-    lines.append("")
-    reasons: dict[str, int] = {}
-    for d in plan.dropped:
-        reasons[d.reason] = reasons.get(d.reason, 0) + 1
-    lines.append(f"Training  {len(plan.images)} images, {len(plan.val_images)} held out for "
-                 f"validation, {len(plan.dropped)} dropped"
-                 + (f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})"
-                    if reasons else ""))
-    lines.append(f"Epoch     {plan.batches_per_epoch} batches of up to {plan.batch_size} per rank "
-                 f"= {plan.steps_per_epoch:g} optimizer steps ({plan.samples_per_epoch} samples "
-                 f"over {plan.world_size} rank(s))")
+    lines += ["", *format_plan(plan)]
     if health.tokens is not None:
         t = health.tokens
         limit = f", limit {t.max_tokens}: {t.over} over" if t.max_tokens is not None else ""
         lines.append(f"Captions  length in {t.counter}: min {t.min}, mean {t.mean:.1f}, "
                      f"95% {t.p95}, max {t.max}{limit}")
-    for w in plan.warnings:
-        lines.append(f"Warning   {w}")
+    lines += [f"Warning   {w}" for w in plan.warnings]
+    if why := why_nothing_trains(scan, plan):
+        lines.append(f"Cannot train: {why}")
     return "\n".join(lines)
 
 

@@ -2,9 +2,10 @@
 the trainer, collate and the DataLoader.
 
 A file that fails to decode during training does not stop it: its sample comes back with
-an error, collate leaves it out and lists it in `Batch.failed`, and the trainer logs and
-counts it. Random crops and flips are a function of (seed, epoch, index) alone, so any
-number of workers, and a resumed run, see exactly the same pixels.
+an error that says what is wrong with the file and what to do, collate leaves it out and
+lists it in `Batch.failed`, and the trainer logs and counts it. Random crops and flips
+are a function of (seed, epoch, index) alone, so any number of workers, and a resumed
+run, see exactly the same pixels.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from engine.buckets import (
 from engine.config import DataConfig
 from engine.data import (
     BROKEN_FILE_ERRORS,
+    IMAGE_PROBLEMS,
     MAX_PIXELS,
     ORIENT_TRANSPOSE,
     DataError,
     exif_orientation,
+    image_problem,
     open_image,
     to_rgb,
 )
@@ -49,12 +52,11 @@ def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: b
     """The bucket-sized RGB crop of an image: the crop box of engine.buckets.crop_box at
     (fx, fy), resampled with Lanczos straight from the original pixels, optionally
     mirrored. Large JPEGs are decoded at a reduced DCT scale that still covers the crop
-    at full resolution. Raises one of BROKEN_FILE_ERRORS for a broken file."""
-    with open_image(path) as img:
+    at full resolution; an animated image gives its first frame. Raises one of
+    BROKEN_FILE_ERRORS for a broken file (engine.data.ImageTooLarge over `max_pixels`)."""
+    with open_image(path, max_pixels) as img:
         orient = exif_orientation(img)
         w, h = img.size if orient < 5 else img.size[::-1]
-        if w * h > max_pixels:
-            raise DataError(f"{w}x{h} px is over the limit of {max_pixels} pixels")
         s = cover_scale(w, h, bucket)
         factor = 1.0     # decoded pixels per original pixel
         if img.format in ("JPEG", "MPO") and s < 0.5:
@@ -68,6 +70,12 @@ def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: b
     box = tuple(v * factor for v in crop_box(w, h, bucket, fx, fy))
     out = rgb.resize(bucket, Image.Resampling.LANCZOS, box=box)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def load_error(e: BaseException, path: str) -> str:
+    """What is wrong with a file that failed to load, and what to do, in one line."""
+    kind, note = image_problem(e, path)
+    return f"{note}; {IMAGE_PROBLEMS[kind][1]}"
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -176,7 +184,7 @@ class BucketDataset(Dataset):
                                 max_pixels=self.max_pixels)
             except BROKEN_FILE_ERRORS as e:
                 return Sample(None, im.caption, im.record.path, im.bucket, key.epoch,
-                              key.position, f"{type(e).__name__}: {e}")
+                              key.position, load_error(e, im.record.path))
             pixels = torch.from_numpy(np.array(img, dtype=np.uint8))         # (H, W, 3)
             if self._cached_bytes + pixels.numel() <= self.cache_bytes:
                 self._cache[key.index] = pixels
@@ -200,6 +208,31 @@ def collate(samples: Sequence[Sample]) -> Batch:
                  samples[0].epoch, samples[0].position)
 
 
+class BucketLoader(DataLoader):
+    """A DataLoader of Batches that raises DataError once every image of its dataset has
+    failed to load and none has loaded: no epoch could yield a batch again, and skipping
+    on would never end. Checked here, in the trainer's process, which sees the batches
+    of every worker."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._failed: dict[str, str] = {}     # path -> why, while nothing has loaded
+        self._loaded = False
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self._loaded = self._loaded or len(batch) > 0
+            if not self._loaded:
+                self._failed.update(batch.failed)
+                if len(self._failed) >= len(self.dataset):
+                    path, why = next(iter(self._failed.items()))
+                    raise DataError(f"none of the {len(self._failed)} images could be decoded "
+                                    f"(e.g. {path}: {why}); run `python -m engine.data report "
+                                    f"<dataset folder> --preset <preset> --deep` to list "
+                                    f"every broken file")
+            yield batch
+
+
 def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int = 0,
                 validation: bool = False, pin_memory: bool = False
                 ) -> tuple[DataLoader, BucketBatchSampler]:
@@ -213,7 +246,9 @@ def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int 
         ds = BucketDataset(plan.images, crop=data_cfg.crop, flip=data_cfg.flip, seed=seed,
                            cache_bytes=data_cfg.cache_mb * 2**20)
         sampler = BucketBatchSampler.from_plan(plan, seed=seed, rank=rank)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+    # validation only skips: a broken held-out image must not stop a run that can train
+    loader_cls = DataLoader if validation else BucketLoader
+    loader = loader_cls(ds, batch_sampler=sampler, collate_fn=collate,
                         num_workers=data_cfg.workers, pin_memory=pin_memory,
                         persistent_workers=data_cfg.workers > 0)
     return loader, sampler

@@ -29,6 +29,7 @@ from engine.data import (
     health_report,
     scan_dataset,
     token_counter,
+    why_nothing_trains,
 )
 from engine.demo_data import write_demo_dataset
 from studio import views
@@ -90,6 +91,13 @@ def preview(root: Path, cfg: config.RunConfig, gpus: int, cache_dir: Path) -> Pr
     while len(_PREVIEWS) > 4:
         _PREVIEWS.popitem(last=False)
     return result
+
+
+def plan_status(root: Path, pv: Preview) -> str:
+    """The status line of a preview; it says so when training would have nothing to train."""
+    why = why_nothing_trains(pv.scan, pv.plan)
+    return (f"Planned `{root}` in {pv.scan.seconds:.2f} s."
+            + (f"\n\n**Nothing would train:** {why}" if why else ""))
 
 
 def preset_values(name: str) -> tuple:
@@ -252,7 +260,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         gallery, page_v, page_text = thumbnails(pv.plan, order_v, bucket_v, page_v)
         new_sel = {"path": str(root), "name": choice if not (typed or "").strip() else str(root),
                    "preset": preset_name, "overrides": settings_overrides(vals), "key": pv.key}
-        return (f"Planned `{root}` in {pv.scan.seconds:.2f} s.",
+        return (plan_status(root, pv),
                 views.plan_summary(pv.plan, len(pv.scan.records)),
                 bucket_plot(pv.plan), views.bucket_rows(pv.plan),
                 views.health_summary(pv.health), views.health_rows(pv.health),

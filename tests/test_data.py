@@ -337,7 +337,7 @@ def test_scan_finds_images_captions_and_problems(tmp_path):
     save(tmp_path / "c.webp", caption="")
     save(tmp_path / "d.bmp")
     save(tmp_path / "e.png", caption=None)
-    (tmp_path / "e.txt").write_bytes(b"\xff\xfe bad")
+    (tmp_path / "e.txt").write_bytes(b"caf\xe9 bad")
     save(tmp_path / "small.png", size=(16, 64), caption="small")
     (tmp_path / "broken.png").write_bytes(b"not an image at all")
     png_header_only(tmp_path / "bomb.png", 30000, 30000)
@@ -377,7 +377,7 @@ def test_scan_cache_skips_unchanged_headers(tmp_path, monkeypatch):
     assert cache.is_file()
     import engine.data as data_module
     calls = []
-    monkeypatch.setattr(data_module, "read_header", lambda p: calls.append(p) or (1, 1))
+    monkeypatch.setattr(data_module, "inspect_image", lambda *a: calls.append(a) or (1, 1, False))
     again = scan_dataset(tmp_path / "data", cfg(), cache_path=cache)
     assert calls == [] and again.records == first.records
 
@@ -402,17 +402,21 @@ def test_health_report_duplicates_tokens_and_deep_check(tmp_path):
     save(tmp_path / "a.png", caption="one two three four five")
     save(tmp_path / "copy.png", caption="one")
     save(tmp_path / "other.png", colour=(0, 0, 255), caption="one two")
-    raw = (tmp_path / "trunc.png")
+    raw = (tmp_path / "damaged.png")   # whole, but with a run of zeros in its pixel data
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(raw)
-    raw.write_bytes(raw.read_bytes()[:400])
+    data = bytearray(raw.read_bytes())
+    data[200:260] = bytes(60)
+    raw.write_bytes(bytes(data))
     raw.with_suffix(".txt").write_text("x")
     scan = scan_dataset(tmp_path, cfg())
+    assert "damaged.png" in {r.rel for r in scan.records}     # the header reads
     report = health_report(scan, count_tokens=lambda caps: [len(c.split()) for c in caps],
                            max_tokens=3, counter_name="words", deep=True)
     problems = {p.kind: p for p in report.problems}
     assert problems["duplicate"].files == {"copy.png": "same content as a.png"}
     assert set(problems["long_caption"].files) == {"a.png"}
-    assert set(problems["corrupt"].files) == {"trunc.png"}
+    assert list(problems["corrupt"].files) == ["damaged.png"]
+    assert problems["corrupt"].files["damaged.png"].startswith("damaged image data")
     assert report.tokens.max == 5 and report.tokens.over == 1 and report.tokens.counter == "words"
     assert report.errors == 1
     json.dumps(report.to_dict())
