@@ -31,12 +31,12 @@ from engine.buckets import (
     crop_box,
 )
 from engine.config import DataConfig
-from engine.data import (
+from engine.data import DataError
+from engine.images import (
     BROKEN_FILE_ERRORS,
     IMAGE_PROBLEMS,
     MAX_PIXELS,
     ORIENT_TRANSPOSE,
-    DataError,
     exif_orientation,
     image_problem,
     open_image,
@@ -53,7 +53,7 @@ def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: b
     (fx, fy), resampled with Lanczos straight from the original pixels, optionally
     mirrored. Large JPEGs are decoded at a reduced DCT scale that still covers the crop
     at full resolution; an animated image gives its first frame. Raises one of
-    BROKEN_FILE_ERRORS for a broken file (engine.data.ImageTooLarge over `max_pixels`)."""
+    BROKEN_FILE_ERRORS for a broken file (engine.images.ImageTooLarge over `max_pixels`)."""
     with open_image(path, max_pixels) as img:
         orient = exif_orientation(img)
         w, h = img.size if orient < 5 else img.size[::-1]

@@ -42,13 +42,13 @@ from torch import Tensor
 from engine import __version__
 from engine.checkpoint import CheckpointError, list_checkpoints, load_weights
 from engine.config import RunConfig
-from engine.data import BROKEN_FILE_ERRORS
 from engine.dataset import to_uint8
 from engine.distributed import DeviceError, compiler_problem, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
 from engine.fileio import file_hash
 from engine.flow import to_clean
-from engine.generate_io import checkpoint_config, init_rgb, load_part, upright_size
+from engine.generate_io import checkpoint_config, load_part, upright_size
+from engine.images import BROKEN_FILE_ERRORS, upright_rgb
 from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.pngmeta import png_text, save_png
 from engine.sampling import SAMPLERS, cfg_model, img2img_grid, noise_image, sample_shift, time_grid
@@ -92,9 +92,9 @@ def from_pil(image: Image.Image) -> Tensor:
 
 
 def cover_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Lanczos-resize so the image (any mode, see init_rgb) covers width x height, then
-    crop the centre."""
-    image = init_rgb(image)
+    """Lanczos-resize so the image (any mode: engine.images.upright_rgb) covers width x
+    height, then crop the centre."""
+    image = upright_rgb(image)
     w0, h0 = image.size
     if (w0, h0) == (width, height):
         return image
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init is not None:
         try:
             with Image.open(args.init) as im:
-                init = init_rgb(im)
+                init = upright_rgb(im)
         except BROKEN_FILE_ERRORS as e:
             return fail(f"--init: cannot read the image '{args.init}' ({e}); give a PNG, JPEG "
                         f"or WebP file", 1)

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 
 from engine.checkpoint import CheckpointError, read_meta
 from engine.config import ConfigError, RunConfig, config_from_dict
-from engine.data import exif_orientation, upright_rgb
+from engine.images import exif_orientation
 
 PICK_ANOTHER = "pick another checkpoint"
 
@@ -98,17 +97,4 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (h, w) if exif_orientation(image) >= 5 else (w, h)
 
 
-def init_rgb(image: Image.Image) -> Image.Image:
-    """Any picture as the 8-bit RGB image it shows: upright, transparency on white, 16-bit
-    grey rescaled (engine.data.upright_rgb), and the 32-bit modes PIL's own conversion
-    would clip: integer 'I' (how 16-bit files often open) scaled down from 16 bits when
-    its values need them, float 'F' taken as 0..1 when it stays within it."""
-    if image.mode in ("I", "F"):
-        a = np.asarray(ImageOps.exif_transpose(image), dtype=np.float64)
-        top = float(a.max()) if a.size else 0.0
-        if image.mode == "I" and top > 255:
-            a = a / 257.0
-        elif image.mode == "F" and top <= 1.0:
-            a = a * 255.0
-        image = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L")
-    return upright_rgb(image)
+

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from engine.checkpoint import (
     unflatten_optimizer,
 )
 from engine.config import ConfigError, RunConfig, dump_yaml, load_preset, save_config
-from engine.data import DataError, scan_dataset
+from engine.data import DataError, scan_dataset, why_nothing_trains
 from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
     DeviceError,
@@ -135,12 +136,17 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     scan = scan_dataset(cfg.data.path, cfg.data, cache_path=run.root / "dataset-index.json")
     plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, tr.batch_size,
                         world_size=d.world, grad_accum=tr.grad_accum)
-    if not plan.images or plan.batches_per_epoch == 0:
-        raise TrainError(f"no trainable images in '{cfg.data.path}' ({len(scan.records)} found; "
-                         f"dropped: {len(plan.dropped)}). Run `python -m engine.data report "
-                         f"{cfg.data.path} --preset <preset>` to see why")
+    if why := why_nothing_trains(scan, plan):
+        raise DataError(why)
     for w in plan.warnings:
         log(f"data: {w}")
+    skipped = {f: p.kind.replace("_", " ") for p in scan.problems if p.severity == "error"
+               for f in p.files}
+    if skipped:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(skipped.values()).items()))
+        names = ", ".join(sorted(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
+        log(f"data: {len(skipped)} file(s) not trained ({kinds}): {names}; `python -m "
+            f"engine.data report {cfg.data.path}` says why")
     loader, sampler = make_loader(plan, cfg.data, seed=tr.seed, rank=d.rank,
                                   pin_memory=device.type == "cuda")
     fingerprint = dataset_fingerprint(plan)
@@ -353,6 +359,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     model.train()
     data_iter = iter(loader)
     bad_steps, skipped_total, bad_files_total, rollbacks_in_a_row = 0, 0, 0, 0
+    bad_files_named: set[str] = set()
     window = MetricWindow(T_BINS)
     final_state = "completed"
 
@@ -368,9 +375,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 log(f"epoch {epoch} begins at step {step}")
                 continue
             position = batch.position
-            for path, why in batch.failed:
+            for path, why in batch.failed:   # counted every time, named once
                 bad_files_total += 1
-                log(f"skipped unreadable image {path}: {why}")
+                if path not in bad_files_named:
+                    bad_files_named.add(path)
+                    log(f"skipped unreadable image {path}: {why}")
             if len(batch):
                 return batch
 

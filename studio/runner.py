@@ -592,6 +592,8 @@ class Runner:
         launch = read_launch(run)
         state, alive, error = self._state(run, status, launch, now)
         owner = run_owner(run)   # a process holding the run's lock trains it, whatever it says
+        if owner and not pid_alive(owner):   # the holder died; its children are letting go
+            owner = None
         alive = alive or owner is not None
         fresh = _fresh(status, launch)
         message = status.message if fresh else ""

@@ -22,7 +22,6 @@ import gradio as gr
 from engine import config
 from engine.buckets import BucketPlan, plan_buckets
 from engine.data import (
-    BROKEN_FILE_ERRORS,
     DataError,
     HealthReport,
     Scan,
@@ -32,8 +31,10 @@ from engine.data import (
     why_nothing_trains,
 )
 from engine.demo_data import write_demo_dataset
+from engine.images import BROKEN_FILE_ERRORS
 from studio import views
 from studio.paths import PathError
+from studio.workspace import add_files
 
 if TYPE_CHECKING:
     from studio.ui import Studio
@@ -180,6 +181,17 @@ def build(studio: Studio, selection: gr.State) -> dict:
             with gr.Column(scale=2, min_width=180):
                 refresh = gr.Button("Refresh list", size="sm")
                 demo = gr.Button("Create the demo dataset", size="sm")
+        with gr.Accordion("Add images from this computer", open=False):
+            with gr.Row(equal_height=True):
+                up_name = gr.Textbox(label="Into the dataset", scale=2,
+                                     placeholder="a new or existing dataset name",
+                                     info="letters, digits, - _ . (created when new)")
+                up_files = gr.File(label="Images and their .txt captions", scale=5,
+                                   file_count="multiple", type="filepath",
+                                   file_types=["image", ".txt", ".caption"],
+                                   elem_id="upload-files")
+                up_btn = gr.Button("Add to the dataset", scale=1, min_width=160)
+            up_result = gr.Markdown(elem_id="upload-result")
         with gr.Row():
             preset = gr.Dropdown(presets, value=first, label="Preset", scale=2,
                                  info="bucket settings start from the preset")
@@ -239,8 +251,17 @@ def build(studio: Studio, selection: gr.State) -> dict:
                 vals[k] = int(vals[k])
         return vals
 
-    def run_plan(choice, typed, preset_name, min_s, max_s, stp, asp, bs, drop, miss, n_gpus,
-                 order_v, bucket_v, page_v, sel):
+    def run_plan(*args):
+        out = plan_outputs_for(*args)
+        yield out
+        # Gradio draws a bar plot whose category order changes from its previous data;
+        # sending the data once more, alone, draws the new one
+        pv = _PREVIEWS.get(tuple(out[-1].get("key") or ())) if out[2] is not None else None
+        if pv is not None:
+            yield (gr.skip(),) * 2 + (views.bucket_frame(pv.plan),) + (gr.skip(),) * 8
+
+    def plan_outputs_for(choice, typed, preset_name, min_s, max_s, stp, asp, bs, drop, miss,
+                         n_gpus, order_v, bucket_v, page_v, sel):
         vals = edited(min_s, max_s, stp, asp, bs, drop, miss)
         empty = ("", None, None, "", None, gr.skip(), gr.skip(), "", None)
         try:
@@ -289,6 +310,16 @@ def build(studio: Studio, selection: gr.State) -> dict:
             return gr.Dropdown(choices=studio.dataset_names()), gr.skip(), gr.skip()
         return gr.Dropdown(choices=studio.dataset_names(), value=DEMO_NAME), "", DEFAULT_PRESET
 
+    def add_uploads(name, files):
+        if not files:
+            return "Choose or drop some files first.", gr.skip(), gr.skip(), gr.skip()
+        try:
+            report = add_files(studio.datasets_dir, name, files, roots=studio.roots)
+        except (PathError, OSError) as e:
+            return f"**Nothing was added:** {e}", gr.skip(), gr.skip(), gr.skip()
+        return (report.markdown(), None,
+                gr.Dropdown(choices=studio.dataset_names(), value=report.folder.name), "")
+
     settings = [min_side, max_side, step, aspect, batch, drop_last, missing]
     plan_inputs = [ds_choice, ds_path, preset, *settings, gpus, order, bucket_filter, page,
                    selection]
@@ -298,6 +329,10 @@ def build(studio: Studio, selection: gr.State) -> dict:
                      concurrency_limit=2, trigger_mode="always_last")
 
     refresh.click(lambda: gr.Dropdown(choices=studio.dataset_names()), outputs=ds_choice)
+    up_btn.click(add_uploads, inputs=[up_name, up_files],
+                 outputs=[up_result, up_files, ds_choice, ds_path],
+                 concurrency_limit=1).then(**plan_args)
+    ds_choice.change(lambda c: c or gr.skip(), inputs=ds_choice, outputs=up_name)
     demo.click(make_demo, outputs=[ds_choice, ds_path, preset]).then(**plan_args)
     preset.change(preset_values, inputs=preset,
                   outputs=[patch, *settings]).then(**plan_args)

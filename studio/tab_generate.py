@@ -22,10 +22,10 @@ import torch
 
 from engine import config, generate, pngmeta
 from engine.checkpoint import CheckpointError
-from engine.data import BROKEN_FILE_ERRORS
 from engine.distributed import DeviceError
 from engine.encoders import EncoderLoadError
 from engine.generate_io import checkpoint_config
+from engine.images import BROKEN_FILE_ERRORS
 from engine.sampling import SAMPLERS
 from studio import views
 from studio.paths import PathError

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from engine import config
 from engine.buckets import BucketPlan, PlannedImage, make_buckets
 from engine.checkpoint import retention_victims
-from engine.data import MAX_PIXELS, DataError, HealthReport, open_image, read_header, upright_rgb
+from engine.data import DataError, HealthReport
+from engine.images import MAX_PIXELS, open_image, read_header, upright_rgb
 from engine.sampling import SAMPLERS
 from engine.train_io import format_duration
 from studio.runner import ACTIVE_STATES
@@ -271,8 +272,8 @@ def planned_order(plan: BucketPlan, order: str = "dataset", bucket: str = "all"
 def crop_thumbnail(path: str | Path, box: Sequence[float], size: int = 160) -> Image.Image:
     """A thumbnail of the image (EXIF-rotated, at most `size` px) with the area outside
     the crop box dimmed and the box outlined. `box` is in original-image pixels. Raises
-    one of engine.data.BROKEN_FILE_ERRORS for a broken file, and DataError for one over
-    engine.data.MAX_PIXELS (a file replaced since the scan)."""
+    one of engine.images.BROKEN_FILE_ERRORS for a broken file, and DataError for one over
+    engine.images.MAX_PIXELS (a file replaced since the scan)."""
     width, height = read_header(str(path))          # displayed size, before any draft
     if width * height > MAX_PIXELS:
         raise DataError(f"{width}x{height} px is over the limit of {MAX_PIXELS} pixels")

@@ -24,13 +24,10 @@ from PIL import Image
 from engine.buckets import plan_buckets
 from engine.config import DataConfig, load_preset
 from engine.data import (
-    MAX_PIXELS,
     DataError,
-    ImageTooLarge,
     health_report,
     main,
     scan_dataset,
-    to_rgb,
     token_counter,
     why_nothing_trains,
 )
@@ -42,6 +39,7 @@ from engine.dataset import (
     validation_batches,
 )
 from engine.encoders import BuiltinTextEncoder
+from engine.images import MAX_PIXELS, ImageTooLarge, to_rgb
 from engine.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent

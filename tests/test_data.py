@@ -28,9 +28,10 @@ from engine.buckets import (
     split_validation,
 )
 from engine.config import DataConfig
-from engine.data import DataError, ImageRecord, health_report, main, read_header, scan_dataset
+from engine.data import DataError, ImageRecord, health_report, main, scan_dataset
 from engine.dataset import BucketDataset, collate, load_crop, make_loader, to_tensor
 from engine.demo_data import COLOURS, SHAPES, make_caption, render, sample_item, write_demo_dataset
+from engine.images import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -101,12 +101,19 @@ def test_a_corrupt_image_is_skipped_and_counted(demo, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo, data)
     png = (data / "shape_0000.png").read_bytes()
-    (data / "broken.png").write_bytes(png[: len(png) // 3])   # a readable header, no pixels
+    (data / "short.png").write_bytes(png[: len(png) // 3])   # found by the scan: not trained
+    (data / "short.txt").write_text("a picture cut short")
+    damaged = bytearray(png)   # complete, but its pixel data fails to decode in training
+    idat = damaged.index(b"IDAT")
+    damaged[idat + 8:idat + 40] = b"\xff" * 32
+    (data / "broken.png").write_bytes(bytes(damaged))
     (data / "broken.txt").write_text("a broken picture")
     run = tmp_path / "run"
     assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
                        "--max-steps", "20", *sets()]) == 0
-    assert "broken.png" in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert "data: 1 file(s) not trained (1 truncated): short.png" in log
+    assert log.count("skipped unreadable image") == 1 and "broken.png" in log   # named once
     assert records(run, "bad_files")[-1]["bad_files"] >= 1
     assert RunDir(run).read_status().state == "completed"
 

@@ -185,3 +185,27 @@ def test_generate_from_the_checkpoint_and_recall_its_settings(page, studio_serve
     assert page.locator("#generate-seed textarea, #generate-seed input").first.input_value() \
         == str(seed)
     assert Path(outputs[0]).stat().st_size > 0
+
+
+def test_images_dropped_into_the_dataset_tab_become_a_dataset(page, studio_server, tmp_path,
+                                                              screenshots):
+    _, workspace = studio_server
+    open_tab(page, "Dataset")
+    page.get_by_text("Add images from this computer").click()
+    files = []
+    for i, colour in enumerate([(200, 20, 20), (20, 20, 200)]):
+        Image.new("RGB", (48, 40), colour).save(tmp_path / f"pic {i}.png")
+        (tmp_path / f"pic {i}.txt").write_text(f"picture number {i}")
+        files += [str(tmp_path / f"pic {i}.png"), str(tmp_path / f"pic {i}.txt")]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    files.append(str(tmp_path / "broken.png"))
+    page.get_by_label("Into the dataset").fill("my-pictures")
+    page.locator("#upload-files input[type=file]").set_input_files(files)
+    page.get_by_role("button", name="Add to the dataset").click()
+    wait_text(page, "#upload-result", "Added 2 image", timeout=60_000)
+    assert "broken.png" in text_of(page, "#upload-result")
+    folder = workspace / "datasets" / "my-pictures"
+    assert sorted(p.name for p in folder.iterdir()) == ["pic_0.png", "pic_0.txt", "pic_1.png",
+                                                        "pic_1.txt"]
+    wait_text(page, "#plan-summary", "2 training images of 2 found", timeout=60_000)
+    page.screenshot(path=str(screenshots / "5-upload.png"), full_page=True)

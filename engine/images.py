@@ -1,0 +1,199 @@
+"""Image files as the engine reads them: our own pixel limit checked on the header before
+anything is decoded, files cut short noticed from their last bytes, plain-words reasons for
+files that cannot be used, and the conversion of every mode PIL opens to 8-bit RGB shown
+upright. Datasets (engine.data, engine.dataset), start images (engine.generate) and the
+studio's thumbnails all read images through here."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+# Our own limit, checked on the header before anything is decoded: a decompression bomb
+# of a few kilobytes can declare gigabytes of pixels. (PIL only warns from 89 M pixels and
+# refuses from 179 M; both are folded into ImageTooLarge here.)
+MAX_PIXELS = 100_000_000
+# What PIL raises for broken, truncated or hostile files (its decoders are not uniform).
+BROKEN_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+                      struct.error, Image.DecompressionBombError)
+# How much of a file's end is read to check that it is all there.
+TAIL_BYTES = 4096
+
+# EXIF orientation -> the transpose that shows the image upright (EXIF 2.32, tag 0x0112)
+ORIENT_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                     8: Image.Transpose.ROTATE_90}
+
+# Problem kind of an image file -> (what it is, what to do about it)
+IMAGE_PROBLEMS = {
+    "unreadable": ("not a readable image", "replace it with a good copy or delete it"),
+    "truncated": ("file cut short (an interrupted copy or download?)",
+                  "copy it again from the original or delete it"),
+    "too_large": ("over the pixel limit, not decoded (possibly a decompression bomb)",
+                  "downscale it if it is a real picture, else delete it"),
+}
+
+
+class ImageTooLarge(ValueError, Image.DecompressionBombError):
+    """An image whose header declares more pixels than the limit: it is never decoded."""
+
+
+class ImageInfo(NamedTuple):
+    width: int                # as displayed (EXIF orientation applied)
+    height: int
+    animated: bool            # several frames; the first is the one trained
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """EXIF orientation read from the header only (1 when absent): PNG keeps EXIF after
+    the pixels at times, and reading it there would decode the whole image."""
+    if "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except BROKEN_FILE_ERRORS:
+        return 1
+    return value if value in ORIENT_TRANSPOSE else 1
+
+
+def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Image.open, refusing with ImageTooLarge (before any pixel is decoded) a header
+    that declares more than `max_pixels` pixels."""
+    limit = f"over the limit of {max_pixels / 1e6:g} M"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as e:    # over PIL's own, higher limit
+            n = re.search(r"(\d+) pixels", str(e))
+            size = f"{int(n[1]) / 1e6:.3g} M" if n else "too many"
+            raise ImageTooLarge(f"the header declares {size} pixels, {limit}") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageTooLarge(f"{w}x{h} = {w * h / 1e6:.3g} M pixels, {limit}")
+    return img
+
+
+def _displayed_size(img: Image.Image) -> tuple[int, int]:
+    w, h = img.size
+    if exif_orientation(img) >= 5:   # orientations 5-8 swap the axes
+        w, h = h, w
+    if w < 1 or h < 1:
+        raise OSError(f"image has no pixels ({w}x{h})")
+    return w, h
+
+
+def read_header(path: str) -> tuple[int, int]:
+    """(width, height) as displayed, from the file header (ImageTooLarge over MAX_PIXELS)."""
+    with open_image(path) as img:
+        return _displayed_size(img)
+
+
+def cut_short(path: str | os.PathLike) -> bool:
+    """Whether the file lacks the end its format ends with (PNG IEND, JPEG EOI, GIF
+    trailer) or is shorter than its header says (WebP, BMP). Reads the first and last
+    bytes only. A hint that the scan confirms by decoding: data after the end (a JPEG
+    motion photo) makes it say True for a good file."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read()
+    if head.startswith(b"\x89PNG"):
+        return b"IEND" not in tail
+    if head.startswith(b"\xff\xd8"):       # EOI cannot occur inside JPEG entropy data
+        return b"\xff\xd9" not in tail
+    if head.startswith(b"GIF8"):
+        return not tail.rstrip(b"\0").endswith(b";")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return size < 8 + int.from_bytes(head[4:8], "little")
+    if head.startswith(b"BM"):
+        return size < int.from_bytes(head[2:6], "little")
+    return False
+
+
+def inspect_image(path: str, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Displayed size and animation of an image that training can decode, from its
+    header; a file that looks cut short is decoded to be sure. Raises ImageTooLarge over
+    the pixel limit, else one of BROKEN_FILE_ERRORS (see image_problem)."""
+    with open_image(path, max_pixels) as img:
+        w, h = _displayed_size(img)
+        animated = bool(getattr(img, "is_animated", False))
+        if cut_short(path):
+            img.load()
+    return ImageInfo(w, h, animated)
+
+
+def _content(head: bytes) -> str:
+    """What a file that is no image seems to hold, from its first bytes."""
+    if head[4:8] == b"ftyp":
+        return "an HEIC/AVIF or video container: convert it to PNG or JPEG"
+    if head.startswith((b"II*\0", b"MM\0*")):
+        return "a TIFF image: convert it to PNG"
+    if head.lstrip().startswith(b"<"):
+        return "HTML or XML text (a web page saved under an image name?)"
+    if head.isascii() and all(c >= 32 or c in b"\t\r\n" for c in head):
+        return "plain text"
+    return "no image format this program reads (PNG, JPEG, WebP, GIF, BMP)"
+
+
+def image_problem(e: BaseException, path: str | os.PathLike) -> tuple[str, str]:
+    """(kind, note) for an image file that failed to open or decode with `e`: the kind
+    is a key of IMAGE_PROBLEMS, the note says what is wrong in plain words."""
+    if isinstance(e, ImageTooLarge):
+        return "too_large", str(e)
+    if isinstance(e, Image.DecompressionBombError):
+        return "too_large", f"over PIL's pixel limit: {e}"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+        short = size > 0 and cut_short(path)
+    except OSError as err:
+        return "unreadable", f"cannot be read: {err.strerror or err}"
+    if size == 0:
+        return "unreadable", "empty file (0 bytes)"
+    if short or "truncated" in str(e):
+        return "truncated", f"the image data stops early ({size} bytes on disk)"
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "unreadable", f"not an image: the file holds {_content(head)}"
+    return "unreadable", f"damaged image data ({str(e) or type(e).__name__})"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of the current frame. Transparent pixels are composited on white. The
+    grey modes wider than 8 bits are rescaled, where PIL's own conversion clips: 16-bit
+    (I;16*, as PNG's 16-bit grey opens) 65535 -> 255; 32-bit integer I the same when its
+    values need more than 8 bits (else as is); float F taken as 0..1 when it stays there."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        raw = np.asarray(img)
+        a = raw.astype(np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
+            a = a / 257.0
+        elif img.mode == "F" and top <= 1.0:
+            a = a * 255.0
+        grey = np.clip(a.round(), 0, 255).astype(np.uint8)
+        if isinstance(img.info.get("transparency"), int):
+            grey[raw == img.info["transparency"]] = 255
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """to_rgb of an opened image, turned the way its EXIF orientation says it is shown.
+    The result carries no orientation tag, so calling it again changes nothing."""
+    return to_rgb(ImageOps.exif_transpose(img))
