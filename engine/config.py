@@ -244,9 +244,32 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
-    def sample_size(self) -> tuple[int, int]:
-        """(width, height) of training samples and the default generation size."""
-        return (self.sample.width or self.data.max_side, self.sample.height or self.data.max_side)
+    def sample_size(self, trained: dict[str, int] | None = None) -> tuple[int, int]:
+        """(width, height) of training samples and the default generation size:
+        sample.width/height when set, else the size the model trained most images at
+        (`trained`: 'WxH' -> images, as a checkpoint records it), else data.max_side."""
+        top = most_trained(trained)
+        w, h = top if top else (self.data.max_side, self.data.max_side)
+        return self.sample.width or w, self.sample.height or h
+
+
+def parse_wxh(text: str) -> tuple[int, int]:
+    w, _, h = str(text).lower().partition("x")
+    return int(w), int(h)
+
+
+def most_trained(trained: dict[str, int] | None) -> tuple[int, int] | None:
+    """The (width, height) with the most images in `trained` ('WxH' -> images); ties go to
+    the larger size. None when there is nothing usable."""
+    sizes = []
+    for k, n in (trained or {}).items():
+        try:
+            w, h = parse_wxh(k)
+        except ValueError:
+            continue
+        if isinstance(n, int) and n > 0 and w > 0 and h > 0:
+            sizes.append((n, w * h, (w, h)))
+    return max(sizes)[2] if sizes else None
 
 
 SECTIONS = ("model", "text", "data", "loss", "train", "sample")

@@ -47,7 +47,13 @@ from engine.distributed import DeviceError, compiler_problem, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
 from engine.fileio import file_hash
 from engine.flow import to_clean
-from engine.generate_io import checkpoint_config, load_part, upright_size
+from engine.generate_io import (
+    checkpoint_config,
+    load_part,
+    size_note,
+    trained_sizes,
+    upright_size,
+)
 from engine.images import BROKEN_FILE_ERRORS, upright_rgb
 from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.pngmeta import png_text, save_png
@@ -223,12 +229,13 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
 
 
 def render_grid(net: PixelHDM, encode: Encode, cfg: RunConfig, device: torch.device | str,
-                precision: str) -> Tensor:
+                precision: str, trained: dict[str, int] | None = None) -> Tensor:
     """The trainer's fixed sample grid (N, 3, H, W) in [-1, 1], N = len(sample.prompts):
-    image i has seed sample.seed + i; size, steps, sampler and guidance from cfg.sample;
-    autocast in `precision` on CUDA only (fp32 elsewhere). `device` is where `net` lives."""
+    image i has seed sample.seed + i; steps, sampler and guidance from cfg.sample, the
+    size from cfg.sample_size(trained); autocast in `precision` on CUDA only (fp32
+    elsewhere). `device` is where `net` lives."""
     s = cfg.sample
-    width, height = cfg.sample_size()
+    width, height = cfg.sample_size(trained)
     device = torch.device(device)
     amp = PRECISIONS[precision] if device.type == "cuda" else None
     return render(net, encode, list(s.prompts), s.negative,
@@ -280,6 +287,7 @@ class Pipeline:
     def __init__(self, net: PixelHDM, text_encoder, cfg: RunConfig, meta: dict, path: Path,
                  device: torch.device, precision: str, weights: str):
         self.net, self.text_encoder, self.cfg, self.meta = net, text_encoder, cfg, meta
+        self.trained = trained_sizes(meta)   # 'WxH' -> images the run trained at
         self.path, self.device, self.precision, self.weights = path, device, precision, weights
 
     @classmethod
@@ -426,7 +434,7 @@ class Pipeline:
         if init_image is not None:
             dw, dh = fit_size(*upright_size(init_image), self.cfg.model.patch_size, self.max_side)
         else:
-            dw, dh = self.cfg.sample_size()
+            dw, dh = self.cfg.sample_size(self.trained)
         return dw if width is None else width, dh if height is None else height
 
     def notes(self, prompts: str | list[str], negative: str | None = None,
@@ -451,8 +459,11 @@ class Pipeline:
                 out.append(f"{name} is {n} tokens long; the model reads only the first {limit} "
                            f"(text.max_tokens of its training run) and ignores the rest: "
                            f"shorten it to steer all of the image")
+        w, h = self._size(width, height, init_image)
+        if isinstance(w, int) and isinstance(h, int) and (note := size_note(self.trained, w, h)):
+            out.append(note)
         if init_image is not None:
-            (w0, h0), (w, h) = upright_size(init_image), self._size(width, height, init_image)
+            w0, h0 = upright_size(init_image)
             if isinstance(w, int) and isinstance(h, int) and abs(w0 * h - h0 * w) > 0.01 * w0 * h:
                 out.append(f"the start image ({w0}x{h0}) has another shape than {w}x{h}: it is "
                            f"scaled to cover it and its centre is cropped")

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from engine.checkpoint import CheckpointError, read_meta
-from engine.config import ConfigError, RunConfig, config_from_dict
+from engine.config import ConfigError, RunConfig, config_from_dict, parse_wxh
 from engine.images import exif_orientation
 
 PICK_ANOTHER = "pick another checkpoint"
@@ -97,4 +97,50 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (h, w) if exif_orientation(image) >= 5 else (w, h)
 
 
+# --------------------------------------------------------------------------------------
+# Sizes the model was trained at
+# --------------------------------------------------------------------------------------
 
+def trained_sizes(meta: dict) -> dict[str, int]:
+    """'WxH' -> images of the buckets a checkpoint's run trained on ({} for checkpoints
+    that predate the record, or a damaged one)."""
+    raw = meta.get("trained_sizes")
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k, n in raw.items():
+        try:
+            w, h = parse_wxh(k)
+        except ValueError:
+            continue
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0 and w > 0 and h > 0:
+            out[f"{w}x{h}"] = n
+    return out
+
+
+def describe_sizes(trained: dict[str, int], most: int = 4) -> str:
+    """'32x32 (640 images), 48x40 (120) and 2 more', most-trained first."""
+    ranked = sorted(trained.items(), key=lambda kv: (-kv[1], kv[0]))
+    parts = [f"{k} ({n} image{'s' if n != 1 else ''})" if i == 0 else f"{k} ({n})"
+             for i, (k, n) in enumerate(ranked[:most])]
+    rest = len(ranked) - most
+    return ", ".join(parts) + (f" and {rest} more" if rest > 0 else "")
+
+
+def size_note(trained: dict[str, int], width: int, height: int) -> str:
+    """A warning when width x height is far from every size the model was trained at:
+    over 2x the largest trained area, under half the smallest, or an aspect ratio 25 %
+    beyond the trained ones. '' when it is near, or nothing is known."""
+    sizes = [parse_wxh(k) for k in trained]
+    if not sizes or width <= 0 or height <= 0:
+        return ""
+    areas = [w * h for w, h in sizes]
+    aspects = [w / h for w, h in sizes]
+    area, aspect = width * height, width / height
+    if (area <= 2 * max(areas) and area >= 0.5 * min(areas)
+            and min(aspects) / 1.25 <= aspect <= max(aspects) * 1.25):
+        return ""
+    best = max(trained, key=lambda k: trained[k])
+    return (f"{width}x{height} is far from the sizes this model was trained at "
+            f"({describe_sizes(trained)}): expect repeated or broken subjects; {best} is "
+            f"the size it knows best")

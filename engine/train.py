@@ -150,6 +150,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     loader, sampler = make_loader(plan, cfg.data, seed=tr.seed, rank=d.rank,
                                   pin_memory=device.type == "cuda")
     fingerprint = dataset_fingerprint(plan)
+    # what the model is trained at: samples and generation default to the most-trained size
+    trained = {f"{b.size[0]}x{b.size[1]}": b.images for b in plan.buckets if b.images}
     log(f"data: {len(plan.images)} training images in {sum(b.images > 0 for b in plan.buckets)} "
         f"buckets, {len(plan.val_images)} held out, {plan.batches_per_epoch} batches per epoch "
         f"per rank, {len(plan.dropped)} dropped")
@@ -233,7 +235,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         meta = {"run_id": run.run_id, "config": dump_yaml(cfg), "dataset_fingerprint": fingerprint,
                 "engine_version": __version__, "text_dim": text_encoder.dim,
                 "images_seen": step * tr.batch_size * tr.grad_accum * d.world,
-                "val_loss": report.last_val, "reason": reason}
+                "val_loss": report.last_val, "reason": reason, "trained_sizes": trained}
         path = save_checkpoint(run.checkpoints, step, weights,
                                ema.shadow if ema else None, meta, tensors, info, latest=latest)
         if latest:   # a resume point only: not a listed checkpoint, outside retention
@@ -348,7 +350,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         from engine.generate import render_grid
         def run_sample():
             model.eval()
-            images = render_grid(net, model.encode, cfg, device, tr.precision)
+            images = render_grid(net, model.encode, cfg, device, tr.precision, trained)
             model.train()
             return images
         images = with_ema(run_sample)

@@ -24,7 +24,7 @@ from engine import config, generate, pngmeta
 from engine.checkpoint import CheckpointError
 from engine.distributed import DeviceError
 from engine.encoders import EncoderLoadError
-from engine.generate_io import checkpoint_config
+from engine.generate_io import checkpoint_config, describe_sizes, trained_sizes
 from engine.images import BROKEN_FILE_ERRORS
 from engine.sampling import SAMPLERS
 from studio import views
@@ -100,12 +100,15 @@ def number(value, label: str) -> float:
 
 
 def model_markdown(meta: dict, cfg: config.RunConfig) -> str:
-    w, h = cfg.sample_size()
+    trained = trained_sizes(meta)
+    w, h = cfg.sample_size(trained)
     weights = "EMA and raw weights" if meta.get("has_ema") else \
         f"{meta.get('exported_weights', 'raw')} weights"
+    at = (f"trained at {describe_sizes(trained)}" if trained else
+          f"buckets {cfg.data.min_side}-{cfg.data.max_side} px")
     return (f"Run `{meta.get('run_id', '?')}`, step {meta.get('step', '?')} · {weights} · patch "
-            f"{cfg.model.patch_size} · trained at {cfg.data.min_side}-{cfg.data.max_side} px · "
-            f"default size {w}x{h}, up to {generate.max_side(cfg)} px per side")
+            f"{cfg.model.patch_size} · {at} · default size {w}x{h}, up to "
+            f"{generate.max_side(cfg)} px per side")
 
 
 def history(outputs_dir: Path) -> list[str]:
@@ -243,8 +246,9 @@ def build(studio: Studio) -> dict:
             return (f"**{e}**", *[gr.skip()] * (n_out - 1))
         cache.keep_only(path)
         p, top = mcfg.model.patch_size, generate.max_side(mcfg)
-        w, h = mcfg.sample_size()
-        sizes = views.size_choices(mcfg)
+        trained = trained_sizes(meta)
+        w, h = mcfg.sample_size(trained)
+        sizes = views.size_choices(mcfg, trained)
         default = f"{w}x{h}"
         s = mcfg.sample
         values = [s.prompts[0], s.negative, s.sampler, s.steps, s.cfg, s.cfg_rescale,
@@ -255,7 +259,8 @@ def build(studio: Studio) -> dict:
                  else gr.Number(step=p, minimum=p, maximum=top)
                  for v, f in zip(values[-2:], follow[-2:])]
         return (model_markdown(meta, mcfg),
-                gr.Dropdown(choices=sizes, value=default if default in sizes else None),
+                gr.Dropdown(choices=sizes,
+                            value=default if default in [v for _, v in sizes] else None),
                 *fields, *sides, gr.skip(), gr.skip(), values)
 
     def unchanged(value, before) -> bool:

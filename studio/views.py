@@ -495,12 +495,19 @@ def retention_preview(steps: Sequence[int], keep_last: int, pinned: Iterable[int
     return [s for s in retention_victims([*steps, after], keep_last, set(pinned)) if s != after]
 
 
-def size_choices(cfg: config.RunConfig) -> list[str]:
-    """'WxH' of every training bucket of a model (engine.buckets.make_buckets with its data
-    settings), smallest first."""
+def size_choices(cfg: config.RunConfig, trained: dict[str, int] | None = None
+                 ) -> list[tuple[str, str]]:
+    """(label, 'WxH') choices: the sizes the run trained at first, most images first and
+    labelled with their count, then the model's other bucket sizes (engine.buckets.
+    make_buckets with its data settings), smallest first."""
     d = cfg.data
-    return [bucket_name(b) for b in make_buckets(d.min_side, d.max_side, d.bucket_step,
-                                                 cfg.model.patch_size, d.max_aspect)]
+    trained = trained or {}
+    first = [(f"{k} · trained, {n} images", k)
+             for k, n in sorted(trained.items(), key=lambda kv: (-kv[1], kv[0]))]
+    rest = [(bucket_name(b), bucket_name(b)) for b in make_buckets(
+        d.min_side, d.max_side, d.bucket_step, cfg.model.patch_size, d.max_aspect)
+        if bucket_name(b) not in trained]
+    return first + rest
 
 
 def parse_size(text: str) -> tuple[int, int]:
