@@ -7,10 +7,16 @@ rem stamped inside .venv after a successful install, so an interrupted install i
 setlocal
 cd /d "%~dp0"
 set "VPY=.venv\Scripts\python.exe"
+rem The Python versions every pinned requirement has wheels for (a test resolves them all).
+set "PY_OK=import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 14))"
 if not defined GRADIO_ANALYTICS_ENABLED set "GRADIO_ANALYTICS_ENABLED=False"
 
 "%VPY%" -c "" >nul 2>&1
+if errorlevel 1 goto new_venv
+"%VPY%" -c "%PY_OK%" >nul 2>&1
 if not errorlevel 1 goto venv_ready
+echo .venv was made with a Python outside 3.11 to 3.14; creating it again.
+:new_venv
 call :make_venv || goto fail
 :venv_ready
 call :install_once requirements.txt || goto fail
@@ -34,19 +40,24 @@ goto collect_args
 "%VPY%" -m pytest %PYTEST_ARGS%
 exit /b %errorlevel%
 
-rem ---- make_venv: create .venv with the py launcher or python on PATH (3.10 or newer)
+rem ---- make_venv: create .venv with Python 3.11 to 3.14: the py launcher's 3.13, 3.12,
+rem      3.11 or 3.14, else python on PATH
 :make_venv
-if exist .venv echo .venv exists but its Python does not run; creating it again.
+if exist .venv echo .venv exists but cannot be used; creating it again.
 if exist .venv rmdir /s /q .venv
-set "PY=py -3"
-%PY% -c "import sys; sys.exit(sys.version_info < (3, 10))" >nul 2>&1
-if not errorlevel 1 goto python_found
+for %%v in (3.13 3.12 3.11 3.14) do (
+    py -%%v -c "%PY_OK%" >nul 2>&1
+    if not errorlevel 1 (
+        set "PY=py -%%v"
+        goto python_found
+    )
+)
 set "PY=python"
-%PY% -c "import sys; sys.exit(sys.version_info < (3, 10))" >nul 2>&1
+%PY% -c "%PY_OK%" >nul 2>&1
 if not errorlevel 1 goto python_found
-echo launch.bat: PixelHDM Studio needs Python 3.10 or newer, and none was found. 1>&2
-for /f "delims=" %%v in ('py -3 -V 2^>nul') do echo   The py launcher runs %%v, which is too old. 1>&2
-for /f "delims=" %%v in ('python -V 2^>nul') do echo   python on PATH is %%v, which is too old. 1>&2
+echo launch.bat: PixelHDM Studio needs Python 3.11 to 3.14, and none was found. 1>&2
+for /f "delims=" %%v in ('py -3 -V 2^>nul') do echo   The py launcher's newest is %%v. 1>&2
+for /f "delims=" %%v in ('python -V 2^>nul') do echo   python on PATH is %%v. 1>&2
 echo   Install Python 3.12 from https://www.python.org/downloads/windows/ 1>&2
 echo   and tick "Add python.exe to PATH", or run: winget install Python.Python.3.12 1>&2
 echo   Then run launch.bat again. 1>&2
@@ -59,12 +70,14 @@ echo launch.bat: could not create .venv with %PY%; see the error above. 1>&2
 if exist .venv rmdir /s /q .venv
 exit /b 1
 
-rem ---- install_once FILE: pip install -r FILE unless the stamp in .venv matches FILE's hash.
+rem ---- install_once FILE: pip install -r FILE unless the stamp in .venv matches the hash of
+rem      FILE and constraints.txt.
 rem On an NVIDIA machine the CUDA build of torch (pinned in requirements.txt) comes first from
 rem the PyTorch index, since PyPI's Windows torch is CPU only; pip then keeps it.
 :install_once
 set "STAMP=.venv\.stamp-%~1.sha256"
 certutil -hashfile "%~1" SHA256 > "%STAMP%.new" || exit /b 1
+if exist constraints.txt certutil -hashfile constraints.txt SHA256 >> "%STAMP%.new"
 fc /b "%STAMP%.new" "%STAMP%" >nul 2>&1
 if errorlevel 1 goto install_now
 del "%STAMP%.new"

@@ -11,33 +11,38 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=".venv"
 VPY="$VENV/bin/python"
 PY_VERSION='import sys; print("%d.%d" % sys.version_info[:2])'
+# The Python versions every pinned requirement has wheels for (a test resolves them all).
+PY_MIN=11
+PY_MAX=14
+PY_OK="import sys; sys.exit(not (3, $PY_MIN) <= sys.version_info[:2] <= (3, $PY_MAX))"
 
 die() { printf 'launch.sh: %s\n' "$*" >&2; exit 1; }
 
-# Print the first Python >= 3.10 in this order. Names that exist but do not run (pyenv
-# shims of versions that are not selected) are skipped.
+# Print the first Python from 3.11 to 3.14 in this order. Names that exist but do not run
+# (pyenv shims of versions that are not selected) are skipped.
 find_python() {
     local cand ver found=""
-    for cand in python3.13 python3.12 python3.11 python3.10 python3 python; do
+    for cand in python3.13 python3.12 python3.11 python3.14 python3 python; do
         command -v "$cand" >/dev/null 2>&1 || continue
         ver=$("$cand" -c "$PY_VERSION" 2>/dev/null) || continue
-        if "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+        if "$cand" -c "$PY_OK" 2>/dev/null; then
             printf '%s\n' "$cand"
             return 0
         fi
         found="$found $cand ($ver)"
     done
     if [ -n "$found" ]; then
-        echo "launch.sh: PixelHDM Studio needs Python 3.10 or newer; found only:$found." >&2
+        echo "launch.sh: PixelHDM Studio needs Python 3.$PY_MIN to 3.$PY_MAX; found only:$found." >&2
     else
-        echo "launch.sh: no Python found (tried python3.13 ... python3.10, python3, python)." >&2
+        echo "launch.sh: no Python found (tried python3.13 ... python3.11, python3.14, python3, python)." >&2
     fi
     cat >&2 <<'EOF'
-  Install Python 3.12, then run ./launch.sh again:
-    Debian/Ubuntu: sudo apt install python3 python3-venv
-    Fedora:        sudo dnf install python3
-    macOS:         brew install python@3.12
-    other systems: https://www.python.org/downloads/
+  Install Python 3.12 (any of 3.11 to 3.14 works), then run ./launch.sh again:
+    Ubuntu 24.04, Debian 12:   sudo apt install python3 python3-venv
+    Ubuntu 22.04 (ships 3.10): sudo apt install python3.11 python3.11-venv
+    Fedora:                    sudo dnf install python3.12
+    macOS:                     brew install python@3.12
+    other systems:             https://www.python.org/downloads/
 EOF
     return 1
 }
@@ -62,10 +67,13 @@ file_hash() {
 print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"
 }
 
-# install_once FILE: pip install -r FILE unless .venv holds a stamp with FILE's current hash.
+# install_once FILE: pip install -r FILE unless .venv holds a stamp with the current hash of
+# FILE and constraints.txt.
 install_once() {
     local req="$1" stamp="$VENV/.stamp-$1.sha256" want
     want=$(file_hash "$req")
+    # the pinned versions of everything pulled in count too
+    if [ -f constraints.txt ]; then want="$want $(file_hash constraints.txt)"; fi
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
@@ -120,6 +128,11 @@ fi
 
 if ! "$VPY" -c '' >/dev/null 2>&1; then
     [ -e "$VENV" ] && echo "$VENV exists but its Python does not run; creating it again."
+    rm -rf "$VENV"
+    make_venv
+elif ! "$VPY" -c "$PY_OK" 2>/dev/null; then
+    echo "$VENV was made with Python $("$VPY" -c "$PY_VERSION"); PixelHDM Studio needs" \
+         "3.$PY_MIN to 3.$PY_MAX, so it is created again."
     rm -rf "$VENV"
     make_venv
 fi

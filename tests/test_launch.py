@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -233,13 +234,13 @@ def test_launch_sh_test_mode_installs_dev_requirements_and_sets_the_environment(
 def fake_pythons(bindir: Path, versions: dict[str, str], has_venv: bool = True) -> None:
     """Stand-ins for every name launch.sh looks for: a version string, or '' for a broken
     shim (like a pyenv shim for a version that is not selected)."""
-    for name in ("python3.13", "python3.12", "python3.11", "python3.10", "python3", "python"):
+    for name in ("python3.14", "python3.13", "python3.12", "python3.11", "python3", "python"):
         ver = versions.get(name, "")
         if not ver:
             write_exe(bindir / name, "#!/bin/sh\nexit 127\n")
             continue
         major, minor = map(int, ver.split("."))
-        new_enough = 0 if (major, minor) >= (3, 10) else 1
+        new_enough = 0 if (3, 11) <= (major, minor) <= (3, 14) else 1
         write_exe(bindir / name, f"""#!/bin/sh
 case "$2" in
     *ensurepip*) exit {0 if has_venv else 1} ;;
@@ -254,13 +255,44 @@ def launch_with_path(root: Path, bindir: Path) -> subprocess.CompletedProcess:
     return launch(root, env={"PATH": f"{bindir}:{os.environ['PATH']}"})
 
 
-def test_launch_sh_names_a_too_old_python_and_what_to_install(project, tmp_path):
-    fake_pythons(tmp_path / "bin", {"python3": "3.8", "python": "3.9"})
+def test_launch_sh_names_a_python_out_of_range_and_what_to_install(project, tmp_path):
+    fake_pythons(tmp_path / "bin", {"python3": "3.10", "python": "3.9", "python3.14": "3.15"})
     r = launch_with_path(project, tmp_path / "bin")
     assert r.returncode != 0
-    assert "needs Python 3.10 or newer; found only: python3 (3.8) python (3.9)" in r.stderr
-    assert "sudo apt install python3 python3-venv" in r.stderr
+    assert ("needs Python 3.11 to 3.14; found only: python3.14 (3.15) python3 (3.10) "
+            "python (3.9)") in r.stderr
+    assert "Ubuntu 22.04 (ships 3.10): sudo apt install python3.11 python3.11-venv" in r.stderr
     assert not (project / ".venv").exists()
+
+
+def test_launch_sh_takes_the_first_python_in_range(project, tmp_path):
+    fake_pythons(tmp_path / "bin", {"python3": "3.10", "python3.11": "3.11"}, has_venv=False)
+    r = launch_with_path(project, tmp_path / "bin")
+    assert "python3.11 has no 'venv'/'ensurepip' module" in r.stderr   # 3.11 was chosen
+
+
+def test_a_venv_of_a_python_out_of_range_is_made_again(project, tmp_path):
+    write_exe(project / ".venv/bin/python", f"""#!/bin/sh
+case "$2" in
+    *print*) echo 3.10 ;;
+    *version_info*) exit 1 ;;
+    *) exec "{sys.executable}" "$@" ;;
+esac
+""")
+    fake_pythons(tmp_path / "bin", {})
+    r = launch_with_path(project, tmp_path / "bin")
+    assert ".venv was made with Python 3.10; PixelHDM Studio needs 3.11 to 3.14" in r.stdout
+    assert "no Python found" in r.stderr and not (project / ".venv").exists()
+
+
+def test_the_launchers_and_the_readme_name_the_same_python_versions():
+    sh = (ROOT / "launch.sh").read_text()
+    bat = (ROOT / "launch.bat").read_text()
+    lo, hi = int(re.search(r"^PY_MIN=(\d+)$", sh, re.M)[1]), int(re.search(r"^PY_MAX=(\d+)$",
+                                                                            sh, re.M)[1])
+    assert f"sys.exit(not (3, {lo}) <= sys.version_info[:2] <= (3, {hi}))" in bat
+    assert f"Python 3.{lo} to 3.{hi}" in (ROOT / "README.md").read_text()
+    assert (lo, hi) == (11, 14)
 
 
 def test_launch_sh_says_when_no_python_is_found(project, tmp_path):
@@ -284,3 +316,15 @@ def test_launch_sh_doctor_reports_the_machine():
     assert r.returncode == 0, r.stderr
     for label in ("Python", "torch", "flash_attn", "bitsandbytes", "disk", "port 7860"):
         assert label in r.stdout
+
+
+def test_launch_sh_installs_again_when_the_constraints_change(project, tmp_path):
+    log = tmp_path / "pip.log"
+    fake_venv(project, log)
+    (project / "constraints.txt").write_text("numpy==2.4.6\n")
+    assert launch(project).returncode == 0
+    assert launch(project).returncode == 0
+    assert len(log.read_text().splitlines()) == 1
+    (project / "constraints.txt").write_text("numpy==2.4.7\n")
+    assert launch(project).returncode == 0
+    assert len(log.read_text().splitlines()) == 2
