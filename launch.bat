@@ -2,6 +2,7 @@
 rem PixelHDM Studio launcher for Windows.
 rem   launch.bat [app flags]          create .venv on first run, install requirements.txt, start the studio
 rem   launch.bat test [pytest args]   also install requirements-dev.txt, then run the test suite
+rem   launch.bat doctor               print what this machine offers (changes nothing)
 rem A requirements file is installed again only when it changes: its SHA-256 (certutil) is
 rem stamped inside .venv after a successful install, so an interrupted install is redone.
 setlocal
@@ -11,6 +12,7 @@ rem The Python versions every pinned requirement has wheels for (a test resolves
 set "PY_OK=import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 14))"
 if not defined GRADIO_ANALYTICS_ENABLED set "GRADIO_ANALYTICS_ENABLED=False"
 
+if /i "%~1"=="doctor" goto doctor
 "%VPY%" -c "" >nul 2>&1
 if errorlevel 1 goto new_venv
 "%VPY%" -c "%PY_OK%" >nul 2>&1
@@ -22,6 +24,16 @@ call :make_venv || goto fail
 call :install_once requirements.txt || goto fail
 if /i "%~1"=="test" goto test
 "%VPY%" app.py %*
+exit /b %errorlevel%
+
+:doctor
+rem what this machine offers (changes nothing); before the first install too
+"%VPY%" -c "" >nul 2>&1
+if not errorlevel 1 (
+    "%VPY%" engine\doctor.py
+    exit /b
+)
+py -3 engine\doctor.py 2>nul || python engine\doctor.py
 exit /b %errorlevel%
 
 :test

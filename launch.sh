@@ -86,37 +86,8 @@ install_once() {
 
 doctor() {
     local py="$VPY"
-    [ -x "$py" ] || py=$(find_python) || exit 1
-    "$py" - <<'EOF'
-import importlib.util, platform, shutil, socket, sys
-from pathlib import Path
-def row(label, text):
-    print(f"{label:<14}{text}")
-row("Python", f"{sys.version.split()[0]} ({sys.executable})")
-try:
-    import torch
-except ImportError:
-    row("torch", "not installed (./launch.sh installs it)")
-else:
-    row("torch", f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        row(f"GPU {i}", f"{torch.cuda.get_device_name(i)}, {total / 2**30:.1f} GiB, "
-                        f"{free / 2**30:.1f} GiB free")
-for name in ("flash_attn", "bitsandbytes"):
-    found = importlib.util.find_spec(name) is not None
-    row(name, "installed" if found else "not installed (optional, see requirements-gpu.txt)")
-ws = Path("workspace")
-probe = ws if ws.exists() else Path(".")
-row("disk", f"{shutil.disk_usage(probe).free / 2**30:.1f} GiB free in {probe.resolve()}")
-with socket.socket() as s:
-    try:
-        s.bind(("127.0.0.1", 7860))
-        row("port 7860", "free")
-    except OSError:
-        row("port 7860", "in use (start with ./launch.sh --port 7861)")
-row("system", platform.platform())
-EOF
+    "$py" -c '' >/dev/null 2>&1 || py=$(find_python) || exit 1
+    "$py" engine/doctor.py
 }
 
 export GRADIO_ANALYTICS_ENABLED="${GRADIO_ANALYTICS_ENABLED:-False}"

@@ -292,6 +292,9 @@ def test_the_launchers_and_the_readme_name_the_same_python_versions():
                                                                             sh, re.M)[1])
     assert f"sys.exit(not (3, {lo}) <= sys.version_info[:2] <= (3, {hi}))" in bat
     assert f"Python 3.{lo} to 3.{hi}" in (ROOT / "README.md").read_text()
+    from engine.doctor import PY_RANGE
+    assert PY_RANGE == ((3, lo), (3, hi))
+    assert 'if /i "%~1"=="doctor" goto doctor' in bat and "engine\\doctor.py" in bat
     assert (lo, hi) == (11, 14)
 
 
@@ -314,7 +317,8 @@ def test_launch_sh_doctor_reports_the_machine():
     r = subprocess.run(["bash", str(ROOT / "launch.sh"), "doctor"], cwd="/", capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for label in ("Python", "torch", "flash_attn", "bitsandbytes", "disk", "port 7860"):
+    for label in ("Python", "torch", "flash_attn", "bitsandbytes", "C compiler", "DDP backend",
+                  "disk", "port 7860"):
         assert label in r.stdout
 
 
