@@ -248,3 +248,23 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
             "seconds_per_step": step_s * tr.grad_accum, "images_s": B / step_s,
             "peak_memory_mib": peak, "peak_is_process_rss": dev.type != "cuda",
             "loss": float(terms["total"].detach())}
+
+
+CPU_DAYS_WARNING = 2.0   # a config that would train longer than this on the CPU is a GPU one
+
+
+def cpu_warning(cfg: RunConfig, device: str | torch.device, step_seconds: float | None = None
+                ) -> str:
+    """'' unless `cfg` is sized for a GPU and is about to train on the CPU: then one line
+    with the expected time and what to do instead. `step_seconds` skips the measurement."""
+    if torch.device(device).type != "cpu":
+        return ""
+    if step_seconds is None:
+        step_seconds = estimate_step_seconds(cfg, "cpu")
+    days = step_seconds * cfg.train.max_steps / 86400
+    if days < CPU_DAYS_WARNING:
+        return ""
+    return (f"this config is sized for a GPU, and this machine trains on the CPU: about "
+            f"{step_seconds:.3g} s per step, {days:,.0f} days for train.max_steps = "
+            f"{cfg.train.max_steps:,}. Use the tiny-cpu preset here, or train on a machine "
+            f"with an NVIDIA GPU")
