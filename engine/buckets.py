@@ -12,7 +12,12 @@ slack on each axis: (0.5, 0.5) is the centre crop, uniform random fractions give
 random crop. The box is the single description of a crop: the loader resamples exactly
 that box to bw x bh (PIL `resize(..., box=...)`), and a UI draws it on a thumbnail.
 
-Batches. A bucket with n images at batch size B on W ranks is cut into global batches of
+Repeats. An image with r repeats (kohya `N_name` folders, engine.conventions) is r
+samples of its bucket every epoch: bucket counts, batches and the epoch length below count
+samples, and the sampler shuffles the copies with the rest. Copy k of an image is told
+apart by SampleKey.copy, so each copy gets its own random crop and flip.
+
+Batches. A bucket with n samples at batch size B on W ranks is cut into global batches of
 B * W. Without drop_last its last global batch holds r = n mod (B * W) images; it is cut
 into W equal batches of ceil(r / W) and the few missing places (fewer than W) repeat
 images of the same bucket, wrapping around its shuffled order, so every rank yields the
@@ -192,9 +197,15 @@ class PlannedImage:
     def rel(self) -> str:
         return self.record.rel
 
+    @property
+    def repeats(self) -> int:
+        """Times the image is trained per epoch."""
+        return self.record.repeats
+
     def to_dict(self) -> dict:
         return {"path": self.record.rel, "width": self.record.width,
                 "height": self.record.height, "caption": self.caption,
+                "repeats": self.repeats,
                 "bucket": list(self.bucket), "scale": round(self.scale, 4),
                 "box": [round(v, 2) for v in self.box],
                 "aspect_error": round(self.aspect_error, 4), "kept": round(self.kept, 4)}
@@ -210,11 +221,12 @@ class DroppedImage:
 @dataclass
 class BucketStats:
     size: Size
-    images: int
+    images: int                  # distinct images
+    samples: int                 # images x their repeats: what an epoch trains
     batches: int                 # per rank per epoch
     last_batch: int
-    padded: int
-    dropped: int                 # per epoch, by drop_last
+    padded: int                  # samples
+    dropped: int                 # samples per epoch, by drop_last
     tokens: int                  # image tokens per sample: (h / p) * (w / p)
     mean_aspect_error: float
     worst_aspect_error: float
@@ -246,8 +258,13 @@ class BucketPlan:
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples trained per epoch over all ranks, repeats included."""
-        return sum(b.images - b.dropped + b.padded for b in self.buckets)
+        """Samples trained per epoch over all ranks, repeats and padding included."""
+        return sum(b.samples - b.dropped + b.padded for b in self.buckets)
+
+    @property
+    def repeated(self) -> bool:
+        """Whether any training image repeats (kohya N_name folders)."""
+        return any(im.repeats != 1 for im in self.images)
 
     @property
     def mean_aspect_error(self) -> float:
@@ -265,12 +282,16 @@ class BucketPlan:
         """The bucket of every training image, in dataset order (the sampler's input)."""
         return [im.bucket for im in self.images]
 
+    def repeats(self) -> list[int]:
+        """The repeats of every training image, in dataset order (the sampler's input)."""
+        return [im.repeats for im in self.images]
+
     def to_dict(self) -> dict:
         return {"patch_size": self.patch_size, "batch_size": self.batch_size,
                 "world_size": self.world_size, "grad_accum": self.grad_accum,
                 "drop_last": self.drop_last, "batches_per_epoch": self.batches_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch,
-                "samples_per_epoch": self.samples_per_epoch,
+                "samples_per_epoch": self.samples_per_epoch, "repeated": self.repeated,
                 "mean_aspect_error": round(self.mean_aspect_error, 4),
                 "worst_aspect_error": round(self.worst_aspect_error, 4),
                 "upscaled": self.upscaled,
@@ -309,7 +330,8 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
                  split_seed: int = 0) -> BucketPlan:
     """Assign every record to a bucket, drop what cannot train (and say why), hold out
     data_cfg.val_images images for validation (at most a fifth of the usable ones) and
-    count batches exactly as BucketBatchSampler will cut them."""
+    count batches exactly as BucketBatchSampler will cut them: each image counts its
+    repeats times (validation images count once)."""
     if min(batch_size, world_size, grad_accum, patch_size) < 1:
         raise ValueError(f"batch_size {batch_size}, world_size {world_size}, grad_accum "
                          f"{grad_accum} and patch_size {patch_size} must all be >= 1")
@@ -341,14 +363,15 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
         by_bucket[im.bucket].append(im)
     stats = []
     for b, ims in by_bucket.items():
-        lay = batch_layout(len(ims), batch_size, world_size, d.drop_last)
+        samples = sum(im.repeats for im in ims)
+        lay = batch_layout(samples, batch_size, world_size, d.drop_last)
         errs = [im.aspect_error for im in ims]
-        stats.append(BucketStats(b, len(ims), lay.batches, lay.last_batch, lay.padded,
+        stats.append(BucketStats(b, len(ims), samples, lay.batches, lay.last_batch, lay.padded,
                                  lay.dropped, (b[0] // patch_size) * (b[1] // patch_size),
                                  float(np.mean(errs)) if errs else 0.0, max(errs, default=0.0)))
     global_batch = batch_size * world_size
-    small = [f"{s.size[0]}x{s.size[1]}: {s.images}" for s in stats
-             if 0 < s.images < global_batch]
+    small = [f"{s.size[0]}x{s.size[1]}: {s.samples}" for s in stats
+             if 0 < s.samples < global_batch]
     if small:
         effect = ("they are never trained (data.drop_last)" if d.drop_last
                   else "each trains in one smaller batch")
@@ -356,8 +379,8 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
                         f"{global_batch} ({', '.join(small)}): {effect}")
     n_dropped = sum(s.dropped for s in stats)
     if n_dropped:
-        warnings.append(f"data.drop_last leaves {n_dropped} of {len(train)} images out of "
-                        f"every epoch (different ones each epoch)")
+        warnings.append(f"data.drop_last leaves {n_dropped} of {sum(s.samples for s in stats)} "
+                        f"samples out of every epoch (different ones each epoch)")
     if not train:
         warnings.append("no usable training images")
     elif not any(s.batches for s in stats):
@@ -372,28 +395,33 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
 
 def format_plan(plan: BucketPlan) -> list[str]:
     """The plan as text lines: the table of used buckets, then what an epoch trains."""
-    rows = [["bucket", "images", "batches", "last", "padded", "dropped", "tokens", "aspect err"]]
+    rows = [["bucket", "images", "samples", "batches", "last", "padded", "dropped", "tokens",
+             "aspect err"]]
     for b in plan.buckets:
         if b.images:
-            rows.append([f"{b.size[0]}x{b.size[1]}", str(b.images), str(b.batches),
-                         str(b.last_batch), str(b.padded), str(b.dropped), str(b.tokens),
-                         f"{b.mean_aspect_error:.3f} / {b.worst_aspect_error:.3f}"])
-    rows.append(["total", str(len(plan.images)), str(plan.batches_per_epoch), "",
+            rows.append([f"{b.size[0]}x{b.size[1]}", str(b.images), str(b.samples),
+                         str(b.batches), str(b.last_batch), str(b.padded), str(b.dropped),
+                         str(b.tokens), f"{b.mean_aspect_error:.3f} / {b.worst_aspect_error:.3f}"])
+    rows.append(["total", str(len(plan.images)), str(sum(b.samples for b in plan.buckets)),
+                 str(plan.batches_per_epoch), "",
                  str(sum(b.padded for b in plan.buckets)),
                  str(sum(b.dropped for b in plan.buckets)), "",
                  f"{plan.mean_aspect_error:.3f} / {plan.worst_aspect_error:.3f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     used = sum(1 for b in plan.buckets if b.images)
-    lines = [f"Buckets   {used} of {len(plan.buckets)} used; batches and last batch per rank; "
-             f"aspect error |ln(image/bucket aspect)| mean / worst"]
-    lines += ["  " + "  ".join(c.rjust(w) if 0 < i < 7 else c.ljust(w)
+    lines = [f"Buckets   {used} of {len(plan.buckets)} used; samples = images x repeats per "
+             f"epoch; batches and last batch per rank; aspect error |ln(image/bucket aspect)| "
+             f"mean / worst"]
+    lines += ["  " + "  ".join(c.rjust(w) if 0 < i < 8 else c.ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
     reasons: dict[str, int] = {}
     for d in plan.dropped:
         reasons[d.reason] = reasons.get(d.reason, 0) + 1
     why = f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""
+    repeats = (f"; with kohya repeats {sum(plan.repeats())} samples an epoch"
+               if plan.repeated else "")
     return lines + ["", f"Training  {len(plan.images)} images, {len(plan.val_images)} held out "
-                        f"for validation, {len(plan.dropped)} dropped{why}",
+                        f"for validation, {len(plan.dropped)} dropped{why}{repeats}",
                     f"Epoch     {plan.batches_per_epoch} batches of up to {plan.batch_size} per "
                     f"rank = {plan.steps_per_epoch:g} optimizer steps ({plan.samples_per_epoch} "
                     f"samples over {plan.world_size} rank(s))"]
@@ -409,28 +437,44 @@ class SampleKey(NamedTuple):
     index: int       # position in the dataset (plan.images order)
     epoch: int
     position: int    # batches of this epoch consumed once this sample's batch is trained
+    copy: int = 0    # which of the image's repeats in this epoch (0 .. repeats - 1)
 
 
 class BucketBatchSampler(Sampler[list[SampleKey]]):
     """Yields batches of SampleKeys, every batch from one bucket; see the module
     docstring for the layout. Resumable: state_dict / load_state_dict hold (epoch,
     position) and a fingerprint of the data and settings, so a resumed run continues
-    mid-epoch with exactly the batches it would have trained."""
+    mid-epoch with exactly the batches it would have trained.
+
+    `repeats[i]` (default 1) is how many samples image i is per epoch. The sampler works
+    on sample slots: image i owns `repeats[i]` consecutive slots, so without repeats a
+    slot is the image index and the batches are those of a sampler without the option."""
 
     def __init__(self, buckets: Sequence[Size], batch_size: int, *, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 repeats: Sequence[int] | None = None):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got "
                              f"batch_size {batch_size}, rank {rank}, world_size {world_size}")
+        reps = np.ones(len(buckets), np.int64) if repeats is None else np.asarray(repeats,
+                                                                                  np.int64)
+        if reps.shape != (len(buckets),) or (len(reps) and reps.min() < 1):
+            raise ValueError(f"need one repeat count >= 1 per image, got {len(reps)} for "
+                             f"{len(buckets)} images (minimum {reps.min(initial=1)})")
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.rank, self.world_size = rank, world_size
+        self._index = np.repeat(np.arange(len(buckets), dtype=np.int64), reps)   # slot -> image
+        first = np.cumsum(reps) - reps                                          # image -> slot
+        self._copy = np.arange(len(self._index)) - np.repeat(first, reps)       # slot -> copy
         groups: dict[Size, list[int]] = {}
-        for i, b in enumerate(buckets):
-            groups.setdefault(tuple(b), []).append(i)
+        for i, (b, r) in enumerate(zip(buckets, reps.tolist())):
+            groups.setdefault(tuple(b), []).extend(range(first[i], first[i] + r))
         self._groups = [np.asarray(groups[b], dtype=np.int64) for b in sorted(groups)]
         h = hashlib.blake2b(digest_size=8)
         h.update(repr((batch_size, world_size, drop_last, seed)).encode())
         h.update(np.asarray(buckets, dtype=np.int64).tobytes())
+        if (reps != 1).any():    # plain datasets keep the fingerprint they always had
+            h.update(b"repeats" + reps.tobytes())
         self.fingerprint = h.hexdigest()
         self.epoch = 0
         self._start = 0       # first batch of the next iteration (set by load_state_dict)
@@ -439,7 +483,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
     @classmethod
     def from_plan(cls, plan: BucketPlan, *, seed: int, rank: int = 0) -> BucketBatchSampler:
         return cls(plan.bucket_sizes(), plan.batch_size, seed=seed, drop_last=plan.drop_last,
-                   rank=rank, world_size=plan.world_size)
+                   rank=rank, world_size=plan.world_size, repeats=plan.repeats())
 
     def __len__(self) -> int:
         """Batches per epoch for this rank (the same on every rank)."""
@@ -452,6 +496,10 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of dataset indices for `epoch`, in training order."""
+        return [self._index[slots].tolist() for slots in self._epoch_slots(epoch)]
+
+    def _epoch_slots(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of sample slots for `epoch`, in training order."""
         rng = np.random.default_rng([self.seed, epoch])
         global_batches = []
         gb = self.batch_size * self.world_size
@@ -466,14 +514,16 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
                 global_batches.append(chunk)
         per_rank = [c.reshape(self.world_size, -1)[self.rank]  # (W * b,) -> (W, b)
                     for c in global_batches]
-        return [per_rank[i].tolist() for i in rng.permutation(len(per_rank))]
+        return [per_rank[i] for i in rng.permutation(len(per_rank))]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        batches = self.epoch_batches(self.epoch)
+        batches = self._epoch_slots(self.epoch)
         start, self._start = self._start, 0
         for pos in range(start, len(batches)):
             self._yielded = pos + 1
-            yield [SampleKey(i, self.epoch, pos + 1) for i in batches[pos]]
+            slots = batches[pos]
+            yield [SampleKey(i, self.epoch, pos + 1, c) for i, c in
+                   zip(self._index[slots].tolist(), self._copy[slots].tolist())]
 
     def state_dict(self, position: int | None = None) -> dict:
         """The state to resume from. `position` = batches of the current epoch already
@@ -483,13 +533,13 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
                 "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at (epoch, position). Raises ValueError when the images, their buckets,
-        the batch size, world size, drop_last or seed changed: the saved position would
+        """Continue at (epoch, position). Raises ValueError when the images, their buckets
+        or repeats, the batch size, world size, drop_last or seed changed: the saved position would
         not mean the same batches (call set_epoch(state['epoch']) to restart that epoch)."""
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError("the batch sampler state was saved for different data or batch "
-                             "settings (images, buckets, batch size, world size, drop_last or "
-                             "seed changed); restart the epoch with set_epoch instead")
+                             "settings (images, buckets, repeats, batch size, world size, "
+                             "drop_last or seed changed); restart the epoch with set_epoch instead")
         position = int(state["position"])
         if not 0 <= position <= len(self):
             raise ValueError(f"sampler position {position} outside 0..{len(self)}")

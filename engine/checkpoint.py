@@ -11,7 +11,8 @@
 text encoder, when used), `repa.` (the iREPA projector). The state file is written
 first and the weights file last, each through a temporary file and os.replace, so a
 step whose weights file exists is complete. An exported inference file holds only
-`model.*` weights (the EMA ones by default) in a chosen dtype.
+`model.*` weights (the EMA ones by default) in a chosen dtype, portable metadata and
+`modelspec.*` keys (engine/modelspec.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from engine.fileio import atomic_target, ensure_free
+from engine.modelspec import PREFIX as MODELSPEC
+from engine.modelspec import modelspec, portable_meta
 
 FORMAT = 1
 STEP_FILE = re.compile(r"^step_(\d{7,})\.safetensors$")
@@ -121,16 +124,19 @@ def drop_latest(ckpt_dir: Path, before: int) -> None:
 
 
 def export_inference(src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16,
-                     ema: bool = True) -> Path:
+                     ema: bool = True, title: str = "", description: str = "") -> Path:
     """An inference-only file: one set of weights (EMA if present and asked for) in
-    `dtype`, with the source metadata and where it came from."""
+    `dtype`, with the source metadata made portable (no paths of this machine, see
+    engine.modelspec), where it came from, and `modelspec.*` keys (`title` and
+    `description` default to ones made from the run)."""
     weights, meta = load_weights(src, ema=ema)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    meta = dict(meta, has_ema=False, exported_from=str(Path(src).name),
+    meta = dict(portable_meta(meta, Path(src)), has_ema=False,
+                exported_from=str(Path(src).name),
                 exported_weights="ema" if ema and meta.get("has_ema") else "raw",
-                exported_dtype=str(dtype).removeprefix("torch."))
+                exported_dtype=str(dtype).removeprefix("torch."), exported_at=time.time())
     _atomic_save({f"model.{k}": v for k, v in weights.items()}, Path(dst),
-                 {"pixelhdm": json.dumps(meta)})
+                 {"pixelhdm": json.dumps(meta), **modelspec(meta, title, description)})
     return Path(dst)
 
 
@@ -161,6 +167,18 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"checkpoint '{path}' has damaged metadata (not a JSON object); "
                               f"pick another checkpoint")
     return meta
+
+
+def read_modelspec(path: Path) -> dict[str, str]:
+    """The `modelspec.*` metadata of a weights file (exports carry it), prefix removed;
+    {} for a file without it or one that cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception:   # read_meta names what is wrong with the file
+        return {}
+    return {k[len(MODELSPEC):]: v for k, v in raw.items()
+            if k.startswith(MODELSPEC) and isinstance(v, str)}
 
 
 def load_weights(path: Path, ema: bool = True, device: str | torch.device = "cpu"

@@ -134,6 +134,9 @@ class DataConfig:
                               "default_caption", choices=("skip", "default"))
     default_caption: str = _f("", "caption used for uncaptioned images when missing_caption "
                               "= default ('' = unconditional)")
+    include_reg: bool = _f(False, "train folders named like regularisation or class sets (reg, "
+                           "regularization, class_images, N_reg...) as ordinary images; off: "
+                           "they are left out and the health report names them")
     caption_dropout: float = _f(0.1, "probability of training a sample unconditionally (for CFG)",
                                 lo=0.0, hi=1.0)
     val_images: int = _f(4, "images held out for the validation loss", lo=0)
@@ -214,13 +217,20 @@ class TrainConfig:
     max_bad_steps: int = _f(3, "consecutive skipped batches before rolling back to the last "
                             "good state with half the learning rate", lo=1)
     cpu_threads: int = _f(0, "torch CPU threads (0 = torch's default)", lo=0)
+    init_from: str = _f("", "start a new run from the weights of this checkpoint file or run "
+                        "folder (its newest checkpoint); the optimizer and schedule start "
+                        "fresh, the network and text encoder must be the same ('' = random "
+                        "initialisation)")
+    init_weights: str = _f("ema", "which weights train.init_from takes", choices=("ema", "raw"))
 
 
 @dataclass
 class SampleConfig:
     prompts: list[str] = _f(["a photo of a cat", "a red apple on a wooden table",
                              "a lighthouse at sunset", "a bowl of soup"],
-                            "prompts of the training sample grid")
+                            "prompts of the training sample grid (a new run writes them to "
+                            "its sample_prompts.txt, where they can be edited with per-prompt "
+                            "options, also while it trains)")
     negative: str = _f("", "negative prompt ('' = unconditional)")
     seed: int = _f(0, "seed of the first image; image i uses seed + i", lo=0)
     steps: int = _f(30, "sampler steps", lo=1, hi=1000)

@@ -4,8 +4,11 @@ engine.dataset.
 
 A dataset is a folder, scanned recursively: .jpg .jpeg .png .webp .gif .bmp images in
 any letter case; the caption of `a/x.png` is the text of `a/x.txt` (UTF-8, or UTF-16
-with its byte-order mark). Hidden files and folders (names starting with '.') are
-ignored; a folder link that points back at a folder containing it is not followed. The
+with its byte-order mark), else of `a/x.caption`, else its line of a `metadata.jsonl`.
+Folders named `N_name` repeat their images N times per epoch, and folders named like
+regularisation or class sets are left out unless data.include_reg is on: the rules of
+these conventions are in engine.conventions. Hidden files and folders (names starting
+with '.') are ignored; a folder link that points back at a folder containing it is not followed. The
 scan reads image headers (and the last few kilobytes of each file, to notice one cut
 short) but no pixels; what it cannot use (unreadable or truncated files, images over the
 pixel limit, missing or empty captions) is reported as a Problem naming every file and
@@ -38,6 +41,17 @@ import numpy as np
 
 from engine.buckets import BucketPlan, format_plan, plan_buckets
 from engine.config import ConfigError, DataConfig, RunConfig, load_preset
+from engine.conventions import (
+    CAPTION_EXTENSIONS,
+    CAPTION_PROBLEMS,
+    CONVENTION_PROBLEMS,
+    METADATA_NAME,
+    NOT_CAPTIONS,
+    Conventions,
+    choose_caption,
+    collect_metadata,
+    folder_rule,
+)
 from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
 from engine.fileio import atomic_write_text
 from engine.images import (
@@ -51,8 +65,6 @@ from engine.images import (
     open_image,
 )
 
-# Text files in a dataset that are documentation, not captions of a missing image.
-NOT_CAPTIONS = frozenset({"readme", "license", "licence"})
 CACHE_VERSION = 2
 
 class DataError(ValueError):
@@ -72,6 +84,7 @@ class ImageRecord:
     height: int
     caption: str | None       # None: missing, empty or unreadable (see the scan's problems)
     file_size: int
+    repeats: int = 1          # times trained per epoch (kohya N_name folders)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,9 +107,11 @@ class Scan:
     records: list[ImageRecord]
     problems: list[Problem]
     seconds: float
+    conventions: Conventions = field(default_factory=Conventions)
 
     def to_dict(self) -> dict:
         return {"root": self.root, "images": len(self.records),
+                "conventions": self.conventions.to_dict(),
                 "captioned": sum(r.caption is not None for r in self.records),
                 "bytes": sum(r.file_size for r in self.records),
                 "seconds": round(self.seconds, 3),
@@ -109,33 +124,13 @@ def _problem(problems: dict[str, Problem], kind: str, severity: str, message: st
     problems.setdefault(kind, Problem(kind, severity, message)).files[rel] = note
 
 
+def _convention(problems: dict[str, Problem], kind: str, rel: str, note: str) -> None:
+    _problem(problems, kind, *CONVENTION_PROBLEMS[kind], rel, note)
+
+
 # --------------------------------------------------------------------------------------
 # Captions and scanning
 # --------------------------------------------------------------------------------------
-
-# caption problem kind -> (what it is, what to do)
-CAPTION_PROBLEMS = {"missing_caption": ("no caption file", "add a .txt of the same name"),
-                    "empty_caption": ("empty caption file", "write the caption into it"),
-                    "caption_unreadable": ("caption file is not UTF-8 text",
-                                           "save it again as UTF-8")}
-
-
-def read_caption(path: Path) -> tuple[str | None, str, str]:
-    """(caption, problem, note): the stripped text, '', ''; or None, a key of
-    CAPTION_PROBLEMS and what exactly is wrong."""
-    try:
-        raw = path.read_bytes()
-        text = (raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff"))
-                else raw.decode("utf-8-sig")).strip()
-    except FileNotFoundError:
-        return None, "missing_caption", f"no {path.name}"
-    except UnicodeDecodeError as e:
-        return None, "caption_unreadable", (f"{path.name} is not UTF-8 text (byte {e.start} "
-                                            f"is 0x{e.object[e.start]:02X})")
-    except OSError as e:
-        return None, "caption_unreadable", f"cannot read {path.name}: {e.strerror}"
-    return (text, "", "") if text else (None, "empty_caption", f"{path.name} is empty")
-
 
 def _contains(outer: str, inner: str) -> bool:
     return os.path.commonpath([outer, inner]) == outer
@@ -143,7 +138,8 @@ def _contains(outer: str, inner: str) -> bool:
 
 def _walk(root: Path) -> tuple[list[tuple[Path, list[str], dict[str, str]]], dict[Path, str],
                                dict[Path, str]]:
-    """[(folder, image names, lower-case .txt name -> real name)] for every folder under
+    """[(folder, image names, lower-case caption or metadata.jsonl name -> real name)] for
+    every folder under
     root; {folder: error} for folders that cannot be listed; {link: target} for folder
     links not followed because they point at a folder that contains them (a loop). Other
     folder links are followed after every real folder, and each real folder is listed
@@ -172,7 +168,7 @@ def _walk(root: Path) -> tuple[list[tuple[Path, list[str], dict[str, str]]], dic
                         ext = os.path.splitext(e.name)[1].lower()
                         if ext in IMAGE_EXTENSIONS:
                             images.append(e.name)
-                        elif ext == ".txt":
+                        elif ext in CAPTION_EXTENSIONS or e.name.lower() == METADATA_NAME:
                             texts[e.name.lower()] = e.name
         except OSError as e:
             failed[folder] = e.strerror or str(e)
@@ -240,8 +236,32 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
         _problem(problems, "folder_loop", "warning", "folder link to a folder that contains "
                  "it (a loop): not followed; remove the link unless something else needs it",
                  rel_of(link) + "/", f"links to {target}")
+    conv = Conventions(reg_included=data_cfg.include_reg)
+    metadata, conv.metadata_files, issues = collect_metadata(
+        [(folder, texts) for folder, _, texts in folders], root_path,
+        {rel_of(folder / n).lower() for folder, names, _ in folders for n in names})
+    for kind, where, note in issues:
+        _convention(problems, kind, where, note)
     done = 0
     for folder, images, texts in folders:
+        rule = folder_rule("" if folder == root_path else rel_of(folder))
+        for plain in rule.plain:
+            _convention(problems, "not_repeats", plain, "not a repeat count: a plain folder")
+        if rule.reg_folder and images:
+            conv.reg_folders[rule.reg_folder] = (conv.reg_folders.get(rule.reg_folder, 0)
+                                                 + len(images))
+        left_out = ("regularisation" if rule.reg_folder and not data_cfg.include_reg
+                    else "zero_repeats" if rule.repeats == 0 else "")
+        if left_out:   # not opened; its caption files are not orphans either
+            where = rule.reg_folder if left_out == "regularisation" else rule.repeat_folder
+            if left_out == "zero_repeats":
+                conv.zero_folders[where] = conv.zero_folders.get(where, 0) + len(images)
+            for name in images:
+                _convention(problems, left_out, rel_of(folder / name), f"in {where}")
+            done += len(images)
+            if progress is not None and images:
+                progress(done, total)
+            continue
         stems = set()
         for name in images:
             path = folder / name
@@ -274,16 +294,23 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
                 _problem(problems, "too_small", "error", f"shorter side below data.min_side "
                          f"{data_cfg.min_side}: skipped; use a larger image or lower "
                          f"data.min_side", rel, f"{w}x{h} px")
-            txt = texts.get(f"{stem}.txt".lower(), f"{stem}.txt")
-            caption, kind, note = read_caption(folder / txt)
-            if caption is None:
-                what, todo = CAPTION_PROBLEMS[kind]
-                _problem(problems, kind, caption_severity, f"{what}: {caption_effect}; {todo}",
-                         rel, note)
-            records.append(ImageRecord(str(path), rel, w, h, caption, st.st_size))
+            choice = choose_caption(folder, stem, texts, metadata.get(rel.lower(), []))
+            if choice.caption is None:
+                what, todo = CAPTION_PROBLEMS[choice.kind]
+                _problem(problems, choice.kind, caption_severity,
+                         f"{what}: {caption_effect}; {todo}", rel, choice.note)
+            else:
+                conv.captions[choice.source] = conv.captions.get(choice.source, 0) + 1
+            if choice.ignored:
+                _convention(problems, "caption_conflict", rel, f"{choice.used} is used; "
+                            f"ignored: {', '.join(choice.ignored)}")
+            if rule.repeat_folder:
+                conv.repeat_folders.setdefault(rule.repeat_folder, [rule.repeats, 0])[1] += 1
+            records.append(ImageRecord(str(path), rel, w, h, choice.caption, st.st_size,
+                                       rule.repeats))
         for low, real_name in texts.items():
-            stem = low[:-4]
-            if stem not in stems and stem not in NOT_CAPTIONS:
+            stem, ext = os.path.splitext(low)
+            if ext in CAPTION_EXTENSIONS and stem not in stems and stem not in NOT_CAPTIONS:
                 _problem(problems, "orphan_caption", "warning", "caption file with no image of "
                          "the same name", rel_of(folder / real_name), "no image with this name")
     if cache_file is not None and new_cache != cache:
@@ -294,7 +321,8 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
         except OSError:
             pass   # the cache only saves time; a read-only location must not stop a scan
     records.sort(key=lambda r: r.rel)
-    return Scan(str(root_path), records, list(problems.values()), time.perf_counter() - start)
+    return Scan(str(root_path), records, list(problems.values()), time.perf_counter() - start,
+                conv)
 
 
 def why_nothing_trains(scan: Scan, plan: BucketPlan) -> str:
@@ -337,6 +365,7 @@ class HealthReport:
     images: int
     problems: list[Problem]
     tokens: TokenStats | None
+    conventions: Conventions | None = None   # what the scan found of each convention
 
     @property
     def errors(self) -> int:
@@ -350,7 +379,8 @@ class HealthReport:
     def to_dict(self) -> dict:
         return {"root": self.root, "images": self.images, "errors": self.errors,
                 "warnings": self.warnings, "problems": [p.to_dict() for p in self.problems],
-                "tokens": asdict(self.tokens) if self.tokens else None}
+                "tokens": asdict(self.tokens) if self.tokens else None,
+                "conventions": self.conventions.to_dict() if self.conventions else None}
 
 
 def content_hash(path: str) -> str:
@@ -428,7 +458,7 @@ def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] 
             problems.append(Problem("long_caption", "warning", f"caption longer than "
                                     f"text.max_tokens = {max_tokens}: the end is cut off in "
                                     f"training; shorten it or raise text.max_tokens", over))
-    return HealthReport(scan.root, len(scan.records), problems, tokens)
+    return HealthReport(scan.root, len(scan.records), problems, tokens, scan.conventions)
 
 
 # --------------------------------------------------------------------------------------
@@ -461,6 +491,9 @@ def format_report(scan: Scan, plan: BucketPlan, health: HealthReport, title: str
              f"{sum(r.caption is not None for r in scan.records)} with captions, "
              f"scanned in {scan.seconds:.2f} s",
              f"Settings  {title}", ""]
+    found = scan.conventions.lines()
+    lines += [f"{'Found' if i == 0 else '':10}{line}" for i, line in enumerate(found)]
+    lines += [""] if found else []
     if health.problems:
         lines.append(f"Problems  ({health.errors} files not trained, {health.warnings} to check)")
         for p in health.problems:

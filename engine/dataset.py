@@ -4,8 +4,9 @@ the trainer, collate and the DataLoader.
 A file that fails to decode during training does not stop it: its sample comes back with
 an error that says what is wrong with the file and what to do, collate leaves it out and
 lists it in `Batch.failed`, and the trainer logs and counts it. Random crops and flips
-are a function of (seed, epoch, index) alone, so any number of workers, and a resumed
-run, see exactly the same pixels.
+are a function of (seed, epoch, index, copy) alone, so any number of workers, and a
+resumed run, see exactly the same pixels; the copies of a repeated image (kohya N_name
+folders) differ from each other like two epochs do.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ class Batch:
 class BucketDataset(Dataset):
     """The planned images as training samples. Indexed by SampleKey (from
     BucketBatchSampler) or a plain index (epoch 0). Random crop offsets and flips are
-    a function of (seed, epoch, index) alone, so any number of workers, and a resumed
-    run, see exactly the same pixels."""
+    a function of (seed, epoch, index, copy) alone, so any number of workers, and a
+    resumed run, see exactly the same pixels."""
 
     def __init__(self, images: Sequence[PlannedImage], *, crop: str = "center",
                  flip: bool = False, seed: int = 0, max_pixels: int = MAX_PIXELS,
@@ -158,18 +159,19 @@ class BucketDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def augmentation(self, index: int, epoch: int) -> tuple[float, float, bool]:
-        """(fx, fy, flip) of an image in an epoch; crop_box(w, h, bucket, fx, fy) is the
-        exact box trained."""
-        u = np.random.default_rng([self.seed, epoch, index]).random(3)
+    def augmentation(self, index: int, epoch: int, copy: int = 0) -> tuple[float, float, bool]:
+        """(fx, fy, flip) of copy `copy` of an image in an epoch (copies > 0 exist for
+        repeated images); crop_box(w, h, bucket, fx, fy) is the exact box trained."""
+        key = [self.seed, epoch, index] + ([copy] if copy else [])
+        u = np.random.default_rng(key).random(3)
         fx, fy = (u[0], u[1]) if self.crop == "random" else (0.5, 0.5)
         return float(fx), float(fy), bool(self.flip and u[2] < 0.5)
 
-    def crop_at(self, index: int, epoch: int) -> tuple[Box, bool]:
+    def crop_at(self, index: int, epoch: int, copy: int = 0) -> tuple[Box, bool]:
         """(box in original pixels, mirrored) trained for an image in an epoch: what a
         preview draws for random crops (the plan holds the centre boxes)."""
         im = self.images[index]
-        fx, fy, flip = self.augmentation(index, epoch)
+        fx, fy, flip = self.augmentation(index, epoch, copy)
         return crop_box(im.record.width, im.record.height, im.bucket, fx, fy), flip
 
     def __getitem__(self, key: SampleKey | int) -> Sample:
@@ -178,7 +180,7 @@ class BucketDataset(Dataset):
         im = self.images[key.index]
         pixels = self._cache.get(key.index)
         if pixels is None:
-            fx, fy, flip = self.augmentation(key.index, key.epoch)
+            fx, fy, flip = self.augmentation(key.index, key.epoch, key.copy)
             try:
                 img = load_crop(im.record.path, im.bucket, fx, fy, flip,
                                 max_pixels=self.max_pixels)

@@ -146,6 +146,20 @@ def encoder_folder(name_or_path: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+def qwen3_width(name_or_path: str) -> int | None:
+    """The hidden size in a model's config.json (a folder or a hub id), read without its
+    weights; None when the config cannot be read (loading the model then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        local = Path(name_or_path).expanduser()
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else name_or_path)
+    except LOAD_ERRORS:
+        return None
+    width = getattr(config, "hidden_size", None)
+    return width if isinstance(width, int) and not isinstance(width, bool) else None
+
+
 class Qwen3TextEncoder:
     """A frozen Qwen3 base model; tokens = last hidden states (after Qwen's final norm),
     pooled = the hidden state of the last real token. No chat template, no BOS/EOS."""

@@ -6,7 +6,7 @@ checks of checkpoint files and start images: engine/generate_io.py).
 
 One code path samples for everybody: `render` takes a network, an `encode` function
 and per-image prompts and seeds, and returns images in [-1, 1]. The trainer's
-`render_grid` and `Pipeline.generate` (the studio's Generate tab and this CLI) both call
+`render_samples` and `Pipeline.generate` (the studio's Generate tab and this CLI) both call
 it, so a training sample and a generated image with the same settings cannot disagree.
 
 Reproducibility: image i of a request uses seed + i, and its initial noise is drawn
@@ -44,12 +44,13 @@ from engine.checkpoint import CheckpointError, list_checkpoints, load_weights
 from engine.config import RunConfig
 from engine.dataset import to_uint8
 from engine.distributed import DeviceError, compiler_problem, resolve_device
-from engine.encoders import BuiltinTextEncoder, EncoderLoadError, load_text_encoder
+from engine.encoders import EncoderLoadError
 from engine.fileio import file_hash
 from engine.flow import to_clean
 from engine.generate_io import (
     checkpoint_config,
     load_part,
+    load_text_part,
     size_note,
     trained_sizes,
     upright_size,
@@ -57,6 +58,7 @@ from engine.generate_io import (
 from engine.images import BROKEN_FILE_ERRORS, upright_rgb
 from engine.model import PRECISIONS, PixelHDM, TextCond
 from engine.pngmeta import png_text, save_png
+from engine.sample_prompts import SamplePrompt, from_config, prompt_defaults
 from engine.sampling import SAMPLERS, cfg_model, img2img_grid, noise_image, sample_shift, time_grid
 
 PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -230,19 +232,30 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
 
 def render_grid(net: PixelHDM, encode: Encode, cfg: RunConfig, device: torch.device | str,
                 precision: str, trained: dict[str, int] | None = None) -> Tensor:
-    """The trainer's fixed sample grid (N, 3, H, W) in [-1, 1], N = len(sample.prompts):
-    image i has seed sample.seed + i; steps, sampler and guidance from cfg.sample, the
-    size from cfg.sample_size(trained); autocast in `precision` on CUDA only (fp32
-    elsewhere). `device` is where `net` lives."""
-    s = cfg.sample
-    width, height = cfg.sample_size(trained)
-    device = torch.device(device)
-    amp = PRECISIONS[precision] if device.type == "cuda" else None
-    return render(net, encode, list(s.prompts), s.negative,
-                  [s.seed + i for i in range(len(s.prompts))], width, height, steps=s.steps,
-                  sampler=s.sampler, cfg=s.cfg, rescale=s.cfg_rescale,
-                  interval=tuple(s.cfg_interval), shift=sample_shift(cfg, width, height),
-                  amp_dtype=amp)
+    """(N, 3, H, W): render_samples of cfg.sample.prompts, each with every default."""
+    cells = from_config(cfg, prompt_defaults(cfg, trained))[1]
+    return torch.stack(render_samples(net, encode, cells, cfg, device, precision))
+
+
+def render_samples(net: PixelHDM, encode: Encode, cells: list[SamplePrompt], cfg: RunConfig,
+                   device: torch.device | str, precision: str) -> list[Tensor]:
+    """The trainer's sample grid: an image (3, H, W) in [-1, 1] per cell, with the cell's
+    prompt, negative, size, seed, guidance and steps (engine/sample_prompts.py), the rest
+    from cfg.sample; one batch per cells alike but for prompt and seed. Autocast in
+    `precision` on CUDA only; `device` is where `net` lives."""
+    amp = PRECISIONS[precision] if torch.device(device).type == "cuda" else None
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cells):
+        groups.setdefault((c.negative, c.width, c.height, c.steps, c.cfg), []).append(i)
+    out: dict[int, Tensor] = {}
+    for (negative, w, h, steps, guidance), members in groups.items():
+        images = render(net, encode, [cells[i].prompt for i in members], negative,
+                        [cells[i].seed for i in members], w, h, steps=steps,
+                        sampler=cfg.sample.sampler, cfg=guidance, rescale=cfg.sample.cfg_rescale,
+                        interval=tuple(cfg.sample.cfg_interval), shift=sample_shift(cfg, w, h),
+                        amp_dtype=amp)
+        out.update(zip(members, images))
+    return [out[i] for i in range(len(cells))]
 
 
 # --------------------------------------------------------------------------------------
@@ -292,10 +305,10 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | os.PathLike, ema: bool = True, device: str | None = None,
-             dtype: str | None = None) -> "Pipeline":
-        """Load a checkpoint file or a run folder's newest checkpoint: EMA weights when
-        `ema` and present, else the raw ones. Raises CheckpointError (missing, damaged or
-        mismatched file), EncoderLoadError (text encoder weights) or GenerateError."""
+             dtype: str | None = None, text_encoder: str | None = None) -> "Pipeline":
+        """Load a checkpoint file or a run folder's newest checkpoint, EMA weights when `ema`
+        and present; `text_encoder`: a Qwen3 folder or hub id instead of the checkpoint's.
+        Raises CheckpointError (the file), EncoderLoadError (load_text_part), GenerateError."""
         path = resolve_checkpoint(path)
         dev = resolve_device(device)
         precision = resolve_precision(dtype, dev)
@@ -305,16 +318,8 @@ class Pipeline:
                         if k.startswith(part + ".")} for part in ("net", "text")}
         net = load_part(PixelHDM(cfg.model, text_dim), parts["net"], "network", "net", path,
                         CheckpointError).to(dev)
-        if cfg.text.encoder == "builtin":
-            enc = load_part(BuiltinTextEncoder(cfg.text), parts["text"], "builtin text-encoder",
-                            "text", path, EncoderLoadError).to(dev)
-        else:
-            enc_dtype = PRECISIONS[precision] if dev.type == "cuda" else torch.float32
-            enc = load_text_encoder(cfg.text, dev, enc_dtype)
-        if enc.dim != text_dim:
-            raise EncoderLoadError(f"text encoder '{cfg.text.name_or_path}' is {enc.dim} wide but "
-                                   f"the checkpoint was trained with a {text_dim}-wide one; put "
-                                   f"the encoder of the training run there")
+        enc, cfg = load_text_part(cfg, meta, path, text_dim, parts["text"], dev,
+                                  PRECISIONS[precision], text_encoder)
         used = "ema" if ema and meta.get("has_ema") else meta.get("exported_weights", "raw")
         return cls(net, enc, cfg, meta, path, dev, precision, used)
 
@@ -528,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("workspace/outputs"),
                    help="output folder (default workspace/outputs)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--text-encoder", metavar="FOLDER_OR_HUB_ID", help="a Qwen3 text encoder to "
+                   "use instead of the one the checkpoint names (e.g. for an exported model)")
     p.add_argument("--compile", action="store_true",
                    help="compile the network first (slower first image, faster after; pays "
                         "off for many images or many steps)")
@@ -572,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"or WebP file", 1)
     try:
         pipe = Pipeline.load(args.checkpoint, ema=not args.no_ema, device=args.device,
-                             dtype=args.dtype)
+                             dtype=args.dtype, text_encoder=args.text_encoder)
         if args.compile and (problem := pipe.compile()):
             print(f"note: --compile: torch.compile cannot run here ({problem}); generating "
                   f"uncompiled", file=sys.stderr)

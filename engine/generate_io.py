@@ -1,5 +1,6 @@
 """The edges of generation (engine/generate.py): reading a checkpoint for inference with
-every part checked, and turning any picture into the RGB start image of img2img.
+every part checked, finding its text encoder, and turning any picture into the RGB start
+image of img2img.
 
 A checkpoint file can be damaged (cut short, bytes changed), foreign (a safetensors file
 of another program) or not fit the network its own config describes (weights of another
@@ -10,6 +11,7 @@ what to do. Nothing here writes anything.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -19,7 +21,15 @@ from torch import Tensor, nn
 
 from engine.checkpoint import CheckpointError, read_meta
 from engine.config import ConfigError, RunConfig, config_from_dict, parse_wxh
+from engine.encoders import (
+    BuiltinTextEncoder,
+    EncoderLoadError,
+    Qwen3TextEncoder,
+    load_text_encoder,
+    qwen3_width,
+)
 from engine.images import exif_orientation
+from engine.modelspec import leaf, names_folder
 
 PICK_ANOTHER = "pick another checkpoint"
 
@@ -85,6 +95,85 @@ def load_part(module: nn.Module, weights: dict[str, Tensor], what: str, prefix: 
                         f"{PICK_ANOTHER} (an earlier one)")
     module.load_state_dict(weights)
     return module.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------
+# The text encoder of a checkpoint
+# --------------------------------------------------------------------------------------
+
+class TextEncoderNeeded(EncoderLoadError):
+    """The Qwen3 text encoder a checkpoint names is not on this machine and none was given
+    when loading. `name`: what the checkpoint calls it; `width`: the hidden size it needs."""
+
+    def __init__(self, message: str, name: str, width: int):
+        super().__init__(message)
+        self.name, self.width = name, width
+
+
+def load_text_part(cfg: RunConfig, meta: dict, path: Path, text_dim: int,
+                   weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype,
+                   override: str | None = None
+                   ) -> tuple[BuiltinTextEncoder | Qwen3TextEncoder, RunConfig]:
+    """(text encoder on `device`, the config naming the encoder actually loaded) of a
+    checkpoint: its builtin encoder with the weights from the file (`weights`, keys
+    without `text.`), or the Qwen3 its config names (in `dtype` on CUDA, else fp32).
+    `override`, a folder or hub id, replaces that Qwen3; an export's encoder folder (meta
+    `text_encoder_folder`) is used when a folder of that name lies next to the file.
+    EncoderLoadError otherwise: TextEncoderNeeded when the encoder is not here and none
+    was given; one that is not text_dim wide names both encoders."""
+    override = (override or "").strip()
+    if cfg.text.encoder == "builtin":
+        if override:
+            raise EncoderLoadError(f"checkpoint '{path}' has a builtin text encoder whose weights "
+                                   f"are in the file; a text-encoder override ('{override}') is "
+                                   f"only for checkpoints trained with a Qwen3 encoder: leave it "
+                                   f"out")
+        enc = load_part(BuiltinTextEncoder(cfg.text), weights, "builtin text-encoder", "text",
+                        path, EncoderLoadError)
+        return enc.to(device), cfg
+    trained = meta.get("text_encoder_folder") or cfg.text.name_or_path
+    if override and names_folder(override) and not Path(override).expanduser().exists():
+        raise EncoderLoadError(f"the text encoder folder '{override}' does not exist: give the "
+                               f"folder of a Qwen3 model (config.json, model.safetensors, "
+                               f"tokenizer files) or its hub id")
+    source = override or _named_encoder(cfg, meta, path, text_dim)
+    width = qwen3_width(source) if override else None
+    if width is not None and width != text_dim:   # refused before its weights are loaded
+        raise EncoderLoadError(_wrong_width(source, width, path, trained, text_dim))
+    cfg = copy.deepcopy(cfg)
+    cfg.text.name_or_path = source
+    enc = load_text_encoder(cfg.text, device, dtype if device.type == "cuda" else torch.float32)
+    if enc.dim != text_dim:
+        raise EncoderLoadError(_wrong_width(source, enc.dim, path, trained, text_dim))
+    return enc, cfg
+
+
+def _wrong_width(source: str, width: int, path: Path, trained: str, text_dim: int) -> str:
+    used = "one" if source == trained else f"'{trained}'"
+    return (f"the text encoder '{source}' has hidden size {width}, but checkpoint "
+            f"'{Path(path).name}' was trained with {used} of hidden size {text_dim}: give the "
+            f"Qwen3 model it was trained with (hidden size {text_dim}), e.g. with --text-encoder")
+
+
+def _named_encoder(cfg: RunConfig, meta: dict, path: Path, text_dim: int) -> str:
+    """The folder or hub id of the Qwen3 a checkpoint names, when it can be on this
+    machine; TextEncoderNeeded when it is a folder that is not here."""
+    folder, name = meta.get("text_encoder_folder"), cfg.text.name_or_path
+    if isinstance(folder, str) and folder:
+        plain = folder == leaf(folder) and folder not in (".", "..") and "\x00" not in folder
+        if plain and (Path(path).parent / folder / "config.json").is_file():
+            return str(Path(path).parent / folder)
+        where = (f"'{folder}', a folder on the machine it was trained on (no folder of that "
+                 f"name next to the file)")
+    elif names_folder(name) and not Path(name).expanduser().is_dir():
+        where = f"'{name}', a folder that does not exist on this machine"
+    else:
+        return name
+    raise TextEncoderNeeded(
+        f"checkpoint '{path}' needs its Qwen3 text encoder {where}: pass --text-encoder "
+        f"FOLDER_OR_HUB_ID (Pipeline.load: text_encoder=...) with the same Qwen3 model it was "
+        f"trained with (hidden size {text_dim}), e.g. its folder or its hub id",
+        folder if isinstance(folder, str) and folder else name, text_dim)
 
 
 # --------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@
       events.out.tfevents.*   the same scalars for TensorBoard
       log.txt          the trainer's log (and, when the studio starts it, stdout/stderr)
       samples/         fixed-prompt, fixed-seed sample grids (step_NNNNNNN.png + .json)
+      sample_prompts.txt   the grids' prompts, one a line with options such as --w 64 --d 7
+                       (engine/sample_prompts.py): written when the run starts (from
+                       config.sample), then a person's to edit (the studio's editor or any
+                       text editor) at any time; the trainer reads it before every grid
       checkpoints/     step_NNNNNNN.safetensors (+ .state.safetensors), keep.txt (studio)
       control/         studio only: one file per request kind (stop, pause, save-now,
                        sample-now) holding a request id; the trainer acts on an id it has
@@ -82,6 +86,7 @@ class RunDir:
     metrics_file = property(lambda self: self.root / "metrics.jsonl")
     log_file = property(lambda self: self.root / "log.txt")
     samples = property(lambda self: self.root / "samples")
+    sample_prompts = property(lambda self: self.root / "sample_prompts.txt")
     checkpoints = property(lambda self: self.root / "checkpoints")
     control = property(lambda self: self.root / "control")
 

@@ -4,13 +4,15 @@
 * `parameters`: the widely-used layout other tools read and write,
       <prompt>
       Negative prompt: <negative>
-      Steps: 30, Sampler: heun, CFG scale: 4.0, Seed: 123, Size: 512x512, Model hash: ...
+      Steps: 30, Sampler: Heun, CFG scale: 4.0, Seed: 123, Size: 512x512, Model hash: ...
 * `pixelhdm`: a JSON object with every setting (run id, checkpoint step and hash, all
   sampling parameters, engine version).
 
 `read_png_parameters` prefers the JSON and falls back to parsing `parameters`, so PNGs
 from other tools in that layout recall their prompt, negative, steps, sampler, guidance,
-seed and size too.
+seed and size too. Samplers are written with the labels other tools use
+(engine.sampling.SAMPLER_LABELS: "Euler", "DPM++ 2M", ...) and read back from those
+labels, from common variants ("DPM++ 2M Karras") and from our own names ("dpmpp_2m").
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Callable
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from engine.sampling import SAMPLER_LABELS
 
 METADATA_FORMAT = 1
 FILE_NUMBER = re.compile(r"^(\d+)-")
@@ -56,7 +60,8 @@ def format_parameters(params: dict) -> str:
     """The `parameters` text: prompt, 'Negative prompt: ...' (when there is one), then one
     line of 'Label: value' pairs."""
     values = dict(params, size=f"{params['width']}x{params['height']}",
-                  interval="-".join(str(v) for v in params["interval"]))
+                  interval="-".join(str(v) for v in params["interval"]),
+                  sampler=SAMPLER_LABELS.get(params.get("sampler"), params.get("sampler")))
     pairs = [f"{label}: {_quote(values[key])}" for label, key, _ in _TEXT_FIELDS
              if values.get(key) is not None]
     lines = [params["prompt"]]
@@ -65,15 +70,21 @@ def format_parameters(params: dict) -> str:
     return "\n".join(lines + [", ".join(pairs)])
 
 
-def _sampler_name(name: str) -> str:
-    """Our sampler key for a name other tools write ('DPM++ 2M Karras' -> dpmpp_2m);
-    unknown names (e.g. ancestral samplers) are returned as written."""
-    low = name.strip().lower().replace("_", " ")
-    if low in ("euler", "heun", "ab2"):
-        return low
-    if low in ("dpmpp 2m", "dpm++ 2m", "dpm++ 2m karras"):
-        return "dpmpp_2m"
-    return name
+# the names a sampler goes by, lower-cased: its label, our key, and common variants (the
+# Karras schedule is a time grid, not another sampler)
+_SAMPLER_NAMES = {
+    **{label.lower(): key for key, label in SAMPLER_LABELS.items()},
+    **{key: key for key in SAMPLER_LABELS},
+    "dpmpp 2m": "dpmpp_2m", "dpm++ 2m karras": "dpmpp_2m", "dpmpp_2m karras": "dpmpp_2m",
+    "euler karras": "euler", "heun karras": "heun", "ab2": "ab2",
+}
+
+
+def sampler_key(name: str) -> str:
+    """Our sampler key for a name written in a PNG ('DPM++ 2M Karras' -> dpmpp_2m, 'Heun'
+    -> heun, 'heun' -> heun); unknown names (e.g. ancestral samplers) are returned as
+    written."""
+    return _SAMPLER_NAMES.get(" ".join(name.strip().lower().split()), name)
 
 
 def parse_parameters(text: str) -> dict:
@@ -107,7 +118,7 @@ def parse_parameters(text: str) -> dict:
         except ValueError:
             other[label] = value
     if "sampler" in out:
-        out["sampler"] = _sampler_name(out["sampler"])
+        out["sampler"] = sampler_key(out["sampler"])
     if other:
         out["other"] = other
     return out
@@ -136,6 +147,8 @@ def read_png_parameters(source: str | os.PathLike | Image.Image) -> dict:
     if isinstance(raw, str):
         try:
             data = json.loads(raw)
+            if isinstance(data, dict) and isinstance(data.get("sampler"), str):
+                return dict(data, sampler=sampler_key(data["sampler"]))
             if isinstance(data, dict):
                 return data
         except json.JSONDecodeError:

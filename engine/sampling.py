@@ -230,6 +230,13 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "ab2": sample_ab2,
 }
+# how other tools name each sampler in a PNG's `parameters` text (engine/pngmeta.py)
+SAMPLER_LABELS: dict[str, str] = {
+    "euler": "Euler",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "ab2": "Adams-Bashforth 2",
+}
 
 
 def model_evals(sampler: str, steps: int) -> int:

@@ -41,7 +41,16 @@ from engine.checkpoint import (
     save_checkpoint,
     unflatten_optimizer,
 )
-from engine.config import ConfigError, RunConfig, dump_yaml, load_preset, save_config
+from engine.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_yaml,
+    load_preset,
+    save_config,
+)
 from engine.data import DataError, scan_dataset, why_nothing_trains
 from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
@@ -69,6 +78,10 @@ from engine.flow import (
     t_bin_index,
     validation_loss,
 )
+from engine.generate import resolve_checkpoint
+from engine.generate_io import checkpoint_config
+from engine.init_from import apply as apply_init
+from engine.init_from import check_fits, load_init
 from engine.job import REQUESTS, RunBusy, RunDir, RunLock, Status, resume_target
 from engine.model import PRECISIONS, PixelHDM
 from engine.optim import (
@@ -80,6 +93,7 @@ from engine.optim import (
     grad_norm,
     lr_at,
 )
+from engine.sample_prompts import RunPrompts
 from engine.text_features import cached_text_encoder
 from engine.train_io import (
     LOG_CAPTURED_ENV,
@@ -152,15 +166,20 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     fingerprint = dataset_fingerprint(plan)
     # what the model is trained at: samples and generation default to the most-trained size
     trained = {f"{b.size[0]}x{b.size[1]}": b.images for b in plan.buckets if b.images}
+    prompts = RunPrompts.start(run, cfg, trained, resume=resume, main=d.main, log=log)
     log(f"data: {len(plan.images)} training images in {sum(b.images > 0 for b in plan.buckets)} "
         f"buckets, {len(plan.val_images)} held out, {plan.batches_per_epoch} batches per epoch "
         f"per rank, {len(plan.dropped)} dropped")
+    if plan.repeated:
+        log(f"data: kohya repeats make {plan.samples_per_epoch} samples per epoch")
+    for line in scan.conventions.lines():
+        log(f"data: {line}")
 
     # ---- models ---------------------------------------------------------------------
     compute_dtype = PRECISIONS[tr.precision]
     if cfg.text.encoder == "qwen3":   # frozen: its features come from the disk cache
-        text_encoder = cached_text_encoder(cfg.text, run_captions(plan, cfg), device,
-                                           compute_dtype, log)
+        text_encoder = cached_text_encoder(cfg.text, run_captions(plan, cfg, prompts.captions()),
+                                           device, compute_dtype, log)
     else:
         text_encoder = load_text_encoder(cfg.text, device)
     teacher = DinoTeacher(lo.repa_teacher, device, compute_dtype) if lo.repa_teacher else None
@@ -173,6 +192,16 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         net.compile_blocks()
     projector = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(device) if teacher else None
     model = Trainable(net, text_encoder, projector)
+    if tr.init_from and not (resume and latest_resumable(run.checkpoints)):
+        init = load_init(tr.init_from, tr.init_weights)
+        check_fits(init, cfg)
+        for note in apply_init(init, model):
+            log(f"note: {note}")
+        origin = init.record()
+        log(f"weights: from {init.path} (step {origin['step']} of run '{origin['run_id']}', "
+            f"{init.which} weights); optimizer and schedule start fresh")
+    else:
+        origin = None
     n_params = sum(p.numel() for p in net.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, text encoder {cfg.text.encoder} "
         f"({text_encoder.dim}-wide), iREPA {'on' if teacher else 'off'}, device {device}, "
@@ -235,7 +264,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         meta = {"run_id": run.run_id, "config": dump_yaml(cfg), "dataset_fingerprint": fingerprint,
                 "engine_version": __version__, "text_dim": text_encoder.dim,
                 "images_seen": step * tr.batch_size * tr.grad_accum * d.world,
-                "val_loss": report.last_val, "reason": reason, "trained_sizes": trained}
+                "val_loss": report.last_val, "reason": reason, "trained_sizes": trained,
+                "init_from": origin}
         path = save_checkpoint(run.checkpoints, step, weights,
                                ema.shadow if ema else None, meta, tensors, info, latest=latest)
         if latest:   # a resume point only: not a listed checkpoint, outside retention
@@ -249,8 +279,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     def restore(ckpt: CheckpointInfo, *, full: bool) -> None:
         """Load a checkpoint: weights, EMA, optimizer and clipping state, and with `full`
         also the step, RNG and data position (a resume, not a rollback)."""
-        nonlocal step, stop_at, lr_scale, loss_avg, loss_count, best_val, epoch, position
-        weights, _ = load_weights(ckpt.path, ema=False, device=device)
+        nonlocal step, stop_at, lr_scale, loss_avg, loss_count, best_val, epoch, position, origin
+        weights, saved_meta = load_weights(ckpt.path, ema=False, device=device)
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:
@@ -272,6 +302,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             scaler.load_state_dict(info["scaler"])
         if not full:
             return
+        origin = saved_meta.get("init_from")   # where the run's first weights came from
         stop_at = resume_target(info.get("stop_at"), tr.max_steps, stop_at)
         step, lr_scale = info["step"], info["lr_scale"]
         report.best_step, report.last_val = info.get("best_step"), info.get("last_val")
@@ -345,16 +376,17 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         return with_ema(run_val)
 
     def sample() -> Path | None:
-        if not d.main or not cfg.sample.prompts:
+        if not d.main:
             return None
-        from engine.generate import render_grid
+        from engine.generate import render_samples
+        cells = prompts.read(log, text_encoder)   # edits made while the run trains count
         def run_sample():
             model.eval()
-            images = render_grid(net, model.encode, cfg, device, tr.precision, trained)
+            images = render_samples(net, model.encode, cells, cfg, device, tr.precision)
             model.train()
             return images
         images = with_ema(run_sample)
-        return save_sample_grid(run, step, images, cfg)
+        return save_sample_grid(run, step, images, cells, cfg)
 
     # ---- loop -----------------------------------------------------------------------------
     signals.in_loop = True
@@ -556,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its newest checkpoint")
+    p.add_argument("--init-from", metavar="RUN_DIR|FILE",
+                   help="start the new run from the weights of this checkpoint (or a run "
+                        "folder's newest one), with fresh optimizer state; without --preset "
+                        "the checkpoint's own config is the starting point")
+    p.add_argument("--init-weights", choices=("ema", "raw"),
+                   help="which weights --init-from takes (default ema)")
     return p
 
 
@@ -582,6 +620,26 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
     if args.data:
         overrides.append(f"data.path={Path(args.data).resolve()}")
     main_rank = int(os.environ.get("RANK", 0)) == 0   # other ranks may see rank 0's config.yaml
+    if args.init_from or args.init_weights:
+        if args.resume:
+            raise TrainError("--init-from starts a new run from a checkpoint's weights; a "
+                             "--resume continues its own checkpoints: drop one of the two")
+        if args.init_weights and not args.init_from:
+            raise TrainError("--init-weights needs --init-from RUN_DIR|FILE")
+        overrides.append(f"train.init_from={Path(args.init_from).expanduser().resolve()}")
+        if args.init_weights:
+            overrides.append(f"train.init_weights={args.init_weights}")
+        if not args.preset:   # the checkpoint's own config is the preset
+            if run.config.is_file() and main_rank:
+                raise TrainError(f"'{run.root}' already holds a run; choose a new --run-dir "
+                                 f"for a run started from a checkpoint")
+            _, src_cfg, _ = checkpoint_config(resolve_checkpoint(args.init_from))
+            raw = apply_overrides(config_to_dict(src_cfg), overrides, source="--set")
+            cfg = config_from_dict(raw, f"{args.init_from} (config) with --set")
+            if not args.data:
+                raise TrainError("--data is required with --init-from (the folder of images "
+                                 "and .txt captions of the new run)")
+            return cfg
     if args.resume and args.preset:
         extra = [f"--preset {args.preset}"]
         if args.data:

@@ -272,10 +272,12 @@ class Runner:
 
     # ---- starting ----------------------------------------------------------------------
     def start(self, cfg: RunConfig, run_id: str | None = None, *, gpus: int = 1,
-              max_steps: int | None = None, device: str | None = None) -> RunDir:
-        """Write `cfg` into a new run folder and start training it in the background.
-        RunnerError when it cannot start; engine.distributed.DeviceError for a device
-        that is not there."""
+              max_steps: int | None = None, device: str | None = None,
+              sample_prompts: str = "") -> RunDir:
+        """Write `cfg` into a new run folder and start training it in the background;
+        `sample_prompts`, when given, is its sample_prompts.txt (the trainer refuses one
+        that does not parse). RunnerError when it cannot start; engine.distributed.
+        DeviceError for a device that is not there."""
         if gpus < 1:
             raise RunnerError(f"gpus = {gpus}: at least 1")
         if max_steps is not None and max_steps < 1:
@@ -309,6 +311,8 @@ class Runner:
             try:
                 run.create()
                 save_config(cfg, run.config)
+                if sample_prompts.strip():
+                    atomic_write_text(run.sample_prompts, sample_prompts)
                 run.clear_requests()
                 self._spawn(run, [], str(where), device, gpus, max_steps)
             except BaseException:

@@ -21,6 +21,7 @@ from engine.checkpoint import (
     list_checkpoints,
     pinned_steps,
     read_meta,
+    read_modelspec,
     step_name,
 )
 from engine.model import PRECISIONS
@@ -78,14 +79,20 @@ def build(studio: Studio) -> dict:
                              elem_classes="phdm-pixels")
         with gr.Accordion("Export an inference file", open=False):
             gr.Markdown("One set of weights (EMA when the checkpoint has them) with the run's "
-                        "config in the metadata, written to `workspace/models/`.",
+                        "config in the metadata, written to `workspace/models/`. The file "
+                        "holds no paths of this machine (dataset, caches, a local text encoder "
+                        "keeps only its folder name) and carries `modelspec.*` keys (title, "
+                        "architecture, resolution, date) that other tools show.",
                         elem_classes="phdm-help")
             with gr.Row():
                 export_name = gr.Textbox(label="File name (letters, digits, - _ .)", scale=3)
+                export_title = gr.Textbox(label="Title", scale=3, elem_id="export-title",
+                                          placeholder="default: the run and step")
                 export_dtype = gr.Radio(list(PRECISIONS), value="bf16", label="Precision", scale=2)
                 export_ema = gr.Checkbox(value=True, label="EMA weights", scale=1)
                 export_btn = gr.Button("Export", scale=1)
-            models_df = gr.Dataframe(headers=["File", "Size", "From", "Weights", "Precision"],
+            models_df = gr.Dataframe(headers=["File", "Title", "Size", "From", "Weights",
+                                              "Precision"],
                                      label="Exported models", interactive=False, max_height=200)
         with gr.Accordion("Delete", open=False):
             gr.Markdown("Deleting cannot be undone. A run that is training cannot be deleted.",
@@ -114,7 +121,8 @@ def build(studio: Studio) -> dict:
                 meta = read_meta(p)
             except CheckpointError:
                 continue
-            rows.append([p.name, views.fmt_bytes(p.stat().st_size),
+            rows.append([p.name, read_modelspec(p).get("title", ""),
+                         views.fmt_bytes(p.stat().st_size),
                          f"{meta.get('run_id', '')} {meta.get('exported_from', '')}".strip(),
                          meta.get("exported_weights", ""), meta.get("exported_dtype", "")])
         return rows
@@ -186,7 +194,7 @@ def build(studio: Studio) -> dict:
         state = "pinned" if int(step) in pins else "unpinned"
         return f"Step {step} {state}.", *show_run(run_id, step)
 
-    def export(run_id, step, name, dtype, ema):
+    def export(run_id, step, name, dtype, ema, title=""):
         if not run_id or step is None:
             return "Choose a checkpoint first.", gr.skip()
         try:
@@ -198,11 +206,12 @@ def build(studio: Studio) -> dict:
             if dst.exists():
                 return f"**{fname} already exists** in workspace/models: choose another name.", \
                     gr.skip()
-            export_inference(src, dst, PRECISIONS[dtype], ema=ema)
+            export_inference(src, dst, PRECISIONS[dtype], ema=ema,
+                             title=title if isinstance(title, str) else "")
         except (PathError, RunnerError, CheckpointError, OSError) as e:
             return f"**Not exported:** {e}", gr.skip()
-        return (f"Exported `{dst.name}` ({views.fmt_bytes(dst.stat().st_size)}).",
-                model_rows())
+        return (f"Exported `{dst.name}` ({views.fmt_bytes(dst.stat().st_size)}), titled "
+                f"\"{read_modelspec(dst).get('title', '')}\".", model_rows())
 
     def remove_checkpoint(run_id, step, sure):
         if not sure:
@@ -239,7 +248,8 @@ def build(studio: Studio) -> dict:
                              f"{r}-step{s}" if r and s is not None else ""),
                inputs=[run, ckpt], outputs=[checkpoint_id, export_name])
     pin_btn.click(toggle_pin, inputs=[run, ckpt], outputs=[message, *show_outputs])
-    export_btn.click(export, inputs=[run, ckpt, export_name, export_dtype, export_ema],
+    export_btn.click(export, inputs=[run, ckpt, export_name, export_dtype, export_ema,
+                                     export_title],
                      outputs=[message, models_df], concurrency_limit=1)
     delete_ckpt.click(remove_checkpoint, inputs=[run, ckpt, confirm],
                       outputs=[message, confirm, *show_outputs])

@@ -109,7 +109,7 @@ def preset_values(name: str) -> tuple:
         raise gr.Error(str(e)) from e
     d = cfg.data
     return (cfg.model.patch_size, d.min_side, d.max_side, d.bucket_step, d.max_aspect,
-            cfg.train.batch_size, d.drop_last, d.missing_caption)
+            cfg.train.batch_size, d.drop_last, d.missing_caption, d.include_reg)
 
 
 def create_demo(studio: Studio) -> bool:
@@ -165,9 +165,12 @@ def build(studio: Studio, selection: gr.State) -> dict:
     """The tab's components; returns those other tabs wire to."""
     presets = config.list_presets()
     first = DEFAULT_PRESET if DEFAULT_PRESET in presets else presets[0]
-    p0, min0, max0, step0, asp0, bs0, drop0, miss0 = preset_values(first)
+    p0, min0, max0, step0, asp0, bs0, drop0, miss0, reg0 = preset_values(first)
     with gr.Tab("Dataset", id="dataset"):
-        gr.Markdown("Pick a folder of images with `.txt` captions of the same name. The "
+        gr.Markdown("Pick a folder of images with `.txt` (or `.caption`) captions of the "
+                    "same name, or a `metadata.jsonl`; `N_name` folders repeat their images N "
+                    "times per epoch, and folders named like regularisation sets (`reg`, "
+                    "`class_images`) are left out unless `data.include_reg` is set. The "
                     "preview below runs the trainer's own bucketing code, so it shows "
                     "exactly how each image will be cropped and batched.",
                     elem_classes="phdm-help")
@@ -214,19 +217,24 @@ def build(studio: Studio, selection: gr.State) -> dict:
                                     info="else the last batch of a bucket is smaller")
             missing = gr.Radio(["skip", "default"], value=miss0, label="Images without a caption",
                                info="skip them, or train them with the default caption")
+            include_reg = gr.Checkbox(value=reg0, label="Train regularisation folders",
+                                      info="reg, class_images, N_reg... are left out unless "
+                                           "checked (data.include_reg)")
             plan_btn = gr.Button("Preview buckets", variant="primary", scale=0, min_width=160)
         status = gr.Markdown(elem_classes="phdm-status")
         summary = gr.Markdown(elem_id="plan-summary")
         with gr.Row():
-            hist = gr.BarPlot(elem_id="bucket-plot", x="bucket", y="images",
-                              label="Images per bucket (smallest area first)", height=260,
+            hist = gr.BarPlot(elem_id="bucket-plot", x="bucket", y="samples",
+                              label="Samples per epoch per bucket (images × repeats, smallest "
+                                    "area first)", height=260,
                               scale=2, x_label_angle=-45, y_lim=[0, None])
             table = gr.Dataframe(headers=views.BUCKET_HEADERS, label="Buckets", interactive=False,
                                  max_height=300, scale=3, elem_id="bucket-table")
         with gr.Accordion("Health report", open=True):
-            health_md = gr.Markdown()
+            health_md = gr.Markdown(elem_id="health-summary")
             health_df = gr.Dataframe(headers=views.HEALTH_HEADERS, interactive=False,
                                      max_height=260, wrap=True, label="Files with problems",
+                                     elem_id="health-table",
                                      column_widths=["9%", "38%", "23%", "30%"])
         with gr.Accordion("Crops (the dimmed part is cut off)", open=True):
             with gr.Row():
@@ -244,8 +252,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
         chosen = studio.chosen_dataset(choice, typed)
         return Path(chosen) if chosen else None
 
-    def edited(min_s, max_s, stp, asp, bs, drop, miss) -> dict:
-        vals = dict(zip(EDITED_KEYS, (min_s, max_s, stp, asp, bs, drop, miss)))
+    def edited(min_s, max_s, stp, asp, bs, drop, miss, incl) -> dict:
+        vals = dict(zip(EDITED_KEYS, (min_s, max_s, stp, asp, bs, drop, miss, incl)))
         for k in ("data.min_side", "data.max_side", "data.bucket_step", "train.batch_size"):
             if vals[k] is not None:
                 vals[k] = int(vals[k])
@@ -261,8 +269,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
             yield (gr.skip(),) * 2 + (views.bucket_frame(pv.plan),) + (gr.skip(),) * 8
 
     def plan_outputs_for(choice, typed, preset_name, min_s, max_s, stp, asp, bs, drop, miss,
-                         n_gpus, order_v, bucket_v, page_v, sel):
-        vals = edited(min_s, max_s, stp, asp, bs, drop, miss)
+                         incl, n_gpus, order_v, bucket_v, page_v, sel):
+        vals = edited(min_s, max_s, stp, asp, bs, drop, miss, incl)
         empty = ("", None, None, "", None, gr.skip(), gr.skip(), "", None)
         try:
             root = dataset_root(choice, typed)
@@ -320,7 +328,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         return (report.markdown(), None,
                 gr.Dropdown(choices=studio.dataset_names(), value=report.folder.name), "")
 
-    settings = [min_side, max_side, step, aspect, batch, drop_last, missing]
+    settings = [min_side, max_side, step, aspect, batch, drop_last, missing, include_reg]
     plan_inputs = [ds_choice, ds_path, preset, *settings, gpus, order, bucket_filter, page,
                    selection]
     plan_outputs = [status, summary, hist, table, health_md, health_df, bucket_filter, page,
@@ -342,7 +350,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
     for c in (min_side, max_side, step, aspect, batch, gpus):
         c.submit(**plan_args)
         c.blur(**plan_args)
-    for c in (drop_last, missing):
+    for c in (drop_last, missing, include_reg):
         c.input(**plan_args)
     page_inputs = [selection, order, bucket_filter, page]
     for c in (order, bucket_filter):

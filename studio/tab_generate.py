@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import math
 import queue
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,15 +22,20 @@ import gradio as gr
 import torch
 
 from engine import config, generate, pngmeta
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, read_modelspec
 from engine.distributed import DeviceError
 from engine.encoders import EncoderLoadError
-from engine.generate_io import checkpoint_config, describe_sizes, trained_sizes
+from engine.generate_io import (
+    TextEncoderNeeded,
+    checkpoint_config,
+    describe_sizes,
+    trained_sizes,
+)
 from engine.images import BROKEN_FILE_ERRORS
-from engine.sampling import SAMPLERS
+from engine.sampling import SAMPLER_LABELS, SAMPLERS
 from studio import views
-from studio.paths import PathError
-from studio.runner import RunnerError
+from studio.paths import PathError, names_local_path, resolve_inside
+from studio.runner import PROJECT_ROOT, RunnerError
 
 if TYPE_CHECKING:
     from studio.ui import Studio
@@ -40,26 +46,28 @@ EXPECTED_ERRORS = (generate.GenerateError, CheckpointError, EncoderLoadError, Pa
 # what reading the settings of a PNG from the history or the browser may raise: the file
 # may be broken or hostile (MetadataError is the engine's word for it)
 RECALL_ERRORS = (pngmeta.MetadataError, *BROKEN_FILE_ERRORS)
+# a hub id: 'name' or 'owner/name' of letters, digits, '-', '_' and '.'
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class PipelineCache:
-    """One loaded pipeline, keyed by (file, modification time, EMA)."""
+    """One loaded pipeline, keyed by (file, modification time, EMA, text encoder)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._key: tuple | None = None
         self._pipe: generate.Pipeline | None = None
 
-    def get(self, path: Path, ema: bool) -> generate.Pipeline:
+    def get(self, path: Path, ema: bool, text_encoder: str | None = None) -> generate.Pipeline:
         try:
-            key = (str(path), path.stat().st_mtime_ns, bool(ema))
+            key = (str(path), path.stat().st_mtime_ns, bool(ema), text_encoder)
         except OSError as e:   # deleted since it was chosen
             raise CheckpointError(f"the checkpoint '{path.name}' is no longer on disk "
                                   f"({e.strerror}); choose another") from e
         with self._lock:
             if key != self._key:
                 self.free_locked()
-                self._pipe = generate.Pipeline.load(path, ema=ema)
+                self._pipe = generate.Pipeline.load(path, ema=ema, text_encoder=text_encoder)
                 self._key = key
             return self._pipe
 
@@ -99,16 +107,54 @@ def number(value, label: str) -> float:
     return x
 
 
-def model_markdown(meta: dict, cfg: config.RunConfig) -> str:
+def text_encoder_choice(text, studio: Studio) -> str | None:
+    """The Text encoder field: None when empty, a hub id as typed, a folder (relative ones
+    in the workspace) checked with the studio's path rules: links resolved, inside the
+    workspace or an --allow-dir folder. PathError otherwise."""
+    name = text.strip() if isinstance(text, str) else ""
+    if not name:
+        return None
+    # the folders a relative name may be found in, as for the Train tab's settings
+    if names_local_path(name, [studio.workspace, PROJECT_ROOT, Path.cwd()]):
+        try:
+            return str(resolve_inside(name, studio.roots))
+        except PathError as e:
+            raise PathError(f"Text encoder: {e}") from None
+    if not HUB_ID.fullmatch(name):
+        raise PathError(f"Text encoder: {name!r} is neither a folder nor a hub id (such as "
+                        f"Qwen/Qwen3-0.6B); type the folder of a Qwen3 model or its hub id")
+    return name
+
+
+def needs_encoder(e: TextEncoderNeeded) -> str:
+    """What the page says when a checkpoint's Qwen3 is not on this machine."""
+    return (f"this model needs its Qwen3 text encoder '{e.name}', which is not on this "
+            f"machine: type the folder of that model (inside the workspace) or its hub id in "
+            f"the Text encoder field; it must be the model it was trained with (hidden size "
+            f"{e.width})")
+
+
+def encoder_markdown(meta: dict, cfg: config.RunConfig) -> str:
+    if cfg.text.encoder == "builtin":
+        return "builtin text encoder"
+    folder = meta.get("text_encoder_folder")
+    if isinstance(folder, str) and folder:
+        return (f"text encoder `{folder}`, a folder of the training machine: put it next to "
+                f"the file or give it in the Text encoder field")
+    return f"text encoder `{cfg.text.name_or_path}`"
+
+
+def model_markdown(meta: dict, cfg: config.RunConfig, title: str = "") -> str:
     trained = trained_sizes(meta)
     w, h = cfg.sample_size(trained)
     weights = "EMA and raw weights" if meta.get("has_ema") else \
         f"{meta.get('exported_weights', 'raw')} weights"
     at = (f"trained at {describe_sizes(trained)}" if trained else
           f"buckets {cfg.data.min_side}-{cfg.data.max_side} px")
-    return (f"Run `{meta.get('run_id', '?')}`, step {meta.get('step', '?')} · {weights} · patch "
-            f"{cfg.model.patch_size} · {at} · default size {w}x{h}, up to "
-            f"{generate.max_side(cfg)} px per side")
+    head = f"**{title}** · " if title else ""
+    return (f"{head}Run `{meta.get('run_id', '?')}`, step {meta.get('step', '?')} · {weights} · "
+            f"patch {cfg.model.patch_size} · {at} · default size {w}x{h}, up to "
+            f"{generate.max_side(cfg)} px per side · {encoder_markdown(meta, cfg)}")
 
 
 def history(outputs_dir: Path) -> list[str]:
@@ -143,18 +189,25 @@ def build(studio: Studio) -> dict:
     with gr.Tab("Generate", id="generate"):
         with gr.Row(equal_height=True):
             checkpoint = gr.Dropdown(studio.checkpoint_choices(), label="Checkpoint", scale=4,
-                                     info="run checkpoints and exported models")
+                                     info="run checkpoints and exported models",
+                                     elem_id="generate-checkpoint")
+            text_encoder = gr.Textbox(label="Text encoder (folder or hub id, optional)", scale=3,
+                                      placeholder="the one the checkpoint names",
+                                      elem_id="generate-text-encoder",
+                                      info="another copy of the Qwen3 it was trained with, "
+                                           "e.g. for an exported model")
             ema = gr.Checkbox(value=True, label="EMA weights", scale=1,
                               info="smoother; off = the raw weights")
             refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
-        model_info = gr.Markdown(elem_classes="phdm-help")
+        model_info = gr.Markdown(elem_classes="phdm-help", elem_id="generate-model-info")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2)
                 negative = gr.Textbox(label="Negative prompt", lines=1,
                                       info="empty = the unconditional input")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(SAMPLERS), value="heun", label="Sampler")
+                    sampler = gr.Dropdown([(SAMPLER_LABELS[k], k) for k in SAMPLERS],
+                                          value="heun", label="Sampler")
                     steps = gr.Slider(1, 200, value=20, step=1, label="Steps")
                     count = gr.Slider(1, 16, value=4, step=1, label="Images")
                 with gr.Row():
@@ -258,7 +311,7 @@ def build(studio: Studio) -> dict:
         sides = [gr.Number(value=v, step=p, minimum=p, maximum=top) if f
                  else gr.Number(step=p, minimum=p, maximum=top)
                  for v, f in zip(values[-2:], follow[-2:])]
-        return (model_markdown(meta, mcfg),
+        return (model_markdown(meta, mcfg, read_modelspec(path).get("title", "")),
                 gr.Dropdown(choices=sizes,
                             value=default if default in [v for _, v in sizes] else None),
                 *fields, *sides, gr.skip(), gr.skip(), values)
@@ -281,12 +334,13 @@ def build(studio: Studio) -> dict:
     # ---- generating --------------------------------------------------------------------
     def run(cid, use_ema, prompt_v, negative_v, sampler_v, steps_v, cfg_v, rescale_v, lo_v,
             hi_v, shift_v, width_v, height_v, seed_v, strength_v, count_v, init_v,
-            request: gr.Request):
+            request: gr.Request, encoder_v: str = ""):
         key = request.session_hash if request is not None else ""
         cancel = threading.Event()
         cancels[key] = cancel
         try:
             path = studio.checkpoint_path(cid or "")
+            encoder = text_encoder_choice(encoder_v, studio)
             seed_i = views.parse_seed(seed_v)
             w_i, h_i = whole(width_v, "Width"), whole(height_v, "Height")
             steps_i, count_i = whole(steps_v, "Steps"), whole(count_v, "Images")
@@ -303,7 +357,7 @@ def build(studio: Studio) -> dict:
                 with studio.runner.gate.generation() as note:
                     if note:
                         events.put(("note", note))
-                    pipe = cache.get(path, use_ema)
+                    pipe = cache.get(path, use_ema, encoder)
                     notes = pipe.notes(prompt_v, negative_v, w_i, h_i, init_image=init_v)
                     events.put(("loaded", None))
 
@@ -321,6 +375,8 @@ def build(studio: Studio) -> dict:
                 events.put(("done", (out, saved, notes)))
             except generate.Cancelled:
                 events.put(("cancelled", None))
+            except TextEncoderNeeded as e:
+                events.put(("error", needs_encoder(e)))
             except EXPECTED_ERRORS as e:
                 events.put(("error", str(e)))
             except torch.OutOfMemoryError:
@@ -428,7 +484,8 @@ def build(studio: Studio) -> dict:
                   **model_queue).then(**model_args)
     size.input(lambda s: views.parse_size(s) if s else (gr.skip(), gr.skip()), inputs=size,
                outputs=[width, height])
-    go.click(run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init],
+    go.click(run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init,
+                          text_encoder],
              outputs=[live, status, results, params, past, past_files, checkpoint, model_info],
              concurrency_limit=1, concurrency_id="generate")
     stop.click(cancel_run, outputs=status, queue=False)

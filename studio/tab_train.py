@@ -17,7 +17,9 @@ import gradio as gr
 import yaml
 
 from engine import config, preflight
+from engine import sample_prompts as prompts_file
 from engine.distributed import DeviceError
+from engine.job import RunDir
 from studio import views
 from studio.paths import PathError
 from studio.runner import RunInfo, RunnerError
@@ -28,7 +30,11 @@ if TYPE_CHECKING:
 POLL_SECONDS = 2.0
 LOG_LINES = 200
 # what starting or resuming a run may refuse with, shown as a message on the page
-EXPECTED_ERRORS = (config.ConfigError, PathError, RunnerError, DeviceError)
+EXPECTED_ERRORS = (config.ConfigError, PathError, RunnerError, DeviceError,
+                   prompts_file.PromptsError)
+PROMPTS_HELP = ("One prompt per line, then its options: `--n` negative prompt, `--w` / `--h` "
+                "size, `--d` seed, `--l` CFG scale, `--s` steps; a line without one takes the "
+                "run's sample settings. Lines starting with `#` are notes.")
 # the form's common settings: (key, label, kind)
 FORM = (("train.max_steps", "Max steps", int), ("train.batch_size", "Batch size", int),
         ("train.lr", "Learning rate", float), ("train.warmup_steps", "Warm-up steps", int),
@@ -60,9 +66,18 @@ MERGE_OVERRIDES_JS = """(patch, text) => {
 
 
 def empty_watch(run_id: str = "") -> dict:
-    """What the monitor remembers about the run it shows (kept per browser session)."""
+    """What the monitor remembers about the run it shows (kept per browser session);
+    `prompts_of`: the run whose prompts file is in the editor."""
     return {"run_id": run_id, "offset": 0, "records": [], "log": None, "state": "",
-            "samples": None}
+            "samples": None, "prompts_of": None}
+
+
+def prompts_check(text: str, defaults: prompts_file.PromptDefaults) -> tuple[str, bool]:
+    """(the validity line of a sample-prompts text, whether it parses)."""
+    try:
+        return f"Valid: {prompts_file.summary(prompts_file.parse_prompts(text, defaults))}.", True
+    except prompts_file.PromptsError as e:
+        return f"**Not valid:** {e}", False
 
 
 def run_choices(runs: list[RunInfo]) -> list[tuple[str, str]]:
@@ -144,6 +159,9 @@ def build(studio: Studio, selection: gr.State) -> dict:
                     help_key = gr.Dropdown(sorted(docs), label="What does a key do?",
                                            value=None, allow_custom_value=False)
                     help_text = gr.Markdown()
+            new_prompts = gr.Textbox(label="Sample prompts (empty: sample.prompts)", lines=2,
+                                     max_lines=12, placeholder="a red apple on a table --n "
+                                     "blurry --w 64 --h 48 --d 7 --l 4.5 --s 20 (one a line)")
             validity = gr.Markdown(elem_classes="phdm-status", elem_id="train-validity")
             estimate = gr.Markdown()
             with gr.Accordion("Resolved config (YAML)", open=False):
@@ -186,6 +204,15 @@ def build(studio: Studio, selection: gr.State) -> dict:
                                           visible=False)
                         follow = gr.Checkbox(value=True, label="Follow the latest", scale=1)
                     sample_note = gr.Markdown(elem_id="sample-note")
+            with gr.Accordion("Sample prompts of this run", open=True):
+                gr.Markdown(PROMPTS_HELP + " Saved while the run trains, they are used from its "
+                            "next sample grid.", elem_classes="phdm-help")
+                prompts_box = gr.Textbox(show_label=False, lines=4, max_lines=20,
+                                         elem_id="sample-prompts")
+                with gr.Row(equal_height=True):
+                    prompts_save = gr.Button("Save prompts", size="sm", scale=0, min_width=140)
+                    prompts_state = gr.Markdown(elem_classes="phdm-status",
+                                                elem_id="sample-prompts-validity")
             with gr.Row():
                 lr_plot = gr.LinePlot(x="step", y="value", label="Learning rate", height=240,
                                       y_title="lr")
@@ -210,7 +237,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         timer = gr.Timer(POLL_SECONDS)
 
     # ---- set-up ----------------------------------------------------------------------
-    def check(preset_name, text, choice, typed, n_gpus):
+    def check(preset_name, text, choice, typed, n_gpus, new_text):
         """Resolve and validate; outputs: validity, start, yaml, changes, estimate, form."""
         try:
             base = config.load_preset(preset_name)
@@ -235,6 +262,9 @@ def build(studio: Studio, selection: gr.State) -> dict:
         else:
             msg = f"Valid settings · dataset `{path}`."
             ok = True
+        if new_text.strip():
+            note, good = prompts_check(new_text, prompts_file.prompt_defaults(cfg))
+            msg, ok = f"{msg} Sample prompts: {note}", ok and good
         return (msg, gr.Button(interactive=ok), config.dump_yaml(cfg), changes_md, est,
                 *form_values)
 
@@ -278,11 +308,14 @@ def build(studio: Studio, selection: gr.State) -> dict:
         return (gr.Dropdown(choices=names, value=sel["name"] if in_list else None),
                 "" if in_list else sel["path"], sel["preset"], patch, lines)
 
-    def start_run(preset_name, text, choice, typed, n_gpus, request: gr.Request):
+    def start_run(preset_name, text, choice, typed, n_gpus, new_text, request: gr.Request):
         try:
             cfg = studio.run_config(preset_name, text, choice, typed)
+            if new_text.strip():   # the run's prompts file; config.yaml lists its prompts
+                cells = prompts_file.parse_prompts(new_text, prompts_file.prompt_defaults(cfg))
+                cfg.sample.prompts = [c.prompt for c in cells]
             run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name),
-                                      gpus=max(1, int(n_gpus or 1)))
+                                      gpus=max(1, int(n_gpus or 1)), sample_prompts=new_text)
         except EXPECTED_ERRORS as e:
             return f"**Not started:** {e}", gr.skip(), gr.skip(), gr.skip()
         return (f"Started run `{run.run_id}`.", select_update(run.run_id),
@@ -345,7 +378,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
 
     def poll(w, smooth_w, follow_v, scrub_v, request: gr.Request):
         """One timer tick: everything that changed since the last one."""
-        skip_all = [gr.skip()] * (n_plot_outputs + 16)
+        skip_all = [gr.skip()] * (n_plot_outputs + 18)
         chosen = watching.get(request.session_hash) if request is not None else None
         if chosen is not None and chosen != w.get("run_id"):
             w = empty_watch(chosen)
@@ -393,8 +426,59 @@ def build(studio: Studio, selection: gr.State) -> dict:
         select_up = select_update(run_id) if new_state else gr.skip()
         shown = [gr.Column(visible=True), gr.Markdown(visible=False)] if new_state else \
             [gr.skip(), gr.skip()]
+        editor = load_prompts(info, w)   # (notes in w which run's file the editor holds)
         return [w, prog, *buttons, msg, *out_plots, scrub_up, img, caption, log_up, select_up,
-                *shown]
+                *shown, *editor]
+
+    def load_prompts(info: RunInfo, w: dict) -> list:
+        """The run's prompts file into the editor, once per run watched (a run that is
+        starting may not have written it yet: asked again at the next tick). A run
+        without one (older than the file) gets its config's prompts, to save."""
+        if w.get("prompts_of") == info.run_id:
+            return [gr.skip(), gr.skip()]
+        run = RunDir(info.path)
+        if info.alive and not run.sample_prompts.exists():
+            return [gr.skip(), gr.skip()]
+        w["prompts_of"] = info.run_id
+        try:
+            defaults = prompts_file.run_defaults(run)
+            if run.sample_prompts.exists():
+                text = prompts_file.run_prompts_text(run)
+                return [text, prompts_check(text, defaults)[0]]
+            text = prompts_file.format_prompts(config.load_preset(run.config).sample.prompts,
+                                               defaults)
+        except (config.ConfigError, prompts_file.PromptsError) as e:
+            return ["", f"**{e}**"]
+        return [text, "This run has no sample_prompts.txt yet: these are its config's prompts; "
+                      "Save writes them."]
+
+    def run_defaults(run_id: str) -> tuple[RunDir, prompts_file.PromptDefaults]:
+        run = RunDir(studio.runner.info(run_id).path)   # only runs inside the workspace
+        return run, prompts_file.run_defaults(run)
+
+    def check_prompts(w, text):
+        if not w.get("run_id") or w.get("prompts_of") != w["run_id"]:
+            return gr.skip()
+        try:
+            return prompts_check(text, run_defaults(w["run_id"])[1])[0]
+        except EXPECTED_ERRORS as e:
+            return f"**{e}**"
+
+    def save_prompts(w, text):
+        run_id = w.get("run_id")
+        if not run_id or w.get("prompts_of") != run_id:   # (another run's text, until loaded)
+            return "No run's prompts are loaded yet."
+        try:
+            run, defaults = run_defaults(run_id)
+            cells = prompts_file.save_prompts(run, text, defaults)
+            alive = studio.runner.info(run_id).alive
+        except EXPECTED_ERRORS as e:
+            return f"**Not saved:** {e}"
+        except OSError as e:
+            return f"**Not saved:** cannot write the run's sample_prompts.txt ({e})"
+        return (f"Saved: {prompts_file.summary(cells)}. "
+                + ("The run uses them from its next sample grid." if alive else
+                   "A resumed run uses them."))
 
     def sample_at(samples, index):
         if not samples:
@@ -432,7 +516,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         return act
 
     # ---- wiring ------------------------------------------------------------------------
-    check_inputs = [preset, overrides, ds_choice, ds_path, gpus]
+    check_inputs = [preset, overrides, ds_choice, ds_path, gpus, new_prompts]
     check_outputs = [validity, start, yaml_view, changes, estimate, *form]
     # every trigger of the check shares one queue, taken in order: the result shown is
     # that of the newest settings (checks of separate listeners would run side by side
@@ -446,6 +530,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
     ds_path.blur(**check_args)
     ds_path.submit(**check_args)
     gpus.change(**check_args)
+    new_prompts.change(**check_args)
     for comp, (key, _, kind) in zip(form, FORM):
         comp.input(form_edit(key, kind), inputs=[comp, overrides], outputs=overrides,
                    trigger_mode="always_last")
@@ -462,10 +547,14 @@ def build(studio: Studio, selection: gr.State) -> dict:
     monitor_outputs = [watch, progress, b_stop, b_pause, b_resume, b_save, b_sample, b_force,
                        run_msg, loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot,
                        events, numbers, scrub, sample_img, sample_note, log, run_select,
-                       monitor, no_run]
+                       monitor, no_run, prompts_box, prompts_state]
     timer.tick(poll, inputs=[watch, smoothing, follow, scrub], outputs=monitor_outputs,
                show_progress="hidden", concurrency_limit=4)
     run_select.input(pick_run, inputs=run_select, outputs=watch)
+    prompts_box.change(check_prompts, inputs=[watch, prompts_box], outputs=prompts_state,
+                       trigger_mode="always_last", show_progress="hidden")
+    prompts_save.click(save_prompts, inputs=[watch, prompts_box], outputs=prompts_state,
+                       concurrency_limit=1)
     refresh.click(lambda w: select_update(w.get("run_id") or None), inputs=watch,
                   outputs=run_select)
     smoothing.release(resmooth, inputs=[watch, smoothing],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ LOSS_SERIES = {"loss": "total", "loss_v": "velocity", "loss_freq": "frequency",
                "loss_repa": "iREPA", "loss_gamma": "gamma L2"}
 # the settings the Dataset tab edits and hands to the Train tab, in its input order
 DATASET_KEYS = ("data.min_side", "data.max_side", "data.bucket_step", "data.max_aspect",
-                "train.batch_size", "data.drop_last", "data.missing_caption")
+                "train.batch_size", "data.drop_last", "data.missing_caption", "data.include_reg")
 
 
 # --------------------------------------------------------------------------------------
@@ -185,14 +186,16 @@ def bucket_name(size: Sequence[int]) -> str:
 
 
 def bucket_frame(plan: BucketPlan) -> pd.DataFrame:
-    """One row per used bucket, smallest area first: bucket name and image count."""
-    rows = [{"bucket": bucket_name(b.size), "images": b.images}
+    """One row per used bucket, smallest area first: bucket name, image count and samples
+    per epoch (images x their kohya repeats)."""
+    rows = [{"bucket": bucket_name(b.size), "images": b.images, "samples": b.samples}
             for b in plan.buckets if b.images]
-    return pd.DataFrame(rows, columns=["bucket", "images"])
+    return pd.DataFrame(rows, columns=["bucket", "images", "samples"])
 
 
-BUCKET_HEADERS = ["Bucket", "Aspect", "Images", "Batches", "Last batch", "Padded", "Dropped",
-                  "Tokens", "Aspect error mean / worst"]
+BUCKET_HEADERS = ["Bucket", "Aspect", "Images", "Batches", "Last batch",
+                  "Samples (images × repeats)", "Padded", "Dropped", "Tokens",
+                  "Aspect error mean / worst"]
 
 
 def bucket_rows(plan: BucketPlan) -> list[list]:
@@ -201,10 +204,11 @@ def bucket_rows(plan: BucketPlan) -> list[list]:
     for b in plan.buckets:
         if b.images:
             rows.append([bucket_name(b.size), f"{b.size[0] / b.size[1]:.2f}", b.images, b.batches,
-                         b.last_batch, b.padded, b.dropped, b.tokens,
+                         b.last_batch, b.samples, b.padded, b.dropped, b.tokens,
                          f"{b.mean_aspect_error:.3f} / {b.worst_aspect_error:.3f}"])
     rows.append(["total", "", len(plan.images), plan.batches_per_epoch, "",
-                 sum(b.padded for b in plan.buckets), sum(b.dropped for b in plan.buckets), "",
+                 sum(b.samples for b in plan.buckets), sum(b.padded for b in plan.buckets),
+                 sum(b.dropped for b in plan.buckets), "",
                  f"{plan.mean_aspect_error:.3f} / {plan.worst_aspect_error:.3f}"])
     return rows
 
@@ -216,10 +220,12 @@ def plan_summary(plan: BucketPlan, images_found: int) -> str:
     for d in plan.dropped:
         reasons[d.reason.replace("_", " ")] = reasons.get(d.reason.replace("_", " "), 0) + 1
     dropped = ", ".join(f"{v} {k}" for k, v in sorted(reasons.items()))
+    repeats = (f" · kohya repeats: **{sum(plan.repeats())}** samples per epoch"
+               if plan.repeated else "")
     lines = [
         f"**{len(plan.images)}** training images of {images_found} found, "
         f"**{len(plan.val_images)}** held out for validation, **{len(plan.dropped)}** dropped"
-        + (f" ({dropped})" if dropped else ""),
+        + (f" ({dropped})" if dropped else "") + repeats,
         f"**{used}** of {len(plan.buckets)} buckets used · **{plan.batches_per_epoch}** batches "
         f"of up to {plan.batch_size} per epoch = **{plan.steps_per_epoch:g}** optimizer steps "
         f"(grad accum {plan.grad_accum}, {plan.world_size} GPU(s))",
@@ -253,6 +259,11 @@ def health_summary(health: HealthReport) -> str:
         limit = f"; limit {t.max_tokens}, {t.over} over" if t.max_tokens is not None else ""
         text += (f" Caption length in {t.counter}: min {t.min}, mean {t.mean:.1f}, 95% {t.p95},"
                  f" max {t.max}{limit}.")
+    found = health.conventions.lines() if health.conventions else []
+    if found:
+        text += "\n\n**Dataset conventions found**\n\n" + "\n".join(
+            "- " + re.sub(r"([\\`*_\[\]#|~])", r"\\\1", html.escape(line, quote=False))
+            for line in found)   # folder names are text, not markdown
     return text
 
 
@@ -301,7 +312,8 @@ def placeholder_thumbnail(size: int = 160) -> Image.Image:
 
 def thumbnail_caption(im: PlannedImage) -> str:
     return (f"{im.rel} · {im.record.width}x{im.record.height} -> {bucket_name(im.bucket)} · "
-            f"kept {im.kept:.0%}{' · upscaled' if im.scale > 1 else ''}")
+            f"kept {im.kept:.0%}{' · upscaled' if im.scale > 1 else ''}"
+            f"{f' · ×{im.repeats} per epoch' if im.repeats != 1 else ''}")
 
 
 # --------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def one_line(text: str) -> str:
 # fields whose allowed values are not in their metadata: either any value of their type
 # is fine, or validate() checks them against other fields (the value here breaks that)
 FREE = {"description", "text.name_or_path", "text.cache_dir", "data.path",
-        "data.default_caption", "loss.p_mean", "loss.repa_teacher", "sample.negative"}
+        "data.default_caption", "loss.p_mean", "loss.repa_teacher", "sample.negative",
+        "train.init_from"}
 CROSS = {"model.mrope_split": [8, 8, 8], "train.betas": [0.9], "sample.prompts": [],
          "sample.cfg_interval": [0.8, 0.2]}
 WRONG_TYPE = {bool: "maybe", int: "many", float: "fast", str: 12}
@@ -434,9 +435,9 @@ def test_generation_with_a_checkpoint_whose_text_encoder_folder_is_gone(folders,
     save(run, cfg, weights(PixelHDM(cfg.model, 64), None), text_dim=64)
     assert main(["--checkpoint", str(run), "--prompt", "a", "--device", "cpu",
                  "--out", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err
-    assert f"text encoder folder '{folders['missing']}' does not exist" in one_line(err)
-    assert "hf download Qwen/Qwen3-0.6B" in err
+    err = one_line(capsys.readouterr().err)
+    assert f"needs its Qwen3 text encoder '{folders['missing']}'" in err
+    assert "pass --text-encoder FOLDER_OR_HUB_ID" in err and "hidden size 64" in err
 
 
 def test_the_estimate_names_a_text_folder_that_holds_another_model(folders):

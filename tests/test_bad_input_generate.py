@@ -194,6 +194,30 @@ def test_a_long_prompt_for_a_qwen3_checkpoint(tiny_qwen3, tmp_path, capfd):
     assert "Token indices sequence length" not in err   # no tokenizer warning on top
 
 
+@pytest.mark.parametrize("encoder, message", [
+    ("missing", "the text encoder folder '{tmp}/missing' does not exist: give the folder of a "
+                "Qwen3 model"),
+    ("file.txt", "text encoder '{tmp}/file.txt' is a file; a model folder"),
+], ids=["missing-folder", "a-file"])
+def test_the_cli_refuses_a_text_encoder_it_cannot_use_in_one_line(tiny_qwen3, tmp_path, capsys,
+                                                                  encoder, message):
+    cfg = tiny_cfg("text.encoder=qwen3", f"text.name_or_path={tiny_qwen3}")
+    save(tmp_path / "q", cfg, weights(PixelHDM(cfg.model, 64), None), text_dim=64)
+    (tmp_path / "file.txt").write_text("not a model")
+    args = cli(tmp_path / "q", tmp_path / "out", "--text-encoder", str(tmp_path / encoder))
+    assert main(args) == 1
+    err = one_line(capsys.readouterr().err)
+    assert message.format(tmp=tmp_path) in err and not (tmp_path / "out").exists()
+
+
+def test_the_cli_refuses_a_text_encoder_for_a_builtin_checkpoint(run, tiny_qwen3, tmp_path,
+                                                                 capsys):
+    assert main(cli(run, tmp_path / "out", "--text-encoder", str(tiny_qwen3))) == 1
+    err = one_line(capsys.readouterr().err)
+    assert "has a builtin text encoder whose weights are in the file" in err
+    assert "leave it out" in err
+
+
 # --------------------------------------------------------------------------------------
 # img2img: start images of any mode or shape
 # --------------------------------------------------------------------------------------

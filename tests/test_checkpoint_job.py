@@ -23,6 +23,7 @@ from engine.checkpoint import (
     load_state,
     load_weights,
     read_meta,
+    read_modelspec,
     save_checkpoint,
     unflatten_optimizer,
 )
@@ -124,6 +125,11 @@ def test_export_inference_file(tmp_path):
     assert w["net.a"].dtype == torch.bfloat16
     assert torch.allclose(w["net.a"].float(), weights(105)["net.a"], atol=1e-2)
     assert meta["exported_weights"] == "ema" and not meta["has_ema"] and meta["step"] == 5
+    # a config of defaults only still gives every ModelSpec key a value
+    spec = read_modelspec(dst)
+    assert (spec["title"], spec["architecture"], spec["resolution"]) == \
+        ("r1 step 5", "pixelhdm/custom", "512x512")
+    assert spec["sai_model_spec"] == "1.0.0" and spec["prediction_type"] == "v_prediction"
     raw = export_inference(src, tmp_path / "raw.safetensors", torch.float32, ema=False)
     assert torch.equal(load_weights(raw)[0]["net.a"], weights(5)["net.a"])
     assert len(file_hash(dst)) == 10 and file_hash(dst) == file_hash(dst)

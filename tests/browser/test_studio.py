@@ -209,3 +209,127 @@ def test_images_dropped_into_the_dataset_tab_become_a_dataset(page, studio_serve
                                                         "pic_1.txt"]
     wait_text(page, "#plan-summary", "2 training images of 2 found", timeout=60_000)
     page.screenshot(path=str(screenshots / "5-upload.png"), full_page=True)
+
+
+def test_dataset_tab_shows_kohya_repeats_captions_and_reg_folders(page, studio_server,
+                                                                  screenshots):
+    _, workspace = studio_server
+    root = workspace / "datasets" / "kohya-pets"
+    for i in range(3):
+        (root / "10_cat").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (48, 48), (200, 40 * i, 40)).save(root / "10_cat" / f"cat{i}.png")
+        (root / "10_cat" / f"cat{i}.txt").write_text(f"a cat, number {i}")
+    (root / "3_dog style").mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 32), (40, 40 * i, 200)).save(root / "3_dog style" / f"dog{i}.png")
+        (root / "3_dog style" / f"dog{i}.caption").write_text(f"a dog, number {i}")
+    (root / "hf").mkdir()
+    Image.new("RGB", (48, 48), (30, 160, 30)).save(root / "hf" / "leaf.png")
+    (root / "hf" / "metadata.jsonl").write_text('{"file_name": "leaf.png", "text": "a leaf"}\n'
+                                                 'not json\n')
+    (root / "reg").mkdir()
+    for i in range(2):
+        Image.new("RGB", (48, 48), (90, 90, 20 * i)).save(root / "reg" / f"r{i}.png")
+        (root / "reg" / f"r{i}.txt").write_text("an animal")
+    open_tab(page, "Dataset")
+    page.get_by_role("button", name="Refresh list").click()
+    choice = page.get_by_label("Dataset in workspace/datasets")
+    choice.click()
+    page.get_by_role("option", name="kohya-pets").click()
+    # 3 cats x10 + 2 dogs x3 + 1 leaf = 37 samples an epoch, less the one image that
+    # tiny-cpu holds out for validation (a fifth of 6, rounded down)
+    wait_text(page, "#plan-summary", r"of 6 found, 1\s+held out", timeout=60_000)
+    wait_text(page, "#plan-summary", r"kohya repeats: \d+ samples per epoch")
+    samples = int(re.search(r"kohya repeats: (\d+) samples",
+                            text_of(page, "#plan-summary")).group(1))
+    assert samples in (37 - 10, 37 - 3, 37 - 1)
+    wait_text(page, "#health-summary", "Dataset conventions found")
+    health = text_of(page, "#health-summary")
+    assert "kohya repeats: 10_cat/ ×10 (3 images), 3_dog style/ ×3 (2 images)" in health
+    assert "captions: 3 .txt, 2 .caption, 1 from metadata.jsonl" in health
+    assert "regularisation folders left out (set data.include_reg = true" in health
+    assert "reg/ (2 images)" in health
+    table = text_of(page, "#bucket-table")
+    assert "Samples (images × repeats)" in table
+    assert str(samples) in table
+    assert "reg/r0.png" in text_of(page, "#health-table")       # errors come first
+    page.screenshot(path=str(screenshots / "6-conventions.png"), full_page=True)
+    # asked for, the regularisation images train as ordinary ones
+    page.get_by_label("Train regularisation folders").check()
+    wait_text(page, "#health-summary", "trained as ordinary images", timeout=30_000)
+    wait_text(page, "#plan-summary", r"of 8 found")
+    assert "reg/ (2 images)" in text_of(page, "#health-summary")
+    page.get_by_label("Train regularisation folders").uncheck()     # back to the default
+    wait_text(page, "#health-summary", "regularisation folders left out", timeout=30_000)
+
+
+def test_an_export_with_a_title_travels_and_generate_takes_a_text_encoder(page, studio_server,
+                                                                          screenshots):
+    from engine.checkpoint import read_modelspec
+    from tests.test_export import header, strings
+
+    _, workspace = studio_server
+    open_tab(page, "Checkpoints")
+    title_box = page.locator("#export-title textarea, #export-title input").first
+    if not title_box.is_visible():
+        page.get_by_text("Export an inference file").click()
+    page.get_by_label("File name (letters, digits, - _ .)").fill("travel-test")
+    title_box.fill("Shapes that travel")
+    page.get_by_role("button", name="Export", exact=True).click()
+    wait_text(page, "#checkpoint-message", "travel-test.safetensors.*Shapes that travel",
+              timeout=60_000)
+    assert "titled" in text_of(page, "#checkpoint-message")
+    exported = workspace / "models" / "travel-test.safetensors"
+    spec = read_modelspec(exported)
+    assert spec["title"] == "Shapes that travel" and spec["resolution"] == "32x32"
+    assert not [v for v in strings(header(exported)) if str(workspace) in v]
+
+    open_tab(page, "Generate")
+    field = page.get_by_label("Text encoder (folder or hub id, optional)")
+    expect(field).to_be_visible(timeout=30_000)
+    page.locator("#generate-checkpoint input").first.click()
+    page.get_by_role("option", name="exported · travel-test").click()
+    wait_text(page, "#generate-model-info", "Shapes that travel", timeout=30_000)
+    assert "builtin text encoder" in text_of(page, "#generate-model-info")
+    page.screenshot(path=str(screenshots / "8-export.png"), full_page=True)
+    # the field is a path typed into the page: one outside the workspace is refused
+    field.fill("../../outside")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    wait_text(page, "#generate-status", "Text encoder: the path", timeout=30_000)
+    assert "outside the folders the studio may use" in text_of(page, "#generate-status")
+    field.fill("")
+
+
+def test_sample_prompts_are_edited_for_a_run_and_for_a_new_one(page, studio_server, screenshots):
+    _, workspace = studio_server
+    open_tab(page, "Train")
+    editor = page.locator("#sample-prompts textarea")
+    expect(editor).to_have_value(re.compile("a red circle on a white background"),
+                                 timeout=30_000)   # the short run's file, as it wrote it
+    editor.fill("a red circle on a white background --d 5 --x 1\na blue square")
+    wait_text(page, "#sample-prompts-validity", "Not valid: line 1: unknown option --x")
+    edited = ("# edited in the studio\na red circle on a white background --w 32 --h 32 --d 5"
+              "\na blue square on a yellow background --l 3 --s 4\n")
+    editor.fill(edited)
+    wait_text(page, "#sample-prompts-validity", "Valid: 2 prompts")
+    page.get_by_role("button", name="Save prompts").click()
+    wait_text(page, "#sample-prompts-validity", "Saved: 2 prompts .* seeds 5, 1")
+    saved = [p for p in (workspace / "runs").glob("*/sample_prompts.txt")
+             if p.read_text() == edited]
+    assert len(saved) == 1   # in the folder of the run shown, nowhere else
+    shown = [r.input_value() for r in page.get_by_label("Run", exact=True).all()
+             if r.is_visible()]
+    assert len(shown) == 1 and saved[0].parent.name in shown[0]
+    # a new run takes prompts too: checked with the rest of its settings
+    if not page.get_by_label("Sample prompts (empty: sample.prompts)").is_visible():
+        page.get_by_text("New run", exact=True).click()
+    new = page.get_by_label("Sample prompts (empty: sample.prompts)")
+    new.fill("a green star --w 33")
+    wait_text(page, "#train-validity", "Sample prompts: Not valid: line 1: --w 33")
+    assert page.get_by_role("button", name="Start training").is_disabled()
+    new.fill("a green star --w 16 --d 3")
+    wait_text(page, "#train-validity", "Sample prompts: Valid: 1 prompt")
+    expect(page.get_by_role("button", name="Start training")).to_be_enabled(timeout=30_000)
+    editor.scroll_into_view_if_needed()
+    page.screenshot(path=str(screenshots / "7-sample-prompts.png"), full_page=True)
+    new.fill("")

@@ -1,0 +1,109 @@
+"""New runs that start from the weights of an existing checkpoint (train.init_from): to
+fine-tune on new data, to go on at a higher resolution (the usual 256 then 512 recipe), or
+to start over with another learning rate. The optimizer, the step count and the schedule
+start fresh; only the weights come along (the EMA ones by default).
+
+The new run may change the data, the resolution, the schedule and the losses. It may not
+change the network's shape or the text encoder: those keys are compared with the
+checkpoint's own config and refused by name when they differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor
+
+from engine.checkpoint import load_weights
+from engine.config import ConfigError, RunConfig
+from engine.generate import resolve_checkpoint
+from engine.generate_io import checkpoint_config
+
+# text keys that change what the network is conditioned on (max_tokens and the feature
+# cache folder may change freely)
+TEXT_KEYS = ("encoder", "name_or_path", "builtin_dim", "builtin_layers")
+
+
+@dataclass
+class InitSource:
+    path: Path                 # the weights file
+    weights: dict[str, Tensor]
+    meta: dict
+    cfg: RunConfig             # the config the weights were trained with
+    which: str                 # "ema" or "raw": what was loaded
+
+    def record(self) -> dict:
+        """What a run started from it writes into its checkpoints' metadata."""
+        return {"file": self.path.name, "run_id": self.meta.get("run_id", ""),
+                "step": self.meta.get("step"), "weights": self.which}
+
+
+def load_init(source: str | Path, which: str = "ema") -> InitSource:
+    """The weights of a checkpoint file, or of a run folder's newest checkpoint.
+    CheckpointError for a missing or damaged one."""
+    if which not in ("ema", "raw"):
+        raise ConfigError(f"train.init_weights = {which!r}: allowed: ema, raw")
+    path = resolve_checkpoint(source)
+    meta, cfg, _ = checkpoint_config(path)
+    weights, _ = load_weights(path, ema=which == "ema")
+    if which == "ema" and not meta.get("has_ema") and "exported_weights" not in meta:
+        which = "raw"   # a checkpoint saved without EMA: its raw weights are all there is
+    return InitSource(path, weights, meta, cfg, which)
+
+
+def differences(src: RunConfig, cfg: RunConfig) -> list[str]:
+    """'section.key (A in the checkpoint, B here)' for every key that shapes the network
+    or its text conditioning and differs."""
+    out = []
+    for f in dataclasses.fields(src.model):
+        a, b = getattr(src.model, f.name), getattr(cfg.model, f.name)
+        if a != b:
+            out.append(f"model.{f.name} ({a!r} in the checkpoint, {b!r} here)")
+    for key in TEXT_KEYS:
+        a, b = getattr(src.text, key), getattr(cfg.text, key)
+        if key.startswith("builtin") and src.text.encoder != "builtin":
+            continue
+        if key == "name_or_path" and src.text.encoder != "qwen3":
+            continue
+        if key == "name_or_path" and Path(str(a)).name == Path(str(b)).name:
+            continue   # the same model, from another folder or the hub
+        if a != b:
+            out.append(f"text.{key} ({a!r} in the checkpoint, {b!r} here)")
+    return out
+
+
+def check_fits(init: InitSource, cfg: RunConfig) -> None:
+    """ConfigError naming every differing key when `cfg` cannot take `init`'s weights."""
+    diff = differences(init.cfg, cfg)
+    if diff:
+        raise ConfigError(
+            f"train.init_from {init.path}: a run started from a checkpoint may change the "
+            f"data, resolution, schedule and losses, but not the network or the text "
+            f"encoder, and these differ: {'; '.join(diff)}. Drop those settings (or start "
+            f"from the checkpoint's own config), or choose another checkpoint")
+
+
+def apply(init: InitSource, model) -> list[str]:
+    """Load `init`'s weights into a Trainable (network and builtin text encoder strictly;
+    the iREPA projector only where its shapes still fit, since the teacher may have
+    changed). Returns one note per part left fresh."""
+    state = model.state_dict()
+    take, notes = {}, []
+    for k, v in init.weights.items():
+        if k.startswith("repa."):
+            if k in state and state[k].shape == v.shape:
+                take[k] = v
+            continue
+        take[k] = v
+    missing = [k for k in state if k not in take]
+    needed = [k for k in missing if not k.startswith("repa.")]
+    if needed:
+        raise ConfigError(f"train.init_from {init.path}: the checkpoint lacks "
+                          f"{len(needed)} weights of this network (e.g. {needed[0]}); choose "
+                          f"another checkpoint")
+    if missing:
+        notes.append("the iREPA projector starts fresh (the checkpoint has none that fits)")
+    model.load_state_dict(take, strict=False)
+    return notes
