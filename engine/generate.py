@@ -40,7 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from engine import __version__
-from engine.checkpoint import CheckpointError, list_checkpoints, load_weights
+from engine.checkpoint import CheckpointError, load_weights
 from engine.config import RunConfig
 from engine.dataset import to_uint8
 from engine.distributed import DeviceError, compiler_problem, resolve_device
@@ -51,6 +51,7 @@ from engine.generate_io import (
     checkpoint_config,
     load_part,
     load_text_part,
+    resolve_checkpoint,
     size_note,
     trained_sizes,
     upright_size,
@@ -261,24 +262,6 @@ def render_samples(net: PixelHDM, encode: Encode, cells: list[SamplePrompt], cfg
 # --------------------------------------------------------------------------------------
 # Loading a checkpoint
 # --------------------------------------------------------------------------------------
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A weights file as given, or the newest step checkpoint of a run folder (or of its
-    checkpoints/ folder)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        infos = list_checkpoints(folder)
-        if not infos:
-            raise CheckpointError(f"'{p}' holds no checkpoint (expected "
-                                  f"checkpoints/step_NNNNNNN.safetensors); give a run folder "
-                                  f"that has saved at least once, or a .safetensors file")
-        return infos[-1].path
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint '{p}' does not exist; give a .safetensors file or a "
-                              f"run folder")
-    return p
-
 
 def resolve_precision(dtype: str | None, device: torch.device) -> str:
     """fp32 / bf16 / fp16 (aliases float32, bfloat16, float16); default bf16 on a GPU that

@@ -12,6 +12,7 @@ what to do. Nothing here writes anything.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import yaml
 from PIL import Image
 from torch import Tensor, nn
 
-from engine.checkpoint import CheckpointError, read_meta
+from engine.checkpoint import CheckpointError, list_checkpoints, read_meta
 from engine.config import ConfigError, RunConfig, config_from_dict, parse_wxh
 from engine.encoders import (
     BuiltinTextEncoder,
@@ -37,6 +38,24 @@ PICK_ANOTHER = "pick another checkpoint"
 # --------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A weights file as given, or the newest step checkpoint of a run folder (or of its
+    checkpoints/ folder)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        infos = list_checkpoints(folder)
+        if not infos:
+            raise CheckpointError(f"'{p}' holds no checkpoint (expected "
+                                  f"checkpoints/step_NNNNNNN.safetensors); give a run folder "
+                                  f"that has saved at least once, or a .safetensors file")
+        return infos[-1].path
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint '{p}' does not exist; give a .safetensors file or a "
+                              f"run folder")
+    return p
+
 
 def checkpoint_config(path: Path) -> tuple[dict, RunConfig, int]:
     """(metadata, training config, text-encoder width) of a weights file, each checked;

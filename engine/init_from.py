@@ -18,8 +18,7 @@ from torch import Tensor
 
 from engine.checkpoint import load_weights
 from engine.config import ConfigError, RunConfig
-from engine.generate import resolve_checkpoint
-from engine.generate_io import checkpoint_config
+from engine.generate_io import checkpoint_config, resolve_checkpoint
 
 # text keys that change what the network is conditioned on (max_tokens and the feature
 # cache folder may change freely)
