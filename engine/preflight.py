@@ -10,6 +10,7 @@ step time from this device's measured matrix-multiply speed at an assumed effici
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -251,6 +252,13 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
 
 
 CPU_DAYS_WARNING = 2.0   # a config that would train longer than this on the CPU is a GPU one
+CPU_TFLOPS_CEILING = 1.0   # no CPU trains faster than this: below it, no need to measure
+
+
+@functools.cache
+def _cpu_tflops() -> float:
+    """This machine's fp32 matmul speed, measured once per process."""
+    return measured_tflops(torch.device("cpu"), torch.float32)
 
 
 def cpu_warning(cfg: RunConfig, device: str | torch.device, step_seconds: float | None = None
@@ -260,7 +268,10 @@ def cpu_warning(cfg: RunConfig, device: str | torch.device, step_seconds: float 
     if torch.device(device).type != "cpu":
         return ""
     if step_seconds is None:
-        step_seconds = estimate_step_seconds(cfg, "cpu")
+        fastest = estimate(cfg)["tflops_per_step"] / CPU_TFLOPS_CEILING * cfg.train.max_steps
+        if fastest / 86400 < CPU_DAYS_WARNING:
+            return ""   # even the fastest CPU would train it in time
+        step_seconds = (estimate(cfg)["tflops_per_step"] / (_cpu_tflops() * STEP_EFFICIENCY))
     days = step_seconds * cfg.train.max_steps / 86400
     if days < CPU_DAYS_WARNING:
         return ""

@@ -79,6 +79,7 @@ from engine.optim import (
     grad_norm,
     lr_at,
 )
+from engine.preflight import cpu_warning
 from engine.sample_prompts import RunPrompts
 from engine.text_features import cached_text_encoder
 from engine.train_io import (
@@ -187,6 +188,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     else:
         origin = None
     n_params = sum(p.numel() for p in net.parameters())
+    if d.main and device.type == "cpu" and (warning := cpu_warning(cfg, device)):
+        log(f"warning: {warning}")
     log(f"model: {n_params / 1e6:.2f} M parameters, text encoder {cfg.text.encoder} "
         f"({text_encoder.dim}-wide), iREPA {'on' if teacher else 'off'}, device {device}, "
         f"{tr.precision}, {d.world} process(es)")

@@ -69,6 +69,8 @@ def build(studio: Studio) -> dict:
         with gr.Row():
             generate_btn = gr.Button("Generate with this", variant="primary")
             resume_btn = gr.Button("Resume this run")
+            train_btn = gr.Button("Train from this",
+                                  elem_id="train-from-checkpoint")
             pin_btn = gr.Button("Pin / unpin (retention keeps pinned)")
         message = gr.Markdown(elem_classes="phdm-status", elem_id="checkpoint-message")
         ckpt_df = gr.Dataframe(headers=views.CHECKPOINT_HEADERS, label="Checkpoints of the run",
@@ -255,6 +257,7 @@ def build(studio: Studio) -> dict:
                       outputs=[message, confirm, *show_outputs])
     delete_run.click(remove_run, inputs=[run, confirm],
                      outputs=[message, confirm, *refresh_outputs])
-    return {"generate_btn": generate_btn, "resume_btn": resume_btn, "run": run,
+    return {"generate_btn": generate_btn, "resume_btn": resume_btn, "train_btn": train_btn,
+            "run": run,
             "message": message, "checkpoint_id": checkpoint_id, "refresh_fn": refresh_all,
             "refresh_inputs": [run, picked], "refresh_outputs": refresh_outputs}

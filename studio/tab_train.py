@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
+import torch
 import yaml
 
 from engine import config, preflight
@@ -103,7 +104,13 @@ def estimate_markdown(cfg: config.RunConfig, gpus: int) -> str:
             + f" · largest bucket {w}x{h} = **{est['image_tokens']}** image tokens"
             f" · {est['gflops_per_image']:.2f} GFLOPs per image forward"
             f"\n\nMemory per GPU about **{mem['total']:.2f} GiB** ({parts} GiB): "
-            f"{est['fits']}.")
+            f"{est['fits']}."
+            + (f"\n\n**Warning:** {warning}." if (warning := cpu_warning_here(cfg)) else ""))
+
+
+def cpu_warning_here(cfg: config.RunConfig) -> str:
+    """preflight.cpu_warning for this machine: '' when it trains on a GPU."""
+    return "" if torch.cuda.is_available() else preflight.cpu_warning(cfg, "cpu")
 
 
 def dry_run_markdown(res: dict) -> str:
@@ -568,4 +575,4 @@ def build(studio: Studio, selection: gr.State) -> dict:
     return {"started": started, "preset": preset, "preset_info": preset_info,
             "preset_description": preset_description, "check_args": check_args,
             "run_select": run_select, "watch": watch, "setup_box": setup_box, "attach": attach,
-            "select_update": select_update, "watch_run": watch_run}
+            "select_update": select_update, "watch_run": watch_run, "overrides": overrides}

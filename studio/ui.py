@@ -19,11 +19,14 @@ import gradio as gr
 
 import engine
 from engine import config
-from engine.checkpoint import list_checkpoints, read_meta, step_name
+from engine.checkpoint import CheckpointError, list_checkpoints, read_meta, step_name
 from engine.distributed import DeviceError
+from engine.generate_io import checkpoint_config, resolve_checkpoint
+from engine.init_from import differences
 from studio import tab_checkpoints, tab_dataset, tab_generate, tab_train, views
 from studio.paths import PathError, names_local_path, resolve_inside
 from studio.runner import PROJECT_ROOT, Runner, RunnerError
+from studio.workspace import init_overrides
 
 CSS = """
 .phdm-header { display: flex; align-items: baseline; gap: 16px; flex-wrap: wrap; }
@@ -138,7 +141,28 @@ class Studio:
         # working folder and this process's
         if names_local_path(out.text.name_or_path, [self.workspace, PROJECT_ROOT, Path.cwd()]):
             out.text.name_or_path = inside("text.name_or_path", out.text.name_or_path)
+        if out.train.init_from:
+            out.train.init_from = str(self.init_source(out.train.init_from, out))
         return out
+
+    def init_source(self, value: str, cfg: config.RunConfig) -> Path:
+        """The weights file train.init_from names (a checkpoint id from the Checkpoints
+        tab, or a file or run folder inside the allowed folders), checked to fit `cfg`'s
+        network and text encoder. PathError or ConfigError naming what is wrong."""
+        try:
+            if value.startswith((RUN_PREFIX, MODEL_PREFIX)):
+                path = self.checkpoint_path(value)
+            else:
+                path = resolve_checkpoint(resolve_inside(value, self.roots))
+            _, source, _ = checkpoint_config(path)
+        except (PathError, RunnerError, CheckpointError) as e:
+            raise PathError(f"train.init_from: {e}") from None
+        diff = differences(source, cfg)
+        if diff:
+            raise config.ConfigError(
+                f"train.init_from {value}: a run from a checkpoint keeps its network and text "
+                f"encoder, and these differ: {'; '.join(diff)}")
+        return path
 
     def run_config(self, preset: str, overrides: str, choice: str | None = None,
                    typed: str | None = None) -> config.RunConfig:
@@ -260,6 +284,23 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
             return (f"Resuming `{run_id}`.", tr["select_update"](run_id),
                     tr["watch_run"](run_id, request), gr.Tabs(selected="train"))
 
+        def train_from(cid):
+            """A new run from the checkpoint's weights: the Train tab's set-up with the
+            nearest preset and the lines that keep the checkpoint's network."""
+            if not cid:
+                return "Choose a checkpoint first.", *[gr.skip()] * 4
+            try:
+                _, source, _ = checkpoint_config(studio.checkpoint_path(cid))
+            except (PathError, RunnerError, CheckpointError) as e:
+                return f"**Cannot train from it:** {e}", *[gr.skip()] * 4
+            preset_name, text = init_overrides(source, cid)
+            return (f"New run from `{cid}`: choose its dataset and settings in the Train tab.",
+                    gr.Dropdown(value=preset_name), text, gr.Accordion(open=True),
+                    gr.Tabs(selected="train"))
+
+        ck["train_btn"].click(train_from, inputs=ck["checkpoint_id"],
+                              outputs=[ck["message"], tr["preset"], tr["overrides"],
+                                       tr["setup_box"], tabs])
         ck["resume_btn"].click(resume_from_checkpoints, inputs=ck["run"],
                                outputs=[ck["message"], tr["run_select"], tr["watch"], tabs],
                                concurrency_limit=1)

@@ -1,4 +1,5 @@
-"""Workspace operations of the studio that are not UI: adding uploaded files to a dataset.
+"""Workspace operations of the studio that are not UI: adding uploaded files to a dataset,
+and the settings of a new run that starts from a checkpoint's weights.
 
 Uploads arrive as temporary files (each under app.py's --max-upload-mb). Only images the
 engine can train and UTF-8 caption files are copied, into workspace/datasets/<name>/ and
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from engine import config
 from engine.fileio import atomic_target, ensure_free
 from engine.images import (
     BROKEN_FILE_ERRORS,
@@ -23,6 +25,8 @@ from engine.images import (
     image_problem,
     inspect_image,
 )
+from engine.init_from import differences
+from studio import views
 from studio.paths import NAME_MAX, PathError, resolve_inside, safe_name
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -122,3 +126,24 @@ def add_files(datasets_dir: Path, name: str, files: Sequence[str | Path], *,
             shutil.copyfile(src, tmp)
         (report.images if ext in IMAGE_EXTENSIONS else report.captions).append(target)
     return report
+
+
+def init_overrides(source: config.RunConfig, checkpoint_id: str) -> tuple[str, str]:
+    """(preset, override text) for a new run from a checkpoint's weights: the preset whose
+    network and text encoder are nearest the checkpoint's, lines for the keys that still
+    differ (so the run keeps the checkpoint's shape), and the train.init_from line."""
+    best = None
+    for name in config.list_presets():
+        try:
+            diff = differences(source, config.load_preset(name))
+        except config.ConfigError:
+            continue
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    name, diff = best
+    keys = [d.split(" ", 1)[0] for d in diff]
+    lines = [f"{k}={views.yaml_value(getattr(getattr(source, k.split('.')[0]), k.split('.')[1]))}"
+             for k in keys]
+    return name, "\n".join(["# the network and text encoder of the checkpoint:", *lines,
+                             f"train.init_from={checkpoint_id}"] if lines else
+                            [f"train.init_from={checkpoint_id}"])

@@ -85,3 +85,26 @@ def test_init_from_goes_with_a_new_run_only(source, demo, tmp_path, capsys, args
         assert train_main(["--run-dir", str(tmp_path / "r2"), "--data", str(demo),
                            "--preset", "tiny-cpu", *args]) == 1
         assert "--init-weights needs --init-from" in capsys.readouterr().err
+
+
+def test_the_studio_fills_a_new_run_from_a_checkpoint_and_checks_it(demo, tmp_path):
+    from engine.generate_io import checkpoint_config
+    from studio.paths import PathError
+    from studio.ui import Studio
+    from studio.workspace import init_overrides
+    studio = Studio(tmp_path / "ws", [demo.parent])
+    src = studio.runner.runs_root / "src"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(src),
+                       "--max-steps", "2", *sets()]) == 0
+    cid = "run/src/2"
+    _, source, _ = checkpoint_config(studio.checkpoint_path(cid))
+    preset, text = init_overrides(source, cid)
+    assert preset == "tiny-cpu" and text.endswith(f"train.init_from={cid}")
+    assert "model.hidden_dim=64" in text and "text.builtin_dim=64" in text
+    cfg = studio.run_config(preset, text, typed=str(demo))
+    assert cfg.train.init_from == str(src / "checkpoints" / "step_0000002.safetensors")
+    with pytest.raises(Exception, match=r"model\.pixel_dim \(4 in the checkpoint, 8 here\)"):
+        studio.run_config(preset, text + "\nmodel.pixel_dim=8", typed=str(demo))
+    for bad in ("run/nope/2", "../outside", "/etc"):
+        with pytest.raises(PathError, match="train.init_from"):
+            studio.run_config(preset, text.replace(cid, bad), typed=str(demo))

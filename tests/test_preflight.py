@@ -15,3 +15,25 @@ def test_a_gpu_preset_on_the_cpu_is_warned_about_and_the_cpu_preset_is_not():
     assert cpu_warning(home, "cuda", step_seconds=60.0) == ""
     assert cpu_warning(load_preset("tiny-cpu"), "cpu") == ""          # measured here
     assert cpu_warning(home, "cpu") != ""                             # measured here
+
+
+def test_the_trainer_and_the_train_tab_say_it(tmp_path, monkeypatch):
+    from trainhelp import sets
+
+    import engine.preflight as preflight
+    from engine.demo_data import write_demo_dataset
+    from engine.train import main as train_main
+    from studio.tab_train import estimate_markdown
+    preflight._cpu_tflops.cache_clear()
+    monkeypatch.setattr(preflight, "measured_tflops", lambda *a, **k: 1e-9)   # a slow CPU
+    monkeypatch.setattr(preflight, "CPU_TFLOPS_CEILING", 1e-9)
+    try:
+        data = write_demo_dataset(tmp_path / "demo", count=8, seed=1)
+        run = tmp_path / "run"
+        assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
+                           "--max-steps", "1", *sets("train.batch_size=4")]) == 0
+        assert "warning: this config is sized for a GPU" in (run / "log.txt").read_text()
+        assert "**Warning:** this config is sized for a GPU" in estimate_markdown(
+            load_preset("tiny-cpu"), 1)
+    finally:
+        preflight._cpu_tflops.cache_clear()

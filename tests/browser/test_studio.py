@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 # Small enough to reach a checkpoint and a sample grid in seconds on two CPU cores; the
 # step count is far away so that the run is still going when Stop is pressed.
@@ -333,3 +333,26 @@ def test_sample_prompts_are_edited_for_a_run_and_for_a_new_one(page, studio_serv
     editor.scroll_into_view_if_needed()
     page.screenshot(path=str(screenshots / "7-sample-prompts.png"), full_page=True)
     new.fill("")
+
+
+def test_a_new_run_starts_from_a_checkpoint_of_the_checkpoints_tab(page, studio_server,
+                                                                     screenshots):
+    open_tab(page, "Checkpoints")
+    run_box = page.get_by_label("Run", exact=True).locator("visible=true").first
+    expect(run_box).not_to_have_value("", timeout=30_000)
+    expect(page.get_by_label("Checkpoint", exact=True).locator("visible=true").first
+           ).not_to_have_value("", timeout=30_000)
+    page.get_by_role("button", name="Train from this").click()
+    expect(page.get_by_role("tab", name="Train", selected=True)).to_be_visible(timeout=30_000)
+    overrides = page.get_by_label("Overrides: section.key=value, one per line")
+    expect(overrides).to_have_value(re.compile(r"train\.init_from=run/[^/\n]+/\d+"),
+                                    timeout=30_000)
+    wait_text(page, "#train-validity", "Valid settings")
+    assert "init_from" in text_of(page, "#train-validity") or \
+        "train.init_from" in overrides.input_value()
+    page.screenshot(path=str(screenshots / "9-train-from-checkpoint.png"), full_page=True)
+    # a change of the network's shape is refused by name before anything starts
+    overrides.fill(overrides.input_value() + "\nmodel.pixel_layers=3")
+    wait_text(page, "#train-validity", r"model\.pixel_layers .* in the checkpoint")
+    assert page.get_by_role("button", name="Start training").is_disabled()
+    overrides.fill("")
