@@ -1,7 +1,8 @@
 @echo off
 rem PixelHDM Studio launcher for Windows.
 rem   launch.bat [app flags]          create .venv on first run, install requirements.txt, start the studio
-rem   launch.bat test [pytest args]   also install requirements-dev.txt, then run the test suite
+rem   launch.bat test [pytest args]   also install requirements-dev.txt, run ruff check, then the
+rem                                   test suite (-m "not slow" skips the subprocess-heavy tests)
 rem   launch.bat doctor               print what this machine offers (changes nothing)
 rem A requirements file is installed again only when it changes: its SHA-256 (certutil) is
 rem stamped inside .venv after a successful install, so an interrupted install is redone.
@@ -42,6 +43,9 @@ if not exist test-output mkdir test-output
 set "HF_HUB_OFFLINE=1"
 set "OMP_NUM_THREADS=1"
 set "PIXELHDM_TEST_OUTPUT=%CD%\test-output"
+rem the lint settings live in pyproject.toml; a finding stops the run before any test
+"%VPY%" -m ruff check .
+if errorlevel 1 goto lint_failed
 set "PYTEST_ARGS="
 :collect_args
 shift
@@ -51,6 +55,10 @@ goto collect_args
 :run_tests
 "%VPY%" -m pytest %PYTEST_ARGS%
 exit /b %errorlevel%
+rem a lint finding ends the run like a failing test does (no pause)
+:lint_failed
+echo launch.bat: ruff check found the problems above; fix them (%VPY% -m ruff check --fix fixes many), then run the tests again. 1>&2
+exit /b 1
 
 rem ---- make_venv: create .venv with Python 3.11 to 3.14: the py launcher's 3.13, 3.12,
 rem      3.11 or 3.14, else python on PATH

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # PixelHDM Studio launcher (Linux, macOS).
 #   ./launch.sh [app flags]          create .venv on first run, install requirements, start
-#   ./launch.sh test [pytest args]   also install requirements-dev.txt, run the test suite
+#   ./launch.sh test [pytest args]   also install requirements-dev.txt, run ruff check, then the
+#                                    test suite (-m "not slow" skips the subprocess-heavy tests)
 #   ./launch.sh doctor               print what this machine offers (changes nothing)
 # A requirements file is installed again only when it changes: its SHA-256 is stamped inside
 # .venv after a successful install, so an interrupted install is redone on the next start.
@@ -114,6 +115,10 @@ if [ "$mode" = "test" ]; then
     install_once requirements-dev.txt
     mkdir -p test-output
     export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PIXELHDM_TEST_OUTPUT="$PWD/test-output"
+    # the lint settings live in pyproject.toml; a finding stops the run before any test
+    "$VPY" -m ruff check . \
+        || die "ruff check found the problems above; fix them ($VPY -m ruff check --fix" \
+               "fixes many), then run the tests again."
     exec "$VPY" -m pytest "$@"
 fi
 exec "$VPY" app.py "$@"

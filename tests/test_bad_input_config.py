@@ -348,6 +348,7 @@ def test_read_meta_refuses_metadata_that_is_not_json(bad_files):
         read_meta(bad_files["metadata-not-json"])
 
 
+@pytest.mark.slow
 def test_the_cli_says_a_damaged_checkpoint_in_one_line_with_exit_code_1(bad_files, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run(

@@ -450,6 +450,7 @@ def test_a_dataset_whose_every_image_fails_stops_instead_of_spinning(tmp_path):
         assert sum(len(b) for b in batches) == 1 and sum(len(b.failed) for b in batches) == 3
 
 
+@pytest.mark.slow
 def test_trainer_stops_with_one_line_when_no_image_decodes(tmp_path):
     root = damaged_dataset(tmp_path / "data")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

@@ -120,6 +120,7 @@ def test_the_cli_refuses_a_bad_argument_with_exit_code_2(run, tmp_path, capsys, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_cli_answers_steps_0_in_one_line_without_a_traceback(run, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-m", "engine.generate",

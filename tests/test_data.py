@@ -464,6 +464,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_demo_and_report(tmp_path):
     out = tmp_path / "demo"
     r = run_cli("demo", "--out", str(out), "--count", "20", "--seed", "1")

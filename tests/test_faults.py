@@ -72,6 +72,7 @@ def assert_whole(run: Path) -> None:
         json.loads(line)
 
 
+@pytest.mark.slow
 def test_sigkills_at_chosen_and_random_moments_lose_and_corrupt_nothing(demo, tmp_path,
                                                                         reference):
     run = tmp_path / "run"
@@ -107,6 +108,7 @@ def test_sigkills_at_chosen_and_random_moments_lose_and_corrupt_nothing(demo, tm
     assert losses(run) == reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, failing, kept", [
     ("step_0000016.safetensors", "step_0000016.safetensors", [8]),
     ("step_0000016.png", "step_0000016.png", [8, 16]),   # (the checkpoint comes first)

@@ -412,6 +412,7 @@ def test_render_grid_matches_the_pipeline(pipe):
 # Command lines
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_end_to_end(run, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "engine.generate", "--checkpoint", str(run), "--prompt",

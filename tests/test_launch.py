@@ -1,8 +1,9 @@
 """The start-up path: app.py's flags, the page it serves, launch.sh's logic and .ci/run.
 
 launch.sh is exercised in a copy of the script next to a stand-in `.venv/bin/python` that
-records pip calls instead of installing, so the stamp logic is checked without building a
-real virtual environment.
+records pip calls instead of installing and reports ruff and pytest calls instead of
+running them, so the stamp logic and the order of the test mode's steps are checked
+without building a real virtual environment.
 """
 
 from __future__ import annotations
@@ -171,11 +172,21 @@ def project(tmp_path):
 
 
 def fake_venv(root: Path, pip_log: Path) -> None:
-    """.venv/bin/python that logs pip and pytest calls and runs everything else for real."""
+    """.venv/bin/python that logs pip, ruff and pytest calls and runs everything else for
+    real. FAKE_PIP_RC and FAKE_RUFF_RC set the exit codes of pip and ruff; a failing ruff
+    prints a finding, as the real one does."""
     write_exe(root / ".venv/bin/python", f"""#!/bin/sh
 if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
     echo "$*" >> "{pip_log}"
     exit "${{FAKE_PIP_RC:-0}}"
+fi
+if [ "$1" = "-m" ] && [ "$2" = "ruff" ]; then
+    shift 2
+    echo "ruff $* in $PWD"
+    if [ "${{FAKE_RUFF_RC:-0}}" != 0 ]; then
+        echo "app.py:1:8: F401 [*] 'os' imported but unused"
+    fi
+    exit "${{FAKE_RUFF_RC:-0}}"
 fi
 if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then
     shift 2
@@ -228,7 +239,33 @@ def test_launch_sh_test_mode_installs_dev_requirements_and_sets_the_environment(
         "requirements.txt", "requirements-dev.txt"]
     out = project / "test-output"
     assert out.is_dir()
-    assert f"pytest -k two words HF=1 OMP=1 OUT={out}" in r.stdout
+    # ruff checks the whole project first, from the project folder, then pytest runs
+    steps = [ln for ln in r.stdout.splitlines() if not ln.startswith("Installing ")]
+    assert steps == [f"ruff check . in {project}", f"pytest -k two words HF=1 OMP=1 OUT={out}"]
+
+
+def test_launch_sh_test_mode_stops_at_a_ruff_finding_before_pytest(project, tmp_path):
+    fake_venv(project, tmp_path / "pip.log")
+    r = launch(project, "test", env={"FAKE_RUFF_RC": "1"})
+    assert r.returncode == 1
+    assert "app.py:1:8: F401" in r.stdout          # ruff's own output is shown
+    assert not [ln for ln in r.stdout.splitlines() if ln.startswith("pytest ")]
+    assert "ruff check found the problems above" in r.stderr
+    assert "-m ruff check --fix" in r.stderr
+
+
+def test_launch_bat_test_mode_runs_ruff_first_and_stops_at_a_finding():
+    lines = [ln.strip() for ln in (ROOT / "launch.bat").read_text().splitlines()]
+    ruff = lines.index('"%VPY%" -m ruff check .')
+    pytest_run = lines.index('"%VPY%" -m pytest %PYTEST_ARGS%')
+    assert lines.index(":test") < ruff < pytest_run
+    assert lines[ruff + 1] == "if errorlevel 1 goto lint_failed"
+    failed = lines.index(":lint_failed")
+    assert "ruff check found the problems above" in lines[failed + 1]
+    assert lines[failed + 2] == "exit /b 1"
+    # the launchers rely on requirements-dev.txt to install ruff, pinned like the rest
+    dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert any(re.fullmatch(r"ruff==[\w.]+", ln) for ln in dev)
 
 
 def fake_pythons(bindir: Path, versions: dict[str, str], has_venv: bool = True) -> None:

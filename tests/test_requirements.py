@@ -62,6 +62,7 @@ def resolve(version: str) -> tuple[int, str, list[tuple[str, str]]]:
         return proc.returncode, proc.stderr, found
 
 
+@pytest.mark.slow
 def test_every_accepted_python_resolves_the_pinned_requirements():
     versions = accepted_versions()
     assert versions == ["3.11", "3.12", "3.13", "3.14"]

@@ -92,6 +92,7 @@ def write_status(run: RunDir, **fields) -> None:
 # Real trainer processes
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
 def test_start_runs_in_background_saves_on_request_and_a_new_runner_stops_it(runner, dataset):
     cfg = fast_config(dataset, "train.save_every=100000")
@@ -150,6 +151,7 @@ def test_start_runs_in_background_saves_on_request_and_a_new_runner_stops_it(run
     assert not run.root.exists() and again.runs() == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
 def test_pause_then_resume_continues_from_the_paused_step_to_completion(runner, dataset):
     run = runner.start(fast_config(dataset), "p", device="cpu")
@@ -172,6 +174,7 @@ def test_pause_then_resume_continues_from_the_paused_step_to_completion(runner, 
         runner.resume("p", max_steps=end)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
 def test_a_killed_trainer_shows_crashed_resumes_and_force_stop_saves(runner, dataset):
     run = runner.start(fast_config(dataset), "c", device="cpu")

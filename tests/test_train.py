@@ -83,6 +83,7 @@ def test_exact_resume_after_stop(demo, tmp_path, reference):
     assert losses(run) == reference
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(demo, tmp_path, reference):
     run = tmp_path / "run"
     proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
@@ -118,6 +119,7 @@ def test_a_corrupt_image_is_skipped_and_counted(demo, tmp_path):
     assert RunDir(run).read_status().state == "completed"
 
 
+@pytest.mark.slow
 def test_control_requests_and_states(demo, tmp_path):
     run = tmp_path / "run"
     rd = RunDir(run)
@@ -155,6 +157,7 @@ def test_control_requests_and_states(demo, tmp_path):
     assert "stopped" in out
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops(demo, tmp_path):
     run = tmp_path / "run"
     proc = train_cli("--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
@@ -171,6 +174,7 @@ def test_sigterm_saves_and_stops(demo, tmp_path):
     assert list_checkpoints(run / "checkpoints")[-1].step == status.step
 
 
+@pytest.mark.slow
 def test_failures_are_one_line_with_a_status(tmp_path, demo):
     run = tmp_path / "run"
     proc = train_cli("--preset", "tiny-cpu", "--data", str(tmp_path / "missing"), "--run-dir",
@@ -216,6 +220,7 @@ def test_divergence_guard_skips_rolls_back_and_gives_up(demo, tmp_path):
     assert "Lower train.lr" in status.error
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_stay_in_sync(demo, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -274,6 +279,7 @@ def test_compiler_probe_names_what_failed(monkeypatch):
     assert compiler_problem(torch.device("cpu")) == "RuntimeError: Compiler: cl is not found."
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(demo, tmp_path,
                                                                       reference):
     run = tmp_path / "run"
@@ -287,6 +293,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(demo, tmp_
     assert losses(run) == reference    # the same run as one never interrupted
 
 
+@pytest.mark.slow
 def test_a_second_trainer_of_a_running_run_is_refused(demo, tmp_path, capsys):
     from engine.job import run_owner
     run = tmp_path / "run"
@@ -323,6 +330,7 @@ def test_resume_with_preset_and_data_names_the_flags_to_drop(demo, tmp_path, cap
     assert f"drop --preset tiny-cpu and --data {demo}" in err and "add --resume" not in err
 
 
+@pytest.mark.slow
 def test_a_crash_loses_no_more_than_save_minutes_of_work(demo, tmp_path, reference):
     """With step checkpoints far apart, the time-based resume point is what a resume after
     SIGKILL continues from, exactly."""

@@ -19,7 +19,7 @@ from test_studio import expect, open_tab, text_of, wait_text
 
 from engine.job import RunDir, pid_alive
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 

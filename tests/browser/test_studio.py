@@ -161,6 +161,7 @@ def test_generate_from_the_checkpoint_and_recall_its_settings(page, studio_serve
     page.get_by_role("button", name="Generate with this").click()
     expect(page.get_by_role("tab", name="Generate", selected=True)).to_be_visible(timeout=30_000)
     page.wait_for_selector("text=default size 32x32")
+    page.wait_for_selector("text=/trained at 32x32 \\(\\d+ images\\)/")   # what the run trained at
     # the run's sample settings, in place before the images are made with them
     expect(page.get_by_label("Width")).to_have_value("32", timeout=30_000)
     page.get_by_label("Prompt", exact=True).fill("a red circle on a white background")
@@ -356,3 +357,17 @@ def test_a_new_run_starts_from_a_checkpoint_of_the_checkpoints_tab(page, studio_
     wait_text(page, "#train-validity", r"model\.pixel_layers .* in the checkpoint")
     assert page.get_by_role("button", name="Start training").is_disabled()
     overrides.fill("")
+
+
+def test_a_gpu_preset_on_a_cpu_only_machine_is_warned_about(page, screenshots):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    open_tab(page, "Train")
+    if not page.get_by_role("button", name="Start training").is_visible():
+        page.get_by_text("New run", exact=True).click()
+    page.get_by_label("Preset", exact=True).locator("visible=true").first.click()
+    page.get_by_role("option", name="home-8gb").click()
+    wait_text(page, "body", "Warning: this config is sized for a GPU", timeout=60_000)
+    page.screenshot(path=str(screenshots / "10-gpu-preset-on-cpu.png"), full_page=True)
+
