@@ -29,13 +29,9 @@ from engine.buckets import plan_buckets
 from engine.checkpoint import (
     CheckpointInfo,
     apply_retention,
-    flatten_optimizer,
     latest_resumable,
-    load_state,
-    load_weights,
     read_state_info,
     save_checkpoint,
-    unflatten_optimizer,
 )
 from engine.config import (
     RunConfig,
@@ -53,7 +49,6 @@ from engine.distributed import (
     gather_rng_states,
     mean_over_ranks,
     read_scalars,
-    restore_rng_states,
     setup_device,
 )
 from engine.encoders import DinoTeacher, load_text_encoder
@@ -91,6 +86,7 @@ from engine.train_io import (
     run_captions,
     save_sample_grid,
 )
+from engine.train_state import Parts, TrainState, payload, restore, rollback
 from engine.trainable import Trainable, autocast_for
 
 T_BINS = 10
@@ -206,23 +202,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         find_unused_parameters=projector is not None) if d.world > 1 else model)
 
     # ---- state that checkpoints carry -------------------------------------------------
-    step, lr_scale, loss_avg, loss_count, best_val = 0, 1.0, 0.0, 0, math.inf
+    st = TrainState(origin=origin)
+    parts = Parts(model, optimizer, ema, zclip, scaler, sampler, noise_gen)
     handled: dict = dict(report.status.handled)
-    epoch, position = 0, 0
     initial_weights = None
-
-    def state_payload(rng: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
-        opt_tensors, opt_info = flatten_optimizer(optimizer.state_dict())
-        tensors = {**opt_tensors, **rng}
-        info = {"step": step, "stop_at": stop_at, "epoch": epoch, "position": position,
-                "best_step": report.best_step, "last_val": report.last_val,
-                "sampler": sampler.state_dict(position), "optimizer": opt_info,
-                "lr_scale": lr_scale, "loss_avg": loss_avg, "loss_count": loss_count,
-                "best_val": best_val if math.isfinite(best_val) else None,
-                "zclip": zclip.state_dict() if zclip else None,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "ema_updates": ema.updates if ema else 0, "fingerprint": fingerprint}
-        return tensors, info
 
     last_save = time.monotonic()
 
@@ -240,95 +223,47 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             return None
         weights = model.weights()
         if not all_finite([*weights.values(), *(ema.shadow.values() if ema else [])]):
-            msg = (f"the weights hold NaN/inf values at step {step}; no checkpoint was written, "
+            msg = (f"the weights hold NaN/inf values at step {st.step}; no checkpoint was written, "
                    f"so the last one saved stays the last good one")
             if reason in ("every", "time", "save-now"):   # the guard rolls back on the next step
-                log(f"step {step}: {msg}")
-                report.event(step, "not-saved", msg)
+                log(f"step {st.step}: {msg}")
+                report.event(st.step, "not-saved", msg)
                 return None
             raise TrainError(f"{msg}. Resume continues from it; lower train.lr if it recurs")
-        tensors, info = state_payload(rng)
+        tensors, info = payload(st, parts, rng, fingerprint)
         meta = {"run_id": run.run_id, "config": dump_yaml(cfg), "dataset_fingerprint": fingerprint,
                 "engine_version": __version__, "text_dim": text_encoder.dim,
-                "images_seen": step * tr.batch_size * tr.grad_accum * d.world,
-                "val_loss": report.last_val, "reason": reason, "trained_sizes": trained,
-                "init_from": origin}
-        path = save_checkpoint(run.checkpoints, step, weights,
+                "images_seen": st.step * tr.batch_size * tr.grad_accum * d.world,
+                "val_loss": st.last_val, "reason": reason, "trained_sizes": trained,
+                "init_from": st.origin}
+        path = save_checkpoint(run.checkpoints, st.step, weights,
                                ema.shadow if ema else None, meta, tensors, info, latest=latest)
         if latest:   # a resume point only: not a listed checkpoint, outside retention
-            log(f"step {step}: saved the resume point {path.name}")
+            log(f"step {st.step}: saved the resume point {path.name}")
             return path
-        best = {report.best_step} if report.best_step else set()
+        best = {st.best_step} if st.best_step else set()
         apply_retention(run.checkpoints, tr.keep_last, best)
-        report.checkpoint(step, path)
+        report.checkpoint(st.step, path)
         return path
-
-    def restore(ckpt: CheckpointInfo, *, full: bool) -> None:
-        """Load a checkpoint: weights, EMA, optimizer and clipping state, and with `full`
-        also the step, RNG and data position (a resume, not a rollback)."""
-        nonlocal step, stop_at, lr_scale, loss_avg, loss_count, best_val, epoch, position, origin
-        weights, saved_meta = load_weights(ckpt.path, ema=False, device=device)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise TrainError(f"checkpoint {ckpt.path.name} does not fit this config (was the "
-                             f"model section changed?): {str(e).splitlines()[0]}") from e
-        if ema is not None:
-            ema_w, meta = load_weights(ckpt.path, ema=True, device=device)
-            if meta.get("has_ema"):
-                for k in ema.shadow:
-                    ema.shadow[k].copy_(ema_w[k])
-        tensors, info = load_state(ckpt.state_path, device="cpu")
-        opt_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")}
-        optimizer.load_state_dict(unflatten_optimizer(opt_tensors, info["optimizer"]))
-        if zclip and info.get("zclip"):
-            zclip.load_state_dict(info["zclip"])
-        if ema is not None:
-            ema.updates = info["ema_updates"]
-        if info.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(info["scaler"])
-        if not full:
-            return
-        origin = saved_meta.get("init_from")   # where the run's first weights came from
-        stop_at = resume_target(info.get("stop_at"), tr.max_steps, stop_at)
-        step, lr_scale = info["step"], info["lr_scale"]
-        report.best_step, report.last_val = info.get("best_step"), info.get("last_val")
-        loss_avg, loss_count = info["loss_avg"], info["loss_count"]
-        best_val = info["best_val"] if info.get("best_val") is not None else math.inf
-        epoch, position = info["epoch"], info["position"]
-        if not restore_rng_states(d, noise_gen, device, tensors):
-            noise_gen.manual_seed(tr.seed * 1000 + d.rank + 7 * step)
-            report.event(step, "rng-reseeded", f"no random state saved for rank {d.rank} (the "
-                         f"number of processes changed); its noise is drawn afresh")
-        changed = ("the dataset differs from the one this checkpoint was trained on"
-                   if info.get("fingerprint") != fingerprint else "")
-        if not changed:
-            try:
-                sampler.load_state_dict(info["sampler"])
-            except ValueError:
-                changed = ("the batch size, number of processes, drop_last or seed differ "
-                           "from the checkpoint's")
-        if changed:
-            report.event(step, "epoch-restarted", f"{changed}; epoch {epoch} starts again "
-                         f"from its first batch")
-            sampler.set_epoch(epoch)
-            position = 0
 
     last = resume_point(run, cfg, stop_at) if resume else None
     if last is not None:
-        restore(last, full=True)
-        log(f"resumed from {last.path.name} at step {step} (epoch {epoch}, batch {position})")
+        restore(last, st, parts, d=d, device=device, fingerprint=fingerprint, seed=tr.seed,
+                max_steps=tr.max_steps, requested=stop_at,
+                event=lambda kind, message: report.event(st.step, kind, message))
+        log(f"resumed from {last.path.name} at step {st.step} (epoch {st.epoch}, batch "
+            f"{st.position})")
     else:
         if resume:
             log("resume: the run stopped before its first checkpoint; it starts again from "
                 "step 0 with its saved config")
-        stop_at = stop_at or tr.max_steps
+        st.stop_at = stop_at or tr.max_steps
         sampler.set_epoch(0)
         # what a rollback before the first checkpoint returns to
         initial_weights = {k: v.detach().cpu().clone() for k, v in model.weights().items()}
     if d.main:   # the config this process trains, now that it is known to fit the run
         save_config(cfg, run.config)
-    report.start(step, stop_at, epoch, handled)
+    report.start(st.step, st.stop_at, st.epoch, handled)
 
     # ---- validation and samples (main rank; EMA weights) ---------------------------------
     val_batches = (validation_batches(plan, cfg.data, tr.seed, device)
@@ -373,7 +308,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             model.train()
             return images
         images = with_ema(run_sample)
-        return save_sample_grid(run, step, images, cells, cfg)
+        return save_sample_grid(run, st.step, images, cells, cfg)
 
     # ---- loop -----------------------------------------------------------------------------
     signals.in_loop = True
@@ -385,17 +320,17 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     final_state = "completed"
 
     def next_batch():
-        nonlocal data_iter, epoch, position, bad_files_total
+        nonlocal data_iter, bad_files_total
         while True:
             try:
                 batch = next(data_iter)
             except StopIteration:
-                epoch += 1
-                sampler.set_epoch(epoch)
+                st.epoch += 1
+                sampler.set_epoch(st.epoch)
                 data_iter = iter(loader)
-                log(f"epoch {epoch} begins at step {step}")
+                log(f"epoch {st.epoch} begins at step {st.step}")
                 continue
-            position = batch.position
+            st.position = batch.position
             for path, why in batch.failed:   # counted every time, named once
                 bad_files_total += 1
                 if path not in bad_files_named:
@@ -404,7 +339,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             if len(batch):
                 return batch
 
-    while step < stop_at:
+    while st.step < st.stop_at:
         # requests from the studio (main rank reads, every rank acts)
         wanted = report.requests() if d.main else {}
         if signals.hit:
@@ -417,15 +352,15 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             break
         if asked["save-now"]:
             save("save-now")
-        elif time_save and step > 0:
+        elif time_save and st.step > 0:
             save("time", latest=True)
         if asked["sample-now"]:
-            report.sample(step, sample())
+            report.sample(st.step, sample())
         if asked["save-now"] or asked["sample-now"]:
             report.handled(wanted)
 
         t0 = time.perf_counter()
-        lr = lr_at(step, tr) * lr_scale
+        lr = lr_at(st.step, tr) * st.lr_scale
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -444,14 +379,14 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             t = sample_t(B, lo.p_mean, lo.p_std, shift, generator=noise_gen, device=device)
             eps = torch.randn(x.shape, generator=noise_gen, device=device)
             grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
-            use_repa = teacher is not None and repa_active(lo, step)
+            use_repa = teacher is not None and repa_active(lo, st.step)
             teacher_tokens = teacher(x, grid) if use_repa else None
             sync = (ddp_model.no_sync() if d.world > 1 and micro < tr.grad_accum - 1
                     else contextlib.nullcontext())
             with sync:
                 try:
                     with autocast_for(tr.precision, device):
-                        terms, per_sample = ddp_model(x, captions, t, eps, cfg, step,
+                        terms, per_sample = ddp_model(x, captions, t, eps, cfg, st.step,
                                                       teacher_tokens, grid if use_repa else None)
                     scaler.scale(terms["total"] / tr.grad_accum).backward()
                 except torch.OutOfMemoryError as e:
@@ -469,7 +404,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         # device: the loss it needs, with the gradient norm that clipping needs.
         params = [p for p in model.parameters() if p.requires_grad]
         loss, norm = read_scalars(mean_over_ranks(d, terms_sum["total"]), grad_norm(params))
-        spike = (tr.spike_factor > 0 and loss_count >= 20 and loss > tr.spike_factor * loss_avg)
+        spike = (tr.spike_factor > 0 and st.loss_count >= 20
+                 and loss > tr.spike_factor * st.loss_avg)
         # fp16's scaler skips steps with inf gradients itself (and lowers its scale)
         bad_grads = not math.isfinite(norm) and not scaler.is_enabled()
         if not math.isfinite(loss) or bad_grads or spike:
@@ -478,34 +414,26 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             skipped_total += 1
             why = ("non-finite loss" if not math.isfinite(loss) else "non-finite gradients"
                    if bad_grads else
-                   f"loss {loss:.4g} > {tr.spike_factor:g} x running average {loss_avg:.4g}")
-            log(f"step {step + 1}: skipped batch ({why}); files: {', '.join(step_paths[:8])}"
+                   f"loss {loss:.4g} > {tr.spike_factor:g} x running average {st.loss_avg:.4g}")
+            log(f"step {st.step + 1}: skipped batch ({why}); files: {', '.join(step_paths[:8])}"
                 f"{' ...' if len(step_paths) > 8 else ''}")
-            report.event(step, "skipped-batch", why, files=step_paths)
+            report.event(st.step, "skipped-batch", why, files=step_paths)
             if bad_steps >= tr.max_bad_steps:
                 rollbacks_in_a_row += 1
                 if rollbacks_in_a_row > MAX_ROLLBACKS:
                     raise TrainError(
-                        f"training keeps diverging at step {step + 1}: {MAX_ROLLBACKS} rollbacks "
-                        f"in a row did not help (last: {why}). Lower train.lr (now {tr.lr:g}), "
+                        f"training keeps diverging at step {st.step + 1}: {MAX_ROLLBACKS} "
+                        f"rollbacks in a row did not help (last: {why}). Lower train.lr (now "
+                        f"{tr.lr:g}), "
                         f"check the files named in the log, or raise train.spike_factor "
                         f"(now {tr.spike_factor:g})")
-                last = latest_resumable(run.checkpoints)
-                if last is not None:
-                    restore(last, full=False)
-                elif initial_weights is not None:
-                    model.load_state_dict({k: v.to(device) for k, v in initial_weights.items()})
-                    optimizer.state.clear()
-                    if ema is not None:   # the average may hold the bad steps as well
-                        ema.updates = 0
-                        for k, v in ema.shadow.items():
-                            v.copy_(initial_weights[k])
-                lr_scale *= 0.5
+                where = rollback(latest_resumable(run.checkpoints), st, parts,
+                                 initial_weights, device)
                 bad_steps = 0
-                msg = (f"rolled back to {last.path.name if last else 'the initial weights'} "
-                       f"after {tr.max_bad_steps} bad batches; learning rate now x{lr_scale:g}")
+                msg = (f"rolled back to {where} after {tr.max_bad_steps} bad batches; learning "
+                       f"rate now x{st.lr_scale:g}")
                 log(msg)
-                report.event(step, "rollback", msg)
+                report.event(st.step, "rollback", msg)
             continue
 
         if scaler.is_enabled():   # fp16: the norm above is of the scaled gradients
@@ -516,35 +444,38 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         scaler.update()
         if ema is not None:
             ema.update()
-        step += 1
+        st.step += 1
         bad_steps = rollbacks_in_a_row = 0
-        loss_avg = loss if loss_count == 0 else 0.98 * loss_avg + 0.02 * loss
-        loss_count += 1
+        st.loss_avg = loss if st.loss_count == 0 else 0.98 * st.loss_avg + 0.02 * loss
+        st.loss_count += 1
         window.add(terms_sum, norm, clipped, images * d.world, tokens * d.world,
                    time.perf_counter() - t0, bin_loss, bin_count)
 
-        if step % tr.log_every == 0 or step == stop_at:
-            report.metrics(step, epoch, lr, {**window.flush(), "skipped_batches": skipped_total,
-                                             "bad_files": bad_files_total}, stop_at, device)
-        if tr.val_every and step % tr.val_every == 0:
+        if st.step % tr.log_every == 0 or st.step == st.stop_at:
+            report.metrics(st.step, st.epoch, lr, {**window.flush(),
+                                                   "skipped_batches": skipped_total,
+                                                   "bad_files": bad_files_total},
+                           st.stop_at, device)
+        if tr.val_every and st.step % tr.val_every == 0:
             v = validate()
             if v is not None:
-                if v < best_val:
-                    best_val = v
-                    report.best_step = step
-                report.validation(step, v)
-        if step % tr.save_every == 0 and step < stop_at:
+                if v < st.best_val:
+                    st.best_val = v
+                    st.best_step = st.step
+                st.last_val = v
+                report.validation(st.step, v)
+        if st.step % tr.save_every == 0 and st.step < st.stop_at:
             save("every")
-        if tr.sample_every and step % tr.sample_every == 0 and step < stop_at:
-            report.sample(step, sample())
+        if tr.sample_every and st.step % tr.sample_every == 0 and st.step < st.stop_at:
+            report.sample(st.step, sample())
         barrier(d)
 
     # ---- end ------------------------------------------------------------------------------
     save(final_state)
     if final_state == "completed" and tr.sample_every:
-        report.sample(step, sample())
+        report.sample(st.step, sample())
     barrier(d)
-    report.finish(final_state, step)
+    report.finish(final_state, st.step)
     return final_state
 
 

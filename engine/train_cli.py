@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -34,9 +33,10 @@ from engine.distributed import DeviceError, RankSyncError
 from engine.encoders import EncoderLoadError
 from engine.fileio import DiskFull
 from engine.generate_io import checkpoint_config, resolve_checkpoint
-from engine.job import RunBusy, RunDir, RunLock, Status
+from engine.job import RunBusy, RunDir, RunLock
 from engine.train import TrainError, resume_point, train
-from engine.train_io import LOG_CAPTURED_ENV, StoppedEarly
+from engine.train_io import JobReporter, StoppedEarly
+from engine.train_state import RestoreError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     except StoppedEarly as e:
         _fail(run, str(e), state="stopped")
         return 0
-    except (ConfigError, TrainError, DataError, EncoderLoadError, CheckpointError,
+    except (ConfigError, TrainError, RestoreError, DataError, EncoderLoadError, CheckpointError,
             DeviceError, RankSyncError, DiskFull) as e:
         _fail(run, str(e), new_run=bool(args.preset))
         return 2 if isinstance(e, ConfigError) else 1
@@ -174,14 +174,7 @@ def _fail(run: RunDir, message: str, state: str = "failed", new_run: bool = Fals
         return
     if new_run and not run.metrics_file.exists() and latest_resumable(run.checkpoints) is None:
         run.config.unlink(missing_ok=True)
-    status = run.read_status() or Status()
-    status.state, status.pid, status.message = state, os.getpid(), message
-    status.error = message if state == "failed" else ""
-    status.heartbeat = time.time()
-    run.write_status(status)
-    if os.environ.get(LOG_CAPTURED_ENV) != "1":
-        with open(run.log_file, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {message}\n")
+    JobReporter.record_end(run, state, message)
 
 
 if __name__ == "__main__":

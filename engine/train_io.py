@@ -81,8 +81,6 @@ class JobReporter:
         self.status = Status(pid=os.getpid(), world_size=world, device=device,
                              started_at=time.time(), heartbeat=time.time(),
                              handled=dict(old.handled) if old else {})
-        self.best_step: int | None = None
-        self.last_val: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -140,6 +138,19 @@ class JobReporter:
             handled = dict(self.status.handled)
             handled.update({k: v for k, v in wanted.items() if v != "signal"})
             self._write(handled=handled)
+
+    @staticmethod
+    def record_end(run: RunDir, state: str, message: str) -> None:
+        """The status (and log line) of a run that ended outside the loop: a failure
+        before or while training, or an early stop. Rank 0 only."""
+        status = run.read_status() or Status()
+        status.state, status.pid, status.message = state, os.getpid(), message
+        status.error = message if state == "failed" else ""
+        status.heartbeat = time.time()
+        run.write_status(status)
+        if os.environ.get(LOG_CAPTURED_ENV) != "1":
+            with open(run.log_file, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {message}\n")
 
     def finish(self, state: str, step: int) -> None:
         self._stop_heartbeat()
@@ -214,7 +225,6 @@ class JobReporter:
             self.log(text)
 
     def validation(self, step: int, value: float) -> None:
-        self.last_val = value
         self._record({"step": step, "time": round(time.time(), 3), "val_loss": round(value, 6)})
         self.log(f"step {step}: validation loss {value:.5f}")
 

@@ -1,0 +1,139 @@
+"""The training state on its own: TrainState's round trip, and save (payload), restore and
+rollback over a small model, without a training loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from engine.checkpoint import list_checkpoints, save_checkpoint
+from engine.distributed import Dist, gather_rng_states
+from engine.optim import EMA, ZClip
+from engine.train_state import Parts, RestoreError, TrainState, payload, restore, rollback
+
+CPU = torch.device("cpu")
+
+
+class Sampler:
+    """Stands in for the bucket sampler: remembers its epoch and where it was."""
+
+    def __init__(self, fingerprint="data-1"):
+        self.epoch, self.position, self.fingerprint = 0, 0, fingerprint
+
+    def state_dict(self, position):
+        return {"epoch": self.epoch, "position": position, "data": self.fingerprint}
+
+    def load_state_dict(self, sd):
+        if sd["data"] != self.fingerprint:
+            raise ValueError("another batching")
+        self.epoch, self.position = sd["epoch"], sd["position"]
+
+    def set_epoch(self, epoch):
+        self.epoch, self.position = epoch, 0
+
+
+def make_parts(seed=0, width=4) -> Parts:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(width, 3), nn.Linear(3, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ema = EMA(dict(model.named_parameters()), 0.9)
+    return Parts(model, opt, ema, ZClip(2.5, 0.97, 5), torch.amp.GradScaler("cpu",
+                                                                            enabled=False),
+                 Sampler(), torch.Generator().manual_seed(7))
+
+
+def train_a_little(parts: Parts, steps=3):
+    for _ in range(steps):
+        parts.optimizer.zero_grad()
+        parts.model(torch.randn(5, 4, generator=parts.noise_gen)).square().mean().backward()
+        parts.optimizer.step()
+        parts.ema.update()
+
+
+def save(tmp_path, state: TrainState, parts: Parts, fingerprint="fp"):
+    tensors, info = payload(state, parts, gather_rng_states(Dist(), parts.noise_gen, CPU),
+                            fingerprint)
+    save_checkpoint(tmp_path, state.step, parts.model.state_dict(), parts.ema.shadow,
+                    {"init_from": {"step": 9}}, tensors, info)
+    return list_checkpoints(tmp_path)[-1]
+
+
+def test_the_state_round_trips_through_json():
+    st = TrainState(step=12, stop_at=40, epoch=2, position=3, lr_scale=0.25, loss_avg=0.5,
+                    loss_count=12, best_step=10, last_val=0.7)
+    sd = st.state_dict()
+    assert sd["best_val"] is None and "origin" not in sd     # inf is not JSON
+    back = TrainState()
+    back.load_state_dict(sd)
+    back.stop_at = st.stop_at
+    assert back == st
+    st.best_val = 0.3
+    back.load_state_dict(st.state_dict())
+    assert back.best_val == 0.3 and math.isinf(TrainState().best_val)
+
+
+def test_restore_brings_back_weights_optimizer_ema_counters_and_randomness(tmp_path):
+    parts = make_parts()
+    train_a_little(parts)
+    st = TrainState(step=3, stop_at=10, epoch=1, position=2, lr_scale=0.5, loss_avg=0.4,
+                    loss_count=3, best_val=0.9, best_step=2, last_val=0.9)
+    parts.sampler.epoch = 1
+    ckpt = save(tmp_path, st, parts)
+    expected_next = torch.randn(3, generator=parts.noise_gen)
+    weights = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    shadow = {k: v.clone() for k, v in parts.ema.shadow.items()}
+
+    other = make_parts(seed=1)                         # a fresh process
+    fresh, events = TrainState(), []
+    restore(ckpt, fresh, other, d=Dist(), device=CPU, fingerprint="fp", seed=0, max_steps=10,
+            requested=None, event=lambda *e: events.append(e))
+    assert fresh == st and fresh.origin == {"step": 9} and not events
+    assert all(torch.equal(other.model.state_dict()[k], v) for k, v in weights.items())
+    assert all(torch.equal(other.ema.shadow[k], v) for k, v in shadow.items())
+    assert other.ema.updates == 3 and other.sampler.epoch == 1
+    assert torch.equal(torch.randn(3, generator=other.noise_gen), expected_next)
+    # the two go on identically
+    train_a_little(parts, 2)
+    train_a_little(other, 2)
+    assert all(torch.equal(other.model.state_dict()[k], v)
+               for k, v in parts.model.state_dict().items())
+
+
+def test_a_changed_dataset_restarts_the_epoch_and_says_so(tmp_path):
+    parts = make_parts()
+    st = TrainState(step=1, stop_at=5, epoch=2, position=4)
+    ckpt = save(tmp_path, st, parts)
+    fresh, events = TrainState(), []
+    restore(ckpt, fresh, make_parts(), d=Dist(), device=CPU, fingerprint="another", seed=0,
+            max_steps=5, requested=8, event=lambda *e: events.append(e))
+    assert fresh.position == 0 and fresh.epoch == 2 and fresh.stop_at == 8
+    assert events[0][0] == "epoch-restarted" and "dataset differs" in events[0][1]
+
+
+def test_a_checkpoint_of_another_shape_is_refused(tmp_path):
+    ckpt = save(tmp_path, TrainState(step=1), make_parts())
+    with pytest.raises(RestoreError, match="does not fit this config"):
+        restore(ckpt, TrainState(), make_parts(width=6), d=Dist(), device=CPU,
+                fingerprint="fp", seed=0, max_steps=5, requested=None, event=print)
+
+
+def test_rollback_restores_weights_halves_the_rate_and_keeps_the_counters(tmp_path):
+    parts = make_parts()
+    st = TrainState(step=4, stop_at=10, epoch=1, position=3, loss_count=4)
+    ckpt = save(tmp_path, st, parts)
+    good = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    train_a_little(parts, 2)                           # the steps that went bad
+    st.step = 6
+    assert rollback(ckpt, st, parts, None, CPU) == ckpt.path.name
+    assert all(torch.equal(parts.model.state_dict()[k], v) for k, v in good.items())
+    assert (st.step, st.position, st.lr_scale) == (6, 3, 0.5)
+    # before any checkpoint: back to the initial weights, EMA and optimizer reset
+    initial = {k: v.clone() for k, v in make_parts().model.state_dict().items()}
+    fresh = make_parts()
+    train_a_little(fresh)
+    assert rollback(None, st, fresh, initial, CPU) == "the initial weights"
+    assert all(torch.equal(fresh.model.state_dict()[k], v) for k, v in initial.items())
+    assert fresh.ema.updates == 0 and not fresh.optimizer.state and st.lr_scale == 0.25
