@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine.config import ATTENTION_BACKENDS
+
 try:  # optional GPU extra (requirements-gpu.txt); never needed on the CPU
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
-BACKENDS = ("auto", "sdpa", "flash", "math")
+BACKENDS = ATTENTION_BACKENDS
 FAST_CUDA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.CUDNN_ATTENTION]
 

@@ -26,6 +26,13 @@ from engine.fileio import atomic_write_text
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
+# Names that engine modules register under and the config allows, defined here once:
+# engine/sampling.py maps SAMPLER_NAMES to its samplers, engine/attention.py dispatches
+# on ATTENTION_BACKENDS.
+SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "ab2")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math")
+
+
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible."""
 
@@ -93,7 +100,7 @@ class ModelConfig:
                          "clean image x (JiT); the loss is on v either way", choices=("v", "x"))
     attention: str = _f("auto", "attention kernel: auto = flash-attn on CUDA in fp16/bf16 when "
                         "installed, else PyTorch SDPA; math = explicit reference",
-                        choices=("auto", "sdpa", "flash", "math"))
+                        choices=ATTENTION_BACKENDS)
 
     @property
     def head_dim(self) -> int:
@@ -234,7 +241,7 @@ class SampleConfig:
     negative: str = _f("", "negative prompt ('' = unconditional)")
     seed: int = _f(0, "seed of the first image; image i uses seed + i", lo=0)
     steps: int = _f(30, "sampler steps", lo=1, hi=1000)
-    sampler: str = _f("heun", "ODE sampler", choices=("euler", "heun", "dpmpp_2m", "ab2"))
+    sampler: str = _f("heun", "ODE sampler", choices=SAMPLER_NAMES)
     cfg: float = _f(4.0, "classifier-free guidance scale (1 = off)", lo=0.0)
     cfg_rescale: float = _f(0.0, "CFG rescale phi (0 = plain CFG)", lo=0.0, hi=1.0)
     cfg_interval: list[float] = _f([0.0, 1.0], "guidance only for t in [lo, hi] (t = 0 noise)")

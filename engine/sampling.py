@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from engine.config import RunConfig
+from engine.config import SAMPLER_NAMES, RunConfig
 from engine.flow import interpolate, resolution_shift, shift_time
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -224,19 +224,12 @@ def sample_ab2(model_fn: ModelFn, x: Tensor, ts: Tensor,
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "euler": sample_euler,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "ab2": sample_ab2,
-}
+# the samplers under the names the config allows (engine.config.SAMPLER_NAMES, in order)
+SAMPLERS: dict[str, Callable[..., Tensor]] = dict(zip(
+    SAMPLER_NAMES, (sample_euler, sample_heun, sample_dpmpp_2m, sample_ab2), strict=True))
 # how other tools name each sampler in a PNG's `parameters` text (engine/pngmeta.py)
-SAMPLER_LABELS: dict[str, str] = {
-    "euler": "Euler",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-    "ab2": "Adams-Bashforth 2",
-}
+SAMPLER_LABELS: dict[str, str] = dict(zip(
+    SAMPLER_NAMES, ("Euler", "Heun", "DPM++ 2M", "Adams-Bashforth 2"), strict=True))
 
 
 def model_evals(sampler: str, steps: int) -> int:
