@@ -69,3 +69,12 @@ def tiny_dinov3(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     DINOv3ViTModel(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def tiny_config():
+    """tests/tiny.py's tiny_cfg: the quick tests' network on the tiny-cpu preset, plus any
+    override lines given."""
+    from tiny import tiny_cfg
+    return tiny_cfg
+

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tiny import NET, as_sets
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.baseline import PlainDiT
@@ -18,16 +19,13 @@ from engine.model import PixelHDM, TextCond
 from engine.perf import Inputs, TrainStep, dense_peak, kernel_family, part_modules, profile_parts
 
 # a smaller tiny-cpu: a training step takes milliseconds
-TINY = ["model.hidden_dim=32", "model.num_heads=2", "model.num_kv_heads=1",
-        "model.mrope_split=[4,6,6]", "model.patch_layers=1", "model.pixel_layers=1",
-        "model.pixel_dim=4", "model.bottleneck_dim=16", "text.builtin_dim=32",
-        "text.builtin_layers=1", "train.batch_size=4", "train.cpu_threads=1",
+TINY = [*NET, "train.batch_size=4", "train.cpu_threads=1",
         "train.compile=false",
         "data.min_side=16", "data.max_side=32", "data.bucket_step=8", "data.val_images=0"]
 
 
 def sets(*extra: str) -> list[str]:
-    return [a for kv in [*TINY, *extra] for a in ("--set", kv)]
+    return as_sets([*TINY, *extra])
 
 
 def measured_flops(net: PixelHDM, z, t, text) -> dict[str, int]:
@@ -96,8 +94,8 @@ def test_network_reports_rates_utilisation_and_the_baseline_ratio(capsys):
     assert sum(shares) == pytest.approx(1.0) and all(s >= 0 for s in shares)
 
 
-def test_profile_puts_backward_ops_in_the_part_of_their_forward_op():
-    cfg = load_preset("tiny-cpu", TINY)
+def test_profile_puts_backward_ops_in_the_part_of_their_forward_op(tiny_config):
+    cfg = tiny_config(*TINY[len(NET):])
     torch.manual_seed(0)
     net = PixelHDM(cfg.model, 32)
     step = TrainStep(net, cfg, "fp32", torch.device("cpu"))

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from PIL import Image
+from tiny import NET
 
 from engine import __version__
 from engine.bench import main as bench_main
@@ -43,10 +45,7 @@ from engine.pngmeta import parse_parameters, read_png_parameters, save_png
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.hidden_dim=32", "model.num_heads=2", "model.num_kv_heads=1",
-        "model.mrope_split=[4,6,6]", "model.patch_layers=1", "model.pixel_layers=1",
-        "model.pixel_dim=4", "model.bottleneck_dim=16", "text.builtin_dim=32",
-        "text.builtin_layers=1", "text.max_tokens=16", "data.min_side=16", "data.max_side=32",
+TINY = [*NET, "text.max_tokens=16", "data.min_side=16", "data.max_side=32",
         "data.bucket_step=8", "sample.steps=3", "sample.width=16", "sample.height=16",
         "sample.prompts=[a red circle, a blue square on a white background]",
         "model.prediction=v"]   # the closed-form tests below integrate a constant velocity
@@ -54,7 +53,7 @@ FAST = dict(steps=2, width=16, height=16)
 
 
 def tiny_cfg(*extra: str) -> RunConfig:
-    return load_preset("tiny-cpu", TINY + list(extra))  # patch 8, generation up to 128 px
+    return tiny.tiny_cfg(*TINY[len(NET):], *extra)   # patch 8, generation up to 128 px
 
 
 def build(cfg: RunConfig, seed: int = 0) -> tuple[PixelHDM, BuiltinTextEncoder]:

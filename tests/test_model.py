@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import LEARNER
 
 from engine.attention import (
     GatedAttention,
@@ -25,11 +26,9 @@ TEXT_DIM = 32
 
 
 def tiny_cfg(**changes):
-    cfg = load_preset("tiny-cpu").model
-    base = dict(hidden_dim=64, pixel_dim=4, patch_size=8, patch_layers=2, pixel_layers=2,
-                num_heads=4, num_kv_heads=2, mrope_split=[4, 6, 6], bottleneck_dim=16)
-    base.update(changes)
-    return dataclasses.replace(cfg, **base)
+    """The LEARNER network (tests/tiny.py) with two pixel blocks and `changes`."""
+    cfg = load_preset("tiny-cpu", LEARNER).model
+    return dataclasses.replace(cfg, **{"pixel_layers": 2, "bottleneck_dim": 16, **changes})
 
 
 def make_text(lengths, T=None, dim=TEXT_DIM, seed=0):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
+from tiny import LEARNER, as_sets
 
 from engine.config import TextConfig
 from engine.encoders import Qwen3TextEncoder, load_text_encoder
@@ -318,16 +319,14 @@ def test_training_reads_the_cache_with_the_encoder_unloaded(tiny_qwen3, tmp_path
     monkeypatch.setattr(Trainable, "forward", checked)
     data = write_demo_dataset(tmp_path / "demo", count=12, seed=3)
     run = tmp_path / "run"
-    fast = ["model.hidden_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-            "model.mrope_split=[4,6,6]", "model.patch_layers=2", "model.pixel_layers=1",
-            "model.pixel_dim=4", "train.batch_size=4", "train.log_every=1",
+    fast = [*LEARNER, "train.batch_size=4", "train.log_every=1",
             "train.warmup_steps=1", "train.save_every=1000", "data.min_side=32",
             "data.max_side=32", "train.cpu_threads=1", "data.val_images=2",
             "train.val_every=2", "train.sample_every=3", "sample.steps=2",
             "sample.prompts=[a red circle, a blue square]", "sample.negative=blurry",
             "text.encoder=qwen3", f"text.name_or_path={tiny_qwen3}",
             f"text.cache_dir={tmp_path / 'features'}", "text.max_tokens=16"]
-    args = [a for kv in fast for a in ("--set", kv)]
+    args = as_sets(fast)
     assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
                        "--max-steps", "3", *args]) == 0
     log = (run / "log.txt").read_text()

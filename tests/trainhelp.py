@@ -11,21 +11,21 @@ import sys
 import time
 from pathlib import Path
 
+from tiny import LEARNER, as_sets
+
 from engine.job import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # a smaller tiny-cpu: each step takes a few milliseconds
-FAST = ["model.hidden_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.mrope_split=[4,6,6]", "model.patch_layers=2", "model.pixel_layers=1",
-        "model.pixel_dim=4", "text.builtin_dim=64", "text.builtin_layers=1",
+FAST = [*LEARNER, "text.builtin_dim=64", "text.builtin_layers=1",
         "train.batch_size=8", "train.log_every=1", "train.sample_every=0", "train.val_every=0",
         "train.warmup_steps=5", "train.save_every=1000", "data.val_images=0",
         "data.min_side=32", "data.max_side=48", "train.cpu_threads=1"]
 
 
 def sets(*extra: str) -> list[str]:
-    return [a for kv in [*FAST, *extra] for a in ("--set", kv)]
+    return as_sets([*FAST, *extra])
 
 
 def losses(run: Path) -> dict[int, float]:
