@@ -5,7 +5,8 @@
     checkpoints/step_0001000.state.safetensors  training state: optimizer tensors under
                                                  `opt.*`, RNG states under `rng.*`, and
                                                  everything else as JSON under "state"
-    checkpoints/keep.txt                         steps the user pinned (the studio writes it)
+    checkpoints/keep.txt                         steps the user pinned (set_pinned writes
+                                                 it, for the studio)
 
 `model.*` keys are prefixed by part: `net.` (the PixelHDM network), `text.` (the builtin
 text encoder, when used), `repa.` (the iREPA projector). The state file is written
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine.fileio import atomic_target, ensure_free
+from engine.fileio import atomic_target, atomic_write_text, ensure_free
 from engine.modelspec import PREFIX as MODELSPEC
 from engine.modelspec import modelspec, portable_meta
 
@@ -254,12 +255,41 @@ def latest_resumable(ckpt_dir: Path) -> CheckpointInfo | None:
 
 
 def pinned_steps(ckpt_dir: Path) -> set[int]:
-    """Steps listed in keep.txt (one per line; the studio's "keep" action writes it)."""
+    """Steps listed in keep.txt (one per line; set_pinned writes it)."""
     try:
         text = (Path(ckpt_dir) / "keep.txt").read_text(encoding="utf-8")
     except OSError:
         return set()
     return {int(s) for s in text.split() if s.isdigit()}
+
+
+def set_pinned(ckpt_dir: Path, step: int, pinned: bool) -> set[int]:
+    """Pin `step` (retention never deletes it) or unpin it; keep.txt is replaced
+    atomically, so a trainer applying retention meanwhile reads the old or the new list.
+    Returns the pinned steps now."""
+    pins = pinned_steps(ckpt_dir)
+    pins = pins | {int(step)} if pinned else pins - {int(step)}
+    atomic_write_text(Path(ckpt_dir) / "keep.txt", "".join(f"{s}\n" for s in sorted(pins)))
+    return pins
+
+
+def delete_checkpoint(ckpt_dir: Path, step: int) -> list[Path]:
+    """Delete step checkpoint `step`: its weights file first (whose presence marks a
+    complete step, so a failure half-way leaves no checkpoint that looks whole), then its
+    training state, then its pin. Returns the deleted files; CheckpointError when the
+    folder holds no file of that step."""
+    ckpt_dir = Path(ckpt_dir)
+    name = step_name(int(step))
+    files = [ckpt_dir / f"{name}.safetensors", ckpt_dir / f"{name}.state.safetensors"]
+    deleted = [p for p in files if p.is_file()]
+    if not deleted:
+        raise CheckpointError(f"there is no checkpoint of step {step} in {ckpt_dir} (deleted "
+                              f"already, by retention or by hand)")
+    for p in deleted:
+        p.unlink(missing_ok=True)
+    if int(step) in pinned_steps(ckpt_dir):
+        set_pinned(ckpt_dir, step, False)
+    return deleted
 
 
 def retention_victims(steps: list[int], keep_last: int, keep: set[int]) -> list[int]:

@@ -13,8 +13,10 @@ Besides config.yaml (written once) and control/ (requests), the runner owns one 
                   the trainer writes a status, a live launch pid means "starting" and a
                   dead one "crashed".
 
-Liveness follows engine.job.effective_state: a process that is gone, or whose heartbeat
-is stale (a reused pid stays "alive" but stops beating), in a non-final state is "crashed".
+Whether a run is alive is studio.liveness's one rule (on top of engine.job.effective_state:
+a process that is gone, or whose heartbeat is stale, in a non-final state is "crashed");
+every RunInfo carries its answer, and `Runner.ensure_stopped` refuses by it what needs a
+stopped run.
 
 `ComputeGate` keeps training and image generation from fighting over the CPU: a
 generation is refused while a CPU run is alive, and a CPU run cannot start while a
@@ -35,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,24 +53,20 @@ from engine.config import (
     validate,
 )
 from engine.distributed import resolve_device
-from engine.job import (
-    FINAL_STATES,
-    REQUESTS,
-    STALE_SECONDS,
-    RunDir,
-    Status,
-    effective_state,
-    pid_alive,
-    run_owner,
-    wait_for_owner_exit,
-)
+from engine.job import FINAL_STATES, REQUESTS, RunDir, run_owner, wait_for_owner_exit
 from engine.train import TrainError, resume_point
 from engine.train_io import LOG_CAPTURED_ENV
+from studio.liveness import (
+    ACTIVE_STATES,
+    LAUNCH_FILE,
+    Launch,
+    judge,
+    looks_like_trainer,
+    read_launch,
+)
 from studio.paths import NAME_MAX, PathError, safe_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent   # the folder holding engine/
-LAUNCH_FILE = "launch.json"
-ACTIVE_STATES = ("starting", "running", "stopping")
 EXIT_WAIT_SECONDS = 15.0   # how long start/resume wait for a run that reported its end to exit
 
 
@@ -99,58 +97,17 @@ class RunInfo:
     owner: int | None = None  # the pid holding the run's lock (0: unknown), None when free
 
 
-@dataclass
-class Launch:
-    """The contents of launch.json."""
-    pid: int
-    argv: list
-    started_at: float
-    device: str             # where it runs ("cpu", "cuda", "cuda:1"...)
-    max_steps: int | None
-    gpus: int               # processes torchrun started (1: no torchrun)
-
-
 def on_cpu(device: str | torch.device) -> bool:
     return str(device).split(":")[0] == "cpu"
 
 
 # --------------------------------------------------------------------------------------
-# Tolerant readers: a damaged file reads as missing, never as an exception
+# Run folders and launched processes
 # --------------------------------------------------------------------------------------
-
-def read_launch(run: RunDir) -> Launch | None:
-    try:
-        raw = json.loads((run.root / LAUNCH_FILE).read_text(encoding="utf-8"))
-        launch = Launch(**{f.name: raw[f.name] for f in fields(Launch)})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    ok = (isinstance(launch.pid, int) and isinstance(launch.argv, list)
-          and isinstance(launch.started_at, (int, float)) and isinstance(launch.device, str)
-          and (launch.max_steps is None or isinstance(launch.max_steps, int))
-          and isinstance(launch.gpus, int) and launch.gpus >= 1)
-    return launch if ok else None
-
-
-def _fresh(status: Status | None, launch: Launch | None) -> bool:
-    """Whether status.json was written by the latest launched process (or, without a
-    launch.json, by whoever ran the trainer) rather than by an earlier one."""
-    return status is not None and (launch is None or status.heartbeat >= launch.started_at)
-
 
 def _is_run_dir(path: Path) -> bool:
     return (not path.name.startswith(".") and path.is_dir()
             and any((path / f).is_file() for f in ("config.yaml", "status.json", LAUNCH_FILE)))
-
-
-def _looks_like_trainer(pid: int) -> bool:
-    """False when the pid now belongs to some other program (Linux can tell from the
-    command line; elsewhere the heartbeat has to). An exiting process has an empty one."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return True
-    return not cmdline or b"engine.train" in cmdline
 
 
 def _launched_group(launch: Launch | None, pid: int) -> int:
@@ -445,7 +402,7 @@ class Runner:
             return
         group = _launched_group(read_launch(run), info.pid)
         leader = group or info.pid
-        if leader <= 0 or not _looks_like_trainer(leader):
+        if leader <= 0 or not looks_like_trainer(leader):
             return
         if info.state in ACTIVE_STATES:
             with contextlib.suppress(OSError):
@@ -477,13 +434,20 @@ class Runner:
                 return False
             time.sleep(0.1)
 
+    def ensure_stopped(self, run_id: str, doing: str) -> RunInfo:
+        """The run's info when no process of it is alive (the liveness rule); RunnerError
+        naming its state otherwise. `doing` completes "stop it before ...", e.g.
+        "deleting it"."""
+        info = self.info(run_id)
+        if info.alive:
+            raise RunnerError(f"run '{run_id}' is {info.state}; stop it before {doing}")
+        return info
+
     def delete_run(self, run_id: str) -> None:
         """Delete the run folder (checkpoints, samples, logs); refused while it is alive."""
         run = self._existing(run_id)
         with self._lock:
-            info = self._info(run)
-            if info.alive:
-                raise RunnerError(f"run '{run_id}' is {info.state}; stop it before deleting it")
+            self.ensure_stopped(run_id, "deleting it")
             try:
                 shutil.rmtree(run.root)
             except OSError as e:
@@ -529,19 +493,6 @@ class Runner:
             if proc.poll() is not None:
                 self._procs.pop(run_id, None)
 
-    def _launch_alive(self, run: RunDir, launch: Launch | None, status: Status | None,
-                      fresh: bool, now: float) -> bool:
-        proc = self._procs.get(run.run_id)
-        if proc is not None and (launch is None or proc.pid == launch.pid):
-            # poll() reaps it; pid_alive also sees a leader that is a zombie while its
-            # other threads are still being torn down (not yet reapable)
-            return proc.poll() is None and pid_alive(proc.pid)
-        if launch is None or not pid_alive(launch.pid) or not _looks_like_trainer(launch.pid):
-            return False
-        # a final state written long ago: the pid now belongs to some other process
-        return not (fresh and status.state in FINAL_STATES
-                    and now - status.heartbeat > STALE_SECONDS)
-
     def _config_summary(self, run: RunDir) -> tuple[str, int, float]:
         """(description, train.max_steps, mtime) of config.yaml; ("", 0, 0.0) if unreadable."""
         try:
@@ -563,43 +514,12 @@ class Runner:
             self._config_cache[key] = cached
         return cached[1], cached[2], st.st_mtime
 
-    def _state(self, run: RunDir, status: Status | None, launch: Launch | None,
-               now: float) -> tuple[str, bool, str]:
-        """(state, alive, error) from status.json, launch.json and the processes."""
-        fresh = _fresh(status, launch)
-        # the trainer's liveness before the launched process's: a process seen dead stays
-        # dead, so the two answers cannot disagree
-        state = effective_state(status, now) if fresh else "none"
-        launched = self._launch_alive(run, launch, status, fresh, now)
-        if not fresh:
-            if launched:
-                return "starting", True, ""
-            # (a damaged status.json leaves the state unknown rather than crashed)
-            if launch is not None and (status is not None or not run.status_file.exists()):
-                return "crashed", False, ("the training process ended before reporting "
-                                          "anything; the log says why")
-            return "none", False, ""
-        if state == "running" and {"stop", "pause"} & run.pending_requests(status.handled).keys():
-            state = "stopping"
-        if state != "crashed" or status.error:
-            return state, launched or state in ACTIVE_STATES, status.error
-        if pid_alive(status.pid):
-            return state, launched, (f"the training process (pid {status.pid}) stopped reporting "
-                                     f"{now - status.heartbeat:.0f} s ago (hung, or the pid is "
-                                     f"now another program's)")
-        return state, launched, (f"the training process (pid {status.pid}) ended without "
-                                 f"saving its state")
-
     def _info(self, run: RunDir) -> RunInfo:
-        now = time.time()
         status = run.read_status()
         launch = read_launch(run)
-        state, alive, error = self._state(run, status, launch, now)
-        owner = run_owner(run)   # a process holding the run's lock trains it, whatever it says
-        if owner and not pid_alive(owner):   # the holder died; its children are letting go
-            owner = None
-        alive = alive or owner is not None
-        fresh = _fresh(status, launch)
+        live = judge(run, status, launch, self._procs.get(run.run_id), time.time())
+        state, alive, error, owner, fresh = (live.state, live.alive, live.error, live.owner,
+                                             live.fresh)
         message = status.message if fresh else ""
         if status is None and run.status_file.exists():
             message = "status.json is damaged; the run's state is unknown"

@@ -3,53 +3,24 @@ loss, sample grid, pinned), disk usage and the retention rule, and what to do wi
 checkpoint: generate with it, resume its run, export an inference file, pin it so
 retention keeps it, or delete it (or the whole run) after a confirmation.
 
-Runs and checkpoints are chosen by name and step; the files behind them are found in
-the workspace by the studio, never taken from the browser.
+Runs and checkpoints are chosen by name and step; the studio's workspace layer
+(studio.workspace.Studio) finds the files behind them and does the work, this tab wires
+it to the page.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import gradio as gr
 
 from engine import config
-from engine.checkpoint import (
-    CheckpointError,
-    export_inference,
-    list_checkpoints,
-    pinned_steps,
-    read_meta,
-    read_modelspec,
-    step_name,
-)
+from engine.checkpoint import CheckpointError, list_checkpoints, read_modelspec
 from engine.model import PRECISIONS
 from studio import views
-from studio.paths import PathError, safe_name
+from studio.paths import PathError
 from studio.runner import RunnerError
-
-if TYPE_CHECKING:
-    from studio.ui import Studio
+from studio.workspace import Studio, folder_size, format_run_checkpoint
 
 RUN_HEADERS = ["Run", "State", "Step", "Checkpoints", "Disk", "Created", "Description"]
-
-
-def folder_size(path: Path) -> int:
-    total = 0
-    for p in Path(path).rglob("*"):
-        try:
-            if p.is_file():
-                total += p.stat().st_size
-        except OSError:
-            continue
-    return total
-
-
-def write_pins(ckpt_dir: Path, steps: set[int]) -> None:
-    """keep.txt: the pinned steps, one per line (engine.checkpoint reads it)."""
-    config.atomic_write_text(Path(ckpt_dir) / "keep.txt",
-                             "".join(f"{s}\n" for s in sorted(steps)))
 
 
 def best_val_step(records: list[dict]) -> int | None:
@@ -117,54 +88,47 @@ def build(studio: Studio) -> dict:
         return rows
 
     def model_rows():
-        rows = []
-        for p in sorted(studio.models_dir.glob("*.safetensors")):
-            try:
-                meta = read_meta(p)
-            except CheckpointError:
-                continue
-            rows.append([p.name, read_modelspec(p).get("title", ""),
-                         views.fmt_bytes(p.stat().st_size),
-                         f"{meta.get('run_id', '')} {meta.get('exported_from', '')}".strip(),
-                         meta.get("exported_weights", ""), meta.get("exported_dtype", "")])
-        return rows
+        return [[p.name, spec.get("title", ""), views.fmt_bytes(p.stat().st_size),
+                 f"{meta.get('run_id', '')} {meta.get('exported_from', '')}".strip(),
+                 meta.get("exported_weights", ""), meta.get("exported_dtype", "")]
+                for p, meta, spec in studio.exported_models()]
 
-    def refresh_all(run_id=None, keep=True):
+    def refresh_all(run_id=None, keep=True) -> dict:
         runs = studio.runner.runs()
         ids = [r.run_id for r in runs]
         run_id = run_id if keep and run_id in ids else (ids[0] if ids else None)
-        return (run_rows(), gr.Dropdown(choices=ids, value=run_id), model_rows(),
-                *show_run(run_id))
+        return {runs_df: run_rows(), run: gr.Dropdown(choices=ids, value=run_id),
+                models_df: model_rows(), **show_run(run_id)}
 
-    def show_run(run_id, step=None):
-        """checkpoint dropdown, table, retention text, samples, checkpoint id, export name."""
+    def show_run(run_id, step=None) -> dict:
+        """The chosen run's checkpoint list, table, retention text, sample grids, and the
+        chosen checkpoint's id and default export name."""
+        empty = {ckpt: gr.Dropdown(choices=[], value=None), ckpt_df: [], samples: [],
+                 checkpoint_id: "", export_name: ""}
         if not run_id:
-            return (gr.Dropdown(choices=[], value=None), [], "No runs yet.", [], "", "")
+            return {**empty, retention: "No runs yet."}
         try:
             info = studio.runner.info(run_id)
+            entries = studio.run_checkpoints(run_id)
         except RunnerError as e:
-            return (gr.Dropdown(choices=[], value=None), [], str(e), [], "", "")
-        folder = info.path / "checkpoints"
-        infos = list_checkpoints(folder)
-        pinned = pinned_steps(folder)
-        rows, gallery = [], []
-        for c in reversed(infos):
-            try:
-                meta = read_meta(c.path)
-            except CheckpointError:
-                meta = {}
-            sample = info.path / "samples" / f"{step_name(c.step)}.png"
-            rows.append(views.checkpoint_row(c.step, c.mtime, c.size, meta, c.step in pinned,
-                                             c.state_path is not None, sample.is_file()))
-            if sample.is_file():
-                gallery.append((str(sample), f"step {c.step}"))
-        steps = [c.step for c in infos]
+            return {**empty, retention: str(e)}
+        rows = [views.checkpoint_row(c.step, c.saved, c.size, c.meta, c.pinned, c.resumable,
+                                     c.sample is not None) for c in reversed(entries)]
+        gallery = [(str(c.sample), f"step {c.step}") for c in reversed(entries) if c.sample]
+        steps = [c.step for c in entries]
+        pinned = {c.step for c in entries if c.pinned}
         step = step if step in steps else (steps[-1] if steps else None)
-        retention_text = retention_markdown(info, steps, pinned)
-        cid = f"run/{run_id}/{step}" if step is not None else ""
         choices = [(f"step {s}" + (" (pinned)" if s in pinned else ""), s) for s in reversed(steps)]
-        return (gr.Dropdown(choices=choices, value=step), rows, retention_text, gallery, cid,
-                f"{run_id}-step{step}" if step is not None else "")
+        return {ckpt: gr.Dropdown(choices=choices, value=step), ckpt_df: rows,
+                retention: retention_markdown(info, steps, pinned), samples: gallery,
+                **chosen(run_id, step)}
+
+    def chosen(run_id, step) -> dict:
+        """The checkpoint id and default export name of the chosen run and step."""
+        if not run_id or step is None:
+            return {checkpoint_id: "", export_name: ""}
+        return {checkpoint_id: format_run_checkpoint(run_id, step),
+                export_name: f"{run_id}-step{step}"}
 
     def retention_markdown(info, steps, pinned) -> str:
         try:
@@ -183,72 +147,51 @@ def build(studio: Studio) -> dict:
         return text
 
     # ---- actions -----------------------------------------------------------------------
-    def toggle_pin(run_id, step):
+    def toggle_pin(run_id, step) -> dict:
         if not run_id or step is None:
-            return "Choose a checkpoint first.", *show_run(run_id, step)
+            return {message: "Choose a checkpoint first.", **show_run(run_id, step)}
         try:
-            folder = studio.runner.info(run_id).path / "checkpoints"
-        except RunnerError as e:
-            return str(e), *show_run(run_id, step)
-        pins = pinned_steps(folder)
-        pins ^= {int(step)}
-        write_pins(folder, pins)
-        state = "pinned" if int(step) in pins else "unpinned"
-        return f"Step {step} {state}.", *show_run(run_id, step)
+            pinned = studio.toggle_pin(run_id, step)
+        except (RunnerError, OSError) as e:
+            return {message: str(e), **show_run(run_id, step)}
+        return {message: f"Step {step} {'pinned' if pinned else 'unpinned'}.",
+                **show_run(run_id, step)}
 
-    def export(run_id, step, name, dtype, ema, title=""):
+    def export(run_id, step, name, dtype, ema, title="") -> dict:
         if not run_id or step is None:
-            return "Choose a checkpoint first.", gr.skip()
+            return {message: "Choose a checkpoint first."}
         try:
-            src = studio.checkpoint_path(f"run/{run_id}/{step}")
-            fname = safe_name(name)
-            if not fname.endswith(".safetensors"):
-                fname += ".safetensors"
-            dst = studio.models_dir / fname
-            if dst.exists():
-                return f"**{fname} already exists** in workspace/models: choose another name.", \
-                    gr.skip()
-            export_inference(src, dst, PRECISIONS[dtype], ema=ema,
-                             title=title if isinstance(title, str) else "")
-        except (PathError, RunnerError, CheckpointError, OSError) as e:
-            return f"**Not exported:** {e}", gr.skip()
-        return (f"Exported `{dst.name}` ({views.fmt_bytes(dst.stat().st_size)}), titled "
-                f"\"{read_modelspec(dst).get('title', '')}\".", model_rows())
+            dst = studio.export(format_run_checkpoint(run_id, step), name, dtype, ema, title)
+        except (PathError, RunnerError, CheckpointError, OSError, TypeError, ValueError) as e:
+            return {message: f"**Not exported:** {e}"}
+        return {message: f"Exported `{dst.name}` ({views.fmt_bytes(dst.stat().st_size)}), "
+                         f"titled \"{read_modelspec(dst).get('title', '')}\".",
+                models_df: model_rows()}
 
-    def remove_checkpoint(run_id, step, sure):
+    def remove_checkpoint(run_id, step, sure) -> dict:
         if not sure:
-            return "Tick the confirmation box first.", gr.skip(), *[gr.skip()] * 6
+            return {message: "Tick the confirmation box first."}
         try:
-            info = studio.runner.info(run_id)
-            if info.alive:
-                raise RunnerError(f"run '{run_id}' is {info.state}: stop it before deleting "
-                                  f"its checkpoints")
-            base = info.path / "checkpoints" / step_name(int(step))
-            for p in (base.with_suffix(".safetensors"),
-                      base.with_name(base.name + ".state.safetensors")):
-                p.unlink(missing_ok=True)
-            folder = info.path / "checkpoints"
-            write_pins(folder, pinned_steps(folder) - {int(step)})
-        except (RunnerError, OSError, TypeError, ValueError) as e:
-            return f"**Not deleted:** {e}", gr.skip(), *[gr.skip()] * 6
-        return f"Deleted step {step} of `{run_id}`.", False, *show_run(run_id)
+            studio.delete_checkpoint(run_id, step)
+        except (RunnerError, CheckpointError, OSError, TypeError, ValueError) as e:
+            return {message: f"**Not deleted:** {e}"}
+        return {message: f"Deleted step {step} of `{run_id}`.", confirm: False,
+                **show_run(run_id)}
 
-    def remove_run(run_id, sure):
+    def remove_run(run_id, sure) -> dict:
         if not sure:
-            return "Tick the confirmation box first.", gr.skip(), *[gr.skip()] * 9
+            return {message: "Tick the confirmation box first."}
         try:
             studio.runner.delete_run(run_id)
         except RunnerError as e:
-            return f"**Not deleted:** {e}", gr.skip(), *[gr.skip()] * 9
-        return f"Deleted run `{run_id}`.", False, *refresh_all()
+            return {message: f"**Not deleted:** {e}"}
+        return {message: f"Deleted run `{run_id}`.", confirm: False, **refresh_all()}
 
     show_outputs = [ckpt, ckpt_df, retention, samples, checkpoint_id, export_name]
     refresh_outputs = [runs_df, run, models_df, *show_outputs]
     refresh.click(refresh_all, inputs=[run, picked], outputs=refresh_outputs)
     run.input(show_run, inputs=run, outputs=show_outputs).then(lambda: True, outputs=picked)
-    ckpt.input(lambda r, s: (f"run/{r}/{s}" if r and s is not None else "",
-                             f"{r}-step{s}" if r and s is not None else ""),
-               inputs=[run, ckpt], outputs=[checkpoint_id, export_name])
+    ckpt.input(chosen, inputs=[run, ckpt], outputs=[checkpoint_id, export_name])
     pin_btn.click(toggle_pin, inputs=[run, ckpt], outputs=[message, *show_outputs])
     export_btn.click(export, inputs=[run, ckpt, export_name, export_dtype, export_ema,
                                      export_title],

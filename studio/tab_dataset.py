@@ -15,7 +15,6 @@ import math
 from collections import OrderedDict
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -34,10 +33,7 @@ from engine.demo_data import write_demo_dataset
 from engine.images import BROKEN_FILE_ERRORS
 from studio import views
 from studio.paths import PathError
-from studio.workspace import add_files
-
-if TYPE_CHECKING:
-    from studio.ui import Studio
+from studio.workspace import Studio, add_files
 
 DEMO_NAME = "demo-shapes"
 DEFAULT_PRESET = "tiny-cpu"
@@ -264,36 +260,40 @@ def build(studio: Studio, selection: gr.State) -> dict:
         yield out
         # Gradio draws a bar plot whose category order changes from its previous data;
         # sending the data once more, alone, draws the new one
-        pv = _PREVIEWS.get(tuple(out[-1].get("key") or ())) if out[2] is not None else None
+        pv = _PREVIEWS.get(tuple(out[selection].get("key") or ())) \
+            if out.get(hist) is not None else None
         if pv is not None:
-            yield (gr.skip(),) * 2 + (views.bucket_frame(pv.plan),) + (gr.skip(),) * 8
+            yield {hist: views.bucket_frame(pv.plan)}
 
     def plan_outputs_for(choice, typed, preset_name, min_s, max_s, stp, asp, bs, drop, miss,
-                         incl, n_gpus, order_v, bucket_v, page_v, sel):
+                         incl, n_gpus, order_v, bucket_v, page_v, sel) -> dict:
         vals = edited(min_s, max_s, stp, asp, bs, drop, miss, incl)
-        empty = ("", None, None, "", None, gr.skip(), gr.skip(), "", None)
+        empty = {summary: "", hist: None, table: None, health_md: "", health_df: None,
+                 pages: "", thumbs: None, selection: sel}
         try:
             root = dataset_root(choice, typed)
             if root is None:
-                return ("Choose a dataset above, type a folder path, or create the demo "
-                        "dataset.",) + empty + (sel,)
+                return {status: "Choose a dataset above, type a folder path, or create the "
+                                "demo dataset.", **empty}
             cfg = views.resolve_config(preset_name, settings_overrides(vals), str(root))
         except (PathError, config.ConfigError) as e:
-            return (f"**Cannot preview:** {e}",) + empty + (sel,)
+            return {status: f"**Cannot preview:** {e}", **empty}
         try:
             pv = preview(root, cfg, max(1, int(n_gpus or 1)), studio.cache_dir)
         except (DataError, OSError) as e:
-            return (f"**Cannot read the dataset:** {e}",) + empty + (sel,)
+            return {status: f"**Cannot read the dataset:** {e}", **empty}
         used = ["all"] + [views.bucket_name(b.size) for b in pv.plan.buckets if b.images]
         bucket_v = bucket_v if bucket_v in used else "all"
         gallery, page_v, page_text = thumbnails(pv.plan, order_v, bucket_v, page_v)
         new_sel = {"path": str(root), "name": choice if not (typed or "").strip() else str(root),
                    "preset": preset_name, "overrides": settings_overrides(vals), "key": pv.key}
-        return (plan_status(root, pv),
-                views.plan_summary(pv.plan, len(pv.scan.records)),
-                bucket_plot(pv.plan), views.bucket_rows(pv.plan),
-                views.health_summary(pv.health), views.health_rows(pv.health),
-                gr.Dropdown(choices=used, value=bucket_v), page_v, page_text, gallery, new_sel)
+        return {status: plan_status(root, pv),
+                summary: views.plan_summary(pv.plan, len(pv.scan.records)),
+                hist: bucket_plot(pv.plan), table: views.bucket_rows(pv.plan),
+                health_md: views.health_summary(pv.health),
+                health_df: views.health_rows(pv.health),
+                bucket_filter: gr.Dropdown(choices=used, value=bucket_v), page: page_v,
+                pages: page_text, thumbs: gallery, selection: new_sel}
 
     def bucket_plot(plan: BucketPlan):
         frame = views.bucket_frame(plan)
@@ -305,9 +305,9 @@ def build(studio: Studio, selection: gr.State) -> dict:
         """Thumbnails of the last plan of this selection (no rescan)."""
         pv = _PREVIEWS.get(tuple(sel.get("key") or ())) if sel else None
         if pv is None:
-            return gr.skip(), gr.skip(), gr.skip()
+            return gr.skip()
         gallery, page_v, text = thumbnails(pv.plan, order_v, bucket_v, page_v)
-        return page_v, text, gallery
+        return {page: page_v, pages: text, thumbs: gallery}
 
     def make_demo():
         try:
@@ -315,18 +315,20 @@ def build(studio: Studio, selection: gr.State) -> dict:
                 gr.Info(f"Wrote the demo dataset to {studio.datasets_dir / DEMO_NAME}")
         except (DemoBusy, OSError) as e:
             gr.Warning(f"The demo dataset was not created: {e}")
-            return gr.Dropdown(choices=studio.dataset_names()), gr.skip(), gr.skip()
-        return gr.Dropdown(choices=studio.dataset_names(), value=DEMO_NAME), "", DEFAULT_PRESET
+            return {ds_choice: gr.Dropdown(choices=studio.dataset_names())}
+        return {ds_choice: gr.Dropdown(choices=studio.dataset_names(), value=DEMO_NAME),
+                ds_path: "", preset: DEFAULT_PRESET}
 
     def add_uploads(name, files):
         if not files:
-            return "Choose or drop some files first.", gr.skip(), gr.skip(), gr.skip()
+            return {up_result: "Choose or drop some files first."}
         try:
             report = add_files(studio.datasets_dir, name, files, roots=studio.roots)
         except (PathError, OSError) as e:
-            return f"**Nothing was added:** {e}", gr.skip(), gr.skip(), gr.skip()
-        return (report.markdown(), None,
-                gr.Dropdown(choices=studio.dataset_names(), value=report.folder.name), "")
+            return {up_result: f"**Nothing was added:** {e}"}
+        return {up_result: report.markdown(), up_files: None,
+                ds_choice: gr.Dropdown(choices=studio.dataset_names(), value=report.folder.name),
+                ds_path: ""}
 
     settings = [min_side, max_side, step, aspect, batch, drop_last, missing, include_reg]
     plan_inputs = [ds_choice, ds_path, preset, *settings, gpus, order, bucket_filter, page,

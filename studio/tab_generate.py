@@ -16,7 +16,6 @@ import queue
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
 import torch
@@ -36,9 +35,7 @@ from engine.sampling import SAMPLER_LABELS, SAMPLERS
 from studio import views
 from studio.paths import PathError, names_local_path, resolve_inside
 from studio.runner import PROJECT_ROOT, RunnerError
-
-if TYPE_CHECKING:
-    from studio.ui import Studio
+from studio.workspace import Studio, format_run_checkpoint
 
 HISTORY_LIMIT = 48
 EXPECTED_ERRORS = (generate.GenerateError, CheckpointError, EncoderLoadError, PathError,
@@ -455,7 +452,11 @@ def build(studio: Studio) -> dict:
         return [gr.skip() if v is None else v for v in views.recall_values(p)]
 
     def checkpoint_for(p: dict):
-        cid = f"run/{p.get('run_id')}/{p.get('checkpoint_step')}"
+        """The checkpoint an image was made with, when it is still in the list."""
+        try:
+            cid = format_run_checkpoint(p.get("run_id"), p.get("checkpoint_step"))
+        except ValueError:   # settings of another tool, or damaged
+            return gr.skip()
         choices = studio.checkpoint_choices()
         return gr.Dropdown(choices=choices, value=cid) if cid in [c for _, c in choices] \
             else gr.skip()
@@ -472,12 +473,12 @@ def build(studio: Studio) -> dict:
 
     def apply(p, before):
         if not p:
-            return ("Choose an image in the history or drop a PNG first.",
-                    *[gr.skip()] * (len(setting_fields) + 2))
+            return {status: "Choose an image in the history or drop a PNG first."}
         # restored settings count as the user's: the checkpoint shown next keeps them
         restored = views.recall_values(p)
-        return ("Settings restored.", *fields_from(p), checkpoint_for(p),
-                [b if v is None else None for v, b in zip(restored, before)])
+        return {status: "Settings restored.", **dict(zip(setting_fields, fields_from(p))),
+                checkpoint: checkpoint_for(p),
+                filled: [b if v is None else None for v, b in zip(restored, before)]}
 
     checkpoint.input(**model_args)
     refresh.click(refresh_fn, inputs=checkpoint, outputs=[checkpoint, past, past_files],

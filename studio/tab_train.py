@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
 import torch
@@ -24,9 +23,7 @@ from engine.job import RunDir
 from studio import views
 from studio.paths import PathError
 from studio.runner import RunInfo, RunnerError
-
-if TYPE_CHECKING:
-    from studio.ui import Studio
+from studio.workspace import Studio
 
 POLL_SECONDS = 2.0
 LOG_LINES = 200
@@ -244,17 +241,19 @@ def build(studio: Studio, selection: gr.State) -> dict:
         timer = gr.Timer(POLL_SECONDS)
 
     # ---- set-up ----------------------------------------------------------------------
-    def check(preset_name, text, choice, typed, n_gpus, new_text):
-        """Resolve and validate; outputs: validity, start, yaml, changes, estimate, form."""
+    def check(preset_name, text, choice, typed, n_gpus, new_text) -> dict:
+        """Resolve and validate: the validity line, the start button, the resolved YAML,
+        the changes from the preset, the estimate and the form's values."""
         try:
             base = config.load_preset(preset_name)
             path = studio.chosen_dataset(choice, typed)
             cfg = studio.check_paths(views.resolve_config(preset_name, text, path),
                                      require_data=False)
         except (config.ConfigError, PathError) as e:
-            return (f"**Not valid:** {e}", gr.Button(interactive=False), gr.skip(), gr.skip(),
-                    "", *[gr.skip()] * len(FORM))
-        form_values = [getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k, _, _ in FORM]
+            return {validity: f"**Not valid:** {e}", start: gr.Button(interactive=False),
+                    estimate: ""}
+        form_values = {comp: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])
+                       for comp, (k, _, _) in zip(form, FORM)}
         diff = views.config_diff(cfg, base)
         diff = [d for d in diff if not d.startswith("data.path")]
         changes_md = ("Changed from the preset: " + "; ".join(f"`{d}`" for d in diff)
@@ -272,8 +271,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
         if new_text.strip():
             note, good = prompts_check(new_text, prompts_file.prompt_defaults(cfg))
             msg, ok = f"{msg} Sample prompts: {note}", ok and good
-        return (msg, gr.Button(interactive=ok), config.dump_yaml(cfg), changes_md, est,
-                *form_values)
+        return {validity: msg, start: gr.Button(interactive=ok), yaml_view: config.dump_yaml(cfg),
+                changes: changes_md, estimate: est, **form_values}
 
     def preset_description(name):
         try:
@@ -293,7 +292,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         for an override line: `key=value` when it differs from the preset, none when not.
         Those that changed since the last time come as a patch that MERGE_OVERRIDES_JS
         applies; the others are left as they are in the text, typed over or not."""
-        skip = gr.skip(), gr.skip(), gr.skip(), [], gr.skip()
+        skip = {selection_patch: []}
         if not sel or not sel.get("path"):
             return skip
         edits = views.override_values(sel.get("overrides", ""))
@@ -312,10 +311,12 @@ def build(studio: Studio, selection: gr.State) -> dict:
                 patch.append([key, lines[key]])
         names = studio.dataset_names()
         in_list = sel.get("name") in names
-        return (gr.Dropdown(choices=names, value=sel["name"] if in_list else None),
-                "" if in_list else sel["path"], sel["preset"], patch, lines)
+        return {ds_choice: gr.Dropdown(choices=names, value=sel["name"] if in_list else None),
+                ds_path: "" if in_list else sel["path"], preset: sel["preset"],
+                selection_patch: patch, selection_sent: lines}
 
-    def start_run(preset_name, text, choice, typed, n_gpus, new_text, request: gr.Request):
+    def start_run(preset_name, text, choice, typed, n_gpus, new_text, request: gr.Request
+                  ) -> dict:
         try:
             cfg = studio.run_config(preset_name, text, choice, typed)
             if new_text.strip():   # the run's prompts file; config.yaml lists its prompts
@@ -324,9 +325,9 @@ def build(studio: Studio, selection: gr.State) -> dict:
             run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name),
                                       gpus=max(1, int(n_gpus or 1)), sample_prompts=new_text)
         except EXPECTED_ERRORS as e:
-            return f"**Not started:** {e}", gr.skip(), gr.skip(), gr.skip()
-        return (f"Started run `{run.run_id}`.", select_update(run.run_id),
-                watch_run(run.run_id, request), gr.Accordion(open=False))
+            return {validity: f"**Not started:** {e}"}
+        return {validity: f"Started run `{run.run_id}`.", run_select: select_update(run.run_id),
+                watch: watch_run(run.run_id, request), setup_box: gr.Accordion(open=False)}
 
     def run_dry(preset_name, text, choice, typed, progress=gr.Progress()):
         try:
@@ -368,96 +369,99 @@ def build(studio: Studio, selection: gr.State) -> dict:
         return (gr.Dropdown(choices=run_choices(runs), value=run_id), watch_run(run_id, request),
                 gr.Accordion(open=chosen is None or not chosen.alive))
 
-    def plots(records, smooth_w):
+    def plots(records, smooth_w) -> dict:
         train, val, evs = views.split_records(records)
-        frames = (views.series_frame(train, views.LOSS_SERIES, smooth_w),
-                  views.series_frame(train, {"lr": "lr"}),
-                  views.series_frame(train, {"grad_norm": "before clipping",
-                                             "grad_norm_clipped": "after clipping"}, smooth_w),
-                  views.series_frame(train, {"images_s": "images/s"}, smooth_w),
-                  views.loss_t_frame(train[-1] if train else None),
-                  views.series_frame(val, {"val_loss": "validation"}))
+        frames = {loss_plot: views.series_frame(train, views.LOSS_SERIES, smooth_w),
+                  lr_plot: views.series_frame(train, {"lr": "lr"}),
+                  grad_plot: views.series_frame(train, {"grad_norm": "before clipping",
+                                                        "grad_norm_clipped": "after clipping"},
+                                                smooth_w),
+                  speed_plot: views.series_frame(train, {"images_s": "images/s"}, smooth_w),
+                  t_plot: views.loss_t_frame(train[-1] if train else None),
+                  val_plot: views.series_frame(val, {"val_loss": "validation"})}
         # an empty frame would fix the plot's colour legend before any series exists
-        return (*[f if len(f) else None for f in frames], views.event_rows(evs),
-                views.latest_numbers(train, val))
+        return {**{plot: f if len(f) else None for plot, f in frames.items()},
+                events: views.event_rows(evs), numbers: views.latest_numbers(train, val)}
 
-    n_plot_outputs = 8
+    # each run button and the key of views.control_states that enables it
+    button_keys = {b_stop: "stop", b_pause: "pause", b_resume: "resume", b_save: "save",
+                   b_sample: "sample", b_force: "force"}
 
-    def poll(w, smooth_w, follow_v, scrub_v, request: gr.Request):
-        """One timer tick: everything that changed since the last one."""
-        skip_all = [gr.skip()] * (n_plot_outputs + 18)
+    def poll(w, smooth_w, follow_v, scrub_v, request: gr.Request) -> dict:
+        """One timer tick: the parts that changed since the last one (the others are left
+        as they are)."""
         chosen = watching.get(request.session_hash) if request is not None else None
         if chosen is not None and chosen != w.get("run_id"):
             w = empty_watch(chosen)
         run_id = w.get("run_id")
         if not run_id:
-            return [w] + skip_all[1:]
+            return {watch: w}
         try:
             info = studio.runner.info(run_id)
         except RunnerError as e:
-            return [watch_run("", request),
-                    views.progress_html("none", 0, 0, None, None, str(e))] + skip_all[2:]
+            return {watch: watch_run("", request),
+                    progress: views.progress_html("none", 0, 0, None, None, str(e))}
         new, offset = studio.runner.metrics(run_id, w["offset"])
         new_state = w["state"] != info.state
-        changed = bool(new) or new_state
         w = dict(w, offset=offset, records=views.fold_records(w["records"], new),
                  state=info.state)
-        out_plots = plots(w["records"], smooth_w) if changed else [gr.skip()] * n_plot_outputs
         note = info.error or info.message
-        prog = views.progress_html(info.state, info.step, info.total, info.eta_s, info.loss, note)
         can = views.control_states(info.state, info.resumable)
-        buttons = [gr.Button(interactive=can[k]) for k in
-                   ("stop", "pause", "resume", "save", "sample", "force")]
+        out = {watch: w,
+               progress: views.progress_html(info.state, info.step, info.total, info.eta_s,
+                                             info.loss, note),
+               **{b: gr.Button(interactive=can[k]) for b, k in button_keys.items()}}
+        if new or new_state:
+            out.update(plots(w["records"], smooth_w))
         if info.state == "crashed":
-            msg = (f"**The training process died:** {info.error.rstrip('.')}. "
-                   + ("Press Resume to continue from the last good checkpoint."
-                      if info.resumable else "No checkpoint with training state was saved."))
+            out[run_msg] = (f"**The training process died:** {info.error.rstrip('.')}. "
+                            + ("Press Resume to continue from the last good checkpoint."
+                               if info.resumable else
+                               "No checkpoint with training state was saved."))
         elif info.state == "failed":
-            msg = f"**Training failed:** {info.error}"
-        else:
-            msg = "" if new_state else gr.skip()
-        # sample grids
+            out[run_msg] = f"**Training failed:** {info.error}"
+        elif new_state:
+            out[run_msg] = ""
         samples = [str(p) for p in sample_files(info.path)]
         if samples != w["samples"]:
             w["samples"] = samples
             n = max(1, len(samples))
             index = n if follow_v or not scrub_v else min(int(scrub_v), n)
-            scrub_up = gr.Slider(1, max(2, n), value=index, step=1, visible=n > 1,
-                                 label=f"Grid ({len(samples)} saved; drag to see earlier ones)")
-            img, caption = sample_at(samples, index)
-        else:
-            scrub_up, img, caption = gr.skip(), gr.skip(), gr.skip()
+            out[scrub] = gr.Slider(1, max(2, n), value=index, step=1, visible=n > 1,
+                                   label=f"Grid ({len(samples)} saved; drag to see earlier ones)")
+            out[sample_img], out[sample_note] = sample_at(samples, index)
         tail = studio.runner.log_tail(run_id, LOG_LINES)
-        log_up = f"<pre>{html.escape(tail)}</pre>" if tail != w["log"] else gr.skip()
+        if tail != w["log"]:
+            out[log] = f"<pre>{html.escape(tail)}</pre>"
         w["log"] = tail
-        select_up = select_update(run_id) if new_state else gr.skip()
-        shown = [gr.Column(visible=True), gr.Markdown(visible=False)] if new_state else \
-            [gr.skip(), gr.skip()]
-        editor = load_prompts(info, w)   # (notes in w which run's file the editor holds)
-        return [w, prog, *buttons, msg, *out_plots, scrub_up, img, caption, log_up, select_up,
-                *shown, *editor]
+        if new_state:
+            out.update({run_select: select_update(run_id), monitor: gr.Column(visible=True),
+                        no_run: gr.Markdown(visible=False)})
+        out.update(load_prompts(info, w))   # (notes in w which run's file the editor holds)
+        return out
 
-    def load_prompts(info: RunInfo, w: dict) -> list:
+    def load_prompts(info: RunInfo, w: dict) -> dict:
         """The run's prompts file into the editor, once per run watched (a run that is
         starting may not have written it yet: asked again at the next tick). A run
         without one (older than the file) gets its config's prompts, to save."""
         if w.get("prompts_of") == info.run_id:
-            return [gr.skip(), gr.skip()]
+            return {}
         run = RunDir(info.path)
         if info.alive and not run.sample_prompts.exists():
-            return [gr.skip(), gr.skip()]
+            return {}
         w["prompts_of"] = info.run_id
         try:
             defaults = prompts_file.run_defaults(run)
             if run.sample_prompts.exists():
                 text = prompts_file.run_prompts_text(run)
-                return [text, prompts_check(text, defaults)[0]]
+                return {prompts_box: text, prompts_state: prompts_check(text, defaults)[0]}
             text = prompts_file.format_prompts(config.load_preset(run.config).sample.prompts,
                                                defaults)
         except (config.ConfigError, prompts_file.PromptsError) as e:
-            return ["", f"**{e}**"]
-        return [text, "This run has no sample_prompts.txt yet: these are its config's prompts; "
-                      "Save writes them."]
+            return {prompts_box: "", prompts_state: f"**{e}**"}
+        return {prompts_box: text,
+                prompts_state: "This run has no sample_prompts.txt yet: these are its config's "
+                               "prompts; Save writes them."}
 
     def run_defaults(run_id: str) -> tuple[RunDir, prompts_file.PromptDefaults]:
         run = RunDir(studio.runner.info(run_id).path)   # only runs inside the workspace
@@ -551,10 +555,10 @@ def build(studio: Studio, selection: gr.State) -> dict:
                           outputs=[validity, run_select, watch, setup_box], concurrency_limit=1)
     dry.click(run_dry, inputs=check_inputs[:4], outputs=dry_out, concurrency_limit=1)
 
-    monitor_outputs = [watch, progress, b_stop, b_pause, b_resume, b_save, b_sample, b_force,
-                       run_msg, loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot,
-                       events, numbers, scrub, sample_img, sample_note, log, run_select,
-                       monitor, no_run, prompts_box, prompts_state]
+    plot_outputs = [loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot, events,
+                    numbers]
+    monitor_outputs = [watch, progress, *button_keys, run_msg, *plot_outputs, scrub, sample_img,
+                       sample_note, log, run_select, monitor, no_run, prompts_box, prompts_state]
     timer.tick(poll, inputs=[watch, smoothing, follow, scrub], outputs=monitor_outputs,
                show_progress="hidden", concurrency_limit=4)
     run_select.input(pick_run, inputs=run_select, outputs=watch)
@@ -564,9 +568,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
                        concurrency_limit=1)
     refresh.click(lambda w: select_update(w.get("run_id") or None), inputs=watch,
                   outputs=run_select)
-    smoothing.release(resmooth, inputs=[watch, smoothing],
-                      outputs=[loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot,
-                               events, numbers])
+    smoothing.release(resmooth, inputs=[watch, smoothing], outputs=plot_outputs)
     scrub.release(lambda w, i: (*sample_at(w.get("samples", []), i), False),
                   inputs=[watch, scrub], outputs=[sample_img, sample_note, follow])
     for button, kind in ((b_stop, "stop"), (b_pause, "pause"), (b_resume, "resume"),

@@ -25,7 +25,7 @@ from engine.data import DataError, HealthReport
 from engine.images import MAX_PIXELS, open_image, read_header, upright_rgb
 from engine.sampling import SAMPLERS
 from engine.train_io import format_duration
-from studio.runner import ACTIVE_STATES
+from studio.liveness import ACTIVE_STATES
 
 MAX_PLOT_POINTS = 600
 LOSS_SERIES = {"loss": "total", "loss_v": "velocity", "loss_freq": "frequency",

@@ -310,7 +310,7 @@ def tab(tmp_path_factory):
     import gradio as gr
 
     from studio import tab_generate
-    from studio.ui import Studio
+    from studio.workspace import Studio
 
     studio = Studio(tmp_path_factory.mktemp("ws"))
     cfg = tiny_cfg()

@@ -52,10 +52,6 @@ STDLIB_IO = frozenset({
 # a circle that grows, shrinks or appears elsewhere fails the test, and one that is gone
 # must be taken out of this list so that it cannot come back.
 KNOWN_CYCLES = {
-    # the tabs name studio.ui.Studio in their type hints while ui.py assembles the tabs:
-    # Studio is workspace logic that belongs under the tabs (studio/workspace.py)
-    frozenset({"studio.ui", "studio.tab_checkpoints", "studio.tab_dataset",
-               "studio.tab_generate", "studio.tab_train"}),
     # buckets.py names data.py's ImageRecord in its type hints while data.py's report
     # command plans buckets: the report belongs above both
     frozenset({"engine.buckets", "engine.data"}),

@@ -16,15 +16,18 @@ from torch import nn
 from engine.checkpoint import (
     CheckpointError,
     apply_retention,
+    delete_checkpoint,
     export_inference,
     flatten_optimizer,
     latest_resumable,
     list_checkpoints,
     load_state,
     load_weights,
+    pinned_steps,
     read_meta,
     read_modelspec,
     save_checkpoint,
+    set_pinned,
     unflatten_optimizer,
 )
 from engine.fileio import file_hash
@@ -93,6 +96,42 @@ def test_listing_latest_and_retention_with_pins(tmp_path):
     deleted = apply_retention(tmp_path, keep_last=2, keep={30})
     assert [c.step for c in list_checkpoints(tmp_path)] == [20, 30, 50, 60]
     assert len(deleted) == 4                                  # 10 and 40, weights and state
+
+
+def test_pins_are_set_and_cleared_and_retention_keeps_them(tmp_path):
+    for step in (10, 20, 30):
+        save(tmp_path, step)
+    assert set_pinned(tmp_path, 10, True) == {10}
+    assert set_pinned(tmp_path, 20, True) == {10, 20}
+    assert set_pinned(tmp_path, 20, True) == {10, 20}                # pinning twice: once
+    assert (tmp_path / "keep.txt").read_text() == "10\n20\n"
+    assert set_pinned(tmp_path, 10, False) == {20} == pinned_steps(tmp_path)
+    assert set_pinned(tmp_path, 99, False) == {20}                   # not pinned: no change
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp file
+    apply_retention(tmp_path, keep_last=1)
+    assert [c.step for c in list_checkpoints(tmp_path)] == [20, 30]
+
+
+def test_deleting_a_checkpoint_removes_its_pair_and_its_pin(tmp_path):
+    for step in (10, 20):
+        save(tmp_path, step)
+    save(tmp_path, 30, state=False)
+    set_pinned(tmp_path, 10, True)
+    set_pinned(tmp_path, 20, True)
+    deleted = delete_checkpoint(tmp_path, 10)
+    assert [p.name for p in deleted] == ["step_0000010.safetensors",
+                                         "step_0000010.state.safetensors"]
+    assert [c.step for c in list_checkpoints(tmp_path)] == [20, 30]
+    assert pinned_steps(tmp_path) == {20}
+    assert [p.name for p in delete_checkpoint(tmp_path, 30)] == ["step_0000030.safetensors"]
+    assert pinned_steps(tmp_path) == {20}                             # untouched
+    # a training state left without its weights is still removed with its step
+    (tmp_path / "step_0000020.safetensors").unlink()
+    assert [p.name for p in delete_checkpoint(tmp_path, 20)] == ["step_0000020.state.safetensors"]
+    assert pinned_steps(tmp_path) == set() and list_checkpoints(tmp_path) == []
+    with pytest.raises(CheckpointError, match="no checkpoint of step 20"):
+        delete_checkpoint(tmp_path, 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
 def test_the_time_based_resume_point_rotates_and_stays_outside_retention(tmp_path):

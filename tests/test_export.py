@@ -252,7 +252,7 @@ def test_the_generate_tab_takes_the_text_encoder_field(exported, tiny_qwen3, tmp
 
     from studio import tab_generate
     from studio.paths import PathError
-    from studio.ui import Studio
+    from studio.workspace import Studio
 
     studio = Studio(tmp_path / "ws")
     studio.models_dir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +293,7 @@ def test_the_text_encoder_field_refuses_folders_outside_the_workspace(typed, tmp
 
     from studio.paths import PathError
     from studio.tab_generate import text_encoder_choice
-    from studio.ui import Studio
+    from studio.workspace import Studio
 
     studio = Studio(tmp_path / "ws")
     (tmp_path / "outside" / "qwen").mkdir(parents=True)

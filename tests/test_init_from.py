@@ -90,8 +90,7 @@ def test_init_from_goes_with_a_new_run_only(source, demo, tmp_path, capsys, args
 def test_the_studio_fills_a_new_run_from_a_checkpoint_and_checks_it(demo, tmp_path):
     from engine.generate_io import checkpoint_config
     from studio.paths import PathError
-    from studio.ui import Studio
-    from studio.workspace import init_overrides
+    from studio.workspace import Studio, init_overrides
     studio = Studio(tmp_path / "ws", [demo.parent])
     src = studio.runner.runs_root / "src"
     assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(src),

@@ -24,7 +24,8 @@ from engine.demo_data import write_demo_dataset
 from engine.distributed import DeviceError
 from engine.job import RunDir, Status, pid_alive
 from studio import runner as runner_module
-from studio.runner import LAUNCH_FILE, Runner, RunnerError
+from studio.liveness import LAUNCH_FILE, judge, read_launch
+from studio.runner import Runner, RunnerError
 
 POSIX = os.name == "posix"
 FAST = ["model.patch_layers=2", "train.batch_size=4", "train.log_every=1", "train.save_every=5",
@@ -245,6 +246,60 @@ def test_a_gpu_run_lets_generation_through_with_a_note(runner, dataset, sleeper)
     info = runner.info("gpu")
     assert (info.state, info.alive, info.resumable) == ("crashed", False, False)
     assert "stopped reporting" in info.error and runner.active() is None
+
+
+@pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
+def test_the_liveness_rule_is_one_answer_for_every_caller(runner, dataset, sleeper):
+    """studio.liveness.judge decides state and liveness from status.json, launch.json and
+    the processes; RunInfo carries its answer and ensure_stopped refuses by it."""
+    run = RunDir(runner.runs_root / "live")
+    run.create()
+    run.config.write_text(dump_yaml(fast_config(dataset)))
+    now = time.time()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+
+    def judged(**status):
+        if status:
+            write_status(run, **status)
+        live = judge(run, run.read_status(), read_launch(run), None, now)
+        info = runner.info("live")
+        assert (info.state, info.alive, info.owner) == (live.state, live.alive, live.owner)
+        assert info.error == live.error or "stopped reporting" in live.error   # (its age)
+        return live
+
+    assert (judged().state, judged().alive) == ("none", False)     # nothing written yet
+    live = judged(state="running", step=3, pid=sleeper, heartbeat=now)
+    assert (live.state, live.alive, live.error, live.fresh) == ("running", True, "", True)
+    with pytest.raises(RunnerError, match="run 'live' is running; stop it before doing that"):
+        runner.ensure_stopped("live", "doing that")
+    run.request("pause")
+    assert (judged().state, judged().alive) == ("stopping", True)
+    run.clear_requests()
+    live = judged(state="running", pid=sleeper, heartbeat=now - 600)   # alive, not beating
+    assert (live.state, live.alive) == ("crashed", False)
+    assert "stopped reporting 600 s ago" in live.error
+    live = judged(state="running", pid=gone.pid, heartbeat=now)         # its process is gone
+    assert (live.state, live.alive) == ("crashed", False)
+    assert live.error.endswith("ended without saving its state")
+    live = judged(state="failed", pid=gone.pid, heartbeat=now, error="NaN loss")
+    assert (live.state, live.alive, live.error) == ("failed", False, "NaN loss")
+    assert judged(state="paused", pid=sleeper, heartbeat=now).alive is False
+    assert runner.ensure_stopped("live", "doing that").state == "paused"
+    # a launch newer than the status: the process the studio started, or its crash
+    write_launch(run, gone.pid, "cpu", started_at=now + 1)
+    live = judged()
+    assert (live.state, live.alive, live.fresh) == ("crashed", False, False)
+    assert "before reporting anything" in live.error
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_launch(run, proc.pid, "cpu", started_at=now + 1)
+        live = judge(run, run.read_status(), read_launch(run), proc, now)
+        assert (live.state, live.alive) == ("starting", True)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert judge(run, run.read_status(), read_launch(run), proc, now).state == "crashed"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -137,7 +137,7 @@ def test_unsafe_names_are_refused(name, message):
 
 @pytest.fixture
 def studio_ctx(tree):
-    from studio.ui import Studio
+    from studio.workspace import Studio
     ws, allowed, outside = tree
     (ws / "models" / "qwen").mkdir(parents=True)
     (allowed / "dino").mkdir()
@@ -409,7 +409,7 @@ def victim_ctx(tmp_path):
     """A studio whose workspace has one real run, and a run-like folder outside it that a
     link in runs/ and in models/ point to."""
     from engine.config import dump_yaml, load_preset
-    from studio.ui import Studio
+    from studio.workspace import Studio
     ws, outside = tmp_path / "workspace", tmp_path / "outside"
     studio = Studio(ws)
     victim = outside / "victim"
@@ -449,6 +449,11 @@ def _operations(studio):
         ("stop / pause / save / sample request", "writes", lambda v: r.request(v, "stop")),
         ("force stop", "writes", lambda v: r.force_stop(v, grace=0.1)),
         ("delete run", "writes", lambda v: r.delete_run(v)),
+        ("checkpoints of a run", "reads", lambda v: studio.run_checkpoints(v)),
+        ("pin a checkpoint", "writes", lambda v: studio.toggle_pin(v, 5)),
+        ("delete a checkpoint", "writes", lambda v: studio.delete_checkpoint(v, 5)),
+        ("export a checkpoint", "writes",
+         lambda v: studio.export(f"run/{v}/5", "exported-from-elsewhere")),
         ("export file name", "writes", lambda v: safe_name(v)),
     ]
 

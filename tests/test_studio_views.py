@@ -465,7 +465,7 @@ def test_params_markdown():
 def test_studio_names_stay_inside_the_workspace(tmp_path):
     from studio.paths import PathError
     from studio.runner import RunnerError
-    from studio.ui import Studio
+    from studio.workspace import Studio
 
     studio = Studio(tmp_path / "ws")
     (studio.datasets_dir / "shapes").mkdir()
@@ -487,7 +487,7 @@ def test_demo_creation_runs_once_at_a_time(tmp_path, monkeypatch):
     import threading
 
     from studio import tab_dataset
-    from studio.ui import Studio
+    from studio.workspace import Studio
 
     studio = Studio(tmp_path / "ws")
     started, release, writes = threading.Event(), threading.Event(), []

@@ -1,6 +1,8 @@
-"""Uploaded files added to a dataset: only trainable images and UTF-8 captions are copied,
-under clean names, into the dataset folder and nowhere else; nothing is overwritten, and
-every file left out is named with the reason."""
+"""The studio's workspace layer. Uploaded files added to a dataset: only trainable images
+and UTF-8 captions are copied, under clean names, into the dataset folder and nowhere
+else; nothing is overwritten, and every file left out is named with the reason. Checkpoint
+ids are parsed and written in one place, and a checkpoint is listed, pinned, deleted (not
+while its run trains) and exported through the Studio."""
 
 from __future__ import annotations
 
@@ -100,3 +102,136 @@ def test_upload_file_names_are_cleaned_or_refused(given, clean):
             clean_file_name(given)
     else:
         assert clean_file_name(given) == clean
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint ids, and what the studio does with a checkpoint
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, run_id, step, model", [
+    ("run/20260101-tiny/40", "20260101-tiny", 40, ""),
+    ("run/a-b.c/0007", "a-b.c", 7, ""),
+    ("run/odd/name/5", "odd/name", 5, ""),          # the runner judges the name
+    ("model/shapes.safetensors", "", None, "shapes.safetensors"),
+    ("model/../x.safetensors", "", None, "../x.safetensors"),   # checkpoint_path judges it
+])
+def test_checkpoint_ids_are_parsed_and_written_back(text, run_id, step, model):
+    from studio.workspace import CheckpointId
+    cid = CheckpointId.parse(text)
+    assert (cid.run_id, cid.step, cid.model) == (run_id, step, model)
+    assert CheckpointId.written_as_id(text)
+    assert CheckpointId.parse(str(cid)) == cid
+    assert str(cid) == text.replace("/0007", "/7")
+
+
+@pytest.mark.parametrize("text", ["run/x/abc", "run/x/", "run//5", "run/5", "run/x/-1",
+                                  "run/x/²", "model/", "/etc/passwd", "runs/x/5", "", None, 5])
+def test_what_is_not_a_checkpoint_id_is_refused_by_name(text):
+    from studio.workspace import CheckpointId
+    with pytest.raises(PathError, match="is not a checkpoint id"):
+        CheckpointId.parse(text)
+
+
+def test_checkpoint_ids_are_formatted_in_one_place():
+    from studio.workspace import CheckpointId, format_model, format_run_checkpoint
+    assert format_run_checkpoint("r1", 40) == "run/r1/40" == format_run_checkpoint("r1", "40")
+    assert format_model("m.safetensors") == "model/m.safetensors"
+    assert CheckpointId.parse(format_run_checkpoint("r1", 40)) == CheckpointId("r1", 40)
+    assert not CheckpointId.written_as_id("runs/r1") and not CheckpointId.written_as_id(None)
+    for run_id, step in (("r1", None), ("r1", 1.5), ("r1", True), ("r1", "4a"), ("r1", -3),
+                         ("", 4), (None, 4)):
+        with pytest.raises(ValueError):
+            format_run_checkpoint(run_id, step)
+
+
+@pytest.fixture
+def studio_with_run(tmp_path):
+    """A studio whose workspace holds run 'r1' (stopped) with checkpoints at steps 10 and
+    20, a sample grid of step 10, and a training state for step 20 only."""
+    import time
+
+    from engine.config import dump_yaml
+    from engine.job import RunDir, Status
+    from studio.workspace import Studio
+    from tests.test_generate import build, save, tiny_cfg, weights
+
+    studio = Studio(tmp_path / "ws")
+    run = RunDir(studio.runner.runs_root / "r1")
+    run.create()
+    cfg = tiny_cfg()
+    run.config.write_text(dump_yaml(cfg))
+    model = weights(*build(cfg))
+    for step in (10, 20):
+        save(run.root, cfg, model, step=step)
+    (run.checkpoints / "step_0000010.state.safetensors").unlink()
+    png(run.root / "samples" / "step_0000010.png")
+    run.write_status(Status(state="stopped", step=20, pid=0, heartbeat=time.time()))
+    return studio, run
+
+
+def test_the_studio_lists_pins_and_deletes_checkpoints(studio_with_run):
+    from engine.checkpoint import CheckpointError, list_checkpoints, pinned_steps
+    from studio.runner import RunnerError
+    studio, run = studio_with_run
+    entries = studio.run_checkpoints("r1")
+    assert [(c.step, c.pinned, c.resumable) for c in entries] == [(10, False, False),
+                                                                 (20, False, True)]
+    assert entries[0].sample == run.root / "samples" / "step_0000010.png"
+    assert entries[1].sample is None and entries[1].meta["run_id"] == "r1"
+    assert [cid for _, cid in studio.checkpoint_choices()] == ["run/r1/20", "run/r1/10"]
+
+    assert studio.toggle_pin("r1", 10) is True and pinned_steps(run.checkpoints) == {10}
+    assert [c.pinned for c in studio.run_checkpoints("r1")] == [True, False]
+    assert studio.toggle_pin("r1", 10) is False and pinned_steps(run.checkpoints) == set()
+    studio.toggle_pin("r1", 20)
+
+    studio.delete_checkpoint("r1", 20)
+    assert [c.step for c in list_checkpoints(run.checkpoints)] == [10]
+    assert not (run.checkpoints / "step_0000020.state.safetensors").exists()
+    assert pinned_steps(run.checkpoints) == set()
+    with pytest.raises(CheckpointError, match="no checkpoint of step 20"):
+        studio.delete_checkpoint("r1", 20)
+    for bad in ("../r1", "", "nope"):
+        with pytest.raises(RunnerError):
+            studio.delete_checkpoint(bad, 10)
+        with pytest.raises(RunnerError):
+            studio.toggle_pin(bad, 10)
+
+
+def test_a_checkpoint_of_a_run_that_trains_is_not_deleted(studio_with_run):
+    """The runner's liveness rule decides: a run whose trainer reports and beats is alive."""
+    import time
+
+    from engine.job import Status
+    from studio.runner import RunnerError
+    studio, run = studio_with_run
+    run.write_status(Status(state="running", step=20, pid=os.getpid(), heartbeat=time.time()))
+    assert studio.runner.info("r1").alive
+    with pytest.raises(RunnerError, match="'r1' is running; stop it before deleting its "
+                                          "checkpoints"):
+        studio.delete_checkpoint("r1", 10)
+    assert (run.checkpoints / "step_0000010.safetensors").exists()
+    assert studio.toggle_pin("r1", 10) is True          # pinning goes on while it trains
+
+
+def test_the_studio_exports_a_checkpoint_under_a_checked_name(studio_with_run):
+    from engine.checkpoint import CheckpointError, read_meta
+    studio, _ = studio_with_run
+    dst = studio.export("run/r1/20", "shapes", "fp16", ema=False, title="Shapes")
+    assert dst == studio.models_dir / "shapes.safetensors"
+    meta = read_meta(dst)
+    assert (meta["exported_dtype"], meta["exported_weights"]) == ("float16", "raw")
+    assert [(p.name, spec["title"]) for p, _, spec in studio.exported_models()] == [
+        ("shapes.safetensors", "Shapes")]
+    assert "model/shapes.safetensors" in [cid for _, cid in studio.checkpoint_choices()]
+    assert studio.checkpoint_path("model/shapes.safetensors") == dst
+    with pytest.raises(PathError, match="already exists"):
+        studio.export("run/r1/20", "shapes.safetensors")
+    for name in ("../up", "a/b", ""):
+        with pytest.raises(PathError):
+            studio.export("run/r1/20", name)
+    with pytest.raises(CheckpointError, match="unknown precision 'fp8'"):
+        studio.export("run/r1/20", "other", "fp8")
+    with pytest.raises(PathError, match="no longer exists"):
+        studio.export("run/r1/30", "other")
+    assert [p.name for p in studio.models_dir.iterdir()] == ["shapes.safetensors"]
