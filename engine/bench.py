@@ -6,6 +6,7 @@
     python -m engine.bench network --preset tiny-cpu --sizes 64x64,32x32 [--profile]
     python -m engine.bench overhead --preset tiny-cpu
     python -m engine.bench gpu [--quick]
+    python -m engine.bench quality --checkpoint RUN [--data DIR] [--n 4 --seeds 4 --steps 10]
 
 `sample` times the sampling core that training samples and the Generate tab share
 (engine.generate.render): seconds per image for each sampler at each size, the minimum
@@ -36,6 +37,9 @@ losses, clipping, EMA).
 pixelhdm-default at 256 and 512 px, the training memory of the home presets at their
 largest bucket, and Heun-50 + CFG seconds per 512 px image, in a few minutes.
 
+`quality` (engine/evaluate.py, where each measure is defined) compares a checkpoint's
+images with real ones: flat-area noise, seed diversity, demo prompt adherence, Fréchet distance.
+
 A subcommand is a function `add_<name>(subparsers, common)` listed in COMMANDS: it adds
 its parser (with `common`'s --device, --dtype and --json) and sets `run` (args -> a
 report dict) and `tables` ((report key, title, columns) of each table to print; the
@@ -60,8 +64,9 @@ from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset
 from engine.data import scan_dataset
 from engine.demo_data import write_demo_dataset
-from engine.distributed import DeviceError, resolve_device
+from engine.distributed import PRECISIONS, DeviceError, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
+from engine.evaluate import EvaluateError, add_quality
 from engine.flops import PARTS
 from engine.generate import (
     GenerateError,
@@ -73,7 +78,7 @@ from engine.generate import (
     resolve_precision,
 )
 from engine.job import RunDir
-from engine.model import PRECISIONS, PixelHDM, TextCond
+from engine.model import PixelHDM, TextCond
 from engine.perf import (
     attention_kernels,
     batch_shapes,
@@ -546,7 +551,7 @@ def add_gpu(sub, common: argparse.ArgumentParser) -> None:
         ("sampling", "Heun-50 + CFG, pixelhdm-default, random weights", SAMPLE_COLUMNS)])
 
 
-COMMANDS = (add_sample, add_train, add_network, add_overhead, add_gpu)
+COMMANDS = (add_sample, add_train, add_network, add_overhead, add_gpu, add_quality)
 
 
 # --------------------------------------------------------------------------------------
@@ -579,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = args.run(args)
     except (GenerateError, ConfigError, CheckpointError, EncoderLoadError, DeviceError,
-            TrainError) as e:
+            TrainError, EvaluateError) as e:
         print(f"{parser.prog} {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if args.json:

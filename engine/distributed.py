@@ -4,6 +4,7 @@ same decisions (stop, skip a batch) and the replicas stay identical."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -172,3 +173,19 @@ def restore_rng_states(d: Dist, gen: torch.Generator, device: torch.device,
     if device.type == "cuda" and f"rng.cuda.{d.rank}" in tensors:
         torch.cuda.set_rng_state(tensors[f"rng.cuda.{d.rank}"], device)
     return True
+
+
+# --------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------
+
+# The config's precision names (train.precision, generation dtypes) as torch dtypes.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(precision: str, device: torch.device):
+    """Mixed precision for a config's train.precision on `device` (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+

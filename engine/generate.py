@@ -43,7 +43,7 @@ from engine import __version__
 from engine.checkpoint import CheckpointError, load_weights
 from engine.config import RunConfig
 from engine.dataset import to_uint8
-from engine.distributed import DeviceError, compiler_problem, resolve_device
+from engine.distributed import PRECISIONS, DeviceError, compiler_problem, resolve_device
 from engine.encoders import EncoderLoadError
 from engine.fileio import file_hash
 from engine.flow import to_clean
@@ -57,7 +57,7 @@ from engine.generate_io import (
     upright_size,
 )
 from engine.images import BROKEN_FILE_ERRORS, upright_rgb
-from engine.model import PRECISIONS, PixelHDM, TextCond
+from engine.model import PixelHDM, TextCond
 from engine.pngmeta import png_text, save_png
 from engine.sample_prompts import SamplePrompt, from_config, prompt_defaults
 from engine.sampling import SAMPLERS, cfg_model, img2img_grid, noise_image, sample_shift, time_grid

@@ -41,10 +41,6 @@ from engine.config import ModelConfig
 # Inputs and outputs
 # --------------------------------------------------------------------------------------
 
-# The config's precision names (train.precision, generation dtypes) as torch dtypes.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @dataclass
 class TextCond:
     """Encoded prompts. Padding rows of `tokens` are zero; an empty prompt has an

@@ -34,12 +34,11 @@ from engine.attention import attention
 from engine.baseline import PlainDiT
 from engine.buckets import BucketPlan
 from engine.config import RunConfig
-from engine.distributed import compiler_problem
+from engine.distributed import PRECISIONS, autocast_for, compiler_problem
 from engine.flops import PARTS, baseline_flops, pixelhdm_flops
 from engine.flow import interpolate, resolution_shift, sample_t, to_velocity, v_loss
-from engine.model import PRECISIONS, PixelHDM, TextCond
+from engine.model import PixelHDM, TextCond
 from engine.optim import build_optimizer
-from engine.trainable import autocast_for
 
 # Dense bf16 tensor-core peaks in FLOP/s by GPU name (vendor data sheets, no sparsity;
 # GeForce cards at their fp32-accumulate rate). First match wins.

@@ -22,14 +22,14 @@ import torch
 
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
-from engine.distributed import resolve_device
+from engine.distributed import PRECISIONS, autocast_for, resolve_device
 from engine.encoders import QWEN_TYPES, DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flow import IREPAProjector
-from engine.model import PRECISIONS, PixelHDM
+from engine.model import PixelHDM
 from engine.optim import build_optimizer
 from engine.text_features import cached_text_encoder
 from engine.train_io import oom_message
-from engine.trainable import Trainable, autocast_for
+from engine.trainable import Trainable
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).
 KNOWN_TEXT = {"Qwen/Qwen3-0.6B": (1024, 596e6), "Qwen/Qwen3-1.7B": (2048, 1.72e9),

@@ -41,7 +41,9 @@ from engine.config import (
 from engine.data import DataError, scan_dataset, why_nothing_trains
 from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
+    PRECISIONS,
     Dist,
+    autocast_for,
     barrier,
     broadcast_flags,
     check_ranks_in_sync,
@@ -64,7 +66,7 @@ from engine.flow import (
 from engine.init_from import apply as apply_init
 from engine.init_from import check_fits, load_init
 from engine.job import REQUESTS, RunDir, resume_target
-from engine.model import PRECISIONS, PixelHDM
+from engine.model import PixelHDM
 from engine.optim import (
     EMA,
     ZClip,
@@ -87,7 +89,7 @@ from engine.train_io import (
     save_sample_grid,
 )
 from engine.train_state import Parts, TrainState, payload, restore, rollback
-from engine.trainable import Trainable, autocast_for
+from engine.trainable import Trainable
 
 T_BINS = 10
 MAX_ROLLBACKS = 3   # rollbacks without a good step in between before the run gives up

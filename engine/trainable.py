@@ -6,14 +6,12 @@ The trainer, the dry run (engine/preflight.py) and nothing else call it."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
 
 from engine.config import RunConfig
 from engine.flow import IREPAProjector, flow_losses, interpolate, to_velocity, v_loss_per_sample
-from engine.model import PRECISIONS, PixelHDM, TextCond
+from engine.model import PixelHDM, TextCond
 
 
 class Trainable(nn.Module):
@@ -57,8 +55,3 @@ class Trainable(nn.Module):
 
 
 
-def autocast_for(precision: str, device: torch.device):
-    """Mixed precision for a config's train.precision (fp32: none)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])

@@ -14,7 +14,7 @@ import gradio as gr
 
 from engine import config
 from engine.checkpoint import CheckpointError, list_checkpoints, read_modelspec
-from engine.model import PRECISIONS
+from engine.distributed import PRECISIONS
 from studio import views
 from studio.paths import PathError
 from studio.runner import RunnerError

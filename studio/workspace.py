@@ -34,6 +34,7 @@ from engine.checkpoint import (
     set_pinned,
     step_name,
 )
+from engine.distributed import PRECISIONS
 from engine.fileio import atomic_target, ensure_free
 from engine.generate_io import checkpoint_config, resolve_checkpoint
 from engine.images import (
@@ -45,7 +46,6 @@ from engine.images import (
     inspect_image,
 )
 from engine.init_from import differences
-from engine.model import PRECISIONS
 from studio import views
 from studio.paths import NAME_MAX, PathError, names_local_path, resolve_inside, safe_name
 from studio.runner import PROJECT_ROOT, Runner, RunnerError
@@ -324,7 +324,7 @@ class Studio:
     def export(self, cid: str | CheckpointId, name: str, precision: str = "bf16",
                ema: bool = True, title: str = "") -> Path:
         """Write an inference file of a checkpoint into workspace/models as `name` (a plain
-        file name; .safetensors added) in `precision` (engine.model.PRECISIONS). PathError
+        file name; .safetensors added) in `precision` (engine.distributed.PRECISIONS). PathError
         for a bad or taken name, CheckpointError for an unreadable checkpoint."""
         src = self.checkpoint_path(cid)
         fname = safe_name(name)
