@@ -38,7 +38,7 @@ from engine.config import (
     dump_yaml,
     save_config,
 )
-from engine.data import DataError, scan_dataset, why_nothing_trains
+from engine.data import DataError, scan_dataset
 from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
     PRECISIONS,
@@ -77,6 +77,7 @@ from engine.optim import (
     lr_at,
 )
 from engine.preflight import cpu_warning
+from engine.report import why_nothing_trains
 from engine.sample_prompts import RunPrompts
 from engine.text_features import cached_text_encoder
 from engine.train_io import (

@@ -26,11 +26,10 @@ from engine.data import (
     Scan,
     health_report,
     scan_dataset,
-    token_counter,
-    why_nothing_trains,
 )
 from engine.demo_data import write_demo_dataset
 from engine.images import BROKEN_FILE_ERRORS
+from engine.report import token_counter, why_nothing_trains
 from studio import views
 from studio.paths import PathError
 from studio.workspace import Studio, add_files

@@ -28,8 +28,6 @@ from engine.data import (
     health_report,
     main,
     scan_dataset,
-    token_counter,
-    why_nothing_trains,
 )
 from engine.dataset import (
     BucketDataset,
@@ -40,6 +38,7 @@ from engine.dataset import (
 )
 from engine.encoders import BuiltinTextEncoder
 from engine.images import MAX_PIXELS, ImageTooLarge, to_rgb
+from engine.report import token_counter, why_nothing_trains
 from engine.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,9 @@ from PIL import Image
 from engine.buckets import BucketBatchSampler, plan_buckets
 from engine.config import DataConfig, field_docs, load_preset
 from engine.conventions import MAX_REPEATS, folder_rule
-from engine.data import health_report, main, scan_dataset, why_nothing_trains
+from engine.data import health_report, main, scan_dataset
 from engine.dataset import BucketDataset, make_loader
+from engine.report import why_nothing_trains
 from engine.train import main as train_main
 from studio import views
 
