@@ -276,17 +276,11 @@ def parse_wxh(text: str) -> tuple[int, int]:
 
 
 def most_trained(trained: dict[str, int] | None) -> tuple[int, int] | None:
-    """The (width, height) with the most images in `trained` ('WxH' -> images); ties go to
-    the larger size. None when there is nothing usable."""
-    sizes = []
-    for k, n in (trained or {}).items():
-        try:
-            w, h = parse_wxh(k)
-        except ValueError:
-            continue
-        if isinstance(n, int) and n > 0 and w > 0 and h > 0:
-            sizes.append((n, w * h, (w, h)))
-    return max(sizes)[2] if sizes else None
+    """The (width, height) with the most images in `trained` ('WxH' -> images, as
+    engine.generate_io.trained_sizes checks them); ties go to the larger size."""
+    if not trained:
+        return None
+    return max(map(parse_wxh, trained), key=lambda s: (trained[f"{s[0]}x{s[1]}"], s[0] * s[1]))
 
 
 SECTIONS = ("model", "text", "data", "loss", "train", "sample")
