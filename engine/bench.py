@@ -8,18 +8,14 @@
     python -m engine.bench gpu [--quick]
     python -m engine.bench quality --checkpoint RUN [--data DIR] [--n 4 --seeds 4 --steps 10]
 
-`sample` times the sampling core that training samples and the Generate tab share
-(engine.generate.render): seconds per image for each sampler at each size, the minimum
-over a few repeats after a warm-up run. Text is encoded once before timing (a
-generation request encodes its prompts once, whatever the step count). Without a
-checkpoint the network is randomly initialised from the preset; a preset whose text
-encoder is a frozen Qwen3 then gets random text tokens of the encoder's width, so
-nothing is downloaded.
+`sample` times the sampling core of training samples and the Generate tab
+(engine.generate.render): seconds per image per sampler and size, the best of a few
+repeats after a warm-up, text encoded once before timing. Without a checkpoint the
+network is random from the preset (a frozen Qwen3 gets random tokens of its width).
 
-`train` trains a preset (tiny-cpu by default) for a fixed number of steps on the
-built-in demo dataset (or --data) and reports images per second (warm-up excluded), the
-loss at the start and the end, the validation loss, and the path of the final sample
-grid, which shows whether the shapes follow their prompts.
+`train` trains a preset (tiny-cpu by default) for fixed steps on the demo dataset (or
+--data): images per second (warm-up excluded), first and last loss, validation loss and
+the final sample grid, which shows whether the shapes follow their prompts.
 
 `network` measures the bare network (engine/perf.py): analytic forward FLOPs per image
 by part (engine/flops.py), images and tokens per second of a training step and of an
@@ -28,17 +24,17 @@ same device, peak memory, and seconds per FLOP relative to a plain single-path
 transformer of the same width and depth (engine/baseline.py) timed in the same loop;
 --profile adds each part's share of a training step and its top operators.
 
-`overhead` runs `train` (without samples and validation) and then times bare network
-steps at the batch sizes and bucket sizes of that run's epoch: the trainer's time per
-image over the bare network's is what the trainer adds (data, text encoder, the extra
-losses, clipping, EMA).
+`overhead` runs `train` (no samples or validation), then times bare network steps at
+that epoch's batch and bucket sizes: the ratio is what the trainer adds (data, text
+encoder, extra losses, clipping, EMA).
 
-`gpu` (CUDA only) checks which attention kernel runs, measures bf16 training MFU of
-pixelhdm-default at 256 and 512 px, the training memory of the home presets at their
-largest bucket, and Heun-50 + CFG seconds per 512 px image, in a few minutes.
+`gpu` (CUDA only, a few minutes): which attention kernel runs, bf16 training MFU of
+pixelhdm-default at 256 and 512 px, the home presets' training memory at their largest
+bucket, Heun-50 + CFG seconds per 512 px image.
 
 `quality` (engine/evaluate.py, where each measure is defined) compares a checkpoint's
-images with real ones: flat-area noise, seed diversity, demo prompt adherence, Fréchet distance.
+images with real ones: flat-area noise, seed diversity, demo prompt adherence, Fréchet
+distance.
 
 A subcommand is a function `add_<name>(subparsers, common)` listed in COMMANDS: it adds
 its parser (with `common`'s --device, --dtype and --json) and sets `run` (args -> a

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -84,6 +85,25 @@ def make_caption(shape: str, colour: str, size: str | None, position: str | None
     if position:
         text += " in the center" if position == "center" else f" at the {position}"
     return f"{text} on {_article(background)} {background} background"
+
+
+_CAPTION = re.compile(
+    rf"an? (?:(?P<size>{'|'.join(SIZES)}) )?(?P<colour>{'|'.join(COLOURS)}) "
+    rf"(?P<shape>{'|'.join(SHAPES)})"
+    rf"(?: at the (?P<position>{'|'.join(p for p in POSITIONS if p != 'center')})"
+    rf"| in the (?P<center>center))?"
+    rf" on an? (?P<background>{'|'.join(BACKGROUNDS)}) background")
+
+
+def parse_caption(caption: str) -> dict[str, str | None] | None:
+    """The inverse of make_caption: {'shape', 'colour', 'size', 'position', 'background'}
+    (size and position None when the caption leaves them out), or None when `caption`
+    is not a demo caption. Case and surrounding white space are ignored."""
+    m = _CAPTION.fullmatch(" ".join(caption.lower().split()))
+    if m is None:
+        return None
+    return {"shape": m["shape"], "colour": m["colour"], "size": m["size"],
+            "position": m["position"] or m["center"], "background": m["background"]}
 
 
 def sample_item(rng: np.random.Generator) -> DemoItem:

@@ -1,0 +1,536 @@
+"""Image-quality figures of a trained model, the same for the command line
+(`python -m engine.bench quality`), the trainer and the studio.
+
+A model generates `seeds` images for each of its run's first `n` sample prompts, all at
+one size (the run's sample size), and is compared with real images of its dataset,
+cropped to that size by the trainer's own crop (engine.dataset.load_crop): the run's
+held-out validation images, or a fixed choice of the images of another folder. Every
+measure works on 8-bit RGB arrays (N, H, W, 3), so generated and real images go through
+the same code. Nothing is written anywhere.
+
+* **Flat-area noise** (8-bit levels): per-pixel grain where the picture is flat. A 3x3
+  median removes grain but keeps edges and shapes of two pixels and more; a pixel counts
+  as flat when the median image varies by less than a threshold over the 5x5 window
+  around it (so pixels within two pixels of an edge, anti-aliased ones included, never
+  count). The threshold is FLAT_LEVELS, or FLAT_FACTOR times the image's median
+  residual when that is larger, so strong grain does not make every pixel an "edge".
+  The figure is the mean |pixel - median| over flat pixels and channels: about 0.7 sigma
+  for Gaussian noise of sigma levels, 0 for a perfectly flat area.
+* **Diversity** (levels): per prompt, the per-pixel standard deviation (n - 1) across its
+  seeds, averaged over pixels and channels; the reference is the same statistic over
+  as many real images that share the prompt's caption, or, when fewer than two do, the
+  images whose captions hold most of the prompt's words (then the fewest other words).
+* **Prompt adherence** (demo dataset only, engine/demo_data.py): each attribute a demo
+  caption names is read back from pixels. Background: the median colour of the outer
+  ring of pixels, nearest background colour. Shape colour: the median colour of pixels
+  far from that background, nearest shape colour. Shape: a soft mask of the shape
+  (anti-aliased pixels count by how much of the shape they hold) against each demo
+  shape drawn with the same area and centroid; the closest wins. Position: the
+  centroid of the mask, nearest named position. The same scoring of the real images says how far
+  the scorer itself can be trusted at this size.
+* **Fréchet distance** between Gaussians fitted to features of the generated and the
+  real images. Cheap features (always): 8-bin histograms per channel, a 4x4 thumbnail
+  and the mean and spread of 16 fixed random 3x3 filters after a ReLU at two scales.
+  DINOv3 features (when loss.repa_teacher is an existing folder): the mean of the
+  teacher's patch tokens. With few images the covariances are shrunk towards their
+  diagonal, S' = (1 - a) S + a diag(S) with a = d / (d + n) (d features, n images of the
+  smaller set), which keeps the distance finite and stable. The real reference is the
+  distance between the two halves of the real set.
+
+Ratios divide by the real figure, at least one 8-bit level (the rounding of an 8-bit
+image), so a perfectly flat real set still gives a finite ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.buckets import plan_buckets, split_validation
+from engine.config import RunConfig
+from engine.data import DataError, scan_dataset
+from engine.dataset import load_crop, to_uint8
+from engine.demo_data import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    DemoItem,
+    parse_caption,
+    render,
+)
+from engine.encoders import DinoTeacher
+from engine.generate import Pipeline, check_size, render_samples
+from engine.images import BROKEN_FILE_ERRORS
+from engine.job import RunDir
+from engine.sample_prompts import (
+    PromptsError,
+    SamplePrompt,
+    from_config,
+    parse_prompts,
+    prompt_defaults,
+    read_text,
+)
+
+FLAT_LEVELS = 24.0      # a window whose median image varies less than this is flat ...
+FLAT_FACTOR = 4.0       # ... or less than this many times the image's median residual
+MAX_REAL = 64           # real images compared at most
+SEED_STRIDE = 1000      # seed of image k of prompt i: the prompt's seed + k * SEED_STRIDE
+DEMO_SHARE = 0.9        # a dataset is the demo when this share of its captions parse
+# area / radius^2 of each demo shape as engine/demo_data.render draws it (red on black)
+AREA = {"circle": np.pi, "square": 3.24, "triangle": 1.871, "star": 1.763, "cross": 2.462}
+Progress = Callable[[int, int, str], None]
+
+
+class EvaluateError(ValueError):
+    """The evaluation cannot run as asked; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------
+# Measures (pure: uint8 arrays in, numbers out)
+# --------------------------------------------------------------------------------------
+
+def _windows(a: np.ndarray, k: int) -> np.ndarray:
+    """(k*k, H, W, C): `a` (H, W, C) shifted over a k x k window, edges repeated."""
+    r = k // 2
+    p = np.pad(a, ((r, r), (r, r), (0, 0)), mode="edge")
+    H, W = a.shape[:2]
+    return np.stack([p[i:i + H, j:j + W] for i in range(k) for j in range(k)])
+
+
+def flat_noise(images: np.ndarray) -> tuple[float, float]:
+    """(mean grain in levels, share of pixels that are flat) of uint8 images (N, H, W, 3),
+    pooled over every flat pixel; (nan, 0) when no pixel is flat."""
+    total, count = 0.0, 0
+    for img in images:
+        x = img.astype(np.float32)
+        med = np.median(_windows(x, 3), axis=0)
+        resid = np.abs(x - med).mean(-1)                                 # (H, W)
+        win = _windows(med, 5)
+        spread = (win.max(0) - win.min(0)).max(-1)                       # (H, W)
+        flat = spread < max(FLAT_LEVELS, FLAT_FACTOR * float(np.median(resid)))
+        total += float(resid[flat].sum())
+        count += int(flat.sum())
+    pixels = sum(img.shape[0] * img.shape[1] for img in images)
+    return (total / count if count else float("nan")), count / max(pixels, 1)
+
+
+def seed_spread(images: np.ndarray) -> float:
+    """Mean per-pixel standard deviation (n - 1) across images (S, H, W, 3), in levels."""
+    if len(images) < 2:
+        raise ValueError("the spread needs at least two images")
+    return float(images.astype(np.float64).std(axis=0, ddof=1).mean())
+
+
+def ratio(generated: float, real: float) -> float:
+    """generated / real, the real figure taken as at least one 8-bit level."""
+    return generated / max(real, 1.0)
+
+
+def _normal(caption: str) -> str:
+    return " ".join(caption.lower().strip().rstrip(".").split())
+
+
+def reference_group(prompt: str, pool: list[tuple[str, str]], k: int
+                    ) -> tuple[list[str], str]:
+    """Up to `k` paths of (path, caption) `pool` to compare a prompt's spread with, and
+    which they are: 'same caption' when at least two share it, else 'similar captions'."""
+    want = _normal(prompt)
+    same = sorted(p for p, c in pool if _normal(c) == want)
+    if len(same) >= 2:
+        return same[:k], "same caption"
+    words = set(want.split())
+
+    def rank(item: tuple[str, str]) -> tuple[float, int, str]:
+        have = set(_normal(item[1]).split())
+        return -len(words & have) / max(len(words), 1), len(have - words), item[0]
+    return [p for p, _ in sorted(pool, key=rank)[:k]], "similar captions"
+
+
+def _nearest(colour: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    return min(palette, key=lambda n: float(np.sum((colour - np.array(palette[n])) ** 2)))
+
+
+def score_demo(image: np.ndarray, caption: str) -> dict[str, bool]:
+    """Attribute -> whether the pixels of `image` (H, W, 3) uint8 show what the demo
+    caption names: background, colour, shape, position (those it names; {} when the
+    caption is not a demo caption)."""
+    want = parse_caption(caption)
+    if want is None:
+        return {}
+    x = image.astype(np.float32)
+    H, W = x.shape[:2]
+    ring = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])
+    bg = np.median(ring, axis=0)
+    out = {"background": _nearest(bg, BACKGROUNDS) == want["background"]}
+    dist = np.sqrt(((x - bg) ** 2).sum(-1))                              # (H, W)
+    far = dist > 0.5 * dist.max()
+    if dist.max() < 40 or far.sum() < 2:          # no shape stands out of the background
+        out.update(colour=False, shape=False)
+        if want["position"]:
+            out["position"] = False
+        return out
+    fg = np.median(x[far], axis=0)
+    out["colour"] = _nearest(fg, COLOURS) == want["colour"]
+    # soft mask: how much of each pixel lies on the shape, along background -> shape colour
+    axis = fg - bg
+    alpha = np.clip(((x - bg) @ axis) / float(axis @ axis), 0.0, 1.0)   # (H, W)
+    alpha[alpha < 0.1] = 0.0
+    area = float(alpha.sum())
+    ys, xs = np.mgrid[0:H, 0:W]
+    cx, cy = (alpha * (xs + 0.5)).sum() / area, (alpha * (ys + 0.5)).sum() / area
+    out["shape"] = _shape_of(alpha, cx, cy) == want["shape"]
+    if want["position"]:
+        near = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx / W) ** 2
+                   + (POSITIONS[p][1] - cy / H) ** 2)
+        out["position"] = near == want["position"]
+    return out
+
+
+def _shape_of(alpha: np.ndarray, cx: float, cy: float) -> str:
+    """The demo shape whose drawing, of the same area and centroid, is closest to the
+    soft mask `alpha` (H, W) (mean absolute difference)."""
+    H, W = alpha.shape
+    area, best = float(alpha.sum()), {}
+    for shape in SHAPES:
+        r = np.sqrt(area / AREA[shape])
+        centre = (cx, cy - 0.15 * r) if shape == "triangle" else (cx, cy)  # its centroid
+        item = DemoItem(W, H, shape, "red", "small", "center", "black", centre, r, "")
+        drawn = (np.asarray(render(item), dtype=np.float32)[..., 0] - 20.0) / 200.0
+        best[shape] = float(np.abs(drawn - alpha).mean())
+    return min(best, key=best.get)
+
+
+def _filters() -> torch.Tensor:
+    """16 fixed zero-mean unit-norm 3x3 RGB filters (the same on every machine)."""
+    w = torch.randn(16, 3, 3, 3, generator=torch.Generator().manual_seed(1234))
+    w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    return w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
+def cheap_features(images: np.ndarray) -> np.ndarray:
+    """(N, 136) float64 features of uint8 images (N, H, W, 3): per-channel 8-bin
+    histograms (24), a 4x4 thumbnail (48), and the mean and standard deviation of 16
+    fixed random filters after a ReLU, at full and half resolution (64)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    hist = torch.stack([((x[:, c] * 8).long().clamp(max=7).flatten(1)[..., None]
+                         == torch.arange(8)).float().mean(1) for c in range(3)], 1).flatten(1)
+    thumb = F.adaptive_avg_pool2d(x, 4).flatten(1)
+    conv = []
+    for scale in (x, F.avg_pool2d(x, 2, ceil_mode=True)):
+        r = F.relu(F.conv2d(scale, _filters(), padding=1)).flatten(2)
+        conv += [r.mean(2), r.std(2)]
+    return torch.cat([hist, thumb, *conv], 1).double().numpy()
+
+
+def dino_features(images: np.ndarray, teacher: DinoTeacher, patch: int) -> np.ndarray:
+    """(N, C): the mean DINOv3 patch token of each uint8 image (N, H, W, 3), on the
+    teacher's grid of the model's patch grid (as iREPA sees the image)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    grid = (x.shape[2] // patch, x.shape[3] // patch)
+    device = teacher.mean.device
+    out = [teacher(x[i:i + 16].to(device), grid).mean(1).cpu() for i in range(0, len(x), 16)]
+    return torch.cat(out).double().numpy()
+
+
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to features a (n, d) and b (m, d), the
+    covariances shrunk towards their diagonal by d / (d + min(n, m))."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("the Fréchet distance needs at least two images per set")
+    d = a.shape[1]
+    shrink = d / (d + min(len(a), len(b)))
+
+    def cov(f: np.ndarray) -> np.ndarray:
+        s = np.cov(f, rowvar=False).reshape(d, d)
+        return (1 - shrink) * s + shrink * np.diag(np.diag(s))
+    ca, cb = cov(a), cov(b)
+    root = _psd_sqrt(ca)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ cb @ root), 0.0, None)).sum()
+    value = float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca) + np.trace(cb)
+                  - 2 * cross)
+    return max(value, 0.0)
+
+
+def _halves(real: np.ndarray) -> float | None:
+    """The distance between the two halves of a real feature set (every other image)."""
+    return frechet_distance(real[0::2], real[1::2]) if len(real) >= 4 else None
+
+
+# --------------------------------------------------------------------------------------
+# Prompts and real images
+# --------------------------------------------------------------------------------------
+
+def run_prompts(cfg: RunConfig, checkpoint: Path, trained: dict[str, int] | None
+                ) -> list[SamplePrompt]:
+    """The sample prompts of the run a checkpoint belongs to (its run folder's
+    sample_prompts.txt when that parses), else those of its config."""
+    d = prompt_defaults(cfg, trained)
+    if checkpoint.parent.name == "checkpoints":
+        path = RunDir(checkpoint.parent.parent).sample_prompts
+        if path.is_file():
+            try:
+                return parse_prompts(read_text(path), d)
+            except PromptsError:
+                pass
+    return from_config(cfg, d)[1]
+
+
+class RealImages:
+    """A dataset's images to compare with: `held` (path, caption) for noise, Fréchet
+    distance and adherence, `pool` (every usable image) for the diversity references;
+    each image is decoded once per size."""
+
+    def __init__(self, held: list[tuple[str, str]], pool: list[tuple[str, str]], what: str):
+        self.held, self.pool, self.what = held, pool, what
+        parsed = sum(parse_caption(c) is not None for _, c in pool)
+        self.demo = parsed >= DEMO_SHARE * len(pool)
+        self._cache: dict[tuple[str, int, int], np.ndarray | None] = {}
+
+    @classmethod
+    def of(cls, cfg: RunConfig, data_dir: str | None = None) -> RealImages:
+        """The run's held-out validation images (its plan's split, as the trainer makes
+        it), or up to MAX_REAL images of `data_dir` chosen by engine.buckets'
+        split_validation. Reads no image yet and writes nothing."""
+        root = data_dir or cfg.data.path
+        try:
+            scan = scan_dataset(root, cfg.data)
+        except DataError as e:
+            also = "" if data_dir else "; give the dataset with --data DIR"
+            raise EvaluateError(f"{' '.join(str(e).split())}{also}") from None
+        data = replace(cfg.data, val_images=0) if data_dir else cfg.data
+        plan = plan_buckets(scan.records, data, cfg.model.patch_size, cfg.train.batch_size)
+        pool = [(im.record.path, im.caption) for im in (*plan.images, *plan.val_images)]
+        if len(pool) < 2:
+            raise EvaluateError(f"'{root}' holds {len(pool)} usable images; at least 2 are "
+                                f"needed to compare with")
+        if plan.val_images and not data_dir:
+            held = [(im.record.path, im.caption) for im in plan.val_images]
+            what = f"{len(held)} held-out images of {root} (the run's validation split)"
+        else:
+            held = [(im.record.path, im.caption)
+                    for im in split_validation(plan.images, MAX_REAL)[1]]
+            what = f"{len(held)} images of {root}" + (
+                "" if data_dir else " (the run holds none out, data.val_images = 0: these "
+                                    "were trained on)")
+        return cls(held, pool, what)
+
+    def load_held(self, width: int, height: int) -> tuple[np.ndarray, list[str]]:
+        """The held images (as load) and their captions."""
+        images = self.load([p for p, _ in self.held], width, height)
+        return images, [c for p, c in self.held if self._cache[p, width, height] is not None]
+
+    def load(self, paths: list[str], width: int, height: int) -> np.ndarray:
+        """uint8 (N, height, width, 3) crops of `paths` (files that fail are left out)."""
+        out = []
+        for p in paths:
+            key = (p, width, height)
+            if key not in self._cache:
+                try:
+                    self._cache[key] = np.asarray(load_crop(p, (width, height)), np.uint8)
+                except BROKEN_FILE_ERRORS:
+                    self._cache[key] = None
+            if self._cache[key] is not None:
+                out.append(self._cache[key])
+        return np.stack(out) if out else np.zeros((0, height, width, 3), np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# The evaluation
+# --------------------------------------------------------------------------------------
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _adherence(images: list[np.ndarray], captions: list[str]) -> dict[str, list[bool]]:
+    out: dict[str, list[bool]] = {}
+    for img, caption in zip(images, captions):
+        for attribute, ok in score_demo(img, caption).items():
+            out.setdefault(attribute, []).append(ok)
+    return out
+
+
+def evaluate(net, encode, cfg: RunConfig, device: torch.device | str, precision: str,
+             prompts: list[SamplePrompt], real: RealImages, *, seeds: int, steps: int,
+             width: int, height: int, teacher: DinoTeacher | None = None,
+             progress: Progress | None = None) -> dict:
+    """The quality figures of `net` (in eval mode on `device`) for `prompts`, `seeds`
+    images each at width x height with `steps` sampler steps, against `real`. Returns
+    {"figures", "per_prompt", "adherence", "notes"}: lists of rows (None = not measured)."""
+    if seeds < 2 or steps < 1 or not prompts:
+        raise EvaluateError("quality needs at least one prompt, 2 seeds and 1 step")
+    total, done = len(prompts) + 2, 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, what)
+
+    notes: list[str] = []
+    held, held_captions = real.load_held(width, height)
+    tick("real images")
+    generated, rows = [], []
+    for p in prompts:
+        cells = [replace(p, width=width, height=height, steps=steps,
+                         seed=p.seed + k * SEED_STRIDE) for k in range(seeds)]
+        images = to_uint8(torch.stack(render_samples(net, encode, cells, cfg, device,
+                                                     precision)))
+        generated.append(images)
+        paths, kind = reference_group(p.prompt, real.pool, seeds)
+        group = real.load(paths, width, height)
+        real_spread = seed_spread(group) if len(group) >= 2 else None
+        spread = seed_spread(images)
+        row = {"prompt": p.prompt, "spread": spread, "real_spread": real_spread,
+               "ratio": ratio(spread, real_spread) if real_spread is not None else None,
+               "reference": f"{kind} ({len(group)})", "noise": flat_noise(images)[0]}
+        if real.demo:
+            scores = _adherence(list(images), [p.prompt] * len(images))
+            hits = [v for vs in scores.values() for v in vs]
+            row["adherence"] = 100.0 * np.mean(hits) if hits else None
+        rows.append(row)
+        tick(p.prompt[:40])
+    every = np.concatenate(generated)
+    gen_noise, gen_flat = flat_noise(every)
+    real_noise, real_flat = flat_noise(held)
+    figures = [
+        {"measure": "flat-area noise (levels)", "generated": gen_noise, "real": real_noise,
+         "ratio": ratio(gen_noise, real_noise) if np.isfinite(gen_noise * real_noise) else None,
+         "note": f"flat pixels: {gen_flat:.0%} generated, {real_flat:.0%} real"}]
+    gen_spread = _mean([r["spread"] for r in rows if r["real_spread"] is not None])
+    real_spread = _mean([r["real_spread"] for r in rows])
+    kinds = sorted({r["reference"].split(" (")[0] for r in rows})
+    figures.append({"measure": "seed diversity (levels)", "generated": gen_spread,
+                    "real": real_spread, "note": f"real: {' and '.join(kinds)}",
+                    "ratio": ratio(gen_spread, real_spread) if real_spread is not None
+                    else None})
+    sets = [("cheap features", cheap_features)]
+    if teacher is not None:
+        sets.append(("DINOv3", lambda x: dino_features(x, teacher, cfg.model.patch_size)))
+    for name, features in sets:
+        if len(held) < 2:
+            notes.append(f"Fréchet distance ({name}): fewer than 2 real images")
+            continue
+        g, r = features(every), features(held)
+        figures.append({"measure": f"Fréchet distance ({name})", "generated":
+                        frechet_distance(g, r), "real": _halves(r), "ratio": None,
+                        "note": f"{len(g)} generated vs {len(r)} real; real: half vs half"})
+    tick("features")
+    adherence = []
+    if real.demo:
+        gen = _adherence(list(every), [p.prompt for p in prompts for _ in range(seeds)])
+        ref = _adherence(list(held), held_captions)
+        for attribute in ("background", "colour", "shape", "position"):
+            if attribute in gen:
+                adherence.append({"attribute": attribute, "scored": len(gen[attribute]),
+                                  "generated": 100.0 * np.mean(gen[attribute]),
+                                  "real": (100.0 * np.mean(ref[attribute])
+                                           if ref.get(attribute) else None)})
+        if not adherence:
+            notes.append("prompt adherence: no sample prompt is a demo caption")
+    else:
+        notes.append("prompt adherence: only on the built-in demo dataset (its captions "
+                     "name what the pixels must show); this dataset is not the demo")
+    return {"figures": _finite(figures), "per_prompt": _finite(rows),
+            "adherence": adherence, "notes": notes}
+
+
+def _finite(rows: list[dict]) -> list[dict]:
+    """NaN (nothing measured) as None, so the report is valid JSON."""
+    return [{k: None if isinstance(v, float) and not np.isfinite(v) else v
+             for k, v in r.items()} for r in rows]
+
+
+# --------------------------------------------------------------------------------------
+# Command line: python -m engine.bench quality
+# --------------------------------------------------------------------------------------
+
+def tty_progress(stream=sys.stderr) -> Progress | None:
+    """A one-line progress bar on `stream` when it is a terminal, else None."""
+    if not stream.isatty():
+        return None
+
+    def show(done: int, total: int, what: str) -> None:
+        bar = "#" * round(20 * done / total)
+        end = "\n" if done == total else ""
+        stream.write(f"\rquality [{bar:<20}] {done}/{total} {what[:40]:<40}{end}")
+        stream.flush()
+    return show
+
+
+def quality_report(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    if min(args.n, args.steps) < 1 or args.seeds < 2:
+        raise EvaluateError("--n and --steps: allowed whole numbers >= 1; --seeds: >= 2")
+    pipe = Pipeline.load(args.checkpoint, ema=True, device=args.device, dtype=args.dtype)
+    cfg = pipe.cfg
+    width, height = cfg.sample_size(pipe.trained)
+    check_size(width, height, cfg.model.patch_size)
+    prompts = run_prompts(cfg, pipe.path, pipe.trained)[:args.n]
+    real = RealImages.of(cfg, args.data)
+    folder = Path(cfg.loss.repa_teacher).expanduser() if cfg.loss.repa_teacher else None
+    teacher = DinoTeacher(str(folder), pipe.device) if folder and folder.is_dir() else None
+    result = evaluate(pipe.net, pipe.encode, cfg, pipe.device, pipe.precision, prompts, real,
+                      seeds=args.seeds, steps=args.steps, width=width, height=height,
+                      teacher=teacher, progress=tty_progress())
+    if folder and teacher is None:
+        result["notes"].append(f"no DINOv3 distance: loss.repa_teacher '{folder}' is not a "
+                               f"folder here")
+    return {"benchmark": "quality", "checkpoint": f"{pipe.path} (step {pipe.step}, "
+            f"{pipe.weights} weights)", "device": str(pipe.device),
+            "size": f"{width}x{height}", "prompts": len(prompts), "seeds": args.seeds,
+            "steps": args.steps, "real": real.what, **result,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _times(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0f}%"
+
+
+FIGURE_COLUMNS = [("measure", "measure", str), ("generated", "generated", _num),
+                  ("real", "real", _num), ("ratio", "ratio", _times), ("note", "", str)]
+PROMPT_COLUMNS = [("prompt", "prompt", lambda v: v[:48]), ("spread", "spread", _num),
+                  ("real_spread", "real spread", _num), ("ratio", "ratio", _times),
+                  ("reference", "real reference", str), ("noise", "noise", _num),
+                  ("adherence", "adherence", _pct)]
+ADHERENCE_COLUMNS = [("attribute", "attribute", str), ("scored", "images", str),
+                     ("generated", "generated", _pct), ("real", "real (scorer check)", _pct)]
+
+
+def add_quality(sub, common: argparse.ArgumentParser) -> None:
+    """engine.bench's `quality` subcommand (see this module's docstring)."""
+    p = sub.add_parser("quality", parents=[common],
+                       help="flat-area noise, seed diversity, prompt adherence and Fréchet "
+                            "distance of a checkpoint against real images")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file or run folder")
+    p.add_argument("--data", help="compare with images of this folder (default: the run's "
+                                  "held-out validation images)")
+    p.add_argument("--n", type=int, default=4, help="sample prompts used (default 4)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
+    p.set_defaults(run=quality_report, tables=[
+        ("figures", "", FIGURE_COLUMNS), ("per_prompt", "per prompt", PROMPT_COLUMNS),
+        ("adherence", "prompt adherence (demo captions, from pixels)", ADHERENCE_COLUMNS)])

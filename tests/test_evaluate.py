@@ -1,0 +1,191 @@
+"""The quality figures (engine/evaluate.py) on images whose answer is known, and
+`python -m engine.bench quality` on a tiny model trained for a few steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from trainhelp import sets
+
+from engine.bench import main as bench_main
+from engine.demo_data import DemoItem, make_caption, render, sample_item, write_demo_dataset
+from engine.encoders import DinoTeacher
+from engine.evaluate import (
+    cheap_features,
+    dino_features,
+    flat_noise,
+    frechet_distance,
+    ratio,
+    reference_group,
+    score_demo,
+    seed_spread,
+)
+from engine.train import main as train_main
+
+
+def noisy(images: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(images + rng.normal(0, sigma, images.shape), 0, 255).round().astype(np.uint8)
+
+
+def demo_images(n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    items = []
+    while len(items) < n:
+        item = sample_item(rng)
+        if (item.width, item.height) == (96, 96):
+            items.append(item)
+    return np.stack([np.asarray(render(i)) for i in items]), [i.caption for i in items]
+
+
+def test_flat_noise_tracks_sigma_and_ignores_edges():
+    flat = np.full((3, 32, 32, 3), 128, np.uint8)
+    assert flat_noise(flat) == (0.0, 1.0)
+    measured = [flat_noise(noisy(flat, s))[0] for s in (2, 4, 8, 16, 32)]
+    assert measured == sorted(measured)
+    for s, m in zip((2, 4, 8, 16, 32), measured):   # E|x - median| of Gaussian grain
+        assert 0.55 * s < m < 0.85 * s
+    shapes, _ = demo_images(6)
+    clean, share = flat_noise(shapes)
+    assert clean < 0.2 and 0.8 < share < 1.0    # anti-aliased edges are not counted as grain
+    assert flat_noise(noisy(shapes, 8))[0] == pytest.approx(flat_noise(noisy(flat, 8))[0],
+                                                            rel=0.15)
+
+
+def test_seed_spread_is_zero_for_identical_images_and_exact_otherwise():
+    a = np.random.default_rng(0).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    assert seed_spread(np.stack([a, a, a])) == 0.0
+    two = np.stack([np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 10, np.uint8)])
+    assert seed_spread(two) == pytest.approx(np.sqrt(50))         # std (n - 1) of {0, 10}
+    assert ratio(4.0, 8.0) == 0.5 and ratio(0.5, 0.0) == 0.5      # at least one level
+
+
+def test_reference_group_same_caption_then_most_similar_words():
+    pool = [("a.png", "a red circle on a white background"),
+            ("b.png", "A red circle on a white background."),
+            ("c.png", "a large red circle at the top left on a white background"),
+            ("d.png", "a red square on a white background"),
+            ("e.png", "a small red circle in the center on a white background")]
+    assert reference_group("a red circle on a white background", pool, 4) == (
+        ["a.png", "b.png"], "same caption")
+    # without a second copy: the captions holding every word of the prompt come first
+    paths, kind = reference_group("a red circle on a white background", pool[2:], 2)
+    assert kind == "similar captions" and sorted(paths) == ["c.png", "e.png"]
+
+
+def test_a_drawn_demo_image_scores_every_attribute_it_names():
+    images, captions = demo_images(12, seed=3)
+    for image, caption in zip(images, captions):
+        scores = score_demo(image, caption)
+        assert all(scores.values()) and {"background", "colour", "shape"} <= set(scores)
+    assert score_demo(images[0], "a photo of a cat") == {}
+
+
+def test_a_wrong_attribute_scores_zero_for_that_attribute_only():
+    item = DemoItem(64, 64, "star", "red", "large", "top right", "white", (47.0, 17.0), 14.0,
+                    "")
+    image = np.asarray(render(item))
+    right = score_demo(image, make_caption("star", "red", "large", "top right", "white"))
+    assert right == {"background": True, "colour": True, "shape": True, "position": True}
+    for wrong, attribute in (
+            (make_caption("star", "green", None, "top right", "white"), "colour"),
+            (make_caption("star", "red", None, "top right", "black"), "background"),
+            (make_caption("cross", "red", None, "top right", "white"), "shape"),
+            (make_caption("star", "red", None, "bottom left", "white"), "position")):
+        scores = score_demo(image, wrong)
+        assert not scores[attribute] and sum(scores.values()) == 3, wrong
+    blank = np.full((64, 64, 3), 245, np.uint8)       # no shape at all
+    assert score_demo(blank, make_caption("star", "red", None, "center", "white")) == {
+        "background": True, "colour": False, "shape": False, "position": False}
+
+
+def test_frechet_distance_zero_for_the_same_set_and_grows_with_a_shift():
+    images, _ = demo_images(10, seed=1)
+    a = cheap_features(images)
+    assert a.shape == (10, 136) and np.array_equal(a, cheap_features(images))
+    assert frechet_distance(a, a) < 1e-9
+    darker = [frechet_distance(a, cheap_features((images * f).astype(np.uint8)))
+              for f in (0.9, 0.7, 0.4)]
+    assert 0 < darker[0] < darker[1] < darker[2]
+    other, _ = demo_images(10, seed=2)
+    assert frechet_distance(a, cheap_features(other)) < darker[2]   # same kind of pictures
+
+
+def test_dino_features_frechet_on_the_tiny_teacher(tiny_dinov3):
+    images, _ = demo_images(4, seed=4)
+    small = np.stack([np.asarray(Image.fromarray(i).resize((32, 32))) for i in images])
+    f = dino_features(small, DinoTeacher(str(tiny_dinov3)), patch=8)
+    assert f.shape == (4, 64)
+    assert frechet_distance(f, f) < 1e-9
+    assert frechet_distance(f, dino_features(noisy(small, 60), DinoTeacher(str(tiny_dinov3)),
+                                             8)) > 0
+
+
+# --------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    demo = write_demo_dataset(root / "demo", count=30, seed=5)
+    run = root / "run"
+    torch.manual_seed(0)
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "4", *sets("data.val_images=6")]) == 0
+    return run, demo
+
+
+def snapshot(*folders) -> dict:
+    return {str(p): p.stat().st_mtime_ns for f in folders for p in sorted(f.rglob("*"))}
+
+
+def test_quality_command_reports_every_figure_and_writes_nothing(trained, capsys):
+    run, demo = trained
+    before = snapshot(run, demo)
+    args = ["quality", "--checkpoint", str(run), "--n", "2", "--seeds", "3", "--steps", "2",
+            "--device", "cpu"]
+    assert bench_main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["benchmark"] == "quality" and report["seeds"] == 3
+    assert "6 held-out images" in report["real"] and "validation split" in report["real"]
+    figures = {f["measure"]: f for f in report["figures"]}
+    assert set(figures) == {"flat-area noise (levels)", "seed diversity (levels)",
+                            "Fréchet distance (cheap features)"}
+    noise = figures["flat-area noise (levels)"]
+    assert noise["generated"] > 0 and noise["real"] < 1     # an untrained model is grain
+    assert noise["ratio"] == pytest.approx(noise["generated"] / max(noise["real"], 1.0))
+    assert figures["Fréchet distance (cheap features)"]["generated"] > 0
+    assert [p["prompt"] for p in report["per_prompt"]] == [
+        "a red circle on a white background", "a blue square on a yellow background"]
+    assert all(p["spread"] > 0 and p["real_spread"] > 0 for p in report["per_prompt"])
+    attributes = {a["attribute"]: a for a in report["adherence"]}
+    assert set(attributes) == {"background", "colour", "shape"}   # the prompts name no position
+    assert all(a["scored"] == 6 and 0 <= a["generated"] <= 100 for a in attributes.values())
+    assert attributes["background"]["real"] == 100.0
+    assert bench_main(args) == 0
+    text = capsys.readouterr().out
+    assert "flat-area noise (levels)" in text and "prompt adherence" in text
+    assert snapshot(run, demo) == before
+
+
+def test_quality_on_another_folder_omits_adherence_with_a_note(trained, tmp_path, capsys):
+    run, _ = trained
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a photo of noise")
+    assert bench_main(["quality", "--checkpoint", str(run), "--data", str(tmp_path), "--n", "1",
+                       "--seeds", "2", "--steps", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adherence"] == [] and "not the demo" in report["notes"][0]
+    assert report["per_prompt"][0]["reference"] == "similar captions (2)"
+    assert report["real"].startswith(f"4 images of {tmp_path}")
+    assert bench_main(["quality", "--checkpoint", str(run), "--data",
+                       str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
