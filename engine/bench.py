@@ -28,9 +28,8 @@ transformer of the same width and depth (engine/baseline.py) timed in the same l
 that epoch's batch and bucket sizes: the ratio is what the trainer adds (data, text
 encoder, extra losses, clipping, EMA).
 
-`gpu` (CUDA only, a few minutes): which attention kernel runs, bf16 training MFU of
-pixelhdm-default at 256 and 512 px, the home presets' training memory at their largest
-bucket, Heun-50 + CFG seconds per 512 px image.
+`gpu` (CUDA only, minutes): the attention kernel that runs, bf16 MFU of pixelhdm-default
+at 256/512 px, home presets' memory at their largest bucket, Heun-50 + CFG s per 512 px.
 
 `quality` (engine/evaluate.py, where each measure is defined) compares a checkpoint's
 images with real ones: flat-area noise, seed diversity, demo prompt adherence, Fréchet
