@@ -89,9 +89,7 @@ def write_status(run: RunDir, **fields) -> None:
     (run.status_file).write_text(json.dumps({**Status().__dict__, **fields}))
 
 
-# --------------------------------------------------------------------------------------
-# Real trainer processes
-# --------------------------------------------------------------------------------------
+# ---- Real trainer processes --------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
@@ -202,9 +200,7 @@ def test_a_killed_trainer_shows_crashed_resumes_and_force_stop_saves(runner, dat
     assert latest_resumable(run.checkpoints).step == stopped.step
 
 
-# --------------------------------------------------------------------------------------
-# The gate, names and checks before anything is spawned
-# --------------------------------------------------------------------------------------
+# ---- The gate, names and checks before anything is spawned -------------------------------
 
 def test_a_cpu_start_waits_for_a_running_generation(runner, dataset):
     with runner.gate.generation() as note:

@@ -71,18 +71,28 @@ def studio_server(tmp_path_factory):
         shutil.rmtree(workspace, ignore_errors=True)
 
 
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                      args=CHROMIUM_ARGS)
+
+
+def open_page(browser, url: str):
+    """A new tab of the studio at `url`, loaded (not "network idle": the run monitor polls
+    every two seconds)."""
+    pg = browser.new_page(viewport={"width": 1280, "height": 900})
+    pg.set_default_timeout(30_000)
+    pg.goto(url, wait_until="load")
+    return pg
+
+
 @pytest.fixture(scope="module")
 def page(studio_server):
     from playwright.sync_api import sync_playwright
 
     url, _ = studio_server
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1280, "height": 900})
-        pg.set_default_timeout(30_000)
-        # the run monitor polls every two seconds, so the network is never idle
-        pg.goto(url, wait_until="load")
+        browser = launch_chromium(p)
+        pg = open_page(browser, url)
         pg.wait_for_selector("text=PixelHDM Studio")
         try:
             yield pg

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port
+from conftest import free_port, launch_chromium, open_page
 from test_studio import expect, open_tab, text_of, wait_text
 
 from engine.job import RunDir, pid_alive
@@ -62,11 +62,8 @@ def test_a_run_outlives_the_studio_and_two_tabs_of_the_new_one_agree(tmp_path):
     second = None
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                        args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(url, wait_until="load")
+            browser = launch_chromium(p)
+            page = open_page(browser, url)
             page.get_by_role("button", name="Start the demo").click()
             page.wait_for_selector(".phdm-progress.phdm-running", timeout=120_000)
             run = the_run(workspace)
@@ -82,10 +79,8 @@ def test_a_run_outlives_the_studio_and_two_tabs_of_the_new_one_agree(tmp_path):
             assert run.read_status().step > before and pid_alive(trainer)
 
             second, url = start_studio(workspace)       # the new studio re-attaches
-            tabs = [browser.new_page(viewport={"width": 1280, "height": 900}) for _ in "ab"]
+            tabs = [open_page(browser, url) for _ in "ab"]
             for tab in tabs:
-                tab.set_default_timeout(30_000)
-                tab.goto(url, wait_until="load")
                 open_tab(tab, "Train")
                 tab.wait_for_selector(".phdm-progress.phdm-running", timeout=60_000)
                 assert run.run_id in tab.content()   # the run the monitor shows
