@@ -285,15 +285,13 @@ def build(studio: Studio) -> dict:
         chosen checkpoint): the ones the user changed are kept. Inputs: the checkpoint,
         the sample fields and `filled`."""
         current, before = args[:-1], args[-1]
-        n_out = 3 + len(setting_fields)
         if not cid:
-            return ("Choose a checkpoint (train a run first, or export a model).",
-                    *[gr.skip()] * (n_out - 1))
+            return {model_info: "Choose a checkpoint (train a run first, or export a model)."}
         try:
             path = studio.checkpoint_path(cid)
             meta, mcfg, _ = checkpoint_config(path)
         except EXPECTED_ERRORS as e:
-            return (f"**{e}**", *[gr.skip()] * (n_out - 1))
+            return {model_info: f"**{e}**"}
         cache.keep_only(path)
         p, top = mcfg.model.patch_size, generate.max_side(mcfg)
         trained = trained_sizes(meta)
@@ -304,14 +302,16 @@ def build(studio: Studio) -> dict:
         values = [s.prompts[0], s.negative, s.sampler, s.steps, s.cfg, s.cfg_rescale,
                   s.cfg_interval[0], s.cfg_interval[1], s.shift, w, h]
         follow = [unchanged(c, b) for c, b in zip(current, before)]
-        fields = [v if f else gr.skip() for v, f in zip(values[:-2], follow)]
-        sides = [gr.Number(value=v, step=p, minimum=p, maximum=top) if f
-                 else gr.Number(step=p, minimum=p, maximum=top)
-                 for v, f in zip(values[-2:], follow[-2:])]
-        return (model_markdown(meta, mcfg, read_modelspec(path).get("title", "")),
-                gr.Dropdown(choices=sizes,
-                            value=default if default in [v for _, v in sizes] else None),
-                *fields, *sides, gr.skip(), gr.skip(), values)
+        out = {model_info: model_markdown(meta, mcfg, read_modelspec(path).get("title", "")),
+               size: gr.Dropdown(choices=sizes,
+                                 value=default if default in [v for _, v in sizes] else None),
+               filled: values}
+        # the sample fields (the last two: width and height, which also take their limits)
+        out.update({c: v for c, v, f in zip(sample_fields, values[:-2], follow) if f})
+        for c, v, f in zip((width, height), values[-2:], follow[-2:]):
+            out[c] = gr.Number(value=v, step=p, minimum=p, maximum=top) if f else \
+                gr.Number(step=p, minimum=p, maximum=top)
+        return out
 
     def unchanged(value, before) -> bool:
         """Whether a field still holds the value it was filled in with (an empty text
@@ -397,7 +397,7 @@ def build(studio: Studio) -> dict:
                     yield say(f"Sampling...{note}")
                 elif kind == "preview":
                     step, total, image = value
-                    yield (image, *say(f"Step {step} of {total}{note}")[1:])
+                    yield {live: image, status: f"Step {step} of {total}{note}"}
                 elif kind == "done":
                     yield finished(*value)
                     return
@@ -413,31 +413,32 @@ def build(studio: Studio) -> dict:
             if cancels.get(key) is cancel:
                 cancels.pop(key, None)
 
-    def say(text: str) -> tuple:
+    def say(text: str) -> dict:
         """Outputs of `run` that change only the status line."""
-        return gr.skip(), text, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return {status: text}
 
     def listed(cid: str) -> bool:
         return cid in [c for _, c in studio.checkpoint_choices()]
 
-    def gone(cid: str) -> tuple:
+    def gone(cid: str) -> dict:
         """Outputs of `run` when the chosen checkpoint is no longer on disk: the message, and
         the checkpoint list refreshed with nothing chosen."""
-        return (gr.skip(), f"**Not generated:** the checkpoint `{cid}` is no longer on disk "
-                f"(deleted by retention or by hand). The list is refreshed: choose another "
-                f"checkpoint.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), select(None),
-                "Choose a checkpoint.")
+        return {status: f"**Not generated:** the checkpoint `{cid}` is no longer on disk "
+                        f"(deleted by retention or by hand). The list is refreshed: choose "
+                        f"another checkpoint.",
+                checkpoint: select(None), model_info: "Choose a checkpoint."}
 
-    def finished(out: list, saved: list, notes: list[str]) -> tuple:
+    def finished(out: list, saved: list, notes: list[str]) -> dict:
         first = out[0].params["seed"]
         seeds = f"seed {first}" + (f" to {first + len(out) - 1}" if len(out) > 1 else "")
         names = saved[0].name + (f" ... {saved[-1].name}" if len(saved) > 1 else "")
         files = history(studio.outputs_dir)
         note = "".join(f"\n\nNote: {n}." for n in notes)
-        return (out[0].image, f"Done: {len(out)} image(s), {seeds}, saved to "
-                f"`workspace/outputs/` ({names}).{note}",
-                [(str(p), f"seed {r.params['seed']}") for p, r in zip(saved, out)],
-                views.params_markdown(out[0].params), files, files, gr.skip(), gr.skip())
+        return {live: out[0].image,
+                status: f"Done: {len(out)} image(s), {seeds}, saved to `workspace/outputs/` "
+                        f"({names}).{note}",
+                results: [(str(p), f"seed {r.params['seed']}") for p, r in zip(saved, out)],
+                params: views.params_markdown(out[0].params), past: files, past_files: files}
 
     def cancel_run(request: gr.Request):
         ev = cancels.get(request.session_hash if request is not None else "")
@@ -485,10 +486,10 @@ def build(studio: Studio) -> dict:
                   **model_queue).then(**model_args)
     size.input(lambda s: views.parse_size(s) if s else (gr.skip(), gr.skip()), inputs=size,
                outputs=[width, height])
+    run_outputs = [live, status, results, params, past, past_files, checkpoint, model_info]
     go.click(run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init,
                           text_encoder],
-             outputs=[live, status, results, params, past, past_files, checkpoint, model_info],
-             concurrency_limit=1, concurrency_id="generate")
+             outputs=run_outputs, concurrency_limit=1, concurrency_id="generate")
     stop.click(cancel_run, outputs=status, queue=False)
     past.select(on_past, inputs=past_files, outputs=[past_params, recalled])
     recall_file.upload(on_recall, inputs=recall_file, outputs=[past_params, recalled])
@@ -497,5 +498,6 @@ def build(studio: Studio) -> dict:
                      **model_queue).then(**model_args)
 
     return {"checkpoint": checkpoint, "select": select, "model_args": model_args, "run": run,
+            "run_outputs": run_outputs, "model_info": model_info,
             "model_queue": model_queue, "refresh_fn": refresh_fn,
             "refresh_outputs": [checkpoint, past, past_files]}

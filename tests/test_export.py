@@ -265,8 +265,9 @@ def test_the_generate_tab_takes_the_text_encoder_field(exported, tiny_qwen3, tmp
         values = dict(prompt="a red circle", negative="", sampler="euler", steps=1, cfg=3.0,
                       rescale=0.0, lo=0.0, hi=1.0, shift=0.0, width=16, height=16, seed="1",
                       strength=0.75, count=1, init=None)
-        return list(handlers["run"]("model/q.safetensors", True, *values.values(), None,
-                                    encoder))[-1][1]
+        last = list(handlers["run"]("model/q.safetensors", True, *values.values(), None,
+                                    encoder))[-1]
+        return last[handlers["run_outputs"][1]]
 
     needs = press("")
     assert needs.startswith("**Not generated:** this model needs its Qwen3 text encoder")
@@ -282,6 +283,7 @@ def test_the_generate_tab_takes_the_text_encoder_field(exported, tiny_qwen3, tmp
         tab_generate.text_encoder_choice("two words", studio)
     fields = len(handlers["model_args"]["inputs"]) - 2
     shown = handlers["model_args"]["fn"]("model/q.safetensors", *[None] * fields, [None] * fields)
+    shown = [shown[handlers["model_info"]]]
     assert f"text encoder `{tiny_qwen3.name}`, a folder of the training machine" in shown[0]
     assert shown[0].startswith("**run-q step 10** · Run `run-q`")
 
