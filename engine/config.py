@@ -219,6 +219,7 @@ class TrainConfig:
     keep_last: int = _f(3, "step checkpoints kept (named keeps are never deleted)", lo=1)
     sample_every: int = _f(500, "optimizer steps between sample grids (0 = never)", lo=0)
     val_every: int = _f(500, "optimizer steps between validation losses (0 = never)", lo=0)
+    quality: bool = _f(True, "image-quality figures (engine/evaluate.py) at each sample grid")
     spike_factor: float = _f(5.0, "a loss above this multiple of its running average skips the "
                              "batch (0 = off)", lo=0.0)
     max_bad_steps: int = _f(3, "consecutive skipped batches before rolling back to the last "

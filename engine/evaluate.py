@@ -313,19 +313,26 @@ class RealImages:
             raise EvaluateError(f"{' '.join(str(e).split())}{also}") from None
         data = replace(cfg.data, val_images=0) if data_dir else cfg.data
         plan = plan_buckets(scan.records, data, cfg.model.patch_size, cfg.train.batch_size)
+        return cls.of_plan(plan, root, own=not data_dir)
+
+    @classmethod
+    def of_plan(cls, plan, root, *, own: bool = True, limit: int = MAX_REAL) -> RealImages:
+        """As `of`, from a bucket plan already made (the trainer's own): its held-out
+        images (at most `limit`), or, when it holds none out, a fixed choice of its
+        images; `own` says the plan is the run's (not another folder's)."""
         pool = [(im.record.path, im.caption) for im in (*plan.images, *plan.val_images)]
         if len(pool) < 2:
             raise EvaluateError(f"'{root}' holds {len(pool)} usable images; at least 2 are "
                                 f"needed to compare with")
-        if plan.val_images and not data_dir:
-            held = [(im.record.path, im.caption) for im in plan.val_images]
+        if plan.val_images and own:
+            held = [(im.record.path, im.caption) for im in plan.val_images][:limit]
             what = f"{len(held)} held-out images of {root} (the run's validation split)"
         else:
             held = [(im.record.path, im.caption)
-                    for im in split_validation(plan.images, MAX_REAL)[1]]
+                    for im in split_validation(plan.images, min(limit, MAX_REAL))[1]]
             what = f"{len(held)} images of {root}" + (
-                "" if data_dir else " (the run holds none out, data.val_images = 0: these "
-                                    "were trained on)")
+                "" if not own else " (the run holds none out, data.val_images = 0: these "
+                                   "were trained on)")
         return cls(held, pool, what)
 
     def load_held(self, width: int, height: int) -> tuple[np.ndarray, list[str]]:
@@ -454,6 +461,51 @@ def _finite(rows: list[dict]) -> list[dict]:
     """NaN (nothing measured) as None, so the report is valid JSON."""
     return [{k: None if isinstance(v, float) and not np.isfinite(v) else v
              for k, v in r.items()} for r in rows]
+
+
+# --------------------------------------------------------------------------------------
+# Live figures: what the trainer records with every sample grid (train.quality)
+# --------------------------------------------------------------------------------------
+
+LIVE_PROMPTS, LIVE_SEEDS, LIVE_STEPS, LIVE_REAL = 2, 2, 8, 16
+LIVE_KEYS = ("q_noise_ratio", "q_diversity_ratio", "q_adherence", "q_fid")
+
+
+class LiveQuality:
+    """A fixed small evaluation for one run: the first LIVE_PROMPTS prompts of its
+    config's sample.prompts (fixed, so the figures of a run stay comparable; edits to the
+    prompts file change the grids only), LIVE_SEEDS seeds each, LIVE_STEPS sampler steps
+    at the run's sample size, against at most LIVE_REAL images of the trainer's own plan
+    (RealImages.of_plan: its validation split), decoded once."""
+
+    def __init__(self, cfg: RunConfig, plan, trained: dict[str, int]):
+        self.cfg, self.plan, self.trained = cfg, plan, trained
+        self._real: RealImages | None = None
+
+    def __call__(self, net, encode, device: torch.device | str, precision: str
+                 ) -> dict[str, float]:
+        """live_figures of `net` (eval mode, the weights to judge); raises on failure."""
+        if self._real is None:
+            self._real = RealImages.of_plan(self.plan, self.cfg.data.path, limit=LIVE_REAL)
+        d = prompt_defaults(self.cfg, self.trained)
+        prompts = from_config(self.cfg, d)[1][:LIVE_PROMPTS]
+        result = evaluate(net, encode, self.cfg, device, precision, prompts, self._real,
+                          seeds=LIVE_SEEDS, steps=LIVE_STEPS, width=d.width, height=d.height)
+        return live_figures(result)
+
+
+def live_figures(result: dict) -> dict[str, float]:
+    """The flat keys (LIVE_KEYS) of an evaluate() result: q_noise_ratio (flat-area noise,
+    generated / real), q_diversity_ratio (seed spread, generated / real), q_adherence
+    (demo only: the right attributes' share, 0-1, the mean over the attributes scored)
+    and q_fid (the Fréchet distance on cheap features). A figure not measured is left out."""
+    by = {f["measure"]: f for f in result["figures"]}
+    shares = [a["generated"] / 100.0 for a in result["adherence"]]
+    out = {"q_noise_ratio": by.get("flat-area noise (levels)", {}).get("ratio"),
+           "q_diversity_ratio": by.get("seed diversity (levels)", {}).get("ratio"),
+           "q_adherence": float(np.mean(shares)) if shares else None,
+           "q_fid": by.get("Fréchet distance (cheap features)", {}).get("generated")}
+    return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
 
 # --------------------------------------------------------------------------------------

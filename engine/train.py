@@ -300,6 +300,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             return total / len(val_batches)
         return with_ema(run_val)
 
+    live = None   # the run's fixed quality evaluation, made at the first sample grid
+
     def sample() -> Path | None:
         if not d.main:
             return None
@@ -311,7 +313,31 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             model.train()
             return images
         images = with_ema(run_sample)
-        return save_sample_grid(run, st.step, images, cells, cfg)
+        path = save_sample_grid(run, st.step, images, cells, cfg)
+        if tr.quality:
+            measure_quality()
+        return path
+
+    def measure_quality() -> None:
+        """Live quality figures of the EMA weights (engine/evaluate.py LiveQuality); a
+        failure is one log line and training goes on."""
+        nonlocal live
+        from engine.evaluate import LiveQuality
+        live = live or LiveQuality(cfg, plan, trained)
+        start = time.perf_counter()
+        def run_quality():
+            model.eval()
+            try:
+                return live(net, model.encode, device, tr.precision)
+            finally:
+                model.train()
+        try:
+            figures = with_ema(run_quality)
+        except Exception as e:   # noqa: BLE001 - a figure must never stop the training
+            log(f"step {st.step}: no quality figures ({type(e).__name__}: "
+                f"{' '.join(str(e).split())})")
+            return
+        report.quality(st.step, figures, time.perf_counter() - start)
 
     # ---- loop -----------------------------------------------------------------------------
     signals.in_loop = True

@@ -191,7 +191,9 @@ class JobReporter:
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
             if k in ("step", "time", "epoch") or not numeric:
                 continue
-            self.tb.add_scalar(("val/" if k.startswith("val") else "train/") + k, v, step)
+            tag = (f"quality/{k[2:]}" if k.startswith("q_") else
+                   ("val/" if k.startswith("val") else "train/") + k)
+            self.tb.add_scalar(tag, v, step)
         for i, v in enumerate(record.get("loss_t") or []):
             if v is not None:
                 self.tb.add_scalar(f"loss_by_t/{i / 10:.1f}-{(i + 1) / 10:.1f}", v, step)
@@ -227,6 +229,15 @@ class JobReporter:
     def validation(self, step: int, value: float) -> None:
         self._record({"step": step, "time": round(time.time(), 3), "val_loss": round(value, 6)})
         self.log(f"step {step}: validation loss {value:.5f}")
+
+    def quality(self, step: int, figures: dict[str, float], seconds: float) -> None:
+        """One line of live quality figures (engine/evaluate.py LiveQuality: q_* keys) and
+        the seconds they took (q_seconds); TensorBoard shows them under quality/."""
+        self._record({"step": step, "time": round(time.time(), 3),
+                      **{k: round(v, 5) for k, v in figures.items()},
+                      "q_seconds": round(seconds, 3)})
+        shown = ", ".join(f"{k[2:]} {v:.3g}" for k, v in figures.items())
+        self.log(f"step {step}: quality {shown or 'not measured'} ({seconds:.1f} s)")
 
     def event(self, step: int, kind: str, message: str, files: list[str] | None = None) -> None:
         record = {"step": step, "time": round(time.time(), 3), "event": kind, "message": message}

@@ -1,7 +1,8 @@
 """The Checkpoints tab: every run with its checkpoints (step, time, size, EMA, validation
-loss, sample grid, pinned), disk usage and the retention rule, and what to do with a
-checkpoint: generate with it, resume its run, export an inference file, pin it so
-retention keeps it, or delete it (or the whole run) after a confirmation.
+loss, live quality figures, sample grid, pinned), the best one by a chosen figure, disk
+usage and the retention rule, and what to do with a checkpoint: generate with it, resume
+its run, export an inference file, pin it so retention keeps it, or delete it (or the
+whole run) after a confirmation.
 
 Runs and checkpoints are chosen by name and step; the studio's workspace layer
 (studio.workspace.Studio) finds the files behind them and does the work, this tab wires
@@ -15,12 +16,13 @@ import gradio as gr
 from engine import config
 from engine.checkpoint import CheckpointError, list_checkpoints, read_modelspec
 from engine.distributed import PRECISIONS
-from studio import views
+from studio import quality, views
 from studio.paths import PathError
 from studio.runner import RunnerError
 from studio.workspace import Studio, folder_size, format_run_checkpoint
 
 RUN_HEADERS = ["Run", "State", "Step", "Checkpoints", "Disk", "Created", "Description"]
+BEST_DEFAULT = "validation loss"
 
 
 def best_val_step(records: list[dict]) -> int | None:
@@ -36,6 +38,8 @@ def build(studio: Studio) -> dict:
         with gr.Row(equal_height=True):
             run = gr.Dropdown([], label="Run", scale=3)
             ckpt = gr.Dropdown([], label="Checkpoint", scale=3)
+            best_by = gr.Dropdown(list(quality.BEST_BY), value=BEST_DEFAULT, label="Best by",
+                                  elem_id="best-by", scale=2)
             refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
         with gr.Row():
             generate_btn = gr.Button("Generate with this", variant="primary")
@@ -44,7 +48,7 @@ def build(studio: Studio) -> dict:
                                   elem_id="train-from-checkpoint")
             pin_btn = gr.Button("Pin / unpin (retention keeps pinned)")
         message = gr.Markdown(elem_classes="phdm-status", elem_id="checkpoint-message")
-        ckpt_df = gr.Dataframe(headers=views.CHECKPOINT_HEADERS, label="Checkpoints of the run",
+        ckpt_df = gr.Dataframe(headers=quality.CHECKPOINT_HEADERS, label="Checkpoints of the run",
                                interactive=False, max_height=260, elem_id="checkpoint-table")
         retention = gr.Markdown(elem_classes="phdm-help")
         samples = gr.Gallery(label="Sample grid at each checkpoint", columns=4, height=260,
@@ -93,16 +97,17 @@ def build(studio: Studio) -> dict:
                  meta.get("exported_weights", ""), meta.get("exported_dtype", "")]
                 for p, meta, spec in studio.exported_models()]
 
-    def refresh_all(run_id=None, keep=True) -> dict:
+    def refresh_all(run_id=None, keep=True, by=BEST_DEFAULT) -> dict:
         runs = studio.runner.runs()
         ids = [r.run_id for r in runs]
         run_id = run_id if keep and run_id in ids else (ids[0] if ids else None)
         return {runs_df: run_rows(), run: gr.Dropdown(choices=ids, value=run_id),
-                models_df: model_rows(), **show_run(run_id)}
+                models_df: model_rows(), **show_run(run_id, None, by)}
 
-    def show_run(run_id, step=None) -> dict:
-        """The chosen run's checkpoint list, table, retention text, sample grids, and the
-        chosen checkpoint's id and default export name."""
+    def show_run(run_id, step=None, by=BEST_DEFAULT, pick=False) -> dict:
+        """The chosen run's checkpoint list, table (the best by `by` marked; chosen when
+        `pick`), retention text, sample grids, and the chosen checkpoint's id and default
+        export name."""
         empty = {ckpt: gr.Dropdown(choices=[], value=None), ckpt_df: [], samples: [],
                  checkpoint_id: "", export_name: ""}
         if not run_id:
@@ -110,17 +115,24 @@ def build(studio: Studio) -> dict:
         try:
             info = studio.runner.info(run_id)
             entries = studio.run_checkpoints(run_id)
+            records = views.fold_records([], studio.runner.metrics(run_id, 0)[0])
         except RunnerError as e:
             return {**empty, retention: str(e)}
-        rows = [views.checkpoint_row(c.step, c.saved, c.size, c.meta, c.pinned, c.resumable,
-                                     c.sample is not None) for c in reversed(entries)]
+        figures = quality.figures_by_step(records)
+        best = quality.best_checkpoint([c.step for c in entries], [c.meta for c in entries],
+                                       figures, by if by in quality.BEST_BY else BEST_DEFAULT)
+        rows = [quality.checkpoint_row(
+            views.checkpoint_row(c.step, c.saved, c.size, c.meta, c.pinned, c.resumable,
+                                 c.sample is not None), figures.get(c.step, {}), c.step == best)
+            for c in reversed(entries)]
         gallery = [(str(c.sample), f"step {c.step}") for c in reversed(entries) if c.sample]
         steps = [c.step for c in entries]
         pinned = {c.step for c in entries if c.pinned}
-        step = step if step in steps else (steps[-1] if steps else None)
+        step = (best if pick and best is not None else step if step in steps
+                else (steps[-1] if steps else None))
         choices = [(f"step {s}" + (" (pinned)" if s in pinned else ""), s) for s in reversed(steps)]
         return {ckpt: gr.Dropdown(choices=choices, value=step), ckpt_df: rows,
-                retention: retention_markdown(info, steps, pinned), samples: gallery,
+                retention: retention_markdown(info, steps, pinned, records), samples: gallery,
                 **chosen(run_id, step)}
 
     def chosen(run_id, step) -> dict:
@@ -130,12 +142,11 @@ def build(studio: Studio) -> dict:
         return {checkpoint_id: format_run_checkpoint(run_id, step),
                 export_name: f"{run_id}-step{step}"}
 
-    def retention_markdown(info, steps, pinned) -> str:
+    def retention_markdown(info, steps, pinned, records) -> str:
         try:
             keep_last = config.load_preset(info.path / "config.yaml").train.keep_last
         except config.ConfigError:
             return ""
-        records, _ = studio.runner.metrics(info.run_id, 0)
         best = best_val_step(records)
         gone = views.retention_preview(steps, keep_last, pinned | ({best} if best else set()))
         total = sum(c.size for c in list_checkpoints(info.path / "checkpoints"))
@@ -147,15 +158,15 @@ def build(studio: Studio) -> dict:
         return text
 
     # ---- actions -----------------------------------------------------------------------
-    def toggle_pin(run_id, step) -> dict:
+    def toggle_pin(run_id, step, by=BEST_DEFAULT) -> dict:
         if not run_id or step is None:
-            return {message: "Choose a checkpoint first.", **show_run(run_id, step)}
+            return {message: "Choose a checkpoint first.", **show_run(run_id, step, by)}
         try:
             pinned = studio.toggle_pin(run_id, step)
         except (RunnerError, OSError) as e:
-            return {message: str(e), **show_run(run_id, step)}
+            return {message: str(e), **show_run(run_id, step, by)}
         return {message: f"Step {step} {'pinned' if pinned else 'unpinned'}.",
-                **show_run(run_id, step)}
+                **show_run(run_id, step, by)}
 
     def export(run_id, step, name, dtype, ema, title="") -> dict:
         if not run_id or step is None:
@@ -168,7 +179,7 @@ def build(studio: Studio) -> dict:
                          f"titled \"{read_modelspec(dst).get('title', '')}\".",
                 models_df: model_rows()}
 
-    def remove_checkpoint(run_id, step, sure) -> dict:
+    def remove_checkpoint(run_id, step, sure, by=BEST_DEFAULT) -> dict:
         if not sure:
             return {message: "Tick the confirmation box first."}
         try:
@@ -176,31 +187,35 @@ def build(studio: Studio) -> dict:
         except (RunnerError, CheckpointError, OSError, TypeError, ValueError) as e:
             return {message: f"**Not deleted:** {e}"}
         return {message: f"Deleted step {step} of `{run_id}`.", confirm: False,
-                **show_run(run_id)}
+                **show_run(run_id, None, by)}
 
-    def remove_run(run_id, sure) -> dict:
+    def remove_run(run_id, sure, by=BEST_DEFAULT) -> dict:
         if not sure:
             return {message: "Tick the confirmation box first."}
         try:
             studio.runner.delete_run(run_id)
         except RunnerError as e:
             return {message: f"**Not deleted:** {e}"}
-        return {message: f"Deleted run `{run_id}`.", confirm: False, **refresh_all()}
+        return {message: f"Deleted run `{run_id}`.", confirm: False,
+                **refresh_all(None, True, by)}
 
     show_outputs = [ckpt, ckpt_df, retention, samples, checkpoint_id, export_name]
     refresh_outputs = [runs_df, run, models_df, *show_outputs]
-    refresh.click(refresh_all, inputs=[run, picked], outputs=refresh_outputs)
-    run.input(show_run, inputs=run, outputs=show_outputs).then(lambda: True, outputs=picked)
+    refresh.click(refresh_all, inputs=[run, picked, best_by], outputs=refresh_outputs)
+    run.input(lambda r, by: show_run(r, None, by), inputs=[run, best_by],
+              outputs=show_outputs).then(lambda: True, outputs=picked)
+    best_by.input(lambda r, by: show_run(r, None, by, pick=True), inputs=[run, best_by],
+                  outputs=show_outputs)
     ckpt.input(chosen, inputs=[run, ckpt], outputs=[checkpoint_id, export_name])
-    pin_btn.click(toggle_pin, inputs=[run, ckpt], outputs=[message, *show_outputs])
+    pin_btn.click(toggle_pin, inputs=[run, ckpt, best_by], outputs=[message, *show_outputs])
     export_btn.click(export, inputs=[run, ckpt, export_name, export_dtype, export_ema,
                                      export_title],
                      outputs=[message, models_df], concurrency_limit=1)
-    delete_ckpt.click(remove_checkpoint, inputs=[run, ckpt, confirm],
+    delete_ckpt.click(remove_checkpoint, inputs=[run, ckpt, confirm, best_by],
                       outputs=[message, confirm, *show_outputs])
-    delete_run.click(remove_run, inputs=[run, confirm],
+    delete_run.click(remove_run, inputs=[run, confirm, best_by],
                      outputs=[message, confirm, *refresh_outputs])
     return {"generate_btn": generate_btn, "resume_btn": resume_btn, "train_btn": train_btn,
             "run": run,
             "message": message, "checkpoint_id": checkpoint_id, "refresh_fn": refresh_all,
-            "refresh_inputs": [run, picked], "refresh_outputs": refresh_outputs}
+            "refresh_inputs": [run, picked, best_by], "refresh_outputs": refresh_outputs}

@@ -20,7 +20,7 @@ from engine import config, preflight
 from engine import sample_prompts as prompts_file
 from engine.distributed import DeviceError
 from engine.job import RunDir
-from studio import views
+from studio import quality, views
 from studio.paths import PathError
 from studio.runner import RunInfo, RunnerError
 from studio.workspace import Studio
@@ -229,6 +229,10 @@ def build(studio: Studio, selection: gr.State) -> dict:
                                     "latest window", height=220, sort="x", y_lim=[0, None])
                 val_plot = gr.LinePlot(x="step", y="value", label="Validation loss (EMA weights, "
                                        "fixed noise and times)", height=220, y_title="loss")
+                quality_plot = gr.LinePlot(x="step", y="value", color="series",
+                                           label="Image quality at each sample grid (EMA "
+                                           "weights, fixed prompts and seeds)", color_title="",
+                                           y_title="figure", elem_id="quality-plot")
             events = gr.Dataframe(headers=views.EVENT_HEADERS, label="Events (skipped batches, "
                                   "rollbacks, notes)", interactive=False, max_height=220, wrap=True)
             gr.Markdown("Log (last lines)", elem_classes="phdm-help")
@@ -378,7 +382,10 @@ def build(studio: Studio, selection: gr.State) -> dict:
                                                 smooth_w),
                   speed_plot: views.series_frame(train, {"images_s": "images/s"}, smooth_w),
                   t_plot: views.loss_t_frame(train[-1] if train else None),
-                  val_plot: views.series_frame(val, {"val_loss": "validation"})}
+                  val_plot: views.series_frame(val, {"val_loss": "validation"}),
+                  quality_plot: views.series_frame(
+                      [r for r in records if views.record_kind(r) == "quality"],
+                      quality.QUALITY_SERIES)}
         # an empty frame would fix the plot's colour legend before any series exists
         return {**{plot: f if len(f) else None for plot, f in frames.items()},
                 events: views.event_rows(evs), numbers: views.latest_numbers(train, val)}
@@ -555,8 +562,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
                           outputs=[validity, run_select, watch, setup_box], concurrency_limit=1)
     dry.click(run_dry, inputs=check_inputs[:4], outputs=dry_out, concurrency_limit=1)
 
-    plot_outputs = [loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot, events,
-                    numbers]
+    plot_outputs = [loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot, quality_plot,
+                    events, numbers]
     monitor_outputs = [watch, progress, *button_keys, run_msg, *plot_outputs, scrub, sample_img,
                        sample_note, log, run_select, monitor, no_run, prompts_box, prompts_state]
     timer.tick(poll, inputs=[watch, smoothing, follow, scrub], outputs=monitor_outputs,

@@ -321,17 +321,20 @@ def thumbnail_caption(im: PlannedImage) -> str:
 # --------------------------------------------------------------------------------------
 
 def record_kind(record: dict) -> str:
-    """'event', 'val' (a validation line), 'train' (a training metric line) or '' (other)."""
+    """'event', 'val' (a validation line), 'quality' (live quality figures: q_*), 'train'
+    (a training metric line) or '' (other)."""
     if "event" in record:
         return "event"
     if "val_loss" in record:
         return "val"
+    if "q_seconds" in record:
+        return "quality"
     return "train" if "loss" in record else ""
 
 
 def fold_records(records: Sequence[dict], new: Iterable[dict]) -> list[dict]:
     """`records` followed by `new`, read in order from the append-only metrics.jsonl.
-    A training or validation line whose step is not after the last one of its kind
+    A training, validation or quality line whose step is not after the last one of its kind
     comes from a process resumed at an earlier checkpoint: the lines of that kind from
     its step on are stale (the steps after the checkpoint that the lost process
     trained) and are dropped, so the plots never go back. Events are kept as they are."""
@@ -339,11 +342,11 @@ def fold_records(records: Sequence[dict], new: Iterable[dict]) -> list[dict]:
     last: dict[str, float] = {}
     for r in out:
         kind = record_kind(r)
-        if kind in ("train", "val") and isinstance(r.get("step"), (int, float)):
+        if kind in ("train", "val", "quality") and isinstance(r.get("step"), (int, float)):
             last[kind] = r["step"]
     for r in new:
         kind, step = record_kind(r), r.get("step")
-        if kind in ("train", "val") and isinstance(step, (int, float)):
+        if kind in ("train", "val", "quality") and isinstance(step, (int, float)):
             if kind in last and step <= last[kind]:
                 out = [o for o in out if record_kind(o) != kind
                        or not isinstance(o.get("step"), (int, float)) or o["step"] < step]
@@ -354,7 +357,7 @@ def fold_records(records: Sequence[dict], new: Iterable[dict]) -> list[dict]:
 
 def split_records(records: Iterable[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     """(training metric lines, validation lines, event lines) of metrics.jsonl."""
-    out: dict[str, list[dict]] = {"train": [], "val": [], "event": [], "": []}
+    out: dict[str, list[dict]] = {"train": [], "val": [], "quality": [], "event": [], "": []}
     for r in records:
         out[record_kind(r)].append(r)
     return out["train"], out["val"], out["event"]

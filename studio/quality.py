@@ -1,0 +1,83 @@
+"""The live quality figures as the studio shows them: the Train tab's quality plot, the
+Checkpoints tab's quality column and its "best by" choice.
+
+The trainer writes one metrics.jsonl line per sample grid with the q_* figures of
+engine/evaluate.py (LiveQuality): the flat-area noise and the seed diversity as
+multiples of the real images' (1 is the target), the prompt adherence as a share (demo
+dataset only) and a Fréchet distance on cheap features (lower is closer to the real
+images). Pure functions of records and numbers, as in studio/views.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from studio import views
+
+QUALITY_SERIES = {"q_noise_ratio": "flat-area noise (x real)",
+                  "q_diversity_ratio": "diversity (x real)",
+                  "q_adherence": "prompt adherence (share)",
+                  "q_fid": "Fréchet distance (cheap features)"}
+# "best by" choices: label -> (figure, what is best: "low", "high" or "one" = nearest 1x)
+BEST_BY = {"validation loss": ("val_loss", "low"),
+           "Fréchet distance": ("q_fid", "low"),
+           "prompt adherence": ("q_adherence", "high"),
+           "flat-area noise (nearest 1x real)": ("q_noise_ratio", "one"),
+           "diversity (nearest 1x real)": ("q_diversity_ratio", "one")}
+CHECKPOINT_HEADERS = [*views.CHECKPOINT_HEADERS[:5], "Quality (noise, diversity, adherence, FD)",
+                      *views.CHECKPOINT_HEADERS[5:], "Best"]
+
+
+def figures_by_step(records: Iterable[dict]) -> dict[int, dict[str, float]]:
+    """Step -> the quality figures recorded at it (folded records; the last line of a
+    step wins)."""
+    out: dict[int, dict[str, float]] = {}
+    for r in records:
+        if views.record_kind(r) == "quality" and isinstance(r.get("step"), int):
+            out[r["step"]] = {k: r[k] for k in QUALITY_SERIES if _finite(r.get(k))}
+    return out
+
+
+def quality_text(figures: dict[str, float]) -> str:
+    """'1.31x · 0.62x · 92% · 0.412' (noise, diversity, adherence, Fréchet); '-' for a
+    figure not measured, '' when there is none."""
+    if not figures:
+        return ""
+    parts = [f"{figures['q_noise_ratio']:.2f}x" if "q_noise_ratio" in figures else "-",
+             f"{figures['q_diversity_ratio']:.2f}x" if "q_diversity_ratio" in figures else "-",
+             f"{figures['q_adherence']:.0%}" if "q_adherence" in figures else "-",
+             f"{figures['q_fid']:.3g}" if "q_fid" in figures else "-"]
+    return " · ".join(parts)
+
+
+def best_step(values: dict[int, float], best: str) -> int | None:
+    """The step whose value is best ("low", "high", or "one": nearest 1 on a log scale);
+    the earlier step on a tie; None when no value is a finite number."""
+    score = {"low": lambda v: v, "high": lambda v: -v,
+             "one": lambda v: abs(math.log(max(v, 1e-9)))}[best]
+    finite = {s: v for s, v in values.items() if _finite(v)}
+    return min(finite, key=lambda s: (score(finite[s]), s)) if finite else None
+
+
+def best_checkpoint(steps: Sequence[int], metas: Sequence[dict],
+                    figures: dict[int, dict[str, float]], by: str) -> int | None:
+    """The best of the checkpoints at `steps` (with their metadata) by a BEST_BY label:
+    validation loss as each checkpoint recorded it, a quality figure as recorded at the
+    checkpoint's step. None when no checkpoint has that figure."""
+    key, best = BEST_BY[by]
+    if key == "val_loss":
+        values = {s: m.get("val_loss") for s, m in zip(steps, metas)}
+    else:
+        values = {s: figures.get(s, {}).get(key) for s in steps}
+    return best_step(values, best)
+
+
+def checkpoint_row(row: list, figures: dict[str, float], best: bool) -> list:
+    """views.checkpoint_row's cells with the quality text and the best mark (the columns
+    of CHECKPOINT_HEADERS)."""
+    return [*row[:5], quality_text(figures), *row[5:], "best" if best else ""]
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
