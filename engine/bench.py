@@ -56,7 +56,7 @@ import torch
 from engine.attention import flash_attn_func
 from engine.buckets import plan_buckets
 from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, load_preset
+from engine.config import ConfigError, load_preset, parse_wxh
 from engine.data import scan_dataset
 from engine.demo_data import write_demo_dataset
 from engine.distributed import PRECISIONS, DeviceError, resolve_device
@@ -97,7 +97,7 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = []
     for item in text.split(","):
         try:
-            w, h = (int(v) for v in item.strip().lower().split("x"))
+            w, h = parse_wxh(item.strip())
         except ValueError:
             raise GenerateError(f"--sizes: '{item}' is not WIDTHxHEIGHT (e.g. 64x64)") from None
         sizes.append((w, h))

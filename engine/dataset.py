@@ -35,12 +35,11 @@ from engine.config import DataConfig
 from engine.data import DataError
 from engine.images import (
     BROKEN_FILE_ERRORS,
-    IMAGE_PROBLEMS,
     MAX_PIXELS,
     ORIENT_TRANSPOSE,
     exif_orientation,
-    image_problem,
     open_image,
+    problem_text,
     to_rgb,
 )
 
@@ -71,12 +70,6 @@ def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: b
     box = tuple(v * factor for v in crop_box(w, h, bucket, fx, fy))
     out = rgb.resize(bucket, Image.Resampling.LANCZOS, box=box)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
-
-
-def load_error(e: BaseException, path: str) -> str:
-    """What is wrong with a file that failed to load, and what to do, in one line."""
-    kind, note = image_problem(e, path)
-    return f"{note}; {IMAGE_PROBLEMS[kind][1]}"
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -186,7 +179,7 @@ class BucketDataset(Dataset):
                                 max_pixels=self.max_pixels)
             except BROKEN_FILE_ERRORS as e:
                 return Sample(None, im.caption, im.record.path, im.bucket, key.epoch,
-                              key.position, load_error(e, im.record.path))
+                              key.position, problem_text(e, im.record.path))
             pixels = torch.from_numpy(np.array(img, dtype=np.uint8))         # (H, W, 3)
             if self._cached_bytes + pixels.numel() <= self.cache_bytes:
                 self._cache[key.index] = pixels

@@ -169,6 +169,13 @@ def image_problem(e: BaseException, path: str | os.PathLike) -> tuple[str, str]:
     return "unreadable", f"damaged image data ({str(e) or type(e).__name__})"
 
 
+def problem_text(e: BaseException, path: str | os.PathLike) -> str:
+    """What is wrong with an image file that failed to open or decode, and what to do,
+    in one line."""
+    kind, note = image_problem(e, path)
+    return f"{note}; {IMAGE_PROBLEMS[kind][1]}"
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB of the current frame. Transparent pixels are composited on white. The
     grey modes wider than 8 bits are rescaled, where PIL's own conversion clips: 16-bit

@@ -307,37 +307,32 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             return None
         from engine.generate import render_samples
         cells = prompts.read(log, text_encoder)   # edits made while the run trains count
-        def run_sample():
-            model.eval()
-            images = render_samples(net, model.encode, cells, cfg, device, tr.precision)
-            model.train()
-            return images
-        images = with_ema(run_sample)
-        path = save_sample_grid(run, st.step, images, cells, cfg)
-        if tr.quality:
-            measure_quality()
-        return path
-
-    def measure_quality() -> None:
-        """Live quality figures of the EMA weights (engine/evaluate.py LiveQuality); a
-        failure is one log line and training goes on."""
-        nonlocal live
-        from engine.evaluate import LiveQuality
-        live = live or LiveQuality(cfg, plan, trained)
-        start = time.perf_counter()
-        def run_quality():
+        def run_sample():   # the grid and the quality figures in one swap to the EMA weights
             model.eval()
             try:
-                return live(net, model.encode, device, tr.precision)
+                images = render_samples(net, model.encode, cells, cfg, device, tr.precision)
+                return images, measure_quality() if tr.quality else None
             finally:
                 model.train()
+        images, figures = with_ema(run_sample)
+        path = save_sample_grid(run, st.step, images, cells, cfg)
+        if figures is not None:
+            report.quality(st.step, *figures)
+        return path
+
+    def measure_quality() -> tuple[dict, float] | None:
+        """(figures, seconds) of the live quality set (engine/evaluate.py LiveQuality) on
+        the weights in place; a failure is one log line, and training goes on."""
+        nonlocal live
+        start = time.perf_counter()
         try:
-            figures = with_ema(run_quality)
+            from engine.evaluate import LiveQuality
+            live = live or LiveQuality(cfg, plan, trained)
+            return live(net, model.encode, device, tr.precision), time.perf_counter() - start
         except Exception as e:   # noqa: BLE001 - a figure must never stop the training
             log(f"step {st.step}: no quality figures ({type(e).__name__}: "
                 f"{' '.join(str(e).split())})")
-            return
-        report.quality(st.step, figures, time.perf_counter() - start)
+            return None
 
     # ---- loop -----------------------------------------------------------------------------
     signals.in_loop = True

@@ -484,7 +484,7 @@ def build(studio: Studio) -> dict:
     checkpoint.input(**model_args)
     refresh.click(refresh_fn, inputs=checkpoint, outputs=[checkpoint, past, past_files],
                   **model_queue).then(**model_args)
-    size.input(lambda s: views.parse_size(s) if s else (gr.skip(), gr.skip()), inputs=size,
+    size.input(lambda s: config.parse_wxh(s) if s else (gr.skip(), gr.skip()), inputs=size,
                outputs=[width, height])
     run_outputs = [live, status, results, params, past, past_files, checkpoint, model_info]
     go.click(run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init,

@@ -525,11 +525,6 @@ def size_choices(cfg: config.RunConfig, trained: dict[str, int] | None = None
     return first + rest
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    w, _, h = (text or "").lower().partition("x")
-    return int(w), int(h.split()[0])
-
-
 def parse_seed(text) -> int | None:
     """None (random) for empty text or -1; else a whole number >= 0."""
     if text is None or str(text).strip() in ("", "-1"):

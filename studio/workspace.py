@@ -40,10 +40,9 @@ from engine.generate_io import checkpoint_config, resolve_checkpoint
 from engine.images import (
     BROKEN_FILE_ERRORS,
     IMAGE_EXTENSIONS,
-    IMAGE_PROBLEMS,
     MAX_PIXELS,
-    image_problem,
     inspect_image,
+    problem_text,
 )
 from engine.init_from import differences
 from studio import views
@@ -428,8 +427,7 @@ def add_files(datasets_dir: Path, name: str, files: Sequence[str | Path], *,
                 inspect_image(str(src), max_pixels)
                 why = ""
             except BROKEN_FILE_ERRORS as e:
-                kind, note = image_problem(e, src)
-                why = f"{note}; {IMAGE_PROBLEMS[kind][1]}"
+                why = problem_text(e, src)
         elif ext in CAPTION_EXTENSIONS:
             why = _caption_problem(src)
         else:

@@ -395,12 +395,12 @@ def test_size_choices_are_the_model_buckets():
     expected = make_buckets(d.min_side, d.max_side, d.bucket_step, cfg.model.patch_size,
                             d.max_aspect)
     sizes = views.size_choices(cfg)
-    assert [views.parse_size(v) for _, v in sizes] == expected
+    assert [config.parse_wxh(v) for _, v in sizes] == expected
     # the sizes a run trained at come first, most images first, with their count
     sizes = views.size_choices(cfg, {"48x32": 5, "32x32": 640})
     assert sizes[:2] == [("32x32 · trained, 640 images", "32x32"),
                          ("48x32 · trained, 5 images", "48x32")]
-    assert sorted(views.parse_size(v) for _, v in sizes) == sorted(expected)
+    assert sorted(config.parse_wxh(v) for _, v in sizes) == sorted(expected)
 
 
 def test_parse_seed():
