@@ -61,7 +61,7 @@ from engine.data import scan_dataset
 from engine.demo_data import write_demo_dataset
 from engine.distributed import PRECISIONS, DeviceError, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
-from engine.evaluate import EvaluateError, add_quality
+from engine.evaluate import EvaluateError
 from engine.flops import PARTS
 from engine.generate import (
     GenerateError,
@@ -85,6 +85,7 @@ from engine.perf import (
     timed,
     train_step_seconds,
 )
+from engine.quality_cli import add_quality
 from engine.sampling import SAMPLERS, model_evals, sample_shift
 from engine.train import TrainError, train
 

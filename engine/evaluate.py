@@ -43,9 +43,6 @@ image), so a perfectly flat real set still gives a finite ratio.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -68,7 +65,7 @@ from engine.demo_data import (
     render,
 )
 from engine.encoders import DinoTeacher
-from engine.generate import Pipeline, check_size, render_samples
+from engine.generate import render_samples
 from engine.images import BROKEN_FILE_ERRORS
 from engine.job import RunDir
 from engine.sample_prompts import (
@@ -468,7 +465,7 @@ def _finite(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 LIVE_PROMPTS, LIVE_SEEDS, LIVE_STEPS, LIVE_REAL = 2, 2, 8, 16
-LIVE_KEYS = ("q_noise_ratio", "q_diversity_ratio", "q_adherence", "q_fid")
+LIVE_KEYS = ("q_noise_ratio", "q_diversity_ratio", "q_adherence", "q_fid", "q_fid_real")
 
 
 class LiveQuality:
@@ -498,91 +495,14 @@ def live_figures(result: dict) -> dict[str, float]:
     """The flat keys (LIVE_KEYS) of an evaluate() result: q_noise_ratio (flat-area noise,
     generated / real), q_diversity_ratio (seed spread, generated / real), q_adherence
     (demo only: the right attributes' share, 0-1, the mean over the attributes scored)
-    and q_fid (the Fréchet distance on cheap features). A figure not measured is left out."""
+    q_fid (the Fréchet distance on cheap features) and q_fid_real (the same distance
+    between the two halves of the real images: what q_fid would be for a model that draws
+    like them). A figure not measured is left out."""
     by = {f["measure"]: f for f in result["figures"]}
     shares = [a["generated"] / 100.0 for a in result["adherence"]]
     out = {"q_noise_ratio": by.get("flat-area noise (levels)", {}).get("ratio"),
            "q_diversity_ratio": by.get("seed diversity (levels)", {}).get("ratio"),
            "q_adherence": float(np.mean(shares)) if shares else None,
-           "q_fid": by.get("Fréchet distance (cheap features)", {}).get("generated")}
+           "q_fid": by.get("Fréchet distance (cheap features)", {}).get("generated"),
+           "q_fid_real": by.get("Fréchet distance (cheap features)", {}).get("real")}
     return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
-
-
-# --------------------------------------------------------------------------------------
-# Command line: python -m engine.bench quality
-# --------------------------------------------------------------------------------------
-
-def tty_progress(stream=sys.stderr) -> Progress | None:
-    """A one-line progress bar on `stream` when it is a terminal, else None."""
-    if not stream.isatty():
-        return None
-
-    def show(done: int, total: int, what: str) -> None:
-        bar = "#" * round(20 * done / total)
-        end = "\n" if done == total else ""
-        stream.write(f"\rquality [{bar:<20}] {done}/{total} {what[:40]:<40}{end}")
-        stream.flush()
-    return show
-
-
-def quality_report(args: argparse.Namespace) -> dict:
-    start = time.perf_counter()
-    if min(args.n, args.steps) < 1 or args.seeds < 2:
-        raise EvaluateError("--n and --steps: allowed whole numbers >= 1; --seeds: >= 2")
-    pipe = Pipeline.load(args.checkpoint, ema=True, device=args.device, dtype=args.dtype)
-    cfg = pipe.cfg
-    width, height = cfg.sample_size(pipe.trained)
-    check_size(width, height, cfg.model.patch_size)
-    prompts = run_prompts(cfg, pipe.path, pipe.trained)[:args.n]
-    real = RealImages.of(cfg, args.data)
-    folder = Path(cfg.loss.repa_teacher).expanduser() if cfg.loss.repa_teacher else None
-    teacher = DinoTeacher(str(folder), pipe.device) if folder and folder.is_dir() else None
-    result = evaluate(pipe.net, pipe.encode, cfg, pipe.device, pipe.precision, prompts, real,
-                      seeds=args.seeds, steps=args.steps, width=width, height=height,
-                      teacher=teacher, progress=tty_progress())
-    if folder and teacher is None:
-        result["notes"].append(f"no DINOv3 distance: loss.repa_teacher '{folder}' is not a "
-                               f"folder here")
-    return {"benchmark": "quality", "checkpoint": f"{pipe.path} (step {pipe.step}, "
-            f"{pipe.weights} weights)", "device": str(pipe.device),
-            "size": f"{width}x{height}", "prompts": len(prompts), "seeds": args.seeds,
-            "steps": args.steps, "real": real.what, **result,
-            "seconds": round(time.perf_counter() - start, 1)}
-
-
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.3g}"
-
-
-def _times(v) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.0f}%"
-
-
-FIGURE_COLUMNS = [("measure", "measure", str), ("generated", "generated", _num),
-                  ("real", "real", _num), ("ratio", "ratio", _times), ("note", "", str)]
-PROMPT_COLUMNS = [("prompt", "prompt", lambda v: v[:48]), ("spread", "spread", _num),
-                  ("real_spread", "real spread", _num), ("ratio", "ratio", _times),
-                  ("reference", "real reference", str), ("noise", "noise", _num),
-                  ("adherence", "adherence", _pct)]
-ADHERENCE_COLUMNS = [("attribute", "attribute", str), ("scored", "images", str),
-                     ("generated", "generated", _pct), ("real", "real (scorer check)", _pct)]
-
-
-def add_quality(sub, common: argparse.ArgumentParser) -> None:
-    """engine.bench's `quality` subcommand (see this module's docstring)."""
-    p = sub.add_parser("quality", parents=[common],
-                       help="flat-area noise, seed diversity, prompt adherence and Fréchet "
-                            "distance of a checkpoint against real images")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file or run folder")
-    p.add_argument("--data", help="compare with images of this folder (default: the run's "
-                                  "held-out validation images)")
-    p.add_argument("--n", type=int, default=4, help="sample prompts used (default 4)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
-    p.set_defaults(run=quality_report, tables=[
-        ("figures", "", FIGURE_COLUMNS), ("per_prompt", "per prompt", PROMPT_COLUMNS),
-        ("adherence", "prompt adherence (demo captions, from pixels)", ADHERENCE_COLUMNS)])

@@ -96,6 +96,22 @@ def to_velocity(pred: Tensor, z: Tensor, t: Tensor, prediction: str, t_eps: floa
     return (pred - z) / (1.0 - _bcast(t, z)).clamp_min(t_eps if t_eps > 0 else 1e-6)
 
 
+def velocity_target(x: Tensor, eps: Tensor, t: Tensor, prediction: str,
+                    t_eps: float = 0.0) -> Tensor:
+    """The velocity the loss compares `to_velocity` with: x - eps, which is (x - z) / (1 - t).
+    For x-prediction the same clamp of 1 - t at t_eps as in to_velocity applies, so that for
+    t > 1 - t_eps both sides are divided alike and the loss stays a (weighted) error of the
+    clean estimate. Unclamped, the target there is larger than any clean estimate can
+    reach through the clamped division, and the best x_hat overshoots the image by
+    (t + t_eps - 1) (x - eps): noise of the opposite sign, added where the image is
+    nearly clean. Where 1 - t >= t_eps the factor is exactly 1."""
+    v = x - eps
+    if prediction != "x" or t_eps <= 0:
+        return v
+    gap = 1.0 - _bcast(t, x)
+    return v * (gap / gap.clamp_min(t_eps))
+
+
 # --------------------------------------------------------------------------------------
 # V-loss
 # --------------------------------------------------------------------------------------
@@ -341,7 +357,7 @@ def flow_losses(pred: Tensor, z: Tensor, t: Tensor, x: Tensor, eps: Tensor, pred
     off is absent rather than zero, so logs never show a switched-off term as a
     perfect score. All values are fp32 scalars."""
     v_hat = to_velocity(pred, z, t, prediction, loss_cfg.t_eps)
-    v_star = x - eps
+    v_star = velocity_target(x, eps, t, prediction, loss_cfg.t_eps)
     terms = {"v": v_loss(v_hat, v_star)}
     if loss_cfg.freq_weight > 0:
         terms["freq"] = loss_cfg.freq_weight * freq_loss(
@@ -374,10 +390,10 @@ def validation_loss(model_fn, x: Tensor, eps: Tensor, prediction: str, t_eps: fl
     if eps.shape != x.shape:
         raise ValueError(f"validation noise must have the images' shape {tuple(x.shape)}, "
                          f"got {tuple(eps.shape)}")
-    v_star = x - eps
     total = torch.zeros((), device=x.device)
     for t_k in validation_times(n_times, t_eps).tolist():
         t = torch.full((x.shape[0],), t_k, device=x.device)
         z = interpolate(x, eps, t)
-        total += v_loss(to_velocity(model_fn(z, t), z, t, prediction, t_eps), v_star)
+        total += v_loss(to_velocity(model_fn(z, t), z, t, prediction, t_eps),
+                        velocity_target(x, eps, t, prediction, t_eps))
     return total / n_times

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from engine.config import RunConfig
-from engine.flow import IREPAProjector, flow_losses, interpolate, to_velocity, v_loss_per_sample
+from engine.flow import (
+    IREPAProjector,
+    flow_losses,
+    interpolate,
+    to_velocity,
+    v_loss_per_sample,
+    velocity_target,
+)
 from engine.model import PixelHDM, TextCond
 
 
@@ -42,7 +49,8 @@ class Trainable(nn.Module):
                             gamma_sq=out.gamma_sq, step=step)
         with torch.no_grad():
             per_sample = v_loss_per_sample(
-                to_velocity(out.pred, z, t, cfg.model.prediction, cfg.loss.t_eps), x - eps)
+                to_velocity(out.pred, z, t, cfg.model.prediction, cfg.loss.t_eps),
+                velocity_target(x, eps, t, cfg.model.prediction, cfg.loss.t_eps))
         return terms, per_sample
 
     def weights(self) -> dict[str, Tensor]:

@@ -19,6 +19,12 @@ QUALITY_SERIES = {"q_noise_ratio": "flat-area noise (x real)",
                   "q_diversity_ratio": "diversity (x real)",
                   "q_adherence": "prompt adherence (share)",
                   "q_fid": "Fréchet distance (cheap features)"}
+# the Train tab's plot: every figure scaled so that 1 is what the real images score
+PLOT_SERIES = {"q_noise_ratio": "flat-area noise", "q_diversity_ratio": "diversity",
+               "fid": "Fréchet distance", "q_adherence": "prompt adherence"}
+PLOT_CAP = 4.0      # a figure above this is drawn at it: early figures reach 50x and more
+PLOT_TITLE = (f"Image quality at each sample grid, 1 = like the real images (values above "
+              f"{PLOT_CAP:g} drawn at {PLOT_CAP:g}; EMA weights, fixed prompts and seeds)")
 # "best by" choices: label -> (figure, what is best: "low", "high" or "one" = nearest 1x)
 BEST_BY = {"validation loss": ("val_loss", "low"),
            "Fréchet distance": ("q_fid", "low"),
@@ -36,6 +42,22 @@ def figures_by_step(records: Iterable[dict]) -> dict[int, dict[str, float]]:
     for r in records:
         if views.record_kind(r) == "quality" and isinstance(r.get("step"), int):
             out[r["step"]] = {k: r[k] for k in QUALITY_SERIES if _finite(r.get(k))}
+    return out
+
+
+def plot_records(records: Iterable[dict]) -> list[dict]:
+    """The quality lines as PLOT_SERIES values: the noise and diversity ratios and the
+    adherence share as they are, the Fréchet distance over the real halves' distance
+    (q_fid_real), each capped at PLOT_CAP."""
+    out = []
+    for r in records:
+        if views.record_kind(r) != "quality" or not isinstance(r.get("step"), int):
+            continue
+        row = {k: r[k] for k in ("q_noise_ratio", "q_diversity_ratio", "q_adherence")
+               if _finite(r.get(k))}
+        if _finite(r.get("q_fid")) and _finite(r.get("q_fid_real")) and r["q_fid_real"] > 0:
+            row["fid"] = r["q_fid"] / r["q_fid_real"]
+        out.append({"step": r["step"], **{k: min(v, PLOT_CAP) for k, v in row.items()}})
     return out
 
 

@@ -230,9 +230,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
                 val_plot = gr.LinePlot(x="step", y="value", label="Validation loss (EMA weights, "
                                        "fixed noise and times)", height=220, y_title="loss")
                 quality_plot = gr.LinePlot(x="step", y="value", color="series",
-                                           label="Image quality at each sample grid (EMA "
-                                           "weights, fixed prompts and seeds)", color_title="",
-                                           y_title="figure", elem_id="quality-plot")
+                                           label=quality.PLOT_TITLE, color_title="",
+                                           y_title="x real", elem_id="quality-plot")
             events = gr.Dataframe(headers=views.EVENT_HEADERS, label="Events (skipped batches, "
                                   "rollbacks, notes)", interactive=False, max_height=220, wrap=True)
             gr.Markdown("Log (last lines)", elem_classes="phdm-help")
@@ -383,9 +382,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
                   speed_plot: views.series_frame(train, {"images_s": "images/s"}, smooth_w),
                   t_plot: views.loss_t_frame(train[-1] if train else None),
                   val_plot: views.series_frame(val, {"val_loss": "validation"}),
-                  quality_plot: views.series_frame(
-                      [r for r in records if views.record_kind(r) == "quality"],
-                      quality.QUALITY_SERIES)}
+                  quality_plot: views.series_frame(quality.plot_records(records),
+                                                   quality.PLOT_SERIES)}
         # an empty frame would fix the plot's colour legend before any series exists
         return {**{plot: f if len(f) else None for plot, f in frames.items()},
                 events: views.event_rows(evs), numbers: views.latest_numbers(train, val)}

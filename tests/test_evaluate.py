@@ -173,6 +173,26 @@ def test_quality_command_reports_every_figure_and_writes_nothing(trained, capsys
     assert snapshot(run, demo) == before
 
 
+def test_quality_command_takes_the_generators_sampling_options(trained, capsys):
+    """Sampling settings compare on one checkpoint: the options reach the sampler (a
+    different guidance gives different images), the report names them, bad ones exit 2."""
+    run, _ = trained
+    args = ["quality", "--checkpoint", str(run), "--n", "1", "--seeds", "2", "--steps", "2",
+            "--device", "cpu", "--json"]
+    assert bench_main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["sampling"] == "heun, cfg 5"
+    assert bench_main([*args, "--sampler", "euler", "--cfg", "2", "--cfg-interval", "0", "0.7",
+                       "--cfg-rescale", "0.5", "--shift", "2"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["sampling"] == "euler, cfg 2 for t in [0, 0.7], rescale 0.5, shift 2"
+    assert other["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
+    for bad in (["--cfg-interval", "0.8", "0.2"], ["--cfg", "-1"], ["--cfg-rescale", "2"],
+                ["--shift", "-1"]):
+        assert bench_main([*args, *bad]) == 2
+        assert "allowed" in capsys.readouterr().err
+
+
 def test_quality_on_another_folder_omits_adherence_with_a_note(trained, tmp_path, capsys):
     run, _ = trained
     rng = np.random.default_rng(0)

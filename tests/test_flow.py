@@ -36,6 +36,7 @@ from engine.flow import (
     v_loss_per_sample,
     validation_loss,
     validation_times,
+    velocity_target,
     zscore_tokens,
 )
 
@@ -84,6 +85,27 @@ def test_x_prediction_velocity_clamps_at_t_eps():
     z = interpolate(x, eps, t)
     v = to_velocity(x + 1.0, z, t, "x", t_eps=0.05)
     torch.testing.assert_close(v, torch.full_like(v, 1.0 / 0.05))
+
+
+@pytest.mark.parametrize("prediction", ["x", "v"])
+def test_velocity_target_is_clamped_like_the_prediction(prediction):
+    """For t > 1 - t_eps an x-prediction's velocity divides by t_eps; the target must too,
+    else the best clean estimate overshoots the image by noise of the opposite sign."""
+    x, eps = _pair((3, 3, 4, 4))
+    t = torch.tensor([0.3, 0.95, 0.99])
+    z = interpolate(x, eps, t)
+    target = velocity_target(x, eps, t, prediction, t_eps=0.05)
+    assert torch.equal(target[0], (x - eps)[0])      # factor exactly 1 where unclamped
+    if prediction == "v":
+        assert torch.equal(target, x - eps)
+        return
+    # the exact clean image is a perfect prediction at every t, the clamped ones included
+    loss = flow_losses(x, z, t, x, eps, "x", LossConfig(t_eps=0.05, freq_weight=0.0))["v"]
+    assert loss.item() < 1e-10
+    torch.testing.assert_close(target[2], (x - eps)[2] * (0.01 / 0.05), rtol=1e-4, atol=1e-6)
+    # the old unclamped target made x itself look wrong there and rewarded an overshoot
+    old = v_loss(to_velocity(x, z, t, "x", 0.05)[2:], (x - eps)[2:])
+    assert old.item() > 0.1
 
 
 def test_sample_t_range_and_centre():

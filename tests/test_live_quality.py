@@ -73,13 +73,15 @@ def test_live_figures_flatten_an_evaluation_and_leave_out_what_was_not_measured(
     result = {"figures": [
         {"measure": "flat-area noise (levels)", "generated": 6.0, "real": 2.0, "ratio": 3.0},
         {"measure": "seed diversity (levels)", "generated": 4.0, "real": 8.0, "ratio": 0.5},
-        {"measure": "Fréchet distance (cheap features)", "generated": 0.25, "ratio": None}],
+        {"measure": "Fréchet distance (cheap features)", "generated": 0.25, "real": 0.125,
+         "ratio": None}],
         "adherence": [{"attribute": "background", "generated": 100.0},
                       {"attribute": "shape", "generated": 50.0}]}
     assert live_figures(result) == {"q_noise_ratio": 3.0, "q_diversity_ratio": 0.5,
-                                    "q_adherence": 0.75, "q_fid": 0.25}
+                                    "q_adherence": 0.75, "q_fid": 0.25, "q_fid_real": 0.125}
     result["figures"][0]["ratio"] = None                  # no flat pixels
     result["adherence"] = []                              # not the demo
+    result["figures"][2]["real"] = None                   # fewer than 4 real images
     assert live_figures(result) == {"q_diversity_ratio": 0.5, "q_fid": 0.25}
 
 
@@ -124,3 +126,21 @@ def test_a_resumed_run_replaces_its_stale_quality_lines_and_the_row_shows_them()
     frame = views.series_frame(folded, quality.QUALITY_SERIES)
     assert list(frame["step"]) == [2, 4] and set(frame["series"]) == {
         "Fréchet distance (cheap features)"}
+
+
+def test_the_plot_scales_every_figure_so_that_one_is_the_real_images():
+    lines = [q(250, noise_ratio=70.0, diversity_ratio=0.05, adherence=0.3, fid=9.0,
+               fid_real=1.5),
+             q(500, noise_ratio=1.1, diversity_ratio=0.9, adherence=0.97, fid=1.8,
+               fid_real=1.5),
+             q(750, noise_ratio=1.0),                         # a figure missing is skipped
+             {"step": 750, "loss": 0.1, "lr": 1e-3}]          # a training line is not plotted
+    frame = views.series_frame(quality.plot_records(views.fold_records([], lines)),
+                               quality.PLOT_SERIES)
+    got = {(s, n): round(v, 3) for s, n, v in zip(frame["step"], frame["series"],
+                                                  frame["value"])}
+    assert got == {(250, "flat-area noise"): 4.0, (250, "diversity"): 0.05,       # capped
+                   (250, "Fréchet distance"): 4.0, (250, "prompt adherence"): 0.3,
+                   (500, "flat-area noise"): 1.1, (500, "diversity"): 0.9,
+                   (500, "Fréchet distance"): 1.2, (500, "prompt adherence"): 0.97,
+                   (750, "flat-area noise"): 1.0}

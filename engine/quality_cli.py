@@ -1,0 +1,131 @@
+"""The command line of the quality figures: `python -m engine.bench quality` (the measures
+themselves, and what each means, are in engine/evaluate.py). Besides the checkpoint's own
+sample settings it takes the sampler and guidance options of the generator, so sampling
+settings can be compared on one checkpoint with every other option fixed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from engine.config import RunConfig
+from engine.encoders import DinoTeacher
+from engine.evaluate import EvaluateError, Progress, RealImages, evaluate, run_prompts
+from engine.generate import Pipeline, check_options, check_size
+from engine.sample_prompts import SamplePrompt
+from engine.sampling import SAMPLERS
+
+
+def tty_progress(stream=sys.stderr) -> Progress | None:
+    """A one-line progress bar on `stream` when it is a terminal, else None."""
+    if not stream.isatty():
+        return None
+
+    def show(done: int, total: int, what: str) -> None:
+        bar = "#" * round(20 * done / total)
+        end = "\n" if done == total else ""
+        stream.write(f"\rquality [{bar:<20}] {done}/{total} {what[:40]:<40}{end}")
+        stream.flush()
+    return show
+
+
+def quality_report(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    if min(args.n, args.steps) < 1 or args.seeds < 2:
+        raise EvaluateError("--n and --steps: allowed whole numbers >= 1; --seeds: >= 2")
+    pipe = Pipeline.load(args.checkpoint, ema=True, device=args.device, dtype=args.dtype)
+    cfg = with_sampling(pipe.cfg, args)
+    width, height = cfg.sample_size(pipe.trained)
+    check_size(width, height, cfg.model.patch_size)
+    prompts = run_prompts(cfg, pipe.path, pipe.trained)[:args.n]
+    if args.cfg is not None:
+        prompts = [replace(p, cfg=args.cfg) for p in prompts]
+    real = RealImages.of(cfg, args.data)
+    folder = Path(cfg.loss.repa_teacher).expanduser() if cfg.loss.repa_teacher else None
+    teacher = DinoTeacher(str(folder), pipe.device) if folder and folder.is_dir() else None
+    result = evaluate(pipe.net, pipe.encode, cfg, pipe.device, pipe.precision, prompts, real,
+                      seeds=args.seeds, steps=args.steps, width=width, height=height,
+                      teacher=teacher, progress=tty_progress())
+    if folder and teacher is None:
+        result["notes"].append(f"no DINOv3 distance: loss.repa_teacher '{folder}' is not a "
+                               f"folder here")
+    return {"benchmark": "quality", "checkpoint": f"{pipe.path} (step {pipe.step}, "
+            f"{pipe.weights} weights)", "device": str(pipe.device),
+            "size": f"{width}x{height}", "prompts": len(prompts), "seeds": args.seeds,
+            "steps": args.steps, "sampling": sampling_text(cfg, prompts), "real": real.what,
+            **result,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+SAMPLING_ARGS = ("sampler", "cfg_rescale", "cfg_interval", "shift")
+
+
+def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """The checkpoint's config with the sampling options given on the command line
+    (checked as the generator checks them), the rest as it trained."""
+    given = {k: getattr(args, k) for k in SAMPLING_ARGS if getattr(args, k) is not None}
+    s = replace(cfg.sample, **given)
+    check_options(args.steps, s.sampler, s.cfg if args.cfg is None else args.cfg,
+                  s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0)
+    return replace(cfg, sample=s)
+
+
+def sampling_text(cfg: RunConfig, prompts: list[SamplePrompt]) -> str:
+    """How the images were sampled, in one line of the report."""
+    s = cfg.sample
+    scales = sorted({p.cfg for p in prompts})
+    lo, hi = s.cfg_interval
+    text = f"{s.sampler}, cfg {'/'.join(f'{v:g}' for v in scales)}"
+    if (lo, hi) != (0.0, 1.0):
+        text += f" for t in [{lo:g}, {hi:g}]"
+    if s.cfg_rescale:
+        text += f", rescale {s.cfg_rescale:g}"
+    return text + (f", shift {s.shift:g}" if s.shift else "")
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _times(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0f}%"
+
+
+FIGURE_COLUMNS = [("measure", "measure", str), ("generated", "generated", _num),
+                  ("real", "real", _num), ("ratio", "ratio", _times), ("note", "", str)]
+PROMPT_COLUMNS = [("prompt", "prompt", lambda v: v[:48]), ("spread", "spread", _num),
+                  ("real_spread", "real spread", _num), ("ratio", "ratio", _times),
+                  ("reference", "real reference", str), ("noise", "noise", _num),
+                  ("adherence", "adherence", _pct)]
+ADHERENCE_COLUMNS = [("attribute", "attribute", str), ("scored", "images", str),
+                     ("generated", "generated", _pct), ("real", "real (scorer check)", _pct)]
+
+
+def add_quality(sub, common: argparse.ArgumentParser) -> None:
+    """engine.bench's `quality` subcommand (see this module's docstring)."""
+    p = sub.add_parser("quality", parents=[common],
+                       help="flat-area noise, seed diversity, prompt adherence and Fréchet "
+                            "distance of a checkpoint against real images")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file or run folder")
+    p.add_argument("--data", help="compare with images of this folder (default: the run's "
+                                  "held-out validation images)")
+    p.add_argument("--n", type=int, default=4, help="sample prompts used (default 4)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
+    g = p.add_argument_group("sampling (default: the checkpoint's sample settings)")
+    g.add_argument("--sampler", choices=SAMPLERS)
+    g.add_argument("--cfg", type=float, help="guidance scale (1 = none)")
+    g.add_argument("--cfg-rescale", type=float, help="guidance rescale, 0 to 1")
+    g.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guidance only for t in [LO, HI] (t = 0 is noise)")
+    g.add_argument("--shift", type=float, help="sampling time shift (0 = the training one)")
+    p.set_defaults(run=quality_report, tables=[
+        ("figures", "", FIGURE_COLUMNS), ("per_prompt", "per prompt", PROMPT_COLUMNS),
+        ("adherence", "prompt adherence (demo captions, from pixels)", ADHERENCE_COLUMNS)])
