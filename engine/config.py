@@ -26,9 +26,8 @@ from engine.fileio import atomic_write_text
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
-# Names that engine modules register under and the config allows, defined here once:
-# engine/sampling.py maps SAMPLER_NAMES to its samplers, engine/attention.py dispatches
-# on ATTENTION_BACKENDS.
+# Names the config allows, defined once: engine/sampling.py maps SAMPLER_NAMES to its
+# samplers, engine/attention.py dispatches on ATTENTION_BACKENDS.
 SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "ab2")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math")
 
@@ -157,6 +156,8 @@ class DataConfig:
 class LossConfig:
     p_mean: float = _f(0.0, "mean of the logit-normal time distribution")
     p_std: float = _f(1.0, "std of the logit-normal time distribution", lo=0.0, lo_open=True)
+    t_uniform: float = _f(0.0, "share of training times drawn uniformly on (0, 1) instead",
+                          lo=0.0, hi=1.0)
     t_eps: float = _f(0.05, "x-prediction: 1 - t is clamped at t_eps when the clean estimate is "
                       "turned into a velocity (JiT); also the margin of the validation time grid",
                       lo=0.0, hi=0.49)

@@ -55,14 +55,24 @@ def resolution_shift(width: int, height: int, time_shift: float, shift_reference
 
 
 def sample_t(n: int, p_mean: float, p_std: float, shift: float = 1.0, *,
-             generator: torch.Generator | None = None, device=None) -> Tensor:
+             uniform: float = 0.0, generator: torch.Generator | None = None,
+             device=None) -> Tensor:
     """Training times: logit-normal, t = sigmoid(u) with u ~ N(p_mean, p_std^2), then
     shifted. Returns (n,) float32 on the whole of (0, 1): samplers start from pure noise
     at t = 0, so training must reach down to it (a squeeze into [0.05, 0.95], as the
     original PixelHDM did, leaves the first sampling steps outside what the network
-    has seen). Times are kept 1e-5 away from 0 and 1 only for float safety."""
+    has seen). With `uniform` > 0 that share of the times (each with that probability)
+    is drawn uniformly on (0, 1) instead: a logit-normal with a negative mean all but
+    never reaches the last sampling steps near clean data (P(t > 0.85) is 2e-4 for
+    N(-0.8, 0.8)), which the sampler still takes. Times are kept 1e-5 away from 0 and 1
+    only for float safety."""
     u = torch.randn(n, generator=generator, device=device) * p_std + p_mean
-    return shift_time(torch.sigmoid(u), shift).clamp(1e-5, 1.0 - 1e-5)
+    t = shift_time(torch.sigmoid(u), shift)
+    if uniform > 0.0:
+        flat = torch.rand(n, generator=generator, device=device)
+        pick = torch.rand(n, generator=generator, device=device) < uniform
+        t = torch.where(pick, flat, t)
+    return t.clamp(1e-5, 1.0 - 1e-5)
 
 
 # --------------------------------------------------------------------------------------

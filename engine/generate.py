@@ -488,6 +488,17 @@ def _interval(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def add_sampling_options(p) -> None:
+    """The sampler and guidance options (unset = the checkpoint's sample settings), the
+    same for generating and for the quality figures."""
+    p.add_argument("--sampler", choices=list(SAMPLERS))
+    p.add_argument("--cfg", type=float, help="guidance scale (1 = off)")
+    p.add_argument("--rescale", type=float, help="CFG rescale phi, 0 to 1")
+    p.add_argument("--interval", type=_interval, metavar="LO,HI",
+                   help="apply guidance only for t in [LO, HI] (t = 0 is noise)")
+    p.add_argument("--shift", type=float, help="time shift (0 = the default for the size)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m engine.generate",
                 description="Generate images from a PixelHDM checkpoint. Unset options take "
@@ -500,12 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", choices=list(SAMPLERS))
-    p.add_argument("--cfg", type=float, help="guidance scale (1 = off)")
-    p.add_argument("--rescale", type=float, help="CFG rescale phi, 0 to 1")
-    p.add_argument("--interval", type=_interval, metavar="LO,HI",
-                   help="apply guidance only for t in [LO, HI] (t = 0 is noise)")
-    p.add_argument("--shift", type=float, help="time shift (0 = the default for the size)")
+    add_sampling_options(p)
     p.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i "
                    "(-1 = random)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")

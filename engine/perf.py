@@ -149,7 +149,8 @@ class Inputs:
         eps = torch.randn(batch, 3, height, width, generator=gen).to(device)
         lo = cfg.loss
         shift = resolution_shift(width, height, lo.time_shift, lo.shift_reference)
-        t = sample_t(batch, lo.p_mean, lo.p_std, shift, generator=gen).to(device)
+        t = sample_t(batch, lo.p_mean, lo.p_std, shift, uniform=lo.t_uniform,
+                     generator=gen).to(device)
         tok = torch.randn(batch, tokens, text_dim, generator=gen).to(device)
         mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
         return Inputs(x, eps, t, interpolate(x, eps, t), TextCond(tok, mask, tok[:, -1]))

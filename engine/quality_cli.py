@@ -14,9 +14,8 @@ from pathlib import Path
 from engine.config import RunConfig
 from engine.encoders import DinoTeacher
 from engine.evaluate import EvaluateError, Progress, RealImages, evaluate, run_prompts
-from engine.generate import Pipeline, check_options, check_size
+from engine.generate import Pipeline, add_sampling_options, check_options, check_size
 from engine.sample_prompts import SamplePrompt
-from engine.sampling import SAMPLERS
 
 
 def tty_progress(stream=sys.stderr) -> Progress | None:
@@ -60,13 +59,18 @@ def quality_report(args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-SAMPLING_ARGS = ("sampler", "cfg_rescale", "cfg_interval", "shift")
+# option -> sample config field
+SAMPLING_ARGS = {"sampler": "sampler", "rescale": "cfg_rescale", "interval": "cfg_interval",
+                 "shift": "shift"}
 
 
 def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     """The checkpoint's config with the sampling options given on the command line
     (checked as the generator checks them), the rest as it trained."""
-    given = {k: getattr(args, k) for k in SAMPLING_ARGS if getattr(args, k) is not None}
+    given = {field: getattr(args, k) for k, field in SAMPLING_ARGS.items()
+             if getattr(args, k) is not None}
+    if "cfg_interval" in given:
+        given["cfg_interval"] = list(given["cfg_interval"])
     s = replace(cfg.sample, **given)
     check_options(args.steps, s.sampler, s.cfg if args.cfg is None else args.cfg,
                   s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0)
@@ -119,13 +123,8 @@ def add_quality(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=4, help="sample prompts used (default 4)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
-    g = p.add_argument_group("sampling (default: the checkpoint's sample settings)")
-    g.add_argument("--sampler", choices=SAMPLERS)
-    g.add_argument("--cfg", type=float, help="guidance scale (1 = none)")
-    g.add_argument("--cfg-rescale", type=float, help="guidance rescale, 0 to 1")
-    g.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="guidance only for t in [LO, HI] (t = 0 is noise)")
-    g.add_argument("--shift", type=float, help="sampling time shift (0 = the training one)")
+    add_sampling_options(p.add_argument_group("sampling (default: the checkpoint's sample "
+                                              "settings)"))
     p.set_defaults(run=quality_report, tables=[
         ("figures", "", FIGURE_COLUMNS), ("per_prompt", "per prompt", PROMPT_COLUMNS),
         ("adherence", "prompt adherence (demo captions, from pixels)", ADHERENCE_COLUMNS)])

@@ -400,7 +400,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             captions = drop_captions(batch.captions, cfg.data.caption_dropout,
                                      generator=_cpu(noise_gen))
             shift = resolution_shift(x.shape[3], x.shape[2], lo.time_shift, lo.shift_reference)
-            t = sample_t(B, lo.p_mean, lo.p_std, shift, generator=noise_gen, device=device)
+            t = sample_t(B, lo.p_mean, lo.p_std, shift, uniform=lo.t_uniform,
+                         generator=noise_gen, device=device)
             eps = torch.randn(x.shape, generator=noise_gen, device=device)
             grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
             use_repa = teacher is not None and repa_active(lo, st.step)

@@ -182,12 +182,12 @@ def test_quality_command_takes_the_generators_sampling_options(trained, capsys):
     assert bench_main(args) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["sampling"] == "heun, cfg 5"
-    assert bench_main([*args, "--sampler", "euler", "--cfg", "2", "--cfg-interval", "0", "0.7",
-                       "--cfg-rescale", "0.5", "--shift", "2"]) == 0
+    assert bench_main([*args, "--sampler", "euler", "--cfg", "2", "--interval", "0,0.7",
+                       "--rescale", "0.5", "--shift", "2"]) == 0
     other = json.loads(capsys.readouterr().out)
     assert other["sampling"] == "euler, cfg 2 for t in [0, 0.7], rescale 0.5, shift 2"
     assert other["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
-    for bad in (["--cfg-interval", "0.8", "0.2"], ["--cfg", "-1"], ["--cfg-rescale", "2"],
+    for bad in (["--interval", "0.8,0.2"], ["--cfg", "-1"], ["--rescale", "2"],
                 ["--shift", "-1"]):
         assert bench_main([*args, *bad]) == 2
         assert "allowed" in capsys.readouterr().err

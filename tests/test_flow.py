@@ -87,6 +87,19 @@ def test_x_prediction_velocity_clamps_at_t_eps():
     torch.testing.assert_close(v, torch.full_like(v, 1.0 / 0.05))
 
 
+def test_sample_t_uniform_share_reaches_the_data_end():
+    """A logit-normal N(-0.8, 0.8) all but never draws t > 0.85; a uniform share does, in
+    proportion, and uniform = 0 leaves the times (and the generator's stream) unchanged."""
+    plain = sample_t(40000, -0.8, 0.8, generator=_gen())
+    assert (plain > 0.85).float().mean().item() < 1e-3
+    mixed = sample_t(40000, -0.8, 0.8, uniform=0.2, generator=_gen())
+    assert (mixed > 0.85).float().mean().item() == pytest.approx(0.2 * 0.15, abs=0.005)
+    assert torch.equal(sample_t(100, -0.8, 0.8, uniform=0.0, generator=_gen()),
+                       sample_t(100, -0.8, 0.8, generator=_gen()))
+    everything = sample_t(40000, -0.8, 0.8, uniform=1.0, generator=_gen())
+    assert everything.mean().item() == pytest.approx(0.5, abs=0.01)
+
+
 @pytest.mark.parametrize("prediction", ["x", "v"])
 def test_velocity_target_is_clamped_like_the_prediction(prediction):
     """For t > 1 - t_eps an x-prediction's velocity divides by t_eps; the target must too,
