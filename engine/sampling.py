@@ -249,8 +249,7 @@ def model_evals(sampler: str, steps: int) -> int:
 # --------------------------------------------------------------------------------------
 
 def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond, scale: float,
-              rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0),
-              parallel: float = 1.0) -> ModelFn:
+              rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0)) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a model_fn for the samplers.
 
     `denoise(z, t, c) -> x_hat` runs the network for a conditioning object c; cond and
@@ -262,13 +261,6 @@ def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond,
     "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4). Samples with
     t outside [lo, hi] = interval get the conditional prediction; when no sample of the batch
     is inside, only the conditional branch runs. scale == 1 runs only the conditional branch.
-
-    `parallel` < 1 is adaptive projected guidance (Sadat et al. 2024, "Eliminating
-    Oversaturation and Artifacts of High Guidance Scales", sec. 4): the guidance update
-    c - u is split per sample into its part along the conditional clean estimate c and
-    the rest, and only `parallel` of the first is kept (0 = APG as published, 1 = plain
-    CFG). The part along c scales the image's own content, which at high scales is what
-    oversaturates colours; the orthogonal part carries what the prompt adds.
     """
     if scale == 1.0:
         def conditional(z: Tensor, t: Tensor) -> Tensor:
@@ -280,8 +272,6 @@ def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond,
                          f"0 <= lo <= hi <= 1")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"cfg_model: rescale = {rescale}; allowed: 0 (plain CFG) to 1")
-    if not 0.0 <= parallel <= 1.0:
-        raise ValueError(f"cfg_model: parallel = {parallel}; allowed: 0 (APG) to 1 (plain CFG)")
     both = type(cond).cat([cond, uncond])
 
     def guided(z: Tensor, t: Tensor) -> Tensor:
@@ -290,16 +280,10 @@ def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond,
             return denoise(z, t, cond)
         out = denoise(torch.cat([z, z]), torch.cat([t, t]), both)  # (2B, C, H, W)
         c, u = out.chunk(2)  # (B, C, H, W) each
-        dims = tuple(range(1, z.dim()))
-        if parallel < 1.0:
-            diff = c - u
-            along = (diff * c).sum(dims, keepdim=True) / \
-                c.square().sum(dims, keepdim=True).clamp_min(1e-12) * c
-            x_cfg = c + (scale - 1.0) * (diff - (1.0 - parallel) * along)
-        else:
-            x_cfg = u + scale * (c - u)
+        x_cfg = u + scale * (c - u)
         if rescale > 0.0:
             # velocity = (x_hat - z) / (1 - t): the per-sample 1 - t cancels in the std ratio
+            dims = tuple(range(1, z.dim()))
             ratio = (c - z).std(dim=dims, keepdim=True) / \
                 (x_cfg - z).std(dim=dims, keepdim=True).clamp_min(1e-12)
             x_cfg = z + (x_cfg - z) * (rescale * ratio + (1.0 - rescale))

@@ -181,7 +181,7 @@ def test_quality_command_takes_the_generators_sampling_options(trained, capsys):
             "--device", "cpu", "--json"]
     assert bench_main(args) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert plain["sampling"] == "heun, cfg 5"
+    assert plain["sampling"] == "heun, cfg 5 for t in [0.1, 0.8]"
     assert bench_main([*args, "--sampler", "euler", "--cfg", "2", "--interval", "0,0.7",
                        "--rescale", "0.5", "--shift", "2"]) == 0
     other = json.loads(capsys.readouterr().out)
