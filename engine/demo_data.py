@@ -10,6 +10,11 @@ The vocabulary is small on purpose: a model of about a million parameters at 32-
 learns it within minutes on a CPU. Shapes are drawn at 4x and box-downsampled, so edges
 are anti-aliased like photographed edges rather than hard pixel steps. The same seed
 always writes byte-identical files.
+
+A second kind, `--kind bands`, draws two or three flat colour bands, horizontal or
+vertical, with borders at random places ("vertical bands of blue, green and yellow"):
+nearly every pixel is flat, so it shows grain on flat areas plainly, and images that share
+a caption differ only in where the borders lie.
 """
 
 from __future__ import annotations
@@ -158,6 +163,34 @@ def render(item: DemoItem) -> Image.Image:
     return img.reduce(k)
 
 
+BAND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "white": (245, 245, 245), "blue": (40, 90, 220),
+    "green": (40, 170, 70), "yellow": (245, 210, 40), "black": (20, 20, 20),
+}
+
+
+def band_image(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """One image of the bands kind and its caption: 2 or 3 distinct colours in order
+    (top to bottom, or left to right), borders drawn at SUPERSAMPLE x and box-averaged."""
+    sizes = [s for s, _ in IMAGE_SIZES]
+    weights = np.array([p for _, p in IMAGE_SIZES])
+    w, h = sizes[rng.choice(len(sizes), p=weights / weights.sum())]
+    n = 2 if rng.random() < 0.5 else 3
+    names = [list(BAND_COLOURS)[i] for i in rng.choice(len(BAND_COLOURS), n, replace=False)]
+    horizontal = bool(rng.random() < 0.5)
+    cuts = ([rng.uniform(0.3, 0.7)] if n == 2
+            else [rng.uniform(0.25, 0.42), rng.uniform(0.58, 0.75)])
+    k = SUPERSAMPLE
+    length = (h if horizontal else w) * k
+    band = np.searchsorted(np.array(cuts) * length, np.arange(length) + 0.5)  # band per line
+    line = np.array([BAND_COLOURS[c] for c in names], np.uint8)[band]       # (length, 3)
+    pixels = np.broadcast_to(line[:, None] if horizontal else line[None, :],
+                             (h * k, w * k, 3))
+    words = ", ".join(names[:-1]) + " and " + names[-1]
+    caption = f"{'horizontal' if horizontal else 'vertical'} bands of {words}"
+    return Image.fromarray(np.ascontiguousarray(pixels)).reduce(k), caption
+
+
 def _readme(count: int, seed: int) -> str:
     return f"""Demo dataset of coloured shapes ({count} images, seed {seed})
 
@@ -178,12 +211,28 @@ same files. Train on it with the tiny-cpu preset (32-64 px, about a million para
 """
 
 
+def _bands_readme(count: int, seed: int) -> str:
+    return f"""Flat colour bands ({count} images, seed {seed})
+
+Written by `python -m engine.data demo --kind bands`: procedurally drawn, free to use for
+anything. Each image has two or three bands of {", ".join(BAND_COLOURS)}, horizontal
+or vertical, with borders at random places; the caption names them in order, e.g.
+"vertical bands of blue, green and yellow". Nearly every pixel is flat, which makes grain
+on flat areas easy to see and to measure (python -m engine.bench quality).
+"""
+
+
+DEMO_KINDS = ("shapes", "bands")
+
+
 def write_demo_dataset(out_dir: str | os.PathLike, count: int = DEFAULT_COUNT,
-                       seed: int = 0) -> Path:
-    """Write `count` captioned PNGs and README.txt into `out_dir` (new or empty) and
-    return its path. The folder appears complete or not at all."""
+                       seed: int = 0, kind: str = "shapes") -> Path:
+    """Write `count` captioned PNGs of a DEMO_KINDS kind and README.txt into `out_dir`
+    (new or empty) and return its path. The folder appears complete or not at all."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"unknown demo kind {kind!r}; allowed: {', '.join(DEMO_KINDS)}")
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not an empty folder; choose a "
@@ -196,11 +245,16 @@ def write_demo_dataset(out_dir: str | os.PathLike, count: int = DEFAULT_COUNT,
         rng = np.random.default_rng(seed)
         digits = max(4, len(str(count - 1)))
         for i in range(count):
-            item = sample_item(rng)
-            name = f"shape_{i:0{digits}d}"
-            render(item).save(tmp / f"{name}.png", optimize=False)
-            (tmp / f"{name}.txt").write_text(item.caption + "\n", encoding="utf-8")
-        (tmp / "README.txt").write_text(_readme(count, seed), encoding="utf-8")
+            if kind == "bands":
+                image, caption = band_image(rng)
+            else:
+                item = sample_item(rng)
+                image, caption = render(item), item.caption
+            name = f"{kind[:-1]}_{i:0{digits}d}"
+            image.save(tmp / f"{name}.png", optimize=False)
+            (tmp / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
+        text = (_bands_readme if kind == "bands" else _readme)(count, seed)
+        (tmp / "README.txt").write_text(text, encoding="utf-8")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

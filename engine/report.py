@@ -2,7 +2,7 @@
 engine.data demo | report` command line. It sits above engine.data (scanning, health) and
 engine.buckets (planning), which both stay free of each other's report needs.
 
-    python -m engine.data demo --out DIR [--count N] [--seed N]
+    python -m engine.data demo --out DIR [--count N] [--seed N] [--kind shapes|bands]
     python -m engine.data report DIR --preset P [--set k=v] [--gpus N] [--deep] [--json]
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from engine.buckets import BucketPlan, format_plan, plan_buckets
 from engine.config import ConfigError, RunConfig, load_preset
 from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
-from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
+from engine.demo_data import DEFAULT_COUNT, DEMO_KINDS, write_demo_dataset
 
 
 def why_nothing_trains(scan: Scan, plan: BucketPlan) -> str:
@@ -119,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--out", required=True, help="new or empty folder to write")
     demo.add_argument("--count", type=int, default=DEFAULT_COUNT, help="number of images")
     demo.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    demo.add_argument("--kind", choices=DEMO_KINDS, default="shapes",
+                      help="shapes (the demo) or bands (flat colour bands, to judge grain)")
     rep = sub.add_parser("report", help="bucket plan and health report of a dataset folder")
     rep.add_argument("dir", help="dataset folder (images with .txt captions)")
     rep.add_argument("--preset", required=True, help="preset name or YAML file")
@@ -132,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             if args.count < 1:
                 raise DataError(f"--count must be at least 1, got {args.count}")
-            out = write_demo_dataset(args.out, args.count, args.seed)
+            out = write_demo_dataset(args.out, args.count, args.seed, args.kind)
             print(f"wrote {args.count} images with captions to {out}")
             return 0
         if args.gpus < 1:

@@ -30,7 +30,15 @@ from engine.buckets import (
 from engine.config import DataConfig
 from engine.data import DataError, ImageRecord, health_report, main, scan_dataset
 from engine.dataset import BucketDataset, collate, load_crop, make_loader, to_tensor
-from engine.demo_data import COLOURS, SHAPES, make_caption, render, sample_item, write_demo_dataset
+from engine.demo_data import (
+    BAND_COLOURS,
+    COLOURS,
+    SHAPES,
+    make_caption,
+    render,
+    sample_item,
+    write_demo_dataset,
+)
 from engine.images import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -445,6 +453,31 @@ def test_demo_dataset_is_deterministic_and_captioned(tmp_path):
         write_demo_dataset(a, count=2)
 
 
+def test_bands_kind_draws_the_colours_its_caption_names_in_order(tmp_path):
+    a = write_demo_dataset(tmp_path / "a", count=16, seed=2, kind="bands")
+    b = write_demo_dataset(tmp_path / "b", count=16, seed=2, kind="bands")
+    assert all(p.read_bytes() == (b / p.name).read_bytes() for p in a.iterdir())
+    assert "bands" in (a / "README.txt").read_text()
+    kinds = set()
+    for png in sorted(a.glob("band_*.png")):
+        cap = png.with_suffix(".txt").read_text().strip()
+        way, _, names = cap.partition(" bands of ")
+        colours = names.replace(" and ", ", ").split(", ")
+        assert way in ("horizontal", "vertical") and 2 <= len(colours) <= 3
+        kinds.add((way, len(colours)))
+        pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        line = pixels[:, 0] if way == "horizontal" else pixels[0, :]     # across the bands
+        along = pixels[0, :] if way == "horizontal" else pixels[:, 0]   # within the first band
+        assert np.abs(along - along[0]).max() == 0                       # flat along a band
+        pure = [tuple(int(v) for v in c) for c in line
+                if tuple(int(v) for v in c) in BAND_COLOURS.values()]   # not a border pixel
+        runs = [c for i, c in enumerate(pure) if i == 0 or c != pure[i - 1]]
+        assert runs == [BAND_COLOURS[c] for c in colours]
+    assert len(kinds) >= 3
+    with pytest.raises(ValueError, match="unknown demo kind"):
+        write_demo_dataset(tmp_path / "c", count=2, kind="stripes")
+
+
 def test_demo_pixels_match_the_caption():
     assert (make_caption("circle", "orange", None, "center", "white")
             == "an orange circle in the center on a white background")
@@ -482,6 +515,9 @@ def test_cli_demo_and_report(tmp_path):
     r = run_cli("report", str(tmp_path / "missing"), "--preset", "tiny-cpu")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "does not exist" in r.stderr
+    r = run_cli("demo", "--out", str(tmp_path / "bands"), "--count", "3", "--kind", "bands")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "bands").glob("band_*.png"))) == 3
 
 
 def test_cli_errors_and_text_report(tmp_path, capsys):
