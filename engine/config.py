@@ -35,7 +35,6 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math")
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible."""
 
-
 def _f(default, doc: str, *, choices=None, lo=None, hi=None, lo_open=False):
     """A dataclass field with a docstring and its allowed range (checked on load)."""
     meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
@@ -45,8 +44,7 @@ def _f(default, doc: str, *, choices=None, lo=None, hi=None, lo_open=False):
 
 
 # --------------------------------------------------------------------------------------
-# Model size table (data, not factories). `model.size` applies one row; keys written
-# next to it in the YAML override the row.
+# Model size table (data): `model.size` applies one row; keys beside it override the row.
 # --------------------------------------------------------------------------------------
 
 MODEL_SIZES: dict[str, dict] = {
@@ -90,6 +88,8 @@ class ModelConfig:
     mrope_split: list[int] = _f([16, 24, 24], "head_dim split over the 3 mRoPE axes "
                                 "(sequence, row, column); each even, summing to head_dim")
     rope_theta: float = _f(10000.0, "RoPE base frequency", lo=1.0)
+    place_embed: bool = _f(False, "add to each patch token a fixed sin-cos code of where it is in "
+                           "the image (fractions of height and width)")
     gate: str = _f("headwise", "sigmoid output gate of attention: one scalar per head, "
                    "one per channel, or none", choices=("headwise", "elementwise", "none"))
     residual_k: float = _f(2.0, "every residual branch is scaled by 1/sqrt(k * blocks in its "

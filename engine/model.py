@@ -146,6 +146,26 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))                  # (B, D)
 
 
+PLACE_TOP_FREQUENCY = 64.0   # highest frequency of the place code, in half-waves per image side
+
+
+def place_code(h: int, w: int, dim: int, device=None) -> Tensor:
+    """(h*w, dim) fixed sin-cos code of where each patch of a (h, w) grid lies in the image:
+    its centre as fractions (y, x) of the height and width, each through dim // 4
+    frequencies geometric from pi to pi * PLACE_TOP_FREQUENCY (the lowest is half a wave
+    across the image, so it tells top from bottom and left from right at any size or
+    aspect); zeros fill dims left over. Row-major like the tokens."""
+    n = dim // 4
+    ys = (torch.arange(h, device=device, dtype=torch.float64) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float64) + 0.5) / w
+    ratio = PLACE_TOP_FREQUENCY ** (1.0 / max(n - 1, 1))
+    freqs = math.pi * ratio ** torch.arange(n, device=device, dtype=torch.float64)
+    ya = ys.repeat_interleave(w)[:, None] * freqs                         # (L, n)
+    xa = xs.repeat(h)[:, None] * freqs                                    # (L, n)
+    code = torch.cat([ya.sin(), ya.cos(), xa.sin(), xa.cos()], dim=1)      # (L, 4n)
+    return F.pad(code, (0, dim - 4 * n)).float()
+
+
 def patchify(x: Tensor, p: int) -> Tensor:
     """(B, C, H, W) -> (B, h*w, p*p, C): patches in raster order, pixels row-major."""
     B, C, H, W = x.shape
@@ -268,7 +288,7 @@ class PixelHDM(nn.Module):
         self.cfg = cfg
         D, p, d = cfg.hidden_dim, cfg.patch_size, cfg.pixel_dim
         self.grad_checkpointing = False
-        self._rope_cache: dict[tuple, tuple[Tensor, ...]] = {}
+        self._rope_cache: dict[tuple, Tensor | tuple[Tensor, ...]] = {}
         # conditioning: time + projected pooled text (upstream added the raw pooled
         # vector to every patch, which drowned the per-patch semantics)
         self.t_embed = TimestepEmbedder(D, cfg.time_embed_dim)
@@ -336,6 +356,8 @@ class PixelHDM(nn.Module):
         # joint sequence [text; image]
         pix = patchify(z, p)                                                   # (B, L, p*p, 3)
         img = self.patch_out(F.silu(self.patch_in(pix.flatten(2))))          # (B, L, D)
+        if cfg.place_embed:
+            img = img + self._place(h, w, z.device).to(img.dtype)               # (L, D)
         txt = self.text_proj(self.text_norm(text.tokens))                      # (B, T, D)
         x = torch.cat([txt.to(img.dtype), img], dim=1)                         # (B, T+L, D)
         mask = (None if text.is_dense() else
@@ -377,6 +399,13 @@ class PixelHDM(nn.Module):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def _place(self, h: int, w: int, device: torch.device) -> Tensor:
+        """place_code of a (h, w) grid at the patch width, built once per grid and device."""
+        key = ("place", h, w, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = place_code(h, w, self.cfg.hidden_dim, device)
+        return self._rope_cache[key]
 
     def _rope_tables(self, h: int, w: int, device: torch.device
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

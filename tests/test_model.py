@@ -20,7 +20,7 @@ from engine.attention import (
     sdpa_attention,
 )
 from engine.config import load_preset
-from engine.model import PixelHDM, TextCond, patchify, unpatchify
+from engine.model import PixelHDM, TextCond, patchify, place_code, unpatchify
 
 TEXT_DIM = 32
 
@@ -53,6 +53,32 @@ def test_shapes_square_and_non_square(H, W):
     assert out.pred.shape == (3, 3, H, W)
     assert out.features.shape == (3, (H // 8) * (W // 8), 64)
     assert out.gamma_sq.ndim == 0 and torch.isfinite(out.pred).all()
+
+
+def test_place_code_tells_every_patch_of_a_grid_apart_at_any_aspect():
+    for h, w in [(8, 8), (4, 8), (8, 2), (1, 1)]:
+        code = place_code(h, w, 64)
+        assert code.shape == (h * w, 64) and code.abs().max() <= 1.0
+        assert len({tuple(r) for r in code.round(decimals=5).tolist()}) == h * w
+    # the same place in the image gets the same code at any grid: the centre of a 3x3
+    # grid and of a 5x5 grid, the top-left quarter's centre of 2x2 and 4x4 (rows 0-1 of 4)
+    assert torch.allclose(place_code(3, 3, 32)[4], place_code(5, 5, 32)[12], atol=1e-6)
+    assert place_code(2, 3, 10)[:, 8:].abs().max() == 0          # dims left over are zeros
+
+
+def test_place_embed_makes_where_a_patch_is_visible_to_the_network():
+    """With the same input in every patch and no text, a network without the place code
+    gives every patch the same output: RoPE only tells relative positions, and attention
+    over identical values returns them whatever its weights. The place code gives each
+    patch its own output. It is off by default (old checkpoints keep their behaviour)."""
+    assert tiny_cfg().place_embed is False
+    z = torch.randn(1, 3, 8, 8).repeat(1, 1, 4, 4)                 # one patch repeated 4x4
+    t, text = torch.full((1,), 0.5), make_text([0])
+    plain = model(tiny_cfg())(z, t, text)
+    placed = model(tiny_cfg(place_embed=True))(z, t, text)
+    def spread(out):
+        return patchify(out, 8).flatten(2).std(1).mean().item()   # across patches
+    assert spread(plain) < 1e-5 and spread(placed) > 1e-2
 
 
 def test_rejects_sizes_that_are_not_patch_multiples():
