@@ -31,9 +31,8 @@ encoder, extra losses, clipping, EMA).
 `gpu` (CUDA only, minutes): the attention kernel that runs, bf16 MFU of pixelhdm-default
 at 256/512 px, home presets' memory at their largest bucket, Heun-50 + CFG s per 512 px.
 
-`quality` (engine/evaluate.py, where each measure is defined) compares a checkpoint's
-images with real ones: flat-area noise, seed diversity, demo prompt adherence, Fréchet
-distance.
+`quality` (engine/quality_cli.py; the measures are in engine/evaluate.py) compares a
+checkpoint's images with real ones, with any sampling settings.
 
 A subcommand is a function `add_<name>(subparsers, common)` listed in COMMANDS: it adds
 its parser (with `common`'s --device, --dtype and --json) and sets `run` (args -> a
