@@ -111,10 +111,9 @@ def velocity_target(x: Tensor, eps: Tensor, t: Tensor, prediction: str,
     """The velocity the loss compares `to_velocity` with: x - eps, which is (x - z) / (1 - t).
     For x-prediction the same clamp of 1 - t at t_eps as in to_velocity applies, so that for
     t > 1 - t_eps both sides are divided alike and the loss stays a (weighted) error of the
-    clean estimate. Unclamped, the target there is larger than any clean estimate can
-    reach through the clamped division, and the best x_hat overshoots the image by
-    (t + t_eps - 1) (x - eps): noise of the opposite sign, added where the image is
-    nearly clean. Where 1 - t >= t_eps the factor is exactly 1."""
+    clean estimate. Unclamped, matching the target there takes x_hat = z + t_eps (x - eps),
+    which overshoots the image by (t + t_eps - 1) (x - eps): noise of the opposite sign,
+    added where the image is nearly clean. Where 1 - t >= t_eps the factor is exactly 1."""
     v = x - eps
     if prediction != "x" or t_eps <= 0:
         return v
