@@ -111,11 +111,16 @@ def parse_caption(caption: str) -> dict[str, str | None] | None:
             "position": m["position"] or m["center"], "background": m["background"]}
 
 
-def sample_item(rng: np.random.Generator) -> DemoItem:
-    """Draw the contents of one image from `rng`."""
+def image_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of one image, drawn from IMAGE_SIZES by their weights."""
     sizes = [s for s, _ in IMAGE_SIZES]
     weights = np.array([p for _, p in IMAGE_SIZES])
-    w, h = sizes[rng.choice(len(sizes), p=weights / weights.sum())]
+    return sizes[rng.choice(len(sizes), p=weights / weights.sum())]
+
+
+def sample_item(rng: np.random.Generator) -> DemoItem:
+    """Draw the contents of one image from `rng`."""
+    w, h = image_size(rng)
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     backgrounds = [b for b in BACKGROUNDS if b != colour]
@@ -172,9 +177,7 @@ BAND_COLOURS: dict[str, tuple[int, int, int]] = {
 def band_image(rng: np.random.Generator) -> tuple[Image.Image, str]:
     """One image of the bands kind and its caption: 2 or 3 distinct colours in order
     (top to bottom, or left to right), borders drawn at SUPERSAMPLE x and box-averaged."""
-    sizes = [s for s, _ in IMAGE_SIZES]
-    weights = np.array([p for _, p in IMAGE_SIZES])
-    w, h = sizes[rng.choice(len(sizes), p=weights / weights.sum())]
+    w, h = image_size(rng)
     n = 2 if rng.random() < 0.5 else 3
     names = [list(BAND_COLOURS)[i] for i in rng.choice(len(BAND_COLOURS), n, replace=False)]
     horizontal = bool(rng.random() < 0.5)

@@ -288,7 +288,8 @@ class PixelHDM(nn.Module):
         self.cfg = cfg
         D, p, d = cfg.hidden_dim, cfg.patch_size, cfg.pixel_dim
         self.grad_checkpointing = False
-        self._rope_cache: dict[tuple, Tensor | tuple[Tensor, ...]] = {}
+        # per (grid, device): mRoPE tables and the place code, built once each
+        self._grid_cache: dict[tuple, Tensor | tuple[Tensor, ...]] = {}
         # conditioning: time + projected pooled text (upstream added the raw pooled
         # vector to every patch, which drowned the per-patch semantics)
         self.t_embed = TimestepEmbedder(D, cfg.time_embed_dim)
@@ -403,9 +404,9 @@ class PixelHDM(nn.Module):
     def _place(self, h: int, w: int, device: torch.device) -> Tensor:
         """place_code of a (h, w) grid at the patch width, built once per grid and device."""
         key = ("place", h, w, str(device))
-        if key not in self._rope_cache:
-            self._rope_cache[key] = place_code(h, w, self.cfg.hidden_dim, device)
-        return self._rope_cache[key]
+        if key not in self._grid_cache:
+            self._grid_cache[key] = place_code(h, w, self.cfg.hidden_dim, device)
+        return self._grid_cache[key]
 
     def _rope_tables(self, h: int, w: int, device: torch.device
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -413,12 +414,12 @@ class PixelHDM(nn.Module):
         frequency matrix (3, hd/2), the grid's angles (L, hd/2) with sequence position 0,
         and their cos/sin (1, 1, L, hd/2) for the pixel path's compacted tokens."""
         key = (h, w, str(device))
-        if key not in self._rope_cache:
+        if key not in self._grid_cache:
             freqs = rope_frequencies(tuple(self.cfg.mrope_split), self.cfg.rope_theta).to(device)
             rows = torch.arange(h, device=device).repeat_interleave(w)
             cols = torch.arange(w, device=device).repeat(h)
             ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)    # (L, 3)
             grid_ang = angles_from(ids, freqs)                                 # (L, hd/2)
             px = grid_ang[None, None]                                          # (1, 1, L, hd/2)
-            self._rope_cache[key] = (freqs, grid_ang, px.cos(), px.sin())
-        return self._rope_cache[key]
+            self._grid_cache[key] = (freqs, grid_ang, px.cos(), px.sin())
+        return self._grid_cache[key]
