@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -391,6 +391,24 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
         warnings.append(f"{upscaled} images are upscaled to fill their bucket (blurrier pixels)")
     return BucketPlan(patch_size, batch_size, world_size, grad_accum, d.drop_last, stats,
                       train, val, dropped, warnings)
+
+
+def stage_data(d: DataConfig, side: int, patch: int) -> DataConfig:
+    """The data settings of a progressive-resolution stage up to `side` px (data.stages):
+    min_side and bucket_step scaled by side / max_side like max_side, to multiples of the
+    patch, so every image keeps its aspect and framing on fewer pixels."""
+    def scaled(v: int) -> int:
+        return max(patch, round(v * side / d.max_side / patch) * patch)
+    return replace(d, max_side=side, min_side=min(side, scaled(d.min_side)),
+                   bucket_step=scaled(d.bucket_step))
+
+
+def stage_plan(plan: BucketPlan, data_cfg: DataConfig, side: int) -> BucketPlan:
+    """The plan of a progressive-resolution stage up to `side` px: the images of the full
+    `plan` (the same training and held-out ones) in the buckets of stage_data."""
+    records = [im.record for im in plan.images + plan.val_images]
+    return plan_buckets(records, stage_data(data_cfg, side, plan.patch_size), plan.patch_size,
+                        plan.batch_size, plan.world_size, plan.grad_accum)
 
 
 def format_plan(plan: BucketPlan) -> list[str]:

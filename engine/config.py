@@ -132,6 +132,10 @@ class DataConfig:
     min_side: int = _f(256, "shortest bucket side in pixels (smaller images are skipped)", lo=1)
     max_side: int = _f(512, "longest bucket side in pixels", lo=1)
     bucket_step: int = _f(64, "step between base bucket sizes in pixels", lo=1)
+    stages: list[str] = _f([], "progressive resolution: 'SIDE until STEP' entries, rising in "
+                           "both, e.g. ['32 until 4500']: up to SIDE px (every bucket side "
+                           "scaled by SIDE / max_side) until optimizer step STEP, then the "
+                           "next entry, then max_side; [] = max_side throughout")
     max_aspect: float = _f(2.0, "largest bucket aspect ratio (long side / short side)", lo=1.0)
     crop: str = _f("center", "crop after the cover-resize", choices=("center", "random"))
     flip: bool = _f(False, "random horizontal flips")
@@ -270,6 +274,29 @@ class RunConfig:
         top = most_trained(trained)
         w, h = top if top else (self.data.max_side, self.data.max_side)
         return self.sample.width or w, self.sample.height or h
+
+
+def resolution_stages(d: DataConfig, patch: int) -> list[tuple[int, int | None]]:
+    """data.stages as [(side, until_step)], closed by (max_side, None): the stage with
+    side s trains the optimizer steps n + 1 for which n < until_step. ValueError (with what
+    is allowed) for an entry that is not 'SIDE until STEP', not rising, or not a multiple
+    of `patch` below max_side."""
+    out: list[tuple[int, int | None]] = []
+    for entry in d.stages:
+        side, _, step = entry.partition("until")
+        side, step = side.strip().removesuffix("px").strip(), step.strip()
+        if not (side.isdigit() and step.isdigit()):
+            raise ValueError(f"entry '{entry}' is not 'SIDE until STEP' (allowed: e.g. "
+                             f"['32 until 4500'])")
+        side, step = int(side), int(step)
+        if side % patch or not patch <= side < d.max_side:
+            raise ValueError(f"side {side} of '{entry}': allowed multiples of model.patch_size "
+                             f"{patch} from {patch} to below data.max_side {d.max_side}")
+        if step < 1 or (out and (side <= out[-1][0] or step <= out[-1][1])):
+            raise ValueError(f"'{entry}': sides and steps must rise from entry to entry, "
+                             f"steps from 1")
+        out.append((side, step))
+    return [*out, (d.max_side, None)]
 
 
 def parse_wxh(text: str) -> tuple[int, int]:
@@ -464,6 +491,10 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     if d.min_side > d.max_side:
         raise _fail(source, "data.min_side", d.min_side,
                     f"larger than data.max_side {d.max_side} (allowed: <= {d.max_side})")
+    try:
+        resolution_stages(d, p)
+    except ValueError as e:
+        raise _fail(source, "data.stages", d.stages, str(e)) from None
     if lo.repa_teacher and lo.repa_layer > m.patch_layers:
         raise _fail(source, "loss.repa_layer", lo.repa_layer,
                     f"allowed: 1 to model.patch_layers = {m.patch_layers}")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from engine import __version__
-from engine.buckets import plan_buckets
+from engine.buckets import plan_buckets, stage_plan
 from engine.checkpoint import (
     CheckpointInfo,
     apply_retention,
@@ -36,6 +36,7 @@ from engine.checkpoint import (
 from engine.config import (
     RunConfig,
     dump_yaml,
+    resolution_stages,
     save_config,
 )
 from engine.data import DataError, scan_dataset
@@ -145,8 +146,23 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         names = ", ".join(sorted(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
         log(f"data: {len(skipped)} file(s) not trained ({kinds}): {names}; `python -m "
             f"engine.data report {cfg.data.path}` says why")
-    loader, sampler = make_loader(plan, cfg.data, seed=tr.seed, rank=d.rank,
-                                  pin_memory=device.type == "cuda")
+    # progressive resolution (data.stages): each stage trains the same images in buckets
+    # scaled down from the full plan's; validation, samples and checkpoints keep the full one
+    stages = resolution_stages(cfg.data, cfg.model.patch_size)
+    last = resume_point(run, cfg, stop_at) if resume else None
+    # a resume rebuilds the stage that trained the checkpoint's last batch: its data position
+    stage = stage_index(stages, max(last.step - 1, 0) if last else 0)
+
+    def stage_loader(k: int):
+        side = stages[k][0]
+        p = plan if side == cfg.data.max_side else stage_plan(plan, cfg.data, side)
+        return make_loader(p, cfg.data, seed=tr.seed, rank=d.rank,
+                           pin_memory=device.type == "cuda")
+
+    loader, sampler = stage_loader(stage)
+    if len(stages) > 1:
+        log("data: progressive resolution (data.stages): "
+            + "; ".join(_stage_text(stages, k) for k in range(len(stages))))
     fingerprint = dataset_fingerprint(plan)
     # what the model is trained at: samples and generation default to the most-trained size
     trained = {f"{b.size[0]}x{b.size[1]}": b.images for b in plan.buckets if b.images}
@@ -249,7 +265,6 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         report.checkpoint(st.step, path)
         return path
 
-    last = resume_point(run, cfg, stop_at) if resume else None
     if last is not None:
         restore(last, st, parts, d=d, device=device, fingerprint=fingerprint, seed=tr.seed,
                 max_steps=tr.max_steps, requested=stop_at,
@@ -343,6 +358,17 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     window = MetricWindow(T_BINS)
     final_state = "completed"
 
+    def next_stage(k: int) -> None:
+        """Stage k's loader from the next batch on; its first epoch begins there."""
+        nonlocal loader, sampler, data_iter, stage
+        loader, sampler = stage_loader(k)
+        stage, parts.sampler, data_iter = k, sampler, None   # drops the old loader's workers
+        st.epoch, st.position = st.epoch + 1, 0
+        sampler.set_epoch(st.epoch)
+        data_iter = iter(loader)
+        log(f"epoch {st.epoch} begins at step {st.step}: stage {k + 1} of {len(stages)}, "
+            f"{_stage_text(stages, k)}")
+
     def next_batch():
         nonlocal data_iter, bad_files_total
         while True:
@@ -383,6 +409,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         if asked["save-now"] or asked["sample-now"]:
             report.handled(wanted)
 
+        if (k := stage_index(stages, st.step)) != stage:
+            next_stage(k)
         t0 = time.perf_counter()
         lr = lr_at(st.step, tr) * st.lr_scale
         for g in optimizer.param_groups:
@@ -511,6 +539,19 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 def _cpu(gen: torch.Generator) -> torch.Generator | None:
     """Caption dropout draws on the CPU; a CPU noise generator is shared, a GPU one is not."""
     return gen if gen.device.type == "cpu" else None
+
+
+def stage_index(stages: list[tuple[int, int | None]], step: int) -> int:
+    """The data.stages entry (engine.config.resolution_stages) that trains the optimizer
+    step after `step` completed ones."""
+    return next(k for k, (_, until) in enumerate(stages) if until is None or step < until)
+
+
+def _stage_text(stages: list[tuple[int, int | None]], k: int) -> str:
+    side, until = stages[k]
+    start = stages[k - 1][1] if k else 0
+    return f"up to {side} px " + (f"for steps {start + 1}-{until}" if until else
+                                  f"from step {start + 1}")
 
 
 def resume_point(run: RunDir, cfg: RunConfig, requested: int | None) -> CheckpointInfo | None:

@@ -1,0 +1,129 @@
+"""Progressive resolution (data.stages): the config entries, the plan of a stage, which
+stage trains which step, and a trainer that switches stages and still resumes exactly."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from trainhelp import losses, records, sets
+
+from engine.buckets import plan_buckets, stage_data, stage_plan
+from engine.config import ConfigError, load_preset, resolution_stages
+from engine.data import scan_dataset
+from engine.demo_data import write_demo_dataset
+from engine.train import main as train_main
+from engine.train import stage_index
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", count=64, seed=3)
+
+
+# --------------------------------------------------------------------------------------
+# The config entries
+# --------------------------------------------------------------------------------------
+
+def test_entries_read_as_side_and_step_and_close_with_the_full_size():
+    cfg = load_preset("tiny-cpu", ["data.stages=[16 until 100, 32px until 4500]"])
+    assert resolution_stages(cfg.data, 8) == [(16, 100), (32, 4500), (64, None)]
+    assert resolution_stages(load_preset("tiny-cpu").data, 8) == [(64, None)]
+
+
+@pytest.mark.parametrize("value, says", [
+    ("[32]", "expected a text string"),
+    ("[32 px]", "not 'SIDE until STEP'"),
+    ("[32 until soon]", "not 'SIDE until STEP'"),
+    ("[30 until 100]", "multiples of model.patch_size 8"),
+    ("[64 until 100]", "below data.max_side 64"),
+    ("[0 until 100]", "from 8"),
+    ("[32 until 0]", "must rise"),
+    ("[16 until 100, 16 until 200]", "must rise"),
+    ("[16 until 100, 32 until 50]", "must rise"),
+    ("[32:30]", "expected a text string"),   # YAML 1.1 reads 32:30 as the number 1950
+])
+def test_a_wrong_entry_names_the_key_and_what_is_allowed(value, says):
+    with pytest.raises(ConfigError) as e:
+        load_preset("tiny-cpu", [f"data.stages={value}"])
+    assert "data.stages" in str(e.value) and says in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("step, stage", [(0, 0), (99, 0), (100, 1), (4499, 1), (4500, 2),
+                                         (10**6, 2)])
+def test_the_stage_of_a_step_is_the_one_that_trains_the_next_step(step, stage):
+    assert stage_index([(16, 100), (32, 4500), (64, None)], step) == stage
+
+
+# --------------------------------------------------------------------------------------
+# The plan of a stage
+# --------------------------------------------------------------------------------------
+
+def test_a_stage_trains_the_same_images_at_their_aspect_on_fewer_pixels(demo):
+    cfg = load_preset("tiny-cpu", [f"data.path={demo}"])
+    full = plan_buckets(scan_dataset(demo, cfg.data).records, cfg.data, 8, 16)
+    d = stage_data(cfg.data, 32, 8)
+    assert (d.min_side, d.max_side, d.bucket_step) == (16, 32, 8)
+    low = stage_plan(full, cfg.data, 32)
+    assert [im.rel for im in low.images] == [im.rel for im in full.images]
+    assert [im.rel for im in low.val_images] == [im.rel for im in full.val_images]
+    for a, b in zip(full.images, low.images):
+        assert max(b.bucket) <= 32 and min(b.bucket) >= 16
+        assert abs(math.log(a.bucket[0] / a.bucket[1]) - math.log(b.bucket[0] / b.bucket[1])) \
+            < 0.1, (a.rel, a.bucket, b.bucket)
+    assert low.batches_per_epoch == full.batches_per_epoch
+
+
+def test_a_stage_leaves_out_the_images_its_smaller_buckets_would_admit(tmp_path):
+    """An image below data.min_side stays out of every stage, so each trains one set."""
+    write_demo_dataset(tmp_path / "d", count=12, seed=1)
+    cfg = load_preset("tiny-cpu", [f"data.path={tmp_path / 'd'}", "data.min_side=72",
+                                   "data.max_side=128", "data.val_images=0"])
+    full = plan_buckets(scan_dataset(tmp_path / "d", cfg.data).records, cfg.data, 8, 4)
+    low = stage_plan(full, cfg.data, 64)
+    assert stage_data(cfg.data, 64, 8).min_side == 32    # would admit the 64 px sides
+    assert len(full.dropped) == 3 and not low.dropped
+    assert {im.rel for im in low.images} == {im.rel for im in full.images}
+
+
+# --------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------
+
+STAGED = ("data.stages=[24 until 6]", "train.save_every=3", "data.flip=true",
+          "data.crop=random")
+
+
+def _tokens_per_image(run: Path) -> dict[int, float]:
+    return {r["step"]: round(r["tokens_s"] / r["images_s"], 3) for r in records(run, "tokens_s")}
+
+
+@pytest.fixture(scope="module")
+def staged_reference(demo, tmp_path_factory) -> Path:
+    """12 steps, the first 6 up to 24 px and the rest up to 48 px, uninterrupted."""
+    run = tmp_path_factory.mktemp("staged") / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "12", *sets(*STAGED)]) == 0
+    return run
+
+
+def test_the_first_stage_trains_small_buckets_and_the_next_the_full_ones(staged_reference):
+    per_image = _tokens_per_image(staged_reference)
+    assert sorted(per_image) == list(range(1, 13))
+    assert all(per_image[s] <= 9 for s in range(1, 7)), per_image     # 24 px, patch 8: 3x3
+    assert all(per_image[s] >= 16 for s in range(7, 13)), per_image   # min_side 32: >= 4x4
+    log = (staged_reference / "log.txt").read_text()
+    assert "progressive resolution (data.stages): up to 24 px for steps 1-6; up to 48 px " \
+           "from step 7" in log
+    assert "begins at step 6: stage 2 of 2, up to 48 px from step 7" in log
+
+
+@pytest.mark.parametrize("stop", [4, 6])   # inside the first stage, and at its last step
+def test_a_staged_run_resumes_exactly_on_either_side_of_the_switch(demo, tmp_path, stop,
+                                                                   staged_reference):
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", str(stop), *sets(*STAGED)]) == 0
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "12"]) == 0
+    assert losses(run) == losses(staged_reference)
