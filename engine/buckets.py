@@ -262,6 +262,12 @@ class BucketPlan:
         return sum(b.samples - b.dropped + b.padded for b in self.buckets)
 
     @property
+    def tokens_per_sample(self) -> float:
+        """Mean image tokens of a trained sample: what a step costs, roughly."""
+        return (sum(b.tokens * b.samples for b in self.buckets)
+                / max(1, sum(b.samples for b in self.buckets)))
+
+    @property
     def repeated(self) -> bool:
         """Whether any training image repeats (kohya N_name folders)."""
         return any(im.repeats != 1 for im in self.images)

@@ -13,8 +13,8 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from engine.buckets import BucketPlan, format_plan, plan_buckets
-from engine.config import ConfigError, RunConfig, load_preset
+from engine.buckets import BucketPlan, format_plan, plan_buckets, stage_plan
+from engine.config import ConfigError, RunConfig, load_preset, resolution_stages
 from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
 from engine.demo_data import DEFAULT_COUNT, DEMO_KINDS, write_demo_dataset
 
@@ -54,8 +54,26 @@ def token_counter(cfg: RunConfig) -> tuple[Callable[[list[str]], list[int]], str
             f"the tokenizer of '{cfg.text.name_or_path}'")
 
 
+def stage_lines(plan: BucketPlan, cfg: RunConfig) -> list[str]:
+    """What each progressive-resolution stage (data.stages) trains: its steps, its buckets
+    and its image tokens per sample against the full plan's ([] without stages)."""
+    stages = resolution_stages(cfg.data, plan.patch_size)
+    if len(stages) == 1 or not plan.images:
+        return []
+    full = plan.tokens_per_sample
+    lines = []
+    for k, (side, until) in enumerate(stages):
+        p = plan if until is None else stage_plan(plan, cfg.data, side)
+        start = stages[k - 1][1] + 1 if k else 1
+        used = [f"{b.size[0]}x{b.size[1]}" for b in p.buckets if b.samples]
+        lines.append(f"{'Stages' if k == 0 else '':10}steps {start}-{until or cfg.train.max_steps}"
+                     f" up to {side} px: {p.tokens_per_sample:.1f} image tokens per sample "
+                     f"({p.tokens_per_sample / full:.2f}x), buckets {', '.join(used)}")
+    return lines
+
+
 def format_report(scan: Scan, plan: BucketPlan, health: HealthReport, title: str,
-                  max_files: int = 8) -> str:
+                  max_files: int = 8, stages: Sequence[str] = ()) -> str:
     """The human-readable report printed by `python -m engine.data report`."""
     mb = sum(r.file_size for r in scan.records) / 1e6
     lines = [f"Dataset   {scan.root}",
@@ -77,7 +95,7 @@ def format_report(scan: Scan, plan: BucketPlan, health: HealthReport, title: str
                              f"(--json lists all)")
     else:
         lines.append("Problems  none")
-    lines += ["", *format_plan(plan)]
+    lines += ["", *format_plan(plan), *stages]
     if health.tokens is not None:
         t = health.tokens
         limit = f", limit {t.max_tokens}: {t.over} over" if t.max_tokens is not None else ""
@@ -106,7 +124,7 @@ def _report(args) -> int:
              f"{cfg.model.patch_size}, aspect <= {d.max_aspect:g}, crop {d.crop}, flip "
              f"{'on' if d.flip else 'off'}, batch {cfg.train.batch_size} x {args.gpus} GPU(s) "
              f"x accum {cfg.train.grad_accum}, drop_last {'on' if d.drop_last else 'off'}")
-    print(format_report(scan, plan, health, title))
+    print(format_report(scan, plan, health, title, stages=stage_lines(plan, cfg)))
     return 0
 
 

@@ -152,12 +152,15 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     last = resume_point(run, cfg, stop_at) if resume else None
     # a resume rebuilds the stage that trained the checkpoint's last batch: its data position
     stage = stage_index(stages, max(last.step - 1, 0) if last else 0)
+    stage_plans = [plan if until is None else stage_plan(plan, cfg.data, side)
+                   for side, until in stages]
 
     def stage_loader(k: int):
-        side = stages[k][0]
-        p = plan if side == cfg.data.max_side else stage_plan(plan, cfg.data, side)
-        return make_loader(p, cfg.data, seed=tr.seed, rank=d.rank,
+        return make_loader(stage_plans[k], cfg.data, seed=tr.seed, rank=d.rank,
                            pin_memory=device.type == "cuda")
+
+    costs = [p.tokens_per_sample for p in stage_plans]
+    report.steps_left = lambda step, stop_at: steps_left(stages, costs, step, stop_at)
 
     loader, sampler = stage_loader(stage)
     if len(stages) > 1:
@@ -366,6 +369,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         st.epoch, st.position = st.epoch + 1, 0
         sampler.set_epoch(st.epoch)
         data_iter = iter(loader)
+        report.restart_speed(st.step)
         log(f"epoch {st.epoch} begins at step {st.step}: stage {k + 1} of {len(stages)}, "
             f"{_stage_text(stages, k)}")
 
@@ -545,6 +549,20 @@ def stage_index(stages: list[tuple[int, int | None]], step: int) -> int:
     """The data.stages entry (engine.config.resolution_stages) that trains the optimizer
     step after `step` completed ones."""
     return next(k for k, (_, until) in enumerate(stages) if until is None or step < until)
+
+
+def steps_left(stages: list[tuple[int, int | None]], costs: list[float], step: int,
+               stop_at: int) -> float:
+    """For the ETA: the optimizer steps from `step` to `stop_at`, each counted as its
+    stage's cost (costs[k]: image tokens per sample) over the cost of the stage training
+    now, so that the speed measured in this stage times them gives the time left."""
+    now = costs[stage_index(stages, step)]
+    total, start = 0.0, 0
+    for (_, until), cost in zip(stages, costs):
+        end = stop_at if until is None else min(until, stop_at)
+        total += max(0, end - max(start, step)) * cost / now
+        start = until or stop_at
+    return total
 
 
 def _stage_text(stages: list[tuple[int, int | None]], k: int) -> str:

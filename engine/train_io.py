@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,8 @@ class JobReporter:
         self._tty = sys.stderr.isatty()
         self._t_start = time.time()
         self._first_step = 0
+        # the steps to train, in steps at the current speed (the trainer's, with stages)
+        self.steps_left: Callable[[int, int], float] = lambda step, stop_at: stop_at - step
         if main:
             run.create()
             if os.environ.get(LOG_CAPTURED_ENV) != "1":
@@ -129,6 +132,10 @@ class JobReporter:
         self._first_step, self._t_start = step, time.time()
         self._write(state="running", step=step, total=total, epoch=epoch, handled=dict(handled),
                     error="", message="")
+
+    def restart_speed(self, step: int) -> None:
+        """Measure the speed from `step` on (a new stage trains at its own)."""
+        self._first_step, self._t_start = step, time.time()
 
     def requests(self) -> dict[str, str]:
         return self.run.pending_requests(self.status.handled)
@@ -203,7 +210,7 @@ class JobReporter:
                 device: torch.device) -> None:
         elapsed = max(time.time() - self._t_start, 1e-9)
         it_s = (step - self._first_step) / elapsed
-        eta = (stop_at - step) / it_s if it_s > 0 else None
+        eta = self.steps_left(step, stop_at) / it_s if it_s > 0 else None
         mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                else _peak_rss_mb())
         record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), "lr": lr,

@@ -127,3 +127,44 @@ def test_a_staged_run_resumes_exactly_on_either_side_of_the_switch(demo, tmp_pat
                        "--max-steps", str(stop), *sets(*STAGED)]) == 0
     assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "12"]) == 0
     assert losses(run) == losses(staged_reference)
+
+
+def test_the_dataset_report_says_what_each_stage_trains(demo, capsys):
+    from engine.report import main as report_main
+    assert report_main(["report", str(demo), "--preset", "tiny-cpu", "--set",
+                        "data.stages=[32 until 4500]", "--set", "train.max_steps=6000"]) == 0
+    out = capsys.readouterr().out
+    assert "Stages    steps 1-4500 up to 32 px: " in out and "(1.00x)" not in out.split(
+        "steps 4501")[0]
+    assert "steps 4501-6000 up to 64 px: " in out and "(1.00x), buckets" in out
+    assert report_main(["report", str(demo), "--preset", "tiny-cpu"]) == 0
+    assert "Stages" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("step, stop_at, left", [
+    (0, 12, 6 + 6 * 4),     # the later stage's steps cost 4 of the first stage's
+    (4, 12, 2 + 6 * 4),
+    (6, 12, 6),             # in the last stage: plain steps
+    (3, 5, 2),              # stopping inside the first stage
+    (10, 12, 2)])
+def test_the_eta_counts_a_later_stage_s_steps_at_their_cost(step, stop_at, left):
+    from engine.train import steps_left
+    assert steps_left([(24, 6), (48, None)], [9.0, 36.0], step, stop_at) == left
+
+
+def test_the_reporter_s_eta_is_the_steps_left_at_the_speed_since_the_stage_began(tmp_path):
+    import torch
+
+    from engine.job import RunDir
+    from engine.train_io import JobReporter
+    run = RunDir(tmp_path / "run")
+    rep = JobReporter(run, main=True, world=1, device="cpu")
+    try:
+        rep.start(0, 12, 0, {})
+        rep.restart_speed(4)       # a stage began at step 4 ...
+        rep._t_start -= 10.0       # ... 10 s ago, and 5 steps went by since: 0.5 steps/s
+        rep.steps_left = lambda step, stop_at: 100.0 if (step, stop_at) == (9, 12) else 0.0
+        rep.metrics(9, 0, 1e-3, {"loss": 1.0, "images_s": 4.0}, 12, torch.device("cpu"))
+        assert run.read_status().eta_s == pytest.approx(200.0, rel=0.02)
+    finally:
+        rep.close()
