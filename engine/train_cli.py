@@ -85,7 +85,9 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
                 raise TrainError(f"'{run.root}' already holds a run; choose a new --run-dir "
                                  f"for a run started from a checkpoint")
             _, src_cfg, _ = checkpoint_config(resolve_checkpoint(args.init_from))
-            raw = apply_overrides(config_to_dict(src_cfg), overrides, source="--set")
+            raw = config_to_dict(src_cfg)
+            raw["data"]["stages"] = []   # its weights have been through them; --set may add
+            raw = apply_overrides(raw, overrides, source="--set")
             cfg = config_from_dict(raw, f"{args.init_from} (config) with --set")
             if not args.data:
                 raise TrainError("--data is required with --init-from (the folder of images "

@@ -168,3 +168,12 @@ def test_the_reporter_s_eta_is_the_steps_left_at_the_speed_since_the_stage_began
         assert run.read_status().eta_s == pytest.approx(200.0, rel=0.02)
     finally:
         rep.close()
+
+
+def test_a_run_from_a_staged_checkpoint_trains_at_the_full_size_from_its_first_step(
+        demo, tmp_path, staged_reference):
+    run = tmp_path / "next"
+    assert train_main(["--init-from", str(staged_reference), "--data", str(demo),
+                       "--run-dir", str(run), "--max-steps", "2"]) == 0
+    assert "stages: []" in (run / "config.yaml").read_text()
+    assert all(v >= 16 for v in _tokens_per_image(run).values())
