@@ -88,6 +88,10 @@ class ModelConfig:
     mrope_split: list[int] = _f([16, 24, 24], "head_dim split over the 3 mRoPE axes "
                                 "(sequence, row, column); each even, summing to head_dim")
     rope_theta: float = _f(10000.0, "RoPE base frequency", lo=1.0)
+    rope_grid: int = _f(0, "0 = image tokens rotate by their row and column; N = by the "
+                        "places of their centres on an N x N grid over the image, at any size "
+                        "(position interpolation), so a place keeps its angle across "
+                        "resolutions and data.stages", lo=0)
     place_embed: bool = _f(False, "add to each patch token a fixed sin-cos code of where it is in "
                            "the image (fractions of height and width)")
     gate: str = _f("headwise", "sigmoid output gate of attention: one scalar per head, "
@@ -291,7 +295,8 @@ def resolution_stages(d: DataConfig, patch: int) -> list[tuple[int, int | None]]
         side, step = int(side), int(step)
         if side % patch or not patch <= side < d.max_side:
             raise ValueError(f"side {side} of '{entry}': allowed multiples of model.patch_size "
-                             f"{patch} from {patch} to below data.max_side {d.max_side}")
+                             f"{patch} from {patch} to below data.max_side {d.max_side} "
+                             f"([] trains at data.max_side throughout)")
         if step < 1 or (out and (side <= out[-1][0] or step <= out[-1][1])):
             raise ValueError(f"'{entry}': sides and steps must rise from entry to entry, "
                              f"steps from 1")

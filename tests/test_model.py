@@ -280,6 +280,22 @@ def test_rope_tables_are_built_once_per_grid_and_match_the_explicit_ids():
                                rtol=1e-6, atol=1e-4)
 
 
+def test_rope_grid_puts_a_place_at_the_same_angle_at_every_resolution():
+    """model.rope_grid = 8: a token of a 4 x 4 grid rotates by the mean angle of the 2 x 2
+    tokens of an 8 x 8 grid that cover its area; on an 8 x 8 grid the positions are the
+    plain rows and columns (what rope_grid = 0 uses at every size)."""
+    cpu = torch.device("cpu")
+    net = model(tiny_cfg(rope_grid=8))
+    _, coarse, _, _ = net._rope_tables(4, 4, cpu)                       # (16, hd/2)
+    _, fine, _, _ = net._rope_tables(8, 8, cpu)                         # (64, hd/2)
+    pooled = fine.view(4, 2, 4, 2, -1).mean((1, 3)).reshape(16, -1)
+    torch.testing.assert_close(coarse, pooled)
+    torch.testing.assert_close(fine, model()._rope_tables(8, 8, cpu)[1])
+    assert not torch.allclose(net._rope_tables(4, 6, cpu)[1], model()._rope_tables(4, 6, cpu)[1])
+    z, t, text = torch.randn(1, 3, 32, 48), torch.full((1,), 0.5), make_text([3])
+    assert net(z, t, text).shape == z.shape
+
+
 def test_whole_model_agrees_across_backends():
     z, t, text = torch.randn(2, 3, 16, 24), torch.rand(2), make_text([2, 5])
     with torch.no_grad():
