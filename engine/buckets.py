@@ -399,14 +399,19 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
                       train, val, dropped, warnings)
 
 
+def stage_scale(v: int, side: int, max_side: int, patch: int) -> int:
+    """A length of the full size at a progressive-resolution stage up to `side` px: scaled
+    by side / max_side to the nearest multiple of the patch (at least one patch)."""
+    return max(patch, round(v * side / max_side / patch) * patch)
+
+
 def stage_data(d: DataConfig, side: int, patch: int) -> DataConfig:
     """The data settings of a progressive-resolution stage up to `side` px (data.stages):
-    min_side and bucket_step scaled by side / max_side like max_side, to multiples of the
-    patch, so every image keeps its aspect and framing on fewer pixels."""
-    def scaled(v: int) -> int:
-        return max(patch, round(v * side / d.max_side / patch) * patch)
-    return replace(d, max_side=side, min_side=min(side, scaled(d.min_side)),
-                   bucket_step=scaled(d.bucket_step))
+    min_side and bucket_step scaled like max_side (stage_scale), so every image keeps its
+    aspect and framing on fewer pixels."""
+    return replace(d, max_side=side, min_side=min(side, stage_scale(d.min_side, side,
+                                                                    d.max_side, patch)),
+                   bucket_step=stage_scale(d.bucket_step, side, d.max_side, patch))
 
 
 def stage_plan(plan: BucketPlan, data_cfg: DataConfig, side: int) -> BucketPlan:

@@ -19,13 +19,14 @@ import math
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from engine import __version__
-from engine.buckets import plan_buckets, stage_plan
+from engine.buckets import plan_buckets, stage_plan, stage_scale
 from engine.checkpoint import (
     CheckpointInfo,
     apply_retention,
@@ -159,6 +160,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         return make_loader(stage_plans[k], cfg.data, seed=tr.seed, rank=d.rank,
                            pin_memory=device.type == "cuda")
 
+    def trained_at(k: int) -> dict[str, int]:
+        """'WxH' -> images of stage k: what its checkpoints record as trained sizes."""
+        return {f"{b.size[0]}x{b.size[1]}": b.images for b in stage_plans[k].buckets if b.images}
+
     costs = [p.tokens_per_sample for p in stage_plans]
     report.steps_left = lambda step, stop_at: steps_left(stages, costs, step, stop_at)
 
@@ -167,8 +172,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         log("data: progressive resolution (data.stages): "
             + "; ".join(_stage_text(stages, k) for k in range(len(stages))))
     fingerprint = dataset_fingerprint(plan)
-    # what the model is trained at: samples and generation default to the most-trained size
-    trained = {f"{b.size[0]}x{b.size[1]}": b.images for b in plan.buckets if b.images}
+    # what the run trains at in the end: the sample prompts' default size
+    trained = trained_at(len(stages) - 1)
     prompts = RunPrompts.start(run, cfg, trained, resume=resume, main=d.main, log=log)
     log(f"data: {len(plan.images)} training images in {sum(b.images > 0 for b in plan.buckets)} "
         f"buckets, {len(plan.val_images)} held out, {plan.batches_per_epoch} batches per epoch "
@@ -256,7 +261,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         meta = {"run_id": run.run_id, "config": dump_yaml(cfg), "dataset_fingerprint": fingerprint,
                 "engine_version": __version__, "text_dim": text_encoder.dim,
                 "images_seen": st.step * tr.batch_size * tr.grad_accum * d.world,
-                "val_loss": st.last_val, "reason": reason, "trained_sizes": trained,
+                "val_loss": st.last_val, "reason": reason,
+                "trained_sizes": trained_at(stage),   # generation's default size
                 "init_from": st.origin}
         path = save_checkpoint(run.checkpoints, st.step, weights,
                                ema.shadow if ema else None, meta, tensors, info, latest=latest)
@@ -318,13 +324,18 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             return total / len(val_batches)
         return with_ema(run_val)
 
-    live = None   # the run's fixed quality evaluation, made at the first sample grid
+    lives: dict = {}   # the run's fixed quality evaluation per stage, made at its first grid
 
     def sample() -> Path | None:
         if not d.main:
             return None
         from engine.generate import render_samples
         cells = prompts.read(log, text_encoder)   # edits made while the run trains count
+        side = stages[stage][0]
+        if side < cfg.data.max_side:   # a low stage samples at the size it trains
+            def scaled(v: int) -> int:
+                return stage_scale(v, side, cfg.data.max_side, cfg.model.patch_size)
+            cells = [replace(c, width=scaled(c.width), height=scaled(c.height)) for c in cells]
         def run_sample():   # the grid and the quality figures in one swap to the EMA weights
             model.eval()
             try:
@@ -341,12 +352,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     def measure_quality() -> tuple[dict, float] | None:
         """(figures, seconds) of the live quality set (engine/evaluate.py LiveQuality) on
         the weights in place; a failure is one log line, and training goes on."""
-        nonlocal live
         start = time.perf_counter()
         try:
             from engine.evaluate import LiveQuality
-            live = live or LiveQuality(cfg, plan, trained)
-            return live(net, model.encode, device, tr.precision), time.perf_counter() - start
+            if stage not in lives:
+                lives[stage] = LiveQuality(cfg, stage_plans[stage], trained_at(stage))
+            return (lives[stage](net, model.encode, device, tr.precision),
+                    time.perf_counter() - start)
         except Exception as e:   # noqa: BLE001 - a figure must never stop the training
             log(f"step {st.step}: no quality figures ({type(e).__name__}: "
                 f"{' '.join(str(e).split())})")

@@ -52,7 +52,8 @@ CSS = """
 def banner_markdown() -> str:
     return ("**New here?** One click creates a small built-in dataset of coloured shapes "
             "(`datasets/demo-shapes`), starts the `tiny-cpu` preset on it (it trains on a CPU "
-            "in minutes) and opens the Train tab. When the first checkpoint appears, generate "
+            "in about a quarter of an hour: at 32 px first, then at 64 px) and opens the Train "
+            "tab. When the first checkpoint appears, generate "
             "from it in the Generate tab.")
 
 
@@ -82,7 +83,8 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
             preset_name = tab_dataset.DEFAULT_PRESET
             try:
                 tab_dataset.create_demo(studio)
-                cfg = studio.run_config(preset_name, "", tab_dataset.DEMO_NAME)
+                cfg = studio.run_config(preset_name, "\n".join(tab_dataset.DEMO_OVERRIDES),
+                                        tab_dataset.DEMO_NAME)
                 run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name))
             except (tab_dataset.DemoBusy, OSError, config.ConfigError, PathError, RunnerError,
                     DeviceError) as e:

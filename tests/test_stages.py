@@ -177,3 +177,28 @@ def test_a_run_from_a_staged_checkpoint_trains_at_the_full_size_from_its_first_s
                        "--run-dir", str(run), "--max-steps", "2"]) == 0
     assert "stages: []" in (run / "config.yaml").read_text()
     assert all(v >= 16 for v in _tokens_per_image(run).values())
+
+
+def test_a_low_stage_samples_and_records_the_size_it_trains(demo, tmp_path):
+    """Grids, quality figures and checkpoints of the 24 px stage are at 24 px (what the
+    model has learned there), those of the full stage at 48 px; the validation loss is
+    measured on the same full-size images throughout."""
+    from engine.checkpoint import list_checkpoints, read_meta
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "8",
+                       *sets("data.stages=[24 until 4]", "train.sample_every=2",
+                             "train.save_every=2", "train.keep_last=10", "sample.steps=2",
+                             "train.val_every=4", "data.val_images=4")]) == 0
+    import json
+    sizes = {s: {tuple((c["width"], c["height"])) for c in json.loads(
+        (run / "samples" / f"step_{s:07d}.json").read_text())["cells"]} for s in (2, 4, 6)}
+    assert sizes == {2: {(24, 24)}, 4: {(24, 24)}, 6: {(48, 48)}}
+    quality = {r["step"] for r in records(run, "q_seconds")}
+    assert {2, 4, 6} <= quality
+    trained = {c.step: read_meta(c.path)["trained_sizes"] for c in
+               list_checkpoints(run / "checkpoints")}
+    assert all(max(map(int, k.split("x"))) <= 24 for k in trained[4]), trained[4]
+    assert any(max(map(int, k.split("x"))) == 48 for k in trained[8]), trained[8]
+    vals = {r["step"]: r["val_loss"] for r in records(run, "val_loss")}
+    assert set(vals) == {4, 8} and all(v > 0 for v in vals.values())
