@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from engine.fileio import atomic_write_text
+from engine.stages import resolution_stages
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -278,30 +279,6 @@ class RunConfig:
         top = most_trained(trained)
         w, h = top if top else (self.data.max_side, self.data.max_side)
         return self.sample.width or w, self.sample.height or h
-
-
-def resolution_stages(d: DataConfig, patch: int) -> list[tuple[int, int | None]]:
-    """data.stages as [(side, until_step)], closed by (max_side, None): the stage with
-    side s trains the optimizer steps n + 1 for which n < until_step. ValueError (with what
-    is allowed) for an entry that is not 'SIDE until STEP', not rising, or not a multiple
-    of `patch` below max_side."""
-    out: list[tuple[int, int | None]] = []
-    for entry in d.stages:
-        side, _, step = entry.partition("until")
-        side, step = side.strip().removesuffix("px").strip(), step.strip()
-        if not (side.isdigit() and step.isdigit()):
-            raise ValueError(f"entry '{entry}' is not 'SIDE until STEP' (allowed: e.g. "
-                             f"['32 until 4500'])")
-        side, step = int(side), int(step)
-        if side % patch or not patch <= side < d.max_side:
-            raise ValueError(f"side {side} of '{entry}': allowed multiples of model.patch_size "
-                             f"{patch} from {patch} to below data.max_side {d.max_side} "
-                             f"([] trains at data.max_side throughout)")
-        if step < 1 or (out and (side <= out[-1][0] or step <= out[-1][1])):
-            raise ValueError(f"'{entry}': sides and steps must rise from entry to entry, "
-                             f"steps from 1")
-        out.append((side, step))
-    return [*out, (d.max_side, None)]
 
 
 def parse_wxh(text: str) -> tuple[int, int]:

@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine.buckets import BucketPlan, format_plan, plan_buckets, stage_plan
-from engine.config import ConfigError, RunConfig, load_preset, resolution_stages
+from engine.config import ConfigError, RunConfig, load_preset
 from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
 from engine.demo_data import DEFAULT_COUNT, DEMO_KINDS, write_demo_dataset
+from engine.stages import resolution_stages
 
 
 def why_nothing_trains(scan: Scan, plan: BucketPlan) -> str:

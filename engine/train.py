@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from engine import __version__
-from engine.buckets import plan_buckets, stage_plan, stage_scale
+from engine.buckets import plan_buckets, stage_plan
 from engine.checkpoint import (
     CheckpointInfo,
     apply_retention,
@@ -37,7 +37,6 @@ from engine.checkpoint import (
 from engine.config import (
     RunConfig,
     dump_yaml,
-    resolution_stages,
     save_config,
 )
 from engine.data import DataError, scan_dataset
@@ -81,6 +80,7 @@ from engine.optim import (
 from engine.preflight import cpu_warning
 from engine.report import why_nothing_trains
 from engine.sample_prompts import RunPrompts
+from engine.stages import resolution_stages, stage_index, stage_scale, stage_text, steps_left
 from engine.text_features import cached_text_encoder
 from engine.train_io import (
     JobReporter,
@@ -148,7 +148,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         log(f"data: {len(skipped)} file(s) not trained ({kinds}): {names}; `python -m "
             f"engine.data report {cfg.data.path}` says why")
     # progressive resolution (data.stages): each stage trains the same images in buckets
-    # scaled down from the full plan's; validation, samples and checkpoints keep the full one
+    # scaled down from the full plan's; the validation loss keeps the full one throughout
     stages = resolution_stages(cfg.data, cfg.model.patch_size)
     last = resume_point(run, cfg, stop_at) if resume else None
     # a resume rebuilds the stage that trained the checkpoint's last batch: its data position
@@ -170,7 +170,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     loader, sampler = stage_loader(stage)
     if len(stages) > 1:
         log("data: progressive resolution (data.stages): "
-            + "; ".join(_stage_text(stages, k) for k in range(len(stages))))
+            + "; ".join(stage_text(stages, k) for k in range(len(stages))))
     fingerprint = dataset_fingerprint(plan)
     # what the run trains at in the end: the sample prompts' default size
     trained = trained_at(len(stages) - 1)
@@ -332,10 +332,12 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         from engine.generate import render_samples
         cells = prompts.read(log, text_encoder)   # edits made while the run trains count
         side = stages[stage][0]
-        if side < cfg.data.max_side:   # a low stage samples at the size it trains
-            def scaled(v: int) -> int:
-                return stage_scale(v, side, cfg.data.max_side, cfg.model.patch_size)
-            cells = [replace(c, width=scaled(c.width), height=scaled(c.height)) for c in cells]
+        if side < cfg.data.max_side:   # a low stage samples at the size it trains, where the
+            def scaled(v: int, option: str, c) -> int:   # prompt line gives none itself
+                return v if option in c.given else stage_scale(v, side, cfg.data.max_side,
+                                                               cfg.model.patch_size)
+            cells = [replace(c, width=scaled(c.width, "w", c), height=scaled(c.height, "h", c))
+                     for c in cells]
         def run_sample():   # the grid and the quality figures in one swap to the EMA weights
             model.eval()
             try:
@@ -383,7 +385,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         data_iter = iter(loader)
         report.restart_speed(st.step)
         log(f"epoch {st.epoch} begins at step {st.step}: stage {k + 1} of {len(stages)}, "
-            f"{_stage_text(stages, k)}")
+            f"{stage_text(stages, k)}")
 
     def next_batch():
         nonlocal data_iter, bad_files_total
@@ -555,33 +557,6 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 def _cpu(gen: torch.Generator) -> torch.Generator | None:
     """Caption dropout draws on the CPU; a CPU noise generator is shared, a GPU one is not."""
     return gen if gen.device.type == "cpu" else None
-
-
-def stage_index(stages: list[tuple[int, int | None]], step: int) -> int:
-    """The data.stages entry (engine.config.resolution_stages) that trains the optimizer
-    step after `step` completed ones."""
-    return next(k for k, (_, until) in enumerate(stages) if until is None or step < until)
-
-
-def steps_left(stages: list[tuple[int, int | None]], costs: list[float], step: int,
-               stop_at: int) -> float:
-    """For the ETA: the optimizer steps from `step` to `stop_at`, each counted as its
-    stage's cost (costs[k]: image tokens per sample) over the cost of the stage training
-    now, so that the speed measured in this stage times them gives the time left."""
-    now = costs[stage_index(stages, step)]
-    total, start = 0.0, 0
-    for (_, until), cost in zip(stages, costs):
-        end = stop_at if until is None else min(until, stop_at)
-        total += max(0, end - max(start, step)) * cost / now
-        start = until or stop_at
-    return total
-
-
-def _stage_text(stages: list[tuple[int, int | None]], k: int) -> str:
-    side, until = stages[k]
-    start = stages[k - 1][1] if k else 0
-    return f"up to {side} px " + (f"for steps {start + 1}-{until}" if until else
-                                  f"from step {start + 1}")
 
 
 def resume_point(run: RunDir, cfg: RunConfig, requested: int | None) -> CheckpointInfo | None:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from trainhelp import losses, records, sets
 
-from engine.buckets import plan_buckets, stage_data, stage_plan
-from engine.config import ConfigError, load_preset, resolution_stages
+from engine.buckets import plan_buckets, stage_plan
+from engine.config import ConfigError, load_preset
 from engine.data import scan_dataset
 from engine.demo_data import write_demo_dataset
+from engine.stages import resolution_stages, stage_data, stage_index, steps_left
 from engine.train import main as train_main
-from engine.train import stage_index
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,6 @@ def test_the_dataset_report_says_what_each_stage_trains(demo, capsys):
     (3, 5, 2),              # stopping inside the first stage
     (10, 12, 2)])
 def test_the_eta_counts_a_later_stage_s_steps_at_their_cost(step, stop_at, left):
-    from engine.train import steps_left
     assert steps_left([(24, 6), (48, None)], [9.0, 36.0], step, stop_at) == left
 
 
@@ -181,10 +180,13 @@ def test_a_run_from_a_staged_checkpoint_trains_at_the_full_size_from_its_first_s
 
 def test_a_low_stage_samples_and_records_the_size_it_trains(demo, tmp_path):
     """Grids, quality figures and checkpoints of the 24 px stage are at 24 px (what the
-    model has learned there), those of the full stage at 48 px; the validation loss is
-    measured on the same full-size images throughout."""
+    model has learned there), those of the full stage at 48 px, except a prompt line's own
+    size; the validation loss is measured on the same full-size images throughout."""
     from engine.checkpoint import list_checkpoints, read_meta
     run = tmp_path / "run"
+    run.mkdir()   # a prompt line that sets its own size keeps it
+    (run / "sample_prompts.txt").write_text("a red circle on a white background\n"
+                                            "a blue square --w 40 --h 16\n")
     assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
                        "--max-steps", "8",
                        *sets("data.stages=[24 until 4]", "train.sample_every=2",
@@ -193,7 +195,7 @@ def test_a_low_stage_samples_and_records_the_size_it_trains(demo, tmp_path):
     import json
     sizes = {s: {tuple((c["width"], c["height"])) for c in json.loads(
         (run / "samples" / f"step_{s:07d}.json").read_text())["cells"]} for s in (2, 4, 6)}
-    assert sizes == {2: {(24, 24)}, 4: {(24, 24)}, 6: {(48, 48)}}
+    assert sizes == {2: {(24, 24), (40, 16)}, 4: {(24, 24), (40, 16)}, 6: {(48, 48), (40, 16)}}
     quality = {r["step"] for r in records(run, "q_seconds")}
     assert {2, 4, 6} <= quality
     trained = {c.step: read_meta(c.path)["trained_sizes"] for c in
