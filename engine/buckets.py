@@ -31,14 +31,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from engine.config import DataConfig
-from engine.stages import stage_data
+from engine.stages import stage_scale
 
 if TYPE_CHECKING:  # the planner reads records produced by the scanner in engine.data
     from engine.data import ImageRecord
@@ -398,6 +398,15 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
         warnings.append(f"{upscaled} images are upscaled to fill their bucket (blurrier pixels)")
     return BucketPlan(patch_size, batch_size, world_size, grad_accum, d.drop_last, stats,
                       train, val, dropped, warnings)
+
+
+def stage_data(d: DataConfig, side: int, patch: int) -> DataConfig:
+    """The data settings of a progressive-resolution stage up to `side` px (data.stages):
+    min_side and bucket_step scaled like max_side (stage_scale), so every image keeps its
+    aspect and framing on fewer pixels."""
+    return replace(d, max_side=side, min_side=min(side, stage_scale(d.min_side, side,
+                                                                    d.max_side, patch)),
+                   bucket_step=stage_scale(d.bucket_step, side, d.max_side, patch))
 
 
 def stage_plan(plan: BucketPlan, data_cfg: DataConfig, side: int) -> BucketPlan:

@@ -474,7 +474,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise _fail(source, "data.min_side", d.min_side,
                     f"larger than data.max_side {d.max_side} (allowed: <= {d.max_side})")
     try:
-        resolution_stages(d, p)
+        resolution_stages(d.stages, d.max_side, p)
     except ValueError as e:
         raise _fail(source, "data.stages", d.stages, str(e)) from None
     if lo.repa_teacher and lo.repa_layer > m.patch_layers:

@@ -58,7 +58,7 @@ def token_counter(cfg: RunConfig) -> tuple[Callable[[list[str]], list[int]], str
 def stage_lines(plan: BucketPlan, cfg: RunConfig) -> list[str]:
     """What each progressive-resolution stage (data.stages) trains: its steps, its buckets
     and its image tokens per sample against the full plan's ([] without stages)."""
-    stages = resolution_stages(cfg.data, plan.patch_size)
+    stages = resolution_stages(cfg.data.stages, cfg.data.max_side, plan.patch_size)
     if len(stages) == 1 or not plan.images:
         return []
     full = plan.tokens_per_sample

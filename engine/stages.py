@@ -1,45 +1,39 @@
 """Progressive resolution (data.stages): a run trains its first steps at lower
 resolutions, where a step costs a fraction, and the rest at data.max_side, with one
 schedule, optimizer and EMA. This module reads the entries, says which stage trains a
-step, scales sizes to a stage and counts steps for the ETA; engine.buckets.stage_plan
-plans a stage's buckets and engine/train.py switches its loader.
+step, scales sizes to a stage and counts steps for the ETA; engine.buckets.stage_data and
+stage_plan plan a stage's buckets, and engine/train.py switches its loader.
 
 Pure: it imports nothing of the engine, so engine.config can check entries on load.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from engine.config import DataConfig
-
 Stages = list[tuple[int, int | None]]   # (side, until_step), the last (max_side, None)
 
 
-def resolution_stages(d: DataConfig, patch: int) -> Stages:
-    """data.stages as [(side, until_step)], closed by (max_side, None): the stage with
+def resolution_stages(entries: list[str], max_side: int, patch: int) -> Stages:
+    """data.stages `entries` as [(side, until_step)], closed by (max_side, None): the stage with
     side s trains the optimizer steps n + 1 for which n < until_step. ValueError (with what
     is allowed) for an entry that is not 'SIDE until STEP', not rising, or not a multiple
     of `patch` below max_side."""
     out: Stages = []
-    for entry in d.stages:
+    for entry in entries:
         side, _, step = entry.partition("until")
         side, step = side.strip().removesuffix("px").strip(), step.strip()
         if not (side.isdigit() and step.isdigit()):
             raise ValueError(f"entry '{entry}' is not 'SIDE until STEP' (allowed: e.g. "
                              f"['32 until 4500'])")
         side, step = int(side), int(step)
-        if side % patch or not patch <= side < d.max_side:
+        if side % patch or not patch <= side < max_side:
             raise ValueError(f"side {side} of '{entry}': allowed multiples of model.patch_size "
-                             f"{patch} from {patch} to below data.max_side {d.max_side} "
+                             f"{patch} from {patch} to below data.max_side {max_side} "
                              f"([] trains at data.max_side throughout)")
         if step < 1 or (out and (side <= out[-1][0] or step <= out[-1][1])):
             raise ValueError(f"'{entry}': sides and steps must rise from entry to entry, "
                              f"steps from 1")
         out.append((side, step))
-    return [*out, (d.max_side, None)]
+    return [*out, (max_side, None)]
 
 
 def stage_index(stages: Stages, step: int) -> int:
@@ -74,12 +68,3 @@ def stage_scale(v: int, side: int, max_side: int, patch: int) -> int:
     """A length of the full size at a progressive-resolution stage up to `side` px: scaled
     by side / max_side to the nearest multiple of the patch (at least one patch)."""
     return max(patch, round(v * side / max_side / patch) * patch)
-
-
-def stage_data(d: DataConfig, side: int, patch: int) -> DataConfig:
-    """The data settings of a progressive-resolution stage up to `side` px (data.stages):
-    min_side and bucket_step scaled like max_side (stage_scale), so every image keeps its
-    aspect and framing on fewer pixels."""
-    return replace(d, max_side=side, min_side=min(side, stage_scale(d.min_side, side,
-                                                                    d.max_side, patch)),
-                   bucket_step=stage_scale(d.bucket_step, side, d.max_side, patch))

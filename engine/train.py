@@ -149,7 +149,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             f"engine.data report {cfg.data.path}` says why")
     # progressive resolution (data.stages): each stage trains the same images in buckets
     # scaled down from the full plan's; the validation loss keeps the full one throughout
-    stages = resolution_stages(cfg.data, cfg.model.patch_size)
+    stages = resolution_stages(cfg.data.stages, cfg.data.max_side, cfg.model.patch_size)
     last = resume_point(run, cfg, stop_at) if resume else None
     # a resume rebuilds the stage that trained the checkpoint's last batch: its data position
     stage = stage_index(stages, max(last.step - 1, 0) if last else 0)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from trainhelp import losses, records, sets
 
-from engine.buckets import plan_buckets, stage_plan
+from engine.buckets import plan_buckets, stage_data, stage_plan
 from engine.config import ConfigError, load_preset
 from engine.data import scan_dataset
 from engine.demo_data import write_demo_dataset
-from engine.stages import resolution_stages, stage_data, stage_index, steps_left
+from engine.stages import resolution_stages, stage_index, steps_left
 from engine.train import main as train_main
 
 
@@ -28,8 +28,8 @@ def demo(tmp_path_factory) -> Path:
 
 def test_entries_read_as_side_and_step_and_close_with_the_full_size():
     cfg = load_preset("tiny-cpu", ["data.stages=[16 until 100, 32px until 4500]"])
-    assert resolution_stages(cfg.data, 8) == [(16, 100), (32, 4500), (64, None)]
-    assert resolution_stages(load_preset("tiny-cpu").data, 8) == [(64, None)]
+    assert resolution_stages(cfg.data.stages, 64, 8) == [(16, 100), (32, 4500), (64, None)]
+    assert resolution_stages([], 64, 8) == [(64, None)]
 
 
 @pytest.mark.parametrize("value, says", [
