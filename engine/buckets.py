@@ -409,12 +409,15 @@ def stage_data(d: DataConfig, side: int, patch: int) -> DataConfig:
                    bucket_step=stage_scale(d.bucket_step, side, d.max_side, patch))
 
 
-def stage_plan(plan: BucketPlan, data_cfg: DataConfig, side: int) -> BucketPlan:
-    """The plan of a progressive-resolution stage up to `side` px: the images of the full
-    `plan` (the same training and held-out ones) in the buckets of stage_data."""
+def stage_plans(plan: BucketPlan, data_cfg: DataConfig, stages) -> list[BucketPlan]:
+    """The plan of every progressive-resolution stage (engine.stages.resolution_stages):
+    the images of the full `plan` (the same training and held-out ones) in the buckets of
+    stage_data, and `plan` itself for the last, full-size stage."""
     records = [im.record for im in plan.images + plan.val_images]
-    return plan_buckets(records, stage_data(data_cfg, side, plan.patch_size), plan.patch_size,
-                        plan.batch_size, plan.world_size, plan.grad_accum)
+    return [plan if until is None else
+            plan_buckets(records, stage_data(data_cfg, side, plan.patch_size), plan.patch_size,
+                         plan.batch_size, plan.world_size, plan.grad_accum)
+            for side, until in stages]
 
 
 def format_plan(plan: BucketPlan) -> list[str]:

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from engine.buckets import BucketPlan, format_plan, plan_buckets, stage_plan
+from engine.buckets import BucketPlan, format_plan, plan_buckets, stage_plans
 from engine.config import ConfigError, RunConfig, load_preset
 from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
 from engine.demo_data import DEFAULT_COUNT, DEMO_KINDS, write_demo_dataset
@@ -63,8 +63,7 @@ def stage_lines(plan: BucketPlan, cfg: RunConfig) -> list[str]:
         return []
     full = plan.tokens_per_sample
     lines = []
-    for k, (side, until) in enumerate(stages):
-        p = plan if until is None else stage_plan(plan, cfg.data, side)
+    for k, ((side, until), p) in enumerate(zip(stages, stage_plans(plan, cfg.data, stages))):
         start = stages[k - 1][1] + 1 if k else 1
         used = [f"{b.size[0]}x{b.size[1]}" for b in p.buckets if b.samples]
         lines.append(f"{'Stages' if k == 0 else '':10}steps {start}-{until or cfg.train.max_steps}"

@@ -2,7 +2,7 @@
 resolutions, where a step costs a fraction, and the rest at data.max_side, with one
 schedule, optimizer and EMA. This module reads the entries, says which stage trains a
 step, scales sizes to a stage and counts steps for the ETA; engine.buckets.stage_data and
-stage_plan plan a stage's buckets, and engine/train.py switches its loader.
+stage_plans plan each stage's buckets, and engine/train.py switches its loader.
 
 Pure: it imports nothing of the engine, so engine.config can check entries on load.
 """

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from engine import __version__
-from engine.buckets import plan_buckets, stage_plan
+from engine.buckets import plan_buckets, stage_plans
 from engine.checkpoint import (
     CheckpointInfo,
     apply_retention,
@@ -153,18 +153,17 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     last = resume_point(run, cfg, stop_at) if resume else None
     # a resume rebuilds the stage that trained the checkpoint's last batch: its data position
     stage = stage_index(stages, max(last.step - 1, 0) if last else 0)
-    stage_plans = [plan if until is None else stage_plan(plan, cfg.data, side)
-                   for side, until in stages]
+    plans = stage_plans(plan, cfg.data, stages)
 
     def stage_loader(k: int):
-        return make_loader(stage_plans[k], cfg.data, seed=tr.seed, rank=d.rank,
+        return make_loader(plans[k], cfg.data, seed=tr.seed, rank=d.rank,
                            pin_memory=device.type == "cuda")
 
     def trained_at(k: int) -> dict[str, int]:
         """'WxH' -> images of stage k: what its checkpoints record as trained sizes."""
-        return {f"{b.size[0]}x{b.size[1]}": b.images for b in stage_plans[k].buckets if b.images}
+        return {f"{b.size[0]}x{b.size[1]}": b.images for b in plans[k].buckets if b.images}
 
-    costs = [p.tokens_per_sample for p in stage_plans]
+    costs = [p.tokens_per_sample for p in plans]
     report.steps_left = lambda step, stop_at: steps_left(stages, costs, step, stop_at)
 
     loader, sampler = stage_loader(stage)
@@ -358,7 +357,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         try:
             from engine.evaluate import LiveQuality
             if stage not in lives:
-                lives[stage] = LiveQuality(cfg, stage_plans[stage], trained_at(stage))
+                lives[stage] = LiveQuality(cfg, plans[stage], trained_at(stage))
             return (lives[stage](net, model.encode, device, tr.precision),
                     time.perf_counter() - start)
         except Exception as e:   # noqa: BLE001 - a figure must never stop the training

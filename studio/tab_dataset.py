@@ -37,7 +37,7 @@ from studio.workspace import Studio, add_files
 DEMO_NAME = "demo-shapes"
 DEFAULT_PRESET = "tiny-cpu"
 # What "Start the demo" adds to the preset. Where a prompt puts a shape is learned in
-# 32 px steps, a quarter of the price of 64 px ones; RoPE positions on a fixed 8 x 8 grid
+# 32 px steps, less than half the price of 64 px ones; RoPE positions on a fixed 8 x 8 grid
 # keep what was learned when the run moves to 64 px. Measured on the demo (README, "First
 # run"): the placements match the prompt in 100 % of samples, against 27 % for 3000 steps
 # at 64 px in the same time, and 37-50 % for the same stages without model.rope_grid.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from trainhelp import losses, records, sets
 
-from engine.buckets import plan_buckets, stage_data, stage_plan
+from engine.buckets import plan_buckets, stage_data, stage_plans
 from engine.config import ConfigError, load_preset
 from engine.data import scan_dataset
 from engine.demo_data import write_demo_dataset
@@ -65,7 +65,7 @@ def test_a_stage_trains_the_same_images_at_their_aspect_on_fewer_pixels(demo):
     full = plan_buckets(scan_dataset(demo, cfg.data).records, cfg.data, 8, 16)
     d = stage_data(cfg.data, 32, 8)
     assert (d.min_side, d.max_side, d.bucket_step) == (16, 32, 8)
-    low = stage_plan(full, cfg.data, 32)
+    low = stage_plans(full, cfg.data, [(32, 100), (64, None)])[0]
     assert [im.rel for im in low.images] == [im.rel for im in full.images]
     assert [im.rel for im in low.val_images] == [im.rel for im in full.val_images]
     for a, b in zip(full.images, low.images):
@@ -81,7 +81,8 @@ def test_a_stage_leaves_out_the_images_its_smaller_buckets_would_admit(tmp_path)
     cfg = load_preset("tiny-cpu", [f"data.path={tmp_path / 'd'}", "data.min_side=72",
                                    "data.max_side=128", "data.val_images=0"])
     full = plan_buckets(scan_dataset(tmp_path / "d", cfg.data).records, cfg.data, 8, 4)
-    low = stage_plan(full, cfg.data, 64)
+    low, same = stage_plans(full, cfg.data, [(64, 100), (128, None)])
+    assert same is full
     assert stage_data(cfg.data, 64, 8).min_side == 32    # would admit the 64 px sides
     assert len(full.dropped) == 3 and not low.dropped
     assert {im.rel for im in low.images} == {im.rel for im in full.images}
