@@ -17,7 +17,7 @@ from engine.buckets import BucketPlan, format_plan, plan_buckets, stage_plans
 from engine.config import ConfigError, RunConfig, load_preset
 from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
 from engine.demo_data import DEFAULT_COUNT, DEMO_KINDS, write_demo_dataset
-from engine.stages import resolution_stages
+from engine.stages import resolution_stages, stage_text
 
 
 def why_nothing_trains(scan: Scan, plan: BucketPlan) -> str:
@@ -63,11 +63,10 @@ def stage_lines(plan: BucketPlan, cfg: RunConfig) -> list[str]:
         return []
     full = plan.tokens_per_sample
     lines = []
-    for k, ((side, until), p) in enumerate(zip(stages, stage_plans(plan, cfg.data, stages))):
-        start = stages[k - 1][1] + 1 if k else 1
+    for k, p in enumerate(stage_plans(plan, cfg.data, stages)):
         used = [f"{b.size[0]}x{b.size[1]}" for b in p.buckets if b.samples]
-        lines.append(f"{'Stages' if k == 0 else '':10}steps {start}-{until or cfg.train.max_steps}"
-                     f" up to {side} px: {p.tokens_per_sample:.1f} image tokens per sample "
+        lines.append(f"{'Stages' if k == 0 else '':10}{stage_text(stages, k)}: "
+                     f"{p.tokens_per_sample:.1f} image tokens per sample "
                      f"({p.tokens_per_sample / full:.2f}x), buckets {', '.join(used)}")
     return lines
 

@@ -13,10 +13,10 @@ Stages = list[tuple[int, int | None]]   # (side, until_step), the last (max_side
 
 
 def resolution_stages(entries: list[str], max_side: int, patch: int) -> Stages:
-    """data.stages `entries` as [(side, until_step)], closed by (max_side, None): the stage with
-    side s trains the optimizer steps n + 1 for which n < until_step. ValueError (with what
-    is allowed) for an entry that is not 'SIDE until STEP', not rising, or not a multiple
-    of `patch` below max_side."""
+    """data.stages `entries` as [(side, until_step)], closed by (max_side, None): the
+    stage with side s trains the optimizer steps n + 1 for which n < until_step.
+    ValueError (with what is allowed) for an entry that is not 'SIDE until STEP', not
+    rising, or not a multiple of `patch` below max_side."""
     out: Stages = []
     for entry in entries:
         side, _, step = entry.partition("until")
@@ -37,13 +37,12 @@ def resolution_stages(entries: list[str], max_side: int, patch: int) -> Stages:
 
 
 def stage_index(stages: Stages, step: int) -> int:
-    """The data.stages entry (resolution_stages) that trains the optimizer
-    step after `step` completed ones."""
+    """The data.stages entry (resolution_stages) that trains the optimizer step after
+    `step` completed ones."""
     return next(k for k, (_, until) in enumerate(stages) if until is None or step < until)
 
 
-def steps_left(stages: Stages, costs: list[float], step: int,
-               stop_at: int) -> float:
+def steps_left(stages: Stages, costs: list[float], step: int, stop_at: int) -> float:
     """For the ETA: the optimizer steps from `step` to `stop_at`, each counted as its
     stage's cost (costs[k]: image tokens per sample) over the cost of the stage training
     now, so that the speed measured in this stage times them gives the time left."""

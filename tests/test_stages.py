@@ -135,9 +135,9 @@ def test_the_dataset_report_says_what_each_stage_trains(demo, capsys):
     assert report_main(["report", str(demo), "--preset", "tiny-cpu", "--set",
                         "data.stages=[32 until 4500]", "--set", "train.max_steps=6000"]) == 0
     out = capsys.readouterr().out
-    assert "Stages    steps 1-4500 up to 32 px: " in out and "(1.00x)" not in out.split(
-        "steps 4501")[0]
-    assert "steps 4501-6000 up to 64 px: " in out and "(1.00x), buckets" in out
+    assert "Stages    up to 32 px for steps 1-4500: " in out and "(1.00x)" not in out.split(
+        "from step 4501")[0]
+    assert "          up to 64 px from step 4501: " in out and "(1.00x), buckets" in out
     assert report_main(["report", str(demo), "--preset", "tiny-cpu"]) == 0
     assert "Stages" not in capsys.readouterr().out
 
