@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ CHOSEN = [("after-step", "3"),                                 # before the firs
 # its 0.3 s and no resume point would ever fall due: that start saves by time alone
 ONLY_BY_TIME = {"latest_*.safetensors": ("--set", "train.save_every=1000")}
 RANDOM_KILLS = 6
+REFERENCE_SECONDS: list[float] = []
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,12 @@ def demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(demo, tmp_path_factory) -> dict[int, float]:
-    """The same run, never interrupted."""
+    """The same run, never interrupted (its wall time sets the random moments)."""
     run = tmp_path_factory.mktemp("ref") / "run"
+    began = time.monotonic()
     assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
                        "--max-steps", str(STEPS), *sets(*SAVES)]) == 0
+    REFERENCE_SECONDS.append(time.monotonic() - began)
     return losses(run)
 
 
@@ -83,7 +87,11 @@ def test_sigkills_at_chosen_and_random_moments_lose_and_corrupt_nothing(demo, tm
                                                                         reference):
     run = tmp_path / "run"
     rng = random.Random(20261130)
-    faults = CHOSEN + [("timer", f"{rng.uniform(0.2, 1.6):.2f}") for _ in range(RANDOM_KILLS)]
+    # random moments within the first quarter of the uninterrupted run's time on this machine
+    # (fixed seconds would let a fast machine finish the run before the last kills)
+    span = REFERENCE_SECONDS[-1]
+    faults = CHOSEN + [("timer", f"{rng.uniform(0.03, 0.23) * span:.2f}")
+                       for _ in range(RANDOM_KILLS)]
     new = ["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
            *sets(*SAVES, "train.save_minutes=0")]
     kills = 0
