@@ -127,13 +127,39 @@ def sample_item(rng: np.random.Generator) -> DemoItem:
     background = backgrounds[rng.integers(len(backgrounds))]
     size = list(SIZES)[rng.integers(len(SIZES))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
-    fx, fy = POSITIONS[position]
-    jx, jy, jr = rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03), rng.uniform(0.9, 1.1)
+    center, radius = _jittered(rng, w, h, size, position)
     keep_size, keep_pos = rng.random() < KEEP_SIZE, rng.random() < KEEP_POSITION
     caption = make_caption(shape, colour, size if keep_size else None,
                            position if keep_pos else None, background)
-    return DemoItem(w, h, shape, colour, size, position, background,
-                    ((fx + jx) * w, (fy + jy) * h), SIZES[size] * min(w, h) * jr, caption)
+    return DemoItem(w, h, shape, colour, size, position, background, center, radius, caption)
+
+
+def _jittered(rng: np.random.Generator, w: int, h: int, size: str, position: str
+              ) -> tuple[tuple[float, float], float]:
+    """Centre (pixels) and radius of a shape of `size` at `position` in a w x h image,
+    each a little off its nominal value, as the dataset draws them."""
+    fx, fy = POSITIONS[position]
+    jx, jy, jr = rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03), rng.uniform(0.9, 1.1)
+    return ((fx + jx) * w, (fy + jy) * h), SIZES[size] * min(w, h) * jr
+
+
+def items_for_caption(caption: str, width: int, height: int, count: int,
+                      rng: np.random.Generator) -> list[DemoItem]:
+    """`count` width x height images that the dataset could hold under `caption` (a demo
+    caption): what it leaves out (size, position) drawn as the dataset draws it, and the
+    same small jitter of place and size. The true spread of one caption, for comparing a
+    model's spread across seeds with."""
+    want = parse_caption(caption)
+    if want is None:
+        raise ValueError(f"not a demo caption: {caption!r}")
+    out = []
+    for _ in range(count):
+        size = want["size"] or list(SIZES)[rng.integers(len(SIZES))]
+        position = want["position"] or list(POSITIONS)[rng.integers(len(POSITIONS))]
+        center, radius = _jittered(rng, width, height, size, position)
+        out.append(DemoItem(width, height, want["shape"], want["colour"], size, position,
+                            want["background"], center, radius, caption))
+    return out
 
 
 def _polygon(cx: float, cy: float, radii: list[float],

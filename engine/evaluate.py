@@ -20,6 +20,11 @@ the same code. Nothing is written anywhere.
   seeds, averaged over pixels and channels; the reference is the same statistic over
   as many real images that share the prompt's caption, or, when fewer than two do, the
   images whose captions hold most of the prompt's words (then the fewest other words).
+  On the demo dataset, a prompt that is a demo caption is compared with the spread the
+  dataset itself gives that caption: DRAWN_GROUPS groups of as many images drawn by the
+  demo's own generator at the sample size (what the caption leaves out drawn as the
+  dataset draws it), their spreads averaged. Its captions are nearly all unique, so
+  "similar captions" there mix shapes, colours and places that the prompt fixes.
 * **Prompt adherence** (demo dataset only, engine/demo_data.py): each attribute a demo
   caption names is read back from pixels. Background: the median colour of the outer
   ring of pixels, nearest background colour. Shape colour: the median colour of pixels
@@ -43,6 +48,8 @@ image), so a perfectly flat real set still gives a finite ratio.
 
 from __future__ import annotations
 
+import functools
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -61,6 +68,7 @@ from engine.demo_data import (
     POSITIONS,
     SHAPES,
     DemoItem,
+    items_for_caption,
     parse_caption,
     render,
 )
@@ -82,6 +90,7 @@ FLAT_FACTOR = 4.0       # ... or less than this many times the image's median re
 MAX_REAL = 64           # real images compared at most
 SEED_STRIDE = 1000      # seed of image k of prompt i: the prompt's seed + k * SEED_STRIDE
 DEMO_SHARE = 0.9        # a dataset is the demo when this share of its captions parse
+DRAWN_GROUPS = 8        # groups of `seeds` demo drawings averaged for a caption's true spread
 # area / radius^2 of each demo shape as engine/demo_data.render draws it (red on black)
 AREA = {"circle": np.pi, "square": 3.24, "triangle": 1.871, "star": 1.763, "cross": 2.462}
 Progress = Callable[[int, int, str], None]
@@ -361,6 +370,26 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+@functools.lru_cache(maxsize=256)
+def drawn_spread(caption: str, seeds: int, width: int, height: int) -> tuple[float, str]:
+    """The spread across `seeds` images that the demo dataset gives `caption` (a demo
+    caption), averaged over DRAWN_GROUPS groups drawn at width x height; the same draws
+    for the same caption every time."""
+    caption = _normal(caption)
+    rng = np.random.default_rng(zlib.crc32(caption.encode()))
+    spreads = [seed_spread(np.stack([np.asarray(render(item), np.uint8) for item in
+                                     items_for_caption(caption, width, height, seeds, rng)]))
+               for _ in range(DRAWN_GROUPS)]
+    return float(np.mean(spreads)), f"demo drawings ({DRAWN_GROUPS} x {seeds})"
+
+
+def _pool_spread(real: RealImages, prompt: str, seeds: int, width: int, height: int
+                 ) -> tuple[float | None, str]:
+    paths, kind = reference_group(prompt, real.pool, seeds)
+    group = real.load(paths, width, height)
+    return (seed_spread(group) if len(group) >= 2 else None), f"{kind} ({len(group)})"
+
+
 def _adherence(images: list[np.ndarray], captions: list[str]) -> dict[str, list[bool]]:
     out: dict[str, list[bool]] = {}
     for img, caption in zip(images, captions):
@@ -396,13 +425,13 @@ def evaluate(net, encode, cfg: RunConfig, device: torch.device | str, precision:
         images = to_uint8(torch.stack(render_samples(net, encode, cells, cfg, device,
                                                      precision)))
         generated.append(images)
-        paths, kind = reference_group(p.prompt, real.pool, seeds)
-        group = real.load(paths, width, height)
-        real_spread = seed_spread(group) if len(group) >= 2 else None
+        real_spread, kind = (drawn_spread(p.prompt, seeds, width, height)
+                             if real.demo and parse_caption(_normal(p.prompt)) else
+                             _pool_spread(real, p.prompt, seeds, width, height))
         spread = seed_spread(images)
         row = {"prompt": p.prompt, "spread": spread, "real_spread": real_spread,
                "ratio": ratio(spread, real_spread) if real_spread is not None else None,
-               "reference": f"{kind} ({len(group)})", "noise": flat_noise(images)[0]}
+               "reference": kind, "noise": flat_noise(images)[0]}
         if real.demo:
             scores = _adherence(list(images), [p.prompt] * len(images))
             hits = [v for vs in scores.values() for v in vs]

@@ -12,11 +12,21 @@ from PIL import Image
 from trainhelp import sets
 
 from engine.bench import main as bench_main
-from engine.demo_data import DemoItem, make_caption, render, sample_item, write_demo_dataset
+from engine.demo_data import (
+    POSITIONS,
+    SIZES,
+    DemoItem,
+    items_for_caption,
+    make_caption,
+    render,
+    sample_item,
+    write_demo_dataset,
+)
 from engine.encoders import DinoTeacher
 from engine.evaluate import (
     cheap_features,
     dino_features,
+    drawn_spread,
     flat_noise,
     frechet_distance,
     ratio,
@@ -75,6 +85,33 @@ def test_reference_group_same_caption_then_most_similar_words():
     # without a second copy: the captions holding every word of the prompt come first
     paths, kind = reference_group("a red circle on a white background", pool[2:], 2)
     assert kind == "similar captions" and sorted(paths) == ["c.png", "e.png"]
+
+
+def test_a_demo_caption_is_drawn_as_the_dataset_draws_it():
+    rng = np.random.default_rng(0)
+    items = items_for_caption("A red circle on a  white background", 48, 32, 200, rng)
+    assert {(i.shape, i.colour, i.background, i.width, i.height) for i in items} == {
+        ("circle", "red", "white", 48, 32)}
+    assert {i.position for i in items} == set(POSITIONS) and {i.size for i in items} == set(SIZES)
+    fixed = items_for_caption("a large red circle at the top left on a white background",
+                              64, 64, 50, rng)
+    assert {(i.size, i.position) for i in fixed} == {("large", "top left")}
+    assert all(abs(i.center[0] / 64 - 0.27) <= 0.03 and 0.9 * 0.22 * 64 <= i.radius
+               <= 1.1 * 0.22 * 64 for i in fixed)                   # the dataset's jitter
+    for i in fixed[:5]:
+        assert all(score_demo(np.asarray(render(i)), i.caption).values())
+    with pytest.raises(ValueError, match="not a demo caption"):
+        items_for_caption("a photo of a cat", 64, 64, 2, rng)
+
+
+def test_a_captions_true_spread_grows_with_what_it_leaves_open():
+    open_, kind = drawn_spread("a red circle on a white background", 6, 64, 64)
+    placed, _ = drawn_spread("a red circle at the top left on a white background", 6, 64, 64)
+    fixed, _ = drawn_spread("a large red circle at the top left on a white background", 6, 64,
+                            64)
+    assert kind == "demo drawings (8 x 6)"
+    assert open_ > 3 * placed > 3 * fixed > 0       # five places, then two sizes, then jitter
+    assert drawn_spread("A red circle on a white background.", 6, 64, 64)[0] == open_
 
 
 def test_a_drawn_demo_image_scores_every_attribute_it_names():
@@ -163,6 +200,7 @@ def test_quality_command_reports_every_figure_and_writes_nothing(trained, capsys
     assert [p["prompt"] for p in report["per_prompt"]] == [
         "a red circle on a white background", "a blue square on a yellow background"]
     assert all(p["spread"] > 0 and p["real_spread"] > 0 for p in report["per_prompt"])
+    assert {p["reference"] for p in report["per_prompt"]} == {"demo drawings (8 x 3)"}
     attributes = {a["attribute"]: a for a in report["adherence"]}
     assert set(attributes) == {"background", "colour", "shape"}   # the prompts name no position
     assert all(a["scored"] == 6 and 0 <= a["generated"] <= 100 for a in attributes.values())
