@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -38,7 +39,11 @@ CHOSEN = [("after-step", "3"),                                 # before the firs
 # its 0.3 s and no resume point would ever fall due: that start saves by time alone
 ONLY_BY_TIME = {"latest_*.safetensors": ("--set", "train.save_every=1000")}
 RANDOM_KILLS = 6
-REFERENCE_SECONDS: list[float] = []
+
+
+class Reference(NamedTuple):
+    losses: dict[int, float]
+    seconds: float
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +52,13 @@ def demo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(demo, tmp_path_factory) -> dict[int, float]:
-    """The same run, never interrupted (its wall time sets the random moments)."""
+def reference(demo, tmp_path_factory) -> Reference:
+    """The same run, never interrupted: its losses, and its wall time on this machine."""
     run = tmp_path_factory.mktemp("ref") / "run"
     began = time.monotonic()
     assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
                        "--max-steps", str(STEPS), *sets(*SAVES)]) == 0
-    REFERENCE_SECONDS.append(time.monotonic() - began)
-    return losses(run)
+    return Reference(losses(run), time.monotonic() - began)
 
 
 def faulty(fault: str, arg: str, *train_args: str) -> subprocess.CompletedProcess:
@@ -89,8 +93,7 @@ def test_sigkills_at_chosen_and_random_moments_lose_and_corrupt_nothing(demo, tm
     rng = random.Random(20261130)
     # random moments within the first quarter of the uninterrupted run's time on this machine
     # (fixed seconds would let a fast machine finish the run before the last kills)
-    span = REFERENCE_SECONDS[-1]
-    faults = CHOSEN + [("timer", f"{rng.uniform(0.03, 0.23) * span:.2f}")
+    faults = CHOSEN + [("timer", f"{rng.uniform(0.03, 0.23) * reference.seconds:.2f}")
                        for _ in range(RANDOM_KILLS)]
     new = ["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
            *sets(*SAVES, "train.save_minutes=0")]
@@ -121,7 +124,7 @@ def test_sigkills_at_chosen_and_random_moments_lose_and_corrupt_nothing(demo, tm
     for line in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
     # every step's loss, re-done ones included, equals the uninterrupted run's
-    assert losses(run) == reference
+    assert losses(run) == reference.losses
 
 
 @pytest.mark.slow
