@@ -93,6 +93,12 @@ class ModelConfig:
                         "places of their centres on an N x N grid over the image, at any size "
                         "(position interpolation), so a place keeps its angle across "
                         "resolutions and data.stages", lo=0)
+    rope_grid_aspect: str = _f("stretch", "with model.rope_grid: 'stretch' fits rows and columns "
+                               "to N positions each, so a wide image's shapes are squeezed "
+                               "along its width; 'keep' scales both axes by one factor, so "
+                               "the image covers N x N grid cells in area, centred, and a "
+                               "circle stays round at every aspect ratio",
+                               choices=("stretch", "keep"))
     place_embed: bool = _f(False, "add to each patch token a fixed sin-cos code of where it is in "
                            "the image (fractions of height and width)")
     gate: str = _f("headwise", "sigmoid output gate of attention: one scalar per head, "
@@ -125,6 +131,9 @@ class TextConfig:
                          "to their longest prompt", lo=1, hi=8192)
     builtin_dim: int = _f(256, "width of the builtin encoder (a multiple of 32)", lo=32)
     builtin_layers: int = _f(2, "transformer layers of the builtin encoder", lo=0, hi=24)
+    builtin_word_skip: bool = _f(False, "add each word's own (normalised) embedding to the "
+                                 "builtin encoder's output, so that words the context layers "
+                                 "map alike (circle, square) stay apart")
     cache_dir: str = _f("", "folder of the precomputed qwen3 text features, one subfolder per "
                         "encoder (its files, max_tokens and dtype), reused by every run and "
                         "resume; '' = $PIXELHDM_CACHE_DIR/text-features when that variable is "

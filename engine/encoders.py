@@ -72,6 +72,7 @@ class BuiltinTextEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, cfg.builtin_layers, enable_nested_tensor=False) \
             if cfg.builtin_layers else None
         self.norm = nn.LayerNorm(self.dim)
+        self.word_norm = nn.LayerNorm(self.dim) if cfg.builtin_word_skip else None
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
 
@@ -104,6 +105,8 @@ class BuiltinTextEncoder(nn.Module):
         if self.layers is not None:
             x = self.layers(x, src_key_padding_mask=~mask)
         x = self.norm(x)[:, 1:]                                                 # (B, T, C)
+        if self.word_norm is not None:
+            x = x + self.word_norm(self.embed(ids[:, 1:]))
         words = mask[:, 1:]
         tokens = torch.where(words[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         n = words.sum(1, keepdim=True)

@@ -166,11 +166,15 @@ def place_code(h: int, w: int, dim: int, device=None) -> Tensor:
     return F.pad(code, (0, dim - 4 * n)).float()
 
 
-def _grid_positions(n: int, grid: int, device) -> Tensor:
+def _grid_positions(n: int, grid: int, device, scale: float | None = None) -> Tensor:
     """RoPE positions of n tokens along an axis: 0..n-1, or with model.rope_grid = N their
-    centres on N positions, (i + 1/2) N / n - 1/2 (n = N gives 0..N-1 again)."""
+    centres on N positions, (i + 1/2) N / n - 1/2 (n = N gives 0..N-1 again). With `scale`
+    the spacing is `scale` instead of N / n, and the tokens stay centred on the grid."""
     i = torch.arange(n, device=device, dtype=torch.float32)
-    return i if not grid else (i + 0.5) * (grid / n) - 0.5
+    if not grid:
+        return i
+    step = grid / n if scale is None else scale
+    return (i + 0.5 - n / 2) * step + (grid - 1) / 2
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -423,8 +427,11 @@ class PixelHDM(nn.Module):
         key = (h, w, str(device))
         if key not in self._grid_cache:
             freqs = rope_frequencies(tuple(self.cfg.mrope_split), self.cfg.rope_theta).to(device)
-            rows = _grid_positions(h, self.cfg.rope_grid, device).repeat_interleave(w)
-            cols = _grid_positions(w, self.cfg.rope_grid, device).repeat(h)
+            # 'keep': one spacing for both axes, so the grid's area is N x N cells
+            scale = (self.cfg.rope_grid / math.sqrt(h * w)
+                     if self.cfg.rope_grid_aspect == "keep" else None)
+            rows = _grid_positions(h, self.cfg.rope_grid, device, scale).repeat_interleave(w)
+            cols = _grid_positions(w, self.cfg.rope_grid, device, scale).repeat(h)
             ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)    # (L, 3)
             grid_ang = angles_from(ids, freqs)                                 # (L, hd/2)
             px = grid_ang[None, None]                                          # (1, 1, L, hd/2)

@@ -296,6 +296,29 @@ def test_rope_grid_puts_a_place_at_the_same_angle_at_every_resolution():
     assert net(z, t, text).shape == z.shape
 
 
+def test_rope_grid_keep_aspect_spaces_rows_and_columns_alike():
+    """model.rope_grid_aspect = keep: on a wide grid rows and columns are one spacing
+    apart (a circle stays round), the grid covers N x N cells in area and is centred where
+    a square image's centre lies; a square grid gets the same positions as 'stretch', and a
+    wide one does not (stretch squeezes its columns)."""
+    cpu = torch.device("cpu")
+    keep = model(tiny_cfg(rope_grid=8, rope_grid_aspect="keep"))
+    stretch = model(tiny_cfg(rope_grid=8))
+    freqs, wide, _, _ = keep._rope_tables(2, 8, cpu)                    # 2 rows x 8 columns
+    # the first pair of each axis turns at frequency 1: its angle is the position itself
+    row_pos = wide[:, freqs[1].nonzero()[0, 0]]
+    col_pos = wide[:, freqs[2].nonzero()[0, 0]]
+    step = torch.tensor(8 / 4.0)                                        # N / sqrt(2 * 8)
+    torch.testing.assert_close(col_pos[1] - col_pos[0], step)
+    torch.testing.assert_close(row_pos[8] - row_pos[0], step)
+    torch.testing.assert_close(row_pos.mean(), torch.tensor(3.5))
+    torch.testing.assert_close(col_pos.mean(), torch.tensor(3.5))
+    torch.testing.assert_close(keep._rope_tables(4, 4, cpu)[1], stretch._rope_tables(4, 4, cpu)[1])
+    assert not torch.allclose(keep._rope_tables(2, 8, cpu)[1], stretch._rope_tables(2, 8, cpu)[1])
+    z, t, text = torch.randn(1, 3, 16, 64), torch.full((1,), 0.5), make_text([3])
+    assert keep(z, t, text).shape == z.shape
+
+
 def test_whole_model_agrees_across_backends():
     z, t, text = torch.randn(2, 3, 16, 24), torch.rand(2), make_text([2, 5])
     with torch.no_grad():
