@@ -220,6 +220,21 @@ def test_divergence_guard_skips_rolls_back_and_gives_up(demo, tmp_path):
     assert "Lower train.lr" in status.error
 
 
+def test_divergence_guard_learns_a_new_stages_loss_level_afresh(demo, tmp_path):
+    """The loss of a new resolution stage has a level of its own (a 32 -> 48 px switch raised
+    it 7x on the demo, and the guard rolled back until the run failed). With a threshold that
+    flags every batch once the guard has seen 20 steps, a run that switches at step 20 only
+    completes if the switch starts the guard's count again."""
+    run = tmp_path / "run"
+    code = train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "40", *sets("train.spike_factor=0.1", "train.max_bad_steps=2",
+                                                  "data.stages=[24 until 20]", "train.max_steps=40",
+                                                  "train.save_every=10")])
+    assert code == 0
+    assert not [r for r in records(run, "event") if r["event"] == "skipped-batch"]
+    assert RunDir(run).read_status().state == "completed"
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_stay_in_sync(demo, tmp_path):
     run = tmp_path / "run"
