@@ -38,8 +38,9 @@ STATES = ("starting", "running", "stopping", "paused", "stopped", "completed", "
 FINAL_STATES = ("paused", "stopped", "completed", "failed")
 REQUESTS = ("stop", "pause", "save-now", "sample-now")
 HEARTBEAT_SECONDS = 5.0
-# a temporary file of engine.fileio.atomic_target: ".<name>.<8 random characters>"
-_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}$")
+# a temporary file of engine.fileio.atomic_target (".<name>.<8 random characters>"), or one
+# that safetensors' own writer makes beside its target (".tmp<6 random characters>")
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}$|^\.tmp[A-Za-z0-9]{6}$")
 STALE_SECONDS = 90.0
 
 

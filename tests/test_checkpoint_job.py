@@ -314,3 +314,21 @@ def test_list_runs_newest_first(tmp_path):
     (tmp_path / "not-a-run").mkdir()
     assert [r.run_id for r in list_runs(tmp_path)] == ["b", "a"]
     assert list_runs(tmp_path / "missing") == []
+
+
+def test_recovery_removes_the_unfinished_files_of_both_writers(tmp_path):
+    """A kill during a write leaves atomic_target's '.<name>.<8 characters>' or, when it
+    lands inside safetensors' own writer, its '.tmp<6 characters>' beside the target; the
+    next trainer's recovery removes both kinds and nothing else."""
+    run = RunDir(tmp_path / "run")
+    run.create()
+    ours = run.checkpoints / ".step_0000008.safetensors.ab12cd_9"
+    theirs = run.checkpoints / ".tmp2SoGaD"
+    kept = [run.checkpoints / ".tmp2SoGaDx", run.checkpoints / "step_0000004.safetensors",
+            run.root / ".hidden"]
+    for p in (ours, theirs, *kept):
+        p.write_bytes(b"x" * 10)
+    notes = run.recover()
+    assert not ours.exists() and not theirs.exists()
+    assert all(p.exists() for p in kept)
+    assert sum("unfinished file" in n for n in notes) == 2
