@@ -101,12 +101,13 @@ class BuiltinTextEncoder(nn.Module):
         # CPU -> GPU without waiting for the GPU's queue: the source is staged at once
         ids = ids.to(self.pos.device, non_blocking=True)
         mask = mask.to(self.pos.device, non_blocking=True)
-        x = self.embed(ids) + self.pos[: ids.shape[1]]                          # (B, 1+T, C)
+        emb = self.embed(ids)                                                   # (B, 1+T, C)
+        x = emb + self.pos[: ids.shape[1]]
         if self.layers is not None:
             x = self.layers(x, src_key_padding_mask=~mask)
         x = self.norm(x)[:, 1:]                                                 # (B, T, C)
         if self.word_norm is not None:
-            x = x + self.word_norm(self.embed(ids[:, 1:]))
+            x = x + self.word_norm(emb[:, 1:])
         words = mask[:, 1:]
         tokens = torch.where(words[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         n = words.sum(1, keepdim=True)

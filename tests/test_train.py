@@ -222,7 +222,7 @@ def test_divergence_guard_skips_rolls_back_and_gives_up(demo, tmp_path):
 
 def test_divergence_guard_learns_a_new_stages_loss_level_afresh(demo, tmp_path):
     """The loss of a new resolution stage has a level of its own (a 32 -> 48 px switch raised
-    it 7x on the demo, and the guard rolled back until the run failed). With a threshold that
+    it about 8x on the demo, and the guard rolled back until the run failed). With a threshold that
     flags every batch once the guard has seen 20 steps, a run that switches at step 20 only
     completes if the switch starts the guard's count again."""
     run = tmp_path / "run"
