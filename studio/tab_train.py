@@ -271,7 +271,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         else:
             msg = f"Valid settings · dataset `{path}`."
             ok = True
-        if new_text.strip():
+        if new_text and new_text.strip():    # None while the prompts box is not rendered yet
             note, good = prompts_check(new_text, prompts_file.prompt_defaults(cfg))
             msg, ok = f"{msg} Sample prompts: {note}", ok and good
         return {validity: msg, start: gr.Button(interactive=ok), yaml_view: config.dump_yaml(cfg),
@@ -322,7 +322,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
                   ) -> dict:
         try:
             cfg = studio.run_config(preset_name, text, choice, typed)
-            if new_text.strip():   # the run's prompts file; config.yaml lists its prompts
+            if new_text and new_text.strip():    # None while the prompts box is not rendered yet   # the run's prompts file; config.yaml lists its prompts
                 cells = prompts_file.parse_prompts(new_text, prompts_file.prompt_defaults(cfg))
                 cfg.sample.prompts = [c.prompt for c in cells]
             run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name),

@@ -75,7 +75,7 @@ def test_first_start_offers_the_one_click_demo(page, studio_server, screenshots)
 def test_dataset_tab_previews_buckets_crops_and_health(page, screenshots):
     open_tab(page, "Dataset")
     page.get_by_role("button", name="Create the demo dataset").click()
-    wait_text(page, "#plan-summary", "training images of 600 found",
+    wait_text(page, "#plan-summary", "training images of 4800 found",
                            timeout=60_000)
     summary = text_of(page, "#plan-summary")
     assert re.search(r"\d+ optimizer steps", summary)
@@ -83,13 +83,13 @@ def test_dataset_tab_previews_buckets_crops_and_health(page, screenshots):
     table = text_of(page, "#bucket-table")
     assert "64x64" in table and "total" in table
     page.wait_for_selector("#bucket-plot canvas, #bucket-plot svg")
-    assert page.get_by_text("No problems in 600 images").is_visible()
+    assert page.get_by_text("No problems in 4800 images").is_visible()
     assert page.get_by_text("page 1 of").is_visible()
     thumbs = page.locator("button.thumbnail-item, .thumbnail-item")
     assert thumbs.count() >= 8
     # a live edit re-plans: a bigger batch leaves buckets under-filled
     batch = page.get_by_label("Batch size", exact=True)
-    batch.fill("256")
+    batch.fill("512")
     batch.press("Enter")
     wait_text(page, "#plan-summary", "Warning:", timeout=30_000)
     batch.fill("16")
