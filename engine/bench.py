@@ -57,7 +57,7 @@ from engine.buckets import plan_buckets
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset, parse_wxh
 from engine.data import scan_dataset
-from engine.demo_data import write_demo_dataset
+from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
 from engine.distributed import PRECISIONS, DeviceError, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
 from engine.evaluate import EvaluateError
@@ -282,7 +282,8 @@ def train_arguments(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=int, default=steps,
                    help=f"optimizer steps (default {steps}, at least 10)")
     p.add_argument("--data", help="dataset folder (default: the built-in demo dataset)")
-    p.add_argument("--count", type=int, default=600, help="demo images when --data is not given")
+    p.add_argument("--count", type=int, default=DEFAULT_COUNT,
+                   help="demo images when --data is not given")
     p.add_argument("--out", help="folder for the run (default: a new temporary folder)")
 
 

@@ -322,11 +322,11 @@ def build(studio: Studio, selection: gr.State) -> dict:
                   ) -> dict:
         try:
             cfg = studio.run_config(preset_name, text, choice, typed)
-            if new_text and new_text.strip():    # None while the prompts box is not rendered yet   # the run's prompts file; config.yaml lists its prompts
+            if new_text and new_text.strip():  # the run's prompts file; config.yaml lists them
                 cells = prompts_file.parse_prompts(new_text, prompts_file.prompt_defaults(cfg))
                 cfg.sample.prompts = [c.prompt for c in cells]
             run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name),
-                                      gpus=max(1, int(n_gpus or 1)), sample_prompts=new_text)
+                                      gpus=max(1, int(n_gpus or 1)), sample_prompts=new_text or "")
         except EXPECTED_ERRORS as e:
             return {validity: f"**Not started:** {e}"}
         return {validity: f"Started run `{run.run_id}`.", run_select: select_update(run.run_id),
