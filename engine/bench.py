@@ -282,8 +282,7 @@ def train_arguments(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=int, default=steps,
                    help=f"optimizer steps (default {steps}, at least 10)")
     p.add_argument("--data", help="dataset folder (default: the built-in demo dataset)")
-    p.add_argument("--count", type=int, default=DEFAULT_COUNT,
-                   help="demo images when --data is not given")
+    p.add_argument("--count", type=int, default=DEFAULT_COUNT, help="demo images without --data")
     p.add_argument("--out", help="folder for the run (default: a new temporary folder)")
 
 

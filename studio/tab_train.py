@@ -271,7 +271,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         else:
             msg = f"Valid settings · dataset `{path}`."
             ok = True
-        if new_text and new_text.strip():    # None while the prompts box is not rendered yet
+        if new_text and new_text.strip():    # Gradio sends None for a box without a value
             note, good = prompts_check(new_text, prompts_file.prompt_defaults(cfg))
             msg, ok = f"{msg} Sample prompts: {note}", ok and good
         return {validity: msg, start: gr.Button(interactive=ok), yaml_view: config.dump_yaml(cfg),
