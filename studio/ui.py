@@ -52,7 +52,7 @@ CSS = """
 def banner_markdown() -> str:
     return ("**New here?** One click creates a small built-in dataset of coloured shapes "
             "(`datasets/demo-shapes`), starts the `tiny-cpu` preset on it (it trains on a CPU "
-            "in about a quarter of an hour: at 32 px first, then at 64 px) and opens the Train "
+            "in about ten minutes, at 32 px) and opens the Train "
             "tab. When the first checkpoint appears, generate "
             "from it in the Generate tab.")
 

@@ -453,6 +453,21 @@ def test_demo_dataset_is_deterministic_and_captioned(tmp_path):
         write_demo_dataset(a, count=2)
 
 
+def test_the_demo_run_sees_every_shape_at_least_24_px_across_its_shorter_side(tmp_path):
+    """At the demo run's 32 px a 2:1 image would be 32 x 16, where a shape is 4-8 px across
+    and its outline cannot be told; the demo's images are square or 4:3, and none of them
+    is cut or squeezed by its bucket."""
+    from engine.config import load_preset
+    from studio.tab_dataset import DEFAULT_PRESET, DEMO_OVERRIDES
+    root = write_demo_dataset(tmp_path / "d", count=40, seed=5)
+    cfg = load_preset(DEFAULT_PRESET, [*DEMO_OVERRIDES, f"data.path={root}"])
+    plan = plan_buckets(scan_dataset(root, cfg.data).records, cfg.data,
+                        cfg.model.patch_size, cfg.train.batch_size)
+    buckets = {im.bucket for im in plan.images + plan.val_images}
+    assert buckets == {(32, 32), (32, 24), (24, 32)} and not plan.dropped
+    assert all(im.aspect_error == 0.0 for im in plan.images + plan.val_images)
+
+
 def test_bands_kind_draws_the_colours_its_caption_names_in_order(tmp_path):
     a = write_demo_dataset(tmp_path / "a", count=16, seed=2, kind="bands")
     b = write_demo_dataset(tmp_path / "b", count=16, seed=2, kind="bands")

@@ -78,13 +78,15 @@ def test_a_stage_trains_the_same_images_at_their_aspect_on_fewer_pixels(demo):
 def test_a_stage_leaves_out_the_images_its_smaller_buckets_would_admit(tmp_path):
     """An image below data.min_side stays out of every stage, so each trains one set."""
     write_demo_dataset(tmp_path / "d", count=12, seed=1)
-    cfg = load_preset("tiny-cpu", [f"data.path={tmp_path / 'd'}", "data.min_side=72",
+    cfg = load_preset("tiny-cpu", [f"data.path={tmp_path / 'd'}", "data.min_side=112",
                                    "data.max_side=128", "data.val_images=0"])
-    full = plan_buckets(scan_dataset(tmp_path / "d", cfg.data).records, cfg.data, 8, 4)
+    records = scan_dataset(tmp_path / "d", cfg.data).records
+    full = plan_buckets(records, cfg.data, 8, 4)
     low, same = stage_plans(full, cfg.data, [(64, 100), (128, None)])
     assert same is full
-    assert stage_data(cfg.data, 64, 8).min_side == 32    # would admit the 64 px sides
-    assert len(full.dropped) == 3 and not low.dropped
+    assert stage_data(cfg.data, 64, 8).min_side == 56    # would admit the 96 px sides
+    short = [r for r in records if min(r.width, r.height) < 112]
+    assert short and len(full.dropped) == len(short) and not low.dropped
     assert {im.rel for im in low.images} == {im.rel for im in full.images}
 
 
