@@ -87,9 +87,10 @@ def test_dataset_tab_previews_buckets_crops_and_health(page, screenshots):
     assert page.get_by_text("page 1 of").is_visible()
     thumbs = page.locator("button.thumbnail-item, .thumbnail-item")
     assert thumbs.count() >= 8
-    # a live edit re-plans: a bigger batch leaves buckets under-filled
+    # a live edit re-plans: a batch bigger than the demo's 4:3 buckets (about 960 images
+    # each) leaves them under-filled
     batch = page.get_by_label("Batch size", exact=True)
-    batch.fill("512")
+    batch.fill("2048")
     batch.press("Enter")
     wait_text(page, "#plan-summary", "Warning:", timeout=30_000)
     batch.fill("16")
