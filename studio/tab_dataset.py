@@ -40,7 +40,8 @@ DEFAULT_PRESET = "tiny-cpu"
 # about a third of a 64 px one, and RoPE positions on a fixed 8 x 8 grid (places keep their
 # meaning when the model is sampled at other sizes). A 64 px stage at the end undid the
 # outlines the 32 px steps had learned (33 / 40 shapes as prompted before it, 13 / 40 after
-# 1500 steps at 64 px), so the demo stays at 32 px and gives the time to more steps there.
+# 1500 steps at 64 px), so the demo stays at 32 px and gives the time to more steps there;
+# data.min_side=16 admits the 24 px short side of its 4:3 images at that size.
 # Measured on the demo (README, "Why the demo trains at 32 px"): shapes, places, colours and
 # backgrounds as prompted, and seed diversity near the dataset's own.
 DEMO_OVERRIDES = ("data.max_side=32", "data.min_side=16", "train.max_steps=8000",

@@ -453,7 +453,7 @@ def test_demo_dataset_is_deterministic_and_captioned(tmp_path):
         write_demo_dataset(a, count=2)
 
 
-def test_the_demo_run_sees_every_shape_at_least_24_px_across_its_shorter_side(tmp_path):
+def test_the_demo_run_trains_every_image_at_least_24_px_on_its_shorter_side(tmp_path):
     """At the demo run's 32 px a 2:1 image would be 32 x 16, where a shape is 4-8 px across
     and its outline cannot be told; the demo's images are square or 4:3, and none of them
     is cut or squeezed by its bucket."""
