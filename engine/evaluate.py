@@ -29,10 +29,13 @@ the same code. Nothing is written anywhere.
   caption names is read back from pixels. Background: the median colour of the outer
   ring of pixels, nearest background colour. Shape colour: the median colour of pixels
   far from that background, nearest shape colour. Shape: a soft mask of the shape
-  (anti-aliased pixels count by how much of the shape they hold) against each demo
-  shape drawn with the same area and centroid; the closest wins. Position: the
-  centroid of the mask, nearest named position. The same scoring of the real images says how far
-  the scorer itself can be trusted at this size.
+  (anti-aliased pixels count by how much of the shape they hold); its largest connected
+  part against each demo shape drawn with the same area and centroid, the closest wins,
+  and a second part of OBJECT_SHARE of its mass or more (two half-shapes where one was
+  asked for) scores no shape; smaller parts are specks and are ignored. Size: the radius
+  that shape has at the part's area, over the image's shorter side, nearest named size
+  on a log scale. Position: the centroid of the part, nearest named position. The same
+  scoring of the real images says how far the scorer itself can be trusted at this size.
 * **Fréchet distance** between Gaussians fitted to features of the generated and the
   real images. Cheap features (always): 8-bin histograms per channel, a 4x4 thumbnail
   and the mean and spread of 16 fixed random 3x3 filters after a ReLU at two scales.
@@ -67,6 +70,7 @@ from engine.demo_data import (
     COLOURS,
     POSITIONS,
     SHAPES,
+    SIZES,
     DemoItem,
     items_for_caption,
     parse_caption,
@@ -93,6 +97,7 @@ DEMO_SHARE = 0.9        # a dataset is the demo when this share of its captions 
 DRAWN_GROUPS = 8        # groups of `seeds` demo drawings averaged for a caption's true spread
 # area / radius^2 of each demo shape as engine/demo_data.render draws it (red on black)
 AREA = {"circle": np.pi, "square": 3.24, "triangle": 1.871, "star": 1.763, "cross": 2.462}
+OBJECT_SHARE = 0.15     # a part of the mask this share of the largest one's mass is a drawing
 Progress = Callable[[int, int, str], None]
 
 
@@ -167,7 +172,7 @@ def _nearest(colour: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> st
 
 def score_demo(image: np.ndarray, caption: str) -> dict[str, bool]:
     """Attribute -> whether the pixels of `image` (H, W, 3) uint8 show what the demo
-    caption names: background, colour, shape, position (those it names; {} when the
+    caption names: background, colour, shape, size, position (those it names; {} when the
     caption is not a demo caption)."""
     want = parse_caption(caption)
     if want is None:
@@ -181,8 +186,7 @@ def score_demo(image: np.ndarray, caption: str) -> dict[str, bool]:
     far = dist > 0.5 * dist.max()
     if dist.max() < 40 or far.sum() < 2:          # no shape stands out of the background
         out.update(colour=False, shape=False)
-        if want["position"]:
-            out["position"] = False
+        out.update({k: False for k in ("size", "position") if want[k]})
         return out
     fg = np.median(x[far], axis=0)
     out["colour"] = _nearest(fg, COLOURS) == want["colour"]
@@ -190,10 +194,23 @@ def score_demo(image: np.ndarray, caption: str) -> dict[str, bool]:
     axis = fg - bg
     alpha = np.clip(((x - bg) @ axis) / float(axis @ axis), 0.0, 1.0)   # (H, W)
     alpha[alpha < 0.1] = 0.0
-    area = float(alpha.sum())
+    # one drawing: the largest connected part; other parts of at least OBJECT_SHARE of its
+    # mass are further drawings (two half-shapes are not "a star"), smaller ones are specks
+    labels = _components(alpha > 0)
+    mass = np.bincount(labels.ravel(), weights=alpha.ravel())
+    mass[0] = 0.0
+    main = alpha * (labels == int(mass.argmax()))
+    single = int((mass >= OBJECT_SHARE * mass.max()).sum()) == 1
+    area = float(main.sum())
     ys, xs = np.mgrid[0:H, 0:W]
-    cx, cy = (alpha * (xs + 0.5)).sum() / area, (alpha * (ys + 0.5)).sum() / area
-    out["shape"] = _shape_of(alpha, cx, cy) == want["shape"]
+    cx, cy = (main * (xs + 0.5)).sum() / area, (main * (ys + 0.5)).sum() / area
+    shape, rel = _shape_of(main, cx, cy)
+    out["shape"] = single and shape == want["shape"]
+    if want["size"]:
+        # the drawn shape's radius over the shorter side: nearest named size on a log
+        # scale (sizes are ratios of each other)
+        near = min(SIZES, key=lambda z: abs(np.log(rel / min(H, W) / SIZES[z])))
+        out["size"] = near == want["size"]
     if want["position"]:
         near = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx / W) ** 2
                    + (POSITIONS[p][1] - cy / H) ** 2)
@@ -201,17 +218,29 @@ def score_demo(image: np.ndarray, caption: str) -> dict[str, bool]:
     return out
 
 
-def _shape_of(alpha: np.ndarray, cx: float, cy: float) -> str:
-    """The demo shape whose drawing, of the same area and centroid, is closest to the
-    soft mask `alpha` (H, W) (mean absolute difference)."""
+def _components(mask: np.ndarray) -> np.ndarray:
+    """(H, W) int labels of the 8-connected parts of a bool mask (0 off the mask): every
+    pixel takes the largest label around it until nothing changes."""
+    H, W = mask.shape
+    labels = np.where(mask, np.arange(1, H * W + 1).reshape(H, W), 0)
+    while True:
+        grown = np.where(mask, _windows(labels[..., None], 3).max(0)[..., 0], 0)
+        if np.array_equal(grown, labels):
+            return labels
+        labels = grown
+
+
+def _shape_of(alpha: np.ndarray, cx: float, cy: float) -> tuple[str, float]:
+    """The demo shape whose drawing, of the same area and centroid, is closest to the soft
+    mask `alpha` (H, W) (mean absolute difference), and that drawing's radius in pixels."""
     H, W = alpha.shape
     area, best = float(alpha.sum()), {}
     for shape in SHAPES:
-        r = np.sqrt(area / AREA[shape])
+        r = float(np.sqrt(area / AREA[shape]))
         centre = (cx, cy - 0.15 * r) if shape == "triangle" else (cx, cy)  # its centroid
         item = DemoItem(W, H, shape, "red", "small", "center", "black", centre, r, "")
         drawn = (np.asarray(render(item), dtype=np.float32)[..., 0] - 20.0) / 200.0
-        best[shape] = float(np.abs(drawn - alpha).mean())
+        best[shape, r] = float(np.abs(drawn - alpha).mean())
     return min(best, key=best.get)
 
 
@@ -468,7 +497,7 @@ def evaluate(net, encode, cfg: RunConfig, device: torch.device | str, precision:
     if real.demo:
         gen = _adherence(list(every), [p.prompt for p in prompts for _ in range(seeds)])
         ref = _adherence(list(held), held_captions)
-        for attribute in ("background", "colour", "shape", "position"):
+        for attribute in ("background", "colour", "shape", "size", "position"):
             if attribute in gen:
                 adherence.append({"attribute": attribute, "scored": len(gen[attribute]),
                                   "generated": 100.0 * np.mean(gen[attribute]),

@@ -27,7 +27,7 @@ from engine.data import (
     health_report,
     scan_dataset,
 )
-from engine.demo_data import write_demo_dataset
+from engine.demo_data import outdated_demo, write_demo_dataset
 from engine.images import BROKEN_FILE_ERRORS
 from engine.report import token_counter, why_nothing_trains
 from studio import views
@@ -132,6 +132,16 @@ def create_demo(studio: Studio) -> bool:
         return True
     finally:
         studio.demo_lock.release()
+
+
+def old_demo_warning(studio: Studio) -> str | None:
+    """What to tell the user when the workspace's demo folder is not the demo dataset this
+    version writes (an older version's, or edited since); None when it is."""
+    note = outdated_demo(studio.datasets_dir / DEMO_NAME)
+    if note is None:
+        return None
+    return (f"{note}. The demo trains on that folder as it is; delete it and press the "
+            f"button again for the current demo dataset.")
 
 
 def thumbnails(plan: BucketPlan, order: str, bucket: str, page: int | None
@@ -322,6 +332,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
         try:
             if create_demo(studio):
                 gr.Info(f"Wrote the demo dataset to {studio.datasets_dir / DEMO_NAME}")
+            elif (warning := old_demo_warning(studio)) is not None:
+                gr.Warning(warning)
         except (DemoBusy, OSError) as e:
             gr.Warning(f"The demo dataset was not created: {e}")
             return {ds_choice: gr.Dropdown(choices=studio.dataset_names())}

@@ -82,7 +82,9 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
         def start_demo(request: gr.Request):
             preset_name = tab_dataset.DEFAULT_PRESET
             try:
-                tab_dataset.create_demo(studio)
+                if (not tab_dataset.create_demo(studio)
+                        and (warning := tab_dataset.old_demo_warning(studio)) is not None):
+                    gr.Warning(warning)
                 cfg = studio.run_config(preset_name, "\n".join(tab_dataset.DEMO_OVERRIDES),
                                         tab_dataset.DEMO_NAME)
                 run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name))

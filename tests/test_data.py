@@ -34,6 +34,7 @@ from engine.demo_data import (
     BAND_COLOURS,
     COLOURS,
     SHAPES,
+    SIZES,
     make_caption,
     render,
     sample_item,
@@ -456,7 +457,7 @@ def test_demo_dataset_is_deterministic_and_captioned(tmp_path):
 def test_the_demo_run_trains_every_image_at_least_24_px_on_its_shorter_side(tmp_path):
     """At the demo run's 32 px a 2:1 image would be 32 x 16, where a shape is 4-8 px across
     and its outline cannot be told; the demo's images are square or 4:3, and none of them
-    is cut or squeezed by its bucket."""
+    is cut or squeezed by its bucket. A small shape is at least 7 px across in every one."""
     from engine.config import load_preset
     from studio.tab_dataset import DEFAULT_PRESET, DEMO_OVERRIDES
     root = write_demo_dataset(tmp_path / "d", count=40, seed=5)
@@ -466,6 +467,7 @@ def test_the_demo_run_trains_every_image_at_least_24_px_on_its_shorter_side(tmp_
     buckets = {im.bucket for im in plan.images + plan.val_images}
     assert buckets == {(32, 32), (32, 24), (24, 32)} and not plan.dropped
     assert all(im.aspect_error == 0.0 for im in plan.images + plan.val_images)
+    assert 2 * SIZES["small"] * min(min(b) for b in buckets) >= 7.0
 
 
 def test_bands_kind_draws_the_colours_its_caption_names_in_order(tmp_path):

@@ -510,3 +510,23 @@ def test_demo_creation_runs_once_at_a_time(tmp_path, monkeypatch):
     assert results == [True] and len(writes) == 1
     assert tab_dataset.create_demo(studio) is False           # there now: nothing to write
     assert studio.dataset_names() == [tab_dataset.DEMO_NAME] and len(writes) == 1
+
+
+def test_an_older_demo_folder_is_kept_and_the_user_told_how_to_get_the_current_one(tmp_path):
+    from engine.demo_data import write_demo_dataset
+    from studio import tab_dataset
+    from studio.workspace import Studio
+
+    studio = Studio(tmp_path / "ws")
+    folder = write_demo_dataset(studio.datasets_dir / tab_dataset.DEMO_NAME, count=12, seed=3)
+    assert tab_dataset.old_demo_warning(studio) is None
+    readme = folder / "README.txt"
+    current = readme.read_text()
+    assert "radius 0.16 and 0.22 of the shorter side" in current
+    # what the version with small shapes of 0.12 wrote: no radii
+    readme.write_text(current.replace(" (radius 0.16 and 0.22 of the shorter side)", ""))
+    warning = tab_dataset.old_demo_warning(studio)
+    assert "older version" in warning and "delete it and press the button again" in warning
+    assert tab_dataset.create_demo(studio) is False and readme.read_text() != current
+    readme.unlink()
+    assert "no readable README.txt" in tab_dataset.old_demo_warning(studio)
