@@ -48,9 +48,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 # radius / shorter image side. The demo run trains at 32 px, where a small shape is
 # 2 * 0.16 * 24 = 7.7 px across in a 4:3 image and 10 px in a square one; at 0.12 (5.8 and
-# 7.7 px) most small stars and crosses came out as blobs (77 % of outlines as prompted
-# against 95-100 %, README "Why the demo trains at 32 px"). Jittered by +-10 %, the sizes
-# stay apart (at most 0.176 against at least 0.198).
+# 7.7 px) most small stars and crosses came out as blobs (116 / 150 outlines as prompted,
+# against 140-150 / 150 in four runs at 0.16; README, "Why the demo's small shapes are 0.16
+# of the side"). Jittered by +-10 %, the sizes stay apart (at most 0.176, at least 0.198).
 SIZES: dict[str, float] = {"small": 0.16, "large": 0.22}
 POSITIONS: dict[str, tuple[float, float]] = {               # centre as fractions of (w, h)
     "top left": (0.27, 0.27), "top right": (0.73, 0.27), "center": (0.5, 0.5),

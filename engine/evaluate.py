@@ -204,12 +204,12 @@ def score_demo(image: np.ndarray, caption: str) -> dict[str, bool]:
     area = float(main.sum())
     ys, xs = np.mgrid[0:H, 0:W]
     cx, cy = (main * (xs + 0.5)).sum() / area, (main * (ys + 0.5)).sum() / area
-    shape, rel = _shape_of(main, cx, cy)
+    shape, radius = _shape_of(main, cx, cy)
     out["shape"] = single and shape == want["shape"]
     if want["size"]:
         # the drawn shape's radius over the shorter side: nearest named size on a log
         # scale (sizes are ratios of each other)
-        near = min(SIZES, key=lambda z: abs(np.log(rel / min(H, W) / SIZES[z])))
+        near = min(SIZES, key=lambda z: abs(np.log(radius / min(H, W) / SIZES[z])))
         out["size"] = near == want["size"]
     if want["position"]:
         near = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx / W) ** 2
