@@ -268,8 +268,10 @@ _HEADER = re.compile(r"Demo dataset of coloured shapes \((\d+) images, seed (\d+
 
 
 def outdated_demo(folder: str | os.PathLike) -> str | None:
-    """None when `folder` holds a shapes demo dataset as this version writes it (judged by
-    its README.txt, which names everything the drawing depends on); else why not."""
+    """None when `folder` holds a shapes demo dataset as this version writes it, else why
+    not. Judged by its README.txt, which states the shapes, colours, sizes with their radii,
+    places, backgrounds and image sizes: a version that changes any of them writes another
+    text (a change elsewhere in the drawing goes unnoticed unless the text changes too)."""
     readme = Path(folder) / "README.txt"
     try:
         text = readme.read_text(encoding="utf-8")
