@@ -76,6 +76,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     whose cos/sin are (B or 1, 1, S, hd/2): each pair as one complex number times
     cos + i sin, a single fused multiply in fp32 (several times faster than rotating the
     pairs as separate real tensors, forward and backward)."""
+    if torch.compiler.is_compiling():
+        # Inductor generates no code for complex numbers (it would call the eager kernels
+        # from inside the compiled block): there the rotation is written out in reals,
+        # which it fuses into one pass
+        pairs = x.float().unflatten(-1, (-1, 2))                          # (B, H, S, hd/2, 2)
+        re, im = pairs.unbind(-1)
+        out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+        return out.flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))      # (B, H, S, hd/2)
     out = torch.view_as_real(pairs * torch.complex(cos, sin))            # (B, H, S, hd/2, 2)
     return out.flatten(-2).to(x.dtype)                                    # (B, H, S, hd)

@@ -21,7 +21,15 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.attention import GatedAttention, RMSNorm, rope_angles
 from engine.config import ModelConfig
-from engine.model import SwiGLU, TextCond, TimestepEmbedder, modulate, patchify, unpatchify
+from engine.model import (
+    SwiGLU,
+    TextCond,
+    TimestepEmbedder,
+    compile_regions,
+    modulate,
+    patchify,
+    unpatchify,
+)
 
 
 class PlainBlock(nn.Module):
@@ -64,8 +72,7 @@ class PlainDiT(nn.Module):
 
     def compile_blocks(self) -> None:
         """Each block compiled as a whole graph, as PixelHDM.compile_blocks does."""
-        for block in self.blocks:
-            block.compile(fullgraph=True, dynamic=None)
+        compile_regions(self.blocks)
 
     def forward(self, z: Tensor, t: Tensor, text: TextCond) -> Tensor:
         """The prediction (B, 3, H, W) for noisy images z (B, 3, H, W) at times t (B,)."""

@@ -293,6 +293,23 @@ class PixelBlock(nn.Module):
 # The network
 # --------------------------------------------------------------------------------------
 
+# Compiled variants one block class may need in a run: with and without gradients
+# (training, then validation, sample grids and quality), a batch of one or of many (torch
+# specialises size 1), a text mask or none, first static then dynamic sizes; a run took 9
+# at its first validation, past torch's default of 8, which fullgraph turns into an error.
+RECOMPILE_LIMIT = 64
+
+
+def compile_regions(blocks) -> None:
+    """Regional compilation: each block compiled as one whole graph (fullgraph: a graph
+    break inside a block is an error, not a silent slowdown), with sizes made dynamic after
+    the first new shape, so the buckets' grids and prompt lengths share compiled code."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               RECOMPILE_LIMIT)
+    for block in blocks:
+        block.compile(fullgraph=True, dynamic=None)
+
+
 class PixelHDM(nn.Module):
     def __init__(self, cfg: ModelConfig, text_dim: int):
         super().__init__()
@@ -400,12 +417,9 @@ class PixelHDM(nn.Module):
         return TrainOutput(unpatchify(out, p, h, w), features, gamma_sq)
 
     def compile_blocks(self) -> None:
-        """Regional compilation: each patch and pixel block is compiled as a whole graph
-        (fullgraph: a graph break inside a block is an error, not a silent slowdown), with
-        sizes made dynamic after the first new shape, so the buckets' grids and prompt
-        lengths share compiled code. Everything between blocks stays eager."""
-        for block in (*self.patch_blocks, *self.pixel_blocks):
-            block.compile(fullgraph=True, dynamic=None)
+        """Regional compilation (`compile_regions`) of every patch and pixel block.
+        Everything between blocks stays eager."""
+        compile_regions((*self.patch_blocks, *self.pixel_blocks))
 
     def _run(self, block: nn.Module, *args):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
