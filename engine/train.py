@@ -192,11 +192,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     teacher = DinoTeacher(lo.repa_teacher, device, compute_dtype) if lo.repa_teacher else None
     net = PixelHDM(cfg.model, text_encoder.dim).to(device)
     net.grad_checkpointing = tr.grad_checkpointing
+    blocks = "eager"
     if tr.compile and (problem := compiler_problem(device)):
         log(f"note: train.compile is on but torch.compile cannot run here ({problem}); "
             f"training uncompiled")
     elif tr.compile:
         net.compile_blocks()
+        blocks = "compiled (slower while it compiles: the first steps, sizes and samples)"
     projector = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(device) if teacher else None
     model = Trainable(net, text_encoder, projector)
     if tr.init_from and not (resume and latest_resumable(run.checkpoints)):
@@ -214,7 +216,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         log(f"warning: {warning}")
     log(f"model: {n_params / 1e6:.2f} M parameters, text encoder {cfg.text.encoder} "
         f"({text_encoder.dim}-wide), iREPA {'on' if teacher else 'off'}, device {device}, "
-        f"{tr.precision}, {d.world} process(es)")
+        f"{tr.precision}, {d.world} process(es), blocks {blocks}")
     optimizer, note = build_optimizer(model, tr, device)
     if note:
         log(f"note: {note}")
