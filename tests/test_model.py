@@ -451,18 +451,19 @@ def test_compiled_blocks_take_every_call_a_run_makes(monkeypatch):
     real_compile = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile",
                         lambda self, **kw: real_compile(self, backend="eager", **kw))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)   # torch's default
-    torch._dynamo.reset()
-    eager, compiled = model(seed=4), model(seed=4)
-    compiled.compile_blocks()
-    for grad in (True, False):
-        for lengths in ([3, 3, 3], [3, 1, 2], [3], [5, 2, 5, 1, 3, 3]):
-            for H, W in ((16, 16), (16, 8), (8, 16)):
-                z, t = torch.randn(len(lengths), 3, H, W), torch.rand(len(lengths))
-                text = make_text(lengths)
-                with torch.set_grad_enabled(grad):
-                    for net in (eager, compiled):
-                        net.train(grad)
-                    want, got = (net.forward_train(z, t, text).pred for net in (eager, compiled))
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch._dynamo.config.patch(recompile_limit=8):   # torch's default, restored after
+        torch._dynamo.reset()
+        eager, compiled = model(seed=4), model(seed=4)
+        compiled.compile_blocks()
+        for grad in (True, False):
+            for lengths in ([3, 3, 3], [3, 1, 2], [3], [5, 2, 5, 1, 3, 3]):
+                for H, W in ((16, 16), (16, 8), (8, 16)):
+                    z, t = torch.randn(len(lengths), 3, H, W), torch.rand(len(lengths))
+                    text = make_text(lengths)
+                    with torch.set_grad_enabled(grad):
+                        for net in (eager, compiled):
+                            net.train(grad)
+                        want, got = (net.forward_train(z, t, text).pred
+                                     for net in (eager, compiled))
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()

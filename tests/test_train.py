@@ -284,12 +284,13 @@ def test_a_compiled_run_trains_validates_samples_and_says_so(demo, tmp_path, mon
     real_compile = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile",
                         lambda self, **kw: real_compile(self, backend="eager", **kw))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    torch._dynamo.reset()
     run = tmp_path / "run"
-    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
-                       "--max-steps", "4", *sets("train.compile=true", "train.val_every=2",
-                                                 "data.val_images=4", "train.sample_every=2")]) == 0
+    with torch._dynamo.config.patch(recompile_limit=8):   # torch's default, restored after
+        torch._dynamo.reset()
+        assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                           "--max-steps", "4",
+                           *sets("train.compile=true", "train.val_every=2", "data.val_images=4",
+                                 "train.sample_every=2")]) == 0
     torch._dynamo.reset()
     log = (run / "log.txt").read_text()
     assert "blocks compiled (slower while it compiles" in log
