@@ -78,3 +78,19 @@ def tiny_config():
     from tiny import tiny_cfg
     return tiny_cfg
 
+
+
+@pytest.fixture
+def traced_compile(monkeypatch):
+    """torch.compile traced by dynamo but run with its eager backend (no code generation,
+    so seconds instead of minutes), under torch's default limit of 8 compiled variants per
+    function, with dynamo's caches cleared before and after. For tests of what dynamo
+    decides: graph breaks, guards, recompiles."""
+    import torch._dynamo
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: real_compile(self, backend="eager", **kw))
+    with torch._dynamo.config.patch(recompile_limit=8):
+        torch._dynamo.reset()
+        yield
+    torch._dynamo.reset()

@@ -439,31 +439,23 @@ def test_compiled_blocks_match_eager_forward_and_gradients():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_compiled_blocks_take_every_call_a_run_makes(monkeypatch):
+def test_compiled_blocks_take_every_call_a_run_makes(traced_compile):
     """A run calls its compiled blocks with gradients (training) and without (validation,
     sample grids, quality), for batches of one and of many, with and without a text mask
     (a prompt that fills every token slot has none), on several bucket grids and prompt
     lengths. Each is a separate compiled variant; more than torch's default limit of eight
     must not fail (fullgraph turns the limit into an error: a run died at its first
-    validation). Traced with dynamo's eager backend: the variants and their limit are
-    dynamo's, and code generation (checked above) would only make this slow."""
-    import torch._dynamo
-    real_compile = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kw: real_compile(self, backend="eager", **kw))
-    with torch._dynamo.config.patch(recompile_limit=8):   # torch's default, restored after
-        torch._dynamo.reset()
-        eager, compiled = model(seed=4), model(seed=4)
-        compiled.compile_blocks()
-        for grad in (True, False):
-            for lengths in ([3, 3, 3], [3, 1, 2], [3], [5, 2, 5, 1, 3, 3]):
-                for H, W in ((16, 16), (16, 8), (8, 16)):
-                    z, t = torch.randn(len(lengths), 3, H, W), torch.rand(len(lengths))
-                    text = make_text(lengths)
-                    with torch.set_grad_enabled(grad):
-                        for net in (eager, compiled):
-                            net.train(grad)
-                        want, got = (net.forward_train(z, t, text).pred
-                                     for net in (eager, compiled))
-                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch._dynamo.reset()
+    validation). Traced only (`traced_compile`): the variants and their limit are dynamo's,
+    and code generation (checked above) would only make this slow."""
+    eager, compiled = model(seed=4), model(seed=4)
+    compiled.compile_blocks()
+    for grad in (True, False):
+        for lengths in ([3, 3, 3], [3, 1, 2], [3], [5, 2, 5, 1, 3, 3]):
+            for H, W in ((16, 16), (16, 8), (8, 16)):
+                z, t = torch.randn(len(lengths), 3, H, W), torch.rand(len(lengths))
+                text = make_text(lengths)
+                with torch.set_grad_enabled(grad):
+                    for net in (eager, compiled):
+                        net.train(grad)
+                    want, got = (net.forward_train(z, t, text).pred for net in (eager, compiled))
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -271,27 +271,19 @@ def test_train_benchmark_reports_throughput_and_samples(tmp_path, capsys):
     assert Path(report["sample_grid"]).is_file()
 
 
-def test_a_compiled_run_trains_validates_samples_and_says_so(demo, tmp_path, monkeypatch):
-    """train.compile end to end: training, validation, sample grids and live quality, with
-    torch's default limit on compiled variants set first (the limit that once stopped a run
-    is tested in test_model); the log names the compiled blocks. Traced with dynamo's eager
-    backend: the variants are dynamo's, code generation is checked in test_model."""
-    import torch._dynamo
-
+def test_a_compiled_run_trains_validates_samples_and_says_so(demo, tmp_path, traced_compile):
+    """train.compile end to end: training, validation, sample grids and live quality under
+    torch's default limit on compiled variants (the limit that once stopped a run is
+    tested in test_model); the log names the compiled blocks. Traced only
+    (`traced_compile`); code generation is checked in test_model."""
     from engine.distributed import compiler_problem
     if problem := compiler_problem(torch.device("cpu")):
         pytest.skip(f"torch.compile cannot run on this machine: {problem}")
-    real_compile = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kw: real_compile(self, backend="eager", **kw))
     run = tmp_path / "run"
-    with torch._dynamo.config.patch(recompile_limit=8):   # torch's default, restored after
-        torch._dynamo.reset()
-        assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
-                           "--max-steps", "4",
-                           *sets("train.compile=true", "train.val_every=2", "data.val_images=4",
-                                 "train.sample_every=2")]) == 0
-    torch._dynamo.reset()
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "4",
+                       *sets("train.compile=true", "train.val_every=2", "data.val_images=4",
+                             "train.sample_every=2")]) == 0
     log = (run / "log.txt").read_text()
     assert "blocks compiled (slower while it compiles" in log
     assert "validation loss" in log and (run / "samples" / "step_0000004.png").is_file()
