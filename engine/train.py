@@ -165,6 +165,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
     costs = [p.tokens_per_sample for p in plans]
     report.steps_left = lambda step, stop_at: steps_left(stages, costs, step, stop_at)
+    report.speed_span = max(tr.val_every, tr.sample_every, tr.save_every, tr.log_every)
 
     loader, sampler = stage_loader(stage)
     if len(stages) > 1:

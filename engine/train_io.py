@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,8 +89,13 @@ class JobReporter:
         self._tb = None
         self._logfile = None
         self._tty = sys.stderr.isatty()
-        self._t_start = time.time()
-        self._first_step = 0
+        # (time, step) marks of the speed window: from the newest mark at least
+        # `speed_span` steps back (or the start) to now
+        self._marks: deque[tuple[float, int]] = deque([(time.time(), 0)])
+        # steps the speed is measured over (the trainer's longest periodic event, so each
+        # window holds its share of validation, samples and saves): the slow first steps
+        # of compiled blocks leave the ETA once this many have run
+        self.speed_span = 1
         # the steps to train, in steps at the current speed (the trainer's, with stages)
         self.steps_left: Callable[[int, int], float] = lambda step, stop_at: stop_at - step
         if main:
@@ -129,13 +135,22 @@ class JobReporter:
                 pass   # a full disk must not kill the heartbeat thread; the next beat retries
 
     def start(self, step: int, total: int, epoch: int, handled: dict) -> None:
-        self._first_step, self._t_start = step, time.time()
+        self.restart_speed(step)
         self._write(state="running", step=step, total=total, epoch=epoch, handled=dict(handled),
                     error="", message="")
 
     def restart_speed(self, step: int) -> None:
         """Measure the speed from `step` on (a new stage trains at its own)."""
-        self._first_step, self._t_start = step, time.time()
+        self._marks = deque([(time.time(), step)])
+
+    def _speed(self, step: int) -> float:
+        """Steps per second over the window ending now at `step`."""
+        marks = self._marks
+        marks.append((time.time(), step))
+        while len(marks) > 2 and marks[1][1] <= step - self.speed_span:
+            marks.popleft()
+        (t0, s0), (t1, s1) = marks[0], marks[-1]
+        return (s1 - s0) / max(t1 - t0, 1e-9)
 
     def requests(self) -> dict[str, str]:
         return self.run.pending_requests(self.status.handled)
@@ -208,8 +223,7 @@ class JobReporter:
 
     def metrics(self, step: int, epoch: int, lr: float, window: dict, stop_at: int,
                 device: torch.device) -> None:
-        elapsed = max(time.time() - self._t_start, 1e-9)
-        it_s = (step - self._first_step) / elapsed
+        it_s = self._speed(step)
         eta = self.steps_left(step, stop_at) / it_s if it_s > 0 else None
         mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                else _peak_rss_mb())
