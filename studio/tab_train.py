@@ -330,7 +330,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
         except EXPECTED_ERRORS as e:
             return {validity: f"**Not started:** {e}"}
         return {validity: f"Started run `{run.run_id}`.", run_select: select_update(run.run_id),
-                watch: watch_run(run.run_id, request), setup_box: gr.Accordion(open=False)}
+                watch: watch_run(run.run_id, request), setup_box: gr.Accordion(open=False),
+                **monitor_shown()}
 
     def run_dry(preset_name, text, choice, typed, progress=gr.Progress()):
         try:
@@ -358,6 +359,11 @@ def build(studio: Studio, selection: gr.State) -> dict:
         if request is not None and request.session_hash:
             watching[request.session_hash] = run_id or ""
         return empty_watch(run_id or "")
+
+    def monitor_shown() -> dict:
+        """The monitor in place of "No run yet" at once, for a run just started (the next
+        tick fills it in; without this the page said "No run yet" until then)."""
+        return {monitor: gr.Column(visible=True), no_run: gr.Markdown(visible=False)}
 
     def select_update(run_id=None):
         runs = studio.runner.runs()
@@ -557,7 +563,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
                      ).then(None, inputs=[selection_patch, overrides], outputs=overrides,
                             js=MERGE_OVERRIDES_JS).then(**check_args)
     started = start.click(start_run, inputs=check_inputs,
-                          outputs=[validity, run_select, watch, setup_box], concurrency_limit=1)
+                          outputs=[validity, run_select, watch, setup_box, monitor, no_run],
+                          concurrency_limit=1)
     dry.click(run_dry, inputs=check_inputs[:4], outputs=dry_out, concurrency_limit=1)
 
     plot_outputs = [loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot, quality_plot,
@@ -582,4 +589,5 @@ def build(studio: Studio, selection: gr.State) -> dict:
     return {"started": started, "preset": preset, "preset_info": preset_info,
             "preset_description": preset_description, "check_args": check_args,
             "run_select": run_select, "watch": watch, "setup_box": setup_box, "attach": attach,
-            "select_update": select_update, "watch_run": watch_run, "overrides": overrides}
+            "select_update": select_update, "watch_run": watch_run, "overrides": overrides,
+            "monitor": monitor, "no_run": no_run, "monitor_shown": monitor_shown}

@@ -96,7 +96,7 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
                     tabs: gr.Tabs(selected="train"),
                     tr["run_select"]: tr["select_update"](run.run_id),
                     tr["watch"]: tr["watch_run"](run.run_id, request),
-                    tr["setup_box"]: gr.Accordion(open=False),
+                    tr["setup_box"]: gr.Accordion(open=False), **tr["monitor_shown"](),
                     ds["choice"]: gr.Dropdown(choices=studio.dataset_names(),
                                               value=tab_dataset.DEMO_NAME)}
 
@@ -106,7 +106,8 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
         demo.load(tr["preset_description"], inputs=tr["preset"], outputs=tr["preset_info"]
                   ).then(**tr["check_args"])
         demo_btn.click(start_demo, outputs=[banner_msg, banner, tabs, tr["run_select"],
-                                            tr["watch"], tr["setup_box"], ds["choice"]],
+                                            tr["watch"], tr["setup_box"], tr["monitor"],
+                                            tr["no_run"], ds["choice"]],
                        concurrency_limit=1).then(**ds["plan_args"])
 
         # ---- cross-tab actions ---------------------------------------------------------

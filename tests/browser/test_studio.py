@@ -56,7 +56,10 @@ def test_first_start_offers_the_one_click_demo(page, studio_server, screenshots)
     demo.wait_for(state="visible")
     page.screenshot(path=str(screenshots / "0-first-start.png"), full_page=True)
     demo.click()
-    # the demo dataset is written, the tiny-cpu run starts and the Train tab opens
+    # the demo dataset is written, the tiny-cpu run starts and the Train tab opens, with
+    # the run's monitor in place of "No run yet" in the same update
+    page.get_by_role("tab", name="Train", selected=True).wait_for(timeout=60_000)
+    assert not page.get_by_text("No run yet").is_visible()
     page.wait_for_selector(".phdm-progress.phdm-running, .phdm-progress.phdm-starting",
                            timeout=60_000)
     assert page.get_by_role("tab", name="Train", selected=True).is_visible()
