@@ -154,59 +154,54 @@ def test_the_eta_counts_a_later_stage_s_steps_at_their_cost(step, stop_at, left)
     assert steps_left([(24, 6), (48, None)], [9.0, 36.0], step, stop_at) == left
 
 
-def test_the_reporter_s_eta_is_the_steps_left_at_the_speed_since_the_stage_began(
-        tmp_path, monkeypatch):
-    import torch
-
+@pytest.fixture
+def reporter(tmp_path, monkeypatch):
+    """(a trainer's JobReporter, its run folder, the clock it reads: [seconds], to move)."""
     from engine import train_io
     from engine.job import RunDir
     run = RunDir(tmp_path / "run")
     clock = [1000.0]
     monkeypatch.setattr(train_io.time, "time", lambda: clock[0])
     rep = train_io.JobReporter(run, main=True, world=1, device="cpu")
+    yield rep, run, clock
+    rep.close()
+
+
+def eta_after(rep, run, step: int, stop_at: int) -> float:
+    import torch
+    rep.metrics(step, 0, 1e-3, {"loss": 1.0, "images_s": 4.0}, stop_at, torch.device("cpu"))
+    return run.read_status().eta_s
+
+
+def test_the_reporter_s_eta_is_the_steps_left_at_the_speed_since_the_stage_began(reporter):
+    rep, run, clock = reporter
     rep.speed_span = 50
-    try:
-        rep.start(0, 12, 0, {})
-        clock[0] += 30.0
-        rep.restart_speed(4)       # a stage began at step 4 ...
-        clock[0] += 10.0           # ... 10 s ago, and 5 steps went by since: 0.5 steps/s
-        rep.steps_left = lambda step, stop_at: 100.0 if (step, stop_at) == (9, 12) else 0.0
-        rep.metrics(9, 0, 1e-3, {"loss": 1.0, "images_s": 4.0}, 12, torch.device("cpu"))
-        assert run.read_status().eta_s == pytest.approx(200.0)
-    finally:
-        rep.close()
+    rep.start(0, 12, 0, {})
+    clock[0] += 30.0
+    rep.restart_speed(4)       # a stage began at step 4 ...
+    clock[0] += 10.0           # ... 10 s ago, and 5 steps went by since: 0.5 steps/s
+    rep.steps_left = lambda step, stop_at: 100.0 if (step, stop_at) == (9, 12) else 0.0
+    assert eta_after(rep, run, 9, 12) == pytest.approx(200.0)
 
 
-def test_the_eta_forgets_slow_first_steps_once_a_speed_window_has_passed(tmp_path,
-                                                                         monkeypatch):
+def test_the_eta_forgets_slow_first_steps_once_a_speed_window_has_passed(reporter):
     """Compiled blocks make the first steps (and each new size) take minutes: an ETA at
     the mean speed since the start stayed hours off for a long while. The speed is taken
     over the last `speed_span` steps (the longest periodic event, so validation and
     sample time stay in it) once that many have run."""
-    import torch
-
-    from engine import train_io
-    from engine.job import RunDir
-    run = RunDir(tmp_path / "run")
-    clock = [1000.0]
-    monkeypatch.setattr(train_io.time, "time", lambda: clock[0])
-    rep = train_io.JobReporter(run, main=True, world=1, device="cpu")
+    rep, run, clock = reporter
     rep.speed_span = 20
-    try:
-        rep.start(0, 1000, 0, {})
-        etas = {}
-        for step in range(10, 101, 10):   # 120 s to compile, then 10 steps in 5 s ...
-            clock[0] += 120.0 if step == 10 else 5.0
-            if step % 20 == 0:            # ... and validation every 20 steps: 4 s more
-                clock[0] += 4.0
-            rep.metrics(step, 0, 1e-3, {"loss": 1.0}, 1000, torch.device("cpu"))
-            etas[step] = run.read_status().eta_s
-        assert etas[20] == pytest.approx(980 * 129 / 20)    # the compile is in the window
-        # one window later it has left it: the speed is 20 steps in 14 s, validation included
-        for step in (40, 60, 100):
-            assert etas[step] == pytest.approx((1000 - step) * 14 / 20), step
-    finally:
-        rep.close()
+    rep.start(0, 1000, 0, {})
+    etas = {}
+    for step in range(10, 101, 10):   # 120 s to compile, then 10 steps in 5 s ...
+        clock[0] += 120.0 if step == 10 else 5.0
+        if step % 20 == 0:            # ... and validation every 20 steps: 4 s more
+            clock[0] += 4.0
+        etas[step] = eta_after(rep, run, step, 1000)
+    assert etas[20] == pytest.approx(980 * 129 / 20)    # the compile is in the window
+    # one window later it has left it: the speed is 20 steps in 14 s, validation included
+    for step in (40, 60, 100):
+        assert etas[step] == pytest.approx((1000 - step) * 14 / 20), step
 
 
 def test_a_run_from_a_staged_checkpoint_trains_at_the_full_size_from_its_first_step(
