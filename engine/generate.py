@@ -60,7 +60,15 @@ from engine.images import BROKEN_FILE_ERRORS, upright_rgb
 from engine.model import PixelHDM, TextCond
 from engine.pngmeta import png_text, save_png
 from engine.sample_prompts import SamplePrompt, from_config, prompt_defaults
-from engine.sampling import SAMPLERS, cfg_model, img2img_grid, noise_image, sample_shift, time_grid
+from engine.sampling import (
+    SAMPLERS,
+    STOCHASTIC,
+    cfg_model,
+    img2img_grid,
+    noise_image,
+    sample_shift,
+    time_grid,
+)
 
 PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SIZE_FACTOR = 4           # largest side = SIZE_FACTOR * data.max_side of the training run
@@ -127,8 +135,21 @@ def preview_grid(x: Tensor) -> Image.Image:
 def initial_noise(seeds: list[int], width: int, height: int) -> Tensor:
     """(B, 3, H, W) float32 on the CPU; row i from its own generator seeded with seeds[i],
     so an image's noise is the same whatever else is in the batch, on any device."""
-    return torch.stack([torch.randn(3, height, width, generator=torch.Generator().manual_seed(s))
-                        for s in seeds])
+    return NoiseStreams(seeds, width, height).draw()
+
+
+class NoiseStreams:
+    """One generator per image, seeded with its seed: the first draw is the initial noise
+    (initial_noise), later draws the fresh noise of an ancestral sampler's steps, so an
+    image depends only on its own seed, whatever else is in the batch, on any device."""
+
+    def __init__(self, seeds: list[int], width: int, height: int):
+        self.shape = (3, height, width)
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw(self) -> Tensor:
+        """(B, 3, H, W) float32 on the CPU: the next draw of every stream."""
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
 
 
 # --------------------------------------------------------------------------------------
@@ -221,13 +242,16 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
         return to_clean(pred.float(), z, t, prediction)
 
     model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval))
-    noise = initial_noise(seeds, width, height).to(device)
+    streams = NoiseStreams(seeds, width, height)
+    noise = streams.draw().to(device)
     if init is None:
         ts, x = time_grid(steps, shift), noise
     else:
         ts = img2img_grid(steps, strength, shift)
         x = noise_image(init.to(device, torch.float32).expand_as(noise), noise, float(ts[0]))
-    x = SAMPLERS[sampler](model_fn, x, ts, callback)
+    fresh = ({"noise": lambda _: streams.draw().to(device, non_blocking=True)}
+             if sampler in STOCHASTIC else {})
+    x = SAMPLERS[sampler](model_fn, x, ts, callback, **fresh)
     return x.float().clamp(-1.0, 1.0).cpu()
 
 

@@ -82,7 +82,7 @@ _SAMPLER_NAMES = {
 
 def sampler_key(name: str) -> str:
     """Our sampler key for a name written in a PNG ('DPM++ 2M Karras' -> dpmpp_2m, 'Heun'
-    -> heun, 'heun' -> heun); unknown names (e.g. ancestral samplers) are returned as
+    -> heun, 'Euler a' -> euler_a); unknown names (e.g. 'DPM++ SDE') are returned as
     written."""
     return _SAMPLER_NAMES.get(" ".join(name.strip().lower().split()), name)
 

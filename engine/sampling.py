@@ -1,10 +1,12 @@
-"""Sampling: time grids, ODE samplers and classifier-free guidance.
+"""Sampling: time grids, ODE and ancestral samplers and classifier-free guidance.
 
 The samplers integrate the probability-flow ODE dz/dt = v(z, t) from ts[0] to clean data
 at t = 1 (time convention in engine/flow.py). Like k-diffusion's samplers they are plain
 functions with one signature:
 
     sample_x(model_fn, x, ts, callback=None) -> Tensor
+
+and the ancestral sampler (STOCHASTIC) takes a source of fresh noise as well, `noise=`.
 
 * model_fn(z, t) -> x_hat: the clean-image estimate for a state z (B, C, H, W) at times
   t (B,). The times live on the CPU whatever the state's device, so a wrapper can decide
@@ -42,6 +44,7 @@ from engine.flow import interpolate, resolution_shift, shift_time
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor], None]
+NoiseFn = Callable[[int], Tensor]   # step i -> fresh standard normal noise shaped like x
 
 
 # --------------------------------------------------------------------------------------
@@ -224,12 +227,56 @@ def sample_ab2(model_fn: ModelFn, x: Tensor, ts: Tensor,
     return x
 
 
+@torch.no_grad()
+def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, ts: Tensor,
+                           callback: Callback | None = None, *,
+                           noise: NoiseFn | None = None) -> Tensor:
+    """Euler ancestral: each step draws the next state from the DDPM posterior
+    q(z_next | z, x = x_hat) (Ho et al. 2020, eq. 7; DDIM with eta = 1) of this path.
+    With r = (t (1 - t_next)) / (t_next (1 - t)), the share of the current noise that the
+    posterior keeps (0 at t = 0, near 1 for small steps),
+
+        z_next = t_next x_hat + (1 - t_next) (r eps_hat + sqrt(1 - r^2) xi),
+
+    where eps_hat = (z - t x_hat) / (1 - t) is the noise z implies and xi = noise(i) is
+    fresh. The mixed noise is again standard normal, so z_next lies on the path; as the
+    steps shrink it becomes the reverse SDE. Fresh noise lets a trajectory leave a state
+    the deterministic samplers carry to the end: on the demo, a shape the ODE draws twice
+    at two places when the prompt leaves the place open (README, "Image quality").
+    `noise` defaults to a generator seeded with 0. The last step returns x_hat. One call
+    per step."""
+    times = _times(ts)
+    total = len(times) - 1
+    if noise is None:
+        gen = torch.Generator().manual_seed(0)
+
+        def noise(_: int) -> Tensor:
+            return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    for i in range(total):
+        t, t_next = times[i], times[i + 1]
+        x_hat = model_fn(x, _t(x, t))
+        if t_next == 1.0:
+            x = x_hat
+        else:
+            r = t * (1.0 - t_next) / (t_next * (1.0 - t))
+            eps_hat = (x - t * x_hat) / (1.0 - t)
+            mixed = r * eps_hat + math.sqrt(1.0 - r * r) * noise(i).to(x.dtype)
+            x = t_next * x_hat + (1.0 - t_next) * mixed
+        if callback is not None:
+            callback(i + 1, total, x_hat)
+    return x
+
+
 # the samplers under the names the config allows (engine.config.SAMPLER_NAMES, in order)
 SAMPLERS: dict[str, Callable[..., Tensor]] = dict(zip(
-    SAMPLER_NAMES, (sample_euler, sample_heun, sample_dpmpp_2m, sample_ab2), strict=True))
+    SAMPLER_NAMES, (sample_euler, sample_heun, sample_dpmpp_2m, sample_ab2,
+                    sample_euler_ancestral), strict=True))
+# the samplers that take fresh noise (`noise=`); the others are deterministic
+STOCHASTIC = frozenset({"euler_a"})
 # how other tools name each sampler in a PNG's `parameters` text (engine/pngmeta.py)
 SAMPLER_LABELS: dict[str, str] = dict(zip(
-    SAMPLER_NAMES, ("Euler", "Heun", "DPM++ 2M", "Adams-Bashforth 2"), strict=True))
+    SAMPLER_NAMES, ("Euler", "Heun", "DPM++ 2M", "Adams-Bashforth 2", "Euler a"),
+    strict=True))
 
 
 def model_evals(sampler: str, steps: int) -> int:

@@ -347,5 +347,5 @@ def test_foreign_sampler_names_are_read_or_kept():
     line = "p\nSteps: 20, Sampler: {}, CFG scale: 5, Seed: 1"
     assert parse_parameters(line.format("DPM++ 2M Karras"))["sampler"] == "dpmpp_2m"
     assert parse_parameters(line.format("dpmpp_2m"))["sampler"] == "dpmpp_2m"
-    assert parse_parameters(line.format("Euler a"))["sampler"] == "Euler a"
+    assert parse_parameters(line.format("Euler a"))["sampler"] == "euler_a"
     assert parse_parameters(line.format("DPM++ 2M SDE"))["sampler"] == "DPM++ 2M SDE"

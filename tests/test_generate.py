@@ -41,6 +41,7 @@ from engine.generate import (
 )
 from engine.model import PixelHDM
 from engine.pngmeta import parse_parameters, read_png_parameters, save_png
+from engine.sampling import SAMPLERS
 
 torch.set_num_threads(1)
 
@@ -109,17 +110,45 @@ def pipe(run) -> Pipeline:
 # Seeds
 # --------------------------------------------------------------------------------------
 
-def test_seed_alone_equals_seed_in_batch_exactly():
+@pytest.mark.parametrize("sampler", ["heun", "euler_a"])
+def test_seed_alone_equals_seed_in_batch_exactly(sampler):
     """Image i of a request is made from seed + i only: with a batch-independent network
-    (constant velocity) the pixels are bit-identical alone and inside a batch."""
+    (constant velocity) the pixels are bit-identical alone and inside a batch, also with
+    the fresh noise of the ancestral sampler's steps."""
     cfg = tiny_cfg()
     net, enc = build(cfg)
     constant_output(net, (0.1, -0.2, 0.3))
-    opts = dict(steps=3, sampler="heun", cfg=3.0, rescale=0.0, interval=(0.0, 1.0), shift=1.0)
+    opts = dict(steps=3, sampler=sampler, cfg=3.0, rescale=0.0, interval=(0.0, 1.0),
+                shift=1.0)
     batch = render(net, enc.encode, ["a", "b", "a"], "", [5, 6, 7], 16, 24, **opts)
     alone = render(net, enc.encode, ["b"], "", [6], 16, 24, **opts)
     assert torch.equal(batch[1], alone[0])
     assert not torch.equal(batch[0], batch[2])  # same prompt, other seed
+
+
+def test_the_ancestral_sampler_draws_fresh_noise_from_each_images_seed():
+    """euler_a differs from Euler on the same seed (its steps' noise is used, not ignored),
+    repeats exactly, and its step noise continues the image's own stream: the second draw
+    of the seed's generator, not a shared or fixed one."""
+    cfg = tiny_cfg()
+    net, enc = build(cfg)
+    constant_output(net, (0.1, -0.2, 0.3))
+    opts = dict(steps=2, cfg=1.0, rescale=0.0, interval=(0.0, 1.0), shift=1.0)
+    euler = render(net, enc.encode, ["a"], "", [5], 16, 16, sampler="euler", **opts)
+    ancestral = render(net, enc.encode, ["a"], "", [5], 16, 16, sampler="euler_a", **opts)
+    assert not torch.equal(euler, ancestral)
+    again = render(net, enc.encode, ["a"], "", [5], 16, 16, sampler="euler_a", **opts)
+    assert torch.equal(ancestral, again)
+    # two steps at t = 0 and 0.5: the first keeps nothing of the initial noise (r = 0), so
+    # z(0.5) = 0.5 x_hat + 0.5 xi with xi the stream's second draw; the network's constant
+    # velocity v gives x_hat = z + (1 - t) v at each step, and the result is x_hat(0.5)
+    v = torch.tensor((0.1, -0.2, 0.3)).view(3, 1, 1)
+    stream = torch.Generator().manual_seed(5)
+    z0 = torch.randn(3, 16, 16, generator=stream)
+    xi = torch.randn(3, 16, 16, generator=stream)
+    z_half = 0.5 * (z0 + v) + 0.5 * xi
+    torch.testing.assert_close(ancestral[0], (z_half + 0.5 * v).clamp(-1, 1), atol=1e-5,
+                               rtol=0)
 
 
 def test_seed_alone_vs_batch_and_different_seeds(pipe):
@@ -167,7 +196,7 @@ def test_initial_noise_is_per_seed():
                      r"\(nearest: 16 or 24\)"),
     (dict(height=0), r"height = 0 .*from 8 to 128"),
     (dict(width=136), r"width = 136 .*from 8 to 128 \(nearest: 128\)"),
-    (dict(sampler="ddim"), r"sampler = 'ddim': allowed euler, heun, dpmpp_2m, ab2"),
+    (dict(sampler="ddim"), r"sampler = 'ddim': allowed euler, heun, dpmpp_2m, ab2, euler_a"),
     (dict(steps=0), r"steps = 0"),
     (dict(rescale=1.5), r"rescale = 1\.5"),
     (dict(interval=(0.8, 0.2)), r"interval = \[0\.8, 0\.2\]"),
@@ -298,7 +327,8 @@ def test_parse_foreign_parameters_text(tmp_path):
     assert (p["checkpoint_hash"], p["run_id"]) == ("1a2b3c4d5e", "someModel_v10")
     assert p["other"] == {"Lora hashes": "foo: abc, bar: def", "Version": "v1.10.1"}
     assert parse_parameters("just a prompt") == {"prompt": "just a prompt", "negative": ""}
-    assert parse_parameters("p\nSteps: 20, Sampler: Euler a, Seed: 1")["sampler"] == "Euler a"
+    assert parse_parameters("p\nSteps: 20, Sampler: Euler a, Seed: 1")["sampler"] == "euler_a"
+    assert parse_parameters("p\nSteps: 20, Sampler: DPM++ SDE, Seed: 1")["sampler"] == "DPM++ SDE"
     assert read_png_parameters(Image.new("RGB", (4, 4))) == {}
 
 
@@ -388,7 +418,7 @@ def test_x_prediction_returns_the_predicted_image(tmp_path):
     net, enc = build(cfg)
     constant_output(net, C)
     save(tmp_path / "x", cfg, weights(net, enc))
-    for sampler in ("euler", "heun", "dpmpp_2m", "ab2"):
+    for sampler in SAMPLERS:
         out = Pipeline.load(tmp_path / "x", device="cpu").generate(
             "a", seed=4, sampler=sampler, **FAST)[0]
         expected = np.round((np.array(C) + 1) * 127.5)

@@ -23,12 +23,14 @@ from engine.config import RunConfig
 from engine.flow import resolution_shift, shift_time, to_clean
 from engine.sampling import (
     SAMPLERS,
+    STOCHASTIC,
     cfg_model,
     img2img_grid,
     model_evals,
     noise_image,
     sample_dpmpp_2m,
     sample_euler,
+    sample_euler_ancestral,
     sample_shift,
     time_grid,
 )
@@ -142,7 +144,10 @@ def test_sample_shift_defaults_to_the_training_shift_for_the_size():
 # Accuracy against exact solutions
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+DETERMINISTIC = [name for name in SAMPLERS if name not in STOCHASTIC]
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
 def test_constant_velocity_field_is_integrated_exactly(name):
     v = noise(3, seed=5)
 
@@ -225,6 +230,41 @@ def test_dpmpp_2m_update_is_lu_et_al_algorithm_2():
         d = line(log_snr(t) + h / 2)
         expected = (1 - t_next) / (1 - t) * z + t_next * (1 - math.exp(-h)) * d
         assert torch.allclose(z_next, expected, atol=1e-12), i
+
+
+def test_euler_ancestral_step_samples_the_ddpm_posterior():
+    """Each step of euler_a is z_next = mean + std * xi for the posterior q(z_next | z, x)
+    of the forward process at x = x_hat, derived here from the transition z_t = (t / t')
+    z_t' + s e between t < t' (s^2 = (1 - t)^2 - (t / t')^2 (1 - t')^2, Ho et al. eq. 7):
+        mean = (t / t') (1 - t')^2 / (1 - t)^2 z + t' s^2 / (1 - t)^2 x,
+        std = (1 - t') s / (1 - t)."""
+    x_hat = noise(1, seed=30)
+    ts = torch.tensor([0.0, 0.2, 0.35, 0.7, 0.9, 1.0], dtype=F64)
+    draws = [noise(1, seed=40 + i) for i in range(len(ts))]
+    states = []
+
+    def model(z, t):
+        states.append((t[0].item(), z))
+        return x_hat
+
+    sample_euler_ancestral(model, noise(1, seed=31), ts, noise=lambda i: draws[i])
+    for i in range(len(states) - 1):
+        (t, z), (t_next, z_next) = states[i], states[i + 1]
+        s2 = (1 - t) ** 2 - (t / t_next) ** 2 * (1 - t_next) ** 2
+        mean = ((t / t_next) * (1 - t_next) ** 2 * z + t_next * s2 * x_hat) / (1 - t) ** 2
+        std = (1 - t_next) * math.sqrt(s2) / (1 - t)
+        assert torch.allclose(z_next, mean + std * draws[i], atol=1e-12), i
+
+
+def test_euler_ancestral_without_fresh_noise_source_is_reproducible():
+    """Without `noise=` the sampler draws from a generator of its own, seeded: the same
+    call gives the same samples, while other noise gives others."""
+    start, ts = noise(4, seed=50), time_grid(8)
+    first = sample_euler_ancestral(points_clean, start, ts)
+    assert torch.equal(first, sample_euler_ancestral(points_clean, start, ts))
+    other = sample_euler_ancestral(points_clean, start, ts,
+                                   noise=lambda i: noise(4, seed=60 + i))
+    assert not torch.equal(first, other)
 
 
 def test_dpmpp_2m_converges_faster_than_first_order_on_uniform_grid():
