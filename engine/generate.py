@@ -63,6 +63,7 @@ from engine.sample_prompts import SamplePrompt, from_config, prompt_defaults
 from engine.sampling import (
     SAMPLERS,
     STOCHASTIC,
+    NoiseStreams,
     cfg_model,
     img2img_grid,
     noise_image,
@@ -130,26 +131,6 @@ def preview_grid(x: Tensor) -> Image.Image:
     x = torch.cat([x.detach().float().cpu(), x.new_full((rows * cols - B, C, H, W), -1.0).cpu()])
     x = x.view(rows, cols, C, H, W).permute(2, 0, 3, 1, 4)                 # (C, rows, H, cols, W)
     return to_pil(x.reshape(1, C, rows * H, cols * W))[0]
-
-
-def initial_noise(seeds: list[int], width: int, height: int) -> Tensor:
-    """(B, 3, H, W) float32 on the CPU; row i from its own generator seeded with seeds[i],
-    so an image's noise is the same whatever else is in the batch, on any device."""
-    return NoiseStreams(seeds, width, height).draw()
-
-
-class NoiseStreams:
-    """One generator per image, seeded with its seed: the first draw is the initial noise
-    (initial_noise), later draws the fresh noise of an ancestral sampler's steps, so an
-    image depends only on its own seed, whatever else is in the batch, on any device."""
-
-    def __init__(self, seeds: list[int], width: int, height: int):
-        self.shape = (3, height, width)
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-
-    def draw(self) -> Tensor:
-        """(B, 3, H, W) float32 on the CPU: the next draw of every stream."""
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
 
 
 # --------------------------------------------------------------------------------------

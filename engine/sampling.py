@@ -90,6 +90,20 @@ def img2img_grid(steps: int, strength: float, shift: float = 1.0) -> Tensor:
     return time_grid(max(1, round(steps * strength)), shift, 1.0 - strength)
 
 
+class NoiseStreams:
+    """One generator per image, seeded with its seed: the first draw is the image's
+    starting noise, later draws the fresh noise of an ancestral sampler's steps. So an
+    image depends only on its own seed, whatever else is in the batch, on any device."""
+
+    def __init__(self, seeds: list[int], width: int, height: int):
+        self.shape = (3, height, width)
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw(self) -> Tensor:
+        """(B, 3, H, W) float32 on the CPU: the next draw of every stream."""
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+
+
 def noise_image(image: Tensor, noise: Tensor, t: float) -> Tensor:
     """An init image noised to time t along the path z_t = t x + (1 - t) eps: the image
     itself at t = 1, the noise itself at t = 0. Use t = float(ts[0]) of img2img_grid."""

@@ -32,7 +32,6 @@ from engine.generate import (
     GenerateError,
     Pipeline,
     from_pil,
-    initial_noise,
     main,
     render,
     render_grid,
@@ -41,7 +40,7 @@ from engine.generate import (
 )
 from engine.model import PixelHDM
 from engine.pngmeta import parse_parameters, read_png_parameters, save_png
-from engine.sampling import SAMPLERS
+from engine.sampling import SAMPLERS, NoiseStreams
 
 torch.set_num_threads(1)
 
@@ -181,10 +180,10 @@ def test_several_prompts_with_n_images(pipe):
         assert np.abs(pixels(a.image) - pixels(b.image)).max() <= 1
 
 
-def test_initial_noise_is_per_seed():
-    both = initial_noise([3, 4], 8, 16)
+def test_starting_noise_is_per_seed():
+    both = NoiseStreams([3, 4], 8, 16).draw()
     assert both.shape == (2, 3, 16, 8) and both.dtype == torch.float32
-    assert torch.equal(both[1], initial_noise([4], 8, 16)[0])
+    assert torch.equal(both[1], NoiseStreams([4], 8, 16).draw()[0])
 
 
 # --------------------------------------------------------------------------------------
@@ -409,7 +408,7 @@ def test_v_prediction_integrates_a_constant_velocity_exactly(sampler):
     constant_output(net, C)
     out = render(net, enc.encode, ["a"], "", [9], 16, 16, steps=4, sampler=sampler, cfg=4.0,
                  rescale=0.0, interval=(0.0, 1.0), shift=3.0)
-    expected = (initial_noise([9], 16, 16) + torch.tensor(C).view(1, 3, 1, 1)).clamp(-1, 1)
+    expected = (NoiseStreams([9], 16, 16).draw() + torch.tensor(C).view(1, 3, 1, 1)).clamp(-1, 1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
