@@ -265,6 +265,8 @@ class SampleConfig:
     cfg: float = _f(4.0, "classifier-free guidance scale (1 = off)", lo=0.0)
     cfg_rescale: float = _f(0.0, "CFG rescale phi (0 = plain CFG)", lo=0.0, hi=1.0)
     cfg_interval: list[float] = _f([0.1, 0.9], "guidance only for t in [lo, hi] (t = 0 noise)")
+    cfg_ramp: float = _f(0.0, "guidance grows linearly from none at t = 0 to full at t = "
+                         "cfg_ramp (0 = full throughout cfg_interval)", lo=0.0, hi=1.0)
     shift: float = _f(0.0, "sampling time shift (0 = the training shift for the image size)",
                       lo=0.0)
     width: int = _f(0, "sample width (0 = max_side)", lo=0)

@@ -170,7 +170,7 @@ def fit_size(width: int, height: int, patch: int, limit: int) -> tuple[int, int]
 # --------------------------------------------------------------------------------------
 
 def check_options(steps: int, sampler: str, cfg: float, rescale: float,
-                  interval: tuple[float, float], shift: float) -> None:
+                  interval: tuple[float, float], shift: float, ramp: float = 0.0) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise GenerateError(f"steps = {steps!r}: allowed a whole number from 1 to 1000")
     if sampler not in SAMPLERS:
@@ -182,6 +182,9 @@ def check_options(steps: int, sampler: str, cfg: float, rescale: float,
     if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
         raise GenerateError(f"interval = {list(interval)!r}: allowed [lo, hi] with "
                             f"0 <= lo < hi <= 1 (t = 0 is noise)")
+    if not 0.0 <= ramp <= 1.0:
+        raise GenerateError(f"ramp = {ramp!r}: allowed 0 (full guidance throughout the "
+                            f"interval) to 1")
     if not (math.isfinite(shift) and shift > 0.0):
         raise GenerateError(f"shift = {shift!r}: allowed a number > 0 (1 = no shift)")
 
@@ -196,7 +199,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 @torch.no_grad()
 def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, seeds: list[int],
            width: int, height: int, *, steps: int, sampler: str, cfg: float, rescale: float,
-           interval: tuple[float, float], shift: float, amp_dtype: torch.dtype | None = None,
+           interval: tuple[float, float], shift: float, ramp: float = 0.0,
+           amp_dtype: torch.dtype | None = None,
            init: Tensor | None = None, strength: float = 1.0,
            callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
     """Images (B, 3, H, W) float32 on the CPU in [-1, 1], one per (prompts[i], seeds[i]).
@@ -208,7 +212,7 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     if len(prompts) != len(seeds) or not prompts:
         raise GenerateError(f"render: {len(prompts)} prompts for {len(seeds)} seeds")
     check_size(width, height, net.cfg.patch_size)
-    check_options(steps, sampler, cfg, rescale, interval, shift)
+    check_options(steps, sampler, cfg, rescale, interval, shift, ramp)
     device = next(net.parameters()).device
     prediction = net.cfg.prediction
 
@@ -222,7 +226,7 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
             pred = net(z, t, text)
         return to_clean(pred.float(), z, t, prediction)
 
-    model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval))
+    model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval), ramp)
     streams = NoiseStreams(seeds, width, height)
     noise = streams.draw().to(device)
     if init is None:
@@ -259,7 +263,7 @@ def render_samples(net: PixelHDM, encode: Encode, cells: list[SamplePrompt], cfg
                         [cells[i].seed for i in members], w, h, steps=steps,
                         sampler=cfg.sample.sampler, cfg=guidance, rescale=cfg.sample.cfg_rescale,
                         interval=tuple(cfg.sample.cfg_interval), shift=sample_shift(cfg, w, h),
-                        amp_dtype=amp)
+                        ramp=cfg.sample.cfg_ramp, amp_dtype=amp)
         out.update(zip(members, images))
     return [out[i] for i in range(len(cells))]
 
@@ -347,7 +351,8 @@ class Pipeline:
                  rescale: float | None = None, interval: tuple[float, float] | None = None,
                  shift: float | None = None, seed: int | None = None, n: int = 1, *,
                  init_image: Image.Image | None = None, strength: float | None = None,
-                 callback: Progress | None = None, batch_size: int = 0) -> list[GeneratedImage]:
+                 callback: Progress | None = None, batch_size: int = 0,
+                 ramp: float | None = None) -> list[GeneratedImage]:
         """n images per prompt, prompt by prompt; image i of the request has seed seed + i.
 
         None takes the value from the checkpoint's `sample` config (size: the init image's
@@ -372,7 +377,8 @@ class Pipeline:
         rescale = s.cfg_rescale if rescale is None else float(rescale)
         interval = tuple(float(v) for v in (s.cfg_interval if interval is None else interval))
         shift = sample_shift(self.cfg, width, height) if not shift else float(shift)
-        check_options(steps, sampler, cfg, rescale, interval, shift)
+        ramp = s.cfg_ramp if ramp is None else float(ramp)
+        check_options(steps, sampler, cfg, rescale, interval, shift, ramp)
         count = len(prompts) * n
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**32)
@@ -397,7 +403,7 @@ class Pipeline:
             done.append(render(
                 self.net, self.encode, [per_image[i] for i in idx], negative,
                 [seeds[i] for i in idx], width, height, steps=steps, sampler=sampler, cfg=cfg,
-                rescale=rescale, interval=interval, shift=shift,
+                rescale=rescale, interval=interval, shift=shift, ramp=ramp,
                 amp_dtype=PRECISIONS[self.precision], init=init,
                 strength=strength if init is not None else 1.0,
                 callback=_chunk_progress(callback, c, len(chunks))))
@@ -407,7 +413,7 @@ class Pipeline:
             params = {
                 "prompt": per_image[i], "negative": negative, "width": width, "height": height,
                 "steps": steps, "sampler": sampler, "cfg": cfg, "rescale": rescale,
-                "interval": list(interval), "shift": shift, "seed": seeds[i],
+                "interval": list(interval), "ramp": ramp, "shift": shift, "seed": seeds[i],
                 "strength": strength if init is not None else None,
                 "run_id": self.run_id, "checkpoint": self.path.name,
                 "checkpoint_step": self.step, "checkpoint_hash": self.checkpoint_hash,
@@ -501,6 +507,8 @@ def add_sampling_options(p) -> None:
     p.add_argument("--rescale", type=float, help="CFG rescale phi, 0 to 1")
     p.add_argument("--interval", type=_interval, metavar="LO,HI",
                    help="apply guidance only for t in [LO, HI] (t = 0 is noise)")
+    p.add_argument("--ramp", type=float, help="guidance grows from none at t = 0 to full at "
+                   "t = RAMP (0 = full throughout the interval)")
     p.add_argument("--shift", type=float, help="time shift (0 = the default for the size)")
 
 
@@ -583,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         results = pipe.generate(args.prompt, args.negative, args.width, args.height, args.steps,
                                 args.sampler, args.cfg, args.rescale, args.interval, args.shift,
                                 args.seed, args.n, init_image=init, strength=args.strength,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, ramp=args.ramp)
     except (GenerateError, DeviceError) as e:
         return fail(str(e), 2)
     except (CheckpointError, EncoderLoadError) as e:

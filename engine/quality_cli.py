@@ -61,7 +61,7 @@ def quality_report(args: argparse.Namespace) -> dict:
 
 # option -> sample config field
 SAMPLING_ARGS = {"sampler": "sampler", "rescale": "cfg_rescale", "interval": "cfg_interval",
-                 "shift": "shift"}
+                 "ramp": "cfg_ramp", "shift": "shift"}
 
 
 def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -73,7 +73,7 @@ def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
         given["cfg_interval"] = list(given["cfg_interval"])
     s = replace(cfg.sample, **given)
     check_options(args.steps, s.sampler, s.cfg if args.cfg is None else args.cfg,
-                  s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0)
+                  s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0, s.cfg_ramp)
     return replace(cfg, sample=s)
 
 
@@ -85,6 +85,8 @@ def sampling_text(cfg: RunConfig, prompts: list[SamplePrompt]) -> str:
     text = f"{s.sampler}, cfg {'/'.join(f'{v:g}' for v in scales)}"
     if (lo, hi) != (0.0, 1.0):
         text += f" for t in [{lo:g}, {hi:g}]"
+    if s.cfg_ramp:
+        text += f", full from t = {s.cfg_ramp:g}"
     if s.cfg_rescale:
         text += f", rescale {s.cfg_rescale:g}"
     return text + (f", shift {s.shift:g}" if s.shift else "")

@@ -310,7 +310,8 @@ def model_evals(sampler: str, steps: int) -> int:
 # --------------------------------------------------------------------------------------
 
 def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond, scale: float,
-              rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0)) -> ModelFn:
+              rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0),
+              ramp: float = 0.0) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a model_fn for the samplers.
 
     `denoise(z, t, c) -> x_hat` runs the network for a conditioning object c; cond and
@@ -322,6 +323,13 @@ def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond,
     "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4). Samples with
     t outside [lo, hi] = interval get the conditional prediction; when no sample of the batch
     is inside, only the conditional branch runs. scale == 1 runs only the conditional branch.
+
+    With ramp > 0 the scale rises linearly with t, w(t) = 1 + (scale - 1) min(1, t / ramp),
+    and is full from t = ramp on (Wang et al. 2024, "Analysis of Classifier-Free Guidance
+    Weight Schedulers": schedules that grow towards the data end). Near noise the conditional
+    clean estimate of a prompt that leaves the composition open is the average of its
+    possible layouts; full guidance there sharpens all of them at once, and a sample can
+    keep two (README, "Where the demo's last misses are").
     """
     if scale == 1.0:
         def conditional(z: Tensor, t: Tensor) -> Tensor:
@@ -333,6 +341,8 @@ def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond,
                          f"0 <= lo <= hi <= 1")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"cfg_model: rescale = {rescale}; allowed: 0 (plain CFG) to 1")
+    if not 0.0 <= ramp <= 1.0:
+        raise ValueError(f"cfg_model: ramp = {ramp}; allowed: 0 (no ramp) to 1")
     both = type(cond).cat([cond, uncond])
 
     def guided(z: Tensor, t: Tensor) -> Tensor:
@@ -341,7 +351,12 @@ def cfg_model(denoise: Callable[[Tensor, Tensor, object], Tensor], cond, uncond,
             return denoise(z, t, cond)
         out = denoise(torch.cat([z, z]), torch.cat([t, t]), both)  # (2B, C, H, W)
         c, u = out.chunk(2)  # (B, C, H, W) each
-        x_cfg = u + scale * (c - u)
+        if ramp > 0.0:   # per-sample scales from the CPU times, copied without a wait
+            w = 1.0 + (scale - 1.0) * (t.double() / ramp).clamp(max=1.0)
+            w = w.to(c.device, c.dtype, non_blocking=True).view(-1, *([1] * (z.dim() - 1)))
+            x_cfg = u + w * (c - u)
+        else:
+            x_cfg = u + scale * (c - u)
         if rescale > 0.0:
             # velocity = (x_hat - z) / (1 - t): the per-sample 1 - t cancels in the std ratio
             dims = tuple(range(1, z.dim()))

@@ -39,7 +39,7 @@ from engine.generate import (
     to_pil,
 )
 from engine.model import PixelHDM
-from engine.pngmeta import parse_parameters, read_png_parameters, save_png
+from engine.pngmeta import format_parameters, parse_parameters, read_png_parameters, save_png
 from engine.sampling import SAMPLERS, NoiseStreams
 
 torch.set_num_threads(1)
@@ -199,6 +199,7 @@ def test_starting_noise_is_per_seed():
     (dict(steps=0), r"steps = 0"),
     (dict(rescale=1.5), r"rescale = 1\.5"),
     (dict(interval=(0.8, 0.2)), r"interval = \[0\.8, 0\.2\]"),
+    (dict(ramp=1.5), r"ramp = 1\.5"),
     (dict(seed=-5), r"seed = -5"),
     (dict(n=0), r"n = 0"),
 ])
@@ -274,7 +275,7 @@ def test_progress_callback_counts_over_batches_and_can_cancel(pipe):
 def test_png_metadata_round_trip(pipe, tmp_path):
     out = pipe.generate("a red circle, flat colours", negative="blurry, dark", seed=42, n=2,
                         cfg=2.5, rescale=0.7, interval=(0.1, 0.9), shift=2.0, sampler="dpmpp_2m",
-                        steps=2, width=24, height=16)
+                        steps=2, width=24, height=16, ramp=0.4)
     paths = [save_png(r.image, r.params, tmp_path) for r in out]
     assert [p.name for p in paths] == ["00001-42.png", "00002-43.png"]
     for r, path in zip(out, paths):
@@ -293,8 +294,8 @@ def test_png_metadata_round_trip(pipe, tmp_path):
     assert text.splitlines()[:2] == ["a red circle, flat colours", "Negative prompt: blurry, dark"]
     parsed = parse_parameters(text)
     for key in ("prompt", "negative", "steps", "sampler", "cfg", "seed", "width", "height",
-                "rescale", "interval", "shift", "checkpoint_hash", "run_id", "checkpoint_step",
-                "weights", "prediction", "engine_version"):
+                "rescale", "interval", "ramp", "shift", "checkpoint_hash", "run_id",
+                "checkpoint_step", "weights", "prediction", "engine_version"):
         assert parsed[key] == p[key], key
 
 
@@ -423,6 +424,18 @@ def test_x_prediction_returns_the_predicted_image(tmp_path):
         expected = np.round((np.array(C) + 1) * 127.5)
         assert np.array_equal(pixels(out.image), np.broadcast_to(expected, (16, 16, 3)))
         assert out.params["prediction"] == "x"
+
+
+def test_guidance_ramp_changes_the_image_and_defaults_to_the_run(pipe):
+    """ramp=None takes the checkpoint's sample.cfg_ramp (0 in this run); a ramp weakens the
+    guidance near noise and so changes the picture; the PNG says which ramp made it."""
+    kw = dict(seed=5, steps=3, cfg=4.0, interval=(0.0, 1.0))
+    plain, default, ramped = (pipe.generate("a red circle", ramp=r, **kw)[0]
+                              for r in (0.0, None, 0.6))
+    assert pipe.cfg.sample.cfg_ramp == 0.0 and default.params["ramp"] == 0.0
+    assert np.array_equal(pixels(plain.image), pixels(default.image))
+    assert not np.array_equal(pixels(plain.image), pixels(ramped.image))
+    assert ramped.params["ramp"] == 0.6 and "CFG ramp: 0.6" in format_parameters(ramped.params)
 
 
 def test_render_grid_matches_the_pipeline(pipe):

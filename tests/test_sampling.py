@@ -501,8 +501,25 @@ def test_rescale_keeps_the_conditional_velocity_std(conds):
     assert torch.equal(zero, plain)
 
 
+def test_ramp_grows_the_scale_linearly_until_full(conds):
+    """w(t) = 1 + (scale - 1) min(1, t / ramp), per sample, inside the interval only."""
+    cond, uncond = conds
+    model = cfg_model(Denoiser(), cond, uncond, 5.0, interval=(0.1, 0.8), ramp=0.5)
+    z, t = noise(3), torch.tensor([0.2, 0.45, 0.6], dtype=F64)
+    c, u = Denoiser()(z, t, cond), Denoiser()(z, t, uncond)
+    w = col(torch.tensor([1.0 + 4.0 * 0.4, 1.0 + 4.0 * 0.9, 5.0], dtype=F64))
+    assert torch.allclose(model(z, t), u + w * (c - u), atol=1e-12)
+    # outside the interval: the conditional prediction, as without a ramp
+    t_out = torch.full((3,), 0.05, dtype=F64)
+    assert torch.equal(model(z, t_out), Denoiser()(z, t_out, cond))
+    # ramp 0 is plain guidance
+    assert torch.equal(cfg_model(Denoiser(), cond, uncond, 5.0, ramp=0.0)(z, t),
+                       cfg_model(Denoiser(), cond, uncond, 5.0)(z, t))
+
+
 @pytest.mark.parametrize("kwargs", [dict(interval=(0.8, 0.2)), dict(interval=(0.0, 1.5)),
-                                    dict(rescale=1.5)])
+                                    dict(rescale=1.5), dict(ramp=1.5),
+                                    dict(ramp=-0.1)])
 def test_cfg_rejects_bad_settings(conds, kwargs):
     with pytest.raises(ValueError):
         cfg_model(Denoiser(), *conds, 3.0, **kwargs)
@@ -568,7 +585,8 @@ def test_guided_sampling_reads_nothing_back_from_the_device(interval, rescale):
         return z * 0.5 + c.v.view(-1, 1, 1, 1)
 
     model = cfg_model(denoise, Cond(torch.ones(2, device="meta")),
-                      Cond(torch.zeros(2, device="meta")), 3.0, rescale, interval)
+                      Cond(torch.zeros(2, device="meta")), 3.0, rescale, interval,
+                      ramp=0.5 if rescale else 0.0)
     for name in SAMPLERS:
         out = SAMPLERS[name](model, torch.zeros(2, 3, 4, 4, device="meta"), time_grid(6, 2.0))
         assert out.device.type == "meta"
