@@ -64,13 +64,13 @@ from engine.evaluate import EvaluateError
 from engine.flops import PARTS
 from engine.generate import (
     GenerateError,
-    OneLineParser,
     Pipeline,
     check_size,
     max_side,
     render,
     resolve_precision,
 )
+from engine.generate_cli import OneLineParser
 from engine.job import RunDir
 from engine.model import PixelHDM, TextCond
 from engine.perf import (

@@ -14,7 +14,8 @@ from pathlib import Path
 from engine.config import RunConfig
 from engine.encoders import DinoTeacher
 from engine.evaluate import EvaluateError, Progress, RealImages, evaluate, run_prompts
-from engine.generate import Pipeline, add_sampling_options, check_options, check_size
+from engine.generate import Pipeline, check_options, check_size
+from engine.generate_cli import add_sampling_options
 from engine.sample_prompts import SamplePrompt
 
 
