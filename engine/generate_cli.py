@@ -3,7 +3,7 @@
     python -m engine.generate --checkpoint RUN_OR_FILE --prompt "a red circle" --n 4
 
 The sampling options (`add_sampling_options`) are shared with `python -m engine.bench
-quality`; `OneLineParser` with every command line of the engine.
+quality`, and `OneLineParser` with `python -m engine.bench`.
 """
 
 from __future__ import annotations
