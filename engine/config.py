@@ -101,6 +101,10 @@ class ModelConfig:
                                choices=("stretch", "keep"))
     place_embed: bool = _f(False, "add to each patch token a fixed sin-cos code of where it is in "
                            "the image (fractions of height and width)")
+    self_cond: bool = _f(False, "self-conditioning (Chen et al. 2022): the network also sees its "
+                         "own previous clean estimate, clamped and without its per-channel mean, "
+                         "as three more input channels (zeros at the first sampling step); "
+                         "training feeds it on a share loss.self_cond_p of the micro-batches")
     gate: str = _f("headwise", "sigmoid output gate of attention: one scalar per head, "
                    "one per channel, or none", choices=("headwise", "elementwise", "none"))
     residual_k: float = _f(2.0, "every residual branch is scaled by 1/sqrt(k * blocks in its "
@@ -115,6 +119,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_dim // self.num_heads
+
+    @property
+    def in_channels(self) -> int:
+        """Channels the network reads per pixel: the noisy image, and with self_cond the
+        previous clean estimate beside it."""
+        return 6 if self.self_cond else 3
 
     @property
     def bottleneck(self) -> int:
@@ -194,6 +204,9 @@ class LossConfig:
     repa_zscore_alpha: float = _f(1.0, "teacher tokens minus alpha * their spatial mean, over "
                                   "their spatial std (iREPA)", lo=0.0, hi=1.0)
     gamma_l2: float = _f(1e-4, "L2 penalty on the pixel-path AdaLN scales", lo=0.0)
+    self_cond_p: float = _f(0.5, "with model.self_cond: share of the micro-batches that first "
+                            "estimate the clean image without gradients (one more forward) and "
+                            "feed that estimate back; the others feed zeros", lo=0.0, hi=1.0)
 
 
 @dataclass

@@ -21,7 +21,7 @@ of p*p pixels of width d):
 
 from __future__ import annotations
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, RunConfig
 
 PARTS = ("patch_attn", "patch_mlp", "pixel_adaln", "compaction", "pixel_attn", "pixel_mlp",
          "other")
@@ -50,10 +50,12 @@ def _grid(m: ModelConfig, width: int, height: int) -> int:
     return (height // m.patch_size) * (width // m.patch_size)
 
 
-def _embeddings(m: ModelConfig, text_dim: int, text_tokens: int, patches: int) -> int:
+def _embeddings(m: ModelConfig, text_dim: int, text_tokens: int, patches: int,
+                channels: int = 3) -> int:
     """What both networks spend before their blocks: the time MLP, the text tokens'
-    projection and the bottleneck patch embedding (pooled text is counted apart)."""
-    D, pp3 = m.hidden_dim, 3 * m.patch_size ** 2
+    projection and the bottleneck patch embedding of `channels` per pixel (pooled text is
+    counted apart)."""
+    D, pp3 = m.hidden_dim, channels * m.patch_size ** 2
     time = linear(1, m.time_embed_dim, D) + linear(1, D, D)
     return (time + linear(text_tokens, text_dim, D)
             + linear(patches, pp3, m.bottleneck) + linear(patches, m.bottleneck, D))
@@ -68,8 +70,9 @@ def pixelhdm_flops(m: ModelConfig, text_dim: int, width: int, height: int,
     S = text_tokens + L
     D4 = max(1, D // 4)
     pooled = linear(1, text_dim, D4) + linear(1, D4, D)
-    other = (_embeddings(m, text_dim, text_tokens, L) + pooled + N * linear(1, D, 6 * D)
-             + linear(L * pp, 3, d) + linear(L * pp, d, 3))
+    C = m.in_channels
+    other = (_embeddings(m, text_dim, text_tokens, L, C) + pooled + N * linear(1, D, 6 * D)
+             + linear(L * pp, C, d) + linear(L * pp, d, 3))
     return {
         "patch_attn": N * attention(m, S),
         "patch_mlp": N * swiglu(S, D, m.mlp_ratio),
@@ -79,6 +82,12 @@ def pixelhdm_flops(m: ModelConfig, text_dim: int, width: int, height: int,
         "pixel_mlp": M * swiglu(L * pp, d, m.mlp_ratio),
         "other": other,
     }
+
+
+def self_cond_share(cfg: RunConfig) -> float:
+    """Inference forwards a training step adds on average to its forward and backward:
+    loss.self_cond_p with model.self_cond (the estimate fed back), else 0."""
+    return cfg.loss.self_cond_p if cfg.model.self_cond else 0.0
 
 
 def baseline_flops(m: ModelConfig, text_dim: int, width: int, height: int,

@@ -194,6 +194,35 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+class SelfCondState:
+    """The previous clean estimates of a self-conditioned network in sampling, one per
+    guidance branch: cfg_model evaluates the conditional branch alone (batch B) or both
+    at once as [cond; uncond] (batch 2B), and each branch is fed its own last estimate
+    (none before its first evaluation). Feeding the guided estimate to both instead drew
+    fewer right shapes (README, "Self-conditioning")."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.branches: list[Tensor | None] = [None, None]   # cond, uncond
+
+    def previous(self, z: Tensor) -> Tensor | None:
+        parts = self._split(z)
+        if all(b is None for b in self.branches[:len(parts)]):
+            return None
+        return torch.cat([b if b is not None else torch.zeros_like(part)
+                          for b, part in zip(self.branches, parts)])
+
+    def update(self, x_hat: Tensor) -> None:
+        for i, part in enumerate(self._split(x_hat)):
+            self.branches[i] = part
+
+    def _split(self, batch: Tensor) -> tuple[Tensor, ...]:
+        if batch.shape[0] not in (self.batch, 2 * self.batch):
+            raise ValueError(f"self-conditioning: a batch of {batch.shape[0]} for "
+                             f"{self.batch} images")
+        return batch.split(self.batch)
+
+
 @torch.no_grad()
 def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, seeds: list[int],
            width: int, height: int, *, steps: int, sampler: str, cfg: float, rescale: float,
@@ -206,7 +235,9 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     The unconditional branch of guidance is encode([negative]) ('' = the unconditional
     input), with its own mask. With `init` (1 or B, 3, H, W) in [-1, 1] sampling starts
     from the init image noised to t = 1 - strength (strength 0 returns it, 1 ignores it).
-    callback(step, total, x_hat) is the samplers' progress callback."""
+    callback(step, total, x_hat) is the samplers' progress callback. A network with
+    model.self_cond sees, in each branch of guidance, that branch's own previous clean
+    estimate (SelfCondState)."""
     if len(prompts) != len(seeds) or not prompts:
         raise GenerateError(f"render: {len(prompts)} prompts for {len(seeds)} seeds")
     check_size(width, height, net.cfg.patch_size)
@@ -218,11 +249,16 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     cond = encode(unique).select([unique.index(p) for p in prompts]).to(device)
     uncond = encode([negative]).select([0] * len(prompts)).to(device)
 
+    state = SelfCondState(len(prompts)) if net.cfg.self_cond else None
+
     def denoise(z: Tensor, t: Tensor, text: TextCond) -> Tensor:
         t = t.to(device, non_blocking=True)   # the samplers' times are on the CPU
         with _autocast(device, amp_dtype):
-            pred = net(z, t, text)
-        return to_clean(pred.float(), z, t, prediction)
+            pred = net(z, t, text, prev=state.previous(z) if state else None)
+        x_hat = to_clean(pred.float(), z, t, prediction)
+        if state:
+            state.update(x_hat)
+        return x_hat
 
     model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval), ramp)
     streams = NoiseStreams(seeds, width, height)

@@ -9,6 +9,8 @@ of engine/flow.py (x-prediction is turned into a velocity as in training), backw
 and the trainer's optimizer (engine/optim.py), on random images, noise, times and
 text tokens. Everything else the trainer does per step (data loading, the text
 encoder, the frequency, iREPA and gamma losses, clipping, EMA) is trainer overhead.
+With model.self_cond a step also runs, on average, loss.self_cond_p inference forwards
+(the estimate fed back): their time and FLOPs are added to the training step's.
 
 FLOPs are the analytic counts of engine/flops.py; a training step counts 3x the
 forward (the backward computes two matmuls per forward matmul). Recomputation under
@@ -35,7 +37,7 @@ from engine.baseline import PlainDiT
 from engine.buckets import BucketPlan
 from engine.config import RunConfig
 from engine.distributed import PRECISIONS, autocast_for, compiler_problem
-from engine.flops import PARTS, baseline_flops, pixelhdm_flops
+from engine.flops import PARTS, baseline_flops, pixelhdm_flops, self_cond_share
 from engine.flow import interpolate, resolution_shift, sample_t, to_velocity, v_loss
 from engine.model import PixelHDM, TextCond
 from engine.optim import build_optimizer
@@ -246,16 +248,19 @@ def measure_network(cfg: RunConfig, text_dim: int, sizes: list[tuple[int, int]],
             "base_infer": lambda: forward_only(base, b, precision, device)}, steps, device,
             warmup=WARMUP_COMPILED if compiled else 1)
         fwd, fwd_base = sum(f_ours.values()) * batch, sum(f_base.values()) * batch
+        share = self_cond_share(cfg)
+        secs["train"] += share * secs["infer"]
         patches = (w // cfg.model.patch_size) * (h // cfg.model.patch_size)
         row = {"size": size, "batch": batch, "text_tokens": tokens, "patch_tokens": patches,
                "gflop_image": fwd / batch / 1e9, "matmul_peak_flops": peak, "matmul_n": n}
-        for kind, work in (("train", 3 * fwd), ("infer", fwd)):
+        for kind, work, base_work in (("train", (3 + share) * fwd, 3 * fwd_base),
+                                      ("infer", fwd, fwd_base)):
             s = secs[kind]
             row.update({f"{kind}_s": s, f"{kind}_images_s": batch / s,
                         f"{kind}_tokens_s": batch * patches / s, f"{kind}_flops_s": work / s,
                         f"{kind}_util": work / s / peak})
-            # seconds per FLOP relative to the baseline's; the 3x of training cancels
-            row[f"{kind}_vs_baseline"] = (s / fwd) / (secs[f"base_{kind}"] / fwd_base)
+            # seconds per FLOP relative to the baseline's
+            row[f"{kind}_vs_baseline"] = (s / work) / (secs[f"base_{kind}"] / base_work)
             row[f"base_{kind}_images_s"] = batch / secs[f"base_{kind}"]
         row["peak_mib"] = peaks[w, h]
         rows.append(row)
@@ -273,15 +278,21 @@ def measure_network(cfg: RunConfig, text_dim: int, sizes: list[tuple[int, int]],
 def train_step_seconds(cfg: RunConfig, text_dim: int, shapes: list[tuple[int, int, int]],
                        tokens: int, steps: int, device: torch.device, precision: str,
                        compiled: bool) -> dict[tuple[int, int, int], float]:
-    """Median seconds of a bare PixelHDM training step for each (batch, width, height)."""
+    """Median seconds of a bare PixelHDM training step for each (batch, width, height),
+    with model.self_cond's average share of an inference forward."""
     net = build_network(PixelHDM, cfg, text_dim, device, compiled)
     step = TrainStep(net, cfg, precision, device)
+    share = self_cond_share(cfg)
     out = {}
     for batch, w, h in shapes:
         b = Inputs.random(cfg, text_dim, batch, w, h, tokens, device)
-        out[batch, w, h] = median_seconds({"train": lambda: step(b)}, steps, device,
-                                          warmup=WARMUP_COMPILED if compiled else 1)["train"]
+        calls = {"train": lambda: step(b)}
+        if share:
+            calls["infer"] = lambda: forward_only(net, b, precision, device)
+        secs = median_seconds(calls, steps, device, warmup=WARMUP_COMPILED if compiled else 1)
+        out[batch, w, h] = secs["train"] + share * secs.get("infer", 0.0)
     return out
+
 
 
 def batch_shapes(plan: BucketPlan) -> dict[tuple[int, int, int], int]:

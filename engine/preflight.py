@@ -24,6 +24,7 @@ from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
 from engine.distributed import PRECISIONS, autocast_for, resolve_device
 from engine.encoders import QWEN_TYPES, DinoTeacher, EncoderLoadError, load_text_encoder
+from engine.flops import pixelhdm_flops, self_cond_share
 from engine.flow import IREPAProjector
 from engine.model import PixelHDM
 from engine.optim import build_optimizer
@@ -69,26 +70,9 @@ def largest_bucket(cfg: RunConfig) -> tuple[int, int]:
 
 
 def forward_flops(cfg: RunConfig, width: int, height: int, text_tokens: int) -> float:
-    """FLOPs of one forward pass for one image (2 per multiply-add)."""
-    m = cfg.model
-    p, D, d = m.patch_size, m.hidden_dim, m.pixel_dim
-    hd, H, kv = m.head_dim, m.num_heads, m.num_kv_heads
-    L, HW, pp = (width // p) * (height // p), width * height, p * p
-    gate = {"headwise": H, "elementwise": D, "none": 0}[m.gate]
-    F_patch, F_pix = int(D * m.mlp_ratio), int(d * m.mlp_ratio)
-    text_dim, _ = text_shape(cfg.text)
-
-    def attn(S):  # projections + scores and values
-        return 2 * S * D * (2 * D + 2 * kv * hd + gate) + 4 * S * S * D
-
-    S = L + text_tokens
-    patch_block = attn(S) + 6 * S * D * F_patch
-    pixel_block = (2 * L * D * pp * d            # condition expanded per pixel
-                   + 2 * HW * d * 6 * d          # per-pixel AdaLN parameters
-                   + 4 * L * pp * d * D          # compress + expand
-                   + attn(L) + 6 * HW * d * F_pix)
-    embed = 2 * L * (3 * pp * m.bottleneck + m.bottleneck * D) + 2 * text_tokens * text_dim * D
-    return float(m.patch_layers * patch_block + m.pixel_layers * pixel_block + embed + 6 * HW * d)
+    """FLOPs of one forward pass for one image (2 per multiply-add; engine/flops.py)."""
+    return float(sum(pixelhdm_flops(cfg.model, text_shape(cfg.text)[0], width, height,
+                                    text_tokens).values()))
 
 
 def count_parameters(cfg: RunConfig) -> int:
@@ -135,7 +119,7 @@ def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
     activations = tr.batch_size * per_sample * 1.15 / GiB   # allocator slack
     total = weights + grads + optimizer + ema + frozen + activations + 0.5   # + CUDA context
     flops = forward_flops(cfg, width, height, T)
-    step_flops = 3 * flops * tr.batch_size * tr.grad_accum
+    step_flops = (3 + self_cond_share(cfg)) * flops * tr.batch_size * tr.grad_accum
     fits = [g for g in GPU_SIZES_GIB if total <= g * 0.92]
     return {
         "parameters": params, "frozen_parameters": int(text_params),
@@ -199,7 +183,9 @@ def _dry_run(cfg: RunConfig, dev: torch.device, steps: int) -> dict:
 def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
              text_cfg: TextConfig) -> dict:
     """The dry run's steps, with a frozen text encoder unloaded as in training (its
-    features cached in a folder of the dry run's own, so the user's cache stays clean)."""
+    features cached in a folder of the dry run's own, so the user's cache stays clean).
+    With model.self_cond every step feeds back its estimate: the slower kind of step, so
+    its time and memory bound the run's."""
     tr = cfg.train
     width, height = largest_bucket(cfg)
     dtype = PRECISIONS[tr.precision]
@@ -229,7 +215,7 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
             teacher_tokens = teacher(x, grid) if teacher else None
             with autocast_for(tr.precision, dev):
                 terms, _ = model(x, captions, t, eps, cfg, 0, teacher_tokens,
-                                 grid if teacher else None)
+                                 grid if teacher else None, cfg.model.self_cond)
             scaler.scale(terms["total"]).backward()
             scaler.step(optimizer)
             scaler.update()

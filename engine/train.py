@@ -454,6 +454,9 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             t = sample_t(B, lo.p_mean, lo.p_std, shift, uniform=lo.t_uniform,
                          generator=noise_gen, device=device)
             eps = torch.randn(x.shape, generator=noise_gen, device=device)
+            # model.self_cond: does this micro-batch feed back its own estimate? (CPU draw)
+            self_cond = cfg.model.self_cond and bool(
+                torch.rand((), generator=_cpu(noise_gen)) < lo.self_cond_p)
             grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
             use_repa = teacher is not None and repa_active(lo, st.step)
             teacher_tokens = teacher(x, grid) if use_repa else None
@@ -463,7 +466,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 try:
                     with autocast_for(tr.precision, device):
                         terms, per_sample = ddp_model(x, captions, t, eps, cfg, st.step,
-                                                      teacher_tokens, grid if use_repa else None)
+                                                      teacher_tokens, grid if use_repa else None,
+                                                      self_cond)
                     scaler.scale(terms["total"] / tr.grad_accum).backward()
                 except torch.OutOfMemoryError as e:
                     raise TrainError(oom_message(cfg, x.shape)) from e
@@ -560,7 +564,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 # --------------------------------------------------------------------------------------
 
 def _cpu(gen: torch.Generator) -> torch.Generator | None:
-    """Caption dropout draws on the CPU; a CPU noise generator is shared, a GPU one is not."""
+    """Caption dropout and self-conditioning draw on the CPU; a CPU noise generator is
+    shared, a GPU one is not."""
     return gen if gen.device.type == "cpu" else None
 
 

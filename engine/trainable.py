@@ -1,7 +1,9 @@
 """What a training run optimises, as one nn.Module (so DistributedDataParallel sees a
 single forward): the PixelHDM network, the builtin text encoder when the config uses it,
 and the iREPA projector. Its forward is one micro-batch: encode the captions, noise the
-images to times t, run the network and return every loss term (engine/flow.py).
+images to times t, run the network and return every loss term (engine/flow.py). With
+model.self_cond a micro-batch the trainer picks first runs the network without gradients
+at the same times and feeds its clean estimate back as the input beside z.
 The trainer, the dry run (engine/preflight.py) and nothing else call it."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from engine.flow import (
     IREPAProjector,
     flow_losses,
     interpolate,
+    to_clean,
     to_velocity,
     v_loss_per_sample,
     velocity_target,
@@ -37,12 +40,17 @@ class Trainable(nn.Module):
         return (self._frozen if self.text is None else self.text).encode(captions)
 
     def forward(self, x: Tensor, captions: list[str], t: Tensor, eps: Tensor, cfg: RunConfig,
-                step: int, teacher: Tensor | None, teacher_grid: tuple[int, int] | None):
+                step: int, teacher: Tensor | None, teacher_grid: tuple[int, int] | None,
+                self_cond: bool = False):
         text = self.encode(captions)
         z = interpolate(x, eps, t)
         grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
         repa_layer = cfg.loss.repa_layer if teacher is not None else None
-        out = self.net.forward_train(z, t, text, repa_layer)
+        prev = None
+        if self_cond:
+            with torch.no_grad():
+                prev = to_clean(self.net(z, t, text).float(), z, t, cfg.model.prediction)
+        out = self.net.forward_train(z, t, text, repa_layer, prev=prev)
         terms = flow_losses(out.pred, z, t, x, eps, cfg.model.prediction, cfg.loss,
                             features=out.features, grid=grid, teacher=teacher,
                             teacher_grid=teacher_grid, projector=self.repa,

@@ -41,12 +41,15 @@ def measured_flops(net: PixelHDM, z, t, text) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("gate", ["headwise", "elementwise", "none"])
-def test_analytic_flops_match_the_flop_counter_per_part(gate):
+@pytest.mark.parametrize("gate, self_cond", [("headwise", False), ("elementwise", False),
+                                             ("none", False), ("headwise", True)])
+def test_analytic_flops_match_the_flop_counter_per_part(gate, self_cond):
     # the explicit attention kernel runs matmuls the counter sees (CPU SDPA is not counted);
-    # non-square image, GQA, a mlp_ratio whose hidden width is rounded down
+    # non-square image, GQA, a mlp_ratio whose hidden width is rounded down; self_cond
+    # widens the two input embeddings
     cfg = load_preset("tiny-cpu", ["model.attention=math", f"model.gate={gate}",
-                                   "model.mlp_ratio=2.7", "model.num_kv_heads=2"])
+                                   "model.mlp_ratio=2.7", "model.num_kv_heads=2",
+                                   f"model.self_cond={str(self_cond).lower()}"])
     B, T, W, H, C = 2, 5, 32, 16, 40
     torch.manual_seed(0)
     text = TextCond(torch.randn(B, T, C), torch.ones(B, T, dtype=torch.bool), torch.randn(B, C))
