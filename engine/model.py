@@ -438,9 +438,9 @@ class PixelHDM(nn.Module):
     def _input(self, z: Tensor, prev: Tensor | None) -> Tensor:
         """What the embeddings read: z, or with self_cond z beside the previous estimate,
         clamped to the image range and without its per-channel mean (zeros when None).
-        The mean goes because a fed-back background colour is copied rather than
-        re-derived from the prompt: with it, white and black backgrounds swapped in 11 %
-        of the demo's samples (README, "Self-conditioning")."""
+        The mean goes because a fed-back background colour is copied rather than read
+        from the prompt: with it, a demo model swapped white and black backgrounds in
+        11 % of the wide probe's images (README, "Self-conditioning")."""
         if not self.cfg.self_cond:
             if prev is not None:
                 raise ValueError("a previous estimate was given to a network without "
