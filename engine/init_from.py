@@ -5,7 +5,9 @@ start fresh; only the weights come along (the EMA ones by default).
 
 The new run may change the data, the resolution, the schedule and the losses. It may not
 change the network's shape or the text encoder: those keys are compared with the
-checkpoint's own config and refused by name when they differ.
+checkpoint's own config and refused by name when they differ. One change of the network
+is allowed: model.self_cond on a plain checkpoint, whose input weights are widened with
+zero weights for the estimate, as a new self-conditioned network starts.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def differences(src: RunConfig, cfg: RunConfig) -> list[str]:
     out = []
     for f in dataclasses.fields(src.model):
         a, b = getattr(src.model, f.name), getattr(cfg.model, f.name)
+        if f.name == "self_cond" and b:
+            continue   # a plain network's weights widen (apply)
         if a != b:
             out.append(f"model.{f.name} ({a!r} in the checkpoint, {b!r} here)")
     for key in TEXT_KEYS:
@@ -84,17 +88,33 @@ def check_fits(init: InitSource, cfg: RunConfig) -> None:
             f"from the checkpoint's own config), or choose another checkpoint")
 
 
+# the input weights that read the previous estimate under model.self_cond (Trainable keys)
+ESTIMATE_INPUTS = ("net.patch_in.weight", "net.pixel_in.weight")
+
+
+def with_estimate_inputs(weight: Tensor) -> Tensor:
+    """A plain network's input weight (out, pixels * 3) as a self-conditioned network's
+    (out, pixels * 6): the image channels kept, the estimate's three zero."""
+    out = weight.shape[0]
+    wide = weight.new_zeros(out, weight.shape[1] // 3, 6)
+    wide[..., :3] = weight.view(out, -1, 3)
+    return wide.view(out, -1)
+
+
 def apply(init: InitSource, model) -> list[str]:
     """Load `init`'s weights into a Trainable (network and builtin text encoder strictly;
     the iREPA projector only where its shapes still fit, since the teacher may have
     changed). Returns one note per part left fresh."""
     state = model.state_dict()
-    take, notes = {}, []
+    take, notes, widened = {}, [], False
     for k, v in init.weights.items():
         if k.startswith("repa."):
             if k in state and state[k].shape == v.shape:
                 take[k] = v
             continue
+        if k in ESTIMATE_INPUTS and state[k].shape[1] == 2 * v.shape[1]:
+            v = with_estimate_inputs(v)
+            widened = True
         take[k] = v
     missing = [k for k in state if k not in take]
     needed = [k for k in missing if not k.startswith("repa.")]
@@ -104,5 +124,8 @@ def apply(init: InitSource, model) -> list[str]:
                           f"another checkpoint")
     if missing:
         notes.append("the iREPA projector starts fresh (the checkpoint has none that fits)")
+    if widened:
+        notes.append("self-conditioning is new to these weights: the ones that read the "
+                     "previous estimate start at zero")
     model.load_state_dict(take, strict=False)
     return notes

@@ -294,7 +294,6 @@ def train_step_seconds(cfg: RunConfig, text_dim: int, shapes: list[tuple[int, in
     return out
 
 
-
 def batch_shapes(plan: BucketPlan) -> dict[tuple[int, int, int], int]:
     """(batch, width, height) -> micro-batches per epoch of that shape, as the trainer
     cuts a bucket plan (each bucket's last batch may be smaller)."""

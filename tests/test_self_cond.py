@@ -15,6 +15,7 @@ from engine import perf, preflight
 from engine.demo_data import write_demo_dataset
 from engine.flow import to_clean
 from engine.generate import Pipeline, render
+from engine.init_from import ESTIMATE_INPUTS, with_estimate_inputs
 from engine.model import PixelHDM, TextCond
 from engine.train import main as train_main
 from engine.trainable import Trainable
@@ -188,3 +189,33 @@ def test_the_cost_estimate_counts_the_extra_forward():
         per_image = preflight.forward_flops(cfg, w, h, est["text_tokens"])
         assert est["tflops_per_step"] * 1e12 == pytest.approx(
             forwards * per_image * cfg.train.batch_size * cfg.train.grad_accum)
+
+
+def test_a_plain_network_widens_into_a_self_conditioned_one():
+    torch.manual_seed(0)
+    plain = PixelHDM(tiny_cfg().model, C).eval()
+    sc = PixelHDM(tiny_cfg("model.self_cond=true").model, C).eval()
+    state = plain.state_dict()
+    for key in ESTIMATE_INPUTS:
+        name = key.removeprefix("net.")
+        state[name] = with_estimate_inputs(state[name])
+    sc.load_state_dict(state)
+    z, t, tc = torch.randn(B, 3, H, W), torch.rand(B), text()
+    with torch.no_grad():
+        assert torch.allclose(sc(z, t, tc, prev=torch.rand(B, 3, H, W)), plain(z, t, tc),
+                              atol=1e-6)
+
+
+def test_a_new_run_from_a_checkpoint_may_add_self_conditioning_only(tmp_path, capsys):
+    demo = write_demo_dataset(tmp_path / "demo", count=16, seed=3)
+    source = tmp_path / "plain"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(source),
+                       "--max-steps", "2", *sets()]) == 0
+    run = tmp_path / "sc"
+    assert train_main(["--init-from", str(source), "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "2", *sets("model.self_cond=true")]) == 0
+    assert "the ones that read the previous estimate start at zero" in (run / "log.txt").read_text()
+    back = tmp_path / "back"
+    assert train_main(["--init-from", str(run), "--data", str(demo), "--run-dir", str(back),
+                       "--max-steps", "2", *sets("model.self_cond=false")]) == 2
+    assert "model.self_cond (True in the checkpoint, False here)" in capsys.readouterr().err
