@@ -254,9 +254,9 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     def denoise(z: Tensor, t: Tensor, text: TextCond) -> Tensor:
         t = t.to(device, non_blocking=True)   # the samplers' times are on the CPU
         with _autocast(device, amp_dtype):
-            pred = net(z, t, text, prev=state.previous(z) if state else None)
+            pred = net(z, t, text, prev=None if state is None else state.previous(z))
         x_hat = to_clean(pred.float(), z, t, prediction)
-        if state:
+        if state is not None:
             state.update(x_hat)
         return x_hat
 

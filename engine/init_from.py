@@ -21,6 +21,7 @@ from torch import Tensor
 from engine.checkpoint import load_weights
 from engine.config import ConfigError, RunConfig
 from engine.generate_io import checkpoint_config, resolve_checkpoint
+from engine.model import with_estimate_inputs
 
 # text keys that change what the network is conditioned on (max_tokens and the feature
 # cache folder may change freely)
@@ -90,15 +91,6 @@ def check_fits(init: InitSource, cfg: RunConfig) -> None:
 
 # the input weights that read the previous estimate under model.self_cond (Trainable keys)
 ESTIMATE_INPUTS = ("net.patch_in.weight", "net.pixel_in.weight")
-
-
-def with_estimate_inputs(weight: Tensor) -> Tensor:
-    """A plain network's input weight (out, pixels * 3) as a self-conditioned network's
-    (out, pixels * 6): the image channels kept, the estimate's three zero."""
-    out = weight.shape[0]
-    wide = weight.new_zeros(out, weight.shape[1] // 3, 6)
-    wide[..., :3] = weight.view(out, -1, 3)
-    return wide.view(out, -1)
 
 
 def apply(init: InitSource, model) -> list[str]:

@@ -310,6 +310,16 @@ def compile_regions(blocks) -> None:
         block.compile(fullgraph=True, dynamic=None)
 
 
+def with_estimate_inputs(weight: Tensor) -> Tensor:
+    """A plain input weight (out, pixels * 3) as a self-conditioned one (out, pixels * 6):
+    per pixel the image's three channels, kept, then the estimate's three, zero. The one
+    place that knows this layout (the model's initialisation, engine/init_from.py)."""
+    out = weight.shape[0]
+    wide = weight.new_zeros(out, weight.shape[1] // 3, 6)
+    wide[..., :3] = weight.view(out, -1, 3)
+    return wide.view(out, -1)
+
+
 class PixelHDM(nn.Module):
     def __init__(self, cfg: ModelConfig, text_dim: int):
         super().__init__()
@@ -367,11 +377,9 @@ class PixelHDM(nn.Module):
         teaches the network to read it."""
         with torch.no_grad():
             for lin in (self.patch_in, self.pixel_in):
-                w = lin.weight.view(lin.out_features, -1, 6)                   # (out, pixels, 6)
-                plain = torch.empty(lin.out_features, w.shape[1] * 3, dtype=w.dtype)
+                plain = lin.weight.new_empty(lin.out_features, lin.in_features // 2)
                 nn.init.xavier_uniform_(plain)
-                w[..., :3] = plain.view(lin.out_features, -1, 3)
-                w[..., 3:] = 0.0
+                lin.weight.copy_(with_estimate_inputs(plain))
 
     # ---------------------------------------------------------------------------------
     def forward(self, z: Tensor, t: Tensor, text: TextCond, prev: Tensor | None = None

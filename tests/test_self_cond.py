@@ -15,8 +15,8 @@ from engine import perf, preflight
 from engine.demo_data import write_demo_dataset
 from engine.flow import to_clean
 from engine.generate import Pipeline, render
-from engine.init_from import ESTIMATE_INPUTS, with_estimate_inputs
-from engine.model import PixelHDM, TextCond
+from engine.init_from import ESTIMATE_INPUTS
+from engine.model import PixelHDM, TextCond, with_estimate_inputs
 from engine.train import main as train_main
 from engine.trainable import Trainable
 
