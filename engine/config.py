@@ -29,7 +29,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 # Names the config allows, defined once: engine/sampling.py maps SAMPLER_NAMES to its
 # samplers, engine/attention.py dispatches on ATTENTION_BACKENDS.
-SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "ab2", "euler_a")
+SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "ab2", "euler_a", "dpmpp_2m_sde")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math")
 
 
@@ -274,7 +274,8 @@ class SampleConfig:
     negative: str = _f("", "negative prompt ('' = unconditional)")
     seed: int = _f(0, "seed of the first image; image i uses seed + i", lo=0)
     steps: int = _f(30, "sampler steps", lo=1, hi=1000)
-    sampler: str = _f("heun", "sampler (euler_a: ancestral)", choices=SAMPLER_NAMES)
+    sampler: str = _f("heun", "sampler (euler_a, dpmpp_2m_sde: fresh noise at every step)",
+                      choices=SAMPLER_NAMES)
     cfg: float = _f(4.0, "classifier-free guidance scale (1 = off)", lo=0.0)
     cfg_rescale: float = _f(0.0, "CFG rescale phi (0 = plain CFG)", lo=0.0, hi=1.0)
     cfg_interval: list[float] = _f([0.1, 0.9], "guidance only for t in [lo, hi] (t = 0 noise)")

@@ -77,6 +77,7 @@ _SAMPLER_NAMES = {
     **{label.lower(): key for key, label in SAMPLER_LABELS.items()},
     **{key: key for key in SAMPLER_LABELS},
     "dpmpp 2m": "dpmpp_2m", "dpm++ 2m karras": "dpmpp_2m", "dpmpp_2m karras": "dpmpp_2m",
+    "dpmpp 2m sde": "dpmpp_2m_sde", "dpm++ 2m sde karras": "dpmpp_2m_sde",
     "euler karras": "euler", "heun karras": "heun", "ab2": "ab2",
 }
 

@@ -6,7 +6,7 @@ functions with one signature:
 
     sample_x(model_fn, x, ts, callback=None) -> Tensor
 
-and the ancestral sampler (STOCHASTIC) takes a source of fresh noise as well, `noise=`.
+and the stochastic samplers (STOCHASTIC) take a source of fresh noise as well, `noise=`.
 
 * model_fn(z, t) -> x_hat: the clean-image estimate for a state z (B, C, H, W) at times
   t (B,). The times live on the CPU whatever the state's device, so a wrapper can decide
@@ -143,6 +143,46 @@ def _lambda(t: float) -> float:
     return -math.inf if t == 0.0 else math.log(t / (1.0 - t))
 
 
+def _multistep_estimate(times: list[float], i: int, x_hat: Tensor,
+                        x_hat_prev: Tensor | None) -> Tensor:
+    """The second-order multistep estimate of DPM-Solver++(2M) for step i (Lu et al. 2022,
+    Algorithm 2), with r = h_{i-1} / h_i and h = the step in lambda = log(t / (1 - t)):
+
+        D = (1 + 1/(2r)) x_hat_i - (1/(2r)) x_hat_{i-1}
+
+    x_hat itself on the first step (no history), after a step that left t = 0 (h_{i-1}
+    infinite: the correction 1/(2r) tends to 0) and on the last step (h_i infinite)."""
+    t, t_next = times[i], times[i + 1]
+    if x_hat_prev is None or times[i - 1] == 0.0 or t_next == 1.0:
+        return x_hat
+    r = (_lambda(t) - _lambda(times[i - 1])) / (_lambda(t_next) - _lambda(t))
+    return (1.0 + 0.5 / r) * x_hat - (0.5 / r) * x_hat_prev
+
+
+def _posterior_step(z: Tensor, t: float, t_next: float, d: Tensor, xi: Tensor) -> Tensor:
+    """A draw from the DDPM posterior q(z_next | z, x = d) of this path (Ho et al. 2020,
+    eq. 7; DDIM with eta = 1; the SDE-DPM-Solver++ step of Lu et al. 2022 with
+    h = lambda_next - lambda), for fresh standard normal noise xi and t_next < 1:
+
+        z_next = (sigma_next / sigma) e^-h z + alpha_next (1 - e^-2h) d
+                 + sigma_next sqrt(1 - e^-2h) xi,     alpha = t, sigma = 1 - t.
+
+    e^-h = t (1 - t_next) / (t_next (1 - t)) is the share of the current noise that the
+    posterior keeps: 0 at t = 0, near 1 for small steps."""
+    keep = t * (1.0 - t_next) / (t_next * (1.0 - t))
+    return ((1.0 - t_next) / (1.0 - t) * keep) * z + (t_next * (1.0 - keep * keep)) * d \
+        + ((1.0 - t_next) * math.sqrt(1.0 - keep * keep)) * xi.to(z.dtype)
+
+
+def _fresh_noise(x: Tensor, noise: NoiseFn | None) -> NoiseFn:
+    """The source of fresh noise of a stochastic sampler: `noise` when given, else a
+    generator of its own seeded with 0 (reproducible, one stream for the whole batch)."""
+    if noise is not None:
+        return noise
+    gen = torch.Generator().manual_seed(0)
+    return lambda _: torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+
+
 @torch.no_grad()
 def sample_euler(model_fn: ModelFn, x: Tensor, ts: Tensor,
                  callback: Callback | None = None) -> Tensor:
@@ -200,11 +240,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, ts: Tensor,
     for i in range(total):
         t, t_next = times[i], times[i + 1]
         x_hat = model_fn(x, _t(x, t))
-        d = x_hat
-        if x_hat_prev is not None and times[i - 1] > 0.0 and t_next < 1.0:
-            r = (_lambda(t) - _lambda(times[i - 1])) / (_lambda(t_next) - _lambda(t))
-            d = (1.0 + 0.5 / r) * x_hat - (0.5 / r) * x_hat_prev
-        x = _toward(x, t, t_next, d)
+        x = _toward(x, t, t_next, _multistep_estimate(times, i, x_hat, x_hat_prev))
         x_hat_prev = x_hat
         if callback is not None:
             callback(i + 1, total, x_hat)
@@ -245,37 +281,48 @@ def sample_ab2(model_fn: ModelFn, x: Tensor, ts: Tensor,
 def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, ts: Tensor,
                            callback: Callback | None = None, *,
                            noise: NoiseFn | None = None) -> Tensor:
-    """Euler ancestral: each step draws the next state from the DDPM posterior
-    q(z_next | z, x = x_hat) (Ho et al. 2020, eq. 7; DDIM with eta = 1) of this path.
-    With r = (t (1 - t_next)) / (t_next (1 - t)), the share of the current noise that the
-    posterior keeps (0 at t = 0, near 1 for small steps),
-
-        z_next = t_next x_hat + (1 - t_next) (r eps_hat + sqrt(1 - r^2) xi),
-
-    where eps_hat = (z - t x_hat) / (1 - t) is the noise z implies and xi = noise(i) is
-    fresh. The mixed noise is again standard normal, so z_next lies on the path; as the
-    steps shrink it becomes the reverse SDE. Fresh noise lets a trajectory leave a state
-    the deterministic samplers carry to the end: on the demo, a shape the ODE draws twice
-    at two places when the prompt leaves the place open (README, "Image quality").
-    `noise` defaults to a generator seeded with 0. The last step returns x_hat. One call
-    per step."""
+    """Euler ancestral: each step draws the next state from the DDPM posterior around the
+    clean estimate (_posterior_step with d = x_hat): the noise the state implies, mixed
+    with fresh noise xi = noise(i) so that the mix is again standard normal; as the steps
+    shrink it becomes the reverse SDE. Fresh noise lets a trajectory leave a state the
+    deterministic samplers carry to the end: on the demo, a shape the ODE draws twice at
+    two places when the prompt leaves the place open (README, "Where the demo's last
+    misses are"). `noise` defaults to a generator seeded with 0. The last step returns
+    x_hat. One call per step."""
     times = _times(ts)
     total = len(times) - 1
-    if noise is None:
-        gen = torch.Generator().manual_seed(0)
+    noise = _fresh_noise(x, noise)
+    for i in range(total):
+        t, t_next = times[i], times[i + 1]
+        x_hat = model_fn(x, _t(x, t))
+        x = x_hat if t_next == 1.0 else _posterior_step(x, t, t_next, x_hat, noise(i))
+        if callback is not None:
+            callback(i + 1, total, x_hat)
+    return x
 
-        def noise(_: int) -> Tensor:
-            return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model_fn: ModelFn, x: Tensor, ts: Tensor,
+                        callback: Callback | None = None, *,
+                        noise: NoiseFn | None = None) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5 with the multistep estimate; the
+    "DPM++ 2M SDE" of other tools, midpoint form, eta = 1): the posterior step of euler_a
+    towards the second-order multistep estimate of dpmpp_2m instead of x_hat. Fresh noise
+    at every step as in euler_a, with the accuracy of a second-order estimate. `noise`
+    defaults to a generator seeded with 0. The last step returns x_hat. One call per step."""
+    times = _times(ts)
+    total = len(times) - 1
+    noise = _fresh_noise(x, noise)
+    x_hat_prev = None
     for i in range(total):
         t, t_next = times[i], times[i + 1]
         x_hat = model_fn(x, _t(x, t))
         if t_next == 1.0:
             x = x_hat
         else:
-            r = t * (1.0 - t_next) / (t_next * (1.0 - t))
-            eps_hat = (x - t * x_hat) / (1.0 - t)
-            mixed = r * eps_hat + math.sqrt(1.0 - r * r) * noise(i).to(x.dtype)
-            x = t_next * x_hat + (1.0 - t_next) * mixed
+            d = _multistep_estimate(times, i, x_hat, x_hat_prev)
+            x = _posterior_step(x, t, t_next, d, noise(i))
+        x_hat_prev = x_hat
         if callback is not None:
             callback(i + 1, total, x_hat)
     return x
@@ -284,12 +331,13 @@ def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, ts: Tensor,
 # the samplers under the names the config allows (engine.config.SAMPLER_NAMES, in order)
 SAMPLERS: dict[str, Callable[..., Tensor]] = dict(zip(
     SAMPLER_NAMES, (sample_euler, sample_heun, sample_dpmpp_2m, sample_ab2,
-                    sample_euler_ancestral), strict=True))
+                    sample_euler_ancestral, sample_dpmpp_2m_sde), strict=True))
 # the samplers that take fresh noise (`noise=`); the others are deterministic
-STOCHASTIC = frozenset({"euler_a"})
+STOCHASTIC = frozenset({"euler_a", "dpmpp_2m_sde"})
 # how other tools name each sampler in a PNG's `parameters` text (engine/pngmeta.py)
 SAMPLER_LABELS: dict[str, str] = dict(zip(
-    SAMPLER_NAMES, ("Euler", "Heun", "DPM++ 2M", "Adams-Bashforth 2", "Euler a"),
+    SAMPLER_NAMES, ("Euler", "Heun", "DPM++ 2M", "Adams-Bashforth 2", "Euler a",
+                    "DPM++ 2M SDE"),
     strict=True))
 
 

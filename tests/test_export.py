@@ -348,4 +348,5 @@ def test_foreign_sampler_names_are_read_or_kept():
     assert parse_parameters(line.format("DPM++ 2M Karras"))["sampler"] == "dpmpp_2m"
     assert parse_parameters(line.format("dpmpp_2m"))["sampler"] == "dpmpp_2m"
     assert parse_parameters(line.format("Euler a"))["sampler"] == "euler_a"
-    assert parse_parameters(line.format("DPM++ 2M SDE"))["sampler"] == "DPM++ 2M SDE"
+    assert parse_parameters(line.format("DPM++ 2M SDE Karras"))["sampler"] == "dpmpp_2m_sde"
+    assert parse_parameters(line.format("DPM++ SDE"))["sampler"] == "DPM++ SDE"
