@@ -289,16 +289,7 @@ def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, ts: Tensor,
     two places when the prompt leaves the place open (README, "Where the demo's last
     misses are"). `noise` defaults to a generator seeded with 0. The last step returns
     x_hat. One call per step."""
-    times = _times(ts)
-    total = len(times) - 1
-    noise = _fresh_noise(x, noise)
-    for i in range(total):
-        t, t_next = times[i], times[i + 1]
-        x_hat = model_fn(x, _t(x, t))
-        x = x_hat if t_next == 1.0 else _posterior_step(x, t, t_next, x_hat, noise(i))
-        if callback is not None:
-            callback(i + 1, total, x_hat)
-    return x
+    return _sample_posterior(model_fn, x, ts, callback, noise, multistep=False)
 
 
 @torch.no_grad()
@@ -310,6 +301,13 @@ def sample_dpmpp_2m_sde(model_fn: ModelFn, x: Tensor, ts: Tensor,
     towards the second-order multistep estimate of dpmpp_2m instead of x_hat. Fresh noise
     at every step as in euler_a, with the accuracy of a second-order estimate. `noise`
     defaults to a generator seeded with 0. The last step returns x_hat. One call per step."""
+    return _sample_posterior(model_fn, x, ts, callback, noise, multistep=True)
+
+
+def _sample_posterior(model_fn: ModelFn, x: Tensor, ts: Tensor, callback: Callback | None,
+                      noise: NoiseFn | None, multistep: bool) -> Tensor:
+    """The loop of both stochastic samplers: a posterior draw towards x_hat (euler_a) or
+    towards the multistep estimate (dpmpp_2m_sde) at every step; the last returns x_hat."""
     times = _times(ts)
     total = len(times) - 1
     noise = _fresh_noise(x, noise)
@@ -320,7 +318,7 @@ def sample_dpmpp_2m_sde(model_fn: ModelFn, x: Tensor, ts: Tensor,
         if t_next == 1.0:
             x = x_hat
         else:
-            d = _multistep_estimate(times, i, x_hat, x_hat_prev)
+            d = _multistep_estimate(times, i, x_hat, x_hat_prev) if multistep else x_hat
             x = _posterior_step(x, t, t_next, d, noise(i))
         x_hat_prev = x_hat
         if callback is not None:
