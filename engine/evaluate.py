@@ -28,14 +28,16 @@ the same code. Nothing is written anywhere.
 * **Prompt adherence** (demo dataset only, engine/demo_data.py): each attribute a demo
   caption names is read back from pixels. Background: the median colour of the outer
   ring of pixels, nearest background colour. Shape colour: the median colour of pixels
-  far from that background, nearest shape colour. Shape: a soft mask of the shape
-  (anti-aliased pixels count by how much of the shape they hold); its largest connected
-  part against each demo shape drawn with the same area and centroid, the closest wins,
-  and a second part of OBJECT_SHARE of its mass or more (two half-shapes where one was
-  asked for) scores no shape; smaller parts are specks and are ignored. Size: the radius
-  that shape has at the part's area, over the image's shorter side, nearest named size
-  on a log scale. Position: the centroid of the part, nearest named position. The same
-  scoring of the real images says how far the scorer itself can be trusted at this size.
+  far from that background (more than half as far as the farthest pixel that a 3x3
+  median keeps, so a speck of another colour cannot stand for the shape), nearest shape
+  colour. Shape: a soft mask of the shape (anti-aliased pixels count by how much of the
+  shape they hold); its largest connected part against each demo shape drawn with the
+  same area and centroid, the closest wins, and a second part of OBJECT_SHARE of its
+  mass or more (two half-shapes where one was asked for) scores no shape; smaller parts
+  are specks and are ignored. Size: the radius that shape has at the part's area, over
+  the image's shorter side, nearest named size on a log scale. Position: the centroid of
+  the part, nearest named position. The same scoring of the real images says how far the
+  scorer itself can be trusted at this size.
 * **Fréchet distance** between Gaussians fitted to features of the generated and the
   real images. Cheap features (always): 8-bin histograms per channel, a 4x4 thumbnail
   and the mean and spread of 16 fixed random 3x3 filters after a ReLU at two scales.
@@ -183,8 +185,11 @@ def score_demo(image: np.ndarray, caption: str) -> dict[str, bool]:
     bg = np.median(ring, axis=0)
     out = {"background": _nearest(bg, BACKGROUNDS) == want["background"]}
     dist = np.sqrt(((x - bg) ** 2).sum(-1))                              # (H, W)
-    far = dist > 0.5 * dist.max()
-    if dist.max() < 40 or far.sum() < 2:          # no shape stands out of the background
+    # how far the shape stands out: the largest distance that survives a 3x3 median, so a
+    # lone speck of another colour cannot stand for the shape
+    peak = float(np.median(_windows(dist[..., None], 3), axis=0).max())
+    far = dist > 0.5 * peak
+    if peak < 40 or far.sum() < 2:                # no shape stands out of the background
         out.update(colour=False, shape=False)
         out.update({k: False for k in ("size", "position") if want[k]})
         return out

@@ -165,6 +165,29 @@ def test_two_drawings_are_not_a_shape_but_a_speck_or_grain_leaves_it_one():
     assert score_demo(grain.astype(np.uint8), caption)["shape"]
 
 
+def test_a_speck_brighter_than_the_shape_does_not_stand_for_it():
+    """A one-pixel white speck beside a green triangle on black stands out of the
+    background twice as far as the triangle; the shape's colour, outline, size and place
+    must still come from the triangle (seen in generated images: a bright speck at a
+    corner)."""
+    caption = make_caption("triangle", "green", "large", "top left", "black")
+    item = DemoItem(32, 32, "triangle", "green", "large", "top left", "black", (8.6, 8.6),
+                    7.0, "")
+    image = np.asarray(render(item)).copy()
+    assert all(score_demo(image, caption).values())
+    for speck in ((17, 16), (2, 30), (30, 2)):
+        specked = image.copy()
+        specked[speck] = (240, 240, 240)
+        assert all(score_demo(specked, caption).values()), speck
+    two = specked.copy()          # a speck of two pixels is a speck as well
+    two[29, 2] = (240, 240, 240)
+    assert all(score_demo(two, caption).values())
+    # a white blob (3 x 3) is something drawn, and stands for the shape: no green triangle
+    blob = image.copy()
+    blob[24:27, 24:27] = (240, 240, 240)
+    assert not score_demo(blob, caption)["colour"]
+
+
 def test_the_shape_score_agrees_with_a_persons_eye_on_generated_images():
     """192 drawings of three demo models (tests/data/shapes_by_eye.*), each judged by a
     person: does it show the caption's shape, as one drawing? The score must agree with the
