@@ -175,7 +175,8 @@ def test_a_speck_brighter_than_the_shape_does_not_stand_for_it():
                     7.0, "")
     image = np.asarray(render(item)).copy()
     assert all(score_demo(image, caption).values())
-    for speck in ((17, 16), (2, 30), (30, 2)):
+    # at the tip, at the two lower corners, and apart from the shape
+    for speck in ((1, 8), (2, 8), (15, 2), (15, 15), (17, 16), (2, 30), (30, 2)):
         specked = image.copy()
         specked[speck] = (240, 240, 240)
         assert all(score_demo(specked, caption).values()), speck
