@@ -5,7 +5,9 @@ same decisions (stop, skip a batch) and the replicas stay identical."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     """The device a name means: None, '' or 'auto' is the GPU when PyTorch sees one, else
     the CPU; anything else must name a device that is there. Returning a CUDA device
     also lets fp32 matmuls and convolutions there run on TF32 tensor cores (see
-    `allow_tf32`)."""
+    `allow_tf32`); returning the CPU keeps freed memory for reuse (`reuse_freed_memory`)."""
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -39,6 +41,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise DeviceError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
     if device.type == "cuda":
         allow_tf32()
+    else:
+        reuse_freed_memory()
     return device
 
 
@@ -65,6 +69,35 @@ def allow_tf32() -> None:
     matmul (engine/attention.py), so they keep full precision."""
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+# glibc's mallopt parameters, and the values the CPU paths use: blocks up to 32 MiB (glibc's
+# largest threshold) come from the heap, and up to 1 GiB of freed heap is kept for reuse
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20
+_TRIM_THRESHOLD = 1 << 30
+_reuse_state: bool | None = None
+
+
+def reuse_freed_memory() -> bool:
+    """Let glibc keep the memory of freed tensors for the next step's tensors (Linux; a
+    no-op elsewhere). By default it maps every large tensor afresh and unmaps it when
+    freed, so each training step page-faults its activations in again: about 50 MB and
+    12,000 faults per pixel block at 64x64 on `tiny-cpu`, a tenth of the step's time.
+    Idempotent; returns whether the setting took."""
+    global _reuse_state
+    if _reuse_state is None:
+        _reuse_state = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None)
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):   # not glibc (e.g. musl): nothing to set
+                return False
+            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            _reuse_state = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                                and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return _reuse_state
 
 
 @dataclass

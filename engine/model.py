@@ -191,18 +191,39 @@ def unpatchify(x: Tensor, p: int, h: int, w: int) -> Tensor:
     return x.reshape(B, C, h * p, w * p)
 
 
+class PiecewiseLinear(nn.Linear):
+    """A linear layer whose output is used in `pieces` equal parts along its last axis,
+    computed as one product per slice of the weight (and bias) rather than one product
+    chunked afterwards. Same numbers and the same parameters as nn.Linear; but backward
+    then sums input gradients as narrow as the input, where a chunked product
+    concatenates one as wide as all pieces together: per pixel in the pixel path, this
+    concatenation took about a third of the pixel MLP's time on the CPU."""
+
+    def __init__(self, in_features: int, out_features: int, pieces: int, bias: bool = True):
+        if out_features % pieces:
+            raise ValueError(f"{out_features} outputs do not split into {pieces} pieces")
+        super().__init__(in_features, out_features, bias=bias)
+        self.pieces = pieces
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        n = self.out_features // self.pieces
+        return tuple(F.linear(x, self.weight[i * n:(i + 1) * n],
+                              None if self.bias is None else self.bias[i * n:(i + 1) * n])
+                     for i in range(self.pieces))
+
+
 class SwiGLU(nn.Module):
     """W_down(SiLU(W_gate x) * W_up x), no biases."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.gate_up = PiecewiseLinear(dim, 2 * hidden, pieces=2, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
         nn.init.xavier_uniform_(self.gate_up.weight)
         nn.init.xavier_uniform_(self.down.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate, up = self.gate_up(x)
         return self.down(F.silu(gate) * up)
 
 
@@ -254,7 +275,7 @@ class PixelBlock(nn.Module):
         D, d, pp = cfg.hidden_dim, cfg.pixel_dim, cfg.patch_size ** 2
         self.res_scale = res_scale
         self.cond_expand = nn.Linear(D, pp * d, bias=False)
-        self.ada = nn.Linear(d, 6 * d)
+        self.ada = PiecewiseLinear(d, 6 * d, pieces=6)
         self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
         self.compress = nn.Linear(pp * d, D, bias=False)
         self.compress_norm = RMSNorm(D)
@@ -274,7 +295,7 @@ class PixelBlock(nn.Module):
     def forward(self, x: Tensor, s_cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         B, L, pp, d = x.shape
         cond = self.cond_expand(s_cond).view(B, L, pp, d)                      # (B, L, p*p, d)
-        g1, b1, a1, g2, b2, a2 = self.ada(F.silu(cond)).chunk(6, dim=-1)      # each (B, L, p*p, d)
+        g1, b1, a1, g2, b2, a2 = self.ada(F.silu(cond))                        # each (B, L, p*p, d)
         h = modulate(self.norm1(x), b1, g1).reshape(B, L, pp * d)             # (B, L, p*p*d)
         h = self.attn(self.compress_norm(self.compress(h)), cos, sin)         # (B, L, D)
         # the residual scale applied before the (linear) expand touches D values per

@@ -459,3 +459,60 @@ def test_compiled_blocks_take_every_call_a_run_makes(traced_compile):
                         net.train(grad)
                     want, got = (net.forward_train(z, t, text).pred for net in (eager, compiled))
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+
+def _wide_splits(t: torch.Tensor) -> list[tuple[int, ...]]:
+    """Input sizes of every chunk/split behind `t` that cuts a tensor with more than one
+    position (token or pixel) along the second-to-last axis."""
+    seen, found, todo = set(), [], [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("Split"):
+            sizes = tuple(node._saved_self_sym_sizes)
+            if len(sizes) > 2 and sizes[-2] > 1:
+                found.append(sizes)
+        todo.extend(f for f, _ in node.next_functions)
+    return found
+
+
+def test_pixel_and_mlp_products_are_not_cut_from_one_wide_output():
+    """The SwiGLU's gate and up, and the six pixel-wise AdaLN terms, come from products
+    with slices of one weight, so backward sums input gradients as narrow as the input:
+    one product chunked into pieces would concatenate a gradient as wide as all pieces,
+    per token or per pixel, in every step. (The patch blocks' AdaLN cuts one vector per
+    image, which costs nothing.)"""
+    net = model().train()
+    out = net.forward_train(torch.randn(2, 3, 32, 32), torch.rand(2), make_text([3, 4]))
+    assert _wide_splits(out.pred.sum() + out.gamma_sq) == []
+
+
+def _chunked(self, x):
+    return F.linear(x, self.weight, self.bias).chunk(self.pieces, dim=-1)
+
+
+def test_sliced_products_equal_one_product_cut_in_pieces(monkeypatch):
+    """The network's output, penalty and gradients are those of one product per layer,
+    chunked."""
+    from engine.model import PiecewiseLinear
+
+    def run():
+        net = model().train()
+        z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        out = net.forward_train(z, torch.tensor([0.3, 0.8]), make_text([3, 4]))
+        loss = out.pred.square().mean() + out.gamma_sq
+        loss.backward()
+        return out.pred.detach(), out.gamma_sq.detach(), {
+            n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+    pred, gamma, grads = run()
+    monkeypatch.setattr(PiecewiseLinear, "forward", _chunked)
+    ref_pred, ref_gamma, ref_grads = run()
+    torch.testing.assert_close(pred, ref_pred)
+    torch.testing.assert_close(gamma, ref_gamma)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
