@@ -192,12 +192,15 @@ def unpatchify(x: Tensor, p: int, h: int, w: int) -> Tensor:
 
 
 class PiecewiseLinear(nn.Linear):
-    """A linear layer whose output is used in `pieces` equal parts along its last axis,
-    computed as one product per slice of the weight (and bias) rather than one product
-    chunked afterwards. Same numbers and the same parameters as nn.Linear; but backward
-    then sums input gradients as narrow as the input, where a chunked product
-    concatenates one as wide as all pieces together: per pixel in the pixel path, this
-    concatenation took about a third of the pixel MLP's time on the CPU."""
+    """A linear layer whose output is used in `pieces` equal parts along its last axis.
+    Same parameters and the same numbers as nn.Linear followed by chunk().
+
+    On the CPU each piece is its own product with a slice of the weight (and bias), so
+    backward sums input gradients as narrow as the input. A chunked product concatenates
+    a gradient as wide as all pieces together: per pixel in the pixel path, that copy
+    took about a third of the pixel MLP's time. On a GPU the copy is cheap, and compiled
+    blocks fuse it into the operations that produce the gradients, so there the layer
+    stays one product (fewer, larger kernels)."""
 
     def __init__(self, in_features: int, out_features: int, pieces: int, bias: bool = True):
         if out_features % pieces:
@@ -206,6 +209,8 @@ class PiecewiseLinear(nn.Linear):
         self.pieces = pieces
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias).chunk(self.pieces, dim=-1)
         n = self.out_features // self.pieces
         return tuple(F.linear(x, self.weight[i * n:(i + 1) * n],
                               None if self.bias is None else self.bias[i * n:(i + 1) * n])

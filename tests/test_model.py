@@ -490,6 +490,17 @@ def test_pixel_and_mlp_products_are_not_cut_from_one_wide_output():
     assert _wide_splits(out.pred.sum() + out.gamma_sq) == []
 
 
+def test_piecewise_linear_stays_one_product_off_the_cpu():
+    """Off the CPU (here the meta device, standing in for a GPU) one product is chunked."""
+    from engine.model import PiecewiseLinear
+    lin = PiecewiseLinear(4, 12, pieces=3).to("meta")
+    pieces = lin(torch.randn(2, 5, 4, device="meta"))
+    assert [p.shape for p in pieces] == [(2, 5, 4)] * 3
+    assert _wide_splits(sum(p.sum() for p in pieces)) == [(2, 5, 12)]
+    with pytest.raises(ValueError, match="do not split into 5 pieces"):
+        PiecewiseLinear(4, 12, pieces=5)
+
+
 def _chunked(self, x):
     return F.linear(x, self.weight, self.bias).chunk(self.pieces, dim=-1)
 
