@@ -5,6 +5,7 @@ command's refusal on a machine without CUDA."""
 from __future__ import annotations
 
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -211,7 +212,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_cpu_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
     """Choosing the CPU keeps freed tensor memory in the heap: a tiny-cpu step at 64x64
     then page-faults a fraction of what it did with glibc's defaults, which unmap each
