@@ -79,25 +79,41 @@ _TRIM_THRESHOLD = 1 << 30
 _reuse_state: bool | None = None
 
 
+def _glibc():
+    """The C library when it is glibc, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        _ = libc.mallopt, libc.malloc_trim   # both glibc's; musl has no malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def reuse_freed_memory() -> bool:
     """Let glibc keep the memory of freed tensors for the next step's tensors (Linux; a
     no-op elsewhere). By default it maps every large tensor afresh and unmaps it when
     freed, so each training step page-faults its activations in again: about 50 MB and
     12,000 faults per pixel block at 64x64 on `tiny-cpu`, a tenth of the step's time.
+    A long-lived process calls `return_freed_memory` after dropping a model.
     Idempotent; returns whether the setting took."""
     global _reuse_state
     if _reuse_state is None:
-        _reuse_state = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None)
-                mallopt = libc.mallopt
-            except (OSError, AttributeError):   # not glibc (e.g. musl): nothing to set
-                return False
-            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-            _reuse_state = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-                                and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+        libc = _glibc()
+        _reuse_state = bool(libc is not None
+                            and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                            and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     return _reuse_state
+
+
+def return_freed_memory() -> None:
+    """Hand the freed heap back to the system (glibc's malloc_trim), e.g. after the
+    studio drops a loaded model: with `reuse_freed_memory` in effect the memory of a
+    dropped model stays with the process otherwise (1.4 GB for `pixelhdm-default`)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 from engine import config, generate, pngmeta
 from engine.checkpoint import CheckpointError, read_modelspec
-from engine.distributed import DeviceError
+from engine.distributed import DeviceError, return_freed_memory
 from engine.encoders import EncoderLoadError
 from engine.generate_io import (
     TextEncoderNeeded,
@@ -80,6 +80,7 @@ class PipelineCache:
         import torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return_freed_memory()
 
 
 def whole(value, label: str) -> int:

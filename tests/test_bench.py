@@ -226,3 +226,31 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
 
     default, reused = faults("none"), faults("cpu")
     assert reused * 3 < default, (default, reused)
+
+
+_RSS_SCRIPT = """
+import gc, torch
+from engine.distributed import return_freed_memory, reuse_freed_memory
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+assert reuse_freed_memory()
+start = rss_mib()
+weights = [torch.ones(2 << 20) for _ in range(40)]   # 320 MiB in 8 MiB tensors
+del weights
+gc.collect()
+kept = rss_mib()
+return_freed_memory()
+print(start, kept, rss_mib())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_a_dropped_model_can_be_handed_back_to_the_system():
+    """With freed memory kept for reuse, a dropped model's memory stays with the process
+    until `return_freed_memory`, which the studio calls when it drops a pipeline."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], check=True, capture_output=True,
+                         text=True, cwd=Path(__file__).parents[1])
+    start, kept, returned = map(int, out.stdout.split())
+    assert kept - start > 250, (start, kept, returned)
+    assert returned - start < 50, (start, kept, returned)

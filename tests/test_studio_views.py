@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -535,3 +536,15 @@ def test_an_older_demo_folder_is_kept_and_the_user_told_how_to_get_the_current_o
     assert tab_dataset.create_demo(studio) is False and readme.read_text() != current
     readme.unlink()
     assert "no readable README.txt" in tab_dataset.old_demo_warning(studio)
+
+
+def test_dropping_the_loaded_pipeline_hands_its_memory_back(monkeypatch):
+    """The Generate tab's pipeline cache returns a dropped model's memory to the system
+    (the CPU keeps freed memory for reuse otherwise)."""
+    from studio import tab_generate
+    calls = []
+    monkeypatch.setattr(tab_generate, "return_freed_memory", lambda: calls.append(1))
+    cache = tab_generate.PipelineCache()
+    cache._pipe, cache._key = object(), ("a.safetensors", 1, True, None)
+    cache.keep_only(Path("b.safetensors"))
+    assert cache._pipe is None and calls == [1]
