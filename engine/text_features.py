@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from engine.config import TextConfig
+from engine.distributed import return_freed_memory
 from engine.encoders import EncoderLoadError, Qwen3TextEncoder, encoder_folder, load_text_encoder
 from engine.fileio import atomic_target, atomic_write_text
 from engine.model import TextCond
@@ -368,6 +369,8 @@ class TextFeatureCache:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        else:   # the CPU keeps freed memory for reuse; an encoder's is not needed again
+            return_freed_memory()
 
 
 def build_text_features(encoder: Qwen3TextEncoder, captions, cfg: TextConfig, log=print,
