@@ -58,7 +58,7 @@ from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset, parse_wxh
 from engine.data import scan_dataset
 from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
-from engine.distributed import PRECISIONS, DeviceError, resolve_device
+from engine.distributed import PRECISIONS, DeviceError, release_memory, resolve_device
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
 from engine.evaluate import EvaluateError
 from engine.flops import PARTS
@@ -80,7 +80,6 @@ from engine.perf import (
     dense_peak,
     measure_network,
     preset_memory,
-    release_memory,
     timed,
     train_step_seconds,
 )

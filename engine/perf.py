@@ -20,7 +20,6 @@ gradient checkpointing is not counted, so utilisation is model-FLOPs utilisation
 from __future__ import annotations
 
 import contextlib
-import gc
 import re
 import statistics
 import time
@@ -36,7 +35,7 @@ from engine.attention import attention
 from engine.baseline import PlainDiT
 from engine.buckets import BucketPlan
 from engine.config import RunConfig
-from engine.distributed import PRECISIONS, autocast_for, compiler_problem
+from engine.distributed import PRECISIONS, autocast_for, compiler_problem, release_memory
 from engine.flops import PARTS, baseline_flops, pixelhdm_flops, self_cond_share
 from engine.flow import interpolate, resolution_shift, sample_t, to_velocity, v_loss
 from engine.model import PixelHDM, TextCond
@@ -119,13 +118,6 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
-
-
-def release_memory(device: torch.device) -> None:
-    """Return what freed tensors held to the device, so the next measurement starts empty."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------

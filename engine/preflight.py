@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import json
 import math
 import tempfile
@@ -22,7 +21,7 @@ import torch
 
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
-from engine.distributed import PRECISIONS, autocast_for, resolve_device
+from engine.distributed import PRECISIONS, autocast_for, release_memory, resolve_device
 from engine.encoders import QWEN_TYPES, DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flops import pixelhdm_flops, self_cond_share
 from engine.flow import IREPAProjector
@@ -169,9 +168,7 @@ def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
     try:
         return _dry_run(cfg, dev, steps)
     finally:
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(dev)
 
 
 def _dry_run(cfg: RunConfig, dev: torch.device, steps: int) -> dict:

@@ -8,7 +8,6 @@ while the network trains. Lookups return exactly the `TextCond` the encoder's ow
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from engine.config import TextConfig
-from engine.distributed import return_freed_memory
+from engine.distributed import release_memory
 from engine.encoders import EncoderLoadError, Qwen3TextEncoder, encoder_folder, load_text_encoder
 from engine.fileio import atomic_target, atomic_write_text
 from engine.model import TextCond
@@ -366,11 +365,7 @@ class TextFeatureCache:
         """Drop the encoder and free its memory (when nothing else holds it); from now
         on a caption without features is a TextFeatureError."""
         self.encoder = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        else:   # the CPU keeps freed memory for reuse; an encoder's is not needed again
-            return_freed_memory()
+        release_memory(self.device)
 
 
 def build_text_features(encoder: Qwen3TextEncoder, captions, cfg: TextConfig, log=print,

@@ -10,7 +10,6 @@ the next request with the same checkpoint and freed when another one is chosen.
 
 from __future__ import annotations
 
-import gc
 import math
 import queue
 import re
@@ -22,7 +21,7 @@ import torch
 
 from engine import config, generate, pngmeta
 from engine.checkpoint import CheckpointError, read_modelspec
-from engine.distributed import DeviceError, return_freed_memory
+from engine.distributed import DeviceError, release_memory
 from engine.encoders import EncoderLoadError
 from engine.generate_io import (
     TextEncoderNeeded,
@@ -76,11 +75,7 @@ class PipelineCache:
 
     def free_locked(self) -> None:
         self._pipe, self._key = None, None
-        gc.collect()
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return_freed_memory()
+        release_memory()
 
 
 def whole(value, label: str) -> int:

@@ -230,7 +230,7 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
 
 _RSS_SCRIPT = """
 import gc, torch
-from engine.distributed import return_freed_memory, reuse_freed_memory
+from engine.distributed import release_memory, reuse_freed_memory
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
 assert reuse_freed_memory()
@@ -239,7 +239,7 @@ weights = [torch.ones(2 << 20) for _ in range(40)]   # 320 MiB in 8 MiB tensors
 del weights
 gc.collect()
 kept = rss_mib()
-return_freed_memory()
+release_memory(torch.device("cpu"))
 print(start, kept, rss_mib())
 """
 
@@ -247,7 +247,7 @@ print(start, kept, rss_mib())
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_a_dropped_model_can_be_handed_back_to_the_system():
     """With freed memory kept for reuse, a dropped model's memory stays with the process
-    until `return_freed_memory`, which the studio calls when it drops a pipeline."""
+    until `release_memory`, which the studio calls when it drops a pipeline."""
     import subprocess
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], check=True, capture_output=True,
                          text=True, cwd=Path(__file__).parents[1])

@@ -3,6 +3,8 @@ on the CPU is named, with the time it would take and what to do instead."""
 
 from __future__ import annotations
 
+import pytest
+
 from engine.config import load_preset
 from engine.preflight import cpu_warning
 
@@ -37,3 +39,18 @@ def test_the_trainer_and_the_train_tab_say_it(tmp_path, monkeypatch):
             load_preset("tiny-cpu"), 1)
     finally:
         preflight._cpu_tflops.cache_clear()
+
+
+def test_the_dry_run_hands_its_memory_back(monkeypatch):
+    """The dry run runs in the studio's process: what it allocated goes back to the system
+    (the CPU otherwise keeps freed memory for reuse), even when it fails."""
+    import engine.preflight as preflight
+    released = []
+    monkeypatch.setattr(preflight, "release_memory", lambda dev: released.append(dev.type))
+    out = preflight.dry_run(load_preset("tiny-cpu", ["train.batch_size=2"]), device="cpu",
+                            steps=1)
+    assert out and released == ["cpu"]
+    monkeypatch.setattr(preflight, "_dry_run", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        preflight.dry_run(load_preset("tiny-cpu"), device="cpu", steps=1)
+    assert released == ["cpu", "cpu"]

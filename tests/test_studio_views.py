@@ -543,7 +543,7 @@ def test_dropping_the_loaded_pipeline_hands_its_memory_back(monkeypatch):
     (the CPU keeps freed memory for reuse otherwise)."""
     from studio import tab_generate
     calls = []
-    monkeypatch.setattr(tab_generate, "return_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(tab_generate, "release_memory", lambda *a: calls.append(1))
     cache = tab_generate.PipelineCache()
     cache._pipe, cache._key = object(), ("a.safetensors", 1, True, None)
     cache.keep_only(Path("b.safetensors"))

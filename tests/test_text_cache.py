@@ -175,13 +175,13 @@ def test_a_caption_missing_without_an_encoder_is_an_error(enc, tiny_qwen3, tmp_p
                                                          monkeypatch):
     import engine.text_features as tf
     handed_back = []
-    monkeypatch.setattr(tf, "return_freed_memory", lambda: handed_back.append(1))
+    monkeypatch.setattr(tf, "release_memory", lambda dev: handed_back.append(dev.type))
     cfg = qwen_cfg(tiny_qwen3, tmp_path)
     built = build_text_features(enc, CAPS[:3], cfg, log=lambda _: None)
     assert built.encode(["a brand new caption"]).tokens.shape[0] == 1   # encoder attached:
     assert not built.missing(["a brand new caption"])                   # encoded and added
     built.unload_encoder()
-    assert handed_back == [1]   # on the CPU the encoder's memory goes back to the system
+    assert handed_back == ["cpu"]   # the encoder's memory goes back to the system
     with pytest.raises(TextFeatureError, match="never seen before"):
         built.encode(["a cat", "never seen before"])
     cache = TextFeatureCache(cfg.cache_dir, tiny_qwen3, 16, torch.float32)
