@@ -238,6 +238,29 @@ def restore_rng_states(d: Dist, gen: torch.Generator, device: torch.device,
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def native_half(precision: str) -> bool | None:
+    """Whether this CPU computes `precision` (bf16 / fp16) in hardware: oneDNN's own test
+    (bf16: AVX-512 or AMX; fp16: AVX-512 FP16 or AMX). None where PyTorch has no oneDNN
+    to ask."""
+    test = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
+    try:
+        return bool(getattr(torch.ops.mkldnn, test)())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def compute_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """The precision to compute in for a requested one on `device`, and why it differs
+    ('' when it does not). A CPU without bf16 / fp16 arithmetic would emulate it: the
+    `pixelhdm-default` network benchmark at 256x256 took over 600 s in bf16 against 62 s
+    in fp32 on such a CPU, so there fp32 is used instead. Where the CPU has it, bf16
+    trains that network 1.8x faster than fp32."""
+    if device.type != "cpu" or precision == "fp32" or native_half(precision) is not False:
+        return precision, ""
+    return "fp32", (f"this CPU has no {precision} arithmetic (no AVX-512 or AMX), so it "
+                    f"would be emulated, over 10x slower than fp32")
+
+
 def autocast_for(precision: str, device: torch.device):
     """Mixed precision for a config's train.precision on `device` (fp32: none)."""
     if precision == "fp32":

@@ -42,7 +42,7 @@ from engine import __version__
 from engine.checkpoint import CheckpointError, load_weights
 from engine.config import RunConfig
 from engine.dataset import to_uint8
-from engine.distributed import PRECISIONS, compiler_problem, resolve_device
+from engine.distributed import PRECISIONS, compiler_problem, compute_precision, resolve_device
 from engine.fileio import file_hash
 from engine.flow import to_clean
 from engine.generate_io import (
@@ -316,6 +316,8 @@ def resolve_precision(dtype: str | None, device: torch.device) -> str:
     name = PRECISION_ALIASES.get(dtype, dtype)
     if name not in PRECISIONS:
         raise GenerateError(f"dtype = {dtype!r}: allowed {', '.join(PRECISIONS)}")
+    if why := compute_precision(name, device)[1]:
+        raise GenerateError(f"dtype = {dtype}: {why}; use fp32, the CPU's default")
     return name
 
 

@@ -21,7 +21,13 @@ import torch
 
 from engine.buckets import make_buckets
 from engine.config import RunConfig, TextConfig
-from engine.distributed import PRECISIONS, autocast_for, release_memory, resolve_device
+from engine.distributed import (
+    PRECISIONS,
+    autocast_for,
+    compute_precision,
+    release_memory,
+    resolve_device,
+)
 from engine.encoders import QWEN_TYPES, DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flops import pixelhdm_flops, self_cond_share
 from engine.flow import IREPAProjector
@@ -183,7 +189,7 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
     features cached in a folder of the dry run's own, so the user's cache stays clean).
     With model.self_cond every step feeds back its estimate: the slower kind of step, so
     its time and memory bound the run's."""
-    tr = cfg.train
+    tr = dataclasses.replace(cfg.train, precision=compute_precision(cfg.train.precision, dev)[0])
     width, height = largest_bucket(cfg)
     dtype = PRECISIONS[tr.precision]
     if cfg.text.encoder == "qwen3":

@@ -49,6 +49,7 @@ from engine.distributed import (
     broadcast_flags,
     check_ranks_in_sync,
     compiler_problem,
+    compute_precision,
     gather_rng_states,
     mean_over_ranks,
     read_scalars,
@@ -184,6 +185,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         log(f"data: {line}")
 
     # ---- models ---------------------------------------------------------------------
+    precision, why = compute_precision(tr.precision, device)
+    if why:
+        log(f"note: train.precision = {tr.precision}: {why}; training in {precision}")
+        tr = replace(tr, precision=precision)
     compute_dtype = PRECISIONS[tr.precision]
     if cfg.text.encoder == "qwen3":   # frozen: its features come from the disk cache
         text_encoder = cached_text_encoder(cfg.text, run_captions(plan, cfg, prompts.captions()),

@@ -430,3 +430,19 @@ def test_choosing_or_using_a_damaged_checkpoint_says_so(tab):
     status = press_generate(tab, cid="run/run-d/10")[1]
     assert status.startswith(f"**Not generated:** checkpoint '{path}' is damaged")
     assert "pick another checkpoint" in one_line(status)
+
+
+def test_half_precision_a_cpu_would_emulate_is_refused(monkeypatch):
+    import torch
+
+    import engine.distributed as distributed
+    from engine.generate import resolve_precision
+    monkeypatch.setattr(distributed, "native_half", lambda precision: False)
+    with pytest.raises(GenerateError) as err:
+        resolve_precision("bfloat16", torch.device("cpu"))
+    assert one_line(str(err.value)).startswith(
+        "dtype = bfloat16: this CPU has no bf16 arithmetic")
+    assert "use fp32" in str(err.value)
+    assert resolve_precision(None, torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(distributed, "native_half", lambda precision: True)
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"

@@ -354,8 +354,8 @@ def test_launch_sh_doctor_reports_the_machine():
     r = subprocess.run(["bash", str(ROOT / "launch.sh"), "doctor"], cwd="/", capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for label in ("Python", "torch", "flash_attn", "bitsandbytes", "C compiler", "DDP backend",
-                  "disk", "port 7860"):
+    for label in ("Python", "torch", "CPU bf16", "flash_attn", "bitsandbytes", "C compiler",
+                  "DDP backend", "disk", "port 7860"):
         assert label in r.stdout
 
 

@@ -54,3 +54,21 @@ def test_the_dry_run_hands_its_memory_back(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         preflight.dry_run(load_preset("tiny-cpu"), device="cpu", steps=1)
     assert released == ["cpu", "cpu"]
+
+
+def test_the_dry_run_computes_in_what_the_trainer_would(monkeypatch):
+    """On a CPU without bf16 arithmetic the dry run of a bf16 config runs in fp32, as the
+    trainer would, not emulated (over 10x slower)."""
+    import engine.distributed as distributed
+    import engine.preflight as preflight
+    used = []
+    real = preflight.autocast_for
+    monkeypatch.setattr(preflight, "autocast_for", lambda p, d: used.append(p) or real(p, d))
+    monkeypatch.setattr(distributed, "native_half", lambda precision: False)
+    cfg = load_preset("tiny-cpu", ["train.batch_size=2", "train.precision=bf16"])
+    assert preflight.dry_run(cfg, device="cpu", steps=1)
+    assert used and set(used) == {"fp32"}
+    monkeypatch.setattr(distributed, "native_half", lambda precision: True)
+    used.clear()
+    assert preflight.dry_run(cfg, device="cpu", steps=1)
+    assert set(used) == {"bf16"}

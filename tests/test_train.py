@@ -304,6 +304,36 @@ def test_compile_falls_back_to_eager_with_one_log_line(demo, tmp_path, monkeypat
     assert RunDir(run).read_status().state == "completed"
 
 
+def test_half_precision_a_cpu_would_emulate_trains_in_fp32_and_says_so(demo, tmp_path,
+                                                                        monkeypatch):
+    """On a CPU without bf16 arithmetic a bf16 run would be emulated (the pixelhdm-default
+    benchmark: over 600 s against 62 s in fp32), so it computes in fp32, says so once, and
+    keeps the config as written."""
+    import engine.distributed as distributed
+    monkeypatch.setattr(distributed, "native_half", lambda precision: False)
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "2", *sets("train.precision=bf16")]) == 0
+    log = (run / "log.txt").read_text()
+    assert log.count("train.precision = bf16: this CPU has no bf16 arithmetic") == 1
+    assert "training in fp32" in log and ", fp32, 1 process(es)" in log
+    assert "precision: bf16" in (run / "config.yaml").read_text()
+    assert RunDir(run).read_status().state == "completed"
+
+
+def test_compute_precision_keeps_what_the_device_computes():
+    import engine.distributed as distributed
+    from engine.distributed import compute_precision
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, expect in ((True, "bf16"), (None, "bf16"), (False, "fp32")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(distributed, "native_half", lambda precision, n=native: n)
+            assert compute_precision("bf16", cpu)[0] == expect
+            assert compute_precision("fp32", cpu) == ("fp32", "")
+            assert compute_precision("bf16", cuda) == ("bf16", "")
+    assert distributed.native_half("bf16") in (True, False, None)
+
+
 def test_compiler_probe_names_what_failed(monkeypatch):
     from engine.distributed import compiler_problem
 
