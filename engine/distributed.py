@@ -257,7 +257,8 @@ def compute_precision(precision: str, device: torch.device) -> tuple[str, str]:
     trains that network 1.8x faster than fp32."""
     if device.type != "cpu" or precision == "fp32" or native_half(precision) is not False:
         return precision, ""
-    return "fp32", (f"this CPU has no {precision} arithmetic (no AVX-512 or AMX), so it "
+    needs = {"bf16": "AVX-512 or AMX", "fp16": "AVX-512 FP16 or AMX"}[precision]
+    return "fp32", (f"this CPU has no {precision} arithmetic (it needs {needs}), so it "
                     f"would be emulated, over 10x slower than fp32")
 
 

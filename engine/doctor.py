@@ -49,8 +49,8 @@ def rows() -> list[tuple[str, str]]:
         out.append(("CPU bf16", "unknown (PyTorch has no oneDNN here)" if bf16 is None else
                     "native: train.precision=bf16 trains large networks on the CPU about 1.8x "
                     "faster than fp32" if bf16 else
-                    "none (no AVX-512 or AMX): bf16 would be emulated, so CPU training and "
-                    "generation compute in fp32"))
+                    "none (it needs AVX-512 or AMX): bf16 would be emulated, so CPU training "
+                    "and generation use fp32"))
         out.append(("DDP backend", "nccl" if cuda and not WINDOWS else "gloo"
                     + (" (Windows has no NCCL)" if WINDOWS else "")))
     for name in ("flash_attn", "bitsandbytes"):
