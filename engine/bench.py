@@ -58,7 +58,13 @@ from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset, parse_wxh
 from engine.data import scan_dataset
 from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
-from engine.distributed import PRECISIONS, DeviceError, release_memory, resolve_device
+from engine.distributed import (
+    PRECISIONS,
+    DeviceError,
+    compute_precision,
+    release_memory,
+    resolve_device,
+)
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
 from engine.evaluate import EvaluateError
 from engine.flops import PARTS
@@ -240,8 +246,9 @@ def bench_train(args) -> dict:
                  "train.log_every=10", f"train.save_every={args.steps}",
                  f"train.sample_every={args.steps}", f"train.val_every={args.steps}",
                  *args.overrides]
-    if args.dtype:
-        overrides.append(f"train.precision={args.dtype}")
+    if args.dtype:   # refused where the device would emulate it, as for `network`
+        dtype = resolve_precision(args.dtype, resolve_device(args.device))
+        overrides.append(f"train.precision={dtype}")
     cfg = load_preset(args.preset, overrides)
     run.create()
     state = train(cfg, run, device_name=args.device)
@@ -259,7 +266,8 @@ def bench_train(args) -> dict:
            "loss_first": windows[0]["loss"], "loss_last": windows[-1]["loss"],
            "val_loss": val[-1] if val else None}
     return {"benchmark": "train", "preset": args.preset, "state": state,
-            "device": status.device, "precision": cfg.train.precision,
+            "device": status.device,
+            "precision": compute_precision(cfg.train.precision, torch.device(status.device))[0],
             "data": str(data), "run": str(run.root), "sample_grid": status.last_sample,
             "rows": [row]}
 
@@ -411,7 +419,7 @@ def bench_overhead(args) -> dict:
     device = resolve_device(args.device)
     blocks = compile_status(cfg, device)
     secs = train_step_seconds(cfg, text_width(cfg, args), list(mix), args.tokens, args.repeats,
-                              device, cfg.train.precision, blocks == "compiled")
+                              device, trained["precision"], blocks == "compiled")
     bare_time = sum(n * secs[k] for k, n in mix.items())
     bare_images = sum(n * k[0] for k, n in mix.items())
     t = trained["rows"][0]
@@ -421,7 +429,7 @@ def bench_overhead(args) -> dict:
     buckets = [{"size": f"{w}x{h}", "batch": bs, "batches": n, "bare_step_s": secs[bs, w, h]}
                for (bs, w, h), n in sorted(mix.items(), key=lambda kv: -kv[1])]
     return {"benchmark": "overhead", "preset": args.preset, "device": trained["device"],
-            "precision": cfg.train.precision, "blocks": blocks, "text_tokens": args.tokens,
+            "precision": trained["precision"], "blocks": blocks, "text_tokens": args.tokens,
             "data": trained["data"], "run": trained["run"], "rows": [row], "buckets": buckets}
 
 

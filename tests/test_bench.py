@@ -132,6 +132,27 @@ def test_overhead_compares_the_trainer_with_the_bare_network(tmp_path, capsys):
                for b in buckets for s in b["size"].split("x"))
 
 
+def test_overhead_measures_both_sides_in_what_the_cpu_computes(tmp_path, capsys, monkeypatch):
+    """On a CPU without bf16 arithmetic a bf16 config trains in fp32, so the bare steps it
+    is compared with run in fp32 too, and the report says fp32; an explicit --dtype bf16
+    is refused as `network` refuses it."""
+    import engine.bench as bench
+    import engine.distributed as distributed
+    monkeypatch.setattr(distributed, "native_half", lambda precision: False)
+    used = []
+    real = bench.train_step_seconds
+    monkeypatch.setattr(bench, "train_step_seconds",
+                        lambda *a: used.append(a[6]) or real(*a))
+    code = bench_main(["overhead", "--steps", "10", "--count", "24", "--repeats", "1",
+                       "--out", str(tmp_path / "o"), "--device", "cpu", "--json",
+                       *sets("train.precision=bf16")])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "fp32" and used == ["fp32"]
+    assert bench_main(["train", "--steps", "10", "--dtype", "bf16", "--device", "cpu",
+                       "--out", str(tmp_path / "t")]) == 2
+    assert "dtype = bf16: this CPU has no bf16 arithmetic" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_gpu_refuses_without_cuda(capsys):
     assert bench_main(["gpu", "--quick"]) == 2
