@@ -195,14 +195,21 @@ class GatedAttention(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                identity: bool = False) -> Tensor:
+        """With `identity` every token attends to itself alone (the attention map is the
+        identity, so the output is each token's own value): the perturbed branch of
+        perturbed-attention guidance (engine.sampling.cfg_model)."""
         B, S, _ = x.shape
-        q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)      # (B, Hq, S, d)
-        k = self.k(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, S, d)
-        v = self.v(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, S, d)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
-        out = attention(q, k, v, mask, self.backend).transpose(1, 2)             # (B, S, Hq, d)
+        v = self.v(x).view(B, S, self.kv_heads, self.head_dim)                  # (B, S, Hkv, d)
+        if identity:
+            out = v.repeat_interleave(self.heads // self.kv_heads, dim=2)       # (B, S, Hq, d)
+        else:
+            q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # (B, Hq, S, d)
+            k = self.k(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = apply_rope(self.q_norm(q), cos, sin)
+            k = apply_rope(self.k_norm(k), cos, sin)
+            out = attention(q, k, v.transpose(1, 2), mask, self.backend).transpose(1, 2)
         if self.gate is not None:
             g = torch.sigmoid(self.gate(x)).view(B, S, self.heads, -1)           # (B, S, Hq, 1|d)
             out = out * g

@@ -281,6 +281,11 @@ class SampleConfig:
     cfg_interval: list[float] = _f([0.1, 0.9], "guidance only for t in [lo, hi] (t = 0 noise)")
     cfg_ramp: float = _f(0.0, "guidance grows linearly from none at t = 0 to full at t = "
                          "cfg_ramp (0 = full throughout cfg_interval)", lo=0.0, hi=1.0)
+    pag: float = _f(0.0, "perturbed-attention guidance scale (0 = off): away from the "
+                    "estimate with pag_layers' attention the identity", lo=0.0)
+    pag_layers: list[int] = _f([2], "patch blocks (1-based) perturbed in that estimate")
+    pag_interval: list[float] = _f([0.1, 0.4], "perturbed-attention guidance only for t "
+                                   "in [lo, hi] (near noise, where the layout is decided)")
     shift: float = _f(0.0, "sampling time shift (0 = the training shift for the image size)",
                       lo=0.0)
     width: int = _f(0, "sample width (0 = max_side)", lo=0)
@@ -509,10 +514,16 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise _fail(source, "train.betas", tr.betas, "allowed: two numbers in [0, 1)")
     if tr.min_lr > tr.lr:
         raise _fail(source, "train.min_lr", tr.min_lr, f"allowed: <= train.lr {tr.lr}")
-    lo_t, hi_t = (s.cfg_interval + [None, None])[:2]
-    if len(s.cfg_interval) != 2 or not (0.0 <= lo_t < hi_t <= 1.0):
-        raise _fail(source, "sample.cfg_interval", s.cfg_interval,
-                    "allowed: [lo, hi] with 0 <= lo < hi <= 1")
+    for key in ("cfg_interval", "pag_interval"):
+        span = getattr(s, key)
+        lo_t, hi_t = (span + [None, None])[:2]
+        if len(span) != 2 or not (0.0 <= lo_t < hi_t <= 1.0):
+            raise _fail(source, f"sample.{key}", span, "allowed: [lo, hi] with 0 <= lo < hi <= 1")
+    # blocks past the network's depth matter only once the guidance is on
+    top = m.patch_layers if s.pag else math.inf
+    if not (s.pag_layers and all(1 <= n <= top for n in s.pag_layers)):
+        raise _fail(source, "sample.pag_layers", s.pag_layers,
+                    f"allowed: patch blocks 1 to model.patch_layers = {m.patch_layers}")
     for key in ("width", "height"):
         v = getattr(s, key)
         if v % p:

@@ -28,6 +28,7 @@ import math
 import os
 import secrets
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from engine import __version__
 from engine.checkpoint import CheckpointError, load_weights
-from engine.config import RunConfig
+from engine.config import RunConfig, SampleConfig
 from engine.dataset import to_uint8
 from engine.distributed import PRECISIONS, compiler_problem, compute_precision, resolve_device
 from engine.fileio import file_hash
@@ -168,7 +169,8 @@ def fit_size(width: int, height: int, patch: int, limit: int) -> tuple[int, int]
 # --------------------------------------------------------------------------------------
 
 def check_options(steps: int, sampler: str, cfg: float, rescale: float,
-                  interval: tuple[float, float], shift: float, ramp: float = 0.0) -> None:
+                  interval: tuple[float, float], shift: float, ramp: float = 0.0,
+                  pag: float = 0.0) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise GenerateError(f"steps = {steps!r}: allowed a whole number from 1 to 1000")
     if sampler not in SAMPLERS:
@@ -185,6 +187,9 @@ def check_options(steps: int, sampler: str, cfg: float, rescale: float,
                             f"interval) to 1")
     if not (math.isfinite(shift) and shift > 0.0):
         raise GenerateError(f"shift = {shift!r}: allowed a number > 0 (1 = no shift)")
+    if not (math.isfinite(pag) and pag >= 0.0):
+        raise GenerateError(f"pag = {pag!r}: allowed a number >= 0 (0 = no perturbed-attention "
+                            f"guidance)")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -227,6 +232,8 @@ class SelfCondState:
 def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, seeds: list[int],
            width: int, height: int, *, steps: int, sampler: str, cfg: float, rescale: float,
            interval: tuple[float, float], shift: float, ramp: float = 0.0,
+           pag: float = 0.0, pag_layers: Sequence[int] = (2,),
+           pag_interval: tuple[float, float] = (0.1, 0.4),
            amp_dtype: torch.dtype | None = None,
            init: Tensor | None = None, strength: float = 1.0,
            callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
@@ -237,11 +244,17 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     from the init image noised to t = 1 - strength (strength 0 returns it, 1 ignores it).
     callback(step, total, x_hat) is the samplers' progress callback. A network with
     model.self_cond sees, in each branch of guidance, that branch's own previous clean
-    estimate (SelfCondState)."""
+    estimate (SelfCondState). With pag > 0, perturbed-attention guidance at scale `pag`
+    for t in `pag_interval`, with the attention of patch blocks `pag_layers` (1-based)
+    the identity in the perturbed branch (engine.sampling.cfg_model)."""
     if len(prompts) != len(seeds) or not prompts:
         raise GenerateError(f"render: {len(prompts)} prompts for {len(seeds)} seeds")
     check_size(width, height, net.cfg.patch_size)
-    check_options(steps, sampler, cfg, rescale, interval, shift, ramp)
+    check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag)
+    if pag and not all(1 <= n <= net.cfg.patch_layers for n in pag_layers):
+        raise GenerateError(f"pag_layers = {list(pag_layers)}: allowed patch blocks 1 to "
+                            f"{net.cfg.patch_layers}")
+    perturbed_layers = frozenset(pag_layers)
     device = next(net.parameters()).device
     prediction = net.cfg.prediction
 
@@ -251,16 +264,19 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
 
     state = SelfCondState(len(prompts)) if net.cfg.self_cond else None
 
-    def denoise(z: Tensor, t: Tensor, text: TextCond) -> Tensor:
+    def denoise(z: Tensor, t: Tensor, text: TextCond, perturbed: bool = False) -> Tensor:
         t = t.to(device, non_blocking=True)   # the samplers' times are on the CPU
         with _autocast(device, amp_dtype):
-            pred = net(z, t, text, prev=None if state is None else state.previous(z))
+            # the perturbed branch reads the conditional branch's estimate and keeps none
+            pred = net(z, t, text, prev=None if state is None else state.previous(z),
+                       perturb=perturbed_layers if perturbed else ())
         x_hat = to_clean(pred.float(), z, t, prediction)
-        if state is not None:
+        if state is not None and not perturbed:
             state.update(x_hat)
         return x_hat
 
-    model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval), ramp)
+    model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval), ramp,
+                         pag, tuple(pag_interval))
     streams = NoiseStreams(seeds, width, height)
     noise = streams.draw().to(device)
     if init is None:
@@ -272,6 +288,13 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
              if sampler in STOCHASTIC else {})
     x = SAMPLERS[sampler](model_fn, x, ts, callback, **fresh)
     return x.float().clamp(-1.0, 1.0).cpu()
+
+
+def pag_options(s: SampleConfig, scale: float | None = None) -> dict:
+    """render's perturbed-attention guidance arguments from a sample config (`scale`
+    instead of its sample.pag when given)."""
+    return {"pag": s.pag if scale is None else scale, "pag_layers": tuple(s.pag_layers),
+            "pag_interval": tuple(s.pag_interval)}
 
 
 def render_grid(net: PixelHDM, encode: Encode, cfg: RunConfig, device: torch.device | str,
@@ -297,7 +320,7 @@ def render_samples(net: PixelHDM, encode: Encode, cells: list[SamplePrompt], cfg
                         [cells[i].seed for i in members], w, h, steps=steps,
                         sampler=cfg.sample.sampler, cfg=guidance, rescale=cfg.sample.cfg_rescale,
                         interval=tuple(cfg.sample.cfg_interval), shift=sample_shift(cfg, w, h),
-                        ramp=cfg.sample.cfg_ramp, amp_dtype=amp)
+                        ramp=cfg.sample.cfg_ramp, amp_dtype=amp, **pag_options(cfg.sample))
         out.update(zip(members, images))
     return [out[i] for i in range(len(cells))]
 
@@ -388,7 +411,8 @@ class Pipeline:
                  shift: float | None = None, seed: int | None = None, n: int = 1, *,
                  init_image: Image.Image | None = None, strength: float | None = None,
                  callback: Progress | None = None, batch_size: int = 0,
-                 ramp: float | None = None) -> list[GeneratedImage]:
+                 ramp: float | None = None, pag: float | None = None
+                 ) -> list[GeneratedImage]:
         """n images per prompt, prompt by prompt; image i of the request has seed seed + i.
 
         None takes the value from the checkpoint's `sample` config (size: the init image's
@@ -414,7 +438,8 @@ class Pipeline:
         interval = tuple(float(v) for v in (s.cfg_interval if interval is None else interval))
         shift = sample_shift(self.cfg, width, height) if not shift else float(shift)
         ramp = s.cfg_ramp if ramp is None else float(ramp)
-        check_options(steps, sampler, cfg, rescale, interval, shift, ramp)
+        pag = s.pag if pag is None else float(pag)
+        check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag)
         count = len(prompts) * n
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**32)
@@ -440,7 +465,7 @@ class Pipeline:
                 self.net, self.encode, [per_image[i] for i in idx], negative,
                 [seeds[i] for i in idx], width, height, steps=steps, sampler=sampler, cfg=cfg,
                 rescale=rescale, interval=interval, shift=shift, ramp=ramp,
-                amp_dtype=PRECISIONS[self.precision], init=init,
+                **pag_options(s, pag), amp_dtype=PRECISIONS[self.precision], init=init,
                 strength=strength if init is not None else 1.0,
                 callback=_chunk_progress(callback, c, len(chunks))))
         images = to_pil(torch.cat(done))
@@ -449,7 +474,8 @@ class Pipeline:
             params = {
                 "prompt": per_image[i], "negative": negative, "width": width, "height": height,
                 "steps": steps, "sampler": sampler, "cfg": cfg, "rescale": rescale,
-                "interval": list(interval), "ramp": ramp, "shift": shift, "seed": seeds[i],
+                "interval": list(interval), "ramp": ramp, "pag": pag, "shift": shift,
+                "seed": seeds[i],
                 "strength": strength if init is not None else None,
                 "run_id": self.run_id, "checkpoint": self.path.name,
                 "checkpoint_step": self.step, "checkpoint_hash": self.checkpoint_hash,

@@ -50,6 +50,8 @@ def add_sampling_options(p) -> None:
                    help="apply guidance only for t in [LO, HI] (t = 0 is noise)")
     p.add_argument("--ramp", type=float, help="guidance grows from none at t = 0 to full at "
                    "t = RAMP (0 = full throughout the interval)")
+    p.add_argument("--pag", type=float, help="perturbed-attention guidance scale (0 = off): "
+                   "one coherent layout per image, applied near noise (sample.pag_interval)")
     p.add_argument("--shift", type=float, help="time shift (0 = the default for the size)")
 
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         results = pipe.generate(args.prompt, args.negative, args.width, args.height, args.steps,
                                 args.sampler, args.cfg, args.rescale, args.interval, args.shift,
                                 args.seed, args.n, init_image=init, strength=args.strength,
-                                batch_size=args.batch_size, ramp=args.ramp)
+                                batch_size=args.batch_size, ramp=args.ramp, pag=args.pag)
     except (GenerateError, DeviceError) as e:
         return fail(str(e), 2)
     except (CheckpointError, EncoderLoadError) as e:

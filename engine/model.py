@@ -27,6 +27,7 @@ beta near 0, so each path starts as a well-scaled residual stack at any depth.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -253,9 +254,9 @@ class PatchBlock(nn.Module):
         _init_modulation(self.ada, 6, gain=0.1)
 
     def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor,
-                mask: Tensor | None) -> Tensor:
+                mask: Tensor | None, identity: bool = False) -> Tensor:
         g1, b1, a1, g2, b2, a2 = self.ada(F.silu(c))[:, None].chunk(6, dim=-1)  # each (B, 1, D)
-        h = self.attn(modulate(self.norm1(x), b1, g1), cos, sin, mask)
+        h = self.attn(modulate(self.norm1(x), b1, g1), cos, sin, mask, identity)
         x = x + (a1 * self.res_scale) * self.norm2(h)
         h = self.mlp(modulate(self.norm3(x), b2, g2))
         return x + (a2 * self.res_scale) * self.norm4(h)
@@ -408,16 +409,17 @@ class PixelHDM(nn.Module):
                 lin.weight.copy_(with_estimate_inputs(plain))
 
     # ---------------------------------------------------------------------------------
-    def forward(self, z: Tensor, t: Tensor, text: TextCond, prev: Tensor | None = None
-                ) -> Tensor:
+    def forward(self, z: Tensor, t: Tensor, text: TextCond, prev: Tensor | None = None,
+                perturb: Collection[int] = ()) -> Tensor:
         """The prediction (B, 3, H, W) for noisy images z (B, 3, H, W) at times t (B,);
         `prev`: with model.self_cond, the previous clean estimate (B, 3, H, W) of the same
-        images (None = none yet)."""
-        return self.forward_train(z, t, text, prev=prev).pred
+        images (None = none yet); `perturb`: patch blocks (1-based) whose attention is the
+        identity, the perturbed branch of perturbed-attention guidance."""
+        return self.forward_train(z, t, text, prev=prev, perturb=perturb).pred
 
     def forward_train(self, z: Tensor, t: Tensor, text: TextCond,
-                      repa_layer: int | None = None, prev: Tensor | None = None
-                      ) -> TrainOutput:
+                      repa_layer: int | None = None, prev: Tensor | None = None,
+                      perturb: Collection[int] = ()) -> TrainOutput:
         """The prediction plus what the losses need: the image tokens after patch block
         `repa_layer` (1-based) and the pixel-AdaLN gamma penalty."""
         cfg = self.cfg
@@ -455,7 +457,7 @@ class PixelHDM(nn.Module):
 
         features = None
         for i, block in enumerate(self.patch_blocks):
-            x = self._run(block, x, c, cos, sin, mask)
+            x = self._run(block, x, c, cos, sin, mask, i + 1 in perturb)
             if repa_layer is not None and i + 1 == repa_layer:
                 features = x[:, T:]                                            # (B, L, D)
         s_cond = self.semantic_norm(x[:, T:]) + c[:, None]                     # (B, L, D)

@@ -45,7 +45,7 @@ _TEXT_FIELDS: list[tuple[str, str, Callable]] = [
     ("Model", "run_id", str), ("Denoising strength", "strength", float),
     ("Shift", "shift", float), ("CFG rescale", "rescale", float),
     ("CFG interval", "interval", lambda v: [float(a) for a in v.split("-")]),
-    ("CFG ramp", "ramp", float),
+    ("CFG ramp", "ramp", float), ("PAG scale", "pag", float),
     ("Checkpoint step", "checkpoint_step", int), ("Weights", "weights", str),
     ("Prediction", "prediction", str), ("PixelHDM version", "engine_version", str),
 ]

@@ -62,7 +62,7 @@ def quality_report(args: argparse.Namespace) -> dict:
 
 # option -> sample config field
 SAMPLING_ARGS = {"sampler": "sampler", "rescale": "cfg_rescale", "interval": "cfg_interval",
-                 "ramp": "cfg_ramp", "shift": "shift"}
+                 "ramp": "cfg_ramp", "pag": "pag", "shift": "shift"}
 
 
 def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -74,7 +74,7 @@ def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
         given["cfg_interval"] = list(given["cfg_interval"])
     s = replace(cfg.sample, **given)
     check_options(args.steps, s.sampler, s.cfg if args.cfg is None else args.cfg,
-                  s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0, s.cfg_ramp)
+                  s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0, s.cfg_ramp, s.pag)
     return replace(cfg, sample=s)
 
 
@@ -90,6 +90,10 @@ def sampling_text(cfg: RunConfig, prompts: list[SamplePrompt]) -> str:
         text += f", full from t = {s.cfg_ramp:g}"
     if s.cfg_rescale:
         text += f", rescale {s.cfg_rescale:g}"
+    if s.pag:
+        lo, hi = s.pag_interval
+        text += (f", PAG {s.pag:g} (blocks {','.join(map(str, s.pag_layers))}) for t in "
+                 f"[{lo:g}, {hi:g}]")
     return text + (f", shift {s.shift:g}" if s.shift else "")
 
 

@@ -442,14 +442,14 @@ def save_sample_grid(run: RunDir, step: int, images: list[Tensor], cells: list[S
             "seeds": [c.seed for c in cells], "negative": s.negative,
             "size": [first.width, first.height], "steps": s.steps, "sampler": s.sampler,
             "cfg": s.cfg, "cfg_rescale": s.cfg_rescale, "cfg_interval": list(s.cfg_interval),
-            "cfg_ramp": s.cfg_ramp,
+            "cfg_ramp": s.cfg_ramp, "pag": s.pag,
             "columns": min(len(cells), GRID_COLUMNS), "prompts_file": run.sample_prompts.name,
             "cells": [c.as_dict() for c in cells]}
     params = {"prompt": first.prompt, "negative": first.negative, "steps": first.steps,
               "sampler": s.sampler, "cfg": first.cfg, "seed": first.seed,
               "width": first.width, "height": first.height, "run_id": run.run_id,
               "rescale": s.cfg_rescale or None, "interval": list(s.cfg_interval),
-              "ramp": s.cfg_ramp or None,
+              "ramp": s.cfg_ramp or None, "pag": s.pag or None,
               "checkpoint_step": step, "prediction": cfg.model.prediction,
               "engine_version": __version__}
     text = format_parameters(params)

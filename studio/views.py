@@ -542,7 +542,8 @@ def parse_seed(text) -> int | None:
 PARAM_LABELS = [("prompt", "Prompt"), ("negative", "Negative prompt"), ("seed", "Seed"),
                 ("width", "Width"), ("height", "Height"), ("steps", "Steps"),
                 ("sampler", "Sampler"), ("cfg", "CFG"), ("rescale", "CFG rescale"),
-                ("interval", "CFG interval"), ("ramp", "CFG ramp"), ("shift", "Shift"),
+                ("interval", "CFG interval"), ("ramp", "CFG ramp"), ("pag", "PAG scale"),
+                ("shift", "Shift"),
                 ("strength", "Strength"), ("run_id", "Run"), ("checkpoint_step", "Step"),
                 ("weights", "Weights"), ("checkpoint_hash", "Model hash")]
 
@@ -559,23 +560,24 @@ def _number(value, lo: float, hi: float, whole: bool = False) -> float | int | N
 def recall_values(params: dict) -> list:
     """The Generate tab's settings from an image's recalled parameters, in the order
     prompt, negative, sampler, steps, cfg, rescale, guidance from t, guidance until t,
-    guidance ramp, shift, width, height, seed (text), strength. A value that is missing, of
-    the wrong type or out of its control's range is None (the control is left as it is):
-    the parameters come from a file anyone could have written."""
+    guidance ramp, PAG scale, shift, width, height, seed (text), strength. A value that is
+    missing, of the wrong type or out of its control's range is None (the control is left
+    as it is): the parameters come from a file anyone could have written."""
     p = params if isinstance(params, dict) else {}
     interval = p.get("interval")
     if not (isinstance(interval, (list, tuple)) and len(interval) == 2):
         interval = (None, None)
     seed = _number(p.get("seed"), 0, 2 ** 63 - 1, whole=True)
-    # images made before the ramp existed say nothing of it: they had none
-    ramp = p.get("ramp", 0.0 if interval[0] is not None and "engine_version" in p else None)
+    # images of ours made before the ramp or PAG existed say nothing of them: they had none
+    ours = interval[0] is not None and "engine_version" in p
+    ramp, pag = (p.get(key, 0.0 if ours else None) for key in ("ramp", "pag"))
     return [p.get("prompt") if isinstance(p.get("prompt"), str) else None,
             p.get("negative") if isinstance(p.get("negative"), str) else None,
             p.get("sampler") if isinstance(p.get("sampler"), str) and p["sampler"] in SAMPLERS
             else None,
             _number(p.get("steps"), 1, 200, whole=True), _number(p.get("cfg"), 0.0, 15.0),
             _number(p.get("rescale"), 0.0, 1.0), _number(interval[0], 0.0, 1.0),
-            _number(interval[1], 0.0, 1.0), _number(ramp, 0.0, 1.0),
+            _number(interval[1], 0.0, 1.0), _number(ramp, 0.0, 1.0), _number(pag, 0.0, 5.0),
             _number(p.get("shift"), 0.0, 1e6), _number(p.get("width"), 1, 65536, whole=True),
             _number(p.get("height"), 1, 65536, whole=True),
             str(seed) if seed is not None else None, _number(p.get("strength"), 0.0, 1.0)]

@@ -200,6 +200,7 @@ def test_starting_noise_is_per_seed():
     (dict(rescale=1.5), r"rescale = 1\.5"),
     (dict(interval=(0.8, 0.2)), r"interval = \[0\.8, 0\.2\]"),
     (dict(ramp=1.5), r"ramp = 1\.5"),
+    (dict(pag=-0.5), r"pag = -0\.5: allowed a number >= 0"),
     (dict(seed=-5), r"seed = -5"),
     (dict(n=0), r"n = 0"),
 ])
@@ -436,6 +437,25 @@ def test_guidance_ramp_changes_the_image_and_defaults_to_the_run(pipe):
     assert np.array_equal(pixels(plain.image), pixels(default.image))
     assert not np.array_equal(pixels(plain.image), pixels(ramped.image))
     assert ramped.params["ramp"] == 0.6 and "CFG ramp: 0.6" in format_parameters(ramped.params)
+
+
+def test_perturbed_attention_guidance_changes_the_image_and_defaults_to_the_run(pipe,
+                                                                               monkeypatch):
+    """pag=None takes the checkpoint's sample.pag (0: off); a scale changes the picture
+    and the PNG says which; layers the network does not have are refused."""
+    monkeypatch.setattr(pipe.cfg.sample, "pag_layers", [1])   # this network has one block
+    kw = dict(seed=5, steps=3, cfg=4.0, interval=(0.0, 1.0))
+    plain, default, guided = (pipe.generate("a red circle", pag=g, **kw)[0]
+                              for g in (0.0, None, 2.0))
+    assert pipe.cfg.sample.pag == 0.0 and default.params["pag"] == 0.0
+    assert np.array_equal(pixels(plain.image), pixels(default.image))
+    assert not np.array_equal(pixels(plain.image), pixels(guided.image))
+    assert guided.params["pag"] == 2.0 and "PAG scale: 2" in format_parameters(guided.params)
+    assert parse_parameters(format_parameters(guided.params))["pag"] == 2.0
+    with pytest.raises(GenerateError, match=r"pag_layers = \[2\]: allowed patch blocks 1 to 1"):
+        render(pipe.net, pipe.encode, ["a red circle"], "", [0], 16, 16, steps=2,
+               sampler="heun", cfg=4.0, rescale=0.0, interval=(0.0, 1.0), shift=1.0, pag=1.0,
+               pag_layers=(2,))
 
 
 def test_render_grid_matches_the_pipeline(pipe):

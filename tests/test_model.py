@@ -176,6 +176,35 @@ def test_gqa_with_kv_equal_q_heads_is_plain_mha(backend):
 
 
 @pytest.mark.parametrize("kv", [1, 2, 4])
+def test_identity_attention_is_each_token_attending_to_itself_alone(kv):
+    """The perturbed branch of perturbed-attention guidance: token i's output is what
+    the layer gives a sequence of token i alone, whatever the other tokens and the mask."""
+    torch.manual_seed(0)
+    layer = GatedAttention(32, 4, kv, "headwise", "sdpa")
+    torch.nn.init.normal_(layer.gate.weight, std=0.3)
+    x = torch.randn(2, 7, 32)
+    pos = torch.stack([torch.arange(7), torch.zeros(7, dtype=torch.long), torch.arange(7)], -1)
+    a = rope_angles(pos[None], (2, 2, 4), 10000.0)[:, None]
+    cos, sin = a.cos(), a.sin()
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 1], [1] * 7]).bool()
+    out = layer(x, cos, sin, mask, identity=True)
+    alone = torch.cat([layer(x[:, i:i + 1], cos[..., i:i + 1, :], sin[..., i:i + 1, :])
+                       for i in range(7)], dim=1)
+    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, layer(x, cos, sin, mask), atol=1e-3)
+
+
+def test_perturbed_patch_blocks_change_the_prediction_only_when_asked():
+    net = model()
+    z, t, text = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.6]), make_text([3, 5])
+    with torch.no_grad():
+        plain = net(z, t, text)
+        assert torch.equal(net(z, t, text, perturb=()), plain)
+        for layer in range(1, net.cfg.patch_layers + 1):
+            assert not torch.allclose(net(z, t, text, perturb={layer}), plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_backends_agree(kv, masked):
     g = torch.Generator().manual_seed(kv)

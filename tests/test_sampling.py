@@ -481,9 +481,50 @@ def test_ramp_grows_the_scale_linearly_until_full(conds):
                        cfg_model(Denoiser(), cond, uncond, 5.0)(z, t))
 
 
+class PerturbedDenoiser(Denoiser):
+    """A Denoiser whose perturbed branch (perturbed-attention guidance) predicts 0.3 less
+    gain: denoise(z, t, c, perturbed=True)."""
+
+    def __call__(self, z, t, c, perturbed=False):
+        self.calls.append((z.shape[0], t.clone(), c, perturbed))
+        gain = c.gain - (0.3 if perturbed else 0.0)
+        return gain * gaussian_clean(z, t) + c.offset
+
+
+def test_perturbed_attention_guidance_moves_away_from_the_perturbed_estimate(conds):
+    """+ pag (c - p) for samples with t in pag_interval, on top of classifier-free
+    guidance where that applies; nothing else changes, and the perturbed branch runs only
+    when a sample is inside its interval."""
+    cond, uncond = conds
+    z = noise(3)
+    t = torch.tensor([0.05, 0.3, 0.6], dtype=F64)     # before guidance, both, CFG only
+    den = PerturbedDenoiser()
+    out = cfg_model(den, cond, uncond, 5.0, interval=(0.1, 0.8), pag=2.0,
+                    pag_interval=(0.0, 0.4))(z, t)
+    c, u = Denoiser()(z, t, cond), Denoiser()(z, t, uncond)
+    p = PerturbedDenoiser()(z, t, cond, perturbed=True)
+    inside = col(torch.tensor([0.0, 1.0, 1.0], dtype=F64))
+    perturb = col(torch.tensor([1.0, 1.0, 0.0], dtype=F64))
+    want = c + inside * 4.0 * (c - u) + perturb * 2.0 * (c - p)
+    assert torch.allclose(out, want, atol=1e-12)
+    assert [(b, perturbed) for b, _, _, perturbed in den.calls] == [(6, False), (3, True)]
+    # without CFG the term is added to the conditional estimate
+    alone = cfg_model(PerturbedDenoiser(), cond, uncond, 1.0, pag=2.0)(z, t)
+    assert torch.allclose(alone, c + 2.0 * (c - p), atol=1e-12)
+    # outside its interval, and at scale 0, the perturbed branch does not run
+    den = PerturbedDenoiser()
+    late = torch.full((3,), 0.6, dtype=F64)
+    assert torch.equal(cfg_model(den, cond, uncond, 5.0, pag=2.0, pag_interval=(0.0, 0.4))(
+        z, late), cfg_model(Denoiser(), cond, uncond, 5.0)(z, late))
+    assert not any(perturbed for *_, perturbed in den.calls)
+    assert torch.equal(cfg_model(PerturbedDenoiser(), cond, uncond, 5.0, pag=0.0)(z, t),
+                       cfg_model(Denoiser(), cond, uncond, 5.0)(z, t))
+
+
 @pytest.mark.parametrize("kwargs", [dict(interval=(0.8, 0.2)), dict(interval=(0.0, 1.5)),
                                     dict(rescale=1.5), dict(ramp=1.5),
-                                    dict(ramp=-0.1)])
+                                    dict(ramp=-0.1), dict(pag=-1.0), dict(pag=float("nan")),
+                                    dict(pag=1.0, pag_interval=(0.5, 0.2))])
 def test_cfg_rejects_bad_settings(conds, kwargs):
     with pytest.raises(ValueError):
         cfg_model(Denoiser(), *conds, 3.0, **kwargs)

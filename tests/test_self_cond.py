@@ -84,19 +84,26 @@ def test_sampling_feeds_each_guidance_branch_its_own_previous_estimate():
     calls = []
     forward = net.forward
 
-    def recording(z, t, tc, prev=None):
-        out = forward(z, t, tc, prev=prev)
-        calls.append((z, t, prev, to_clean(out.float(), z, t, net.cfg.prediction)))
+    def recording(z, t, tc, prev=None, perturb=()):
+        out = forward(z, t, tc, prev=prev, perturb=perturb)
+        calls.append((z, t, prev, to_clean(out.float(), z, t, net.cfg.prediction), perturb))
         return out
 
     net.forward = recording
     encode = lambda prompts: text(len(prompts))   # noqa: E731
-    # guidance only for t >= 0.4: the first steps run the conditional branch alone
+    # guidance only for t >= 0.4: the first steps run the conditional branch alone;
+    # perturbed-attention guidance for t <= 0.6 adds a perturbed conditional branch
     render(net, encode, ["a", "b"], "", [1, 2], 16, 16, steps=6, sampler="heun", cfg=3.0,
-           rescale=0.0, interval=(0.4, 1.0), shift=1.0)
+           rescale=0.0, interval=(0.4, 1.0), shift=1.0, pag=2.0, pag_layers=(1,),
+           pag_interval=(0.0, 0.6))
     cond = uncond = None
     kinds = []
-    for z, _, prev, x_hat in calls:
+    for z, _, prev, x_hat, perturb in calls:
+        if perturb:   # reads the conditional branch's estimate and keeps none of its own
+            assert perturb == {1} and z.shape[0] == B
+            assert (prev is None) == (cond is None) and (cond is None or torch.equal(prev, cond))
+            kinds.append("perturbed")
+            continue
         both = z.shape[0] == 2 * B
         if cond is None:
             assert prev is None
@@ -109,7 +116,7 @@ def test_sampling_feeds_each_guidance_branch_its_own_previous_estimate():
             uncond = x_hat[B:]
     # seen: conditional alone, the first guided call (no unconditional estimate yet), and
     # guided calls that feed back both
-    assert {(False, False), (True, False), (True, True)} <= set(kinds)
+    assert {(False, False), (True, False), (True, True), "perturbed"} <= set(kinds)
 
 
 def test_training_feeds_back_a_share_of_micro_batches_and_resumes_exactly(tmp_path,
@@ -124,8 +131,8 @@ def test_training_feeds_back_a_share_of_micro_batches_and_resumes_exactly(tmp_pa
 
     estimate = {}
 
-    def spy_forward_train(self, z, t, tc, repa_layer=None, prev=None):
-        out = forward_train(self, z, t, tc, repa_layer, prev=prev)
+    def spy_forward_train(self, z, t, tc, repa_layer=None, prev=None, perturb=()):
+        out = forward_train(self, z, t, tc, repa_layer, prev=prev, perturb=perturb)
         if not torch.is_grad_enabled():   # the estimating forward: its clean estimate
             estimate["x"] = to_clean(out.pred.float(), z, t, self.cfg.prediction)
         else:

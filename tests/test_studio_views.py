@@ -415,21 +415,22 @@ def test_parse_seed():
 
 def test_recall_values_keep_only_usable_settings():
     good = {"prompt": "a cat", "negative": "", "sampler": "heun", "steps": 30, "cfg": 4.0,
-            "rescale": 0.5, "interval": [0.1, 0.9], "ramp": 0.3, "shift": 2.0, "width": 64,
-            "height": 32, "seed": 7, "strength": 0.6}
-    assert views.recall_values(good) == ["a cat", "", "heun", 30, 4.0, 0.5, 0.1, 0.9, 0.3, 2.0,
-                                         64, 32, "7", 0.6]
-    # an image of ours made before the guidance ramp existed had none; another tool's
-    # image says nothing about it, and the control is left as it is
-    ours_before = {k: v for k, v in good.items() if k != "ramp"} | {"engine_version": "0.9"}
-    assert views.recall_values(ours_before)[8] == 0.0
-    assert views.recall_values({k: v for k, v in good.items() if k != "ramp"})[8] is None
+            "rescale": 0.5, "interval": [0.1, 0.9], "ramp": 0.3, "pag": 1.5, "shift": 2.0,
+            "width": 64, "height": 32, "seed": 7, "strength": 0.6}
+    assert views.recall_values(good) == ["a cat", "", "heun", 30, 4.0, 0.5, 0.1, 0.9, 0.3, 1.5,
+                                         2.0, 64, 32, "7", 0.6]
+    # an image of ours made before the guidance ramp or PAG existed had none; another
+    # tool's image says nothing about them, and the controls are left as they are
+    for key, i in (("ramp", 8), ("pag", 9)):
+        without = {k: v for k, v in good.items() if k != key}
+        assert views.recall_values(without | {"engine_version": "0.9"})[i] == 0.0
+        assert views.recall_values(without)[i] is None
     hostile = {"prompt": ["x"], "negative": 5, "sampler": "ancestral", "steps": "many",
-               "cfg": float("nan"), "rescale": 7, "interval": 5, "ramp": 2.0, "shift": -1,
-               "width": 2.5, "height": True, "seed": -4, "strength": {"a": 1}}
-    assert views.recall_values(hostile) == [None] * 14
-    assert views.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 14
-    assert views.recall_values([]) == [None] * 14
+               "cfg": float("nan"), "rescale": 7, "interval": 5, "ramp": 2.0, "pag": -1.0,
+               "shift": -1, "width": 2.5, "height": True, "seed": -4, "strength": {"a": 1}}
+    assert views.recall_values(hostile) == [None] * 15
+    assert views.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 15
+    assert views.recall_values([]) == [None] * 15
 
 
 def test_recall_reports_unreadable_images(tmp_path):
@@ -454,7 +455,7 @@ def test_recall_reports_unreadable_images(tmp_path):
     Image.new("RGB", (4, 4)).save(odd, pnginfo=info)
     text, params = tab_generate.recall(str(odd))
     assert "&lt;b&gt;" in text and views.recall_values(params)[0] == "<b>x</b>"
-    assert views.recall_values(params)[1:] == [None] * 13
+    assert views.recall_values(params)[1:] == [None] * 14
 
 
 def test_params_markdown():
