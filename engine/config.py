@@ -284,7 +284,7 @@ class SampleConfig:
     pag: float = _f(0.0, "perturbed-attention guidance scale (0 = off): away from the "
                     "estimate with pag_layers' attention the identity", lo=0.0)
     pag_layers: list[int] = _f([2], "patch blocks (1-based) perturbed in that estimate")
-    pag_interval: list[float] = _f([0.1, 0.4], "perturbed-attention guidance only for t "
+    pag_interval: list[float] = _f([0.1, 0.3], "perturbed-attention guidance only for t "
                                    "in [lo, hi] (near noise, where the layout is decided)")
     shift: float = _f(0.0, "sampling time shift (0 = the training shift for the image size)",
                       lo=0.0)

@@ -233,7 +233,7 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
            width: int, height: int, *, steps: int, sampler: str, cfg: float, rescale: float,
            interval: tuple[float, float], shift: float, ramp: float = 0.0,
            pag: float = 0.0, pag_layers: Sequence[int] = (2,),
-           pag_interval: tuple[float, float] = (0.1, 0.4),
+           pag_interval: tuple[float, float] = (0.1, 0.3),
            amp_dtype: torch.dtype | None = None,
            init: Tensor | None = None, strength: float = 1.0,
            callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:

@@ -444,6 +444,7 @@ def test_perturbed_attention_guidance_changes_the_image_and_defaults_to_the_run(
     """pag=None takes the checkpoint's sample.pag (0: off); a scale changes the picture
     and the PNG says which; layers the network does not have are refused."""
     monkeypatch.setattr(pipe.cfg.sample, "pag_layers", [1])   # this network has one block
+    monkeypatch.setattr(pipe.cfg.sample, "pag_interval", [0.0, 1.0])   # 3 steps: t = 0, 1/3, 2/3
     kw = dict(seed=5, steps=3, cfg=4.0, interval=(0.0, 1.0))
     plain, default, guided = (pipe.generate("a red circle", pag=g, **kw)[0]
                               for g in (0.0, None, 2.0))
