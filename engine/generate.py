@@ -228,12 +228,15 @@ class SelfCondState:
         return batch.split(self.batch)
 
 
+_SAMPLE = SampleConfig()   # render's perturbed-attention defaults are the config's
+
+
 @torch.no_grad()
 def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, seeds: list[int],
            width: int, height: int, *, steps: int, sampler: str, cfg: float, rescale: float,
            interval: tuple[float, float], shift: float, ramp: float = 0.0,
-           pag: float = 0.0, pag_layers: Sequence[int] = (2,),
-           pag_interval: tuple[float, float] = (0.1, 0.3),
+           pag: float = 0.0, pag_layers: Sequence[int] = tuple(_SAMPLE.pag_layers),
+           pag_interval: tuple[float, float] = tuple(_SAMPLE.pag_interval),
            amp_dtype: torch.dtype | None = None,
            init: Tensor | None = None, strength: float = 1.0,
            callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
