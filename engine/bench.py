@@ -73,9 +73,9 @@ from engine.generate import (
     Pipeline,
     check_size,
     max_side,
-    pag_options,
     render,
     resolve_precision,
+    sample_options,
 )
 from engine.generate_cli import OneLineParser
 from engine.job import RunDir
@@ -185,7 +185,7 @@ def bench_sample(args) -> dict:
                 render(net, encode, prompts, s.negative, list(range(args.batch)), w, h,
                        steps=n_steps, sampler=sampler, cfg=s.cfg, rescale=s.cfg_rescale,
                        interval=tuple(s.cfg_interval), shift=sample_shift(cfg, w, h),
-                       ramp=s.cfg_ramp, **pag_options(s), amp_dtype=amp)
+                       ramp=s.cfg_ramp, **sample_options(s), amp_dtype=amp)
             run(min(steps, 2))  # warm-up: kernels, allocator, autotuning
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

@@ -274,8 +274,10 @@ class SampleConfig:
     negative: str = _f("", "negative prompt ('' = unconditional)")
     seed: int = _f(0, "seed of the first image; image i uses seed + i", lo=0)
     steps: int = _f(30, "sampler steps", lo=1, hi=1000)
-    sampler: str = _f("heun", "sampler (euler_a, dpmpp_2m_sde: fresh noise at every step)",
+    sampler: str = _f("heun", "sampler (euler_a, dpmpp_2m_sde: fresh noise in noise_interval)",
                       choices=SAMPLER_NAMES)
+    noise_interval: list[float] = _f([0.0, 1.0], "euler_a, dpmpp_2m_sde: fresh noise only on "
+                                     "the steps inside [lo, hi], deterministic steps elsewhere")
     cfg: float = _f(4.0, "classifier-free guidance scale (1 = off)", lo=0.0)
     cfg_rescale: float = _f(0.0, "CFG rescale phi (0 = plain CFG)", lo=0.0, hi=1.0)
     cfg_interval: list[float] = _f([0.1, 0.9], "guidance only for t in [lo, hi] (t = 0 noise)")
@@ -514,7 +516,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise _fail(source, "train.betas", tr.betas, "allowed: two numbers in [0, 1)")
     if tr.min_lr > tr.lr:
         raise _fail(source, "train.min_lr", tr.min_lr, f"allowed: <= train.lr {tr.lr}")
-    for key in ("cfg_interval", "pag_interval"):
+    for key in ("cfg_interval", "pag_interval", "noise_interval"):
         span = getattr(s, key)
         lo_t, hi_t = (span + [None, None])[:2]
         if len(span) != 2 or not (0.0 <= lo_t < hi_t <= 1.0):

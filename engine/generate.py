@@ -170,7 +170,7 @@ def fit_size(width: int, height: int, patch: int, limit: int) -> tuple[int, int]
 
 def check_options(steps: int, sampler: str, cfg: float, rescale: float,
                   interval: tuple[float, float], shift: float, ramp: float = 0.0,
-                  pag: float = 0.0) -> None:
+                  pag: float = 0.0, noise_interval: tuple[float, float] = (0.0, 1.0)) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise GenerateError(f"steps = {steps!r}: allowed a whole number from 1 to 1000")
     if sampler not in SAMPLERS:
@@ -190,6 +190,10 @@ def check_options(steps: int, sampler: str, cfg: float, rescale: float,
     if not (math.isfinite(pag) and pag >= 0.0):
         raise GenerateError(f"pag = {pag!r}: allowed a number >= 0 (0 = no perturbed-attention "
                             f"guidance)")
+    if len(noise_interval) != 2 or not 0.0 <= noise_interval[0] < noise_interval[1] <= 1.0:
+        raise GenerateError(f"noise_interval = {list(noise_interval)!r}: allowed [lo, hi] with "
+                            f"0 <= lo < hi <= 1 (the steps of euler_a and dpmpp_2m_sde that "
+                            f"draw fresh noise)")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -237,6 +241,7 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
            interval: tuple[float, float], shift: float, ramp: float = 0.0,
            pag: float = 0.0, pag_layers: Sequence[int] = tuple(_SAMPLE.pag_layers),
            pag_interval: tuple[float, float] = tuple(_SAMPLE.pag_interval),
+           noise_interval: tuple[float, float] = tuple(_SAMPLE.noise_interval),
            amp_dtype: torch.dtype | None = None,
            init: Tensor | None = None, strength: float = 1.0,
            callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
@@ -249,11 +254,12 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     model.self_cond sees, in each branch of guidance, that branch's own previous clean
     estimate (SelfCondState). With pag > 0, perturbed-attention guidance at scale `pag`
     for t in `pag_interval`, with the attention of patch blocks `pag_layers` (1-based)
-    the identity in the perturbed branch (engine.sampling.cfg_model)."""
+    the identity in the perturbed branch (engine.sampling.cfg_model). The stochastic
+    samplers draw fresh noise only on the steps inside `noise_interval`."""
     if len(prompts) != len(seeds) or not prompts:
         raise GenerateError(f"render: {len(prompts)} prompts for {len(seeds)} seeds")
     check_size(width, height, net.cfg.patch_size)
-    check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag)
+    check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag, noise_interval)
     if pag and not all(1 <= n <= net.cfg.patch_layers for n in pag_layers):
         raise GenerateError(f"pag_layers = {list(pag_layers)}: allowed patch blocks 1 to "
                             f"{net.cfg.patch_layers}")
@@ -287,17 +293,20 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     else:
         ts = img2img_grid(steps, strength, shift)
         x = noise_image(init.to(device, torch.float32).expand_as(noise), noise, float(ts[0]))
-    fresh = ({"noise": lambda _: streams.draw().to(device, non_blocking=True)}
-             if sampler in STOCHASTIC else {})
+    fresh = ({"noise": lambda _: streams.draw().to(device, non_blocking=True),
+              "noise_interval": tuple(noise_interval)} if sampler in STOCHASTIC else {})
     x = SAMPLERS[sampler](model_fn, x, ts, callback, **fresh)
     return x.float().clamp(-1.0, 1.0).cpu()
 
 
-def pag_options(s: SampleConfig, scale: float | None = None) -> dict:
-    """render's perturbed-attention guidance arguments from a sample config (`scale`
-    instead of its sample.pag when given)."""
-    return {"pag": s.pag if scale is None else scale, "pag_layers": tuple(s.pag_layers),
-            "pag_interval": tuple(s.pag_interval)}
+def sample_options(s: SampleConfig, pag: float | None = None,
+                   noise_interval: tuple[float, float] | None = None) -> dict:
+    """render's perturbed-attention guidance and fresh-noise arguments from a sample config
+    (`pag` and `noise_interval` instead of the config's when given)."""
+    return {"pag": s.pag if pag is None else pag, "pag_layers": tuple(s.pag_layers),
+            "pag_interval": tuple(s.pag_interval),
+            "noise_interval": tuple(s.noise_interval if noise_interval is None
+                                    else noise_interval)}
 
 
 def render_grid(net: PixelHDM, encode: Encode, cfg: RunConfig, device: torch.device | str,
@@ -323,7 +332,7 @@ def render_samples(net: PixelHDM, encode: Encode, cells: list[SamplePrompt], cfg
                         [cells[i].seed for i in members], w, h, steps=steps,
                         sampler=cfg.sample.sampler, cfg=guidance, rescale=cfg.sample.cfg_rescale,
                         interval=tuple(cfg.sample.cfg_interval), shift=sample_shift(cfg, w, h),
-                        ramp=cfg.sample.cfg_ramp, amp_dtype=amp, **pag_options(cfg.sample))
+                        ramp=cfg.sample.cfg_ramp, amp_dtype=amp, **sample_options(cfg.sample))
         out.update(zip(members, images))
     return [out[i] for i in range(len(cells))]
 
@@ -414,7 +423,8 @@ class Pipeline:
                  shift: float | None = None, seed: int | None = None, n: int = 1, *,
                  init_image: Image.Image | None = None, strength: float | None = None,
                  callback: Progress | None = None, batch_size: int = 0,
-                 ramp: float | None = None, pag: float | None = None
+                 ramp: float | None = None, pag: float | None = None,
+                 noise_interval: tuple[float, float] | None = None
                  ) -> list[GeneratedImage]:
         """n images per prompt, prompt by prompt; image i of the request has seed seed + i.
 
@@ -442,7 +452,9 @@ class Pipeline:
         shift = sample_shift(self.cfg, width, height) if not shift else float(shift)
         ramp = s.cfg_ramp if ramp is None else float(ramp)
         pag = s.pag if pag is None else float(pag)
-        check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag)
+        noise_interval = tuple(float(v) for v in (s.noise_interval if noise_interval is None
+                                                  else noise_interval))
+        check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag, noise_interval)
         count = len(prompts) * n
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**32)
@@ -468,8 +480,8 @@ class Pipeline:
                 self.net, self.encode, [per_image[i] for i in idx], negative,
                 [seeds[i] for i in idx], width, height, steps=steps, sampler=sampler, cfg=cfg,
                 rescale=rescale, interval=interval, shift=shift, ramp=ramp,
-                **pag_options(s, pag), amp_dtype=PRECISIONS[self.precision], init=init,
-                strength=strength if init is not None else 1.0,
+                **sample_options(s, pag, noise_interval), amp_dtype=PRECISIONS[self.precision],
+                init=init, strength=strength if init is not None else 1.0,
                 callback=_chunk_progress(callback, c, len(chunks))))
         images = to_pil(torch.cat(done))
         out = []
@@ -478,6 +490,7 @@ class Pipeline:
                 "prompt": per_image[i], "negative": negative, "width": width, "height": height,
                 "steps": steps, "sampler": sampler, "cfg": cfg, "rescale": rescale,
                 "interval": list(interval), "ramp": ramp, "pag": pag, "shift": shift,
+                "noise_interval": list(noise_interval) if sampler in STOCHASTIC else None,
                 "seed": seeds[i],
                 "strength": strength if init is not None else None,
                 "run_id": self.run_id, "checkpoint": self.path.name,

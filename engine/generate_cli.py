@@ -52,6 +52,9 @@ def add_sampling_options(p) -> None:
                    "t = RAMP (0 = full throughout the interval)")
     p.add_argument("--pag", type=float, help="perturbed-attention guidance scale (0 = off): "
                    "one coherent layout per image, applied near noise (sample.pag_interval)")
+    p.add_argument("--noise-interval", type=_interval, metavar="LO,HI",
+                   help="euler_a and dpmpp_2m_sde: fresh noise only on the steps inside "
+                   "[LO, HI], deterministic steps elsewhere")
     p.add_argument("--shift", type=float, help="time shift (0 = the default for the size)")
 
 
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         results = pipe.generate(args.prompt, args.negative, args.width, args.height, args.steps,
                                 args.sampler, args.cfg, args.rescale, args.interval, args.shift,
                                 args.seed, args.n, init_image=init, strength=args.strength,
-                                batch_size=args.batch_size, ramp=args.ramp, pag=args.pag)
+                                batch_size=args.batch_size, ramp=args.ramp, pag=args.pag,
+                                noise_interval=args.noise_interval)
     except (GenerateError, DeviceError) as e:
         return fail(str(e), 2)
     except (CheckpointError, EncoderLoadError) as e:

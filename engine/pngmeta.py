@@ -46,6 +46,7 @@ _TEXT_FIELDS: list[tuple[str, str, Callable]] = [
     ("Shift", "shift", float), ("CFG rescale", "rescale", float),
     ("CFG interval", "interval", lambda v: [float(a) for a in v.split("-")]),
     ("CFG ramp", "ramp", float), ("PAG scale", "pag", float),
+    ("Noise interval", "noise_interval", lambda v: [float(a) for a in v.split("-")]),
     ("Checkpoint step", "checkpoint_step", int), ("Weights", "weights", str),
     ("Prediction", "prediction", str), ("PixelHDM version", "engine_version", str),
 ]
@@ -60,8 +61,9 @@ def _quote(value) -> str:
 def format_parameters(params: dict) -> str:
     """The `parameters` text: prompt, 'Negative prompt: ...' (when there is one), then one
     line of 'Label: value' pairs."""
-    values = dict(params, size=f"{params['width']}x{params['height']}",
-                  interval="-".join(str(v) for v in params["interval"]),
+    spans = {key: "-".join(str(v) for v in params[key])
+             for key in ("interval", "noise_interval") if params.get(key) is not None}
+    values = dict(params, size=f"{params['width']}x{params['height']}", **spans,
                   sampler=SAMPLER_LABELS.get(params.get("sampler"), params.get("sampler")))
     pairs = [f"{label}: {_quote(values[key])}" for label, key, _ in _TEXT_FIELDS
              if values.get(key) is not None]

@@ -17,6 +17,7 @@ from engine.evaluate import EvaluateError, Progress, RealImages, evaluate, run_p
 from engine.generate import Pipeline, check_options, check_size
 from engine.generate_cli import add_sampling_options
 from engine.sample_prompts import SamplePrompt
+from engine.sampling import STOCHASTIC
 
 
 def tty_progress(stream=sys.stderr) -> Progress | None:
@@ -62,7 +63,8 @@ def quality_report(args: argparse.Namespace) -> dict:
 
 # option -> sample config field
 SAMPLING_ARGS = {"sampler": "sampler", "rescale": "cfg_rescale", "interval": "cfg_interval",
-                 "ramp": "cfg_ramp", "pag": "pag", "shift": "shift"}
+                 "ramp": "cfg_ramp", "pag": "pag", "shift": "shift",
+                 "noise_interval": "noise_interval"}
 
 
 def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -70,11 +72,13 @@ def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     (checked as the generator checks them), the rest as it trained."""
     given = {field: getattr(args, k) for k, field in SAMPLING_ARGS.items()
              if getattr(args, k) is not None}
-    if "cfg_interval" in given:
-        given["cfg_interval"] = list(given["cfg_interval"])
+    for key in ("cfg_interval", "noise_interval"):
+        if key in given:
+            given[key] = list(given[key])
     s = replace(cfg.sample, **given)
     check_options(args.steps, s.sampler, s.cfg if args.cfg is None else args.cfg,
-                  s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0, s.cfg_ramp, s.pag)
+                  s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0, s.cfg_ramp, s.pag,
+                  tuple(s.noise_interval))
     return replace(cfg, sample=s)
 
 
@@ -83,7 +87,10 @@ def sampling_text(cfg: RunConfig, prompts: list[SamplePrompt]) -> str:
     s = cfg.sample
     scales = sorted({p.cfg for p in prompts})
     lo, hi = s.cfg_interval
-    text = f"{s.sampler}, cfg {'/'.join(f'{v:g}' for v in scales)}"
+    text = s.sampler
+    if s.sampler in STOCHASTIC and tuple(s.noise_interval) != (0.0, 1.0):
+        text += " (fresh noise for t in [{:g}, {:g}])".format(*s.noise_interval)
+    text += f", cfg {'/'.join(f'{v:g}' for v in scales)}"
     if (lo, hi) != (0.0, 1.0):
         text += f" for t in [{lo:g}, {hi:g}]"
     if s.cfg_ramp:

@@ -280,34 +280,56 @@ def sample_ab2(model_fn: ModelFn, x: Tensor, ts: Tensor,
 @torch.no_grad()
 def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, ts: Tensor,
                            callback: Callback | None = None, *,
-                           noise: NoiseFn | None = None) -> Tensor:
+                           noise: NoiseFn | None = None,
+                           noise_interval: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """Euler ancestral: each step draws the next state from the DDPM posterior around the
     clean estimate (_posterior_step with d = x_hat): the noise the state implies, mixed
     with fresh noise xi = noise(i) so that the mix is again standard normal; as the steps
     shrink it becomes the reverse SDE. Fresh noise lets a trajectory leave a state the
     deterministic samplers carry to the end: on the demo, a shape the ODE draws twice at
     two places when the prompt leaves the place open (README, "Where the demo's last
-    misses are"). `noise` defaults to a generator seeded with 0. The last step returns
-    x_hat. One call per step."""
-    return _sample_posterior(model_fn, x, ts, callback, noise, multistep=False)
+    misses are"). `noise` defaults to a generator seeded with 0. Only the steps that lie
+    inside noise_interval (lo <= t and t_next <= hi) draw fresh noise; the others are
+    Euler steps (the posterior step without fresh noise). The last step returns x_hat.
+    One call per step."""
+    return _sample_posterior(model_fn, x, ts, callback, noise, noise_interval,
+                             multistep=False)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model_fn: ModelFn, x: Tensor, ts: Tensor,
                         callback: Callback | None = None, *,
-                        noise: NoiseFn | None = None) -> Tensor:
+                        noise: NoiseFn | None = None,
+                        noise_interval: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5 with the multistep estimate; the
     "DPM++ 2M SDE" of other tools, midpoint form, eta = 1): the posterior step of euler_a
     towards the second-order multistep estimate of dpmpp_2m instead of x_hat. Fresh noise
     at every step as in euler_a, with the accuracy of a second-order estimate. `noise`
-    defaults to a generator seeded with 0. The last step returns x_hat. One call per step."""
-    return _sample_posterior(model_fn, x, ts, callback, noise, multistep=True)
+    defaults to a generator seeded with 0. Only the steps inside noise_interval draw fresh
+    noise, as in euler_a; the others are DPM-Solver++(2M) steps. The last step returns
+    x_hat. One call per step."""
+    return _sample_posterior(model_fn, x, ts, callback, noise, noise_interval,
+                             multistep=True)
+
+
+def check_noise_interval(noise_interval: tuple[float, float]) -> None:
+    lo, hi = noise_interval
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"noise_interval = {(lo, hi)}; allowed: (lo, hi) with "
+                         f"0 <= lo < hi <= 1")
 
 
 def _sample_posterior(model_fn: ModelFn, x: Tensor, ts: Tensor, callback: Callback | None,
-                      noise: NoiseFn | None, multistep: bool) -> Tensor:
+                      noise: NoiseFn | None, noise_interval: tuple[float, float],
+                      multistep: bool) -> Tensor:
     """The loop of both stochastic samplers: a posterior draw towards x_hat (euler_a) or
-    towards the multistep estimate (dpmpp_2m_sde) at every step; the last returns x_hat."""
+    towards the multistep estimate (dpmpp_2m_sde) at each step inside noise_interval, the
+    deterministic step towards the same estimate elsewhere; the last returns x_hat.
+    Fresh noise only where the layout is still open keeps what the deterministic steps
+    settle near the data end (sizes, flat areas) while letting a trajectory leave a shape
+    drawn at two places (README, "Where the demo's last misses are")."""
+    check_noise_interval(noise_interval)
+    lo, hi = noise_interval
     times = _times(ts)
     total = len(times) - 1
     noise = _fresh_noise(x, noise)
@@ -319,7 +341,10 @@ def _sample_posterior(model_fn: ModelFn, x: Tensor, ts: Tensor, callback: Callba
             x = x_hat
         else:
             d = _multistep_estimate(times, i, x_hat, x_hat_prev) if multistep else x_hat
-            x = _posterior_step(x, t, t_next, d, noise(i))
+            if lo <= t and t_next <= hi:
+                x = _posterior_step(x, t, t_next, d, noise(i))
+            else:
+                x = _toward(x, t, t_next, d)
         x_hat_prev = x_hat
         if callback is not None:
             callback(i + 1, total, x_hat)

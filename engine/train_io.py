@@ -31,6 +31,7 @@ from engine.fileio import atomic_target, atomic_write_text
 from engine.job import HEARTBEAT_SECONDS, RunDir, Status
 from engine.pngmeta import format_parameters
 from engine.sample_prompts import SamplePrompt, cell_labels
+from engine.sampling import STOCHASTIC
 
 
 class StoppedEarly(Exception):
@@ -442,7 +443,7 @@ def save_sample_grid(run: RunDir, step: int, images: list[Tensor], cells: list[S
             "seeds": [c.seed for c in cells], "negative": s.negative,
             "size": [first.width, first.height], "steps": s.steps, "sampler": s.sampler,
             "cfg": s.cfg, "cfg_rescale": s.cfg_rescale, "cfg_interval": list(s.cfg_interval),
-            "cfg_ramp": s.cfg_ramp, "pag": s.pag,
+            "cfg_ramp": s.cfg_ramp, "pag": s.pag, "noise_interval": list(s.noise_interval),
             "columns": min(len(cells), GRID_COLUMNS), "prompts_file": run.sample_prompts.name,
             "cells": [c.as_dict() for c in cells]}
     params = {"prompt": first.prompt, "negative": first.negative, "steps": first.steps,
@@ -450,6 +451,7 @@ def save_sample_grid(run: RunDir, step: int, images: list[Tensor], cells: list[S
               "width": first.width, "height": first.height, "run_id": run.run_id,
               "rescale": s.cfg_rescale or None, "interval": list(s.cfg_interval),
               "ramp": s.cfg_ramp or None, "pag": s.pag or None,
+              "noise_interval": list(s.noise_interval) if s.sampler in STOCHASTIC else None,
               "checkpoint_step": step, "prediction": cfg.model.prediction,
               "engine_version": __version__}
     text = format_parameters(params)

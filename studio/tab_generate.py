@@ -203,6 +203,11 @@ def build(studio: Studio) -> dict:
                                           value="heun", label="Sampler")
                     steps = gr.Slider(1, 200, value=20, step=1, label="Steps")
                     count = gr.Slider(1, 16, value=4, step=1, label="Images")
+                    noise_lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Fresh noise from t",
+                                         info="Euler a and DPM++ 2M SDE")
+                    noise_hi = gr.Slider(0.0, 1.0, value=1.0, step=0.05,
+                                         label="Fresh noise until t",
+                                         info="deterministic steps outside")
                 with gr.Row():
                     cfg = gr.Slider(0.0, 15.0, value=3.0, step=0.1, label="CFG scale",
                                     info="1 = no guidance")
@@ -258,11 +263,11 @@ def build(studio: Studio) -> dict:
         recalled = gr.State({})
         past_files = gr.State(history(studio.outputs_dir))
 
-    setting_fields = [prompt, negative, sampler, steps, cfg, rescale, lo, hi, ramp, pag, shift,
-                      width, height, seed, strength]
+    setting_fields = [prompt, negative, sampler, steps, cfg, rescale, lo, hi, ramp, pag,
+                      noise_lo, noise_hi, shift, width, height, seed, strength]
     # the settings a checkpoint fills in (its run's sample settings), and the values they
     # were last given that way (first: the page's own); None where the user set the value
-    sample_fields = setting_fields[:13]
+    sample_fields = setting_fields[:15]
     filled = gr.State(["" if c.value is None else c.value for c in sample_fields])
 
     # ---- model choice ------------------------------------------------------------------
@@ -301,7 +306,8 @@ def build(studio: Studio) -> dict:
         default = f"{w}x{h}"
         s = mcfg.sample
         values = [s.prompts[0], s.negative, s.sampler, s.steps, s.cfg, s.cfg_rescale,
-                  s.cfg_interval[0], s.cfg_interval[1], s.cfg_ramp, s.pag, s.shift, w, h]
+                  s.cfg_interval[0], s.cfg_interval[1], s.cfg_ramp, s.pag, *s.noise_interval,
+                  s.shift, w, h]
         follow = [unchanged(c, b) for c, b in zip(current, before)]
         out = {model_info: model_markdown(meta, mcfg, read_modelspec(path).get("title", "")),
                size: gr.Dropdown(choices=sizes,
@@ -331,7 +337,8 @@ def build(studio: Studio) -> dict:
 
     # ---- generating --------------------------------------------------------------------
     def run(cid, use_ema, prompt_v, negative_v, sampler_v, steps_v, cfg_v, rescale_v, lo_v,
-            hi_v, ramp_v, pag_v, shift_v, width_v, height_v, seed_v, strength_v, count_v,
+            hi_v, ramp_v, pag_v, noise_lo_v, noise_hi_v, shift_v, width_v, height_v, seed_v,
+            strength_v, count_v,
             init_v, request: gr.Request, encoder_v: str = ""):
         key = request.session_hash if request is not None else ""
         cancel = threading.Event()
@@ -345,7 +352,9 @@ def build(studio: Studio) -> dict:
             floats = [number(v, label) for v, label in (
                 (cfg_v, "CFG scale"), (rescale_v, "CFG rescale"), (lo_v, "Guidance from t"),
                 (hi_v, "Guidance until t"), (ramp_v or 0.0, "Guidance ramp"),
-                (pag_v or 0.0, "PAG scale"), (shift_v or 0.0, "Shift"), (strength_v, "Strength"))]
+                (pag_v or 0.0, "PAG scale"), (noise_lo_v, "Fresh noise from t"),
+                (noise_hi_v, "Fresh noise until t"), (shift_v or 0.0, "Shift"),
+                (strength_v, "Strength"))]
         except (ValueError, PathError, RunnerError) as e:   # GenerateError is a ValueError
             yield gone(cid) if cid and not listed(cid) else say(f"**{e}**")
             return
@@ -365,12 +374,13 @@ def build(studio: Studio) -> dict:
                             raise generate.Cancelled()
                         events.put(("preview", (step, total, preview)))
 
-                    cfg_f, rescale_f, lo_f, hi_f, ramp_f, pag_f, shift_f, strength_f = floats
+                    (cfg_f, rescale_f, lo_f, hi_f, ramp_f, pag_f, noise_lo_f, noise_hi_f, shift_f,
+                     strength_f) = floats
                     out = pipe.generate(
                         prompt_v, negative_v, w_i, h_i, steps_i, sampler_v, cfg_f, rescale_f,
                         (lo_f, hi_f), shift_f, seed_i, count_i, init_image=init_v,
                         strength=strength_f if init_v else None, callback=progress,
-                        ramp=ramp_f, pag=pag_f)
+                        ramp=ramp_f, pag=pag_f, noise_interval=(noise_lo_f, noise_hi_f))
                     saved = [pngmeta.save_png(r.image, r.params, studio.outputs_dir) for r in out]
                 events.put(("done", (out, saved, notes)))
             except generate.Cancelled:

@@ -23,7 +23,7 @@ from engine.buckets import BucketPlan, PlannedImage, make_buckets
 from engine.checkpoint import retention_victims
 from engine.data import DataError, HealthReport
 from engine.images import MAX_PIXELS, open_image, read_header, upright_rgb
-from engine.sampling import SAMPLERS
+from engine.sampling import SAMPLERS, STOCHASTIC
 from engine.train_io import format_duration
 from studio.liveness import ACTIVE_STATES
 
@@ -543,7 +543,7 @@ PARAM_LABELS = [("prompt", "Prompt"), ("negative", "Negative prompt"), ("seed", 
                 ("width", "Width"), ("height", "Height"), ("steps", "Steps"),
                 ("sampler", "Sampler"), ("cfg", "CFG"), ("rescale", "CFG rescale"),
                 ("interval", "CFG interval"), ("ramp", "CFG ramp"), ("pag", "PAG scale"),
-                ("shift", "Shift"),
+                ("noise_interval", "Fresh noise for t in"), ("shift", "Shift"),
                 ("strength", "Strength"), ("run_id", "Run"), ("checkpoint_step", "Step"),
                 ("weights", "Weights"), ("checkpoint_hash", "Model hash")]
 
@@ -560,7 +560,8 @@ def _number(value, lo: float, hi: float, whole: bool = False) -> float | int | N
 def recall_values(params: dict) -> list:
     """The Generate tab's settings from an image's recalled parameters, in the order
     prompt, negative, sampler, steps, cfg, rescale, guidance from t, guidance until t,
-    guidance ramp, PAG scale, shift, width, height, seed (text), strength. A value that is
+    guidance ramp, PAG scale, fresh noise from t, fresh noise until t, shift, width, height,
+    seed (text), strength. A value that is
     missing, of the wrong type or out of its control's range is None (the control is left
     as it is): the parameters come from a file anyone could have written."""
     p = params if isinstance(params, dict) else {}
@@ -571,6 +572,11 @@ def recall_values(params: dict) -> list:
     # images of ours made before the ramp or PAG existed say nothing of them: they had none
     ours = interval[0] is not None and "engine_version" in p
     ramp, pag = (p.get(key, 0.0 if ours else None) for key in ("ramp", "pag"))
+    # ... nor of the fresh-noise interval: their stochastic samplers drew it at every step
+    noise = p.get("noise_interval")
+    if not (isinstance(noise, (list, tuple)) and len(noise) == 2):
+        stochastic = ours and "noise_interval" not in p and p.get("sampler") in STOCHASTIC
+        noise = (0.0, 1.0) if stochastic else (None, None)
     return [p.get("prompt") if isinstance(p.get("prompt"), str) else None,
             p.get("negative") if isinstance(p.get("negative"), str) else None,
             p.get("sampler") if isinstance(p.get("sampler"), str) and p["sampler"] in SAMPLERS
@@ -578,6 +584,7 @@ def recall_values(params: dict) -> list:
             _number(p.get("steps"), 1, 200, whole=True), _number(p.get("cfg"), 0.0, 15.0),
             _number(p.get("rescale"), 0.0, 1.0), _number(interval[0], 0.0, 1.0),
             _number(interval[1], 0.0, 1.0), _number(ramp, 0.0, 1.0), _number(pag, 0.0, 5.0),
+            _number(noise[0], 0.0, 1.0), _number(noise[1], 0.0, 1.0),
             _number(p.get("shift"), 0.0, 1e6), _number(p.get("width"), 1, 65536, whole=True),
             _number(p.get("height"), 1, 65536, whole=True),
             str(seed) if seed is not None else None, _number(p.get("strength"), 0.0, 1.0)]

@@ -57,6 +57,7 @@ FREE = {"description", "text.name_or_path", "text.cache_dir", "data.path",
         "train.init_from"}
 CROSS = {"model.mrope_split": [8, 8, 8], "train.betas": [0.9], "sample.prompts": [],
          "sample.cfg_interval": [0.8, 0.2], "sample.pag_interval": [0.5, 0.1],
+         "sample.noise_interval": [0.5, 0.5],
          "sample.pag_layers": [0], "data.stages": ["32 until soon"]}
 WRONG_TYPE = {bool: "maybe", int: "many", float: "fast", str: 12}
 

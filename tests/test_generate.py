@@ -459,6 +459,27 @@ def test_perturbed_attention_guidance_changes_the_image_and_defaults_to_the_run(
                pag_layers=(2,))
 
 
+def test_noise_interval_of_stochastic_samplers_defaults_to_the_run(pipe, monkeypatch):
+    """noise_interval=None takes the checkpoint's sample.noise_interval; with euler_a an
+    interval that holds no step draws the Euler picture, a wider one another; the PNG
+    names the interval of a stochastic sampler (and reads it back), a deterministic
+    sampler's PNG names none; a bad interval is refused."""
+    kw = dict(seed=5, steps=4, cfg=4.0, interval=(0.0, 1.0))
+    monkeypatch.setattr(pipe.cfg.sample, "noise_interval", [0.8, 0.9])
+    default = pipe.generate("a red circle", sampler="euler_a", **kw)[0]
+    euler = pipe.generate("a red circle", sampler="euler", **kw)[0]
+    wide = pipe.generate("a red circle", sampler="euler_a", noise_interval=(0.0, 0.5), **kw)[0]
+    assert np.array_equal(pixels(default.image), pixels(euler.image))
+    assert not np.array_equal(pixels(wide.image), pixels(euler.image))
+    assert default.params["noise_interval"] == [0.8, 0.9] and euler.params["noise_interval"] is None
+    text = format_parameters(wide.params)
+    assert "Noise interval: 0.0-0.5" in text and "Noise interval" not in \
+        format_parameters(euler.params)
+    assert parse_parameters(text)["noise_interval"] == [0.0, 0.5]
+    with pytest.raises(GenerateError, match=r"noise_interval = \[0.5, 0.2\]: allowed"):
+        pipe.generate("a red circle", sampler="euler_a", noise_interval=(0.5, 0.2), **kw)
+
+
 def test_render_grid_matches_the_pipeline(pipe):
     grid = render_grid(pipe.net, pipe.encode, pipe.cfg, "cpu", "bf16")
     s = pipe.cfg.sample
@@ -488,6 +509,7 @@ def test_cli_end_to_end(run, tmp_path):
     assert params["seed"] == 4 and (params["width"], params["height"]) == (16, 16)
     cfg = load_preset("tiny-cpu").sample                         # the run's sample settings
     assert params["cfg"] == cfg.cfg and params["sampler"] == cfg.sampler
+    assert params["noise_interval"] == cfg.noise_interval
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing"), *cmd[5:]], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""   # a file that cannot be used
@@ -498,6 +520,8 @@ def test_cli_bad_arguments_exit_2(run, tmp_path, capsys):
     base = ["--checkpoint", str(run), "--prompt", "a", "--out", str(tmp_path)]
     assert main(base + ["--width", "20", "--device", "cpu"]) == 2
     assert "width = 20" in capsys.readouterr().err
+    assert main(base + ["--noise-interval", "0.6,0.2", "--device", "cpu"]) == 2
+    assert "noise_interval = [0.6, 0.2]: allowed" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(base + ["--strength", "0.5"])
     assert e.value.code == 2

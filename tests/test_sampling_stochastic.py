@@ -1,6 +1,7 @@
 """The stochastic samplers (engine.sampling.STOCHASTIC): each step is the DDPM posterior
 draw its docstring names, checked against the forward process's own transition; the
-multistep estimate of DPM++ 2M SDE earns its keep on a Gaussian with a known answer; and
+multistep estimate of DPM++ 2M SDE earns its keep on a Gaussian with a known answer;
+fresh noise only inside a noise interval, the deterministic sampler's steps outside; and
 without a noise source a sampler is reproducible. The contract every sampler keeps
 (distributions, callbacks, call counts) is in tests/test_sampling.py."""
 
@@ -12,7 +13,9 @@ import torch
 from engine.sampling import (
     SAMPLERS,
     STOCHASTIC,
+    sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
+    sample_euler,
     sample_euler_ancestral,
     time_grid,
 )
@@ -94,3 +97,37 @@ def test_stochastic_sampler_without_fresh_noise_source_is_reproducible(name):
     assert torch.equal(first, SAMPLERS[name](points_clean, start, ts))
     other = SAMPLERS[name](points_clean, start, ts, noise=lambda i: noise(4, seed=60 + i))
     assert not torch.equal(first, other)
+
+
+PAIRS = [(sample_euler_ancestral, sample_euler), (sample_dpmpp_2m_sde, sample_dpmpp_2m)]
+
+
+@pytest.mark.parametrize("stochastic,deterministic", PAIRS)
+def test_noise_interval_draws_fresh_noise_only_on_the_steps_inside(stochastic, deterministic):
+    """A step gets fresh noise when it lies inside [lo, hi] (lo <= t, t_next <= hi); the
+    others are the deterministic sampler's steps of the same order: with an interval
+    that holds no step the result is that sampler's exactly, and with one that holds
+    steps 2-5 of ten only those draw noise and the result differs."""
+    ts, start = time_grid(10), noise(4, seed=5)
+    calls = []
+
+    def fresh(i):
+        calls.append(i)
+        return noise(4, seed=200 + i)
+
+    none_inside = stochastic(points_clean, start, ts, noise=fresh, noise_interval=(0.92, 0.98))
+    assert calls == [] and torch.equal(none_inside, deterministic(points_clean, start, ts))
+    some = stochastic(points_clean, start, ts, noise=fresh, noise_interval=(0.2, 0.6))
+    assert calls == [2, 3, 4, 5]
+    assert not torch.allclose(some, none_inside)
+    calls.clear()
+    everywhere = stochastic(points_clean, start, ts, noise=fresh)
+    assert calls == list(range(9))   # the last step returns the clean estimate
+    assert torch.equal(everywhere, stochastic(points_clean, start, ts, noise=fresh,
+                                              noise_interval=(0.0, 1.0)))
+
+
+@pytest.mark.parametrize("span", [(0.5, 0.5), (0.6, 0.2), (-0.1, 0.5), (0.2, 1.5)])
+def test_noise_interval_out_of_range_is_refused(span):
+    with pytest.raises(ValueError, match="noise_interval"):
+        sample_euler_ancestral(points_clean, noise(1), time_grid(4), noise_interval=span)
