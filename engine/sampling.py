@@ -303,16 +303,17 @@ def sample_dpmpp_2m_sde(model_fn: ModelFn, x: Tensor, ts: Tensor,
                         noise_interval: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5 with the multistep estimate; the
     "DPM++ 2M SDE" of other tools, midpoint form, eta = 1): the posterior step of euler_a
-    towards the second-order multistep estimate of dpmpp_2m instead of x_hat. Fresh noise
-    at every step as in euler_a, with the accuracy of a second-order estimate. `noise`
-    defaults to a generator seeded with 0. Only the steps inside noise_interval draw fresh
-    noise, as in euler_a; the others are DPM-Solver++(2M) steps. The last step returns
-    x_hat. One call per step."""
+    towards the second-order multistep estimate of dpmpp_2m instead of x_hat: fresh noise
+    as in euler_a, with the accuracy of a second-order estimate. `noise` defaults to a
+    generator seeded with 0. Only the steps inside noise_interval draw fresh noise, as in
+    euler_a; the others are DPM-Solver++(2M) steps. The last step returns x_hat. One call
+    per step."""
     return _sample_posterior(model_fn, x, ts, callback, noise, noise_interval,
                              multistep=True)
 
 
 def check_noise_interval(noise_interval: tuple[float, float]) -> None:
+    """Refuse an interval that is not (lo, hi) with 0 <= lo < hi <= 1."""
     lo, hi = noise_interval
     if not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"noise_interval = {(lo, hi)}; allowed: (lo, hi) with "
