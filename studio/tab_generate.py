@@ -30,7 +30,7 @@ from engine.generate_io import (
     trained_sizes,
 )
 from engine.images import BROKEN_FILE_ERRORS
-from engine.sampling import SAMPLER_LABELS, SAMPLERS
+from engine.sampling import SAMPLER_LABELS, SAMPLERS, STOCHASTIC
 from studio import views
 from studio.paths import PathError, names_local_path, resolve_inside
 from studio.runner import PROJECT_ROOT, RunnerError
@@ -203,11 +203,12 @@ def build(studio: Studio) -> dict:
                                           value="heun", label="Sampler")
                     steps = gr.Slider(1, 200, value=20, step=1, label="Steps")
                     count = gr.Slider(1, 16, value=4, step=1, label="Images")
+                    # only the stochastic samplers read them (enabled when one is chosen)
                     noise_lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Fresh noise from t",
-                                         info="Euler a and DPM++ 2M SDE")
+                                         info="Euler a and DPM++ 2M SDE", interactive=False)
                     noise_hi = gr.Slider(0.0, 1.0, value=1.0, step=0.05,
                                          label="Fresh noise until t",
-                                         info="deterministic steps outside")
+                                         info="deterministic steps outside", interactive=False)
                 with gr.Row():
                     cfg = gr.Slider(0.0, 15.0, value=3.0, step=0.1, label="CFG scale",
                                     info="1 = no guidance")
@@ -494,6 +495,12 @@ def build(studio: Studio) -> dict:
                 checkpoint: checkpoint_for(p),
                 filled: [b if v is None else None for v, b in zip(restored, before)]}
 
+    def noise_controls(sampler_v):
+        """The fresh-noise sliders, enabled for the samplers that draw fresh noise."""
+        on = sampler_v in STOCHASTIC
+        return gr.Slider(interactive=on), gr.Slider(interactive=on)
+
+    sampler.change(noise_controls, inputs=sampler, outputs=[noise_lo, noise_hi], queue=False)
     checkpoint.input(**model_args)
     refresh.click(refresh_fn, inputs=checkpoint, outputs=[checkpoint, past, past_files],
                   **model_queue).then(**model_args)
@@ -511,6 +518,7 @@ def build(studio: Studio) -> dict:
                      **model_queue).then(**model_args)
 
     return {"checkpoint": checkpoint, "select": select, "model_args": model_args, "run": run,
+            "noise_controls": noise_controls,
             "run_outputs": run_outputs, "model_info": model_info,
             "model_queue": model_queue, "refresh_fn": refresh_fn,
             "refresh_outputs": [checkpoint, past, past_files]}

@@ -338,6 +338,13 @@ def press_generate(tab, cid="run/run-a/10", **fields) -> tuple:
     return tuple(updates[-1].get(c, gr.skip()) for c in handlers["run_outputs"])   # as shown
 
 
+def test_fresh_noise_sliders_are_enabled_only_for_stochastic_samplers(tab):
+    _, handlers = tab
+    for sampler, on in (("heun", False), ("euler", False), ("euler_a", True),
+                        ("dpmpp_2m_sde", True)):
+        assert [s.interactive for s in handlers["noise_controls"](sampler)] == [on, on]
+
+
 def test_the_tab_generates(tab):
     status = press_generate(tab)[1]
     assert status.startswith("Done: 1 image(s), seed 1") and "Note" not in status
