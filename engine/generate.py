@@ -66,6 +66,7 @@ from engine.sampling import (
     cfg_model,
     img2img_grid,
     noise_image,
+    noise_setting,
     sample_shift,
     time_grid,
 )
@@ -490,7 +491,7 @@ class Pipeline:
                 "prompt": per_image[i], "negative": negative, "width": width, "height": height,
                 "steps": steps, "sampler": sampler, "cfg": cfg, "rescale": rescale,
                 "interval": list(interval), "ramp": ramp, "pag": pag, "shift": shift,
-                "noise_interval": list(noise_interval) if sampler in STOCHASTIC else None,
+                "noise_interval": noise_setting(sampler, noise_interval),
                 "seed": seeds[i],
                 "strength": strength if init is not None else None,
                 "run_id": self.run_id, "checkpoint": self.path.name,

@@ -312,6 +312,12 @@ def sample_dpmpp_2m_sde(model_fn: ModelFn, x: Tensor, ts: Tensor,
                              multistep=True)
 
 
+def noise_setting(sampler: str, noise_interval: Sequence[float]) -> list[float] | None:
+    """The fresh-noise interval as an image's setting: what a stochastic sampler used,
+    None for a deterministic one (it draws no fresh noise, so no interval applies)."""
+    return [float(v) for v in noise_interval] if sampler in STOCHASTIC else None
+
+
 def check_noise_interval(noise_interval: tuple[float, float]) -> None:
     """Refuse an interval that is not (lo, hi) with 0 <= lo < hi <= 1."""
     lo, hi = noise_interval

@@ -31,7 +31,7 @@ from engine.fileio import atomic_target, atomic_write_text
 from engine.job import HEARTBEAT_SECONDS, RunDir, Status
 from engine.pngmeta import format_parameters
 from engine.sample_prompts import SamplePrompt, cell_labels
-from engine.sampling import STOCHASTIC
+from engine.sampling import noise_setting
 
 
 class StoppedEarly(Exception):
@@ -451,7 +451,7 @@ def save_sample_grid(run: RunDir, step: int, images: list[Tensor], cells: list[S
               "width": first.width, "height": first.height, "run_id": run.run_id,
               "rescale": s.cfg_rescale or None, "interval": list(s.cfg_interval),
               "ramp": s.cfg_ramp or None, "pag": s.pag or None,
-              "noise_interval": list(s.noise_interval) if s.sampler in STOCHASTIC else None,
+              "noise_interval": noise_setting(s.sampler, s.noise_interval),
               "checkpoint_step": step, "prediction": cfg.model.prediction,
               "engine_version": __version__}
     text = format_parameters(params)

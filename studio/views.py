@@ -561,9 +561,9 @@ def recall_values(params: dict) -> list:
     """The Generate tab's settings from an image's recalled parameters, in the order
     prompt, negative, sampler, steps, cfg, rescale, guidance from t, guidance until t,
     guidance ramp, PAG scale, fresh noise from t, fresh noise until t, shift, width, height,
-    seed (text), strength. A value that is
-    missing, of the wrong type or out of its control's range is None (the control is left
-    as it is): the parameters come from a file anyone could have written."""
+    seed (text), strength. A value that is missing, of the wrong type or out of its
+    control's range is None (the control is left as it is): the parameters come from a file
+    anyone could have written."""
     p = params if isinstance(params, dict) else {}
     interval = p.get("interval")
     if not (isinstance(interval, (list, tuple)) and len(interval) == 2):
