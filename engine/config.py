@@ -203,6 +203,15 @@ class LossConfig:
     repa_until: int = _f(250000, "iREPA stops at this optimizer step", lo=0)
     repa_zscore_alpha: float = _f(1.0, "teacher tokens minus alpha * their spatial mean, over "
                                   "their spatial std (iREPA)", lo=0.0, hi=1.0)
+    sra_weight: float = _f(0.0, "weight of self-representation alignment (SRA; 0 = off): "
+                           "patch block sra_layer's tokens, through a small MLP, follow block "
+                           "sra_target_layer of the EMA network at less noise", lo=0.0)
+    sra_layer: int = _f(0, "SRA: patch block (1-based) whose image tokens are aligned (0 = "
+                        "2/7 of the patch blocks, as the paper's 8 of 28)", lo=0)
+    sra_target_layer: int = _f(0, "SRA: patch block of the EMA network that gives the target "
+                               "(0 = 5/7 of the patch blocks, as the paper's 20 of 28)", lo=0)
+    sra_dt: float = _f(0.2, "SRA: the EMA network sees each image at t + U(0, sra_dt) (less "
+                       "noise; clamped at 1)", lo=0.0, hi=1.0)
     gamma_l2: float = _f(1e-4, "L2 penalty on the pixel-path AdaLN scales", lo=0.0)
     self_cond_p: float = _f(0.5, "with model.self_cond: share of the micro-batches that first "
                             "estimate the clean image without gradients (one more forward) and "
@@ -332,6 +341,14 @@ SECTIONS = ("model", "text", "data", "loss", "train", "sample")
 # --------------------------------------------------------------------------------------
 # Dict <-> dataclass with type and range checks
 # --------------------------------------------------------------------------------------
+
+def sra_layers(lo: LossConfig, patch_layers: int) -> tuple[int, int]:
+    """Self-alignment's (student, target) patch blocks, 1-based: the configured ones, or
+    for 0 the paper's share of the depth (8 and 20 of 28 blocks)."""
+    student = lo.sra_layer or max(1, round(patch_layers * 2 / 7))
+    target = lo.sra_target_layer or max(student, round(patch_layers * 5 / 7))
+    return student, target
+
 
 def _fail(source: str, key: str, value, reason: str) -> ConfigError:
     return ConfigError(f"{source}: {key} = {value!r}: {reason}")
@@ -512,6 +529,19 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     if lo.repa_teacher and lo.repa_layer > m.patch_layers:
         raise _fail(source, "loss.repa_layer", lo.repa_layer,
                     f"allowed: 1 to model.patch_layers = {m.patch_layers}")
+    if lo.sra_weight > 0:
+        if lo.sra_target_layer > m.patch_layers:
+            raise _fail(source, "loss.sra_target_layer", lo.sra_target_layer,
+                        f"allowed: 1 to model.patch_layers = {m.patch_layers}, or 0 (auto)")
+        student, target = sra_layers(lo, m.patch_layers)
+        if student > target:
+            raise _fail(source, "loss.sra_layer", lo.sra_layer,
+                        f"allowed: 1 to the target block {target} (loss.sra_target_layer), "
+                        f"or 0 (auto)")
+        if tr.ema_decay <= 0:
+            raise _fail(source, "loss.sra_weight", lo.sra_weight,
+                        "self-alignment learns from the EMA weights: set train.ema_decay > 0 "
+                        "or loss.sra_weight=0")
     if len(tr.betas) != 2 or not all(0.0 <= b < 1.0 for b in tr.betas):
         raise _fail(source, "train.betas", tr.betas, "allowed: two numbers in [0, 1)")
     if tr.min_lr > tr.lr:

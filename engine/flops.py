@@ -21,7 +21,7 @@ of p*p pixels of width d):
 
 from __future__ import annotations
 
-from engine.config import ModelConfig, RunConfig
+from engine.config import ModelConfig, RunConfig, sra_layers
 
 PARTS = ("patch_attn", "patch_mlp", "pixel_adaln", "compaction", "pixel_attn", "pixel_mlp",
          "other")
@@ -84,10 +84,17 @@ def pixelhdm_flops(m: ModelConfig, text_dim: int, width: int, height: int,
     }
 
 
-def self_cond_share(cfg: RunConfig) -> float:
-    """Inference forwards a training step adds on average to its forward and backward:
-    loss.self_cond_p with model.self_cond (the estimate fed back), else 0."""
-    return cfg.loss.self_cond_p if cfg.model.self_cond else 0.0
+def extra_forward_share(cfg: RunConfig, parts: dict[str, int]) -> float:
+    """Inference work a training step adds on average to its forward and backward, in
+    forwards of the network whose FLOPs by part are `parts` (pixelhdm_flops):
+    loss.self_cond_p with model.self_cond (the estimate fed back), plus with
+    loss.sra_weight > 0 the self-alignment teacher's patch blocks up to its target
+    block."""
+    share = cfg.loss.self_cond_p if cfg.model.self_cond else 0.0
+    if cfg.loss.sra_weight > 0:
+        blocks = sra_layers(cfg.loss, cfg.model.patch_layers)[1] / cfg.model.patch_layers
+        share += blocks * (parts["patch_attn"] + parts["patch_mlp"]) / sum(parts.values())
+    return share
 
 
 def baseline_flops(m: ModelConfig, text_dim: int, width: int, height: int,

@@ -21,6 +21,9 @@ Training losses (all computed in fp32, each returned apart so it can be logged):
            coefficient weighted by the inverse JPEG quantisation step (DeCo-style)
     repa   iREPA: 1 - cos between a 3x3-conv projection of a patch block's tokens and
            the spatially z-scored tokens of a frozen DINOv3 teacher
+    sra    self-representation alignment: smooth L1 between an MLP projection of a patch
+           block's tokens and the layer-normed tokens of a later block of the EMA network,
+           which sees the same image at less noise (engine/self_align.py)
     gamma  L2 penalty on the pixel path's AdaLN scales (the model reports the sum)
 """
 
@@ -324,6 +327,32 @@ def repa_loss(features: Tensor, grid: tuple[int, int], teacher_tokens: Tensor,
     return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
 
 
+class SRAProjector(nn.Module):
+    """Per-token MLP (D -> 2D -> D) from a patch block's tokens to the self-alignment
+    target. Trainable, saved with the model (`sra.`), not needed for sampling."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_dim, 2 * hidden_dim), nn.SiLU(),
+                                 nn.Linear(2 * hidden_dim, hidden_dim))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features)
+
+
+SRA_BETA = 0.05   # smooth L1's switch from squared to absolute error (Jiang et al. 2025)
+
+
+def sra_loss(features: Tensor, targets: Tensor, projector: SRAProjector) -> Tensor:
+    """Unweighted self-alignment loss: smooth L1 (beta SRA_BETA) between the projected
+    tokens (B, L, D) and the targets (B, L, D), which receive no gradient."""
+    if features.shape != targets.shape:
+        raise ValueError(f"self-alignment features {tuple(features.shape)} and targets "
+                         f"{tuple(targets.shape)} must have one shape")
+    return F.smooth_l1_loss(projector(features).float(), targets.detach().float(),
+                            beta=SRA_BETA)
+
+
 def repa_active(loss_cfg: LossConfig, step: int) -> bool:
     """Whether the iREPA term is computed at this optimizer step: a teacher is configured,
     the weight is positive and the early stop `repa_until` is not reached. The trainer
@@ -355,14 +384,17 @@ def flow_losses(pred: Tensor, z: Tensor, t: Tensor, x: Tensor, eps: Tensor, pred
                 grid: tuple[int, int] | None = None, teacher: Tensor | None = None,
                 teacher_grid: tuple[int, int] | None = None,
                 projector: IREPAProjector | None = None, gamma_sq: Tensor | None = None,
-                step: int = 0) -> dict[str, Tensor]:
+                step: int = 0, sra_features: Tensor | None = None,
+                sra_targets: Tensor | None = None, sra_projector: SRAProjector | None = None
+                ) -> dict[str, Tensor]:
     """All training terms of one micro-batch, each already weighted, plus their sum.
 
     pred: the network output for z = interpolate(x, eps, t) (a velocity for
     prediction "v", a clean image for "x"); x, eps: (B, 3, H, W); t: (B,).
     Keys: "v" always; "freq" when freq_weight > 0; "repa" when `teacher` is given and
     `repa_active(loss_cfg, step)` (then features, grid, teacher_grid and projector are
-    required); "gamma" when gamma_sq is given and gamma_l2 > 0; "total". A term that is
+    required); "sra" when `sra_targets` are given (then sra_features and sra_projector
+    are required); "gamma" when gamma_sq is given and gamma_l2 > 0; "total". A term that is
     off is absent rather than zero, so logs never show a switched-off term as a
     perfect score. All values are fp32 scalars."""
     v_hat = to_velocity(pred, z, t, prediction, loss_cfg.t_eps)
@@ -377,6 +409,11 @@ def flow_losses(pred: Tensor, z: Tensor, t: Tensor, x: Tensor, eps: Tensor, pred
                              "along with the teacher tokens")
         terms["repa"] = loss_cfg.repa_weight * repa_loss(
             features, grid, teacher, teacher_grid, projector, loss_cfg.repa_zscore_alpha)
+    if sra_targets is not None:
+        if sra_features is None or sra_projector is None:
+            raise ValueError("the self-alignment term needs sra_features and sra_projector "
+                             "along with its targets")
+        terms["sra"] = loss_cfg.sra_weight * sra_loss(sra_features, sra_targets, sra_projector)
     if gamma_sq is not None and loss_cfg.gamma_l2 > 0:
         terms["gamma"] = loss_cfg.gamma_l2 * gamma_sq.float()
     terms["total"] = sum(terms.values())

@@ -22,6 +22,7 @@ from engine.checkpoint import load_weights
 from engine.config import ConfigError, RunConfig
 from engine.generate_io import checkpoint_config, resolve_checkpoint
 from engine.model import with_estimate_inputs
+from engine.trainable import PROJECTORS
 
 # text keys that change what the network is conditioned on (max_tokens and the feature
 # cache folder may change freely)
@@ -95,12 +96,12 @@ ESTIMATE_INPUTS = ("net.patch_in.weight", "net.pixel_in.weight")
 
 def apply(init: InitSource, model) -> list[str]:
     """Load `init`'s weights into a Trainable (network and builtin text encoder strictly;
-    the iREPA projector only where its shapes still fit, since the teacher may have
-    changed). Returns one note per part left fresh."""
+    the iREPA and self-alignment projectors only where their shapes still fit, since the
+    teacher or the settings may have changed). Returns one note per part left fresh."""
     state = model.state_dict()
     take, notes, widened = {}, [], False
     for k, v in init.weights.items():
-        if k.startswith("repa."):
+        if k.startswith(PROJECTORS):
             if k in state and state[k].shape == v.shape:
                 take[k] = v
             continue
@@ -109,13 +110,15 @@ def apply(init: InitSource, model) -> list[str]:
             widened = True
         take[k] = v
     missing = [k for k in state if k not in take]
-    needed = [k for k in missing if not k.startswith("repa.")]
+    needed = [k for k in missing if not k.startswith(PROJECTORS)]
     if needed:
         raise ConfigError(f"train.init_from {init.path}: the checkpoint lacks "
                           f"{len(needed)} weights of this network (e.g. {needed[0]}); choose "
                           f"another checkpoint")
-    if missing:
-        notes.append("the iREPA projector starts fresh (the checkpoint has none that fits)")
+    for prefix, name in (("repa.", "iREPA"), ("sra.", "self-alignment")):
+        if any(k.startswith(prefix) for k in missing):
+            notes.append(f"the {name} projector starts fresh (the checkpoint has none that "
+                         f"fits)")
     if widened:
         notes.append("self-conditioning is new to these weights: the ones that read the "
                      "previous estimate start at zero")

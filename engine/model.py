@@ -100,6 +100,7 @@ class TrainOutput:
     pred: Tensor             # (B, 3, H, W): v or x, as config.prediction says
     features: Tensor | None  # (B, h*w, D) image tokens after the REPA block, if asked for
     gamma_sq: Tensor         # scalar: sum over pixel blocks of mean(gamma1^2) + mean(gamma2^2)
+    sra_features: Tensor | None = None   # (B, h*w, D) after the SRA block, if asked for
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -419,9 +420,40 @@ class PixelHDM(nn.Module):
 
     def forward_train(self, z: Tensor, t: Tensor, text: TextCond,
                       repa_layer: int | None = None, prev: Tensor | None = None,
-                      perturb: Collection[int] = ()) -> TrainOutput:
-        """The prediction plus what the losses need: the image tokens after patch block
-        `repa_layer` (1-based) and the pixel-AdaLN gamma penalty."""
+                      perturb: Collection[int] = (), sra_layer: int | None = None
+                      ) -> TrainOutput:
+        """The prediction plus what the losses need: the image tokens after patch blocks
+        `repa_layer` and `sra_layer` (1-based; None = not asked for) and the pixel-AdaLN
+        gamma penalty."""
+        taps = {n for n in (repa_layer, sra_layer) if n is not None}
+        x, tapped, (c, pix, T, h, w, cos_px, sin_px) = self._patch_path(
+            z, t, text, prev, perturb, taps, len(self.patch_blocks))
+        s_cond = self.semantic_norm(x[:, T:]) + c[:, None]                     # (B, L, D)
+
+        # pixel path; compacted tokens use mRoPE ids (0, i, j): cos_px, sin_px
+        y = self.pixel_in(pix)                                                 # (B, L, p*p, d)
+        gamma_sq = torch.zeros((), device=z.device)
+        for block in self.pixel_blocks:
+            y, g = self._run(block, y, s_cond, cos_px, sin_px)
+            gamma_sq = gamma_sq + g
+        out = self.out(self.out_norm(y))                                       # (B, L, p*p, 3)
+        return TrainOutput(unpatchify(out, self.cfg.patch_size, h, w), tapped.get(repa_layer),
+                           gamma_sq, tapped.get(sra_layer))
+
+    def patch_tokens(self, z: Tensor, t: Tensor, text: TextCond, layer: int) -> Tensor:
+        """The image tokens (B, L, D) after patch block `layer` (1-based), without running
+        the blocks after it or the pixel path: the target of self-alignment."""
+        if not 1 <= layer <= len(self.patch_blocks):
+            raise ValueError(f"patch block {layer} does not exist (1 to "
+                             f"{len(self.patch_blocks)})")
+        x, _, ctx = self._patch_path(z, t, text, None, (), (), layer)
+        return x[:, ctx[2]:]
+
+    def _patch_path(self, z: Tensor, t: Tensor, text: TextCond, prev: Tensor | None,
+                    perturb: Collection[int], taps: Collection[int], depth: int):
+        """The joint [text; image] sequence through the first `depth` patch blocks.
+        Returns it, the image tokens after each block in `taps`, and what the pixel path
+        needs: (c, pixels, T, h, w, and the compacted tokens' cos and sin)."""
         cfg = self.cfg
         B, C, H, W = z.shape
         p = cfg.patch_size
@@ -455,21 +487,14 @@ class PixelHDM(nn.Module):
         ang = torch.cat([txt_ang.expand(B, -1, -1), img_ang], dim=1)[:, None]  # (B, 1, T+L, hd/2)
         cos, sin = ang.cos(), ang.sin()
 
-        features = None
+        tapped = {}
         for i, block in enumerate(self.patch_blocks):
+            if i == depth:
+                break
             x = self._run(block, x, c, cos, sin, mask, i + 1 in perturb)
-            if repa_layer is not None and i + 1 == repa_layer:
-                features = x[:, T:]                                            # (B, L, D)
-        s_cond = self.semantic_norm(x[:, T:]) + c[:, None]                     # (B, L, D)
-
-        # pixel path; compacted tokens use mRoPE ids (0, i, j): cos_px, sin_px above
-        y = self.pixel_in(pix)                                                 # (B, L, p*p, d)
-        gamma_sq = torch.zeros((), device=z.device)
-        for block in self.pixel_blocks:
-            y, g = self._run(block, y, s_cond, cos_px, sin_px)
-            gamma_sq = gamma_sq + g
-        out = self.out(self.out_norm(y))                                       # (B, L, p*p, 3)
-        return TrainOutput(unpatchify(out, p, h, w), features, gamma_sq)
+            if i + 1 in taps:
+                tapped[i + 1] = x[:, T:]                                       # (B, L, D)
+        return x, tapped, (c, pix, T, h, w, cos_px, sin_px)
 
     def _input(self, z: Tensor, prev: Tensor | None) -> Tensor:
         """What the embeddings read: z, or with self_cond z beside the previous estimate,

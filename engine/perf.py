@@ -36,7 +36,7 @@ from engine.baseline import PlainDiT
 from engine.buckets import BucketPlan
 from engine.config import RunConfig
 from engine.distributed import PRECISIONS, autocast_for, compiler_problem, release_memory
-from engine.flops import PARTS, baseline_flops, pixelhdm_flops, self_cond_share
+from engine.flops import PARTS, baseline_flops, extra_forward_share, pixelhdm_flops
 from engine.flow import interpolate, resolution_shift, sample_t, to_velocity, v_loss
 from engine.model import PixelHDM, TextCond
 from engine.optim import build_optimizer
@@ -240,7 +240,7 @@ def measure_network(cfg: RunConfig, text_dim: int, sizes: list[tuple[int, int]],
             "base_infer": lambda: forward_only(base, b, precision, device)}, steps, device,
             warmup=WARMUP_COMPILED if compiled else 1)
         fwd, fwd_base = sum(f_ours.values()) * batch, sum(f_base.values()) * batch
-        share = self_cond_share(cfg)
+        share = extra_forward_share(cfg, f_ours)
         secs["train"] += share * secs["infer"]
         patches = (w // cfg.model.patch_size) * (h // cfg.model.patch_size)
         row = {"size": size, "batch": batch, "text_tokens": tokens, "patch_tokens": patches,
@@ -271,12 +271,13 @@ def train_step_seconds(cfg: RunConfig, text_dim: int, shapes: list[tuple[int, in
                        tokens: int, steps: int, device: torch.device, precision: str,
                        compiled: bool) -> dict[tuple[int, int, int], float]:
     """Median seconds of a bare PixelHDM training step for each (batch, width, height),
-    with model.self_cond's average share of an inference forward."""
+    with the average share of an inference forward that self-conditioning and
+    self-alignment add (flops.extra_forward_share)."""
     net = build_network(PixelHDM, cfg, text_dim, device, compiled)
     step = TrainStep(net, cfg, precision, device)
-    share = self_cond_share(cfg)
     out = {}
     for batch, w, h in shapes:
+        share = extra_forward_share(cfg, pixelhdm_flops(cfg.model, text_dim, w, h, tokens))
         b = Inputs.random(cfg, text_dim, batch, w, h, tokens, device)
         calls = {"train": lambda: step(b)}
         if share:

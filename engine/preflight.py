@@ -29,10 +29,11 @@ from engine.distributed import (
     resolve_device,
 )
 from engine.encoders import QWEN_TYPES, DinoTeacher, EncoderLoadError, load_text_encoder
-from engine.flops import pixelhdm_flops, self_cond_share
-from engine.flow import IREPAProjector
+from engine.flops import extra_forward_share, pixelhdm_flops
+from engine.flow import IREPAProjector, SRAProjector
 from engine.model import PixelHDM
 from engine.optim import build_optimizer
+from engine.self_align import SelfAlignTeacher
 from engine.text_features import cached_text_encoder
 from engine.train_io import oom_message
 from engine.trainable import Trainable
@@ -74,10 +75,10 @@ def largest_bucket(cfg: RunConfig) -> tuple[int, int]:
     return max(buckets, key=lambda b: (b[0] * b[1], b[0]))
 
 
-def forward_flops(cfg: RunConfig, width: int, height: int, text_tokens: int) -> float:
-    """FLOPs of one forward pass for one image (2 per multiply-add; engine/flops.py)."""
-    return float(sum(pixelhdm_flops(cfg.model, text_shape(cfg.text)[0], width, height,
-                                    text_tokens).values()))
+def forward_flops(cfg: RunConfig, width: int, height: int, text_tokens: int) -> dict[str, int]:
+    """FLOPs of one forward pass for one image by part (2 per multiply-add;
+    engine/flops.py)."""
+    return pixelhdm_flops(cfg.model, text_shape(cfg.text)[0], width, height, text_tokens)
 
 
 def count_parameters(cfg: RunConfig) -> int:
@@ -105,6 +106,8 @@ def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
     grads = params * 4 / GiB
     optimizer = params * opt_bytes / GiB
     ema = params * 4 / GiB if tr.ema_decay > 0 else 0.0
+    # loss.sra_weight: a second fp32 copy of the network gives the self-alignment targets
+    sra = params * 4 / GiB if cfg.loss.sra_weight > 0 else 0.0
     # a frozen text encoder is unloaded before training (its features come from the disk
     # cache, engine/text_features.py); only the iREPA teacher stays
     frozen = 86e6 * (2 if half else 4) / GiB if cfg.loss.repa_teacher else 0.0
@@ -122,16 +125,18 @@ def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
     else:
         per_sample = m.patch_layers * patch_block + m.pixel_layers * pixel_block
     activations = tr.batch_size * per_sample * 1.15 / GiB   # allocator slack
-    total = weights + grads + optimizer + ema + frozen + activations + 0.5   # + CUDA context
-    flops = forward_flops(cfg, width, height, T)
-    step_flops = (3 + self_cond_share(cfg)) * flops * tr.batch_size * tr.grad_accum
+    total = weights + grads + optimizer + ema + sra + frozen + activations + 0.5   # + CUDA context
+    parts = forward_flops(cfg, width, height, T)
+    flops = float(sum(parts.values()))
+    step_flops = (3 + extra_forward_share(cfg, parts)) * flops * tr.batch_size * tr.grad_accum
     fits = [g for g in GPU_SIZES_GIB if total <= g * 0.92]
     return {
         "parameters": params, "frozen_parameters": int(text_params),
         "bucket": [width, height], "image_tokens": L, "text_tokens": T,
         "gflops_per_image": flops / 1e9, "tflops_per_step": step_flops / 1e12,
         "memory_gib": {"weights": weights, "gradients": grads, "optimizer": optimizer,
-                       "ema": ema, "frozen_encoders": frozen, "activations": activations,
+                       "ema": ema, "self_alignment_teacher": sra, "frozen_encoders": frozen,
+                       "activations": activations,
                        "total": total},
         "fits": (f"fits a {fits[0]} GB GPU" if fits else
                  f"needs more than {GPU_SIZES_GIB[-1]} GB: lower batch size or resolution"),
@@ -203,7 +208,10 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
     net = PixelHDM(cfg.model, text.dim).to(dev)
     net.grad_checkpointing = tr.grad_checkpointing
     proj = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(dev) if teacher else None
-    model = Trainable(net, text, proj)
+    sra_on = cfg.loss.sra_weight > 0
+    model = Trainable(net, text, proj, SRAProjector(cfg.model.hidden_dim).to(dev) if sra_on
+                      else None)
+    sra_teacher = SelfAlignTeacher(cfg, text, dev) if sra_on else None
     optimizer, _ = build_optimizer(model, tr, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=tr.precision == "fp16")
     B = tr.batch_size
@@ -217,8 +225,10 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
             eps = torch.randn_like(x)
             teacher_tokens = teacher(x, grid) if teacher else None
             with autocast_for(tr.precision, dev):
+                sra_targets = sra_teacher(x, eps, t, captions) if sra_teacher else None
                 terms, _ = model(x, captions, t, eps, cfg, 0, teacher_tokens,
-                                 grid if teacher else None, cfg.model.self_cond)
+                                 grid if teacher else None, cfg.model.self_cond,
+                                 sra_targets=sra_targets)
             scaler.scale(terms["total"]).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -58,6 +58,7 @@ from engine.distributed import (
 from engine.encoders import DinoTeacher, load_text_encoder
 from engine.flow import (
     IREPAProjector,
+    SRAProjector,
     drop_captions,
     repa_active,
     resolution_shift,
@@ -81,6 +82,7 @@ from engine.optim import (
 from engine.preflight import cpu_warning
 from engine.report import why_nothing_trains
 from engine.sample_prompts import RunPrompts
+from engine.self_align import SelfAlignTeacher
 from engine.stages import resolution_stages, stage_index, stage_scale, stage_text, steps_left
 from engine.text_features import cached_text_encoder
 from engine.train_io import (
@@ -206,7 +208,9 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         net.compile_blocks()
         blocks = "compiled (slower while it compiles: the first steps, sizes and samples)"
     projector = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(device) if teacher else None
-    model = Trainable(net, text_encoder, projector)
+    sra_on = lo.sra_weight > 0
+    model = Trainable(net, text_encoder, projector,
+                      SRAProjector(cfg.model.hidden_dim).to(device) if sra_on else None)
     if tr.init_from and not (resume and latest_resumable(run.checkpoints)):
         init = load_init(tr.init_from, tr.init_weights)
         check_fits(init, cfg)
@@ -221,19 +225,21 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     if d.main and device.type == "cpu" and (warning := cpu_warning(cfg, device)):
         log(f"warning: {warning}")
     log(f"model: {n_params / 1e6:.2f} M parameters, text encoder {cfg.text.encoder} "
-        f"({text_encoder.dim}-wide), iREPA {'on' if teacher else 'off'}, device {device}, "
+        f"({text_encoder.dim}-wide), iREPA {'on' if teacher else 'off'}, self-alignment "
+        f"{'on' if sra_on else 'off'}, device {device}, "
         f"{tr.precision}, {d.world} process(es), blocks {blocks}")
     optimizer, note = build_optimizer(model, tr, device)
     if note:
         log(f"note: {note}")
         report.event(0, "optimizer", note)
     ema = EMA(model.ema_params(), tr.ema_decay, tr.ema_warmup) if tr.ema_decay > 0 else None
+    sra_teacher = SelfAlignTeacher(cfg, text_encoder, device) if sra_on else None
     zclip = ZClip(tr.zclip_z, tr.zclip_alpha, tr.zclip_warmup) if tr.zclip else None
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
     noise_gen = torch.Generator(device=device).manual_seed(tr.seed * 1000 + d.rank)
     ddp_model = (nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=projector is not None) if d.world > 1 else model)
+        find_unused_parameters=projector is not None or sra_on) if d.world > 1 else model)
 
     # ---- state that checkpoints carry -------------------------------------------------
     st = TrainState(origin=origin)
@@ -465,6 +471,12 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
             use_repa = teacher is not None and repa_active(lo, st.step)
             teacher_tokens = teacher(x, grid) if use_repa else None
+            sra_targets = None
+            if sra_teacher is not None:
+                if micro == 0:
+                    sra_teacher.refresh(ema.shadow)
+                with autocast_for(tr.precision, device):
+                    sra_targets = sra_teacher(x, eps, t, captions, noise_gen)
             sync = (ddp_model.no_sync() if d.world > 1 and micro < tr.grad_accum - 1
                     else contextlib.nullcontext())
             with sync:
@@ -472,7 +484,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                     with autocast_for(tr.precision, device):
                         terms, per_sample = ddp_model(x, captions, t, eps, cfg, st.step,
                                                       teacher_tokens, grid if use_repa else None,
-                                                      self_cond)
+                                                      self_cond, sra_targets=sra_targets)
                     scaler.scale(terms["total"] / tr.grad_accum).backward()
                 except torch.OutOfMemoryError as e:
                     raise TrainError(oom_message(cfg, x.shape)) from e

@@ -1,7 +1,8 @@
 """What a training run optimises, as one nn.Module (so DistributedDataParallel sees a
 single forward): the PixelHDM network, the builtin text encoder when the config uses it,
-and the iREPA projector. Its forward is one micro-batch: encode the captions, noise the
-images to times t, run the network and return every loss term (engine/flow.py). With
+and the iREPA and self-alignment projectors. Its forward is one micro-batch: encode the
+captions, noise the images to times t, run the network and return every loss term
+(engine/flow.py). With
 model.self_cond a micro-batch the trainer picks first runs the network without gradients
 at the same times and feeds its clean estimate back as the input beside z.
 The trainer, the dry run (engine/preflight.py) and nothing else call it."""
@@ -11,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from engine.config import RunConfig
+from engine.config import RunConfig, sra_layers
 from engine.flow import (
     IREPAProjector,
+    SRAProjector,
     flow_losses,
     interpolate,
     to_clean,
@@ -23,17 +25,23 @@ from engine.flow import (
 )
 from engine.model import PixelHDM, TextCond
 
+# the training-only heads: saved with the raw weights, not averaged, not sampled with
+PROJECTORS = ("repa.", "sra.")
+
 
 class Trainable(nn.Module):
-    """The network, the builtin text encoder (when used) and the iREPA projector.
+    """The network, the builtin text encoder (when used), the iREPA projector and the
+    self-alignment (SRA) projector (each when its loss is on).
     A frozen text encoder (in training, its feature cache: engine/text_features.py
     `cached_text_encoder`) is kept as a plain attribute: it is neither trained nor saved."""
 
-    def __init__(self, net: PixelHDM, text_encoder, projector: IREPAProjector | None):
+    def __init__(self, net: PixelHDM, text_encoder, projector: IREPAProjector | None,
+                 sra_projector: SRAProjector | None = None):
         super().__init__()
         self.net = net
         self.text = text_encoder if isinstance(text_encoder, nn.Module) else None
         self.repa = projector
+        self.sra = sra_projector
         self._frozen = None if self.text is not None else text_encoder
 
     def encode(self, captions: list[str]) -> TextCond:
@@ -41,7 +49,7 @@ class Trainable(nn.Module):
 
     def forward(self, x: Tensor, captions: list[str], t: Tensor, eps: Tensor, cfg: RunConfig,
                 step: int, teacher: Tensor | None, teacher_grid: tuple[int, int] | None,
-                self_cond: bool = False):
+                self_cond: bool = False, sra_targets: Tensor | None = None):
         text = self.encode(captions)
         z = interpolate(x, eps, t)
         grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
@@ -50,11 +58,14 @@ class Trainable(nn.Module):
         if self_cond:
             with torch.no_grad():
                 prev = to_clean(self.net(z, t, text).float(), z, t, cfg.model.prediction)
-        out = self.net.forward_train(z, t, text, repa_layer, prev=prev)
+        sra_layer = (sra_layers(cfg.loss, cfg.model.patch_layers)[0]
+                     if sra_targets is not None else None)
+        out = self.net.forward_train(z, t, text, repa_layer, prev=prev, sra_layer=sra_layer)
         terms = flow_losses(out.pred, z, t, x, eps, cfg.model.prediction, cfg.loss,
                             features=out.features, grid=grid, teacher=teacher,
                             teacher_grid=teacher_grid, projector=self.repa,
-                            gamma_sq=out.gamma_sq, step=step)
+                            gamma_sq=out.gamma_sq, step=step, sra_features=out.sra_features,
+                            sra_targets=sra_targets, sra_projector=self.sra)
         with torch.no_grad():
             per_sample = v_loss_per_sample(
                 to_velocity(out.pred, z, t, cfg.model.prediction, cfg.loss.t_eps),
@@ -62,12 +73,12 @@ class Trainable(nn.Module):
         return terms, per_sample
 
     def weights(self) -> dict[str, Tensor]:
-        """Everything saved as `model.*`: net., text., repa."""
+        """Everything saved as `model.*`: net., text., repa., sra."""
         return self.state_dict()
 
     def ema_params(self) -> dict[str, Tensor]:
-        """Parameters averaged by the EMA (the projector is not needed for sampling)."""
-        return {k: p for k, p in self.named_parameters() if not k.startswith("repa.")}
+        """Parameters averaged by the EMA (the projectors are not needed for sampling)."""
+        return {k: p for k, p in self.named_parameters() if not k.startswith(PROJECTORS)}
 
 
 

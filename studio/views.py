@@ -29,7 +29,7 @@ from studio.liveness import ACTIVE_STATES
 
 MAX_PLOT_POINTS = 600
 LOSS_SERIES = {"loss": "total", "loss_v": "velocity", "loss_freq": "frequency",
-               "loss_repa": "iREPA", "loss_gamma": "gamma L2"}
+               "loss_repa": "iREPA", "loss_sra": "self-alignment", "loss_gamma": "gamma L2"}
 # the settings the Dataset tab edits and hands to the Train tab, in its input order
 DATASET_KEYS = ("data.min_side", "data.max_side", "data.bucket_step", "data.max_aspect",
                 "train.batch_size", "data.drop_last", "data.missing_caption", "data.include_reg")

@@ -125,14 +125,14 @@ def test_training_feeds_back_a_share_of_micro_batches_and_resumes_exactly(tmp_pa
     flags, prevs = [], []
     forward, forward_train = Trainable.forward, PixelHDM.forward_train
 
-    def spy_forward(self, *args):
+    def spy_forward(self, *args, **kw):
         flags.append(args[-1])
-        return forward(self, *args)
+        return forward(self, *args, **kw)
 
     estimate = {}
 
-    def spy_forward_train(self, z, t, tc, repa_layer=None, prev=None, perturb=()):
-        out = forward_train(self, z, t, tc, repa_layer, prev=prev, perturb=perturb)
+    def spy_forward_train(self, z, t, tc, repa_layer=None, prev=None, perturb=(), **kw):
+        out = forward_train(self, z, t, tc, repa_layer, prev=prev, perturb=perturb, **kw)
         if not torch.is_grad_enabled():   # the estimating forward: its clean estimate
             estimate["x"] = to_clean(out.pred.float(), z, t, self.cfg.prediction)
         else:
@@ -193,7 +193,7 @@ def test_the_cost_estimate_counts_the_extra_forward():
         cfg = tiny_cfg(f"model.self_cond={str(self_cond).lower()}", "loss.self_cond_p=0.5")
         est = preflight.estimate(cfg)
         w, h = est["bucket"]
-        per_image = preflight.forward_flops(cfg, w, h, est["text_tokens"])
+        per_image = sum(preflight.forward_flops(cfg, w, h, est["text_tokens"]).values())
         assert est["tflops_per_step"] * 1e12 == pytest.approx(
             forwards * per_image * cfg.train.batch_size * cfg.train.grad_accum)
 
