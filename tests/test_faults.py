@@ -162,8 +162,8 @@ def poison_steps(monkeypatch, steps: set[int], times: int) -> list[int]:
     from engine.trainable import Trainable
     real, hits = Trainable.forward, []
 
-    def forward(self, x, captions, t, eps, cfg, step, *rest):
-        terms, per_sample = real(self, x, captions, t, eps, cfg, step, *rest)
+    def forward(self, x, captions, t, eps, cfg, step, *rest, **kw):
+        terms, per_sample = real(self, x, captions, t, eps, cfg, step, *rest, **kw)
         if step in steps and len(hits) < times:
             hits.append(step)
             terms = {k: v * float("nan") for k, v in terms.items()}
