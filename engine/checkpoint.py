@@ -12,9 +12,9 @@
 text encoder, when used), `repa.` (the iREPA projector), `sra.` (the self-alignment
 projector); the last two are trained but not averaged, so `ema.*` lacks them. The state
 file is written first and the weights file last, each through a temporary file and
-os.replace, so a step whose weights file exists is complete. An exported inference file holds only
-`model.*` weights (the EMA ones by default) in a chosen dtype, portable metadata and
-`modelspec.*` keys (engine/modelspec.py).
+os.replace, so a step whose weights file exists is complete. An exported inference file
+holds only `model.*` weights (the EMA ones by default) in a chosen dtype, portable
+metadata and `modelspec.*` keys (engine/modelspec.py).
 """
 
 from __future__ import annotations

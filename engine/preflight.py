@@ -30,7 +30,6 @@ from engine.distributed import (
 )
 from engine.encoders import QWEN_TYPES, DinoTeacher, EncoderLoadError, load_text_encoder
 from engine.flops import extra_forward_share, pixelhdm_flops
-from engine.flow import IREPAProjector, SRAProjector
 from engine.model import PixelHDM
 from engine.optim import build_optimizer
 from engine.self_align import SelfAlignTeacher
@@ -207,11 +206,8 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
     teacher = DinoTeacher(cfg.loss.repa_teacher, dev, dtype) if cfg.loss.repa_teacher else None
     net = PixelHDM(cfg.model, text.dim).to(dev)
     net.grad_checkpointing = tr.grad_checkpointing
-    proj = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(dev) if teacher else None
-    sra_on = cfg.loss.sra_weight > 0
-    model = Trainable(net, text, proj, SRAProjector(cfg.model.hidden_dim).to(dev) if sra_on
-                      else None)
-    sra_teacher = SelfAlignTeacher(cfg, text, dev) if sra_on else None
+    model = Trainable.for_run(cfg, net, text, teacher.dim if teacher else None, dev)
+    sra_teacher = SelfAlignTeacher(cfg, text, dev) if model.sra is not None else None
     optimizer, _ = build_optimizer(model, tr, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=tr.precision == "fp16")
     B = tr.batch_size

@@ -57,8 +57,6 @@ from engine.distributed import (
 )
 from engine.encoders import DinoTeacher, load_text_encoder
 from engine.flow import (
-    IREPAProjector,
-    SRAProjector,
     drop_captions,
     repa_active,
     resolution_shift,
@@ -207,10 +205,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     elif tr.compile:
         net.compile_blocks()
         blocks = "compiled (slower while it compiles: the first steps, sizes and samples)"
-    projector = IREPAProjector(cfg.model.hidden_dim, teacher.dim).to(device) if teacher else None
-    sra_on = lo.sra_weight > 0
-    model = Trainable(net, text_encoder, projector,
-                      SRAProjector(cfg.model.hidden_dim).to(device) if sra_on else None)
+    model = Trainable.for_run(cfg, net, text_encoder, teacher.dim if teacher else None, device)
+    sra_on = model.sra is not None
     if tr.init_from and not (resume and latest_resumable(run.checkpoints)):
         init = load_init(tr.init_from, tr.init_weights)
         check_fits(init, cfg)
@@ -239,7 +235,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     noise_gen = torch.Generator(device=device).manual_seed(tr.seed * 1000 + d.rank)
     ddp_model = (nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=projector is not None or sra_on) if d.world > 1 else model)
+        find_unused_parameters=model.repa is not None or sra_on) if d.world > 1 else model)
 
     # ---- state that checkpoints carry -------------------------------------------------
     st = TrainState(origin=origin)

@@ -44,6 +44,17 @@ class Trainable(nn.Module):
         self.sra = sra_projector
         self._frozen = None if self.text is not None else text_encoder
 
+    @classmethod
+    def for_run(cls, cfg: RunConfig, net: PixelHDM, text_encoder, teacher_dim: int | None,
+                device: torch.device) -> Trainable:
+        """The module a run of `cfg` trains: the iREPA projector when a teacher of width
+        `teacher_dim` is loaded, the self-alignment projector when loss.sra_weight > 0.
+        The trainer and the dry run both build it here."""
+        D = cfg.model.hidden_dim
+        repa = IREPAProjector(D, teacher_dim).to(device) if teacher_dim else None
+        sra = SRAProjector(D).to(device) if cfg.loss.sra_weight > 0 else None
+        return cls(net, text_encoder, repa, sra)
+
     def encode(self, captions: list[str]) -> TextCond:
         return (self._frozen if self.text is None else self.text).encode(captions)
 
