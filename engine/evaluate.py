@@ -465,11 +465,13 @@ def evaluate(net, encode, cfg: RunConfig, device: torch.device | str, precision:
         spread = seed_spread(images)
         row = {"prompt": p.prompt, "spread": spread, "real_spread": real_spread,
                "ratio": ratio(spread, real_spread) if real_spread is not None else None,
-               "reference": kind, "noise": flat_noise(images)[0]}
+               "reference": kind, "noise": flat_noise(images)[0],
+               "adherence": None, "by_attribute": None}
         if real.demo:
             scores = _adherence(list(images), [p.prompt] * len(images))
             hits = [v for vs in scores.values() for v in vs]
-            row["adherence"] = 100.0 * np.mean(hits) if hits else None
+            row["adherence"] = 100.0 * float(np.mean(hits)) if hits else None
+            row["by_attribute"] = {name: 100.0 * float(np.mean(v)) for name, v in scores.items()}
         rows.append(row)
         tick(p.prompt[:40])
     every = np.concatenate(generated)

@@ -116,12 +116,20 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.0f}%"
 
 
+def _missed(shares) -> str:
+    """The attributes of one prompt drawn right in under 100 % of its images."""
+    if shares is None:
+        return "-"
+    return ", ".join(f"{name} {share:.0f}%" for name, share in shares.items()
+                     if share < 100.0) or "none"
+
+
 FIGURE_COLUMNS = [("measure", "measure", str), ("generated", "generated", _num),
                   ("real", "real", _num), ("ratio", "ratio", _times), ("note", "", str)]
 PROMPT_COLUMNS = [("prompt", "prompt", lambda v: v[:48]), ("spread", "spread", _num),
                   ("real_spread", "real spread", _num), ("ratio", "ratio", _times),
                   ("reference", "real reference", str), ("noise", "noise", _num),
-                  ("adherence", "adherence", _pct)]
+                  ("adherence", "adherence", _pct), ("by_attribute", "under 100 %", _missed)]
 ADHERENCE_COLUMNS = [("attribute", "attribute", str), ("scored", "images", str),
                      ("generated", "generated", _pct), ("real", "real (scorer check)", _pct)]
 

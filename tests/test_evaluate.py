@@ -275,9 +275,21 @@ def test_quality_command_reports_every_figure_and_writes_nothing(trained, capsys
     assert set(attributes) == {"background", "colour", "shape"}   # the prompts name no position
     assert all(a["scored"] == 6 and 0 <= a["generated"] <= 100 for a in attributes.values())
     assert attributes["background"]["real"] == 100.0
+    # each prompt's share per attribute, which the table shows where it is under 100 %
+    for row in report["per_prompt"]:
+        assert set(row["by_attribute"]) == {"background", "colour", "shape"}
+        assert row["adherence"] == pytest.approx(np.mean(list(row["by_attribute"].values())))
+    pooled = {name: np.mean([row["by_attribute"][name] for row in report["per_prompt"]])
+              for name in attributes}
+    assert pooled == pytest.approx({n: a["generated"] for n, a in attributes.items()})
     assert bench_main(args) == 0
     text = capsys.readouterr().out
     assert "flat-area noise (levels)" in text and "prompt adherence" in text
+    assert "under 100 %" in text
+    for row in report["per_prompt"]:
+        line = next(x for x in text.splitlines() if x.startswith(row["prompt"]))
+        missed = [name for name, share in row["by_attribute"].items() if share < 100]
+        assert all(f"{name} {row['by_attribute'][name]:.0f}%" in line for name in missed)
     assert snapshot(run, demo) == before
 
 
@@ -318,7 +330,15 @@ def test_quality_on_another_folder_omits_adherence_with_a_note(trained, tmp_path
     report = json.loads(capsys.readouterr().out)
     assert report["adherence"] == [] and "not the demo" in report["notes"][0]
     assert report["per_prompt"][0]["reference"] == "similar captions (2)"
+    assert report["per_prompt"][0]["adherence"] is None
+    assert report["per_prompt"][0]["by_attribute"] is None
     assert report["real"].startswith(f"4 images of {tmp_path}")
+    # the table, as a user reads it, for a folder of their own
+    assert bench_main(["quality", "--checkpoint", str(run), "--data", str(tmp_path), "--n", "1",
+                       "--seeds", "2", "--steps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "seed diversity" in text and "a red circle on a white background" in text
+    assert "prompt adherence (demo captions" not in text
     assert bench_main(["quality", "--checkpoint", str(run), "--data",
                        str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
