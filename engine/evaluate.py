@@ -471,7 +471,8 @@ def evaluate(net, encode, cfg: RunConfig, device: torch.device | str, precision:
             scores = _adherence(list(images), [p.prompt] * len(images))
             hits = [v for vs in scores.values() for v in vs]
             row["adherence"] = 100.0 * float(np.mean(hits)) if hits else None
-            row["by_attribute"] = {name: 100.0 * float(np.mean(v)) for name, v in scores.items()}
+            row["by_attribute"] = ({name: 100.0 * float(np.mean(v)) for name, v in scores.items()}
+                                   or None)        # None: the prompt is not a demo caption
         rows.append(row)
         tick(p.prompt[:40])
     every = np.concatenate(generated)

@@ -117,10 +117,11 @@ def _pct(v) -> str:
 
 
 def _missed(shares) -> str:
-    """The attributes of one prompt drawn right in under 100 % of its images."""
+    """The attributes of one prompt drawn right in under 100 % of its images (one
+    decimal, so that 99.6 % does not read as 100 %)."""
     if shares is None:
         return "-"
-    return ", ".join(f"{name} {share:.0f}%" for name, share in shares.items()
+    return ", ".join(f"{name} {share:.1f}%" for name, share in shares.items()
                      if share < 100.0) or "none"
 
 

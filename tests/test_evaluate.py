@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -289,7 +290,7 @@ def test_quality_command_reports_every_figure_and_writes_nothing(trained, capsys
     for row in report["per_prompt"]:
         line = next(x for x in text.splitlines() if x.startswith(row["prompt"]))
         missed = [name for name, share in row["by_attribute"].items() if share < 100]
-        assert all(f"{name} {row['by_attribute'][name]:.0f}%" in line for name in missed)
+        assert all(f"{name} {row['by_attribute'][name]:.1f}%" in line for name in missed)
     assert snapshot(run, demo) == before
 
 
@@ -316,6 +317,23 @@ def test_quality_command_takes_the_generators_sampling_options(trained, capsys):
                 ["--shift", "-1"], ["--noise-interval", "0.5,0.5"]):
         assert bench_main([*args, *bad]) == 2
         assert "allowed" in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_no_demo_caption_has_no_adherence_row(trained, tmp_path, capsys):
+    run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "sample_prompts.txt").write_text("a red circle on a white background\n"
+                                             "a photo of a cat\n")
+    args = ["quality", "--checkpoint", str(copy), "--n", "2", "--seeds", "2", "--steps", "1"]
+    assert bench_main([*args, "--json"]) == 0
+    circle, cat = json.loads(capsys.readouterr().out)["per_prompt"]
+    assert set(circle["by_attribute"]) == {"background", "colour", "shape"}
+    assert cat["prompt"] == "a photo of a cat"
+    assert cat["adherence"] is None and cat["by_attribute"] is None
+    assert bench_main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("a photo"))
+    assert line.split()[-2:] == ["-", "-"]                 # no adherence, nothing "missed"
 
 
 def test_quality_on_another_folder_omits_adherence_with_a_note(trained, tmp_path, capsys):
