@@ -467,10 +467,12 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
             use_repa = teacher is not None and repa_active(lo, st.step)
             teacher_tokens = teacher(x, grid) if use_repa else None
-            if sra_teacher is not None and micro == 0:
-                sra_teacher.refresh(ema.shadow)   # this step's teacher: the EMA so far
-            with autocast_for(tr.precision, device):
-                sra_targets = sra_teacher(x, eps, t, captions, noise_gen) if sra_teacher else None
+            sra_targets = None
+            if sra_teacher is not None:
+                if micro == 0:
+                    sra_teacher.refresh(ema.shadow)   # this step's teacher: the EMA so far
+                with autocast_for(tr.precision, device):
+                    sra_targets = sra_teacher(x, eps, t, captions, noise_gen)
             sync = (ddp_model.no_sync() if d.world > 1 and micro < tr.grad_accum - 1
                     else contextlib.nullcontext())
             with sync:

@@ -2,10 +2,9 @@
 single forward): the PixelHDM network, the builtin text encoder when the config uses it,
 and the iREPA and self-alignment projectors. Its forward is one micro-batch: encode the
 captions, noise the images to times t, run the network and return every loss term
-(engine/flow.py). With
-model.self_cond a micro-batch the trainer picks first runs the network without gradients
-at the same times and feeds its clean estimate back as the input beside z.
-The trainer, the dry run (engine/preflight.py) and nothing else call it."""
+(engine/flow.py). With model.self_cond a micro-batch the trainer picks first runs the
+network without gradients at the same times and feeds its clean estimate back as the
+input beside z. The trainer, the dry run (engine/preflight.py) and nothing else call it."""
 
 from __future__ import annotations
 
