@@ -6,7 +6,8 @@
     python -m engine.bench network --preset tiny-cpu --sizes 64x64,32x32 [--profile]
     python -m engine.bench overhead --preset tiny-cpu
     python -m engine.bench gpu [--quick]
-    python -m engine.bench quality --checkpoint RUN [--data DIR] [--n 4 --seeds 4 --steps 10]
+    python -m engine.bench quality --checkpoint RUN [--data DIR] [--prompts wide]
+                                   [--n 4 --seeds 4 --steps 10]
 
 `sample` times the sampling core of training samples and the Generate tab
 (engine.generate.render): seconds per image per sampler and size, the best of a few

@@ -122,6 +122,20 @@ def parse_caption(caption: str) -> dict[str, str | None] | None:
             "position": m["position"] or m["center"], "background": m["background"]}
 
 
+def probe_captions() -> list[str]:
+    """The wide probe of a demo model: every shape at every place and in every size, each
+    also with the place or the size left out (5 x 6 x 3 = 90 captions), the colours in
+    turn and each on a background of another colour, in turn."""
+    colours, out = list(COLOURS), []
+    places, sizes = [*POSITIONS, None], [*SIZES, None]
+    for k, (shape, place, size) in enumerate((a, b, c) for a in SHAPES for b in places
+                                             for c in sizes):
+        colour = colours[k % len(colours)]
+        grounds = [g for g in BACKGROUNDS if g != colour]
+        out.append(make_caption(shape, colour, size, place, grounds[k % len(grounds)]))
+    return out
+
+
 def image_size(rng: np.random.Generator) -> tuple[int, int]:
     """(width, height) of one image, drawn from IMAGE_SIZES by their weights."""
     sizes = [s for s, _ in IMAGE_SIZES]

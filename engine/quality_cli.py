@@ -12,11 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.config import RunConfig
+from engine.demo_data import parse_caption, probe_captions
 from engine.encoders import DinoTeacher
 from engine.evaluate import EvaluateError, Progress, RealImages, evaluate, run_prompts
 from engine.generate import Pipeline, check_options, check_size
 from engine.generate_cli import add_sampling_options
-from engine.sample_prompts import SamplePrompt
+from engine.sample_prompts import SamplePrompt, prompt_defaults
 from engine.sampling import STOCHASTIC
 
 
@@ -35,21 +36,32 @@ def tty_progress(stream=sys.stderr) -> Progress | None:
 
 def quality_report(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    if min(args.n, args.steps) < 1 or args.seeds < 2:
+    n = args.n if args.n is not None else (4 if args.prompts == "sample" else None)
+    if min(n or 1, args.steps) < 1 or args.seeds < 2:
         raise EvaluateError("--n and --steps: allowed whole numbers >= 1; --seeds: >= 2")
     pipe = Pipeline.load(args.checkpoint, ema=True, device=args.device, dtype=args.dtype)
     cfg = with_sampling(pipe.cfg, args)
     width, height = cfg.sample_size(pipe.trained)
     check_size(width, height, cfg.model.patch_size)
-    prompts = run_prompts(cfg, pipe.path, pipe.trained)[:args.n]
+    real = RealImages.of(cfg, args.data)
+    if args.prompts == "wide":
+        if not real.demo:
+            raise EvaluateError(f"--prompts wide scores the demo's captions from pixels; "
+                                f"{real.what} are not the demo dataset: leave out --prompts, "
+                                f"or give the demo folder with --data")
+        d = prompt_defaults(cfg, pipe.trained)
+        prompts = [SamplePrompt(c, d.negative, d.width, d.height, d.seed + i, d.cfg, d.steps)
+                   for i, c in enumerate(probe_captions()[:n])]
+    else:
+        prompts = run_prompts(cfg, pipe.path, pipe.trained)[:n]
     if args.cfg is not None:
         prompts = [replace(p, cfg=args.cfg) for p in prompts]
-    real = RealImages.of(cfg, args.data)
     folder = Path(cfg.loss.repa_teacher).expanduser() if cfg.loss.repa_teacher else None
     teacher = DinoTeacher(str(folder), pipe.device) if folder and folder.is_dir() else None
     result = evaluate(pipe.net, pipe.encode, cfg, pipe.device, pipe.precision, prompts, real,
                       seeds=args.seeds, steps=args.steps, width=width, height=height,
                       teacher=teacher, progress=tty_progress())
+    result["adherence"] += open_place_rows(result["per_prompt"], args.seeds)
     if folder and teacher is None:
         result["notes"].append(f"no DINOv3 distance: loss.repa_teacher '{folder}' is not a "
                                f"folder here")
@@ -59,6 +71,23 @@ def quality_report(args: argparse.Namespace) -> dict:
             "steps": args.steps, "sampling": sampling_text(cfg, prompts), "real": real.what,
             **result,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def open_place_rows(rows: list[dict], seeds: int) -> list[dict]:
+    """Adherence rows for the prompts that leave the place open (where a model that
+    cannot settle on one place draws the shape twice), pooled from the per-prompt shares;
+    none when every prompt names its place or none names it."""
+    open_ = [r for r in rows if r["by_attribute"] and not parse_caption(r["prompt"])["position"]]
+    if not open_ or len(open_) == len(rows):
+        return []
+    out = []
+    for attribute in ("shape", "size"):
+        shares = [r["by_attribute"][attribute] for r in open_ if attribute in r["by_attribute"]]
+        if shares:
+            out.append({"attribute": f"{attribute}, place left open",
+                        "scored": len(shares) * seeds, "generated": sum(shares) / len(shares),
+                        "real": None})
+    return out
 
 
 # option -> sample config field
@@ -143,7 +172,12 @@ def add_quality(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or run folder")
     p.add_argument("--data", help="compare with images of this folder (default: the run's "
                                   "held-out validation images)")
-    p.add_argument("--n", type=int, default=4, help="sample prompts used (default 4)")
+    p.add_argument("--prompts", choices=("sample", "wide"), default="sample",
+                   help="sample: the run's sample prompts; wide (demo models): every shape "
+                        "at every place and in every size, also with the place or size "
+                        "left out, 90 captions")
+    p.add_argument("--n", type=int, help="prompts used: the first N (default: 4 sample "
+                                         "prompts, or all 90 wide ones)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
     add_sampling_options(p.add_argument_group("sampling (default: the checkpoint's sample "

@@ -16,12 +16,16 @@ from trainhelp import sets
 
 from engine.bench import main as bench_main
 from engine.demo_data import (
+    BACKGROUNDS,
+    COLOURS,
     POSITIONS,
+    SHAPES,
     SIZES,
     DemoItem,
     items_for_caption,
     make_caption,
     parse_caption,
+    probe_captions,
     render,
     sample_item,
     write_demo_dataset,
@@ -360,3 +364,50 @@ def test_quality_on_another_folder_omits_adherence_with_a_note(trained, tmp_path
     assert bench_main(["quality", "--checkpoint", str(run), "--data",
                        str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_wide_probe_names_every_shape_place_and_size_and_leaves_each_open():
+    captions = probe_captions()
+    parsed = [parse_caption(c) for c in captions]
+    assert len(set(captions)) == 90 and None not in parsed
+    combos = {(p["shape"], p["position"], p["size"]) for p in parsed}
+    assert combos == {(a, b, c) for a in SHAPES for b in [*POSITIONS, None]
+                      for c in [*SIZES, None]}
+    assert all(p["colour"] != p["background"] for p in parsed)
+    assert {p["colour"] for p in parsed} == set(COLOURS)
+    assert {p["background"] for p in parsed} == set(BACKGROUNDS)
+
+
+def test_quality_command_scores_the_wide_probe_and_the_open_place_apart(trained, tmp_path,
+                                                                         capsys):
+    run, _ = trained
+    args = ["quality", "--checkpoint", str(run), "--seeds", "2", "--steps", "1", "--json"]
+    # the first 18 wide captions: circles at the five places, then with the place left open
+    assert bench_main([*args, "--prompts", "wide", "--n", "18"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["per_prompt"]
+    assert [r["prompt"] for r in rows] == probe_captions()[:18]
+    adherence = {a["attribute"]: a for a in report["adherence"]}
+    assert adherence["position"]["scored"] == 15 * 2 and adherence["size"]["scored"] == 12 * 2
+    open_rows = [r for r in rows if not parse_caption(r["prompt"])["position"]]
+    assert len(open_rows) == 3
+    shape = adherence["shape, place left open"]
+    assert shape["scored"] == 3 * 2 and shape["real"] is None
+    assert shape["generated"] == pytest.approx(
+        np.mean([r["by_attribute"]["shape"] for r in open_rows]))
+    assert adherence["size, place left open"]["scored"] == 2 * 2   # one of the 3 names no size
+    # the run's own sample prompts: three of the four leave the place open
+    assert bench_main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["per_prompt"]) == 4
+    assert {a["attribute"]: a["scored"] for a in report["adherence"]}[
+        "shape, place left open"] == 3 * 2
+    # a folder that is not the demo is refused with what to do
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a photo of noise")
+    assert bench_main([*args, "--prompts", "wide", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--prompts wide" in err and "not the demo" in err and "--data" in err
