@@ -37,7 +37,7 @@ def tty_progress(stream=sys.stderr) -> Progress | None:
 def quality_report(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     n = args.n if args.n is not None else (4 if args.prompts == "sample" else None)
-    if min(n or 1, args.steps) < 1 or args.seeds < 2:
+    if (n is not None and n < 1) or args.steps < 1 or args.seeds < 2:
         raise EvaluateError("--n and --steps: allowed whole numbers >= 1; --seeds: >= 2")
     pipe = Pipeline.load(args.checkpoint, ema=True, device=args.device, dtype=args.dtype)
     cfg = with_sampling(pipe.cfg, args)

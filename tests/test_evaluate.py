@@ -411,3 +411,6 @@ def test_quality_command_scores_the_wide_probe_and_the_open_place_apart(trained,
     assert bench_main([*args, "--prompts", "wide", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--prompts wide" in err and "not the demo" in err and "--data" in err
+    for bad in ("0", "-1"):
+        assert bench_main([*args, "--prompts", "wide", "--n", bad]) == 2
+        assert "--n and --steps" in capsys.readouterr().err
