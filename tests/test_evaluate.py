@@ -306,7 +306,7 @@ def test_quality_command_takes_the_generators_sampling_options(trained, capsys):
             "--device", "cpu", "--json"]
     assert bench_main(args) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert plain["sampling"] == ("dpmpp_2m_sde (fresh noise for t in [0.1, 0.5]), cfg 5 for t "
+    assert plain["sampling"] == ("dpmpp_2m_sde (fresh noise for t in [0.1, 0.5]), cfg 4 for t "
                                  "in [0.1, 0.8]")
     assert bench_main([*args, "--sampler", "euler", "--cfg", "2", "--interval", "0,0.7",
                        "--rescale", "0.5", "--shift", "2"]) == 0
@@ -315,7 +315,7 @@ def test_quality_command_takes_the_generators_sampling_options(trained, capsys):
     assert other["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
     assert bench_main([*args, "--noise-interval", "0,1"]) == 0
     everywhere = json.loads(capsys.readouterr().out)
-    assert everywhere["sampling"] == "dpmpp_2m_sde, cfg 5 for t in [0.1, 0.8]"
+    assert everywhere["sampling"] == "dpmpp_2m_sde, cfg 4 for t in [0.1, 0.8]"
     assert everywhere["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
     for bad in (["--interval", "0.8,0.2"], ["--cfg", "-1"], ["--rescale", "2"],
                 ["--shift", "-1"], ["--noise-interval", "0.5,0.5"]):
