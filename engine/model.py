@@ -210,12 +210,17 @@ class PiecewiseLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.pieces = pieces
 
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, x: Tensor, bias_offset: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The pieces of x W^T + b (+ bias_offset, a constant added to the bias: folding
+        a constant into the bias costs nothing per row, adding it to the output a pass)."""
+        bias = self.bias
+        if bias_offset is not None:
+            bias = bias_offset if bias is None else bias + bias_offset
         if x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias).chunk(self.pieces, dim=-1)
+            return F.linear(x, self.weight, bias).chunk(self.pieces, dim=-1)
         n = self.out_features // self.pieces
         return tuple(F.linear(x, self.weight[i * n:(i + 1) * n],
-                              None if self.bias is None else self.bias[i * n:(i + 1) * n])
+                              None if bias is None else bias[i * n:(i + 1) * n])
                      for i in range(self.pieces))
 
 
@@ -298,21 +303,27 @@ class PixelBlock(nn.Module):
         # unit-gain map, or the pixel path learns for a long time without it (measured on
         # the demo set: shapes appear several times sooner than with a 0.1 gain)
         _init_modulation(self.ada, 6, gain=1.0)
+        offset = torch.zeros(6, d)
+        offset[0] = offset[3] = 1.0
+        self.register_buffer("scale_offset", offset.flatten(), persistent=False)
 
     def forward(self, x: Tensor, s_cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         B, L, pp, d = x.shape
         cond = self.cond_expand(s_cond).view(B, L, pp, d)                      # (B, L, p*p, d)
-        g1, b1, a1, g2, b2, a2 = self.ada(F.silu(cond))                        # each (B, L, p*p, d)
-        h = modulate(self.norm1(x), b1, g1).reshape(B, L, pp * d)             # (B, L, p*p*d)
+        # the scales come out as 1 + gamma (the 1 folded into the bias), so that each
+        # modulation is one fused pass per pixel, beta + norm(x) * (1 + gamma)
+        s1, b1, a1, s2, b2, a2 = self.ada(F.silu(cond), self.scale_offset)    # each (B, L, p*p, d)
+        h = torch.addcmul(b1, self.norm1(x), s1).reshape(B, L, pp * d)         # (B, L, p*p*d)
         h = self.attn(self.compress_norm(self.compress(h)), cos, sin)         # (B, L, D)
         # the residual scale applied before the (linear) expand touches D values per
         # patch instead of p*p*d, and leaves one fused x + a1 * h per pixel
         h = self.expand(self.expand_norm(h) * self.res_scale).view(B, L, pp, d)  # (B, L, p*p, d)
         x = torch.addcmul(x, a1, h)
-        x = torch.addcmul(x, a2, self.mlp(modulate(self.norm2(x), b2, g2)), value=self.res_scale)
-        # the penalty only acts through its gradient: skipped at inference. A squared
-        # norm is one reduction pass, with no squared copy of the per-pixel scales.
-        gamma_sq = (_mean_square(g1) + _mean_square(g2) if torch.is_grad_enabled()
+        h = self.mlp(torch.addcmul(b2, self.norm2(x), s2))
+        x = torch.addcmul(x, a2, h, value=self.res_scale)
+        # the penalty (on gamma = scale - 1) only acts through its gradient: skipped at
+        # inference
+        gamma_sq = (_mean_square(s1 - 1) + _mean_square(s2 - 1) if torch.is_grad_enabled()
                     else x.new_zeros((), dtype=torch.float32))
         return x, gamma_sq
 

@@ -235,6 +235,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     noise_gen = torch.Generator(device=device).manual_seed(tr.seed * 1000 + d.rank)
     ddp_model = (nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
+        # the model's buffers are constants that every rank builds alike: no broadcast
+        broadcast_buffers=False,
         find_unused_parameters=model.repa is not None or sra_on) if d.world > 1 else model)
 
     # ---- state that checkpoints carry -------------------------------------------------

@@ -530,8 +530,34 @@ def test_piecewise_linear_stays_one_product_off_the_cpu():
         PiecewiseLinear(4, 12, pieces=5)
 
 
-def _chunked(self, x):
-    return F.linear(x, self.weight, self.bias).chunk(self.pieces, dim=-1)
+def _chunked(self, x, bias_offset=None):
+    bias = self.bias if bias_offset is None else self.bias + bias_offset
+    return F.linear(x, self.weight, bias).chunk(self.pieces, dim=-1)
+
+
+def _pred_penalty_grads(perturb: bool = False):
+    """A training forward and backward of a fixed small network on a fixed batch: its
+    prediction, pixel-path penalty and parameter gradients. With `perturb` every weight
+    moves away from its initial value, so that terms that start at zero matter too."""
+    net = model().train()
+    if perturb:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = net.forward_train(z, torch.tensor([0.3, 0.8]), make_text([3, 4]))
+    (out.pred.square().mean() + out.gamma_sq).backward()
+    return out.pred.detach(), out.gamma_sq.detach(), {
+        n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+
+def _assert_same_outputs(got, want) -> None:
+    (pred, gamma, grads), (ref_pred, ref_gamma, ref_grads) = got, want
+    torch.testing.assert_close(pred, ref_pred)
+    torch.testing.assert_close(gamma, ref_gamma)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
 
 
 def test_sliced_products_equal_one_product_cut_in_pieces(monkeypatch):
@@ -539,20 +565,30 @@ def test_sliced_products_equal_one_product_cut_in_pieces(monkeypatch):
     chunked."""
     from engine.model import PiecewiseLinear
 
-    def run():
-        net = model().train()
-        z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        out = net.forward_train(z, torch.tensor([0.3, 0.8]), make_text([3, 4]))
-        loss = out.pred.square().mean() + out.gamma_sq
-        loss.backward()
-        return out.pred.detach(), out.gamma_sq.detach(), {
-            n: p.grad for n, p in net.named_parameters() if p.grad is not None}
-
-    pred, gamma, grads = run()
+    got = _pred_penalty_grads()
     monkeypatch.setattr(PiecewiseLinear, "forward", _chunked)
-    ref_pred, ref_gamma, ref_grads = run()
-    torch.testing.assert_close(pred, ref_pred)
-    torch.testing.assert_close(gamma, ref_gamma)
-    assert grads.keys() == ref_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
+    _assert_same_outputs(got, _pred_penalty_grads())
+
+
+def _reference_pixel_block(self, x, s_cond, cos, sin):
+    """The pixel block as its docstring and the paper write it: modulate(x) = (1 + gamma)
+    * x + beta with (gamma, beta, alpha) x 2 from one product, the penalty on gamma."""
+    B, L, pp, d = x.shape
+    cond = self.cond_expand(s_cond).view(B, L, pp, d)
+    g1, b1, a1, g2, b2, a2 = F.linear(F.silu(cond), self.ada.weight, self.ada.bias).chunk(6, -1)
+    h = ((1 + g1) * self.norm1(x) + b1).reshape(B, L, pp * d)
+    h = self.attn(self.compress_norm(self.compress(h)), cos, sin)
+    x = x + a1 * self.res_scale * self.expand(self.expand_norm(h)).view(B, L, pp, d)
+    x = x + a2 * self.res_scale * self.mlp((1 + g2) * self.norm2(x) + b2)
+    return x, g1.square().mean() + g2.square().mean()
+
+
+def test_pixel_block_equals_its_plain_formula(monkeypatch):
+    """The pixel block's fused passes (the 1 of 1 + gamma folded into the AdaLN bias, one
+    addcmul per modulation, the residual scale applied before the expand) give the plain
+    formula's output, penalty and gradients."""
+    from engine.model import PixelBlock
+
+    got = _pred_penalty_grads(perturb=True)
+    monkeypatch.setattr(PixelBlock, "forward", _reference_pixel_block)
+    _assert_same_outputs(got, _pred_penalty_grads(perturb=True))
