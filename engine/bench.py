@@ -23,7 +23,8 @@ by part (engine/flops.py), images and tokens per second of a training step and o
 inference forward pass, achieved FLOP/s and their share of a large matmul's rate on the
 same device, peak memory, and seconds per FLOP relative to a plain single-path
 transformer of the same width and depth (engine/baseline.py) timed in the same loop;
---profile adds each part's share of a training step and its top operators.
+--profile adds each part's share of a training step and its top operators (the quickest
+of three profiles, as system noise lands on whichever operators run at the time).
 
 `overhead` runs `train` (no samples or validation), then times bare network steps at
 that epoch's batch and bucket sizes: the ratio is what the trainer adds (data, text

@@ -116,6 +116,34 @@ def test_profile_puts_backward_ops_in_the_part_of_their_forward_op(tiny_config):
     assert any(op.startswith("Optimizer.step") for op in rows["optimizer"])
 
 
+def test_profile_reports_its_quickest_session(tiny_config):
+    """A session slowed by work that is not the step's (here an operator the network never
+    runs, in the first and last sessions) is not the one reported."""
+    cfg = tiny_config(*TINY[len(NET):])
+    torch.manual_seed(0)
+    net = PixelHDM(cfg.model, 32)
+    step = TrainStep(net, cfg, "fp32", torch.device("cpu"))
+    b = Inputs.random(cfg, 32, 2, 16, 16, 4, torch.device("cpu"))
+    calls = []
+
+    def slowed_but_once():
+        if len(calls) != 1:
+            for _ in range(20):
+                torch.special.erfinv(torch.rand(1024, 1024))
+        calls.append(1)
+        step(b)
+
+    def ops(sessions):
+        calls.clear()
+        rows = profile_parts(net, slowed_but_once, torch.device("cpu"), 1, top=100,
+                             sessions=sessions)
+        return {o["op"] for r in rows for o in r["top_ops"]}
+
+    assert "aten::erfinv" in ops(sessions=1)
+    assert "aten::erfinv" not in ops(sessions=3)
+    assert len(calls) == 3
+
+
 def test_overhead_compares_the_trainer_with_the_bare_network(tmp_path, capsys):
     code = bench_main(["overhead", "--steps", "10", "--count", "24", "--repeats", "1",
                        "--out", str(tmp_path / "o"), "--device", "cpu", "--json", *sets()])
