@@ -592,3 +592,32 @@ def test_pixel_block_equals_its_plain_formula(monkeypatch):
     got = _pred_penalty_grads(perturb=True)
     monkeypatch.setattr(PixelBlock, "forward", _reference_pixel_block)
     _assert_same_outputs(got, _pred_penalty_grads(perturb=True))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 16), (2, 4, 9, 16), (7, 128)])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_rms_norm_cpu_backward_equals_pytorchs(shape, weight_grad):
+    """Training on the CPU takes the lean backward (its node is in the graph), with
+    PyTorch's gradients for x and w up to rounding; without gradients PyTorch's own runs."""
+    from engine.attention import RMSNorm
+    gen = torch.Generator().manual_seed(3)
+    norm = RMSNorm(shape[-1])
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(shape[-1], generator=gen))
+    norm.weight.requires_grad_(weight_grad)
+    x = (2 * torch.randn(shape, generator=gen)).requires_grad_()
+    g = torch.randn(shape, generator=gen)
+    y = norm(x)
+    assert "LeanRMSNorm" in type(y.grad_fn).__name__
+    dx, = torch.autograd.grad(y, x, g, retain_graph=True)
+    dw = torch.autograd.grad(y, norm.weight, g)[0] if weight_grad else None
+
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = norm.weight.detach().clone().requires_grad_(weight_grad)
+    y_ref = F.rms_norm(x_ref, (shape[-1],), w_ref, norm.eps)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, torch.autograd.grad(y_ref, x_ref, g, retain_graph=True)[0])
+    if weight_grad:
+        torch.testing.assert_close(dw, torch.autograd.grad(y_ref, w_ref, g)[0])
+    with torch.no_grad():
+        assert norm(x).grad_fn is None
