@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import LEARNER
+from tiny import learner_cfg, learner_net, make_text
 
 from engine.attention import (
     GatedAttention,
@@ -22,32 +21,10 @@ from engine.attention import (
 from engine.config import load_preset
 from engine.model import PixelHDM, TextCond, patchify, place_code, unpatchify
 
-TEXT_DIM = 32
-
-
-def tiny_cfg(**changes):
-    """The LEARNER network (tests/tiny.py) with two pixel blocks and `changes`."""
-    cfg = load_preset("tiny-cpu", LEARNER).model
-    return dataclasses.replace(cfg, **{"pixel_layers": 2, "bottleneck_dim": 16, **changes})
-
-
-def make_text(lengths, T=None, dim=TEXT_DIM, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = T or max(max(lengths), 1)
-    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
-    tokens = torch.randn(len(lengths), T, dim, generator=g) * mask[..., None]
-    pooled = torch.randn(len(lengths), dim, generator=g) * (torch.tensor(lengths) > 0)[:, None]
-    return TextCond(tokens, mask, pooled)
-
-
-def model(cfg=None, seed=0):
-    torch.manual_seed(seed)
-    return PixelHDM(cfg or tiny_cfg(), TEXT_DIM).eval()
-
 
 @pytest.mark.parametrize("H,W", [(32, 32), (32, 64), (48, 16), (8, 8)])
 def test_shapes_square_and_non_square(H, W):
-    net = model()
+    net = learner_net()
     z = torch.randn(3, 3, H, W)
     out = net.forward_train(z, torch.rand(3), make_text([3, 0, 5]), repa_layer=1)
     assert out.pred.shape == (3, 3, H, W)
@@ -71,11 +48,11 @@ def test_place_embed_makes_where_a_patch_is_visible_to_the_network():
     gives every patch the same output: RoPE only tells relative positions, and attention
     over identical values returns them whatever its weights. The place code gives each
     patch its own output. It is off by default (old checkpoints keep their behaviour)."""
-    assert tiny_cfg().place_embed is False
+    assert learner_cfg().place_embed is False
     z = torch.randn(1, 3, 8, 8).repeat(1, 1, 4, 4)                 # one patch repeated 4x4
     t, text = torch.full((1,), 0.5), make_text([0])
-    plain = model(tiny_cfg())(z, t, text)
-    placed = model(tiny_cfg(place_embed=True))(z, t, text)
+    plain = learner_net(learner_cfg())(z, t, text)
+    placed = learner_net(learner_cfg(place_embed=True))(z, t, text)
     def spread(out):
         return patchify(out, 8).flatten(2).std(1).mean().item()   # across patches
     assert spread(plain) < 1e-5 and spread(placed) > 1e-2
@@ -83,7 +60,7 @@ def test_place_embed_makes_where_a_patch_is_visible_to_the_network():
 
 def test_rejects_sizes_that_are_not_patch_multiples():
     with pytest.raises(ValueError, match="multiples of the patch size 8"):
-        model()(torch.randn(1, 3, 20, 16), torch.rand(1), make_text([2]))
+        learner_net()(torch.randn(1, 3, 20, 16), torch.rand(1), make_text([2]))
 
 
 def test_patchify_round_trip_and_order():
@@ -98,7 +75,7 @@ def test_patchify_round_trip_and_order():
 
 
 def test_padding_tokens_do_not_change_the_output():
-    net = model()
+    net = learner_net()
     z, t = torch.randn(2, 3, 16, 32), torch.rand(2)
     short = make_text([3, 2], T=3)
     padded = TextCond(F.pad(short.tokens, (0, 0, 0, 9)), F.pad(short.mask, (0, 9)), short.pooled)
@@ -110,7 +87,7 @@ def test_padding_tokens_do_not_change_the_output():
 
 
 def test_batch_mix_of_prompt_lengths_matches_single_runs():
-    net = model()
+    net = learner_net()
     z, t = torch.randn(3, 3, 16, 16), torch.rand(3)
     text = make_text([1, 6, 0])
     with torch.no_grad():
@@ -195,7 +172,7 @@ def test_identity_attention_is_each_token_attending_to_itself_alone(kv):
 
 
 def test_perturbed_patch_blocks_change_the_prediction_only_when_asked():
-    net = model()
+    net = learner_net()
     z, t, text = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.6]), make_text([3, 5])
     with torch.no_grad():
         plain = net(z, t, text)
@@ -266,7 +243,7 @@ def test_cpu_attention_runs_the_flash_kernel_not_the_math_one(masked):
 def test_forward_and_backward_read_nothing_back_from_the_device():
     """On the meta device any read of a value (bool(), .item(), .tolist()) raises, so a
     training forward + backward that runs there has no host-device sync in it."""
-    net = model().train().to("meta")
+    net = learner_net().train().to("meta")
     for lengths in ([3, 0, 5], [4, 4, 4]):
         text = make_text(lengths).to("meta")       # masks built on the CPU: density known
         z = torch.randn(3, 3, 32, 16, device="meta", requires_grad=True)
@@ -282,7 +259,7 @@ def test_dense_text_drops_the_mask_and_gives_the_same_output():
     assert text.to("meta").dense is True and make_text([4, 2]).to("meta").dense is False
     unknown = TextCond(text.tokens, text.mask, text.pooled)
     unknown.dense = None
-    net = model()
+    net = learner_net()
     with torch.no_grad():
         torch.testing.assert_close(net(z, t, text), net(z, t, unknown))
     assert TextCond.cat([text, make_text([2, 1], T=2)]).dense is False
@@ -290,7 +267,7 @@ def test_dense_text_drops_the_mask_and_gives_the_same_output():
 
 
 def test_rope_tables_are_built_once_per_grid_and_match_the_explicit_ids():
-    net = model()
+    net = learner_net()
     a = net._rope_tables(3, 5, torch.device("cpu"))
     assert net._rope_tables(3, 5, torch.device("cpu")) is a
     freqs, grid_ang, cos_px, _ = a
@@ -314,13 +291,14 @@ def test_rope_grid_puts_a_place_at_the_same_angle_at_every_resolution():
     tokens of an 8 x 8 grid that cover its area; on an 8 x 8 grid the positions are the
     plain rows and columns (what rope_grid = 0 uses at every size)."""
     cpu = torch.device("cpu")
-    net = model(tiny_cfg(rope_grid=8))
+    net = learner_net(learner_cfg(rope_grid=8))
     _, coarse, _, _ = net._rope_tables(4, 4, cpu)                       # (16, hd/2)
     _, fine, _, _ = net._rope_tables(8, 8, cpu)                         # (64, hd/2)
     pooled = fine.view(4, 2, 4, 2, -1).mean((1, 3)).reshape(16, -1)
     torch.testing.assert_close(coarse, pooled)
-    torch.testing.assert_close(fine, model()._rope_tables(8, 8, cpu)[1])
-    assert not torch.allclose(net._rope_tables(4, 6, cpu)[1], model()._rope_tables(4, 6, cpu)[1])
+    torch.testing.assert_close(fine, learner_net()._rope_tables(8, 8, cpu)[1])
+    default = learner_net()
+    assert not torch.allclose(net._rope_tables(4, 6, cpu)[1], default._rope_tables(4, 6, cpu)[1])
     z, t, text = torch.randn(1, 3, 32, 48), torch.full((1,), 0.5), make_text([3])
     assert net(z, t, text).shape == z.shape
 
@@ -331,8 +309,8 @@ def test_rope_grid_keep_aspect_spaces_rows_and_columns_alike():
     a square image's centre lies; a square grid gets the same positions as 'stretch', and a
     wide one does not (stretch squeezes its columns)."""
     cpu = torch.device("cpu")
-    keep = model(tiny_cfg(rope_grid=8, rope_grid_aspect="keep"))
-    stretch = model(tiny_cfg(rope_grid=8))
+    keep = learner_net(learner_cfg(rope_grid=8, rope_grid_aspect="keep"))
+    stretch = learner_net(learner_cfg(rope_grid=8))
     freqs, wide, _, _ = keep._rope_tables(2, 8, cpu)                    # 2 rows x 8 columns
     # the first pair of each axis turns at frequency 1: its angle is the position itself
     row_pos = wide[:, freqs[1].nonzero()[0, 0]]
@@ -351,20 +329,20 @@ def test_rope_grid_keep_aspect_spaces_rows_and_columns_alike():
 def test_whole_model_agrees_across_backends():
     z, t, text = torch.randn(2, 3, 16, 24), torch.rand(2), make_text([2, 5])
     with torch.no_grad():
-        a = model(tiny_cfg(attention="sdpa"))(z, t, text)
-        b = model(tiny_cfg(attention="math"))(z, t, text)
+        a = learner_net(learner_cfg(attention="sdpa"))(z, t, text)
+        b = learner_net(learner_cfg(attention="math"))(z, t, text)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_flash_request_without_flash_attn_is_a_clear_error():
-    net = model(tiny_cfg(attention="flash"))
+    net = learner_net(learner_cfg(attention="flash"))
     with pytest.raises(RuntimeError, match="flash-attn"):
         net(torch.randn(1, 3, 16, 16), torch.rand(1), make_text([2]))
 
 
 @pytest.mark.parametrize("gate", ["headwise", "elementwise"])
 def test_gates_start_at_one_half(gate):
-    net = model(tiny_cfg(gate=gate))
+    net = learner_net(learner_cfg(gate=gate))
     seen = []
     for mod in net.modules():
         if isinstance(mod, GatedAttention):
@@ -379,10 +357,10 @@ def test_gates_start_at_one_half(gate):
 def test_initial_output_has_the_intended_scale():
     """Output RMS near 1 for a noisy input, at the default width (the v target has
     RMS sqrt(1 + var(x)) ~ 1.1-1.4), and modulation starts near identity."""
-    cfg = tiny_cfg(hidden_dim=128, pixel_dim=16, num_heads=4, mrope_split=[8, 12, 12])
+    cfg = learner_cfg(hidden_dim=128, pixel_dim=16, num_heads=4, mrope_split=[8, 12, 12])
     stds = []
     for seed in range(3):
-        net = model(cfg, seed)
+        net = learner_net(cfg, seed)
         with torch.no_grad():
             out = net(torch.randn(4, 3, 32, 32), torch.rand(4), make_text([3, 4, 0, 2]))
             stds.append(out.std())
@@ -395,7 +373,7 @@ def test_initial_output_has_the_intended_scale():
 
 
 def test_every_trainable_parameter_receives_a_gradient():
-    net = model().train()
+    net = learner_net().train()
     out = net.forward_train(torch.randn(2, 3, 16, 32), torch.rand(2), make_text([3, 2]),
                             repa_layer=1)
     (out.pred.square().mean() + out.features.square().mean() + out.gamma_sq).backward()
@@ -408,7 +386,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     z, t, text = torch.randn(2, 3, 16, 16), torch.rand(2), make_text([2, 3])
     grads = []
     for ckpt in (False, True):
-        net = model().train()
+        net = learner_net().train()
         net.grad_checkpointing = ckpt
         net(z, t, text).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
@@ -416,7 +394,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_time_and_text_change_the_output():
-    net = model()
+    net = learner_net()
     z = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         a = net(z, torch.tensor([0.2]), make_text([3], seed=1))
@@ -426,12 +404,12 @@ def test_time_and_text_change_the_output():
 
 
 def test_x_prediction_config_builds_and_runs():
-    net = model(tiny_cfg(prediction="x"))
+    net = learner_net(learner_cfg(prediction="x"))
     assert net(torch.randn(1, 3, 16, 16), torch.rand(1), make_text([1])).shape == (1, 3, 16, 16)
 
 
 def test_bf16_autocast_forward_is_finite():
-    net = model()
+    net = learner_net()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(torch.randn(2, 3, 16, 16), torch.rand(2), make_text([2, 0]))
     assert torch.isfinite(out.float()).all()
@@ -453,7 +431,7 @@ def test_compiled_blocks_match_eager_forward_and_gradients():
     from engine.distributed import compiler_problem
     if problem := compiler_problem(torch.device("cpu")):
         pytest.skip(f"torch.compile cannot run on this machine: {problem}")
-    eager, compiled = model(seed=3).train(), model(seed=3).train()
+    eager, compiled = learner_net(seed=3).train(), learner_net(seed=3).train()
     compiled.compile_blocks()
     for H, W, lengths in ((16, 32, [3, 0]),):
         z, t, text = torch.randn(2, 3, H, W), torch.rand(2), make_text(lengths)
@@ -476,7 +454,7 @@ def test_compiled_blocks_take_every_call_a_run_makes(traced_compile):
     must not fail (fullgraph turns the limit into an error: a run died at its first
     validation). Traced only (`traced_compile`): the variants and their limit are dynamo's,
     and code generation (checked above) would only make this slow."""
-    eager, compiled = model(seed=4), model(seed=4)
+    eager, compiled = learner_net(seed=4), learner_net(seed=4)
     compiled.compile_blocks()
     for grad in (True, False):
         for lengths in ([3, 3, 3], [3, 1, 2], [3], [5, 2, 5, 1, 3, 3]):
@@ -488,136 +466,3 @@ def test_compiled_blocks_take_every_call_a_run_makes(traced_compile):
                         net.train(grad)
                     want, got = (net.forward_train(z, t, text).pred for net in (eager, compiled))
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-
-def _wide_splits(t: torch.Tensor) -> list[tuple[int, ...]]:
-    """Input sizes of every chunk/split behind `t` that cuts a tensor with more than one
-    position (token or pixel) along the second-to-last axis."""
-    seen, found, todo = set(), [], [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__.startswith("Split"):
-            sizes = tuple(node._saved_self_sym_sizes)
-            if len(sizes) > 2 and sizes[-2] > 1:
-                found.append(sizes)
-        todo.extend(f for f, _ in node.next_functions)
-    return found
-
-
-def test_pixel_and_mlp_products_are_not_cut_from_one_wide_output():
-    """The SwiGLU's gate and up, and the six pixel-wise AdaLN terms, come from products
-    with slices of one weight, so backward sums input gradients as narrow as the input:
-    one product chunked into pieces would concatenate a gradient as wide as all pieces,
-    per token or per pixel, in every step. (The patch blocks' AdaLN cuts one vector per
-    image, which costs nothing.)"""
-    net = model().train()
-    out = net.forward_train(torch.randn(2, 3, 32, 32), torch.rand(2), make_text([3, 4]))
-    assert _wide_splits(out.pred.sum() + out.gamma_sq) == []
-
-
-def test_piecewise_linear_stays_one_product_off_the_cpu():
-    """Off the CPU (here the meta device, standing in for a GPU) one product is chunked."""
-    from engine.model import PiecewiseLinear
-    lin = PiecewiseLinear(4, 12, pieces=3).to("meta")
-    pieces = lin(torch.randn(2, 5, 4, device="meta"))
-    assert [p.shape for p in pieces] == [(2, 5, 4)] * 3
-    assert _wide_splits(sum(p.sum() for p in pieces)) == [(2, 5, 12)]
-    with pytest.raises(ValueError, match="do not split into 5 pieces"):
-        PiecewiseLinear(4, 12, pieces=5)
-
-
-def _chunked(self, x, bias_offset=None):
-    bias = self.bias if bias_offset is None else self.bias + bias_offset
-    return F.linear(x, self.weight, bias).chunk(self.pieces, dim=-1)
-
-
-def _pred_penalty_grads(perturb: bool = False):
-    """A training forward and backward of a fixed small network on a fixed batch: its
-    prediction, pixel-path penalty and parameter gradients. With `perturb` every weight
-    moves away from its initial value, so that terms that start at zero matter too."""
-    net = model().train()
-    if perturb:
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
-    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    out = net.forward_train(z, torch.tensor([0.3, 0.8]), make_text([3, 4]))
-    (out.pred.square().mean() + out.gamma_sq).backward()
-    return out.pred.detach(), out.gamma_sq.detach(), {
-        n: p.grad for n, p in net.named_parameters() if p.grad is not None}
-
-
-def _assert_same_outputs(got, want) -> None:
-    (pred, gamma, grads), (ref_pred, ref_gamma, ref_grads) = got, want
-    torch.testing.assert_close(pred, ref_pred)
-    torch.testing.assert_close(gamma, ref_gamma)
-    assert grads.keys() == ref_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
-
-
-def test_sliced_products_equal_one_product_cut_in_pieces(monkeypatch):
-    """The network's output, penalty and gradients are those of one product per layer,
-    chunked."""
-    from engine.model import PiecewiseLinear
-
-    got = _pred_penalty_grads()
-    monkeypatch.setattr(PiecewiseLinear, "forward", _chunked)
-    _assert_same_outputs(got, _pred_penalty_grads())
-
-
-def _reference_pixel_block(self, x, s_cond, cos, sin):
-    """The pixel block as its docstring and the paper write it: modulate(x) = (1 + gamma)
-    * x + beta with (gamma, beta, alpha) x 2 from one product, the penalty on gamma."""
-    B, L, pp, d = x.shape
-    cond = self.cond_expand(s_cond).view(B, L, pp, d)
-    g1, b1, a1, g2, b2, a2 = F.linear(F.silu(cond), self.ada.weight, self.ada.bias).chunk(6, -1)
-    h = ((1 + g1) * self.norm1(x) + b1).reshape(B, L, pp * d)
-    h = self.attn(self.compress_norm(self.compress(h)), cos, sin)
-    x = x + a1 * self.res_scale * self.expand(self.expand_norm(h)).view(B, L, pp, d)
-    x = x + a2 * self.res_scale * self.mlp((1 + g2) * self.norm2(x) + b2)
-    return x, g1.square().mean() + g2.square().mean()
-
-
-def test_pixel_block_equals_its_plain_formula(monkeypatch):
-    """The pixel block's fused passes (the 1 of 1 + gamma folded into the AdaLN bias, one
-    addcmul per modulation, the residual scale applied before the expand) give the plain
-    formula's output, penalty and gradients."""
-    from engine.model import PixelBlock
-
-    got = _pred_penalty_grads(perturb=True)
-    monkeypatch.setattr(PixelBlock, "forward", _reference_pixel_block)
-    _assert_same_outputs(got, _pred_penalty_grads(perturb=True))
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 16), (2, 4, 9, 16), (7, 128)])
-@pytest.mark.parametrize("weight_grad", [True, False])
-def test_rms_norm_cpu_backward_equals_pytorchs(shape, weight_grad):
-    """Training on the CPU takes the lean backward (its node is in the graph), with
-    PyTorch's gradients for x and w up to rounding; without gradients PyTorch's own runs."""
-    from engine.attention import RMSNorm
-    gen = torch.Generator().manual_seed(3)
-    norm = RMSNorm(shape[-1])
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.3 * torch.randn(shape[-1], generator=gen))
-    norm.weight.requires_grad_(weight_grad)
-    x = (2 * torch.randn(shape, generator=gen)).requires_grad_()
-    g = torch.randn(shape, generator=gen)
-    y = norm(x)
-    assert "LeanRMSNorm" in type(y.grad_fn).__name__
-    dx, = torch.autograd.grad(y, x, g, retain_graph=True)
-    dw = torch.autograd.grad(y, norm.weight, g)[0] if weight_grad else None
-
-    x_ref = x.detach().clone().requires_grad_()
-    w_ref = norm.weight.detach().clone().requires_grad_(weight_grad)
-    y_ref = F.rms_norm(x_ref, (shape[-1],), w_ref, norm.eps)
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(dx, torch.autograd.grad(y_ref, x_ref, g, retain_graph=True)[0])
-    if weight_grad:
-        torch.testing.assert_close(dw, torch.autograd.grad(y_ref, w_ref, g)[0])
-    with torch.no_grad():
-        assert norm(x).grad_fn is None
