@@ -322,7 +322,8 @@ class PixelBlock(nn.Module):
         h = self.mlp(torch.addcmul(b2, self.norm2(x), s2))
         x = torch.addcmul(x, a2, h, value=self.res_scale)
         # the penalty (on gamma = scale - 1) only acts through its gradient: skipped at
-        # inference
+        # inference. Under bf16 autocast gamma is then known to 1/256 of 1, not of gamma,
+        # as the modulation's 1 + gamma always was.
         gamma_sq = (_mean_square(s1 - 1) + _mean_square(s2 - 1) if torch.is_grad_enabled()
                     else x.new_zeros((), dtype=torch.float32))
         return x, gamma_sq
