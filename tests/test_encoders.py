@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny import learner_cfg
 
 from engine.config import TextConfig
 from engine.encoders import (
@@ -81,9 +82,8 @@ def test_a_dinov3_folder_is_not_a_text_encoder(tiny_dinov3):
 
 def test_qwen3_conditions_the_model(tiny_qwen3):
     enc = load_text_encoder(qwen_cfg(tiny_qwen3))
-    from tests.test_model import tiny_cfg
     torch.manual_seed(0)
-    net = PixelHDM(tiny_cfg(), enc.dim).eval()
+    net = PixelHDM(learner_cfg(), enc.dim).eval()
     with torch.no_grad():
         out = net(torch.randn(2, 3, 16, 32), torch.rand(2), enc.encode(["a cat", ""]))
     assert out.shape == (2, 3, 16, 32) and torch.isfinite(out).all()
