@@ -213,9 +213,7 @@ class PiecewiseLinear(nn.Linear):
     def forward(self, x: Tensor, bias_offset: Tensor | None = None) -> tuple[Tensor, ...]:
         """The pieces of x W^T + b (+ bias_offset, a constant added to the bias: folding
         a constant into the bias costs nothing per row, adding it to the output a pass)."""
-        bias = self.bias
-        if bias_offset is not None:
-            bias = bias_offset if bias is None else bias + bias_offset
+        bias = self.bias if bias_offset is None else self.bias + bias_offset
         if x.device.type != "cpu":
             return F.linear(x, self.weight, bias).chunk(self.pieces, dim=-1)
         n = self.out_features // self.pieces
