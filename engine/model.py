@@ -197,7 +197,7 @@ class PiecewiseLinear(nn.Linear):
     """A linear layer whose output is used in `pieces` equal parts along its last axis.
     Same parameters and the same numbers as nn.Linear followed by chunk().
 
-    On the CPU each piece is its own product with a slice of the weight (and bias), so
+    On the CPU each piece is its own product with its part of the weight (and bias), so
     backward sums input gradients as narrow as the input. A chunked product concatenates
     a gradient as wide as all pieces together: per pixel in the pixel path, that copy
     took about a third of the pixel MLP's time. On a GPU the copy is cheap, and compiled
@@ -216,10 +216,12 @@ class PiecewiseLinear(nn.Linear):
         bias = self.bias if bias_offset is None else self.bias + bias_offset
         if x.device.type != "cpu":
             return F.linear(x, self.weight, bias).chunk(self.pieces, dim=-1)
-        n = self.out_features // self.pieces
-        return tuple(F.linear(x, self.weight[i * n:(i + 1) * n],
-                              None if bias is None else bias[i * n:(i + 1) * n])
-                     for i in range(self.pieces))
+        # split, not slices: the weight's gradient is then one concatenation of the
+        # pieces' gradients, where each slice's backward would fill a zero tensor as large
+        # as the whole weight (the patch path's SwiGLU: 77 against 61 ms per block)
+        weights = self.weight.split(self.out_features // self.pieces)
+        biases = [None] * self.pieces if bias is None else bias.split(len(bias) // self.pieces)
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
 
 
 class SwiGLU(nn.Module):

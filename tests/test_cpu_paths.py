@@ -1,5 +1,5 @@
 """The CPU's fast paths of the network against their plain formulas: products cut into
-pieces by weight slices, the pixel block's fused modulation, the lean RMSNorm backward.
+pieces by splitting the weight, the pixel block's fused modulation, the lean RMSNorm backward.
 Each gives the same output and gradients up to rounding."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _wide_splits(t: torch.Tensor) -> list[tuple[int, ...]]:
 
 def test_pixel_and_mlp_products_are_not_cut_from_one_wide_output():
     """The SwiGLU's gate and up, and the six pixel-wise AdaLN terms, come from products
-    with slices of one weight, so backward sums input gradients as narrow as the input:
+    with parts of one weight, so backward sums input gradients as narrow as the input:
     one product chunked into pieces would concatenate a gradient as wide as all pieces,
     per token or per pixel, in every step. (The patch blocks' AdaLN cuts one vector per
     image, which costs nothing.)"""
@@ -47,6 +47,37 @@ def test_piecewise_linear_stays_one_product_off_the_cpu():
     assert _wide_splits(sum(p.sum() for p in pieces)) == [(2, 5, 12)]
     with pytest.raises(ValueError, match="do not split into 5 pieces"):
         PiecewiseLinear(4, 12, pieces=5)
+
+
+def _node_names(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(f for f, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def test_piecewise_weight_gradient_is_one_concatenation():
+    """On the CPU the weight (and bias) are split into the pieces' parts, so backward
+    concatenates their gradients once: a slice's backward would fill a zero tensor as
+    large as the whole weight per piece (for the patch path's SwiGLU, 32 MB twice a
+    block). The gradients are those of one product, chunked."""
+    from engine.model import PiecewiseLinear
+    torch.manual_seed(0)
+    lin, x = PiecewiseLinear(8, 24, pieces=3), torch.randn(5, 8, requires_grad=True)
+    pieces = lin(x, bias_offset=torch.ones(24))
+    loss = sum((k + 1) * p.square().sum() for k, p in enumerate(pieces))
+    names = _node_names(loss)
+    assert not any(n.startswith("Slice") for n in names), names
+    assert any(n.startswith("Split") for n in names), names
+    got = torch.autograd.grad(loss, (x, lin.weight, lin.bias))
+    ref = _chunked(lin, x, bias_offset=torch.ones(24))
+    want = torch.autograd.grad(sum((k + 1) * p.square().sum() for k, p in enumerate(ref)),
+                               (x, lin.weight, lin.bias))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def _chunked(self, x, bias_offset=None):
