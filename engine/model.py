@@ -197,10 +197,13 @@ class PiecewiseLinear(nn.Linear):
     """A linear layer whose output is used in `pieces` equal parts along its last axis.
     Same parameters and the same numbers as nn.Linear followed by chunk().
 
-    On the CPU each piece is its own product with its part of the weight (and bias), so
-    backward sums input gradients as narrow as the input. A chunked product concatenates
-    a gradient as wide as all pieces together: per pixel in the pixel path, that copy
-    took about a third of the pixel MLP's time. On a GPU the copy is cheap, and compiled
+    Backward of one product chunked concatenates the pieces' output gradients, a copy of
+    rows x out_features; backward of one product per part of the weight (split)
+    concatenates the pieces' weight gradients instead, out_features x in_features. On
+    the CPU the layer takes the smaller copy: per pixel in the pixel path (many rows of
+    16 features) the output-gradient copy took about a third of the pixel MLP's time,
+    while the patch path's SwiGLU at batch 1 (288 rows, 1024 features) copies 4x more
+    weight gradient than output gradient. On a GPU the copy is cheap, and compiled
     blocks fuse it into the operations that produce the gradients, so there the layer
     stays one product (fewer, larger kernels)."""
 
@@ -214,11 +217,12 @@ class PiecewiseLinear(nn.Linear):
         """The pieces of x W^T + b (+ bias_offset, a constant added to the bias: folding
         a constant into the bias costs nothing per row, adding it to the output a pass)."""
         bias = self.bias if bias_offset is None else self.bias + bias_offset
-        if x.device.type != "cpu":
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.device.type != "cpu" or rows <= self.in_features:
             return F.linear(x, self.weight, bias).chunk(self.pieces, dim=-1)
         # split, not slices: the weight's gradient is then one concatenation of the
         # pieces' gradients, where each slice's backward would fill a zero tensor as large
-        # as the whole weight (the patch path's SwiGLU: 77 against 61 ms per block)
+        # as the whole weight
         weights = self.weight.split(self.out_features // self.pieces)
         biases = [None] * self.pieces if bias is None else bias.split(len(bias) // self.pieces)
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))

@@ -28,13 +28,14 @@ def _wide_splits(t: torch.Tensor) -> list[tuple[int, ...]]:
 
 
 def test_pixel_and_mlp_products_are_not_cut_from_one_wide_output():
-    """The SwiGLU's gate and up, and the six pixel-wise AdaLN terms, come from products
-    with parts of one weight, so backward sums input gradients as narrow as the input:
-    one product chunked into pieces would concatenate a gradient as wide as all pieces,
-    per token or per pixel, in every step. (The patch blocks' AdaLN cuts one vector per
+    """With more rows than features (here every product: 4 x 20 tokens of 64), the
+    SwiGLU's gate and up and the six pixel-wise AdaLN terms come from products with
+    parts of one weight, so backward sums input gradients as narrow as the input: one
+    product chunked into pieces would concatenate a gradient as wide as all pieces, per
+    token or per pixel, in every step. (The patch blocks' AdaLN cuts one vector per
     image, which costs nothing.)"""
     net = learner_net().train()
-    out = net.forward_train(torch.randn(2, 3, 32, 32), torch.rand(2), make_text([3, 4]))
+    out = net.forward_train(torch.randn(4, 3, 32, 32), torch.rand(4), make_text([3, 4, 2, 4]))
     assert _wide_splits(out.pred.sum() + out.gamma_sq) == []
 
 
@@ -49,32 +50,37 @@ def test_piecewise_linear_stays_one_product_off_the_cpu():
         PiecewiseLinear(4, 12, pieces=5)
 
 
-def _node_names(t: torch.Tensor) -> set[str]:
+def _slices(t: torch.Tensor) -> int:
+    """How many slice nodes lie behind `t`."""
     seen, todo = set(), [t.grad_fn]
     while todo:
         node = todo.pop()
         if node is not None and node not in seen:
             seen.add(node)
             todo.extend(f for f, _ in node.next_functions)
-    return {type(node).__name__ for node in seen}
+    return sum(type(node).__name__.startswith("Slice") for node in seen)
 
 
-def test_piecewise_weight_gradient_is_one_concatenation():
-    """On the CPU the weight (and bias) are split into the pieces' parts, so backward
-    concatenates their gradients once: a slice's backward would fill a zero tensor as
-    large as the whole weight per piece (for the patch path's SwiGLU, 32 MB twice a
-    block). The gradients are those of one product, chunked."""
+@pytest.mark.parametrize("rows", [12, 6])
+def test_piecewise_linear_copies_the_smaller_gradient(rows):
+    """On the CPU, with more rows than input features the weight is split into the
+    pieces' parts, so backward concatenates weight gradients (never a slice's zero fill as
+    large as the whole weight per piece); with as many or fewer (the patch path's SwiGLU
+    at batch 1: 288 rows of 1024) one product is chunked, so it concatenates output
+    gradients. The gradients are those of one product, chunked, either way."""
     from engine.model import PiecewiseLinear
     torch.manual_seed(0)
-    lin, x = PiecewiseLinear(8, 24, pieces=3), torch.randn(5, 8, requires_grad=True)
-    pieces = lin(x, bias_offset=torch.ones(24))
-    loss = sum((k + 1) * p.square().sum() for k, p in enumerate(pieces))
-    names = _node_names(loss)
-    assert not any(n.startswith("Slice") for n in names), names
-    assert any(n.startswith("Split") for n in names), names
+    lin = PiecewiseLinear(8, 24, pieces=3)
+    x = torch.randn(2, rows // 2, 8, requires_grad=True)
+
+    def loss_of(pieces):
+        return sum((k + 1) * p.square().sum() for k, p in enumerate(pieces))
+
+    loss = loss_of(lin(x, bias_offset=torch.ones(24)))
+    assert _slices(loss) == 0
+    assert _wide_splits(loss) == ([] if rows > 8 else [(2, rows // 2, 24)])
     got = torch.autograd.grad(loss, (x, lin.weight, lin.bias))
-    ref = _chunked(lin, x, bias_offset=torch.ones(24))
-    want = torch.autograd.grad(sum((k + 1) * p.square().sum() for k, p in enumerate(ref)),
+    want = torch.autograd.grad(loss_of(_chunked(lin, x, bias_offset=torch.ones(24))),
                                (x, lin.weight, lin.bias))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
