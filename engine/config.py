@@ -292,6 +292,11 @@ class SampleConfig:
     cfg_interval: list[float] = _f([0.1, 0.9], "guidance only for t in [lo, hi] (t = 0 noise)")
     cfg_ramp: float = _f(0.0, "guidance grows linearly from none at t = 0 to full at t = "
                          "cfg_ramp (0 = full throughout cfg_interval)", lo=0.0, hi=1.0)
+    cfg_coarse: float = _f(0.0, "guidance scale of the coarse part of the guidance update "
+                           "(what a blur of cfg_coarse_sigma keeps: where and how large "
+                           "things are); the fine rest keeps cfg (0 = cfg for all)", lo=0.0)
+    cfg_coarse_sigma: float = _f(1.5, "pixels of the Gaussian blur that divides coarse from "
+                                 "fine", lo=0.1, hi=64.0)
     pag: float = _f(0.0, "perturbed-attention guidance scale (0 = off): away from the "
                     "estimate with pag_layers' attention the identity", lo=0.0)
     pag_layers: list[int] = _f([2], "patch blocks (1-based) perturbed in that estimate")

@@ -169,9 +169,13 @@ def fit_size(width: int, height: int, patch: int, limit: int) -> tuple[int, int]
 # The sampling core
 # --------------------------------------------------------------------------------------
 
+_SAMPLE = SampleConfig()   # render's and check_options' defaults are the config's
+
+
 def check_options(steps: int, sampler: str, cfg: float, rescale: float,
                   interval: tuple[float, float], shift: float, ramp: float = 0.0,
-                  pag: float = 0.0, noise_interval: tuple[float, float] = (0.0, 1.0)) -> None:
+                  pag: float = 0.0, noise_interval: tuple[float, float] = (0.0, 1.0),
+                  coarse: float = 0.0, coarse_sigma: float = _SAMPLE.cfg_coarse_sigma) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise GenerateError(f"steps = {steps!r}: allowed a whole number from 1 to 1000")
     if sampler not in SAMPLERS:
@@ -195,6 +199,11 @@ def check_options(steps: int, sampler: str, cfg: float, rescale: float,
         raise GenerateError(f"noise_interval = {list(noise_interval)!r}: allowed [lo, hi] with "
                             f"0 <= lo < hi <= 1 (the steps of euler_a and dpmpp_2m_sde that "
                             f"draw fresh noise)")
+    if not (math.isfinite(coarse) and coarse >= 0.0):
+        raise GenerateError(f"cfg_coarse = {coarse!r}: allowed a number >= 0 (0 = the CFG scale "
+                            f"for the coarse part too)")
+    if not (math.isfinite(coarse_sigma) and 0.1 <= coarse_sigma <= 64.0):
+        raise GenerateError(f"cfg_coarse_sigma = {coarse_sigma!r}: allowed 0.1 to 64 pixels")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -233,8 +242,6 @@ class SelfCondState:
         return batch.split(self.batch)
 
 
-_SAMPLE = SampleConfig()   # render's perturbed-attention defaults are the config's
-
 
 @torch.no_grad()
 def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, seeds: list[int],
@@ -243,6 +250,7 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
            pag: float = 0.0, pag_layers: Sequence[int] = tuple(_SAMPLE.pag_layers),
            pag_interval: tuple[float, float] = tuple(_SAMPLE.pag_interval),
            noise_interval: tuple[float, float] = tuple(_SAMPLE.noise_interval),
+           coarse: float = 0.0, coarse_sigma: float = _SAMPLE.cfg_coarse_sigma,
            amp_dtype: torch.dtype | None = None,
            init: Tensor | None = None, strength: float = 1.0,
            callback: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
@@ -256,11 +264,14 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     estimate (SelfCondState). With pag > 0, perturbed-attention guidance at scale `pag`
     for t in `pag_interval`, with the attention of patch blocks `pag_layers` (1-based)
     the identity in the perturbed branch (engine.sampling.cfg_model). The stochastic
-    samplers draw fresh noise only on the steps inside `noise_interval`."""
+    samplers draw fresh noise only on the steps inside `noise_interval`. With coarse > 0
+    the coarse part of the guidance update (a Gaussian blur of `coarse_sigma` pixels) is
+    guided at `coarse`, the fine rest at `cfg`."""
     if len(prompts) != len(seeds) or not prompts:
         raise GenerateError(f"render: {len(prompts)} prompts for {len(seeds)} seeds")
     check_size(width, height, net.cfg.patch_size)
-    check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag, noise_interval)
+    check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag, noise_interval,
+                  coarse, coarse_sigma)
     if pag and not all(1 <= n <= net.cfg.patch_layers for n in pag_layers):
         raise GenerateError(f"pag_layers = {list(pag_layers)}: allowed patch blocks 1 to "
                             f"{net.cfg.patch_layers}")
@@ -286,7 +297,7 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
         return x_hat
 
     model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval), ramp,
-                         pag, tuple(pag_interval))
+                         pag, tuple(pag_interval), coarse, coarse_sigma)
     streams = NoiseStreams(seeds, width, height)
     noise = streams.draw().to(device)
     if init is None:
@@ -301,13 +312,17 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
 
 
 def sample_options(s: SampleConfig, pag: float | None = None,
-                   noise_interval: tuple[float, float] | None = None) -> dict:
-    """render's perturbed-attention guidance and fresh-noise arguments from a sample config
-    (`pag` and `noise_interval` instead of the config's when given)."""
+                   noise_interval: tuple[float, float] | None = None,
+                   coarse: float | None = None) -> dict:
+    """render's perturbed-attention guidance, fresh-noise and coarse-guidance arguments
+    from a sample config (`pag`, `noise_interval` and `coarse` instead of the config's
+    when given)."""
     return {"pag": s.pag if pag is None else pag, "pag_layers": tuple(s.pag_layers),
             "pag_interval": tuple(s.pag_interval),
             "noise_interval": tuple(s.noise_interval if noise_interval is None
-                                    else noise_interval)}
+                                    else noise_interval),
+            "coarse": s.cfg_coarse if coarse is None else coarse,
+            "coarse_sigma": s.cfg_coarse_sigma}
 
 
 def render_grid(net: PixelHDM, encode: Encode, cfg: RunConfig, device: torch.device | str,
@@ -425,8 +440,8 @@ class Pipeline:
                  init_image: Image.Image | None = None, strength: float | None = None,
                  callback: Progress | None = None, batch_size: int = 0,
                  ramp: float | None = None, pag: float | None = None,
-                 noise_interval: tuple[float, float] | None = None
-                 ) -> list[GeneratedImage]:
+                 noise_interval: tuple[float, float] | None = None,
+                 coarse: float | None = None) -> list[GeneratedImage]:
         """n images per prompt, prompt by prompt; image i of the request has seed seed + i.
 
         None takes the value from the checkpoint's `sample` config (size: the init image's
@@ -455,7 +470,9 @@ class Pipeline:
         pag = s.pag if pag is None else float(pag)
         noise_interval = tuple(float(v) for v in (s.noise_interval if noise_interval is None
                                                   else noise_interval))
-        check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag, noise_interval)
+        coarse = s.cfg_coarse if coarse is None else float(coarse)
+        check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag, noise_interval,
+                      coarse, s.cfg_coarse_sigma)
         count = len(prompts) * n
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**32)
@@ -481,7 +498,8 @@ class Pipeline:
                 self.net, self.encode, [per_image[i] for i in idx], negative,
                 [seeds[i] for i in idx], width, height, steps=steps, sampler=sampler, cfg=cfg,
                 rescale=rescale, interval=interval, shift=shift, ramp=ramp,
-                **sample_options(s, pag, noise_interval), amp_dtype=PRECISIONS[self.precision],
+                **sample_options(s, pag, noise_interval, coarse),
+                amp_dtype=PRECISIONS[self.precision],
                 init=init, strength=strength if init is not None else 1.0,
                 callback=_chunk_progress(callback, c, len(chunks))))
         images = to_pil(torch.cat(done))
@@ -491,6 +509,7 @@ class Pipeline:
                 "prompt": per_image[i], "negative": negative, "width": width, "height": height,
                 "steps": steps, "sampler": sampler, "cfg": cfg, "rescale": rescale,
                 "interval": list(interval), "ramp": ramp, "pag": pag, "shift": shift,
+                "coarse": coarse, "coarse_sigma": s.cfg_coarse_sigma if coarse else None,
                 "noise_interval": noise_setting(sampler, noise_interval),
                 "seed": seeds[i],
                 "strength": strength if init is not None else None,

@@ -52,6 +52,10 @@ def add_sampling_options(p) -> None:
                    "t = RAMP (0 = full throughout the interval)")
     p.add_argument("--pag", type=float, help="perturbed-attention guidance scale (0 = off): "
                    "one coherent layout per image, applied near noise (sample.pag_interval)")
+    p.add_argument("--cfg-coarse", type=float, dest="coarse", metavar="SCALE",
+                   help="guidance scale of the coarse part of the guidance update (where and "
+                   "how large things are; 0 = --cfg for all): lower than --cfg keeps small "
+                   "shapes small while their outlines get the full scale")
     p.add_argument("--noise-interval", type=_interval, metavar="LO,HI",
                    help="euler_a and dpmpp_2m_sde: fresh noise only on the steps inside "
                    "[LO, HI], deterministic steps elsewhere")
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.sampler, args.cfg, args.rescale, args.interval, args.shift,
                                 args.seed, args.n, init_image=init, strength=args.strength,
                                 batch_size=args.batch_size, ramp=args.ramp, pag=args.pag,
-                                noise_interval=args.noise_interval)
+                                noise_interval=args.noise_interval, coarse=args.coarse)
     except (GenerateError, DeviceError) as e:
         return fail(str(e), 2)
     except (CheckpointError, EncoderLoadError) as e:

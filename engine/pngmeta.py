@@ -46,6 +46,7 @@ _TEXT_FIELDS: list[tuple[str, str, Callable]] = [
     ("Shift", "shift", float), ("CFG rescale", "rescale", float),
     ("CFG interval", "interval", lambda v: [float(a) for a in v.split("-")]),
     ("CFG ramp", "ramp", float), ("PAG scale", "pag", float),
+    ("CFG coarse", "coarse", float), ("CFG coarse blur", "coarse_sigma", float),
     ("Noise interval", "noise_interval", lambda v: [float(a) for a in v.split("-")]),
     ("Checkpoint step", "checkpoint_step", int), ("Weights", "weights", str),
     ("Prediction", "prediction", str), ("PixelHDM version", "engine_version", str),

@@ -93,7 +93,7 @@ def open_place_rows(rows: list[dict], seeds: int) -> list[dict]:
 # option -> sample config field
 SAMPLING_ARGS = {"sampler": "sampler", "rescale": "cfg_rescale", "interval": "cfg_interval",
                  "ramp": "cfg_ramp", "pag": "pag", "shift": "shift",
-                 "noise_interval": "noise_interval"}
+                 "noise_interval": "noise_interval", "coarse": "cfg_coarse"}
 
 
 def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -107,7 +107,7 @@ def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     s = replace(cfg.sample, **given)
     check_options(args.steps, s.sampler, s.cfg if args.cfg is None else args.cfg,
                   s.cfg_rescale, tuple(s.cfg_interval), s.shift or 1.0, s.cfg_ramp, s.pag,
-                  tuple(s.noise_interval))
+                  tuple(s.noise_interval), s.cfg_coarse, s.cfg_coarse_sigma)
     return replace(cfg, sample=s)
 
 
@@ -120,6 +120,8 @@ def sampling_text(cfg: RunConfig, prompts: list[SamplePrompt]) -> str:
     if s.sampler in STOCHASTIC and tuple(s.noise_interval) != (0.0, 1.0):
         text += " (fresh noise for t in [{:g}, {:g}])".format(*s.noise_interval)
     text += f", cfg {'/'.join(f'{v:g}' for v in scales)}"
+    if s.cfg_coarse:
+        text += f" (coarse {s.cfg_coarse:g}, blur {s.cfg_coarse_sigma:g} px)"
     if (lo, hi) != (0.0, 1.0):
         text += f" for t in [{lo:g}, {hi:g}]"
     if s.cfg_ramp:

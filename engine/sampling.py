@@ -37,6 +37,7 @@ import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from engine.config import SAMPLER_NAMES, RunConfig
@@ -387,10 +388,25 @@ def model_evals(sampler: str, steps: int) -> int:
 # Classifier-free guidance
 # --------------------------------------------------------------------------------------
 
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """x (B, C, H, W) blurred per channel by a Gaussian of `sigma` pixels (two separable
+    passes; the image mirrored at its edges, or its edge pixels repeated where it is
+    smaller than the kernel's reach of 3 sigma)."""
+    r = max(1, math.ceil(3.0 * sigma))
+    k = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (k / sigma) ** 2)
+    k = k / k.sum()
+    C = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="reflect" if r < min(x.shape[-2:]) else "replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
 def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
               rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0),
               ramp: float = 0.0, pag: float = 0.0,
-              pag_interval: tuple[float, float] = (0.0, 1.0)) -> ModelFn:
+              pag_interval: tuple[float, float] = (0.0, 1.0),
+              coarse: float = 0.0, coarse_sigma: float = 1.5) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a model_fn for the samplers, with
     optional perturbed-attention guidance.
 
@@ -402,7 +418,8 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
     has the std of the conditional velocity, then blended with weight phi (Lin et al. 2024,
     "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4). Samples with
     t outside [lo, hi] = interval get the conditional prediction; when no sample of the batch
-    is inside, only the conditional branch runs. scale == 1 runs only the conditional branch.
+    is inside, only the conditional branch runs. scale == 1 (with coarse 0 or 1) runs only
+    the conditional branch.
 
     With ramp > 0 the scale rises linearly with t, w(t) = 1 + (scale - 1) min(1, t / ramp),
     and is full from t = ramp on (Wang et al. 2024, "Analysis of Classifier-Free Guidance
@@ -410,6 +427,15 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
     clean estimate of a prompt that leaves the composition open is the average of its
     possible layouts; full guidance there sharpens all of them at once, and a sample can
     keep two (README, "Where the demo's last misses are").
+
+    With coarse > 0 the guidance update c - u is split by a Gaussian blur of coarse_sigma
+    pixels into a coarse part (the blurred update: where and how large things are) and
+    the fine rest (edges and details): the coarse part is guided with scale `coarse`,
+    the fine part with `scale`, c + (coarse - 1) blur(c - u) + (scale - 1) (c - u -
+    blur(c - u)) (Sadat et al. 2025, "Guidance in the Frequency Domain Enables
+    High-Fidelity Sampling at Low CFG Scales"). coarse = scale is plain guidance. Full
+    guidance of the coarse part draws small shapes too large; the fine part draws their
+    outlines (README, "Guidance by detail scale"). A ramp scales both parts alike.
 
     With pag > 0, samples with t in pag_interval also move away from a perturbed
     conditional estimate p = denoise(z, t, c, perturbed=True), in which chosen layers'
@@ -431,7 +457,11 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
         raise ValueError(f"cfg_model: ramp = {ramp}; allowed: 0 (no ramp) to 1")
     if not pag >= 0.0:
         raise ValueError(f"cfg_model: pag = {pag}; allowed: 0 (off) or more")
-    if scale == 1.0 and pag == 0.0:
+    if not (coarse >= 0.0 and coarse_sigma > 0.0):
+        raise ValueError(f"cfg_model: coarse = {coarse}, coarse_sigma = {coarse_sigma}; "
+                         f"allowed: coarse 0 (off) or more, coarse_sigma > 0")
+    guiding = scale != 1.0 or coarse not in (0.0, 1.0)
+    if not guiding and pag == 0.0:
         def conditional(z: Tensor, t: Tensor) -> Tensor:
             return denoise(z, t, cond)
         return conditional
@@ -444,12 +474,19 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
         """(guided estimate, conditional estimate)."""
         out = denoise(torch.cat([z, z]), torch.cat([t, t]), both)  # (2B, C, H, W)
         c, u = out.chunk(2)  # (B, C, H, W) each
-        if ramp > 0.0:   # per-sample scales from the CPU times, copied without a wait
-            w = 1.0 + (scale - 1.0) * (t.double() / ramp).clamp(max=1.0)
-            w = w.to(c.device, c.dtype, non_blocking=True).view(-1, *([1] * (z.dim() - 1)))
-            x_cfg = u + w * (c - u)
-        else:
-            x_cfg = u + scale * (c - u)
+
+        def strength(w: float) -> float | Tensor:
+            """w, or with a ramp per-sample 1 + (w - 1) min(1, t / ramp), from the CPU
+            times and copied without a wait."""
+            if ramp <= 0.0:
+                return w
+            w = 1.0 + (w - 1.0) * (t.double() / ramp).clamp(max=1.0)
+            return w.to(c.device, c.dtype, non_blocking=True).view(-1, *([1] * (z.dim() - 1)))
+
+        w = strength(scale)
+        x_cfg = u + w * (c - u)
+        if coarse > 0.0:   # the coarse part of the update at `coarse` instead of `scale`
+            x_cfg = x_cfg + (strength(coarse) - w) * gaussian_blur(c - u, coarse_sigma)
         if rescale > 0.0:
             # velocity = (x_hat - z) / (1 - t): the per-sample 1 - t cancels in the std ratio
             dims = tuple(range(1, z.dim()))
@@ -462,7 +499,7 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
 
     def guided(z: Tensor, t: Tensor) -> Tensor:
         # t on the CPU: deciding here reads nothing back
-        inside = (t >= lo) & (t <= hi) if scale != 1.0 else torch.zeros_like(t, dtype=torch.bool)
+        inside = (t >= lo) & (t <= hi) if guiding else torch.zeros_like(t, dtype=torch.bool)
         perturb = ((t >= pag_interval[0]) & (t <= pag_interval[1]) if pag > 0.0
                    else torch.zeros_like(t, dtype=torch.bool))
         if bool(inside.any()):

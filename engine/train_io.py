@@ -444,6 +444,7 @@ def save_sample_grid(run: RunDir, step: int, images: list[Tensor], cells: list[S
             "size": [first.width, first.height], "steps": s.steps, "sampler": s.sampler,
             "cfg": s.cfg, "cfg_rescale": s.cfg_rescale, "cfg_interval": list(s.cfg_interval),
             "cfg_ramp": s.cfg_ramp, "pag": s.pag, "noise_interval": list(s.noise_interval),
+            "cfg_coarse": s.cfg_coarse, "cfg_coarse_sigma": s.cfg_coarse_sigma,
             "columns": min(len(cells), GRID_COLUMNS), "prompts_file": run.sample_prompts.name,
             "cells": [c.as_dict() for c in cells]}
     params = {"prompt": first.prompt, "negative": first.negative, "steps": first.steps,
@@ -451,6 +452,8 @@ def save_sample_grid(run: RunDir, step: int, images: list[Tensor], cells: list[S
               "width": first.width, "height": first.height, "run_id": run.run_id,
               "rescale": s.cfg_rescale or None, "interval": list(s.cfg_interval),
               "ramp": s.cfg_ramp or None, "pag": s.pag or None,
+              "coarse": s.cfg_coarse or None,
+              "coarse_sigma": s.cfg_coarse_sigma if s.cfg_coarse else None,
               "noise_interval": noise_setting(s.sampler, s.noise_interval),
               "checkpoint_step": step, "prediction": cfg.model.prediction,
               "engine_version": __version__}

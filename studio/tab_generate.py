@@ -221,6 +221,10 @@ def build(studio: Studio) -> dict:
                     pag = gr.Slider(0.0, 5.0, value=0.0, step=0.1, label="PAG scale",
                                     info="perturbed-attention guidance near noise: one "
                                     "layout, not two; 0 = off")
+                    coarse = gr.Slider(0.0, 15.0, value=0.0, step=0.1,
+                                       label="CFG of coarse structure",
+                                       info="where and how large things are; the details keep "
+                                       "the CFG scale; 0 = the CFG scale")
                 with gr.Row():
                     size = gr.Dropdown([], label="Size (training buckets)")
                     width = gr.Number(value=64, precision=0, label="Width", minimum=1)
@@ -264,11 +268,11 @@ def build(studio: Studio) -> dict:
         recalled = gr.State({})
         past_files = gr.State(history(studio.outputs_dir))
 
-    setting_fields = [prompt, negative, sampler, steps, cfg, rescale, lo, hi, ramp, pag,
+    setting_fields = [prompt, negative, sampler, steps, cfg, rescale, lo, hi, ramp, pag, coarse,
                       noise_lo, noise_hi, shift, width, height, seed, strength]
     # the settings a checkpoint fills in (its run's sample settings), and the values they
     # were last given that way (first: the page's own); None where the user set the value
-    sample_fields = setting_fields[:15]
+    sample_fields = setting_fields[:16]
     filled = gr.State(["" if c.value is None else c.value for c in sample_fields])
 
     # ---- model choice ------------------------------------------------------------------
@@ -307,7 +311,8 @@ def build(studio: Studio) -> dict:
         default = f"{w}x{h}"
         s = mcfg.sample
         values = [s.prompts[0], s.negative, s.sampler, s.steps, s.cfg, s.cfg_rescale,
-                  s.cfg_interval[0], s.cfg_interval[1], s.cfg_ramp, s.pag, *s.noise_interval,
+                  s.cfg_interval[0], s.cfg_interval[1], s.cfg_ramp, s.pag, s.cfg_coarse,
+                  *s.noise_interval,
                   s.shift, w, h]
         follow = [unchanged(c, b) for c, b in zip(current, before)]
         out = {model_info: model_markdown(meta, mcfg, read_modelspec(path).get("title", "")),
@@ -338,9 +343,8 @@ def build(studio: Studio) -> dict:
 
     # ---- generating --------------------------------------------------------------------
     def run(cid, use_ema, prompt_v, negative_v, sampler_v, steps_v, cfg_v, rescale_v, lo_v,
-            hi_v, ramp_v, pag_v, noise_lo_v, noise_hi_v, shift_v, width_v, height_v, seed_v,
-            strength_v, count_v,
-            init_v, request: gr.Request, encoder_v: str = ""):
+            hi_v, ramp_v, pag_v, coarse_v, noise_lo_v, noise_hi_v, shift_v, width_v, height_v,
+            seed_v, strength_v, count_v, init_v, request: gr.Request, encoder_v: str = ""):
         key = request.session_hash if request is not None else ""
         cancel = threading.Event()
         cancels[key] = cancel
@@ -353,7 +357,8 @@ def build(studio: Studio) -> dict:
             floats = [number(v, label) for v, label in (
                 (cfg_v, "CFG scale"), (rescale_v, "CFG rescale"), (lo_v, "Guidance from t"),
                 (hi_v, "Guidance until t"), (ramp_v or 0.0, "Guidance ramp"),
-                (pag_v or 0.0, "PAG scale"), (noise_lo_v, "Fresh noise from t"),
+                (pag_v or 0.0, "PAG scale"), (coarse_v or 0.0, "CFG of coarse structure"),
+                (noise_lo_v, "Fresh noise from t"),
                 (noise_hi_v, "Fresh noise until t"), (shift_v or 0.0, "Shift"),
                 (strength_v, "Strength"))]
         except (ValueError, PathError, RunnerError) as e:   # GenerateError is a ValueError
@@ -375,13 +380,14 @@ def build(studio: Studio) -> dict:
                             raise generate.Cancelled()
                         events.put(("preview", (step, total, preview)))
 
-                    (cfg_f, rescale_f, lo_f, hi_f, ramp_f, pag_f, noise_lo_f, noise_hi_f, shift_f,
-                     strength_f) = floats
+                    (cfg_f, rescale_f, lo_f, hi_f, ramp_f, pag_f, coarse_f, noise_lo_f,
+                     noise_hi_f, shift_f, strength_f) = floats
                     out = pipe.generate(
                         prompt_v, negative_v, w_i, h_i, steps_i, sampler_v, cfg_f, rescale_f,
                         (lo_f, hi_f), shift_f, seed_i, count_i, init_image=init_v,
                         strength=strength_f if init_v else None, callback=progress,
-                        ramp=ramp_f, pag=pag_f, noise_interval=(noise_lo_f, noise_hi_f))
+                        ramp=ramp_f, pag=pag_f, noise_interval=(noise_lo_f, noise_hi_f),
+                        coarse=coarse_f)
                     saved = [pngmeta.save_png(r.image, r.params, studio.outputs_dir) for r in out]
                 events.put(("done", (out, saved, notes)))
             except generate.Cancelled:

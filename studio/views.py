@@ -543,6 +543,7 @@ PARAM_LABELS = [("prompt", "Prompt"), ("negative", "Negative prompt"), ("seed", 
                 ("width", "Width"), ("height", "Height"), ("steps", "Steps"),
                 ("sampler", "Sampler"), ("cfg", "CFG"), ("rescale", "CFG rescale"),
                 ("interval", "CFG interval"), ("ramp", "CFG ramp"), ("pag", "PAG scale"),
+                ("coarse", "CFG of coarse structure"),
                 ("noise_interval", "Fresh noise for t in"), ("shift", "Shift"),
                 ("strength", "Strength"), ("run_id", "Run"), ("checkpoint_step", "Step"),
                 ("weights", "Weights"), ("checkpoint_hash", "Model hash")]
@@ -560,18 +561,19 @@ def _number(value, lo: float, hi: float, whole: bool = False) -> float | int | N
 def recall_values(params: dict) -> list:
     """The Generate tab's settings from an image's recalled parameters, in the order
     prompt, negative, sampler, steps, cfg, rescale, guidance from t, guidance until t,
-    guidance ramp, PAG scale, fresh noise from t, fresh noise until t, shift, width, height,
-    seed (text), strength. A value that is missing, of the wrong type or out of its
-    control's range is None (the control is left as it is): the parameters come from a file
-    anyone could have written."""
+    guidance ramp, PAG scale, CFG of coarse structure, fresh noise from t, fresh noise until
+    t, shift, width, height, seed (text), strength. A value that is missing, of the wrong
+    type or out of its control's range is None (the control is left as it is): the
+    parameters come from a file anyone could have written."""
     p = params if isinstance(params, dict) else {}
     interval = p.get("interval")
     if not (isinstance(interval, (list, tuple)) and len(interval) == 2):
         interval = (None, None)
     seed = _number(p.get("seed"), 0, 2 ** 63 - 1, whole=True)
-    # images of ours made before the ramp or PAG existed say nothing of them: they had none
+    # images of ours made before the ramp, PAG or coarse guidance existed say nothing of
+    # them: they had none
     ours = interval[0] is not None and "engine_version" in p
-    ramp, pag = (p.get(key, 0.0 if ours else None) for key in ("ramp", "pag"))
+    ramp, pag, coarse = (p.get(key, 0.0 if ours else None) for key in ("ramp", "pag", "coarse"))
     # ... nor of the fresh-noise interval: their stochastic samplers drew it at every step
     noise = p.get("noise_interval")
     if not (isinstance(noise, (list, tuple)) and len(noise) == 2):
@@ -584,6 +586,7 @@ def recall_values(params: dict) -> list:
             _number(p.get("steps"), 1, 200, whole=True), _number(p.get("cfg"), 0.0, 15.0),
             _number(p.get("rescale"), 0.0, 1.0), _number(interval[0], 0.0, 1.0),
             _number(interval[1], 0.0, 1.0), _number(ramp, 0.0, 1.0), _number(pag, 0.0, 5.0),
+            _number(coarse, 0.0, 15.0),
             _number(noise[0], 0.0, 1.0), _number(noise[1], 0.0, 1.0),
             _number(p.get("shift"), 0.0, 1e6), _number(p.get("width"), 1, 65536, whole=True),
             _number(p.get("height"), 1, 65536, whole=True),

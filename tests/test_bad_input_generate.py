@@ -330,8 +330,9 @@ def press_generate(tab, cid="run/run-a/10", **fields) -> tuple:
     (preview, status, results, settings, history, history files, checkpoint, model info)."""
     _, handlers = tab
     values = dict(prompt="a red circle", negative="", sampler="euler", steps=1, cfg=3.0,
-                  rescale=0.0, lo=0.0, hi=1.0, ramp=0.0, pag=0.0, noise_lo=0.0, noise_hi=1.0,
-                  shift=0.0, width=16, height=16, seed="1", strength=0.75, count=1, init=None)
+                  rescale=0.0, lo=0.0, hi=1.0, ramp=0.0, pag=0.0, coarse=0.0, noise_lo=0.0,
+                  noise_hi=1.0, shift=0.0, width=16, height=16, seed="1", strength=0.75, count=1,
+                  init=None)
     values.update(fields)
     updates = list(handlers["run"](cid, True, *values.values(), None))
     assert updates

@@ -306,19 +306,26 @@ def test_quality_command_takes_the_generators_sampling_options(trained, capsys):
             "--device", "cpu", "--json"]
     assert bench_main(args) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert plain["sampling"] == ("dpmpp_2m_sde (fresh noise for t in [0.1, 0.5]), cfg 4 for t "
-                                 "in [0.1, 0.8]")
+    assert plain["sampling"] == ("dpmpp_2m_sde (fresh noise for t in [0.1, 0.5]), cfg 5 "
+                                 "(coarse 2, blur 1.5 px) for t in [0.1, 0.8]")
     assert bench_main([*args, "--sampler", "euler", "--cfg", "2", "--interval", "0,0.7",
                        "--rescale", "0.5", "--shift", "2"]) == 0
     other = json.loads(capsys.readouterr().out)
-    assert other["sampling"] == "euler, cfg 2 for t in [0, 0.7], rescale 0.5, shift 2"
+    assert other["sampling"] == ("euler, cfg 2 (coarse 2, blur 1.5 px) for t in [0, 0.7], "
+                                 "rescale 0.5, shift 2")
     assert other["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
     assert bench_main([*args, "--noise-interval", "0,1"]) == 0
     everywhere = json.loads(capsys.readouterr().out)
-    assert everywhere["sampling"] == "dpmpp_2m_sde, cfg 4 for t in [0.1, 0.8]"
+    assert everywhere["sampling"] == ("dpmpp_2m_sde, cfg 5 (coarse 2, blur 1.5 px) for t in "
+                                      "[0.1, 0.8]")
     assert everywhere["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
+    assert bench_main([*args, "--cfg-coarse", "0"]) == 0   # the preset's CFG 5 throughout
+    five = json.loads(capsys.readouterr().out)
+    assert five["sampling"] == ("dpmpp_2m_sde (fresh noise for t in [0.1, 0.5]), cfg 5 for t "
+                                "in [0.1, 0.8]")
+    assert five["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
     for bad in (["--interval", "0.8,0.2"], ["--cfg", "-1"], ["--rescale", "2"],
-                ["--shift", "-1"], ["--noise-interval", "0.5,0.5"]):
+                ["--shift", "-1"], ["--noise-interval", "0.5,0.5"], ["--cfg-coarse", "-1"]):
         assert bench_main([*args, *bad]) == 2
         assert "allowed" in capsys.readouterr().err
 

@@ -201,6 +201,7 @@ def test_starting_noise_is_per_seed():
     (dict(interval=(0.8, 0.2)), r"interval = \[0\.8, 0\.2\]"),
     (dict(ramp=1.5), r"ramp = 1\.5"),
     (dict(pag=-0.5), r"pag = -0\.5: allowed a number >= 0"),
+    (dict(coarse=-1.0), r"cfg_coarse = -1\.0: allowed a number >= 0"),
     (dict(seed=-5), r"seed = -5"),
     (dict(n=0), r"n = 0"),
 ])
@@ -457,6 +458,29 @@ def test_perturbed_attention_guidance_changes_the_image_and_defaults_to_the_run(
         render(pipe.net, pipe.encode, ["a red circle"], "", [0], 16, 16, steps=2,
                sampler="heun", cfg=4.0, rescale=0.0, interval=(0.0, 1.0), shift=1.0, pag=1.0,
                pag_layers=(2,))
+
+
+def test_coarse_guidance_changes_the_image_and_defaults_to_the_run(pipe, monkeypatch):
+    """coarse=None takes the checkpoint's sample.cfg_coarse and cfg_coarse_sigma; a coarse
+    scale changes the picture, and the PNG says which scale and blur made it."""
+    monkeypatch.setattr(pipe.cfg.sample, "cfg_coarse", 0.0)
+    kw = dict(seed=5, steps=3, cfg=4.0, interval=(0.0, 1.0))
+    plain, default, coarse = (pipe.generate("a red circle", coarse=g, **kw)[0]
+                              for g in (0.0, None, 2.0))
+    assert default.params["coarse"] == 0.0
+    assert np.array_equal(pixels(plain.image), pixels(default.image))
+    assert not np.array_equal(pixels(plain.image), pixels(coarse.image))
+    text = format_parameters(coarse.params)
+    assert "CFG coarse: 2.0" in text and "CFG coarse blur: 1.5" in text
+    assert parse_parameters(text)["coarse"] == 2.0
+    assert "CFG coarse blur" not in format_parameters(plain.params)
+    monkeypatch.setattr(pipe.cfg.sample, "cfg_coarse", 2.0)
+    assert np.array_equal(pixels(pipe.generate("a red circle", **kw)[0].image),
+                          pixels(coarse.image))
+    monkeypatch.setattr(pipe.cfg.sample, "cfg_coarse_sigma", 3.0)
+    run = pipe.generate("a red circle", **kw)[0]
+    assert run.params["coarse"] == 2.0 and run.params["coarse_sigma"] == 3.0
+    assert not np.array_equal(pixels(run.image), pixels(coarse.image))   # another blur
 
 
 def test_noise_interval_of_stochastic_samplers_defaults_to_the_run(pipe, monkeypatch):

@@ -25,6 +25,7 @@ from engine.sampling import (
     SAMPLERS,
     STOCHASTIC,
     cfg_model,
+    gaussian_blur,
     img2img_grid,
     model_evals,
     noise_image,
@@ -521,10 +522,62 @@ def test_perturbed_attention_guidance_moves_away_from_the_perturbed_estimate(con
                        cfg_model(Denoiser(), cond, uncond, 5.0)(z, t))
 
 
+def test_gaussian_blur_keeps_flat_areas_and_removes_pixel_grain():
+    flat = torch.full((2, 3, 9, 7), 0.3, dtype=F64)
+    assert torch.allclose(gaussian_blur(flat, 1.5), flat, atol=1e-12)
+    i, j = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
+    checker = ((-1.0) ** (i + j)).to(F64).expand(1, 3, 24, 24)
+    assert gaussian_blur(checker, 1.5).abs().max() < 1e-3
+    # an impulse spreads over sigma pixels per axis and keeps its mass
+    impulse = torch.zeros(1, 1, 31, 31, dtype=F64)
+    impulse[..., 15, 15] = 1.0
+    for sigma in (0.7, 1.5, 3.0):
+        out = gaussian_blur(impulse, sigma)[0, 0]
+        assert out.sum().item() == pytest.approx(1.0, abs=1e-12)
+        rows = out.sum(1)
+        var = (rows * (torch.arange(31, dtype=F64) - 15) ** 2).sum().item()
+        assert var == pytest.approx(sigma ** 2, rel=0.02)
+    tiny = torch.randn(2, 3, 2, 2, dtype=F64)       # smaller than the kernel: edges repeated
+    assert gaussian_blur(tiny, 1.5).shape == tiny.shape
+
+
+def test_coarse_guidance_scales_the_blurred_update_and_the_rest_apart(conds):
+    """c + (coarse - 1) blur(d) + (scale - 1) (d - blur(d)) with d = c - u: coarse = scale
+    and coarse = 0 are plain guidance, a ramp scales both parts alike, and coarse alone
+    (scale 1) guides only the coarse part."""
+    cond, uncond = conds
+    z, t = noise(3), torch.tensor([0.2, 0.5, 0.7], dtype=F64)
+    c, u = Denoiser()(z, t, cond), Denoiser()(z, t, uncond)
+    d = c - u
+    b = gaussian_blur(d, 1.5)
+    assert (d - b).abs().max() > 0.05 and b.abs().max() > 0.05     # both parts present
+    out = cfg_model(Denoiser(), cond, uncond, 5.0, coarse=2.0, coarse_sigma=1.5)(z, t)
+    assert torch.allclose(out, c + 1.0 * b + 4.0 * (d - b), atol=1e-12)
+    plain = cfg_model(Denoiser(), cond, uncond, 5.0)(z, t)
+    assert torch.allclose(cfg_model(Denoiser(), cond, uncond, 5.0, coarse=5.0)(z, t), plain,
+                          atol=1e-12)
+    assert torch.equal(cfg_model(Denoiser(), cond, uncond, 5.0, coarse=0.0)(z, t), plain)
+    # another blur radius is another split
+    wide = gaussian_blur(d, 3.0)
+    out = cfg_model(Denoiser(), cond, uncond, 5.0, coarse=2.0, coarse_sigma=3.0)(z, t)
+    assert torch.allclose(out, c + 1.0 * wide + 4.0 * (d - wide), atol=1e-12)
+    # a ramp: both scales grow from 1 at t = 0, full from t = ramp
+    f = col(torch.tensor([0.4, 1.0, 1.0], dtype=F64))
+    out = cfg_model(Denoiser(), cond, uncond, 5.0, ramp=0.5, coarse=2.0)(z, t)
+    assert torch.allclose(out, c + f * (1.0 * b + 4.0 * (d - b)), atol=1e-12)
+    # scale 1 with a coarse scale runs both branches and guides the coarse part only
+    den = Denoiser()
+    out = cfg_model(den, cond, uncond, 1.0, coarse=3.0)(z, t)
+    assert torch.allclose(out, c + 2.0 * b, atol=1e-12)
+    assert [batch for batch, _, _ in den.calls] == [6]
+
+
 @pytest.mark.parametrize("kwargs", [dict(interval=(0.8, 0.2)), dict(interval=(0.0, 1.5)),
                                     dict(rescale=1.5), dict(ramp=1.5),
                                     dict(ramp=-0.1), dict(pag=-1.0), dict(pag=float("nan")),
-                                    dict(pag=1.0, pag_interval=(0.5, 0.2))])
+                                    dict(pag=1.0, pag_interval=(0.5, 0.2)),
+                                    dict(coarse=-1.0), dict(coarse=2.0, coarse_sigma=0.0),
+                                    dict(coarse=float("nan"))])
 def test_cfg_rejects_bad_settings(conds, kwargs):
     with pytest.raises(ValueError):
         cfg_model(Denoiser(), *conds, 3.0, **kwargs)
@@ -591,7 +644,7 @@ def test_guided_sampling_reads_nothing_back_from_the_device(interval, rescale):
 
     model = cfg_model(denoise, Cond(torch.ones(2, device="meta")),
                       Cond(torch.zeros(2, device="meta")), 3.0, rescale, interval,
-                      ramp=0.5 if rescale else 0.0)
+                      ramp=0.5 if rescale else 0.0, coarse=2.0 if rescale else 0.0)
     for name in SAMPLERS:
         out = SAMPLERS[name](model, torch.zeros(2, 3, 4, 4, device="meta"), time_grid(6, 2.0))
         assert out.device.type == "meta"

@@ -415,30 +415,31 @@ def test_parse_seed():
 
 def test_recall_values_keep_only_usable_settings():
     good = {"prompt": "a cat", "negative": "", "sampler": "heun", "steps": 30, "cfg": 4.0,
-            "rescale": 0.5, "interval": [0.1, 0.9], "ramp": 0.3, "pag": 1.5,
+            "rescale": 0.5, "interval": [0.1, 0.9], "ramp": 0.3, "pag": 1.5, "coarse": 2.0,
             "noise_interval": [0.1, 0.5], "shift": 2.0, "width": 64, "height": 32, "seed": 7,
             "strength": 0.6}
     assert views.recall_values(good) == ["a cat", "", "heun", 30, 4.0, 0.5, 0.1, 0.9, 0.3, 1.5,
-                                         0.1, 0.5, 2.0, 64, 32, "7", 0.6]
-    # an image of ours made before the guidance ramp or PAG existed had none; another
-    # tool's image says nothing about them, and the controls are left as they are
-    for key, i in (("ramp", 8), ("pag", 9)):
+                                         2.0, 0.1, 0.5, 2.0, 64, 32, "7", 0.6]
+    # an image of ours made before the guidance ramp, PAG or coarse guidance existed had
+    # none; another tool's image says nothing about them, and the controls are left as
+    # they are
+    for key, i in (("ramp", 8), ("pag", 9), ("coarse", 10)):
         without = {k: v for k, v in good.items() if k != key}
         assert views.recall_values(without | {"engine_version": "0.9"})[i] == 0.0
         assert views.recall_values(without)[i] is None
     # ... and before the fresh-noise interval: a stochastic sampler drew it at every step;
     # a deterministic sampler's image (None, or nothing) leaves the controls as they are
     old = {k: v for k, v in good.items() if k != "noise_interval"} | {"engine_version": "0.9"}
-    assert views.recall_values(old | {"sampler": "euler_a"})[10:12] == [0.0, 1.0]
-    assert views.recall_values(old)[10:12] == [None, None]
-    assert views.recall_values(good | {"noise_interval": None})[10:12] == [None, None]
+    assert views.recall_values(old | {"sampler": "euler_a"})[11:13] == [0.0, 1.0]
+    assert views.recall_values(old)[11:13] == [None, None]
+    assert views.recall_values(good | {"noise_interval": None})[11:13] == [None, None]
     hostile = {"prompt": ["x"], "negative": 5, "sampler": "ancestral", "steps": "many",
                "cfg": float("nan"), "rescale": 7, "interval": 5, "ramp": 2.0, "pag": -1.0,
-               "shift": -1, "width": 2.5, "height": True, "seed": -4, "strength": {"a": 1},
-               "noise_interval": [-1, "x"]}
-    assert views.recall_values(hostile) == [None] * 17
-    assert views.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 17
-    assert views.recall_values([]) == [None] * 17
+               "coarse": 16.0, "shift": -1, "width": 2.5, "height": True, "seed": -4,
+               "strength": {"a": 1}, "noise_interval": [-1, "x"]}
+    assert views.recall_values(hostile) == [None] * 18
+    assert views.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 18
+    assert views.recall_values([]) == [None] * 18
 
 
 def test_recall_reports_unreadable_images(tmp_path):
@@ -463,7 +464,7 @@ def test_recall_reports_unreadable_images(tmp_path):
     Image.new("RGB", (4, 4)).save(odd, pnginfo=info)
     text, params = tab_generate.recall(str(odd))
     assert "&lt;b&gt;" in text and views.recall_values(params)[0] == "<b>x</b>"
-    assert views.recall_values(params)[1:] == [None] * 16
+    assert views.recall_values(params)[1:] == [None] * 17
 
 
 def test_params_markdown():
