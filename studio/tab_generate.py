@@ -223,8 +223,8 @@ def build(studio: Studio) -> dict:
                                     "layout, not two; 0 = off")
                     coarse = gr.Slider(0.0, 15.0, value=0.0, step=0.1,
                                        label="CFG of coarse structure",
-                                       info="where and how large things are; the details keep "
-                                       "the CFG scale; 0 = the CFG scale")
+                                       info="where and how large things are; outlines "
+                                       "keep the CFG scale; 0 = off")
                 with gr.Row():
                     size = gr.Dropdown([], label="Size (training buckets)")
                     width = gr.Number(value=64, precision=0, label="Width", minimum=1)
