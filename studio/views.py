@@ -543,7 +543,7 @@ PARAM_LABELS = [("prompt", "Prompt"), ("negative", "Negative prompt"), ("seed", 
                 ("width", "Width"), ("height", "Height"), ("steps", "Steps"),
                 ("sampler", "Sampler"), ("cfg", "CFG"), ("rescale", "CFG rescale"),
                 ("interval", "CFG interval"), ("ramp", "CFG ramp"), ("pag", "PAG scale"),
-                ("coarse", "CFG of coarse structure"),
+                ("coarse", "CFG of coarse structure"), ("coarse_sigma", "Coarse blur (px)"),
                 ("noise_interval", "Fresh noise for t in"), ("shift", "Shift"),
                 ("strength", "Strength"), ("run_id", "Run"), ("checkpoint_step", "Step"),
                 ("weights", "Weights"), ("checkpoint_hash", "Model hash")]
