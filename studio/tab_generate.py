@@ -312,8 +312,7 @@ def build(studio: Studio) -> dict:
         s = mcfg.sample
         values = [s.prompts[0], s.negative, s.sampler, s.steps, s.cfg, s.cfg_rescale,
                   s.cfg_interval[0], s.cfg_interval[1], s.cfg_ramp, s.pag, s.cfg_coarse,
-                  *s.noise_interval,
-                  s.shift, w, h]
+                  *s.noise_interval, s.shift, w, h]
         follow = [unchanged(c, b) for c, b in zip(current, before)]
         out = {model_info: model_markdown(meta, mcfg, read_modelspec(path).get("title", "")),
                size: gr.Dropdown(choices=sizes,
