@@ -222,7 +222,8 @@ class PiecewiseLinear(nn.Linear):
             return F.linear(x, self.weight, bias).chunk(self.pieces, dim=-1)
         # split, not slices: the weight's gradient is then one concatenation of the
         # pieces' gradients, where each slice's backward would fill a zero tensor as large
-        # as the whole weight
+        # as the whole weight. Also without gradients: one product's pieces are strided
+        # views, which slowed generation (Heun at 64x64: 0.197 against 0.178 s per image)
         weights = self.weight.split(self.out_features // self.pieces)
         biases = [None] * self.pieces if bias is None else bias.split(len(bias) // self.pieces)
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))

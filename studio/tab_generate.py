@@ -31,7 +31,7 @@ from engine.generate_io import (
 )
 from engine.images import BROKEN_FILE_ERRORS
 from engine.sampling import SAMPLER_LABELS, SAMPLERS, STOCHASTIC
-from studio import views
+from studio import gen_settings, views
 from studio.paths import PathError, names_local_path, resolve_inside
 from studio.runner import PROJECT_ROOT, RunnerError
 from studio.workspace import Studio, format_run_checkpoint
@@ -173,7 +173,7 @@ def recall(path) -> tuple[str, dict]:
         return f"**Cannot read the settings of this image:** {e}", {}
     if not isinstance(p, dict) or not p:
         return "This PNG carries no generation settings.", {}
-    return views.params_markdown(p), p
+    return gen_settings.params_markdown(p), p
 
 
 def build(studio: Studio) -> dict:
@@ -350,7 +350,7 @@ def build(studio: Studio) -> dict:
         try:
             path = studio.checkpoint_path(cid or "")
             encoder = text_encoder_choice(encoder_v, studio)
-            seed_i = views.parse_seed(seed_v)
+            seed_i = gen_settings.parse_seed(seed_v)
             w_i, h_i = whole(width_v, "Width"), whole(height_v, "Height")
             steps_i, count_i = whole(steps_v, "Steps"), whole(count_v, "Images")
             floats = [number(v, label) for v, label in (
@@ -457,7 +457,7 @@ def build(studio: Studio) -> dict:
                 status: f"Done: {len(out)} image(s), {seeds}, saved to `workspace/outputs/` "
                         f"({names}).{note}",
                 results: [(str(p), f"seed {r.params['seed']}") for p, r in zip(saved, out)],
-                params: views.params_markdown(out[0].params), past: files, past_files: files}
+                params: gen_settings.params_markdown(out[0].params), past: files, past_files: files}
 
     def cancel_run(request: gr.Request):
         ev = cancels.get(request.session_hash if request is not None else "")
@@ -469,7 +469,7 @@ def build(studio: Studio) -> dict:
     # ---- recall ------------------------------------------------------------------------
     def fields_from(p: dict):
         """Setting fields from recalled parameters (missing or unusable ones unchanged)."""
-        return [gr.skip() if v is None else v for v in views.recall_values(p)]
+        return [gr.skip() if v is None else v for v in gen_settings.recall_values(p)]
 
     def checkpoint_for(p: dict):
         """The checkpoint an image was made with, when it is still in the list."""
@@ -495,7 +495,7 @@ def build(studio: Studio) -> dict:
         if not p:
             return {status: "Choose an image in the history or drop a PNG first."}
         # restored settings count as the user's: the checkpoint shown next keeps them
-        restored = views.recall_values(p)
+        restored = gen_settings.recall_values(p)
         return {status: "Settings restored.", **dict(zip(setting_fields, fields_from(p))),
                 checkpoint: checkpoint_for(p),
                 filled: [b if v is None else None for v, b in zip(restored, before)]}

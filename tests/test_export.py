@@ -319,7 +319,7 @@ PARAMS = dict(prompt="a red circle", negative="", width=16, height=16, steps=2, 
 
 @pytest.mark.parametrize("key", list(SAMPLERS))
 def test_png_parameters_name_the_sampler_as_other_tools_do(key, tmp_path):
-    from studio import views
+    from studio import gen_settings
     from studio.tab_generate import recall
 
     assert set(SAMPLER_LABELS) == set(SAMPLERS)
@@ -335,7 +335,7 @@ def test_png_parameters_name_the_sampler_as_other_tools_do(key, tmp_path):
         Image.new("RGB", (4, 4)).save(tmp_path / "p.png", pnginfo=info)
         assert read_png_parameters(tmp_path / "p.png")["sampler"] == key
         _, recalled = recall(tmp_path / "p.png")
-        assert views.recall_values(recalled)[2] == key   # the Sampler field of the tab
+        assert gen_settings.recall_values(recalled)[2] == key   # the Sampler field of the tab
     # our JSON chunk keeps the key; one holding a label reads as the key too
     chunks = png_text(dict(PARAMS, sampler=key))
     assert json.loads(chunks["pixelhdm"])["sampler"] == key

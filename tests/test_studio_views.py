@@ -16,7 +16,7 @@ from PIL import Image
 from engine import config
 from engine.buckets import make_buckets, plan_buckets
 from engine.data import HealthReport, ImageRecord, Problem, TokenStats
-from studio import views
+from studio import gen_settings, views
 
 # --------------------------------------------------------------------------------------
 # Numbers
@@ -405,12 +405,12 @@ def test_size_choices_are_the_model_buckets():
 
 
 def test_parse_seed():
-    assert views.parse_seed("") is None and views.parse_seed(" -1 ") is None
-    assert views.parse_seed(" 42 ") == 42
+    assert gen_settings.parse_seed("") is None and gen_settings.parse_seed(" -1 ") is None
+    assert gen_settings.parse_seed(" 42 ") == 42
     with pytest.raises(ValueError, match="whole number"):
-        views.parse_seed("4.5")
+        gen_settings.parse_seed("4.5")
     with pytest.raises(ValueError, match="negative"):
-        views.parse_seed("-3")
+        gen_settings.parse_seed("-3")
 
 
 def test_recall_values_keep_only_usable_settings():
@@ -418,28 +418,28 @@ def test_recall_values_keep_only_usable_settings():
             "rescale": 0.5, "interval": [0.1, 0.9], "ramp": 0.3, "pag": 1.5, "coarse": 2.0,
             "noise_interval": [0.1, 0.5], "shift": 2.0, "width": 64, "height": 32, "seed": 7,
             "strength": 0.6}
-    assert views.recall_values(good) == ["a cat", "", "heun", 30, 4.0, 0.5, 0.1, 0.9, 0.3, 1.5,
-                                         2.0, 0.1, 0.5, 2.0, 64, 32, "7", 0.6]
+    assert gen_settings.recall_values(good) == ["a cat", "", "heun", 30, 4.0, 0.5, 0.1, 0.9,
+                                                0.3, 1.5, 2.0, 0.1, 0.5, 2.0, 64, 32, "7", 0.6]
     # an image of ours made before the guidance ramp, PAG or coarse guidance existed had
     # none; another tool's image says nothing about them, and the controls are left as
     # they are
     for key, i in (("ramp", 8), ("pag", 9), ("coarse", 10)):
         without = {k: v for k, v in good.items() if k != key}
-        assert views.recall_values(without | {"engine_version": "0.9"})[i] == 0.0
-        assert views.recall_values(without)[i] is None
+        assert gen_settings.recall_values(without | {"engine_version": "0.9"})[i] == 0.0
+        assert gen_settings.recall_values(without)[i] is None
     # ... and before the fresh-noise interval: a stochastic sampler drew it at every step;
     # a deterministic sampler's image (None, or nothing) leaves the controls as they are
     old = {k: v for k, v in good.items() if k != "noise_interval"} | {"engine_version": "0.9"}
-    assert views.recall_values(old | {"sampler": "euler_a"})[11:13] == [0.0, 1.0]
-    assert views.recall_values(old)[11:13] == [None, None]
-    assert views.recall_values(good | {"noise_interval": None})[11:13] == [None, None]
+    assert gen_settings.recall_values(old | {"sampler": "euler_a"})[11:13] == [0.0, 1.0]
+    assert gen_settings.recall_values(old)[11:13] == [None, None]
+    assert gen_settings.recall_values(good | {"noise_interval": None})[11:13] == [None, None]
     hostile = {"prompt": ["x"], "negative": 5, "sampler": "ancestral", "steps": "many",
                "cfg": float("nan"), "rescale": 7, "interval": 5, "ramp": 2.0, "pag": -1.0,
                "coarse": 16.0, "shift": -1, "width": 2.5, "height": True, "seed": -4,
                "strength": {"a": 1}, "noise_interval": [-1, "x"]}
-    assert views.recall_values(hostile) == [None] * 18
-    assert views.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 18
-    assert views.recall_values([]) == [None] * 18
+    assert gen_settings.recall_values(hostile) == [None] * 18
+    assert gen_settings.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 18
+    assert gen_settings.recall_values([]) == [None] * 18
 
 
 def test_recall_reports_unreadable_images(tmp_path):
@@ -463,14 +463,14 @@ def test_recall_reports_unreadable_images(tmp_path):
     info.add_text("pixelhdm", json.dumps({"prompt": "<b>x</b>", "interval": 3, "steps": "s"}))
     Image.new("RGB", (4, 4)).save(odd, pnginfo=info)
     text, params = tab_generate.recall(str(odd))
-    assert "&lt;b&gt;" in text and views.recall_values(params)[0] == "<b>x</b>"
-    assert views.recall_values(params)[1:] == [None] * 17
+    assert "&lt;b&gt;" in text and gen_settings.recall_values(params)[0] == "<b>x</b>"
+    assert gen_settings.recall_values(params)[1:] == [None] * 17
 
 
 def test_params_markdown():
-    text = views.params_markdown({"prompt": "a red | circle", "seed": 7, "negative": ""})
+    text = gen_settings.params_markdown({"prompt": "a red | circle", "seed": 7, "negative": ""})
     assert "| Seed | 7 |" in text and "Negative prompt" not in text
-    assert views.params_markdown({}).startswith("No parameters")
+    assert gen_settings.params_markdown({}).startswith("No parameters")
 
 
 # --------------------------------------------------------------------------------------
