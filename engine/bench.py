@@ -14,9 +14,10 @@
 repeats after a warm-up, text encoded once before timing. Without a checkpoint the
 network is random from the preset (a frozen Qwen3 gets random tokens of its width).
 
-`train` trains a preset (tiny-cpu by default) for fixed steps on the demo dataset (or
---data): images per second (warm-up excluded), first and last loss, validation loss and
-the final sample grid, which shows whether the shapes follow their prompts.
+`train` (engine/bench_runs.py) trains a preset (tiny-cpu by default) for fixed steps on
+the demo dataset (or --data): images per second (warm-up excluded), first and last loss,
+validation loss and the final sample grid, which shows whether the shapes follow their
+prompts (kept with --out DIR; the default temporary folder is removed afterwards).
 
 `network` measures the bare network (engine/perf.py): analytic forward FLOPs per image
 by part (engine/flops.py), images and tokens per second of a training step and of an
@@ -47,23 +48,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from datetime import datetime
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from engine.attention import flash_attn_func
-from engine.buckets import plan_buckets
+from engine.bench_runs import add_overhead, add_train
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset, parse_wxh
-from engine.data import scan_dataset
-from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
 from engine.distributed import (
     PRECISIONS,
     DeviceError,
-    compute_precision,
     release_memory,
     resolve_device,
 )
@@ -80,21 +76,18 @@ from engine.generate import (
     sample_options,
 )
 from engine.generate_cli import OneLineParser
-from engine.job import RunDir
 from engine.model import PixelHDM, TextCond
 from engine.perf import (
     attention_kernels,
-    batch_shapes,
-    compile_status,
     dense_peak,
     measure_network,
     preset_memory,
+    text_width,
     timed,
-    train_step_seconds,
 )
 from engine.quality_cli import add_quality
 from engine.sampling import SAMPLERS, model_evals, sample_shift
-from engine.train import TrainError, train
+from engine.train import TrainError
 
 # (key, header, format) of a printed table column
 Column = tuple[str, str, Callable[[object], str]]
@@ -230,80 +223,6 @@ def add_sample(sub, common: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# train
-# --------------------------------------------------------------------------------------
-
-def bench_train(args) -> dict:
-    """Train a preset for a fixed number of steps on a dataset (the built-in demo when
-    none is given) and report the throughput, the loss and the final sample grid."""
-    if args.steps < 10:
-        raise GenerateError("--steps: allowed whole numbers >= 10")
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="pixelhdm-bench-"))
-    data = Path(args.data) if args.data else out / "demo-data"
-    if not args.data and not data.exists():
-        write_demo_dataset(data, count=args.count, seed=0)
-    run = RunDir(out / "run")
-    if run.root.exists():
-        raise GenerateError(f"--out {out}: holds a previous benchmark run; choose an empty folder")
-    overrides = [f"data.path={data.resolve()}", f"train.max_steps={args.steps}",
-                 "train.log_every=10", f"train.save_every={args.steps}",
-                 f"train.sample_every={args.steps}", f"train.val_every={args.steps}",
-                 *args.overrides]
-    if args.dtype:   # refused where the device would emulate it, as for `network`
-        dtype = resolve_precision(args.dtype, resolve_device(args.device))
-        overrides.append(f"train.precision={dtype}")
-    cfg = load_preset(args.preset, overrides)
-    run.create()
-    state = train(cfg, run, device_name=args.device)
-    lines = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
-    windows = [r for r in lines if "images_s" in r]
-    # each metric line averages the steps since the previous one; the first holds warm-up
-    counts = [r["step"] - p for r, p in zip(windows, [0] + [w["step"] for w in windows])]
-    timed = list(zip(windows, counts))[1:] or list(zip(windows, counts))
-    seconds = sum(r["step_s"] * n for r, n in timed)
-    images = sum(r["images_s"] * r["step_s"] * n for r, n in timed)
-    val = [r["val_loss"] for r in lines if "val_loss" in r]
-    status = run.read_status()
-    row = {"steps": status.step, "images_s": images / max(seconds, 1e-9),
-           "step_s": seconds / max(sum(n for _, n in timed), 1),
-           "loss_first": windows[0]["loss"], "loss_last": windows[-1]["loss"],
-           "val_loss": val[-1] if val else None}
-    return {"benchmark": "train", "preset": args.preset, "state": state,
-            "device": status.device,
-            "precision": compute_precision(cfg.train.precision, torch.device(status.device))[0],
-            "data": str(data), "run": str(run.root), "sample_grid": status.last_sample,
-            "rows": [row]}
-
-
-TRAIN_COLUMNS: list[Column] = [
-    ("steps", "steps", str), ("images_s", "images/s", lambda v: f"{v:.1f}"),
-    ("step_s", "s/step", lambda v: f"{v:.4f}"),
-    ("loss_first", "loss (first 10)", lambda v: f"{v:.4f}"),
-    ("loss_last", "loss (last 10)", lambda v: f"{v:.4f}"),
-    ("val_loss", "val loss", lambda v: "-" if v is None else f"{v:.4f}"),
-]
-
-
-def train_arguments(p: argparse.ArgumentParser, steps: int) -> None:
-    """The arguments of a short training run (`train` and `overhead`)."""
-    p.add_argument("--preset", default="tiny-cpu", help="preset name or YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset value")
-    p.add_argument("--steps", type=int, default=steps,
-                   help=f"optimizer steps (default {steps}, at least 10)")
-    p.add_argument("--data", help="dataset folder (default: the built-in demo dataset)")
-    p.add_argument("--count", type=int, default=DEFAULT_COUNT, help="demo images without --data")
-    p.add_argument("--out", help="folder for the run (default: a new temporary folder)")
-
-
-def add_train(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("train", parents=[common],
-                       help="images per second of a short training run, and its samples")
-    train_arguments(p, steps=300)
-    p.set_defaults(run=bench_train, tables=[("rows", "", TRAIN_COLUMNS)])
-
-
-# --------------------------------------------------------------------------------------
 # network
 # --------------------------------------------------------------------------------------
 
@@ -324,11 +243,6 @@ def pct(v: float | None) -> str:
 def num(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
-
-def text_width(cfg, args) -> int:
-    """Width of the random text tokens: the builtin encoder's, else --text-dim (the
-    hidden size of the frozen Qwen3)."""
-    return cfg.text.builtin_dim if cfg.text.encoder == "builtin" else args.text_dim
 
 
 def device_info(device: torch.device) -> dict:
@@ -400,68 +314,6 @@ def add_network(sub, common: argparse.ArgumentParser) -> None:
                                               ("flops", "forward FLOPs per image", FLOP_COLUMNS),
                                               ("profile", "where a training step's time goes",
                                                PROFILE_COLUMNS)])
-
-
-# --------------------------------------------------------------------------------------
-# overhead
-# --------------------------------------------------------------------------------------
-
-def bench_overhead(args) -> dict:
-    """The trainer's time per image (`train`, without samples and validation) over the
-    bare network's at the same batches and bucket sizes, measured in one process."""
-    trained = bench_train(argparse.Namespace(**{**vars(args), "overrides": [
-        "train.sample_every=0", "train.val_every=0", *args.overrides]}))
-    run = RunDir(Path(trained["run"]))
-    cfg = load_preset(run.config)          # the config the trainer resolved and ran
-    records = scan_dataset(cfg.data.path, cfg.data,
-                           cache_path=run.root / "dataset-index.json").records
-    mix = batch_shapes(plan_buckets(records, cfg.data, cfg.model.patch_size,
-                                    cfg.train.batch_size))
-    if min(args.tokens, args.repeats) < 1:
-        raise GenerateError("--tokens and --repeats: allowed whole numbers >= 1")
-    device = resolve_device(args.device)
-    blocks = compile_status(cfg, device)
-    secs = train_step_seconds(cfg, text_width(cfg, args), list(mix), args.tokens, args.repeats,
-                              device, trained["precision"], blocks == "compiled")
-    bare_time = sum(n * secs[k] for k, n in mix.items())
-    bare_images = sum(n * k[0] for k, n in mix.items())
-    t = trained["rows"][0]
-    row = {"steps": t["steps"], "trainer_step_s": t["step_s"], "trainer_images_s": t["images_s"],
-           "bare_step_s": bare_time / sum(mix.values()), "bare_images_s": bare_images / bare_time}
-    row["overhead"] = row["bare_images_s"] / row["trainer_images_s"]
-    buckets = [{"size": f"{w}x{h}", "batch": bs, "batches": n, "bare_step_s": secs[bs, w, h]}
-               for (bs, w, h), n in sorted(mix.items(), key=lambda kv: -kv[1])]
-    return {"benchmark": "overhead", "preset": args.preset, "device": trained["device"],
-            "precision": trained["precision"], "blocks": blocks, "text_tokens": args.tokens,
-            "data": trained["data"], "run": trained["run"], "rows": [row], "buckets": buckets}
-
-
-OVERHEAD_COLUMNS: list[Column] = [
-    ("steps", "steps", str), ("trainer_step_s", "trainer s/step", lambda v: f"{v:.4f}"),
-    ("trainer_images_s", "trainer img/s", lambda v: f"{v:.1f}"),
-    ("bare_step_s", "bare s/step", lambda v: f"{v:.4f}"),
-    ("bare_images_s", "bare img/s", lambda v: f"{v:.1f}"),
-    ("overhead", "trainer / bare (s per image)", lambda v: f"{v:.2f}x"),
-]
-BUCKET_COLUMNS: list[Column] = [
-    ("size", "size", str), ("batch", "batch", str), ("batches", "batches/epoch", str),
-    ("bare_step_s", "bare s/step", lambda v: f"{v:.4f}"),
-]
-
-
-def add_overhead(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("overhead", parents=[common],
-                       help="full trainer step time over the bare network step time")
-    train_arguments(p, steps=60)
-    p.add_argument("--tokens", type=int, default=12,
-                   help="text tokens per image of the bare steps (default 12: a demo caption)")
-    p.add_argument("--text-dim", type=int, default=1024,
-                   help="width of the random text tokens for a Qwen3 preset (default 1024)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed bare steps per batch shape after a warm-up; the median counts")
-    p.set_defaults(run=bench_overhead, tables=[("rows", "", OVERHEAD_COLUMNS),
-                                               ("buckets", "bucket mix of the bare steps",
-                                                BUCKET_COLUMNS)])
 
 
 # --------------------------------------------------------------------------------------

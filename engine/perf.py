@@ -512,3 +512,9 @@ def attention_kernels(cfg: RunConfig, width: int, height: int, text_tokens: int,
         rows.append({"call": case, "seq": seq, "mask": masked, "backend": m.attention,
                      "kernel": kernel_family(names), "top_kernels": names[:3]})
     return rows
+
+
+def text_width(cfg, args) -> int:
+    """Width of the random text tokens: the builtin encoder's, else --text-dim (the
+    hidden size of the frozen Qwen3)."""
+    return cfg.text.builtin_dim if cfg.text.encoder == "builtin" else args.text_dim

@@ -144,11 +144,18 @@ def test_profile_reports_its_quickest_session(tiny_config):
     assert len(calls) == 3
 
 
-def test_overhead_compares_the_trainer_with_the_bare_network(tmp_path, capsys):
+def test_overhead_compares_the_trainer_with_the_bare_network(tmp_path, capsys, monkeypatch):
+    """Without --out the run (checkpoints included) lives in a temporary folder that is
+    gone afterwards, and the report says so instead of naming a removed path."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     code = bench_main(["overhead", "--steps", "10", "--count", "24", "--repeats", "1",
-                       "--out", str(tmp_path / "o"), "--device", "cpu", "--json", *sets()])
+                       "--device", "cpu", "--json", *sets()])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    assert not list(tmp_path.glob("pixelhdm-bench-*"))
+    assert "removed" in report["run"] and "removed" in report["data"]
+    assert "sample_grid" not in report
     row = report["rows"][0]
     assert row["steps"] == 10 and report["blocks"] == "eager (train.compile off)"
     for key in ("trainer_step_s", "trainer_images_s", "bare_step_s", "bare_images_s"):
@@ -164,7 +171,7 @@ def test_overhead_measures_both_sides_in_what_the_cpu_computes(tmp_path, capsys,
     """On a CPU without bf16 arithmetic a bf16 config trains in fp32, so the bare steps it
     is compared with run in fp32 too, and the report says fp32; an explicit --dtype bf16
     is refused as `network` refuses it."""
-    import engine.bench as bench
+    import engine.bench_runs as bench
     import engine.distributed as distributed
     monkeypatch.setattr(distributed, "native_half", lambda precision: False)
     used = []
@@ -179,6 +186,26 @@ def test_overhead_measures_both_sides_in_what_the_cpu_computes(tmp_path, capsys,
     assert bench_main(["train", "--steps", "10", "--dtype", "bf16", "--device", "cpu",
                        "--out", str(tmp_path / "t")]) == 2
     assert "dtype = bf16: this CPU has no bf16 arithmetic" in capsys.readouterr().err
+
+
+def test_a_failed_benchmark_run_leaves_no_temporary_folder(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    import engine.bench_runs as bench
+    from engine.train import TrainError
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def fail(cfg, run, device_name=None):
+        (run.root / "checkpoints" / "step_1.pt").write_bytes(b"x" * 1000)
+        raise TrainError("disk full")
+    monkeypatch.setattr(bench, "train", fail)
+    assert bench_main(["train", "--steps", "10", "--count", "24", "--device", "cpu"]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert not list(tmp_path.glob("pixelhdm-bench-*"))
+    # with --out the folder is the user's and stays
+    assert bench_main(["train", "--steps", "10", "--count", "24", "--device", "cpu",
+                       "--out", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept" / "run" / "checkpoints" / "step_1.pt").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
