@@ -313,16 +313,16 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
 
 def sample_options(s: SampleConfig, pag: float | None = None,
                    noise_interval: tuple[float, float] | None = None,
-                   coarse: float | None = None) -> dict:
+                   coarse: float | None = None, coarse_sigma: float | None = None) -> dict:
     """render's perturbed-attention guidance, fresh-noise and coarse-guidance arguments
-    from a sample config (`pag`, `noise_interval` and `coarse` instead of the config's
-    when given)."""
+    from a sample config (`pag`, `noise_interval`, `coarse` and `coarse_sigma` instead of
+    the config's when given)."""
     return {"pag": s.pag if pag is None else pag, "pag_layers": tuple(s.pag_layers),
             "pag_interval": tuple(s.pag_interval),
             "noise_interval": tuple(s.noise_interval if noise_interval is None
                                     else noise_interval),
             "coarse": s.cfg_coarse if coarse is None else coarse,
-            "coarse_sigma": s.cfg_coarse_sigma}
+            "coarse_sigma": s.cfg_coarse_sigma if coarse_sigma is None else coarse_sigma}
 
 
 def render_grid(net: PixelHDM, encode: Encode, cfg: RunConfig, device: torch.device | str,
@@ -441,7 +441,8 @@ class Pipeline:
                  callback: Progress | None = None, batch_size: int = 0,
                  ramp: float | None = None, pag: float | None = None,
                  noise_interval: tuple[float, float] | None = None,
-                 coarse: float | None = None) -> list[GeneratedImage]:
+                 coarse: float | None = None,
+                 coarse_sigma: float | None = None) -> list[GeneratedImage]:
         """n images per prompt, prompt by prompt; image i of the request has seed seed + i.
 
         None takes the value from the checkpoint's `sample` config (size: the init image's
@@ -471,8 +472,9 @@ class Pipeline:
         noise_interval = tuple(float(v) for v in (s.noise_interval if noise_interval is None
                                                   else noise_interval))
         coarse = s.cfg_coarse if coarse is None else float(coarse)
+        coarse_sigma = s.cfg_coarse_sigma if coarse_sigma is None else float(coarse_sigma)
         check_options(steps, sampler, cfg, rescale, interval, shift, ramp, pag, noise_interval,
-                      coarse, s.cfg_coarse_sigma)
+                      coarse, coarse_sigma)
         count = len(prompts) * n
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**32)
@@ -498,7 +500,7 @@ class Pipeline:
                 self.net, self.encode, [per_image[i] for i in idx], negative,
                 [seeds[i] for i in idx], width, height, steps=steps, sampler=sampler, cfg=cfg,
                 rescale=rescale, interval=interval, shift=shift, ramp=ramp,
-                **sample_options(s, pag, noise_interval, coarse),
+                **sample_options(s, pag, noise_interval, coarse, coarse_sigma),
                 amp_dtype=PRECISIONS[self.precision],
                 init=init, strength=strength if init is not None else 1.0,
                 callback=_chunk_progress(callback, c, len(chunks))))
@@ -509,7 +511,7 @@ class Pipeline:
                 "prompt": per_image[i], "negative": negative, "width": width, "height": height,
                 "steps": steps, "sampler": sampler, "cfg": cfg, "rescale": rescale,
                 "interval": list(interval), "ramp": ramp, "pag": pag, "shift": shift,
-                "coarse": coarse, "coarse_sigma": s.cfg_coarse_sigma if coarse else None,
+                "coarse": coarse, "coarse_sigma": coarse_sigma if coarse else None,
                 "noise_interval": noise_setting(sampler, noise_interval),
                 "seed": seeds[i],
                 "strength": strength if init is not None else None,

@@ -56,6 +56,10 @@ def add_sampling_options(p) -> None:
                    help="guidance scale of the coarse part of the guidance update (where and "
                    "how large things are; 0 = --cfg for all): lower than --cfg keeps small "
                    "shapes small while their outlines get the full scale")
+    p.add_argument("--cfg-coarse-blur", type=float, dest="coarse_sigma", metavar="PX",
+                   help="pixels of the Gaussian blur that divides the coarse part of the "
+                   "guidance update from the fine rest (with --cfg-coarse; default: the "
+                   "checkpoint's sample.cfg_coarse_sigma)")
     p.add_argument("--noise-interval", type=_interval, metavar="LO,HI",
                    help="euler_a and dpmpp_2m_sde: fresh noise only on the steps inside "
                    "[LO, HI], deterministic steps elsewhere")
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.sampler, args.cfg, args.rescale, args.interval, args.shift,
                                 args.seed, args.n, init_image=init, strength=args.strength,
                                 batch_size=args.batch_size, ramp=args.ramp, pag=args.pag,
-                                noise_interval=args.noise_interval, coarse=args.coarse)
+                                noise_interval=args.noise_interval, coarse=args.coarse,
+                                coarse_sigma=args.coarse_sigma)
     except (GenerateError, DeviceError) as e:
         return fail(str(e), 2)
     except (CheckpointError, EncoderLoadError) as e:

@@ -93,7 +93,8 @@ def open_place_rows(rows: list[dict], seeds: int) -> list[dict]:
 # option -> sample config field
 SAMPLING_ARGS = {"sampler": "sampler", "rescale": "cfg_rescale", "interval": "cfg_interval",
                  "ramp": "cfg_ramp", "pag": "pag", "shift": "shift",
-                 "noise_interval": "noise_interval", "coarse": "cfg_coarse"}
+                 "noise_interval": "noise_interval", "coarse": "cfg_coarse",
+                 "coarse_sigma": "cfg_coarse_sigma"}
 
 
 def with_sampling(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:

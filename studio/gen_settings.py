@@ -49,10 +49,10 @@ def _number(value, lo: float, hi: float, whole: bool = False) -> float | int | N
 def recall_values(params: dict) -> list:
     """The Generate tab's settings from an image's recalled parameters, in the order
     prompt, negative, sampler, steps, cfg, rescale, guidance from t, guidance until t,
-    guidance ramp, PAG scale, CFG of coarse structure, fresh noise from t, fresh noise until
-    t, shift, width, height, seed (text), strength. A value that is missing, of the wrong
-    type or out of its control's range is None (the control is left as it is): the
-    parameters come from a file anyone could have written."""
+    guidance ramp, PAG scale, CFG of coarse structure, coarse blur, fresh noise from t, fresh
+    noise until t, shift, width, height, seed (text), strength. A value that is missing, of
+    the wrong type or out of its control's range is None (the control is left as it is):
+    the parameters come from a file anyone could have written."""
     p = params if isinstance(params, dict) else {}
     interval = p.get("interval")
     if not (isinstance(interval, (list, tuple)) and len(interval) == 2):
@@ -74,7 +74,7 @@ def recall_values(params: dict) -> list:
             _number(p.get("steps"), 1, 200, whole=True), _number(p.get("cfg"), 0.0, 15.0),
             _number(p.get("rescale"), 0.0, 1.0), _number(interval[0], 0.0, 1.0),
             _number(interval[1], 0.0, 1.0), _number(ramp, 0.0, 1.0), _number(pag, 0.0, 5.0),
-            _number(coarse, 0.0, 15.0),
+            _number(coarse, 0.0, 15.0), _number(p.get("coarse_sigma"), 0.1, 64.0),
             _number(noise[0], 0.0, 1.0), _number(noise[1], 0.0, 1.0),
             _number(p.get("shift"), 0.0, 1e6), _number(p.get("width"), 1, 65536, whole=True),
             _number(p.get("height"), 1, 65536, whole=True),

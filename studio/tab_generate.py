@@ -225,6 +225,10 @@ def build(studio: Studio) -> dict:
                                        label="CFG of coarse structure",
                                        info="where and how large things are; outlines "
                                        "keep the CFG scale; 0 = off")
+                    coarse_sigma = gr.Number(value=1.5, minimum=0.1, maximum=64.0, step=0.1,
+                                             label="Coarse blur (px)",
+                                             info="what counts as coarse structure, with "
+                                             "the CFG of coarse structure")
                 with gr.Row():
                     size = gr.Dropdown([], label="Size (training buckets)")
                     width = gr.Number(value=64, precision=0, label="Width", minimum=1)
@@ -269,10 +273,10 @@ def build(studio: Studio) -> dict:
         past_files = gr.State(history(studio.outputs_dir))
 
     setting_fields = [prompt, negative, sampler, steps, cfg, rescale, lo, hi, ramp, pag, coarse,
-                      noise_lo, noise_hi, shift, width, height, seed, strength]
+                      coarse_sigma, noise_lo, noise_hi, shift, width, height, seed, strength]
     # the settings a checkpoint fills in (its run's sample settings), and the values they
     # were last given that way (first: the page's own); None where the user set the value
-    sample_fields = setting_fields[:16]
+    sample_fields = setting_fields[:17]
     filled = gr.State(["" if c.value is None else c.value for c in sample_fields])
 
     # ---- model choice ------------------------------------------------------------------
@@ -312,6 +316,7 @@ def build(studio: Studio) -> dict:
         s = mcfg.sample
         values = [s.prompts[0], s.negative, s.sampler, s.steps, s.cfg, s.cfg_rescale,
                   s.cfg_interval[0], s.cfg_interval[1], s.cfg_ramp, s.pag, s.cfg_coarse,
+                  s.cfg_coarse_sigma,
                   *s.noise_interval, s.shift, w, h]
         follow = [unchanged(c, b) for c, b in zip(current, before)]
         out = {model_info: model_markdown(meta, mcfg, read_modelspec(path).get("title", "")),
@@ -342,7 +347,8 @@ def build(studio: Studio) -> dict:
 
     # ---- generating --------------------------------------------------------------------
     def run(cid, use_ema, prompt_v, negative_v, sampler_v, steps_v, cfg_v, rescale_v, lo_v,
-            hi_v, ramp_v, pag_v, coarse_v, noise_lo_v, noise_hi_v, shift_v, width_v, height_v,
+            hi_v, ramp_v, pag_v, coarse_v, coarse_sigma_v, noise_lo_v, noise_hi_v, shift_v,
+            width_v, height_v,
             seed_v, strength_v, count_v, init_v, request: gr.Request, encoder_v: str = ""):
         key = request.session_hash if request is not None else ""
         cancel = threading.Event()
@@ -360,6 +366,9 @@ def build(studio: Studio) -> dict:
                 (noise_lo_v, "Fresh noise from t"),
                 (noise_hi_v, "Fresh noise until t"), (shift_v or 0.0, "Shift"),
                 (strength_v, "Strength"))]
+            # the blur counts only with coarse guidance (the run's own when left empty)
+            sigma_f = (None if not coarse_v or coarse_sigma_v in (None, "")
+                       else number(coarse_sigma_v, "Coarse blur (px)"))
         except (ValueError, PathError, RunnerError) as e:   # GenerateError is a ValueError
             yield gone(cid) if cid and not listed(cid) else say(f"**{e}**")
             return
@@ -386,7 +395,7 @@ def build(studio: Studio) -> dict:
                         (lo_f, hi_f), shift_f, seed_i, count_i, init_image=init_v,
                         strength=strength_f if init_v else None, callback=progress,
                         ramp=ramp_f, pag=pag_f, noise_interval=(noise_lo_f, noise_hi_f),
-                        coarse=coarse_f)
+                        coarse=coarse_f, coarse_sigma=sigma_f)
                     saved = [pngmeta.save_png(r.image, r.params, studio.outputs_dir) for r in out]
                 events.put(("done", (out, saved, notes)))
             except generate.Cancelled:

@@ -330,7 +330,8 @@ def press_generate(tab, cid="run/run-a/10", **fields) -> tuple:
     (preview, status, results, settings, history, history files, checkpoint, model info)."""
     _, handlers = tab
     values = dict(prompt="a red circle", negative="", sampler="euler", steps=1, cfg=3.0,
-                  rescale=0.0, lo=0.0, hi=1.0, ramp=0.0, pag=0.0, coarse=0.0, noise_lo=0.0,
+                  rescale=0.0, lo=0.0, hi=1.0, ramp=0.0, pag=0.0, coarse=0.0, coarse_sigma=1.5,
+                  noise_lo=0.0,
                   noise_hi=1.0, shift=0.0, width=16, height=16, seed="1", strength=0.75, count=1,
                   init=None)
     values.update(fields)
@@ -351,6 +352,16 @@ def test_the_tab_generates(tab):
     assert status.startswith("Done: 1 image(s), seed 1") and "Note" not in status
 
 
+def test_the_tab_takes_the_coarse_blur_with_coarse_guidance_only(tab):
+    """The blur field reaches the sampler and the image's settings when coarse guidance
+    is on; without it an emptied blur field stops nothing."""
+    last = press_generate(tab, cfg=4.0, coarse=2.0, coarse_sigma=3.0)
+    assert last[1].startswith("Done:") and "| Coarse blur (px) | 3.0 |" in last[3]
+    assert press_generate(tab, coarse_sigma=None)[1].startswith("Done:")
+    last = press_generate(tab, cfg=4.0, coarse=2.0, coarse_sigma=None)   # the run's blur
+    assert "| Coarse blur (px) | 1.5 |" in last[3]
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(width=20), "width = 20 is not allowed: use a multiple of the patch size 8 from 8 to "
                      "128 (nearest: 16 or 24)"),
@@ -365,9 +376,10 @@ def test_the_tab_generates(tab):
     (dict(seed="abc"), "seed 'abc' is not a whole number (leave it empty for a random seed)"),
     (dict(seed="1.5"), "seed '1.5' is not a whole number"),
     (dict(seed=str(2**63)), f"seed = {2**63}: allowed a whole number from 0"),
+    (dict(coarse=2.0, coarse_sigma=0.0), "cfg_coarse_sigma = 0.0: allowed 0.1 to 64 pixels"),
 ], ids=["width-not-a-multiple", "height-too-large", "width-empty", "width-fraction",
         "steps-zero", "steps-above-max", "cfg-negative", "cfg-empty", "seed-negative",
-        "seed-text", "seed-fraction", "seed-2**63"])
+        "seed-text", "seed-fraction", "seed-2**63", "coarse-blur-zero"])
 def test_the_tab_refuses_a_bad_field_in_one_line(tab, fields, message):
     import gradio as gr
 

@@ -324,8 +324,13 @@ def test_quality_command_takes_the_generators_sampling_options(trained, capsys):
     assert five["sampling"] == ("dpmpp_2m_sde (fresh noise for t in [0.1, 0.5]), cfg 5 for t "
                                 "in [0.1, 0.8]")
     assert five["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
+    assert bench_main([*args, "--cfg-coarse-blur", "3"]) == 0
+    blur = json.loads(capsys.readouterr().out)
+    assert "(coarse 2, blur 3 px)" in blur["sampling"]
+    assert blur["per_prompt"][0]["spread"] != plain["per_prompt"][0]["spread"]
     for bad in (["--interval", "0.8,0.2"], ["--cfg", "-1"], ["--rescale", "2"],
-                ["--shift", "-1"], ["--noise-interval", "0.5,0.5"], ["--cfg-coarse", "-1"]):
+                ["--shift", "-1"], ["--noise-interval", "0.5,0.5"], ["--cfg-coarse", "-1"],
+                ["--cfg-coarse-blur", "0"]):
         assert bench_main([*args, *bad]) == 2
         assert "allowed" in capsys.readouterr().err
 

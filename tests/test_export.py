@@ -263,7 +263,8 @@ def test_the_generate_tab_takes_the_text_encoder_field(exported, tiny_qwen3, tmp
 
     def press(encoder: str) -> str:
         values = dict(prompt="a red circle", negative="", sampler="euler", steps=1, cfg=3.0,
-                      rescale=0.0, lo=0.0, hi=1.0, ramp=0.0, pag=0.0, coarse=0.0, noise_lo=0.0,
+                      rescale=0.0, lo=0.0, hi=1.0, ramp=0.0, pag=0.0, coarse=0.0,
+                      coarse_sigma=1.5, noise_lo=0.0,
                       noise_hi=1.0, shift=0.0, width=16, height=16, seed="1", strength=0.75,
                       count=1, init=None)
         last = list(handlers["run"]("model/q.safetensors", True, *values.values(), None,

@@ -202,6 +202,7 @@ def test_starting_noise_is_per_seed():
     (dict(ramp=1.5), r"ramp = 1\.5"),
     (dict(pag=-0.5), r"pag = -0\.5: allowed a number >= 0"),
     (dict(coarse=-1.0), r"cfg_coarse = -1\.0: allowed a number >= 0"),
+    (dict(coarse=2.0, coarse_sigma=0.0), r"cfg_coarse_sigma = 0\.0: allowed 0\.1 to 64"),
     (dict(seed=-5), r"seed = -5"),
     (dict(n=0), r"n = 0"),
 ])
@@ -481,6 +482,11 @@ def test_coarse_guidance_changes_the_image_and_defaults_to_the_run(pipe, monkeyp
     run = pipe.generate("a red circle", **kw)[0]
     assert run.params["coarse"] == 2.0 and run.params["coarse_sigma"] == 3.0
     assert not np.array_equal(pixels(run.image), pixels(coarse.image))   # another blur
+    # a blur given with the request wins over the run's, and the PNG records it
+    asked = pipe.generate("a red circle", coarse_sigma=1.5, **kw)[0]
+    assert asked.params["coarse_sigma"] == 1.5
+    assert np.array_equal(pixels(asked.image), pixels(coarse.image))
+    assert parse_parameters(format_parameters(run.params))["coarse_sigma"] == 3.0
 
 
 def test_noise_interval_of_stochastic_samplers_defaults_to_the_run(pipe, monkeypatch):
@@ -524,7 +530,7 @@ def test_cli_end_to_end(run, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "engine.generate", "--checkpoint", str(run), "--prompt",
            "a red circle", "--n", "2", "--steps", "2", "--seed", "3", "--out", str(tmp_path),
-           "--device", "cpu"]
+           "--device", "cpu", "--cfg-coarse", "2", "--cfg-coarse-blur", "2.5"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     paths = [Path(line) for line in done.stdout.splitlines()]
@@ -534,6 +540,7 @@ def test_cli_end_to_end(run, tmp_path):
     cfg = load_preset("tiny-cpu").sample                         # the run's sample settings
     assert params["cfg"] == cfg.cfg and params["sampler"] == cfg.sampler
     assert params["noise_interval"] == cfg.noise_interval
+    assert (params["coarse"], params["coarse_sigma"]) == (2.0, 2.5)
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing"), *cmd[5:]], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""   # a file that cannot be used

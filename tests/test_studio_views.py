@@ -416,10 +416,13 @@ def test_parse_seed():
 def test_recall_values_keep_only_usable_settings():
     good = {"prompt": "a cat", "negative": "", "sampler": "heun", "steps": 30, "cfg": 4.0,
             "rescale": 0.5, "interval": [0.1, 0.9], "ramp": 0.3, "pag": 1.5, "coarse": 2.0,
-            "noise_interval": [0.1, 0.5], "shift": 2.0, "width": 64, "height": 32, "seed": 7,
-            "strength": 0.6}
+            "coarse_sigma": 2.5, "noise_interval": [0.1, 0.5], "shift": 2.0, "width": 64,
+            "height": 32, "seed": 7, "strength": 0.6}
     assert gen_settings.recall_values(good) == ["a cat", "", "heun", 30, 4.0, 0.5, 0.1, 0.9,
-                                                0.3, 1.5, 2.0, 0.1, 0.5, 2.0, 64, 32, "7", 0.6]
+                                                0.3, 1.5, 2.0, 2.5, 0.1, 0.5, 2.0, 64, 32, "7",
+                                                0.6]
+    # an image made without coarse guidance names no blur: the field is left as it is
+    assert gen_settings.recall_values(good | {"coarse_sigma": None})[11] is None
     # an image of ours made before the guidance ramp, PAG or coarse guidance existed had
     # none; another tool's image says nothing about them, and the controls are left as
     # they are
@@ -430,16 +433,16 @@ def test_recall_values_keep_only_usable_settings():
     # ... and before the fresh-noise interval: a stochastic sampler drew it at every step;
     # a deterministic sampler's image (None, or nothing) leaves the controls as they are
     old = {k: v for k, v in good.items() if k != "noise_interval"} | {"engine_version": "0.9"}
-    assert gen_settings.recall_values(old | {"sampler": "euler_a"})[11:13] == [0.0, 1.0]
-    assert gen_settings.recall_values(old)[11:13] == [None, None]
-    assert gen_settings.recall_values(good | {"noise_interval": None})[11:13] == [None, None]
+    assert gen_settings.recall_values(old | {"sampler": "euler_a"})[12:14] == [0.0, 1.0]
+    assert gen_settings.recall_values(old)[12:14] == [None, None]
+    assert gen_settings.recall_values(good | {"noise_interval": None})[12:14] == [None, None]
     hostile = {"prompt": ["x"], "negative": 5, "sampler": "ancestral", "steps": "many",
                "cfg": float("nan"), "rescale": 7, "interval": 5, "ramp": 2.0, "pag": -1.0,
-               "coarse": 16.0, "shift": -1, "width": 2.5, "height": True, "seed": -4,
-               "strength": {"a": 1}, "noise_interval": [-1, "x"]}
-    assert gen_settings.recall_values(hostile) == [None] * 18
-    assert gen_settings.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 18
-    assert gen_settings.recall_values([]) == [None] * 18
+               "coarse": 16.0, "coarse_sigma": 0.0, "shift": -1, "width": 2.5, "height": True,
+               "seed": -4, "strength": {"a": 1}, "noise_interval": [-1, "x"]}
+    assert gen_settings.recall_values(hostile) == [None] * 19
+    assert gen_settings.recall_values({"interval": "ab", "steps": 1e9}) == [None] * 19
+    assert gen_settings.recall_values([]) == [None] * 19
 
 
 def test_recall_reports_unreadable_images(tmp_path):
@@ -464,7 +467,7 @@ def test_recall_reports_unreadable_images(tmp_path):
     Image.new("RGB", (4, 4)).save(odd, pnginfo=info)
     text, params = tab_generate.recall(str(odd))
     assert "&lt;b&gt;" in text and gen_settings.recall_values(params)[0] == "<b>x</b>"
-    assert gen_settings.recall_values(params)[1:] == [None] * 17
+    assert gen_settings.recall_values(params)[1:] == [None] * 18
 
 
 def test_params_markdown():
