@@ -348,8 +348,8 @@ def build(studio: Studio) -> dict:
     # ---- generating --------------------------------------------------------------------
     def run(cid, use_ema, prompt_v, negative_v, sampler_v, steps_v, cfg_v, rescale_v, lo_v,
             hi_v, ramp_v, pag_v, coarse_v, coarse_sigma_v, noise_lo_v, noise_hi_v, shift_v,
-            width_v, height_v,
-            seed_v, strength_v, count_v, init_v, request: gr.Request, encoder_v: str = ""):
+            width_v, height_v, seed_v, strength_v, count_v, init_v, request: gr.Request,
+            encoder_v: str = ""):
         key = request.session_hash if request is not None else ""
         cancel = threading.Event()
         cancels[key] = cancel
