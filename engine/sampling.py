@@ -483,10 +483,10 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
             w = 1.0 + (w - 1.0) * (t.double() / ramp).clamp(max=1.0)
             return w.to(c.device, c.dtype, non_blocking=True).view(-1, *([1] * (z.dim() - 1)))
 
-        w = strength(scale)
-        x_cfg = u + w * (c - u)
+        w, update = strength(scale), c - u
+        x_cfg = u + w * update
         if coarse > 0.0:   # the coarse part of the update at `coarse` instead of `scale`
-            x_cfg = x_cfg + (strength(coarse) - w) * gaussian_blur(c - u, coarse_sigma)
+            x_cfg = x_cfg + (strength(coarse) - w) * gaussian_blur(update, coarse_sigma)
         if rescale > 0.0:
             # velocity = (x_hat - z) / (1 - t): the per-sample 1 - t cancels in the std ratio
             dims = tuple(range(1, z.dim()))
