@@ -49,8 +49,9 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 # radius / shorter image side. The demo run trains at 32 px, where a small shape is
 # 2 * 0.16 * 24 = 7.7 px across in a 4:3 image and 10 px in a square one; at 0.12 (5.8 and
 # 7.7 px) most small stars and crosses came out as blobs (116 / 150 outlines as prompted,
-# against 140-150 / 150 in four runs at 0.16; README, "Why the demo's small shapes are 0.16
-# of the side"). Jittered by +-10 %, the sizes stay apart (at most 0.176, at least 0.198).
+# against 140-150 / 150 in four runs at 0.16; docs/demo-quality.md, "Why the demo's
+# small shapes are 0.16 of the side"). Jittered by +-10 %, the sizes stay apart (at most
+# 0.176, at least 0.198).
 SIZES: dict[str, float] = {"small": 0.16, "large": 0.22}
 POSITIONS: dict[str, tuple[float, float]] = {               # centre as fractions of (w, h)
     "top left": (0.27, 0.27), "top right": (0.73, 0.27), "center": (0.5, 0.5),
@@ -60,7 +61,8 @@ POSITIONS: dict[str, tuple[float, float]] = {               # centre as fraction
 # images (2:1, 3:2) are left out: at the demo run's 32 px they are 32 x 16 and 24 x 16,
 # where a shape is 4-8 px across and no outline can be told, so a third of the images
 # taught one blob for every shape word (15 / 40 outlines drawn as prompted after 5000
-# steps at 32 px with them, 26 / 40 without; README, "Why the demo trains at 32 px")
+# steps at 32 px with them, 26 / 40 without; docs/demo-quality.md, "Why the demo trains
+# at 32 px")
 IMAGE_SIZES: tuple[tuple[tuple[int, int], float], ...] = (
     ((128, 128), 0.3), ((96, 96), 0.3), ((128, 96), 0.2), ((96, 128), 0.2),
 )

@@ -288,8 +288,8 @@ def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, ts: Tensor,
     with fresh noise xi = noise(i) so that the mix is again standard normal; as the steps
     shrink it becomes the reverse SDE. Fresh noise lets a trajectory leave a state the
     deterministic samplers carry to the end: on the demo, a shape the ODE draws twice at
-    two places when the prompt leaves the place open (README, "Where the demo's last
-    misses are"). `noise` defaults to a generator seeded with 0. Only the steps that lie
+    two places when the prompt leaves the place open (docs/demo-quality.md, "Where the
+    demo's last misses are"). `noise` defaults to a generator seeded with 0. Only the steps that lie
     inside noise_interval (lo <= t and t_next <= hi) draw fresh noise; the others are
     Euler steps (the posterior step without fresh noise). The last step returns x_hat.
     One call per step."""
@@ -335,7 +335,7 @@ def _sample_posterior(model_fn: ModelFn, x: Tensor, ts: Tensor, callback: Callba
     deterministic step towards the same estimate elsewhere; the last returns x_hat.
     Fresh noise only where the layout is still open keeps what the deterministic steps
     settle near the data end (sizes, flat areas) while letting a trajectory leave a shape
-    drawn at two places (README, "Where the demo's last misses are")."""
+    drawn at two places (docs/demo-quality.md, "Where the demo's last misses are")."""
     check_noise_interval(noise_interval)
     lo, hi = noise_interval
     times = _times(ts)
@@ -426,7 +426,7 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
     Weight Schedulers": schedules that grow towards the data end). Near noise the conditional
     clean estimate of a prompt that leaves the composition open is the average of its
     possible layouts; full guidance there sharpens all of them at once, and a sample can
-    keep two (README, "Where the demo's last misses are").
+    keep two (docs/demo-quality.md, "Where the demo's last misses are").
 
     With coarse > 0 the guidance update c - u is split by a Gaussian blur of coarse_sigma
     pixels into a coarse part (the blurred update: where and how large things are) and
@@ -435,7 +435,8 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
     blur(c - u)) (Sadat et al. 2025, "Guidance in the Frequency Domain Enables
     High-Fidelity Sampling at Low CFG Scales"). coarse = scale is plain guidance. Full
     guidance of the coarse part draws small shapes too large; the fine part draws their
-    outlines (README, "Guidance by detail scale"). A ramp scales both parts alike.
+    outlines (docs/demo-quality.md, "Guidance by detail scale"). A ramp scales both
+    parts alike.
 
     With pag > 0, samples with t in pag_interval also move away from a perturbed
     conditional estimate p = denoise(z, t, c, perturbed=True), in which chosen layers'

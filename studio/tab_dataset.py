@@ -42,13 +42,13 @@ DEFAULT_PRESET = "tiny-cpu"
 # outlines the 32 px steps had learned (33 / 40 shapes as prompted before it, 13 / 40 after
 # 1500 steps at 64 px), so the demo stays at 32 px and gives the time to more steps there;
 # data.min_side=16 admits the 24 px short side of its 4:3 images at that size.
-# Measured on the demo (README, "Why the demo trains at 32 px"): shapes, places, colours and
-# backgrounds as prompted, and seed diversity near the dataset's own.
+# Measured on the demo (docs/demo-quality.md, "Why the demo trains at 32 px"): shapes,
+# places, colours and backgrounds as prompted, and seed diversity near the dataset's own.
 # A learning rate of 2e-3 for the demo only (the preset's 1e-3 stays for its own 64 px
 # runs, where 2e-3 is unmeasured): over four training seeds 96.7 % of shapes as prompted
 # against 92.9 %, less grain (0.36 against 0.51 levels); one run of four drew a black
-# background for "white" in 3 of 12 images of one prompt (README, "The demo's learning
-# rate").
+# background for "white" in 3 of 12 images of one prompt (docs/demo-quality.md, "The
+# demo's learning rate").
 DEMO_OVERRIDES = ("data.max_side=32", "data.min_side=16", "train.max_steps=8000",
                   "model.rope_grid=8", "train.lr=2e-3")
 THUMBS_PER_PAGE = 24
