@@ -57,10 +57,17 @@ def banner_markdown() -> str:
             "from it in the Generate tab.")
 
 
+# Gradio copies every image a page shows (sample grids, previews, results, uploads) into its
+# cache folder and by default never removes them: a studio left running for weeks of sample
+# grids filled it without bound. Every hour the copies older than a day go, and all of this
+# studio's copies when it stops; the originals in the workspace are not touched.
+CACHE_CLEANUP = (3600, 86400)   # (every N seconds, copies older than M seconds)
+
+
 def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
     """The studio as a Blocks app; the caller launches it."""
     studio = Studio(workspace, allow_dirs)
-    with gr.Blocks(title="PixelHDM Studio") as demo:
+    with gr.Blocks(title="PixelHDM Studio", delete_cache=CACHE_CLEANUP) as demo:
         gr.HTML(f'<div class="phdm-header"><h2>PixelHDM Studio</h2><span>Engine '
                 f'{engine.__version__} · workspace {html.escape(str(studio.workspace))}'
                 f'</span></div>', head=f"<style>{CSS}</style>")

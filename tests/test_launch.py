@@ -19,7 +19,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import gradio as gr
 import pytest
+from gradio.processing_utils import move_files_to_cache
+from PIL import Image
 
 import app
 import engine
@@ -112,6 +115,13 @@ def test_studio_serves_the_page_with_title_version_and_presets(tmp_path):
     from studio.ui import build_ui
 
     demo = build_ui(tmp_path)
+    # an image the page shows, cached as Gradio caches a handler's output: the studio's
+    # copy goes when it stops
+    preview = next(b for b in demo.blocks.values()
+                   if isinstance(b, gr.Image) and b.label == "Preview")
+    data = preview.postprocess(Image.new("RGB", (8, 8), "red")).model_dump()
+    shown = Path(move_files_to_cache(data, preview, postprocess=True)["path"])
+    assert shown.is_file() and str(shown) in preview.temp_files
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(),
                             prevent_thread_lock=True, quiet=True)
     try:
@@ -121,6 +131,7 @@ def test_studio_serves_the_page_with_title_version_and_presets(tmp_path):
             page = json.loads(resp.read().decode("utf-8"))
     finally:
         demo.close()
+    assert not shown.exists(), "the studio left its cached copy of an image behind"
     assert "PixelHDM Studio" in html
     assert page["title"] == "PixelHDM Studio"
     text = json.dumps(page)
