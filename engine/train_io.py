@@ -34,6 +34,55 @@ from engine.sample_prompts import SamplePrompt, cell_labels
 from engine.sampling import noise_setting
 
 
+class _CompileClock:
+    """Wall seconds this process has spent in torch.compile: tracing, code generation and
+    a backward compiled at its first use. Dynamo calls its compile callbacks once around
+    the outermost compile, from whichever thread compiles."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = 0.0
+        self._since: float | None = None
+        self._listen()
+
+    def _listen(self) -> None:
+        """(Re-)register the callbacks: torch._dynamo.reset() drops them, and the probe
+        for a working compiler (engine.distributed.compiler_problem) resets."""
+        from torch._dynamo.callback import callback_handler
+        if self._start not in callback_handler.start_callbacks:
+            callback_handler.register_start_callback(self._start)
+        if self._end not in callback_handler.end_callbacks:
+            callback_handler.register_end_callback(self._end)
+
+    def _start(self, _args) -> None:
+        with self._lock:
+            self._since = time.perf_counter()
+
+    def _end(self, _args) -> None:
+        with self._lock:
+            if self._since is not None:
+                self._done += time.perf_counter() - self._since
+                self._since = None
+
+    def seconds(self) -> float:
+        """Seconds compiled so far, a compile in progress included."""
+        self._listen()
+        with self._lock:
+            now = time.perf_counter() - self._since if self._since is not None else 0.0
+            return self._done + now
+
+
+_compile_clock: _CompileClock | None = None
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling (the clock starts at the first call)."""
+    global _compile_clock
+    if _compile_clock is None:
+        _compile_clock = _CompileClock()
+    return _compile_clock.seconds()
+
+
 class StoppedEarly(Exception):
     """A stop signal arrived while the run was still being set up."""
 
@@ -90,12 +139,14 @@ class JobReporter:
         self._tb = None
         self._logfile = None
         self._tty = sys.stderr.isatty()
-        # (time, step) marks of the speed window: from the newest mark at least
-        # `speed_span` steps back (or the start) to now
-        self._marks: deque[tuple[float, int]] = deque([(time.time(), 0)])
+        # seconds this process has spent compiling so far: the speed leaves them out
+        self.compile_seconds: Callable[[], float] = compile_seconds
+        # (time, step, compile seconds) marks of the speed window: from the newest mark at
+        # least `speed_span` steps back (or the start) to now
+        self._marks: deque[tuple[float, int, float]] = deque(
+            [(time.time(), 0, self.compile_seconds())])
         # steps the speed is measured over (the trainer's longest periodic event, so each
-        # window holds its share of validation, samples and saves): the slow first steps
-        # of compiled blocks leave the ETA once this many have run
+        # window holds its share of validation, samples and saves)
         self.speed_span = 1
         # the steps to train, in steps at the current speed (the trainer's, with stages)
         self.steps_left: Callable[[int, int], float] = lambda step, stop_at: stop_at - step
@@ -142,16 +193,19 @@ class JobReporter:
 
     def restart_speed(self, step: int) -> None:
         """Measure the speed from `step` on (a new stage trains at its own)."""
-        self._marks = deque([(time.time(), step)])
+        self._marks = deque([(time.time(), step, self.compile_seconds())])
 
     def _speed(self, step: int) -> float:
-        """Steps per second over the window ending now at `step`."""
+        """Steps per second over the window ending now at `step`, less the time spent
+        compiling in it: compiled blocks take minutes at their first steps, at each new
+        size and at the first validation and sample grid, which an ETA would otherwise
+        count as the speed of every step to come (it read hours in a ten-minute run)."""
         marks = self._marks
-        marks.append((time.time(), step))
+        marks.append((time.time(), step, self.compile_seconds()))
         while len(marks) > 2 and marks[1][1] <= step - self.speed_span:
             marks.popleft()
-        (t0, s0), (t1, s1) = marks[0], marks[-1]
-        return (s1 - s0) / max(t1 - t0, 1e-9)
+        (t0, s0, c0), (t1, s1, c1) = marks[0], marks[-1]
+        return (s1 - s0) / max(t1 - t0 - (c1 - c0), 1e-9)
 
     def requests(self) -> dict[str, str]:
         return self.run.pending_requests(self.status.handled)

@@ -185,15 +185,15 @@ def test_the_reporter_s_eta_is_the_steps_left_at_the_speed_since_the_stage_began
 
 
 def test_the_eta_forgets_slow_first_steps_once_a_speed_window_has_passed(reporter):
-    """Compiled blocks make the first steps (and each new size) take minutes: an ETA at
-    the mean speed since the start stayed hours off for a long while. The speed is taken
+    """Slow first steps (a cold disk cache, memory touched for the first time): an ETA at
+    the mean speed since the start would stay off for a long while. The speed is taken
     over the last `speed_span` steps (the longest periodic event, so validation and
     sample time stay in it) once that many have run."""
     rep, run, clock = reporter
     rep.speed_span = 20
     rep.start(0, 1000, 0, {})
     etas = {}
-    for step in range(10, 101, 10):   # 120 s to compile, then 10 steps in 5 s ...
+    for step in range(10, 101, 10):   # 120 s for the first 10 steps, then 10 in 5 s ...
         clock[0] += 120.0 if step == 10 else 5.0
         if step % 20 == 0:            # ... and validation every 20 steps: 4 s more
             clock[0] += 4.0
@@ -202,6 +202,52 @@ def test_the_eta_forgets_slow_first_steps_once_a_speed_window_has_passed(reporte
     # one window later it has left it: the speed is 20 steps in 14 s, validation included
     for step in (40, 60, 100):
         assert etas[step] == pytest.approx((1000 - step) * 14 / 20), step
+
+
+def test_the_eta_leaves_out_the_time_spent_compiling(reporter):
+    """Compiled blocks take minutes at the first steps, at a new size and at the first
+    validation: a ten-minute demo run read ETAs of 10 hours, 2 hours and 40 minutes in
+    its first minutes. The time spent compiling is not speed."""
+    rep, run, clock = reporter
+    compiled = [0.0]
+    rep.compile_seconds = lambda: compiled[0]
+    rep.speed_span = 20
+    rep.start(0, 1000, 0, {})
+    etas = {}
+    for step in range(10, 101, 10):   # 10 steps in 5 s, with 120 s of compiling at the
+        clock[0] += 5.0               # first steps and 30 s at step 50 (a new size)
+        if step in (10, 50):
+            compiled[0] += 120.0 if step == 10 else 30.0
+            clock[0] += 120.0 if step == 10 else 30.0
+        if step % 20 == 0:            # validation every 20 steps: 4 s more
+            clock[0] += 4.0
+        etas[step] = eta_after(rep, run, step, 1000)
+    assert etas[10] == pytest.approx(990 * 5 / 10)
+    for step in (20, 40, 60, 100):
+        assert etas[step] == pytest.approx((1000 - step) * 14 / 20), step
+
+
+def test_the_compile_clock_counts_compiling_and_nothing_else():
+    import torch
+
+    from engine.distributed import compiler_problem
+    from engine.train_io import compile_seconds
+
+    f = torch.compile(lambda x: torch.sin(x) * 2.0 + 1.0, backend="eager", fullgraph=True)
+    x = torch.randn(4)
+    before = compile_seconds()
+    f(x)
+    compiled = compile_seconds()
+    assert compiled > before
+    for _ in range(3):
+        f(x)
+    assert compile_seconds() == compiled
+    # the probe for a working compiler resets dynamo, which drops every compile callback
+    assert compiler_problem(torch.device("cpu")) == ""
+    probed = compile_seconds()
+    g = torch.compile(lambda x: torch.cos(x) - 1.0, backend="eager", fullgraph=True)
+    g(x)
+    assert compile_seconds() > probed
 
 
 def test_a_run_from_a_staged_checkpoint_trains_at_the_full_size_from_its_first_step(
