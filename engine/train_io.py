@@ -43,6 +43,7 @@ class _CompileClock:
         self._lock = threading.Lock()
         self._done = 0.0
         self._since: float | None = None
+        self._ended = -math.inf
         self._listen()
 
     def _listen(self) -> None:
@@ -61,7 +62,8 @@ class _CompileClock:
     def _end(self, _args) -> None:
         with self._lock:
             if self._since is not None:
-                self._done += time.perf_counter() - self._since
+                self._ended = time.perf_counter()
+                self._done += self._ended - self._since
                 self._since = None
 
     def seconds(self) -> float:
@@ -71,16 +73,40 @@ class _CompileClock:
             now = time.perf_counter() - self._since if self._since is not None else 0.0
             return self._done + now
 
+    def quiet_for(self) -> float:
+        """Seconds since the last compile ended (0 while one is in progress, inf before
+        the first)."""
+        self._listen()
+        with self._lock:
+            return 0.0 if self._since is not None else time.perf_counter() - self._ended
+
 
 _compile_clock: _CompileClock | None = None
 
 
-def compile_seconds() -> float:
-    """Seconds this process has spent compiling (the clock starts at the first call)."""
+def _clock() -> _CompileClock:
     global _compile_clock
     if _compile_clock is None:
         _compile_clock = _CompileClock()
-    return _compile_clock.seconds()
+    return _compile_clock
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling (the clock starts at the first call)."""
+    return _clock().seconds()
+
+
+def compile_quiet_for() -> float:
+    """Seconds since the last compile ended (0 while one is in progress, inf before any)."""
+    return _clock().quiet_for()
+
+
+# The studio shows a run's status message. While the blocks compile the heartbeat says so,
+# because a compiled run otherwise stands still at its first step for a minute or more
+# and looks stuck. A block's forward and backward compile one after the other with eager
+# work between them, so the note stays until compiling has been quiet for this long.
+COMPILING_NOTE = "compiling"
+COMPILE_NOTE_LINGER_S = 10.0
 
 
 class StoppedEarly(Exception):
@@ -141,6 +167,7 @@ class JobReporter:
         self._tty = sys.stderr.isatty()
         # seconds this process has spent compiling so far: the speed leaves them out
         self.compile_seconds: Callable[[], float] = compile_seconds
+        self.compile_quiet_for: Callable[[], float] = compile_quiet_for
         # (time, step, compile seconds) marks of the speed window: from the newest mark at
         # least `speed_span` steps back (or the start) to now
         self._marks: deque[tuple[float, int, float]] = deque(
@@ -182,9 +209,21 @@ class JobReporter:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                self._write()
+                self._write(**self._compile_note())
             except OSError:
                 pass   # a full disk must not kill the heartbeat thread; the next beat retries
+
+    def _compile_note(self, running: bool = True) -> dict:
+        """The status message while a compile is in progress, and its removal after (and
+        when the run ends)."""
+        if running and self.compile_quiet_for() < COMPILE_NOTE_LINGER_S:
+            return {"message": f"{COMPILING_NOTE} the network's blocks, "
+                               f"{self.compile_seconds():.0f} s so far in this run (the first "
+                               "steps, each new size and the first validation and samples "
+                               "compile once)"}
+        if self.status.message.startswith(COMPILING_NOTE):
+            return {"message": ""}
+        return {}
 
     def start(self, step: int, total: int, epoch: int, handled: dict) -> None:
         self.restart_speed(step)
@@ -231,7 +270,7 @@ class JobReporter:
 
     def finish(self, state: str, step: int) -> None:
         self._stop_heartbeat()
-        self._write(state=state, step=step, eta_s=0.0)
+        self._write(state=state, step=step, eta_s=0.0, **self._compile_note(running=False))
         self.log(f"{state} at step {step}")
 
     def _stop_heartbeat(self) -> None:

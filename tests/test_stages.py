@@ -227,11 +227,47 @@ def test_the_eta_leaves_out_the_time_spent_compiling(reporter):
         assert etas[step] == pytest.approx((1000 - step) * 14 / 20), step
 
 
+def test_the_status_says_so_while_the_blocks_compile(tmp_path, monkeypatch):
+    """A compiled run stands at its first step for a minute or more: the heartbeat's
+    status message says it compiles, and goes once the compile is over; an event's
+    message is left alone."""
+    import time
+
+    from engine import train_io
+    from engine.job import RunDir
+    monkeypatch.setattr(train_io, "HEARTBEAT_SECONDS", 0.02)
+    run = RunDir(tmp_path / "run")
+    rep = train_io.JobReporter(run, main=True, world=1, device="cpu")
+    compiled, quiet = [0.0], [math.inf]
+    rep.compile_seconds = lambda: compiled[0]
+    rep.compile_quiet_for = lambda: quiet[0]
+
+    def message_after_beats() -> str:
+        time.sleep(0.2)
+        return run.read_status().message
+    try:
+        rep.start(0, 100, 0, {})
+        compiled[0], quiet[0] = 42.4, 0.0             # compiling now
+        assert message_after_beats().startswith("compiling the network's blocks, 42 s so far")
+        quiet[0] = 3.0                                 # between a forward and a backward
+        assert message_after_beats().startswith("compiling the network's blocks, 42 s so far")
+        quiet[0] = 30.0                                # training
+        assert message_after_beats() == ""
+        rep.event(5, "skipped_batch", "skipped batch")
+        assert message_after_beats() == "step 5: skipped batch"
+        quiet[0] = 0.0                                 # the last sample grid compiles ...
+        assert message_after_beats().startswith("compiling")
+        rep.finish("completed", 100)                   # ... and the run ends
+        assert run.read_status().message == ""
+    finally:
+        rep.close()
+
+
 def test_the_compile_clock_counts_compiling_and_nothing_else():
     import torch
 
     from engine.distributed import compiler_problem
-    from engine.train_io import compile_seconds
+    from engine.train_io import compile_quiet_for, compile_seconds
 
     f = torch.compile(lambda x: torch.sin(x) * 2.0 + 1.0, backend="eager", fullgraph=True)
     x = torch.randn(4)
@@ -248,6 +284,7 @@ def test_the_compile_clock_counts_compiling_and_nothing_else():
     g = torch.compile(lambda x: torch.cos(x) - 1.0, backend="eager", fullgraph=True)
     g(x)
     assert compile_seconds() > probed
+    assert 0.0 < compile_quiet_for() < 60.0   # none in progress, one a moment ago
 
 
 def test_a_run_from_a_staged_checkpoint_trains_at_the_full_size_from_its_first_step(
