@@ -91,6 +91,7 @@ from engine.train_io import (
     oom_message,
     run_captions,
     save_sample_grid,
+    start_compile_clock,
 )
 from engine.train_state import Parts, TrainState, payload, restore, rollback
 from engine.trainable import Trainable
@@ -203,6 +204,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         log(f"note: train.compile is on but torch.compile cannot run here ({problem}); "
             f"training uncompiled")
     elif tr.compile:
+        start_compile_clock()
         net.compile_blocks()
         blocks = "compiled (slower while it compiles: the first steps, sizes and samples)"
     model = Trainable.for_run(cfg, net, text_encoder, teacher.dim if teacher else None, device)

@@ -84,21 +84,22 @@ class _CompileClock:
 _compile_clock: _CompileClock | None = None
 
 
-def _clock() -> _CompileClock:
+def start_compile_clock() -> None:
+    """Count compiles from now on. Called by a process that will compile, and only then:
+    the clock needs torch._dynamo, whose import costs about a second."""
     global _compile_clock
     if _compile_clock is None:
         _compile_clock = _CompileClock()
-    return _compile_clock
 
 
 def compile_seconds() -> float:
-    """Seconds this process has spent compiling (the clock starts at the first call)."""
-    return _clock().seconds()
+    """Seconds this process has spent compiling since start_compile_clock (0 without)."""
+    return _compile_clock.seconds() if _compile_clock is not None else 0.0
 
 
 def compile_quiet_for() -> float:
     """Seconds since the last compile ended (0 while one is in progress, inf before any)."""
-    return _clock().quiet_for()
+    return _compile_clock.quiet_for() if _compile_clock is not None else math.inf
 
 
 # The studio shows a run's status message. While the blocks compile the heartbeat says so,
@@ -165,7 +166,8 @@ class JobReporter:
         self._tb = None
         self._logfile = None
         self._tty = sys.stderr.isatty()
-        # seconds this process has spent compiling so far: the speed leaves them out
+        # the compile clock: seconds spent compiling so far, which the speed leaves out,
+        # and since the last compile ended, until when the status says "compiling"
         self.compile_seconds: Callable[[], float] = compile_seconds
         self.compile_quiet_for: Callable[[], float] = compile_quiet_for
         # (time, step, compile seconds) marks of the speed window: from the newest mark at

@@ -279,6 +279,8 @@ def test_a_compiled_run_trains_validates_samples_and_says_so(demo, tmp_path, tra
     from engine.distributed import compiler_problem
     if problem := compiler_problem(torch.device("cpu")):
         pytest.skip(f"torch.compile cannot run on this machine: {problem}")
+    from engine.train_io import compile_seconds
+    compiled_before = compile_seconds()
     run = tmp_path / "run"
     assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
                        "--max-steps", "4",
@@ -286,6 +288,8 @@ def test_a_compiled_run_trains_validates_samples_and_says_so(demo, tmp_path, tra
                              "train.sample_every=2")]) == 0
     log = (run / "log.txt").read_text()
     assert "blocks compiled (slower while it compiles" in log
+    # the trainer counted its compiles, which its ETA leaves out
+    assert compile_seconds() > compiled_before
     assert "validation loss" in log and (run / "samples" / "step_0000004.png").is_file()
     assert RunDir(run).read_status().state == "completed"
 
