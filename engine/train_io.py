@@ -85,8 +85,8 @@ _compile_clock: _CompileClock | None = None
 
 
 def start_compile_clock() -> None:
-    """Count compiles from now on. Called by a process that will compile, and only then:
-    the clock needs torch._dynamo, whose import costs about a second."""
+    """Count compiles from now on; called where a process decides to compile, so that a
+    process that does not registers no compile callbacks."""
     global _compile_clock
     if _compile_clock is None:
         _compile_clock = _CompileClock()
