@@ -198,24 +198,29 @@ def build(studio: Studio) -> dict:
                 prompt = gr.Textbox(label="Prompt", lines=2)
                 negative = gr.Textbox(label="Negative prompt", lines=1,
                                       info="empty = the unconditional input")
-                with gr.Row():
+                with gr.Row(elem_classes="phdm-options"):
                     sampler = gr.Dropdown([(SAMPLER_LABELS[k], k) for k in SAMPLERS],
                                           value="heun", label="Sampler")
                     steps = gr.Slider(1, 200, value=20, step=1, label="Steps")
                     count = gr.Slider(1, 16, value=4, step=1, label="Images")
+                with gr.Row(elem_classes="phdm-options"):
                     # only the stochastic samplers read them (enabled when one is chosen)
                     noise_lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Fresh noise from t",
-                                         info="Euler a and DPM++ 2M SDE", interactive=False)
+                                         info="Euler a and DPM++ 2M SDE only",
+                                         interactive=False)
                     noise_hi = gr.Slider(0.0, 1.0, value=1.0, step=0.05,
                                          label="Fresh noise until t",
                                          info="deterministic steps outside", interactive=False)
-                with gr.Row():
+                with gr.Row(elem_classes="phdm-options"):
                     cfg = gr.Slider(0.0, 15.0, value=3.0, step=0.1, label="CFG scale",
                                     info="1 = no guidance")
-                    rescale = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CFG rescale")
-                    lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance from t")
+                    rescale = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CFG rescale",
+                                        info="keeps the spread; 0 = off")
+                    lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance from t",
+                                   info="unguided steps before it")
                     hi = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Guidance until t",
                                    info="t = 0 noise, 1 image")
+                with gr.Row(elem_classes="phdm-options"):
                     ramp = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance ramp",
                                      info="full from this t, less before it; 0 = off")
                     pag = gr.Slider(0.0, 5.0, value=0.0, step=0.1, label="PAG scale",
@@ -230,7 +235,7 @@ def build(studio: Studio) -> dict:
                                              info="what counts as coarse structure, with "
                                              "the CFG of coarse structure")
                 with gr.Row():
-                    size = gr.Dropdown([], label="Size (training buckets)")
+                    size = gr.Dropdown([], label="Size (training buckets)", scale=2)
                     width = gr.Number(value=64, precision=0, label="Width", minimum=1)
                     height = gr.Number(value=64, precision=0, label="Height", minimum=1)
                     shift = gr.Number(value=0.0, label="Shift", minimum=0.0,

@@ -47,6 +47,9 @@ CSS = """
             border: 1px solid var(--border-color-primary); border-radius: 8px; }
 .phdm-log pre { margin: 0; padding: 8px 12px; font-size: 0.8em; white-space: pre-wrap; }
 .phdm-pixels img { object-fit: contain !important; image-rendering: pixelated; }
+/* sliders side by side: label and explanation above the number box, so that a long label
+   is never squeezed into a narrow column beside it */
+.phdm-options .head { flex-direction: column; align-items: flex-start; gap: 4px; }
 """
 
 def banner_markdown() -> str:
