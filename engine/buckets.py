@@ -360,7 +360,7 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
     warnings: list[str] = []
     n_val = min(d.val_images, int(len(usable) * MAX_VAL_FRACTION))
     if n_val < d.val_images:
-        warnings.append(f"validation set reduced to {n_val} images (data.val_images = "
+        warnings.append(f"validation set reduced to {n_val} image(s) (data.val_images = "
                         f"{d.val_images}, at most {MAX_VAL_FRACTION:.0%} of {len(usable)} "
                         f"usable images)")
     train, val = split_validation(usable, n_val, split_seed)
@@ -395,7 +395,7 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
                         "train.batch_size or set data.drop_last off")
     upscaled = sum(im.scale > 1.0 for im in train)
     if upscaled:
-        warnings.append(f"{upscaled} images are upscaled to fill their bucket (blurrier pixels)")
+        warnings.append(f"{upscaled} image(s) upscaled to fill their bucket (blurrier pixels)")
     return BucketPlan(patch_size, batch_size, world_size, grad_accum, d.drop_last, stats,
                       train, val, dropped, warnings)
 

@@ -312,7 +312,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
         new_sel = {"path": str(root), "name": choice if not (typed or "").strip() else str(root),
                    "preset": preset_name, "overrides": settings_overrides(vals), "key": pv.key}
         return {status: plan_status(root, pv),
-                summary: views.plan_summary(pv.plan, len(pv.scan.records)),
+                summary: views.plan_summary(pv.plan, len(pv.scan.records),
+                                             views.skipped_files(pv.scan)),
                 hist: bucket_plot(pv.plan), table: views.bucket_rows(pv.plan),
                 health_md: views.health_summary(pv.health),
                 health_df: views.health_rows(pv.health),

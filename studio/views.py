@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from engine import config
 from engine.buckets import BucketPlan, PlannedImage, make_buckets
 from engine.checkpoint import retention_victims
-from engine.data import DataError, HealthReport
+from engine.data import DataError, HealthReport, Scan
 from engine.images import MAX_PIXELS, open_image, read_header, upright_rgb
 from engine.train_io import format_duration
 from studio.liveness import ACTIVE_STATES
@@ -212,8 +212,16 @@ def bucket_rows(plan: BucketPlan) -> list[list]:
     return rows
 
 
-def plan_summary(plan: BucketPlan, images_found: int) -> str:
-    """Markdown: counts, steps per epoch, aspect errors and the planner's warnings."""
+def skipped_files(scan: Scan) -> int:
+    """Files the scan skipped with an error (cut short, not an image, in a left-out
+    regularisation folder, ...): they never reach the plan."""
+    found = {r.rel for r in scan.records}
+    return len({f for p in scan.problems if p.severity == "error" for f in p.files} - found)
+
+
+def plan_summary(plan: BucketPlan, images_found: int, skipped: int = 0) -> str:
+    """Markdown: counts, steps per epoch, aspect errors and the planner's warnings.
+    `skipped`: files the scan skipped, which are not among those found."""
     used = sum(1 for b in plan.buckets if b.images)
     reasons: dict[str, int] = {}
     for d in plan.dropped:
@@ -224,7 +232,8 @@ def plan_summary(plan: BucketPlan, images_found: int) -> str:
     lines = [
         f"**{len(plan.images)}** training images of {images_found} found, "
         f"**{len(plan.val_images)}** held out for validation, **{len(plan.dropped)}** dropped"
-        + (f" ({dropped})" if dropped else "") + repeats,
+        + (f" ({dropped})" if dropped else "") + repeats
+        + (f" · **{skipped}** more file(s) skipped (health report)" if skipped else ""),
         f"**{used}** of {len(plan.buckets)} buckets used · **{plan.batches_per_epoch}** batches "
         f"of up to {plan.batch_size} per epoch = **{plan.steps_per_epoch:g}** optimizer steps "
         f"(grad accum {plan.grad_accum}, {plan.world_size} GPU(s))",

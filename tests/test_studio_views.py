@@ -164,6 +164,28 @@ def test_plan_summary_counts_dropped_images():
     assert "**1** dropped (1 too small)" in text
 
 
+def test_plan_summary_counts_the_files_the_scan_skipped(tmp_path):
+    """A file cut short never becomes an image record, so the plan cannot count it: the
+    summary says it was skipped, and an image without a caption stays a dropped image."""
+    from engine.data import scan_dataset
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for name in ("a", "b", "cut"):
+        Image.fromarray(noise).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a shape")
+    (tmp_path / "cut.txt").write_text("a shape")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    d = config.DataConfig(min_side=32, max_side=64, bucket_step=16, max_aspect=2.0,
+                          val_images=0)
+    scan = scan_dataset(tmp_path, d)
+    assert views.skipped_files(scan) == 1
+    text = views.plan_summary(plan_buckets(scan.records, d, 8, 4), len(scan.records),
+                              views.skipped_files(scan))
+    assert "of 2 found" in text and "(1 no caption)" in text
+    assert "**1** more file(s) skipped" in text
+    assert "skipped" not in views.plan_summary(plan_buckets(scan.records, d, 8, 4), 2)
+
+
 def test_planned_order_worst_crop_first_and_bucket_filter():
     plan = _plan([(64, 64), (100, 64), (64, 64), (64, 128)])
     worst = views.planned_order(plan, "worst crop")
