@@ -104,6 +104,16 @@ class TrainError(RuntimeError):
     """A run cannot start or continue; the message says why and what to change."""
 
 
+class RunFinished(TrainError):
+    """A resume with nothing left to train: the run is already at `step`, the step it
+    would train to."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the run is already at step {step}; pass a --max-steps above "
+                         f"{step}, or raise train.max_steps above it, to continue")
+        self.step = step
+
+
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
@@ -588,15 +598,14 @@ def _cpu(gen: torch.Generator) -> torch.Generator | None:
 
 def resume_point(run: RunDir, cfg: RunConfig, requested: int | None) -> CheckpointInfo | None:
     """The checkpoint a resume continues from, or None for a run that stopped before its
-    first checkpoint (it starts again from step 0); TrainError when the run already
+    first checkpoint (it starts again from step 0); RunFinished when the run already
     reached the step it would train to."""
     last = latest_resumable(run.checkpoints)
     if last is None:
         return None
     info = read_state_info(last.state_path)
     if info["step"] >= resume_target(info.get("stop_at"), cfg.train.max_steps, requested):
-        raise TrainError(f"the run is already at step {info['step']}; pass a --max-steps "
-                         f"above {info['step']}, or raise train.max_steps above it, to continue")
+        raise RunFinished(info["step"])
     return last
 
 

@@ -43,7 +43,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from engine.checkpoint import CheckpointError, list_checkpoints
+from engine.checkpoint import (
+    CheckpointError,
+    latest_resumable,
+    list_checkpoints,
+    read_state_info,
+)
 from engine.config import (
     ConfigError,
     RunConfig,
@@ -53,8 +58,15 @@ from engine.config import (
     validate,
 )
 from engine.distributed import resolve_device
-from engine.job import FINAL_STATES, REQUESTS, RunDir, run_owner, wait_for_owner_exit
-from engine.train import TrainError, resume_point
+from engine.job import (
+    FINAL_STATES,
+    REQUESTS,
+    RunDir,
+    resume_target,
+    run_owner,
+    wait_for_owner_exit,
+)
+from engine.train import RunFinished, TrainError, resume_point
 from engine.train_io import LOG_CAPTURED_ENV
 from studio.liveness import (
     ACTIVE_STATES,
@@ -91,6 +103,8 @@ class RunInfo:
     error: str
     message: str
     resumable: bool         # has a checkpoint with training state and is not running
+    resume_to: int          # the step a resume without a target trains to (0: none)
+    finished: bool          # its newest state is at that step: a resume needs a later one
     alive: bool             # a process of this run is alive (also while it exits)
     device: str             # "cpu", "cuda", "cuda:1"... ("" when unknown)
     pid: int                # the trainer's pid (the launched one while starting; 0 if none)
@@ -189,6 +203,7 @@ class Runner:
         self._procs: dict[str, subprocess.Popen] = {}   # kept only to reap them
         self._issued: set[str] = set()
         self._config_cache: dict[str, tuple[int, str, int]] = {}
+        self._state_cache: dict[str, tuple[tuple[str, int], dict]] = {}
 
     # ---- names -------------------------------------------------------------------------
     def new_run_id(self, preset_name: str) -> str:
@@ -308,6 +323,13 @@ class Runner:
             try:
                 cfg = load_preset(run.config)
                 resume_point(run, cfg, max_steps)
+            except RunFinished as e:
+                raise RunnerError(
+                    f"run '{run_id}' is already at step {e.step}, the step it would train to: "
+                    f"to train on, resume until a later step (Train tab: 'Resume until step'; "
+                    f"past its planned steps a cosine learning rate stays at its minimum), "
+                    f"or start a new run from its weights (Checkpoints tab: Train from "
+                    f"this)") from e
             except (ConfigError, TrainError, CheckpointError) as e:
                 raise RunnerError(f"run '{run_id}' cannot be resumed: {e}") from e
             run.clear_requests()   # an old stop request must not stop the new process
@@ -514,6 +536,22 @@ class Runner:
             self._config_cache[key] = cached
         return cached[1], cached[2], st.st_mtime
 
+    def _resume_span(self, run: RunDir, cfg_steps: int) -> tuple[int, int]:
+        """(step, target) of a resume without a target step: the newest training state's
+        step and the step it would train to by the trainer's rule (engine.train.
+        resume_point); (0, 0) without a readable state. Its JSON is read once per file."""
+        last = latest_resumable(run.checkpoints)
+        if last is None:
+            return 0, 0
+        try:
+            key = (str(last.state_path), last.state_path.stat().st_mtime_ns)
+            cached = self._state_cache.get(str(run.root))
+            saved = cached[1] if cached and cached[0] == key else read_state_info(last.state_path)
+        except (OSError, CheckpointError):
+            return 0, 0      # resuming says what is wrong with it
+        self._state_cache[str(run.root)] = (key, saved)
+        return saved["step"], resume_target(saved.get("stop_at"), cfg_steps, None)
+
     def _info(self, run: RunDir) -> RunInfo:
         status = run.read_status()
         launch = read_launch(run)
@@ -542,6 +580,7 @@ class Runner:
         if owner is not None and state not in ACTIVE_STATES:
             message = (f"process {owner or '(unknown pid)'} holds this run (a trainer that is "
                        f"starting or ending, or one started outside the studio)")
+        at, resume_to = self._resume_span(run, cfg_steps) if resumable else (0, 0)
         return RunInfo(
             run_id=run.run_id, path=run.root, state=state, step=step, total=total,
             loss=float(status.loss) if fresh and status.loss is not None else None,
@@ -549,4 +588,6 @@ class Runner:
             description=description, created=created or (launch.started_at if launch else 0.0),
             last_checkpoint=str(ckpts[-1].path) if ckpts else "",
             last_sample=status.last_sample if status else "", error=error, message=message,
-            resumable=resumable, alive=alive, device=device, pid=pid, owner=owner)
+            resumable=resumable, resume_to=resume_to,
+            finished=bool(resume_to) and at >= resume_to,
+            alive=alive, device=device, pid=pid, owner=owner)

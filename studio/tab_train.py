@@ -193,7 +193,11 @@ def build(studio: Studio, selection: gr.State) -> dict:
                 b_save = gr.Button("Save now", interactive=False, min_width=90)
                 b_sample = gr.Button("Sample now", interactive=False, min_width=90)
                 b_force = gr.Button("Force stop", interactive=False, variant="stop", min_width=90)
-            run_msg = gr.Markdown(elem_classes="phdm-status")
+            with gr.Row():
+                # shown while Resume is possible: empty resumes to the run's own end
+                until = gr.Number(label="Resume until step", precision=0, minimum=1,
+                                  visible=False, elem_id="resume-until", min_width=260, scale=1)
+                run_msg = gr.Markdown(elem_classes="phdm-status", scale=3)
             with gr.Row():
                 with gr.Column(scale=3):
                     loss_plot = gr.LinePlot(x="step", y="value", color="series", label="Loss",
@@ -447,7 +451,10 @@ def build(studio: Studio, selection: gr.State) -> dict:
         w["log"] = tail
         if new_state:
             out.update({run_select: select_update(run_id), monitor: gr.Column(visible=True),
-                        no_run: gr.Markdown(visible=False)})
+                        no_run: gr.Markdown(visible=False),
+                        until: gr.Number(value=None, visible=can["resume"],
+                                         info=views.resume_until_info(info.step, info.resume_to,
+                                                                      info.finished))})
         out.update(load_prompts(info, w))   # (notes in w which run's file the editor holds)
         return out
 
@@ -516,14 +523,16 @@ def build(studio: Studio, selection: gr.State) -> dict:
         return plots(w.get("records", []), smooth_w)
 
     def control(kind):
-        def act(w):
+        def act(w, until_v=None):
             run_id = w.get("run_id")
             if not run_id:
                 return "No run selected."
             try:
                 if kind == "resume":   # on the device and GPUs of its latest launch
-                    studio.runner.resume(run_id)
-                    return f"Resuming `{run_id}` from its last checkpoint."
+                    target = int(until_v) if until_v else None
+                    studio.runner.resume(run_id, max_steps=target)
+                    return (f"Resuming `{run_id}` from its last checkpoint"
+                            + (f" until step {target:,}." if target else "."))
                 if kind == "force":
                     studio.runner.force_stop(run_id)
                     return f"`{run_id}` was stopped."
@@ -570,7 +579,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
     plot_outputs = [loss_plot, lr_plot, grad_plot, speed_plot, t_plot, val_plot, quality_plot,
                     events, numbers]
     monitor_outputs = [watch, progress, *button_keys, run_msg, *plot_outputs, scrub, sample_img,
-                       sample_note, log, run_select, monitor, no_run, prompts_box, prompts_state]
+                       sample_note, log, run_select, monitor, no_run, until, prompts_box,
+                       prompts_state]
     timer.tick(poll, inputs=[watch, smoothing, follow, scrub], outputs=monitor_outputs,
                show_progress="hidden", concurrency_limit=4)
     run_select.input(pick_run, inputs=run_select, outputs=watch)
@@ -583,9 +593,11 @@ def build(studio: Studio, selection: gr.State) -> dict:
     smoothing.release(resmooth, inputs=[watch, smoothing], outputs=plot_outputs)
     scrub.release(lambda w, i: (*sample_at(w.get("samples", []), i), False),
                   inputs=[watch, scrub], outputs=[sample_img, sample_note, follow])
-    for button, kind in ((b_stop, "stop"), (b_pause, "pause"), (b_resume, "resume"),
-                         (b_save, "save-now"), (b_sample, "sample-now"), (b_force, "force")):
+    for button, kind in ((b_stop, "stop"), (b_pause, "pause"), (b_save, "save-now"),
+                         (b_sample, "sample-now"), (b_force, "force")):
         button.click(control(kind), inputs=watch, outputs=run_msg, concurrency_limit=2)
+    b_resume.click(control("resume"), inputs=[watch, until], outputs=run_msg,
+                   concurrency_limit=2)
     return {"started": started, "preset": preset, "preset_info": preset_info,
             "preset_description": preset_description, "check_args": check_args,
             "run_select": run_select, "watch": watch, "setup_box": setup_box, "attach": attach,

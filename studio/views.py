@@ -486,6 +486,15 @@ def progress_html(state: str, step: int, total: int, eta_s: float | None,
             f'{extra}</div>')
 
 
+def resume_until_info(step: int, resume_to: int, finished: bool) -> str:
+    """The explanation under the Train tab's 'Resume until step' field (`resume_to`: the
+    step a resume without one trains to)."""
+    if finished:
+        return (f"the run reached its end at step {step:,}: give a later step to train on "
+                f"(a cosine learning rate stays at its minimum)")
+    return f"empty: to its end, step {resume_to:,}; or stop at the step given"
+
+
 def control_states(state: str, resumable: bool) -> dict[str, bool]:
     """Which run buttons make sense in a state."""
     alive = state in ("starting", "running")

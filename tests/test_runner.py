@@ -425,9 +425,13 @@ def test_resume_asks_the_trainer_rule_whether_steps_are_left(runner, dataset, st
     with pytest.raises(RunnerError, match="already at step 12"):
         runner.resume("longer", max_steps=12)
     saved_run(runner, "done", cfg, 10, None)
-    with pytest.raises(RunnerError, match="already at step 10"):
+    # the Train tab offers a later step for a run at its end, by the same rule
+    assert runner.info("done").finished and runner.info("done").resume_to == 10
+    assert not runner.info("longer").finished and runner.info("longer").resume_to == 20
+    with pytest.raises(RunnerError, match="already at step 10.*'Resume until step'"):
         runner.resume("done")
     runner.resume("done", max_steps=11)
+    assert not runner.info("done").finished      # alive: nothing to resume
     runner.force_stop("done", grace=0)
     damaged = saved_run(runner, "damaged", cfg, 4, None)
     (damaged.checkpoints / f"{step_name(4)}.state.safetensors").write_bytes(b"not a state")

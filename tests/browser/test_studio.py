@@ -141,6 +141,18 @@ def test_train_tab_validates_starts_watches_and_stops_a_run(page, screenshots):
     page.wait_for_selector(".phdm-progress.phdm-stopped", timeout=90_000)
     expect(page.get_by_role("button", name="Resume")).to_be_enabled(timeout=30_000)
     expect(page.get_by_role("button", name="Stop", exact=True)).to_be_disabled(timeout=30_000)
+    # a stopped run resumes to a step of one's choosing
+    until = page.locator("#resume-until")
+    expect(until).to_contain_text("to its end, step 5,000", timeout=30_000)
+    stopped_at = int(re.search(r"step ([\d,]+)", text_of(page, ".phdm-progress"))
+                     .group(1).replace(",", ""))
+    until.locator("input").fill(str(stopped_at + 2))
+    page.get_by_role("button", name="Resume").click()
+    page.wait_for_selector(".phdm-progress.phdm-completed", timeout=120_000)
+    end = f"{stopped_at + 2:,}"
+    wait_text(page, ".phdm-progress", f"step {end} / {end}")
+    # stopped by the step given, it still resumes to the end of its schedule
+    expect(until).to_contain_text("to its end, step 5,000", timeout=30_000)
     page.wait_for_timeout(2500)          # one more poll: plots and the final log lines
     page.screenshot(path=str(screenshots / "2-train.png"), full_page=True)
 
