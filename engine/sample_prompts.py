@@ -234,6 +234,26 @@ def from_config(cfg: RunConfig, defaults: PromptDefaults) -> tuple[str, list[Sam
     return text, prompts
 
 
+def caption_prompts(held_out: list[str], trained: list[str], n: int = 4) -> list[str]:
+    """Up to `n` distinct captions of a dataset as sample prompts: those of the held-out
+    validation images first (never trained, they show whether the model generalises),
+    then training captions spread evenly over the dataset. Each is one line of plain words;
+    captions that cannot be a line of the file (an option, a leading #) are left out."""
+    def usable(caption: str) -> str:
+        line = " ".join(caption.split())
+        return "" if not line or line.startswith("#") or _OPTION.search(line) else line
+
+    out: list[str] = []
+    stride = max(1, len(trained) // max(1, n))
+    for caption in [*held_out, *trained[::stride], *trained]:
+        line = usable(caption)
+        if line and line not in out:
+            out.append(line)
+            if len(out) == n:
+                break
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # A run's file
 # --------------------------------------------------------------------------------------

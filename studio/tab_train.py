@@ -18,9 +18,10 @@ import yaml
 
 from engine import config, preflight
 from engine import sample_prompts as prompts_file
+from engine.data import DataError
 from engine.distributed import DeviceError
 from engine.job import RunDir
-from studio import quality, views
+from studio import quality, tab_dataset, views
 from studio.paths import PathError
 from studio.runner import RunInfo, RunnerError
 from studio.workspace import Studio
@@ -65,9 +66,10 @@ MERGE_OVERRIDES_JS = """(patch, text) => {
 
 def empty_watch(run_id: str = "") -> dict:
     """What the monitor remembers about the run it shows (kept per browser session);
-    `prompts_of`: the run whose prompts file is in the editor."""
+    `prompts_of`: the run whose prompts file is in the editor; `until`: what the resume
+    field was last set up for."""
     return {"run_id": run_id, "offset": 0, "records": [], "log": None, "state": "",
-            "samples": None, "prompts_of": None}
+            "samples": None, "prompts_of": None, "until": None}
 
 
 def prompts_check(text: str, defaults: prompts_file.PromptDefaults) -> tuple[str, bool]:
@@ -163,9 +165,13 @@ def build(studio: Studio, selection: gr.State) -> dict:
                     help_key = gr.Dropdown(sorted(docs), label="What does a key do?",
                                            value=None, allow_custom_value=False)
                     help_text = gr.Markdown()
-            new_prompts = gr.Textbox(label="Sample prompts (empty: sample.prompts)", lines=2,
-                                     max_lines=12, placeholder="a red apple on a table --n "
-                                     "blurry --w 64 --h 48 --d 7 --l 4.5 --s 20 (one a line)")
+            with gr.Row():
+                new_prompts = gr.Textbox(label="Sample prompts (empty: sample.prompts)", lines=2,
+                                         max_lines=12, scale=4, placeholder="a red apple on a "
+                                         "table --n blurry --w 64 --h 48 --d 7 --l 4.5 --s 20 "
+                                         "(one a line)")
+                from_captions = gr.Button("Use the dataset's captions", size="sm", scale=1,
+                                          min_width=160)
             validity = gr.Markdown(elem_classes="phdm-status", elem_id="train-validity")
             estimate = gr.Markdown()
             with gr.Accordion("Resolved config (YAML)", open=False):
@@ -337,6 +343,22 @@ def build(studio: Studio, selection: gr.State) -> dict:
                 watch: watch_run(run.run_id, request), setup_box: gr.Accordion(open=False),
                 **monitor_shown()}
 
+    def captions_as_prompts(preset_name, text, choice, typed, n_gpus) -> dict:
+        """Four captions of the chosen dataset into the prompts box, held-out images'
+        first (the plan the trainer will make, from the Dataset tab's cached scan)."""
+        try:
+            cfg = studio.run_config(preset_name, text, choice, typed)
+            plan = tab_dataset.preview(Path(cfg.data.path), cfg, max(1, int(n_gpus or 1)),
+                                       studio.cache_dir).plan
+        except (config.ConfigError, PathError, DataError, OSError) as e:
+            return {validity: f"**No captions to use:** {e}"}
+        found = prompts_file.caption_prompts([im.caption for im in plan.val_images],
+                                             [im.caption for im in plan.images])
+        if not found:
+            return {validity: "**No captions to use:** no image of the dataset has a caption "
+                              "that can be a prompt line"}
+        return {new_prompts: "\n".join(found)}
+
     def run_dry(preset_name, text, choice, typed, progress=gr.Progress()):
         try:
             cfg = studio.run_config(preset_name, text, choice, typed)
@@ -451,10 +473,16 @@ def build(studio: Studio, selection: gr.State) -> dict:
         w["log"] = tail
         if new_state:
             out.update({run_select: select_update(run_id), monitor: gr.Column(visible=True),
-                        no_run: gr.Markdown(visible=False),
-                        until: gr.Number(value=None, visible=can["resume"],
-                                         info=views.resume_until_info(info.step, info.resume_to,
-                                                                      info.finished))})
+                        no_run: gr.Markdown(visible=False)})
+        # the resume field follows the Resume button, which can change after the state
+        # does (a stopped run becomes resumable once its process has exited)
+        until_key = (can["resume"], info.step if can["resume"] else 0, info.resume_to,
+                     info.finished)
+        if w.get("until") != list(until_key):
+            w["until"] = list(until_key)
+            out[until] = gr.Number(value=None, visible=can["resume"],
+                                   info=views.resume_until_info(info.step, info.resume_to,
+                                                                info.finished))
         out.update(load_prompts(info, w))   # (notes in w which run's file the editor holds)
         return out
 
@@ -562,6 +590,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
     ds_path.submit(**check_args)
     gpus.change(**check_args)
     new_prompts.change(**check_args)
+    from_captions.click(captions_as_prompts, inputs=check_inputs[:5],
+                        outputs=[new_prompts, validity], concurrency_limit=1)
     for comp, (key, _, kind) in zip(form, FORM):
         comp.input(form_edit(key, kind), inputs=[comp, overrides], outputs=overrides,
                    trigger_mode="always_last")

@@ -23,6 +23,7 @@ from engine.sample_prompts import (
     PromptDefaults,
     PromptsError,
     RunPrompts,
+    caption_prompts,
     format_prompts,
     from_config,
     parse_prompts,
@@ -93,6 +94,20 @@ def test_a_text_without_prompts_or_with_too_many_is_refused():
     lines = "\n".join(f"prompt {i}" for i in range(MAX_PROMPTS + 1))
     with pytest.raises(PromptsError, match=f"line {MAX_PROMPTS + 1}: more than {MAX_PROMPTS}"):
         parse_prompts(lines, D)
+
+
+def test_captions_as_prompts_take_held_out_images_first_and_only_plain_lines():
+    held_out = ["a  red\ncircle", "# a comment", "a red circle"]
+    trained = [f"caption {i}" for i in range(12)] + ["photo --ar 16:9", "a red circle"]
+    assert caption_prompts(held_out, trained) == [
+        "a red circle", "caption 0", "caption 3", "caption 6"]     # spread over the data
+    assert caption_prompts([], ["x --w 64", "#y", " "], 4) == []
+    assert caption_prompts(["a", "a", "b"], [], 4) == ["a", "b"]
+    assert caption_prompts([], trained, 20) == [*trained[:12], "a red circle"]
+    # each reads back from a prompts file as itself
+    d = prompt_defaults(load_preset("tiny-cpu"))
+    lines = caption_prompts(held_out, trained, 6)
+    assert [p.prompt for p in parse_prompts(format_prompts(lines, d), d)] == lines
 
 
 def test_the_config_prompts_go_through_the_file_unchanged():

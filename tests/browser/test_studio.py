@@ -120,6 +120,13 @@ def test_train_tab_validates_starts_watches_and_stops_a_run(page, screenshots):
     assert start.is_disabled()
     overrides.fill(SHORT_RUN)
     wait_text(page, "#train-validity", "Valid settings")
+    # sample prompts from the dataset's own captions, held-out images' first
+    prompts = page.get_by_label("Sample prompts (empty: sample.prompts)")
+    page.get_by_role("button", name="Use the dataset's captions").click()
+    wait_text(page, "#train-validity", "Sample prompts: Valid: 4 prompts")
+    assert all(line.endswith("background") for line in prompts.input_value().splitlines())
+    prompts.fill("")
+    expect(page.locator("#train-validity")).not_to_contain_text("Sample prompts")
     assert "demo-shapes" in text_of(page, "#train-validity")
     assert start.is_enabled()
     assert page.get_by_text("trained parameters").is_visible()
