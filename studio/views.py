@@ -492,7 +492,8 @@ def resume_until_info(step: int, resume_to: int, finished: bool) -> str:
     if finished:
         return (f"the run reached its end at step {step:,}: give a later step to train on "
                 f"(a cosine learning rate stays at its minimum)")
-    return f"empty: to its end, step {resume_to:,}; or stop at the step given"
+    end = f", step {resume_to:,}" if resume_to else ""
+    return f"empty: to its end{end}; or stop at the step given"
 
 
 def control_states(state: str, resumable: bool) -> dict[str, bool]:

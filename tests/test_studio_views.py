@@ -186,6 +186,15 @@ def test_plan_summary_counts_the_files_the_scan_skipped(tmp_path):
     assert "skipped" not in views.plan_summary(plan_buckets(scan.records, d, 8, 4), 2)
 
 
+def test_the_resume_field_says_where_a_resume_ends():
+    assert views.resume_until_info(300, 8000, False) == ("empty: to its end, step 8,000; or "
+                                                         "stop at the step given")
+    assert "reached its end at step 8,000: give a later step" in \
+        views.resume_until_info(8000, 8000, True)
+    # a state file that cannot be read gives no target: no made-up step
+    assert views.resume_until_info(300, 0, False) == "empty: to its end; or stop at the step given"
+
+
 def test_planned_order_worst_crop_first_and_bucket_filter():
     plan = _plan([(64, 64), (100, 64), (64, 64), (64, 128)])
     worst = views.planned_order(plan, "worst crop")
