@@ -45,6 +45,7 @@ import yaml
 
 from engine.checkpoint import (
     CheckpointError,
+    CheckpointInfo,
     latest_resumable,
     list_checkpoints,
     read_state_info,
@@ -536,13 +537,12 @@ class Runner:
             self._config_cache[key] = cached
         return cached[1], cached[2], st.st_mtime
 
-    def _resume_span(self, run: RunDir, cfg_steps: int) -> tuple[int, int]:
-        """(step, target) of a resume without a target step: the newest training state's
-        step and the step it would train to by the trainer's rule (engine.train.
-        resume_point); (0, 0) without a readable state. Its JSON is read once per file."""
-        last = latest_resumable(run.checkpoints)
-        if last is None:
-            return 0, 0
+    def _resume_span(self, run: RunDir, last: CheckpointInfo, cfg_steps: int
+                     ) -> tuple[int, int]:
+        """(step, target) of a resume without a target step from `last`, the newest
+        training state: its step and the step it would train to by the trainer's rule
+        (engine.train.resume_point); (0, 0) when it cannot be read. Its JSON is read once
+        per file."""
         try:
             key = (str(last.state_path), last.state_path.stat().st_mtime_ns)
             cached = self._state_cache.get(str(run.root))
@@ -563,7 +563,8 @@ class Runner:
             message = "status.json is damaged; the run's state is unknown"
         description, cfg_steps, created = self._config_summary(run)
         ckpts = list_checkpoints(run.checkpoints)
-        last_state = next((c for c in reversed(ckpts) if c.state_path is not None), None)
+        # where the trainer resumes from: a step checkpoint or the newer time-based point
+        last_state = latest_resumable(run.checkpoints)
         resumable = not alive and last_state is not None
         if state == "crashed":
             message = (f"resume continues from step {last_state.step}" if resumable else
@@ -580,7 +581,7 @@ class Runner:
         if owner is not None and state not in ACTIVE_STATES:
             message = (f"process {owner or '(unknown pid)'} holds this run (a trainer that is "
                        f"starting or ending, or one started outside the studio)")
-        at, resume_to = self._resume_span(run, cfg_steps) if resumable else (0, 0)
+        at, resume_to = self._resume_span(run, last_state, cfg_steps) if resumable else (0, 0)
         return RunInfo(
             run_id=run.run_id, path=run.root, state=state, step=step, total=total,
             loss=float(status.loss) if fresh and status.loss is not None else None,

@@ -439,6 +439,27 @@ def test_resume_asks_the_trainer_rule_whether_steps_are_left(runner, dataset, st
         runner.resume("damaged")
 
 
+def test_a_run_killed_before_its_first_step_checkpoint_resumes_from_its_time_based_point(
+        runner, dataset):
+    """train.save_minutes writes a rotating resume point between step checkpoints: a run
+    killed after one is resumable from it, as the trainer would resume it."""
+    run = RunDir(runner.runs_root / "early")
+    run.create()
+    run.config.write_text(dump_yaml(fast_config(dataset, "train.max_steps=100")))
+    base = run.checkpoints / step_name(42, "latest")
+    save_file({"w": torch.zeros(1)}, f"{base}.safetensors")
+    save_file({"x": torch.zeros(1)}, f"{base}.state.safetensors",
+              metadata={"state": json.dumps({"step": 42, "stop_at": None})})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    write_status(run, state="running", step=45, total=100, pid=gone.pid,
+                 heartbeat=time.time() - 600)
+    info = runner.info("early")
+    assert (info.state, info.resumable, info.resume_to, info.finished) == (
+        "crashed", True, 100, False)
+    assert info.message == "resume continues from step 42"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_waiting_for_an_exiting_run_leaves_the_runner_free(runner, dataset, monkeypatch):
     """A run that reported its end but whose process is still there is waited for
