@@ -550,7 +550,11 @@ class Runner:
         except (OSError, CheckpointError):
             return 0, 0      # resuming says what is wrong with it
         self._state_cache[str(run.root)] = (key, saved)
-        return saved["step"], resume_target(saved.get("stop_at"), cfg_steps, None)
+        step, stop_at = (saved.get("step"), saved.get("stop_at")) if isinstance(saved, dict) \
+            else (None, None)
+        if not isinstance(step, int) or not isinstance(stop_at, (int, type(None))):
+            return 0, 0      # not a state this trainer wrote: resuming says so
+        return step, resume_target(stop_at, cfg_steps, None)
 
     def _info(self, run: RunDir) -> RunInfo:
         status = run.read_status()
