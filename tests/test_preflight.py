@@ -25,7 +25,7 @@ def test_the_trainer_and_the_train_tab_say_it(tmp_path, monkeypatch):
     import engine.preflight as preflight
     from engine.demo_data import write_demo_dataset
     from engine.train import main as train_main
-    from studio.tab_train import estimate_markdown
+    from studio.train_setup import estimate_markdown
     preflight._cpu_tflops.cache_clear()
     monkeypatch.setattr(preflight, "measured_tflops", lambda *a, **k: 1e-9)   # a slow CPU
     monkeypatch.setattr(preflight, "CPU_TFLOPS_CEILING", 1e-9)

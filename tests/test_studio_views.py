@@ -64,7 +64,7 @@ def test_browser_merge_of_dataset_settings_matches_set_override():
     """MERGE_OVERRIDES_JS (run in the page when the Dataset tab's settings arrive) edits
     the text as views.set_override does, keeps lines of other keys as typed, and leaves
     the text untouched when the patch changes nothing."""
-    from studio.tab_train import MERGE_OVERRIDES_JS
+    from studio.train_setup import MERGE_OVERRIDES_JS
 
     cases = [
         ("train.nope=1", [["train.batch_size", "train.batch_size=256"],
