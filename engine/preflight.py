@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -90,8 +91,19 @@ def count_parameters(cfg: RunConfig) -> int:
     return n
 
 
-def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
-    """What one training step of `cfg` costs per GPU, estimated without running it."""
+def machine_memory_gib() -> float | None:
+    """This machine's physical memory in GiB; None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+    except (AttributeError, ValueError, OSError):    # Windows has no sysconf
+        return None
+
+
+def estimate(cfg: RunConfig, gpus: int = 1, device: str = "cuda") -> dict:
+    """What one training step of `cfg` costs per GPU, estimated without running it.
+    `device` "cpu": the memory is this machine's (no CUDA context), and "fits" compares
+    it with the machine's memory instead of the GPU sizes."""
+    on_cpu = torch.device(device).type == "cpu"
     tr, m = cfg.train, cfg.model
     width, height = largest_bucket(cfg)
     T = max(1, cfg.text.max_tokens // 2)   # typical caption length with batch padding
@@ -124,11 +136,21 @@ def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
     else:
         per_sample = m.patch_layers * patch_block + m.pixel_layers * pixel_block
     activations = tr.batch_size * per_sample * 1.15 / GiB   # allocator slack
-    total = weights + grads + optimizer + ema + sra + frozen + activations + 0.5   # + CUDA context
+    context = 0.0 if on_cpu else 0.5     # the CUDA context
+    total = weights + grads + optimizer + ema + sra + frozen + activations + context
     parts = forward_flops(cfg, width, height, T)
     flops = float(sum(parts.values()))
     step_flops = (3 + extra_forward_share(cfg, parts)) * flops * tr.batch_size * tr.grad_accum
-    fits = [g for g in GPU_SIZES_GIB if total <= g * 0.92]
+    if on_cpu:
+        ram = machine_memory_gib()
+        fits = ("" if ram is None else
+                f"within this machine's {ram:.3g} GiB of memory" if total <= ram * 0.8 else
+                f"more than 80 % of this machine's {ram:.3g} GiB of memory: lower the batch "
+                f"size or resolution, or close other programs")
+    else:
+        fits = [g for g in GPU_SIZES_GIB if total <= g * 0.92]
+        fits = (f"fits a {fits[0]} GB GPU" if fits else
+                f"needs more than {GPU_SIZES_GIB[-1]} GB: lower batch size or resolution")
     return {
         "parameters": params, "frozen_parameters": int(text_params),
         "bucket": [width, height], "image_tokens": L, "text_tokens": T,
@@ -137,8 +159,7 @@ def estimate(cfg: RunConfig, gpus: int = 1) -> dict:
                        "ema": ema, "self_alignment_teacher": sra, "frozen_encoders": frozen,
                        "activations": activations,
                        "total": total},
-        "fits": (f"fits a {fits[0]} GB GPU" if fits else
-                 f"needs more than {GPU_SIZES_GIB[-1]} GB: lower batch size or resolution"),
+        "fits": fits, "device": "cpu" if on_cpu else "cuda",
         "gpus": gpus,
     }
 

@@ -42,7 +42,10 @@ MERGE_OVERRIDES_JS = """(patch, text) => {
 
 
 def estimate_markdown(cfg: config.RunConfig, gpus: int) -> str:
-    est = preflight.estimate(cfg, gpus)
+    """The New-run form's cost line: sizes, FLOPs and the memory of a step on the device
+    this machine trains on (its GPUs, or its own memory on the CPU)."""
+    cpu = not torch.cuda.is_available()
+    est = preflight.estimate(cfg, gpus, device="cpu" if cpu else "cuda")
     mem = est["memory_gib"]
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in mem.items()
                       if k != "total" and v > 0.005)
@@ -52,8 +55,9 @@ def estimate_markdown(cfg: config.RunConfig, gpus: int) -> str:
                if est["frozen_parameters"] else "")
             + f" · largest bucket {w}x{h} = **{est['image_tokens']}** image tokens"
             f" · {est['gflops_per_image']:.2f} GFLOPs per image forward"
-            f"\n\nMemory per GPU about **{mem['total']:.2f} GiB** ({parts} GiB): "
-            f"{est['fits']}."
+            f"\n\n{'Memory on this CPU' if cpu else 'Memory per GPU'} about "
+            f"**{mem['total']:.2f} GiB** ({parts} GiB)"
+            + (f": {est['fits']}." if est["fits"] else ".")
             + (f"\n\n**Warning:** {warning}." if (warning := cpu_warning_here(cfg)) else ""))
 
 

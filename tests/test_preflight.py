@@ -72,3 +72,26 @@ def test_the_dry_run_computes_in_what_the_trainer_would(monkeypatch):
     used.clear()
     assert preflight.dry_run(cfg, device="cpu", steps=1)
     assert set(used) == {"bf16"}
+
+
+def test_the_memory_line_speaks_of_the_device_this_machine_trains_on(monkeypatch):
+    """On a machine without a GPU the New-run form's memory is the machine's own: no CUDA
+    context counted, no 'fits a 8 GB GPU', and a warning when it would not fit."""
+    import engine.preflight as preflight
+    from studio.train_setup import estimate_markdown
+    cfg = load_preset("tiny-cpu")
+    gpu, cpu = preflight.estimate(cfg, device="cuda"), preflight.estimate(cfg, device="cpu")
+    assert gpu["memory_gib"]["total"] - cpu["memory_gib"]["total"] == pytest.approx(0.5)
+    assert gpu["fits"] == "fits a 8 GB GPU"
+    monkeypatch.setattr(preflight, "machine_memory_gib", lambda: 16.0)
+    assert preflight.estimate(cfg, device="cpu")["fits"] == "within this machine's 16 GiB of memory"
+    monkeypatch.setattr(preflight, "machine_memory_gib", lambda: 0.05)
+    assert preflight.estimate(cfg, device="cpu")["fits"].startswith(
+        "more than 80 % of this machine's 0.05 GiB of memory: lower the batch size")
+    monkeypatch.setattr(preflight, "machine_memory_gib", lambda: None)
+    assert preflight.estimate(cfg, device="cpu")["fits"] == ""
+    monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
+    text = estimate_markdown(cfg, 1)
+    assert "Memory on this CPU about" in text and "GPU" not in text.split("Memory")[1]
+    monkeypatch.setattr(preflight, "machine_memory_gib", lambda: 16.0)
+    assert "within this machine's 16 GiB of memory." in estimate_markdown(cfg, 1)
