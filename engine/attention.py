@@ -27,6 +27,32 @@ FAST_CUDA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.CUDNN_ATTENTION]
 
 
+# (major, minor) compute capability of each visible GPU, read once when a CUDA device is
+# resolved (engine.distributed.resolve_device). A plain dict: code inside compiled blocks
+# reads it as a constant.
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def note_gpu_capabilities() -> None:
+    if not _CAPABILITY:
+        for i in range(torch.cuda.device_count()):
+            _CAPABILITY[i] = tuple(torch.cuda.get_device_capability(i))
+
+
+def pre_ampere(device: torch.device) -> bool:
+    """Whether `device` is a GPU older than Ampere (compute capability below 8.0: GTX 10xx,
+    RTX 20xx, T4, V100). Those have no bf16 arithmetic, and neither flash-attn nor SDPA's
+    flash and cuDNN kernels run on them: SDPA's memory-efficient kernel, in fp16 or fp32
+    with K/V repeated to the query heads, is the fast kernel there. False for the CPU and
+    for a GPU not yet resolved."""
+    return device.type == "cuda" and gpu_capability(device) < (8, 0)
+
+
+def gpu_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA `device`; (8, 0) for one not yet seen."""
+    return _CAPABILITY.get(device.index or 0, (8, 0))
+
+
 class _LeanRMSNorm(torch.autograd.Function):
     """F.rms_norm over the last axis with a backward of five passes over x.
 
@@ -136,7 +162,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} unknown (allowed: {', '.join(BACKENDS)})")
     flash_ok = (flash_attn_func is not None and device.type == "cuda"
-                and dtype in (torch.float16, torch.bfloat16))
+                and dtype in (torch.float16, torch.bfloat16) and not pre_ampere(device))
     if name == "flash" and not flash_ok:
         raise RuntimeError(
             "model.attention = 'flash' needs the flash-attn package on a CUDA GPU in fp16/bf16 "
@@ -170,10 +196,12 @@ def needs_expanded_kv(q: Tensor, mask: Tensor | None) -> bool:
     the flash kernel reads shared K/V heads but takes no mask and no fp32, while the
     memory-efficient kernel takes masks and fp32 but not shared heads: every masked or
     fp32 call would fall to the math kernel, which materialises B x H x S^2 scores. Such
-    calls repeat K/V instead (Hq/Hkv times the K/V memory, far less than the scores)."""
+    calls repeat K/V instead (Hq/Hkv times the K/V memory, far less than the scores).
+    A GPU older than Ampere has only the memory-efficient kernel: every call repeats."""
     if q.device.type != "cuda":
         return False
-    return mask is not None or q.dtype not in (torch.float16, torch.bfloat16)
+    return (mask is not None or q.dtype not in (torch.float16, torch.bfloat16)
+            or pre_ampere(q.device))
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,

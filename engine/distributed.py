@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import gc
 import os
 import sys
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from engine.attention import gpu_capability, note_gpu_capabilities, pre_ampere
 
 
 class DeviceError(ValueError):
@@ -42,6 +45,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise DeviceError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
     if device.type == "cuda":
         allow_tf32()
+        note_gpu_capabilities()
     else:
         reuse_freed_memory()
     return device
@@ -68,7 +72,13 @@ def allow_tf32() -> None:
     Ampere. Mixed-precision presets are unaffected; fp32 parts (norms, losses) keep
     their fp32 elementwise math. Angles of the rotary embedding never go through a
     matmul (engine/attention.py), so they keep full precision."""
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    # through the API that keeps the legacy flags in step: set through the per-backend flags
+    # alone, torch.get_float32_matmul_precision() and torch.backends.cuda.matmul.allow_tf32
+    # raise ("a mix of the legacy and new APIs"), and Inductor's autotuning and other
+    # libraries read them. The CPU's oneDNN matmuls keep their own precision.
+    cpu = torch.backends.mkldnn.matmul.fp32_precision
+    torch.set_float32_matmul_precision("high")
+    torch.backends.mkldnn.matmul.fp32_precision = cpu
     torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
@@ -142,8 +152,17 @@ def setup_device(name: str | None) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", d.local_rank if d.world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
     if d.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 alone validates, samples (compiling its no-grad blocks the first time) and
+        # writes checkpoints while the others wait at the next collective: give that an
+        # hour, not NCCL's default of ten minutes, before a waiting rank gives up
+        dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(hours=1))
     return d, device
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL between GPUs where this build of torch has it; gloo on the CPU and on builds
+    without NCCL (Windows), whose collectives then go through CPU tensors."""
+    return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
 
 
 def broadcast_flags(d: Dist, flags: list[bool]) -> list[bool]:
@@ -255,6 +274,11 @@ def compute_precision(precision: str, device: torch.device) -> tuple[str, str]:
     `pixelhdm-default` network benchmark at 256x256 took over 600 s in bf16 against 62 s
     in fp32 on such a CPU, so there fp32 is used instead. Where the CPU has it, bf16
     trains that network 1.8x faster than fp32."""
+    if device.type == "cuda" and precision == "bf16" and pre_ampere(device):
+        major, minor = gpu_capability(device)
+        return "fp16", (f"this GPU (compute capability {major}.{minor}) has no bf16 "
+                        f"arithmetic, which needs an Ampere or newer GPU (8.0 and up), so it "
+                        f"computes in fp16 with a gradient scaler")
     if device.type != "cpu" or precision == "fp32" or native_half(precision) is not False:
         return precision, ""
     needs = {"bf16": "AVX-512 or AMX", "fp16": "AVX-512 FP16 or AMX"}[precision]

@@ -40,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from engine import __version__
+from engine.attention import pre_ampere
 from engine.checkpoint import CheckpointError, load_weights
 from engine.config import RunConfig, SampleConfig
 from engine.dataset import to_uint8
@@ -363,11 +364,14 @@ def resolve_precision(dtype: str | None, device: torch.device) -> str:
     if dtype in (None, "", "auto"):
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp16" if pre_ampere(device) else "bf16"
     name = PRECISION_ALIASES.get(dtype, dtype)
     if name not in PRECISIONS:
         raise GenerateError(f"dtype = {dtype!r}: allowed {', '.join(PRECISIONS)}")
     if why := compute_precision(name, device)[1]:
+        if device.type == "cuda":   # (the trainer falls back to fp16; asked for, say so)
+            raise GenerateError(f"dtype = {dtype}: {why.split(', so ')[0]}; use fp16, this "
+                                f"GPU's default, or fp32")
         raise GenerateError(f"dtype = {dtype}: {why}; use fp32, the CPU's default")
     return name
 

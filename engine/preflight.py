@@ -198,8 +198,16 @@ def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
     dev = resolve_device(device)
     try:
         return _dry_run(cfg, dev, steps)
+    except RuntimeError as e:
+        if not (isinstance(e, torch.OutOfMemoryError)
+                or isinstance(e.__cause__, torch.OutOfMemoryError)):
+            raise
+        # the error's traceback holds the failed step's frames (network, optimizer,
+        # activations): only its text leaves this block, so that the memory can go back
+        message = str(e)
     finally:
         release_memory(dev)
+    raise RuntimeError(message)
 
 
 def _dry_run(cfg: RunConfig, dev: torch.device, steps: int) -> dict:

@@ -227,6 +227,39 @@ def test_kv_is_repeated_only_where_cuda_would_otherwise_run_the_math_kernel():
     assert not needs_expanded_kv(cuda, mask)
 
 
+def test_a_gpu_older_than_ampere_gets_the_kernel_it_has(monkeypatch):
+    """Below compute capability 8.0 only SDPA's memory-efficient kernel runs (no flash-attn,
+    no SDPA flash or cuDNN kernel, no bf16): attention repeats K/V on every call and never
+    picks flash-attn, the trainer computes bf16 presets in fp16, and the generator's
+    default is fp16. The capability is read from a plain dict, which a compiled block
+    reads as a constant (traced here with fullgraph, no graph break)."""
+    import engine.attention as attention
+    from engine.attention import pre_ampere
+    from engine.distributed import compute_precision
+    from engine.generate import GenerateError, resolve_precision
+    monkeypatch.setattr(attention, "flash_attn_func", lambda *a: None)   # "installed"
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    q = type("Q", (), {"device": cuda, "dtype": torch.bfloat16})()
+    for capability, old in (((7, 5), True), ((8, 6), False), ((12, 0), False)):
+        monkeypatch.setattr(attention, "_CAPABILITY", {0: capability})
+        assert pre_ampere(cuda) is old and not pre_ampere(cpu)
+        assert needs_expanded_kv(q, None) is old
+        assert attention.resolve_backend("auto", cuda, torch.bfloat16) == (
+            "sdpa" if old else "flash")
+        precision, why = compute_precision("bf16", cuda)
+        assert (precision, bool(why)) == (("fp16", True) if old else ("bf16", False))
+        assert compute_precision("fp16", cuda) == ("fp16", "")
+        assert resolve_precision(None, cuda) == ("fp16" if old else "bf16")
+        if old:
+            assert "compute capability 7.5" in why and "fp16 with a gradient scaler" in why
+            with pytest.raises(GenerateError, match="no bf16 arithmetic.*use fp16"):
+                resolve_precision("bf16", cuda)
+        assert torch.compile(lambda x: x + pre_ampere(cuda), backend="eager",
+                             fullgraph=True)(torch.zeros(1)).item() == float(old)
+    monkeypatch.setattr(attention, "_CAPABILITY", {})
+    assert not pre_ampere(cuda)                          # not seen: a current GPU is assumed
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpu_attention_runs_the_flash_kernel_not_the_math_one(masked):
     """Which SDPA kernel runs, from the profiler: masked and grouped-query calls too."""

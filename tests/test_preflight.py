@@ -4,6 +4,7 @@ on the CPU is named, with the time it would take and what to do instead."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.config import load_preset
 from engine.preflight import cpu_warning
@@ -95,3 +96,45 @@ def test_the_memory_line_speaks_of_the_device_this_machine_trains_on(monkeypatch
     assert "Memory on this CPU about" in text and "GPU" not in text.split("Memory")[1]
     monkeypatch.setattr(preflight, "machine_memory_gib", lambda: 16.0)
     assert "within this machine's 16 GiB of memory." in estimate_markdown(cfg, 1)
+
+
+def test_a_dry_run_out_of_memory_hands_its_memory_back(monkeypatch):
+    """When the dry run runs out of memory, its error reaches the studio as text only: the
+    failed step's frames (network, optimizer, activations) are gone by the time memory is
+    released, so the studio's process does not keep the GPU memory the real run needs."""
+    import gc
+    import weakref
+
+    import engine.preflight as preflight
+
+    class Held:   # stands for the failed step's tensors
+        pass
+
+    alive_at_release = []
+
+    def step(cfg, dev, steps):
+        held = Held()
+        ref.append(weakref.ref(held))
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("batch 16 at 512x512 does not fit: lower train.batch_size") from e
+
+    def release(dev):
+        gc.collect()
+        alive_at_release.append(ref[0]() is not None)
+
+    ref: list = []
+    monkeypatch.setattr(preflight, "_dry_run", step)
+    monkeypatch.setattr(preflight, "release_memory", release)
+    with pytest.raises(RuntimeError, match="does not fit: lower train.batch_size") as info:
+        preflight.dry_run(load_preset("tiny-cpu"), "cpu")
+    assert alive_at_release == [False]
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+    def bug(cfg, dev, steps):     # any other error keeps its traceback
+        raise RuntimeError("shape mismatch")
+    monkeypatch.setattr(preflight, "_dry_run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch") as info:
+        preflight.dry_run(load_preset("tiny-cpu"), "cpu")
+    assert info.traceback[-1].name == "bug"

@@ -338,6 +338,37 @@ def test_compute_precision_keeps_what_the_device_computes():
     assert distributed.native_half("bf16") in (True, False, None)
 
 
+def test_tf32_keeps_the_legacy_precision_flags_readable():
+    """Enabling TF32 must leave torch.get_float32_matmul_precision() and the legacy
+    allow_tf32 flags readable (Inductor's autotuning and other libraries read them; set
+    through the per-backend flags alone they raise), and the CPU's matmuls unchanged.
+    In a subprocess: the flags are process-wide."""
+    code = ("import torch\n"
+            "from engine.distributed import allow_tf32\n"
+            "cpu = torch.backends.mkldnn.matmul.fp32_precision\n"
+            "allow_tf32()\n"
+            "assert torch.backends.cuda.matmul.fp32_precision == 'tf32'\n"
+            "assert torch.backends.cudnn.conv.fp32_precision == 'tf32'\n"
+            "assert torch.backends.mkldnn.matmul.fp32_precision == cpu\n"
+            "assert torch.get_float32_matmul_precision() == 'high'\n"
+            "assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_several_gpus_use_nccl_only_where_torch_has_it(monkeypatch):
+    """Windows builds of torch have no NCCL: DDP between their GPUs goes through gloo."""
+    import engine.distributed as distributed
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(distributed.dist, "is_nccl_available", lambda: True)
+    assert distributed.process_group_backend(cuda) == "nccl"
+    assert distributed.process_group_backend(cpu) == "gloo"
+    monkeypatch.setattr(distributed.dist, "is_nccl_available", lambda: False)
+    assert distributed.process_group_backend(cuda) == "gloo"
+
+
 def test_compiler_probe_names_what_failed(monkeypatch):
     from engine.distributed import compiler_problem
 
