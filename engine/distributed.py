@@ -286,6 +286,14 @@ def compute_precision(precision: str, device: torch.device) -> tuple[str, str]:
                     f"would be emulated, over 10x slower than fp32")
 
 
+def frozen_dtype(compute: torch.dtype) -> torch.dtype:
+    """The dtype the frozen encoders (Qwen3, DINOv3) run in for the network's: the same,
+    except fp16, whose range (up to 65504) the outlier activations of large
+    pretrained transformers can exceed. They run in fp32 then: the text encoder only
+    once, to fill the feature cache, before it is unloaded."""
+    return torch.float32 if compute == torch.float16 else compute
+
+
 def autocast_for(precision: str, device: torch.device):
     """Mixed precision for a config's train.precision on `device` (fp32: none)."""
     if precision == "fp32":

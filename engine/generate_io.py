@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from engine.checkpoint import CheckpointError, list_checkpoints, read_meta
 from engine.config import ConfigError, RunConfig, config_from_dict, parse_wxh
+from engine.distributed import frozen_dtype
 from engine.encoders import (
     BuiltinTextEncoder,
     EncoderLoadError,
@@ -135,7 +136,8 @@ def load_text_part(cfg: RunConfig, meta: dict, path: Path, text_dim: int,
                    ) -> tuple[BuiltinTextEncoder | Qwen3TextEncoder, RunConfig]:
     """(text encoder on `device`, the config naming the encoder actually loaded) of a
     checkpoint: its builtin encoder with the weights from the file (`weights`, keys
-    without `text.`), or the Qwen3 its config names (in `dtype` on CUDA, else fp32).
+    without `text.`), or the Qwen3 its config names (on CUDA in `dtype`, fp32 for fp16
+    (`frozen_dtype`); fp32 elsewhere).
     `override`, a folder or hub id, replaces that Qwen3; an export's encoder folder (meta
     `text_encoder_folder`) is used when a folder of that name lies next to the file.
     EncoderLoadError otherwise: TextEncoderNeeded when the encoder is not here and none
@@ -161,7 +163,8 @@ def load_text_part(cfg: RunConfig, meta: dict, path: Path, text_dim: int,
         raise EncoderLoadError(_wrong_width(source, width, path, trained, text_dim))
     cfg = copy.deepcopy(cfg)
     cfg.text.name_or_path = source
-    enc = load_text_encoder(cfg.text, device, dtype if device.type == "cuda" else torch.float32)
+    enc = load_text_encoder(cfg.text, device,
+                            frozen_dtype(dtype) if device.type == "cuda" else torch.float32)
     if enc.dim != text_dim:
         raise EncoderLoadError(_wrong_width(source, enc.dim, path, trained, text_dim))
     return enc, cfg

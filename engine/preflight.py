@@ -26,6 +26,7 @@ from engine.distributed import (
     PRECISIONS,
     autocast_for,
     compute_precision,
+    frozen_dtype,
     release_memory,
     resolve_device,
 )
@@ -224,7 +225,7 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
     its time and memory bound the run's."""
     tr = dataclasses.replace(cfg.train, precision=compute_precision(cfg.train.precision, dev)[0])
     width, height = largest_bucket(cfg)
-    dtype = PRECISIONS[tr.precision]
+    dtype = frozen_dtype(PRECISIONS[tr.precision])
     if cfg.text.encoder == "qwen3":
         text = cached_text_encoder(text_cfg, captions, dev, dtype, log=lambda _: None)
     else:

@@ -50,6 +50,7 @@ from engine.distributed import (
     check_ranks_in_sync,
     compiler_problem,
     compute_precision,
+    frozen_dtype,
     gather_rng_states,
     mean_over_ranks,
     read_scalars,
@@ -200,13 +201,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     if why:
         log(f"note: train.precision = {tr.precision}: {why}; training in {precision}")
         tr = replace(tr, precision=precision)
-    compute_dtype = PRECISIONS[tr.precision]
+    frozen = frozen_dtype(PRECISIONS[tr.precision])
     if cfg.text.encoder == "qwen3":   # frozen: its features come from the disk cache
         text_encoder = cached_text_encoder(cfg.text, run_captions(plan, cfg, prompts.captions()),
-                                           device, compute_dtype, log)
+                                           device, frozen, log)
     else:
         text_encoder = load_text_encoder(cfg.text, device)
-    teacher = DinoTeacher(lo.repa_teacher, device, compute_dtype) if lo.repa_teacher else None
+    teacher = DinoTeacher(lo.repa_teacher, device, frozen) if lo.repa_teacher else None
     net = PixelHDM(cfg.model, text_encoder.dim).to(device)
     net.grad_checkpointing = tr.grad_checkpointing
     blocks = "eager"

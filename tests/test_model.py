@@ -258,6 +258,11 @@ def test_a_gpu_older_than_ampere_gets_the_kernel_it_has(monkeypatch):
                              fullgraph=True)(torch.zeros(1)).item() == float(old)
     monkeypatch.setattr(attention, "_CAPABILITY", {})
     assert not pre_ampere(cuda)                          # not seen: a current GPU is assumed
+    # the frozen encoders stay out of fp16, whose range their outlier activations exceed
+    from engine.distributed import frozen_dtype
+    assert frozen_dtype(torch.float16) == torch.float32
+    assert frozen_dtype(torch.bfloat16) == torch.bfloat16
+    assert frozen_dtype(torch.float32) == torch.float32
 
 
 @pytest.mark.parametrize("masked", [False, True])
