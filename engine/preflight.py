@@ -110,7 +110,9 @@ def estimate(cfg: RunConfig, gpus: int = 1, device: str = "cuda") -> dict:
     T = max(1, cfg.text.max_tokens // 2)   # typical caption length with batch padding
     params = count_parameters(cfg)
     _, text_params = text_shape(cfg.text)
-    half = tr.precision != "fp32"
+    # a CPU without bf16 / fp16 arithmetic trains in fp32 (compute_precision)
+    precision = compute_precision(tr.precision, torch.device("cpu"))[0] if on_cpu else tr.precision
+    half = precision != "fp32"
     act_bytes = 2 if half else 4
     opt_bytes = 2 if tr.optimizer == "adamw8bit" else 8
     GiB = 2 ** 30

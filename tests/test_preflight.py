@@ -96,6 +96,14 @@ def test_the_memory_line_speaks_of_the_device_this_machine_trains_on(monkeypatch
     assert "Memory on this CPU about" in text and "GPU" not in text.split("Memory")[1]
     monkeypatch.setattr(preflight, "machine_memory_gib", lambda: 16.0)
     assert "within this machine's 16 GiB of memory." in estimate_markdown(cfg, 1)
+    # a bf16 preset on a CPU without bf16 arithmetic trains in fp32: twice the activations
+    import engine.distributed as distributed
+    home = load_preset("home-8gb")
+    for native, ratio in ((False, 2.0), (True, 1.0)):
+        monkeypatch.setattr(distributed, "native_half", lambda precision, n=native: n)
+        acts = [preflight.estimate(home, device=d)["memory_gib"]["activations"]
+                for d in ("cpu", "cuda")]
+        assert acts[0] == pytest.approx(ratio * acts[1])
 
 
 def test_a_dry_run_out_of_memory_hands_its_memory_back(monkeypatch):
