@@ -10,7 +10,8 @@ setlocal
 cd /d "%~dp0"
 set "VPY=.venv\Scripts\python.exe"
 rem The Python versions every pinned requirement has wheels for (a test resolves them all).
-set "PY_OK=import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 14))"
+rem A 32-bit Python has no torch wheels: it counts as none.
+set "PY_OK=import sys; sys.maxsize > 2**32 or sys.exit(1); sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 14))"
 if not defined GRADIO_ANALYTICS_ENABLED set "GRADIO_ANALYTICS_ENABLED=False"
 
 if /i "%~1"=="doctor" goto doctor
@@ -18,7 +19,7 @@ if /i "%~1"=="doctor" goto doctor
 if errorlevel 1 goto new_venv
 "%VPY%" -c "%PY_OK%" >nul 2>&1
 if not errorlevel 1 goto venv_ready
-echo .venv was made with a Python outside 3.11 to 3.14; creating it again.
+echo .venv was made with a Python outside 3.11 to 3.14 (or a 32-bit one); creating it again.
 :new_venv
 call :make_venv || goto fail
 :venv_ready
@@ -75,7 +76,7 @@ for %%v in (3.13 3.12 3.11 3.14) do (
 set "PY=python"
 %PY% -c "%PY_OK%" >nul 2>&1
 if not errorlevel 1 goto python_found
-echo launch.bat: PixelHDM Studio needs Python 3.11 to 3.14, and none was found. 1>&2
+echo launch.bat: PixelHDM Studio needs a 64-bit Python 3.11 to 3.14, and none was found. 1>&2
 for /f "delims=" %%v in ('py -3 -V 2^>nul') do echo   The py launcher's newest is %%v. 1>&2
 for /f "delims=" %%v in ('python -V 2^>nul') do echo   python on PATH is %%v. 1>&2
 echo   Install Python 3.12 from https://www.python.org/downloads/windows/ 1>&2

@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 # errors a full disk or an exhausted quota raise
@@ -74,6 +75,26 @@ def ensure_free(path: Path, needed: int) -> None:
         raise DiskFull(path, free, needed)
 
 
+_WINDOWS = os.name == "nt"
+REPLACE_TRIES, REPLACE_WAIT_S = 40, 0.05
+
+
+def replace(src: str | Path, dst: str | Path) -> None:
+    """os.replace. On Windows a file that another process has open (the studio reading a
+    run's status.json every two seconds, the trainer reading a request, a virus scanner)
+    cannot be replaced: PermissionError until it is closed, a few milliseconds later.
+    There the replace is tried again for up to two seconds before the error stands."""
+    tries = REPLACE_TRIES if _WINDOWS else 1
+    for attempt in range(1, tries + 1):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if attempt == tries:
+                raise
+            time.sleep(REPLACE_WAIT_S)
+
+
 @contextlib.contextmanager
 def atomic_target(path: Path, needed: int = 0):
     """Yield a temporary path beside `path`; on success it replaces `path` in one
@@ -90,7 +111,7 @@ def atomic_target(path: Path, needed: int = 0):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

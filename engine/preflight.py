@@ -36,7 +36,7 @@ from engine.model import PixelHDM
 from engine.optim import build_optimizer
 from engine.self_align import SelfAlignTeacher
 from engine.text_features import cached_text_encoder
-from engine.train_io import oom_message
+from engine.train_io import oom_message, peak_rss_mb
 from engine.trainable import Trainable
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).
@@ -270,8 +270,7 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     else:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()   # 0 where the system does not say (Windows)
     return {"device": str(dev), "bucket": [width, height], "batch_size": B,
             "seconds_per_step": step_s * tr.grad_accum, "images_s": B / step_s,
             "peak_memory_mib": peak, "peak_is_process_rss": dev.type != "cuda",

@@ -322,7 +322,7 @@ class JobReporter:
         it_s = self._speed(step)
         eta = self.steps_left(step, stop_at) / it_s if it_s > 0 else None
         mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-               else _peak_rss_mb())
+               else peak_rss_mb())
         record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), "lr": lr,
                   **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in window.items()},
                   "mem_mb": round(mem, 1)}
@@ -380,7 +380,8 @@ class JobReporter:
             pass
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB; 0 where the system does not say."""
     try:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux

@@ -373,10 +373,14 @@ class Runner:
             argv += ["--max-steps", str(max_steps)]
         if device_flag:
             argv += ["--device", device_flag]
-        env = {**os.environ, LOG_CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        # UTF-8 mode: log.txt is read as UTF-8, where Windows would write its ANSI code page
+        env = {**os.environ, LOG_CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1", "PYTHONUTF8": "1"}
         if os.name == "nt":  # pragma: no cover - Windows
+            # a hidden console, not none: the trainer's own console children (DataLoader
+            # workers, torchrun's ranks, the compiler) share it instead of each opening a
+            # window of its own, which closing would kill
             detach = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP
-                      | subprocess.DETACHED_PROCESS}
+                      | subprocess.CREATE_NO_WINDOW}
         else:
             detach = {"start_new_session": True}
         started = time.time()

@@ -71,8 +71,8 @@ def dry_run_markdown(res: dict) -> str:
     what = "process memory" if res.get("peak_is_process_rss") else "peak GPU memory"
     w, h = res["bucket"]
     return (f"Dry run on **{res['device']}** at {w}x{h}, batch {res['batch_size']}: "
-            f"**{res['seconds_per_step']:.3f} s/step**, {res['images_s']:.1f} images/s, "
-            f"{what} {peak}.")
+            f"**{res['seconds_per_step']:.3f} s/step**, {res['images_s']:.1f} images/s"
+            + (f", {what} {peak}." if res["peak_memory_mib"] > 0 else "."))
 
 
 def warm_up(preset_name: str) -> None:

@@ -332,3 +332,42 @@ def test_recovery_removes_the_unfinished_files_of_both_writers(tmp_path):
     assert not ours.exists() and not theirs.exists()
     assert all(p.exists() for p in kept)
     assert sum("unfinished file" in n for n in notes) == 2
+
+
+def test_a_file_held_open_on_windows_is_replaced_once_it_is_closed(tmp_path, monkeypatch):
+    """On Windows os.replace fails with PermissionError while another process has the
+    target open (the studio reading status.json): the write waits for it instead of
+    failing the run. Elsewhere the error stands at once; a file held for good still
+    fails, and leaves no temporary file behind."""
+    import engine.fileio as fileio
+    real = os.replace
+    calls = []
+
+    def held(times):
+        def fake(src, dst):
+            calls.append(dst)
+            if len(calls) <= times:
+                raise PermissionError(13, "The process cannot access the file", str(dst))
+            real(src, dst)
+        return fake
+
+    target = tmp_path / "status.json"
+    target.write_text("old")
+    monkeypatch.setattr(fileio, "REPLACE_WAIT_S", 0.0)
+    monkeypatch.setattr(fileio, "_WINDOWS", True)
+    monkeypatch.setattr(fileio.os, "replace", held(3))
+    fileio.atomic_write_text(target, "new")
+    assert target.read_text() == "new" and len(calls) == 4
+    calls.clear()
+    monkeypatch.setattr(fileio.os, "replace", held(10 ** 6))
+    with pytest.raises(PermissionError):
+        fileio.atomic_write_text(target, "newer")
+    assert len(calls) == fileio.REPLACE_TRIES
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "status.json"]
+    calls.clear()
+    monkeypatch.setattr(fileio, "_WINDOWS", False)
+    monkeypatch.setattr(fileio.os, "replace", held(1))
+    with pytest.raises(PermissionError):
+        fileio.atomic_write_text(target, "newer")
+    assert len(calls) == 1

@@ -146,3 +146,12 @@ def test_a_dry_run_out_of_memory_hands_its_memory_back(monkeypatch):
     with pytest.raises(RuntimeError, match="shape mismatch") as info:
         preflight.dry_run(load_preset("tiny-cpu"), "cpu")
     assert info.traceback[-1].name == "bug"
+
+
+def test_the_dry_run_line_leaves_out_a_memory_the_system_did_not_report():
+    from studio.train_setup import dry_run_markdown
+    res = {"device": "cpu", "bucket": [64, 64], "batch_size": 16, "seconds_per_step": 0.2,
+           "images_s": 80.0, "peak_memory_mib": 512.0, "peak_is_process_rss": True}
+    assert dry_run_markdown(res).endswith("80.0 images/s, process memory 512.0 MiB.")
+    res["peak_memory_mib"] = 0.0      # Windows: no peak resident memory to read
+    assert dry_run_markdown(res).endswith("80.0 images/s.")
