@@ -111,12 +111,18 @@ nvidia-smi -L >nul 2>&1
 if errorlevel 1 goto install_file
 for /f %%t in ('findstr /b /c:"torch==" requirements.txt') do set "TORCH_PIN=%%t"
 echo NVIDIA GPU found: installing the CUDA build of %TORCH_PIN% first.
-rem The newest CUDA line first; an older driver or a torch release without it falls back.
+rem The newest CUDA line first. pip checks neither the driver nor the GPU, so each build is
+rem tried on the GPU (one small kernel) and the next, older line follows when it cannot run
+rem there (a driver too old for it, or a GPU it no longer supports). --force-reinstall: a CPU
+rem build of the same version already in .venv would otherwise count as installed.
+set "CUDA_OK=import sys, torch; sys.exit(not (torch.cuda.is_available() and torch.ones(1, device='cuda').add(1).item() == 2))"
 for %%c in (cu130 cu128 cu126) do (
-    "%VPY%" -m pip install --disable-pip-version-check "%TORCH_PIN%" --index-url https://download.pytorch.org/whl/%%c && goto install_file
+    "%VPY%" -m pip install --disable-pip-version-check --force-reinstall "%TORCH_PIN%" --index-url https://download.pytorch.org/whl/%%c && "%VPY%" -c "%CUDA_OK%" && goto install_file
+    echo The %%c build of torch cannot run on this GPU with its driver; trying an older one.
 )
-echo launch.bat: no CUDA build of %TORCH_PIN% could be installed from the PyTorch index. 1>&2
-exit /b 1
+echo launch.bat: no CUDA build of %TORCH_PIN% runs on this GPU with its driver: the studio will 1>&2
+echo   train on the CPU only. Update the NVIDIA driver (nvidia.com/drivers), then delete the 1>&2
+echo   .venv folder and run launch.bat again. 1>&2
 :install_file
 "%VPY%" -m pip install --disable-pip-version-check -r "%~1"
 if errorlevel 1 exit /b 1

@@ -442,7 +442,12 @@ class Runner:
         if self._wait_gone(run, grace):
             return
         if os.name == "nt":  # pragma: no cover - Windows
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(leader)], capture_output=True,
+            # the tree from the process this studio started (the venv's python.exe, which
+            # starts the real interpreter, or torchrun over its ranks): the lock's owner
+            # under it may be rank 0 alone
+            proc = self._procs.get(run.run_id)
+            root = proc.pid if proc is not None and proc.poll() is None else leader
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(root)], capture_output=True,
                            check=False)
         else:
             with contextlib.suppress(ProcessLookupError, PermissionError):
