@@ -258,6 +258,32 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def process_image(pid: int) -> str | None:
+    """The full path of the program a Windows process runs (None elsewhere, or when the
+    process cannot be asked): after a crash its pid may belong to another program."""
+    if os.name != "nt" or pid <= 0:
+        return None
+    import ctypes  # pragma: no cover - Windows
+    from ctypes import wintypes
+    k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    k32.OpenProcess.restype = wintypes.HANDLE
+    k32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+    k32.QueryFullProcessImageNameW.restype = wintypes.BOOL
+    k32.QueryFullProcessImageNameW.argtypes = [wintypes.HANDLE, wintypes.DWORD, wintypes.LPWSTR,
+                                               ctypes.POINTER(wintypes.DWORD)]
+    k32.CloseHandle.argtypes = [wintypes.HANDLE]
+    handle = k32.OpenProcess(0x1000, False, pid)    # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return None
+    try:
+        buf = ctypes.create_unicode_buffer(32768)
+        size = wintypes.DWORD(len(buf))
+        ok = k32.QueryFullProcessImageNameW(handle, 0, buf, ctypes.byref(size))
+        return buf.value if ok else None
+    finally:
+        k32.CloseHandle(handle)
+
+
 def effective_state(status: Status | None, now: float | None = None) -> str:
     """The state to show: the trainer's own state, or `crashed` when it claims to be
     active but its process is gone or its heartbeat is stale, or `none`."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass, fields
+from pathlib import PureWindowsPath
 
 from engine.job import (
     FINAL_STATES,
@@ -26,6 +27,7 @@ from engine.job import (
     Status,
     effective_state,
     pid_alive,
+    process_image,
     run_owner,
 )
 
@@ -69,8 +71,13 @@ def read_launch(run: RunDir) -> Launch | None:
 
 
 def looks_like_trainer(pid: int) -> bool:
-    """False when the pid now belongs to some other program (Linux can tell from the
-    command line; elsewhere the heartbeat has to). An exiting process has an empty one."""
+    """False when the pid now belongs to some other program: Linux tells from the command
+    line (an exiting process has an empty one), Windows from the program, which for a
+    trainer is a Python interpreter (the venv's python.exe, torchrun's ranks); elsewhere
+    the heartbeat has to."""
+    image = process_image(pid)
+    if image is not None:
+        return PureWindowsPath(image).name.lower().startswith("python")
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()

@@ -235,3 +235,18 @@ def test_the_studio_exports_a_checkpoint_under_a_checked_name(studio_with_run):
     with pytest.raises(PathError, match="no longer exists"):
         studio.export("run/r1/30", "other")
     assert [p.name for p in studio.models_dir.iterdir()] == ["shapes.safetensors"]
+
+
+def test_a_windows_pid_that_now_runs_another_program_is_not_a_trainer(monkeypatch):
+    """After a crash Windows soon gives the trainer's pid to another program: the studio
+    must not call the run alive, nor stop (kill) that program for it."""
+    import os
+
+    import studio.liveness as liveness
+    for image, trainer in ((r"C:\Program Files\Google\Chrome\Application\chrome.exe", False),
+                           (r"C:\Users\me\PixelHDM Studio\.venv\Scripts\python.exe", True),
+                           (r"C:\Python312\PYTHONW.EXE", True)):
+        monkeypatch.setattr(liveness, "process_image", lambda pid, i=image: i)
+        assert liveness.looks_like_trainer(1234) is trainer
+    monkeypatch.setattr(liveness, "process_image", lambda pid: None)    # Linux: command line
+    assert not liveness.looks_like_trainer(os.getpid())                 # pytest, no trainer
