@@ -376,6 +376,9 @@ class Runner:
         # UTF-8 mode: log.txt is read as UTF-8, where Windows would write its ANSI code page
         env = {**os.environ, LOG_CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1", "PYTHONUTF8": "1"}
         if os.name == "nt":  # pragma: no cover - Windows
+            # torchrun's rendezvous store: Windows builds of torch have no libuv, which
+            # the store would otherwise ask for
+            env["USE_LIBUV"] = "0"
             # a hidden console, not none: the trainer's own console children (DataLoader
             # workers, torchrun's ranks, the compiler) share it instead of each opening a
             # window of its own, which closing would kill
