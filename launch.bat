@@ -114,8 +114,10 @@ echo NVIDIA GPU found: installing the CUDA build of %TORCH_PIN% first.
 rem The newest CUDA line first. pip checks neither the driver nor the GPU, so each build is
 rem tried on the GPU (one small kernel) and the next, older line follows when it cannot run
 rem there (a driver too old for it, or a GPU it no longer supports). --force-reinstall: a CPU
-rem build of the same version already in .venv would otherwise count as installed.
-set "CUDA_OK=import sys, torch; sys.exit(not (torch.cuda.is_available() and torch.ones(1, device='cuda').add(1).item() == 2))"
+rem build of the same version already in .venv would otherwise count as installed. A pinned
+rem build that already runs on the GPU is kept.
+set "CUDA_OK=import os, sys, torch; sys.exit(not (torch.__version__.split('+')[0] == os.environ['TORCH_PIN'].split('==')[1] and torch.cuda.is_available() and torch.ones(1, device='cuda').add(1).item() == 2))"
+"%VPY%" -c "%CUDA_OK%" >nul 2>&1 && goto install_file
 for %%c in (cu130 cu128 cu126) do (
     "%VPY%" -m pip install --disable-pip-version-check --force-reinstall "%TORCH_PIN%" --index-url https://download.pytorch.org/whl/%%c && "%VPY%" -c "%CUDA_OK%" && goto install_file
     echo The %%c build of torch cannot run on this GPU with its driver; trying an older one.

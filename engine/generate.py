@@ -370,8 +370,9 @@ def resolve_precision(dtype: str | None, device: torch.device) -> str:
         raise GenerateError(f"dtype = {dtype!r}: allowed {', '.join(PRECISIONS)}")
     if why := compute_precision(name, device)[1]:
         if device.type == "cuda":   # (the trainer falls back to fp16; asked for, say so)
-            raise GenerateError(f"dtype = {dtype}: {why.split(', so ')[0]}; use fp16, this "
-                                f"GPU's default, or fp32")
+            raise GenerateError(f"dtype = {dtype}: this GPU has no bf16 arithmetic, which "
+                                f"needs an Ampere or newer GPU; use fp16, this GPU's "
+                                f"default, or fp32")
         raise GenerateError(f"dtype = {dtype}: {why}; use fp32, the CPU's default")
     return name
 

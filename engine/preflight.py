@@ -151,8 +151,8 @@ def estimate(cfg: RunConfig, gpus: int = 1, device: str = "cuda") -> dict:
                 f"more than 80 % of this machine's {ram:.3g} GiB of memory: lower the batch "
                 f"size or resolution, or close other programs")
     else:
-        fits = [g for g in GPU_SIZES_GIB if total <= g * 0.92]
-        fits = (f"fits a {fits[0]} GB GPU" if fits else
+        sizes = [g for g in GPU_SIZES_GIB if total <= g * 0.92]
+        fits = (f"fits a {sizes[0]} GB GPU" if sizes else
                 f"needs more than {GPU_SIZES_GIB[-1]} GB: lower batch size or resolution")
     return {
         "parameters": params, "frozen_parameters": int(text_params),
