@@ -36,7 +36,7 @@ from engine.model import PixelHDM
 from engine.optim import build_optimizer
 from engine.self_align import SelfAlignTeacher
 from engine.text_features import cached_text_encoder
-from engine.train_io import oom_message, peak_rss_mb
+from engine.train_io import oom_message, peak_rss_mb, reset_peak_memory
 from engine.trainable import Trainable
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).
@@ -234,7 +234,7 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
         text = load_text_encoder(text_cfg, dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
+    reset_peak_memory(dev)   # the studio's earlier work does not count
     teacher = DinoTeacher(cfg.loss.repa_teacher, dev, dtype) if cfg.loss.repa_teacher else None
     net = PixelHDM(cfg.model, text.dim).to(dev)
     net.grad_checkpointing = tr.grad_checkpointing

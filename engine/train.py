@@ -90,6 +90,7 @@ from engine.train_io import (
     StopSignals,
     dataset_fingerprint,
     oom_message,
+    reset_peak_memory,
     run_captions,
     save_sample_grid,
     start_compile_clock,
@@ -127,6 +128,10 @@ def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | N
     d, device = setup_device(device_name)
     report = JobReporter(run, main=d.main, world=d.world, device=str(device))
     signals = StopSignals()
+    # every rank watches (torchrun's ranks stop together); ranks other than 0 read what
+    # rank 0 has handled from status.json
+    signals.watch(report.requests if d.main else
+                  lambda: run.pending_requests(getattr(run.read_status(), "handled", {})))
     try:
         return _train(cfg, run, report, d, device, resume, stop_at, signals)
     finally:
@@ -434,6 +439,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             if len(batch):
                 return batch
 
+    reset_peak_memory(device)   # the logged peak is the training's, not the setup's
     while st.step < st.stop_at:
         # requests from the studio (main rank reads, every rank acts)
         wanted = report.requests() if d.main else {}

@@ -5,6 +5,7 @@ embedding cache for frozen encoders and the dataset fingerprint."""
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import hashlib
 import json
@@ -115,11 +116,18 @@ class StoppedEarly(Exception):
 
 
 class StopSignals:
-    """Ctrl+C and SIGTERM: before the loop runs they stop at once (there is nothing to
-    save yet); inside it they ask the loop to save and stop at the next step."""
+    """Ctrl+C, SIGTERM and a stop request: before the loop runs they stop at once (there
+    is nothing to save yet); inside it they ask the loop to save and stop at the next step.
+
+    The loop reads requests itself. Before it, setup can take minutes (loading the text
+    encoder, filling the feature cache), and a stop request would wait for it, or, where
+    the studio has no SIGTERM to send (Windows), end in a forced kill and a run called
+    crashed. So `watch` polls for one meanwhile and delivers it as a SIGTERM would."""
 
     def __init__(self):
         self.hit, self.in_loop, self._old = False, False, {}
+        self._why = ""
+        self._done = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):   # only the main thread may set handlers
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -127,10 +135,27 @@ class StopSignals:
     def _handle(self, signum, frame):
         self.hit = True
         if not self.in_loop:
-            raise StoppedEarly(f"stopped by signal {signal.Signals(signum).name} before "
-                               f"training began")
+            why = self._why or f"by signal {signal.Signals(signum).name}"
+            raise StoppedEarly(f"stopped {why} before training began")
+
+    def watch(self, pending: Callable[[], dict], every: float = 0.5) -> None:
+        """Until the loop begins (or restore), poll `pending()`, the run's unhandled
+        requests, and interrupt the main thread when a stop is among them."""
+        if signal.SIGTERM not in self._old:   # no handler of ours to deliver it to
+            return
+
+        def poll() -> None:
+            while not self.in_loop and not self._done.is_set():
+                with contextlib.suppress(OSError):
+                    if "stop" in pending() and not self.in_loop:
+                        self._why = "by a stop request"
+                        _thread.interrupt_main(signal.SIGTERM)
+                        return
+                self._done.wait(every)
+        threading.Thread(target=poll, name="stop-request-watch", daemon=True).start()
 
     def restore(self) -> None:
+        self._done.set()
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
@@ -381,12 +406,32 @@ class JobReporter:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB; 0 where the system does not say."""
+    """This process's peak resident memory in MiB, since it started or since the last
+    reset_peak_memory on Linux; 0 where the system does not say (Windows)."""
+    try:   # Linux: the high-water mark that reset_peak_memory can start afresh
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0   # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
-    except (ImportError, OSError):   # pragma: no cover - Windows
+    except ImportError:   # pragma: no cover - Windows
         return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024.0   # bytes there, KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory reading afresh: the GPU's allocation peak, or the process's
+    resident high-water mark on Linux (elsewhere on the CPU it keeps counting from the
+    start). The trainer calls it when setup is over, so that the logged peak is the
+    training's, not the text encoder's while it filled the feature cache."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")   # 5: reset the peak RSS
 
 
 def format_duration(seconds: float | None) -> str:

@@ -3,6 +3,8 @@ on the CPU is named, with the time it would take and what to do instead."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -155,3 +157,17 @@ def test_the_dry_run_line_leaves_out_a_memory_the_system_did_not_report():
     assert dry_run_markdown(res).endswith("80.0 images/s, process memory 512.0 MiB.")
     res["peak_memory_mib"] = 0.0      # Windows: no peak resident memory to read
     assert dry_run_markdown(res).endswith("80.0 images/s.")
+
+
+def test_the_peak_memory_reading_starts_afresh(monkeypatch):
+    """The dry run and the trainer read the peak from where they reset it: the process's
+    resident high-water mark on Linux (the GPU's allocation peak on CUDA)."""
+    from engine.train_io import peak_rss_mb, reset_peak_memory
+    blob = torch.ones(300 * 2 ** 18)   # 300 MiB, touched
+    before = peak_rss_mb()
+    del blob
+    reset_peak_memory(torch.device("cpu"))
+    if not Path("/proc/self/clear_refs").exists():
+        assert peak_rss_mb() >= before   # elsewhere it keeps counting from the start
+        return
+    assert 0 < peak_rss_mb() < before - 200

@@ -445,3 +445,52 @@ def test_a_crash_loses_no_more_than_save_minutes_of_work(demo, tmp_path, referen
     assert "resumed from latest_" in (run / "log.txt").read_text()
     assert losses(run) == reference
     assert not list((run / "checkpoints").glob("latest_*"))   # the final step supersedes it
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                    reason="the resident high-water mark is reset on Linux only")
+def test_logged_memory_is_the_trainings_not_the_setups(demo, tmp_path, monkeypatch):
+    """The text encoder fills its feature cache and is unloaded before training: what it
+    held then is not the run's memory. The logged peak starts when the training does."""
+    import engine.train as train_module
+    from engine.train_io import peak_rss_mb
+    real, seen = train_module.load_text_encoder, {}
+
+    def heavy_setup(*args, **kwargs):
+        blob = torch.ones(2 ** 28)   # 1 GiB, touched, then handed back
+        seen["peak"] = peak_rss_mb()
+        del blob
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "load_text_encoder", heavy_setup)
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "3", *sets()]) == 0
+    logged = max(r["mem_mb"] for r in records(run, "mem_mb"))
+    assert 0 < logged < seen["peak"] - 600, (logged, seen)
+
+
+def test_a_stop_request_during_setup_stops_at_once(demo, tmp_path, monkeypatch):
+    """Setup can take minutes (a large text encoder, the feature cache). A stop request
+    made meanwhile ends the run within a second as stopped, without waiting for the loop,
+    and without the SIGTERM that the studio has no way to send on Windows."""
+    import time
+
+    import engine.train as train_module
+    real, done = train_module.load_text_encoder, []
+    run = tmp_path / "run"
+
+    def slow_setup(*args, **kwargs):
+        RunDir(run).request("stop")
+        end = time.monotonic() + 30
+        while time.monotonic() < end:   # a Python loop, as the feature cache's batches are
+            time.sleep(0.02)
+        done.append(True)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "load_text_encoder", slow_setup)
+    start = time.monotonic()
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "3", *sets()]) == 0
+    assert time.monotonic() - start < 10 and not done
+    status = RunDir(run).read_status()
+    assert status.state == "stopped" and "stop request" in status.message, status
+    assert not (run / "metrics.jsonl").exists() or not records(run, "loss")
