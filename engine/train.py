@@ -80,6 +80,7 @@ from engine.optim import (
 )
 from engine.preflight import cpu_warning
 from engine.report import why_nothing_trains
+from engine.sample_grid import save_sample_grid
 from engine.sample_prompts import RunPrompts
 from engine.self_align import SelfAlignTeacher
 from engine.stages import resolution_stages, stage_index, stage_scale, stage_text, steps_left
@@ -92,7 +93,6 @@ from engine.train_io import (
     oom_message,
     reset_peak_memory,
     run_captions,
-    save_sample_grid,
     start_compile_clock,
 )
 from engine.train_state import Parts, TrainState, payload, restore, rollback

@@ -118,7 +118,9 @@ def judge(run: RunDir, status: Status | None, launch: Launch | None,
             return Liveness("crashed", alive, "the training process ended before reporting "
                             "anything; the log says why", owner, fresh)
         return Liveness("none", alive, "", owner, fresh)
-    if state == "running" and {"stop", "pause"} & run.pending_requests(status.handled).keys():
+    # the trainer acts on a stop while it sets up, and on a pause when its loop begins
+    if (state in ("starting", "running")
+            and {"stop", "pause"} & run.pending_requests(status.handled).keys()):
         state = "stopping"
     error = status.error
     if state != "crashed":

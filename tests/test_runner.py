@@ -272,6 +272,10 @@ def test_the_liveness_rule_is_one_answer_for_every_caller(runner, dataset, sleep
     run.request("pause")
     assert (judged().state, judged().alive) == ("stopping", True)
     run.clear_requests()
+    judged(state="starting", step=0, pid=sleeper, heartbeat=now)   # setting up
+    run.request("stop")
+    assert (judged().state, judged().alive) == ("stopping", True)
+    run.clear_requests()
     live = judged(state="running", pid=sleeper, heartbeat=now - 600)   # alive, not beating
     assert (live.state, live.alive) == ("crashed", False)
     assert "stopped reporting 600 s ago" in live.error

@@ -18,6 +18,7 @@ from engine.config import ConfigError, load_preset
 from engine.demo_data import write_demo_dataset
 from engine.job import RunDir
 from engine.pngmeta import parse_parameters
+from engine.sample_grid import GRID_PAD, LABEL_MIN_WIDTH, grid_image, grid_scale
 from engine.sample_prompts import (
     MAX_PROMPTS,
     PromptDefaults,
@@ -33,7 +34,6 @@ from engine.sample_prompts import (
     save_prompts,
     summary,
 )
-from engine.train_io import GRID_PAD, LABEL_MIN_WIDTH, grid_image, grid_scale
 
 D = PromptDefaults(negative="blurry", width=64, height=48, seed=10, cfg=4.0, steps=30, patch=16,
                    max_side=128)
