@@ -27,6 +27,7 @@ Typical use (trainer):
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -176,6 +177,41 @@ def _walk(root: Path) -> tuple[list[tuple[Path, list[str], dict[str, str]]], dic
     return out, failed, loops
 
 
+# image formats a dataset may hold that are not read (PIL reads some of them only in part:
+# 16-bit RGB TIFF, multi-page files), for the note on their orphaned captions
+UNREAD_IMAGE_EXTENSIONS = frozenset({
+    ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".psd", ".svg", ".exr",
+    ".hdr", ".tga", ".ppm", ".pgm", ".ico", ".jfif", ".dng", ".raw", ".cr2", ".cr3", ".nef",
+    ".arw", ".orf", ".rw2", ".raf"})
+
+
+def _unread_images(root: Path, limit: int = 100) -> list[str]:
+    """Up to `limit` paths (relative to root) of files in UNREAD_IMAGE_EXTENSIONS."""
+    found: list[str] = []
+    for folder, _, names in os.walk(root):
+        for name in sorted(names):
+            if os.path.splitext(name)[1].lower() in UNREAD_IMAGE_EXTENSIONS:
+                found.append(os.path.relpath(os.path.join(folder, name), root))
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def _orphan_note(folder: Path, caption: str) -> str:
+    """Why a caption file has no image: none of its name, or one in an image format this
+    program does not read (a TIFF, HEIC or camera RAW file beside it), named."""
+    stem = os.path.splitext(caption)[0]
+    try:
+        others = sorted(p.name for p in folder.glob(glob.escape(stem) + ".*")
+                        if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and p.is_file())
+    except OSError:
+        others = []
+    if not others:
+        return "no image with this name"
+    return (f"{others[0]} is not in a format this program reads "
+            f"({' '.join(sorted(IMAGE_EXTENSIONS))}): convert it to PNG or JPEG")
+
+
 def _load_cache(path: Path | None, root: Path) -> dict:
     if path is None or not path.is_file():
         return {}
@@ -209,6 +245,13 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
     if total == 0:
         unread = "".join(f"; folder '{f}' cannot be listed ({err})" for f, err in
                          list(unlistable.items())[:3])
+        if other := _unread_images(root_path):
+            raise DataError(
+                f"no images this program reads in '{root_path}' or its subfolders "
+                f"({' '.join(sorted(IMAGE_EXTENSIONS))}), but {len(other)}"
+                f"{'+' if len(other) >= 100 else ''} in other formats ({other[0]} ...)"
+                f"{unread}: convert them to PNG or JPEG, keeping their names, each with a "
+                f".txt caption of the same name")
         raise DataError(f"no images in '{root_path}' or its subfolders (looked for "
                         f"{' '.join(sorted(IMAGE_EXTENSIONS))} files){unread}: put the images "
                         f"there, each with a .txt caption of the same name")
@@ -309,7 +352,8 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
             stem, ext = os.path.splitext(low)
             if ext in CAPTION_EXTENSIONS and stem not in stems and stem not in NOT_CAPTIONS:
                 _problem(problems, "orphan_caption", "warning", "caption file with no image of "
-                         "the same name", rel_of(folder / real_name), "no image with this name")
+                         "the same name", rel_of(folder / real_name),
+                         _orphan_note(folder, real_name))
     if cache_file is not None and new_cache != cache:
         try:
             atomic_write_text(cache_file, json.dumps({"version": CACHE_VERSION,

@@ -522,3 +522,26 @@ def test_studio_dataset_tab_shows_every_bad_file(tmp_path):
     status = tab_dataset.plan_status(small, tab_dataset.preview(small, run_cfg, 1,
                                                                 tmp_path / "cache"))
     assert "**Nothing would train:** none of the 1 image file(s)" in status
+
+
+def test_images_in_formats_not_read_are_named_with_what_to_do(tmp_path, capsys):
+    """A TIFF (or HEIC, RAW ...) beside its caption is not an orphaned caption: the note
+    names the image and says to convert it; a folder of nothing but such images says so
+    instead of "no images"."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rgb = (np.arange(48 * 64 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
+    Image.fromarray(rgb).save(data / "scan.tif")
+    (data / "photo.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    for stem in ("scan", "photo"):
+        (data / f"{stem}.txt").write_text("a picture")
+    (data / "lonely.txt").write_text("no image at all")
+    with pytest.raises(DataError, match=r"no images this program reads in .* but 2 in other "
+                                        r"formats \(photo.HEIC \.\.\.\): convert them to PNG"):
+        scan_dataset(data, cfg())
+    Image.fromarray(rgb).save(data / "kept.png")
+    (data / "kept.txt").write_text("a kept picture")
+    notes = {p.kind: p for p in scan_dataset(data, cfg()).problems}["orphan_caption"].files
+    assert notes["scan.txt"].startswith("scan.tif is not in a format this program reads")
+    assert notes["photo.txt"].endswith("convert it to PNG or JPEG")
+    assert notes["lonely.txt"] == "no image with this name"
