@@ -363,7 +363,8 @@ def test_event_rows_and_latest_numbers():
     assert rows[0][4] == "a.png, b.png, c.png (+1)"
     line = views.latest_numbers(train, val)
     assert "loss 1" in line and "40.0 img/s" in line and "validation 1.7" in line
-    assert "1 skipped batches" in line and "memory 512.0 MiB" in line
+    assert "1 skipped batches" in line and "peak memory 512.0 MiB" in line
+    assert "memory" not in views.latest_numbers([{**train[-1], "mem_mb": 0.0}], [])   # unknown
     assert views.latest_numbers([], []) == "No metrics yet."
 
 
