@@ -581,10 +581,13 @@ class Runner:
         ckpts = list_checkpoints(run.checkpoints)
         # where the trainer resumes from: a step checkpoint or the newer time-based point
         last_state = latest_resumable(run.checkpoints)
-        resumable = not alive and last_state is not None
+        # before its first checkpoint a run that has its config starts again from step 0
+        resumable = not alive and (last_state is not None or run.config.is_file())
         if state == "crashed":
-            message = (f"resume continues from step {last_state.step}" if resumable else
-                       "no checkpoint with training state was saved: start a new run")
+            message = (f"resume continues from step {last_state.step}" if last_state and resumable
+                       else "no checkpoint was saved yet: resume starts the run again from "
+                       "step 0" if resumable else "the run has no config.yaml to resume from: "
+                       "start a new run")
         step = status.step if status else 0
         if state == "starting" and launch and "--resume" in launch.argv and last_state:
             step = last_state.step
@@ -597,7 +600,8 @@ class Runner:
         if owner is not None and state not in ACTIVE_STATES:
             message = (f"process {owner or '(unknown pid)'} holds this run (a trainer that is "
                        f"starting or ending, or one started outside the studio)")
-        at, resume_to = self._resume_span(run, last_state, cfg_steps) if resumable else (0, 0)
+        at, resume_to = (0, 0) if not resumable else (
+            self._resume_span(run, last_state, cfg_steps) if last_state else (0, cfg_steps))
         return RunInfo(
             run_id=run.run_id, path=run.root, state=state, step=step, total=total,
             loss=float(status.loss) if fresh and status.loss is not None else None,

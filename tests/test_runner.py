@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.checkpoint import latest_resumable, step_name
-from engine.config import RunConfig, dump_yaml, load_preset
+from engine.config import RunConfig, dump_yaml, load_preset, save_config
 from engine.demo_data import write_demo_dataset
 from engine.distributed import DeviceError
 from engine.job import RunDir, Status, pid_alive
@@ -200,6 +200,28 @@ def test_a_killed_trainer_shows_crashed_resumes_and_force_stop_saves(runner, dat
     assert latest_resumable(run.checkpoints).step == stopped.step
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(runner, dataset):
+    """Stopped while it set up (or killed before its first save), a run has its config and
+    no checkpoint: the studio offers Resume, which trains it from step 0 as the trainer's
+    own --resume does."""
+    run = RunDir(runner.runs_root / "early")
+    run.create()
+    save_config(fast_config(dataset, "train.max_steps=6"), run.config)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    write_status(run, state="stopped", step=0, pid=gone.pid, heartbeat=time.time(),
+                 message="stopped by a stop request before training began")
+    info = runner.info("early")
+    assert (info.state, info.resumable, info.resume_to, info.finished) == (
+        "stopped", True, 6, False)
+    runner.resume("early")
+    done = wait_for(runner, "early", lambda i: i.state == "completed", "completed")
+    assert done.step == 6 and loss_steps(runner, "early") == list(range(1, 7))
+    assert "starts again from step 0" in runner.log_tail("early", 200)
+
+
 # ---- The gate, names and checks before anything is spawned -------------------------------
 
 def test_a_cpu_start_waits_for_a_running_generation(runner, dataset):
@@ -240,8 +262,11 @@ def test_a_gpu_run_lets_generation_through_with_a_note(runner, dataset, sleeper)
     write_status(run, state="running", step=12, total=3000, pid=sleeper, device="cuda:0",
                  heartbeat=time.time() - 600)
     info = runner.info("gpu")
-    assert (info.state, info.alive, info.resumable) == ("crashed", False, False)
+    assert (info.state, info.alive, info.resumable) == ("crashed", False, True)
     assert "stopped reporting" in info.error and runner.active() is None
+    # no checkpoint yet: resume starts it again from step 0, as the trainer does
+    assert "starts the run again from step 0" in info.message
+    assert (info.resume_to, info.finished) == (fast_config(dataset).train.max_steps, False)
 
 
 @pytest.mark.skipif(not POSIX, reason="uses POSIX process groups")
