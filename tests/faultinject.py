@@ -52,11 +52,19 @@ def _full() -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _patch(module, name: str, value) -> None:
+    """Replace `name` in `module`, which must use it: a name moved to another module would
+    leave the fault unarmed and its test failing for the wrong reason."""
+    if not hasattr(module, name):
+        raise SystemExit(f"faultinject: {module.__name__} has no {name} to replace")
+    setattr(module, name, value)
+
+
 def install(mode: str, arg: str) -> None:
     import engine.checkpoint as ckpt
     import engine.job as job
+    import engine.sample_grid as sample_grid
     import engine.train as train
-    import engine.train_io as train_io
 
     if mode == "timer":
         real_train = train._train
@@ -106,7 +114,8 @@ def install(mode: str, arg: str) -> None:
                 if _named(path, arg) and not fired:
                     fired.append(path)
                     _half_then(tmp, _full)
-        ckpt.atomic_target = train_io.atomic_target = target
+        for module in (ckpt, sample_grid):   # the modules that write checkpoints and grids
+            _patch(module, "atomic_target", target)
 
         def append(path, line):   # (append_line's own undo of a partial line: unit-tested)
             if _named(path, arg) and f'"step":{at_step},' in line and not fired:
