@@ -583,11 +583,13 @@ class Runner:
         last_state = latest_resumable(run.checkpoints)
         # before its first checkpoint a run that has its config starts again from step 0
         resumable = not alive and (last_state is not None or run.config.is_file())
-        if state == "crashed":
-            message = (f"resume continues from step {last_state.step}" if last_state and resumable
-                       else "no checkpoint was saved yet: resume starts the run again from "
-                       "step 0" if resumable else "the run has no config.yaml to resume from: "
-                       "start a new run")
+        if state == "crashed" and not alive:
+            if last_state is not None:
+                message = f"resume continues from step {last_state.step}"
+            elif resumable:
+                message = "no checkpoint was saved yet: resume starts the run again from step 0"
+            else:
+                message = "the run has no config.yaml to resume from: start a new run"
         step = status.step if status else 0
         if state == "starting" and launch and "--resume" in launch.argv and last_state:
             step = last_state.step
