@@ -549,12 +549,14 @@ class Runner:
             self._config_cache[key] = cached
         return cached[1], cached[2], st.st_mtime
 
-    def _resume_span(self, run: RunDir, last: CheckpointInfo, cfg_steps: int
+    def _resume_span(self, run: RunDir, last: CheckpointInfo | None, cfg_steps: int
                      ) -> tuple[int, int]:
         """(step, target) of a resume without a target step from `last`, the newest
         training state: its step and the step it would train to by the trainer's rule
-        (engine.train.resume_point); (0, 0) when it cannot be read. Its JSON is read once
-        per file."""
+        (engine.train.resume_point); (0, 0) when it cannot be read; (0, cfg_steps) with no
+        checkpoint yet (the run starts again from step 0). Its JSON is read once per file."""
+        if last is None:
+            return 0, cfg_steps
         try:
             key = (str(last.state_path), last.state_path.stat().st_mtime_ns)
             cached = self._state_cache.get(str(run.root))
@@ -602,8 +604,7 @@ class Runner:
         if owner is not None and state not in ACTIVE_STATES:
             message = (f"process {owner or '(unknown pid)'} holds this run (a trainer that is "
                        f"starting or ending, or one started outside the studio)")
-        at, resume_to = (0, 0) if not resumable else (
-            self._resume_span(run, last_state, cfg_steps) if last_state else (0, cfg_steps))
+        at, resume_to = self._resume_span(run, last_state, cfg_steps) if resumable else (0, 0)
         return RunInfo(
             run_id=run.run_id, path=run.root, state=state, step=step, total=total,
             loss=float(status.loss) if fresh and status.loss is not None else None,
