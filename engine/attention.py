@@ -25,6 +25,11 @@ except ImportError:  # pragma: no cover - depends on the machine
 BACKENDS = ATTENTION_BACKENDS
 FAST_CUDA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.CUDNN_ATTENTION]
+# Masked calls leave cuDNN out: with an explicit mask and a sequence length of 64 modulo
+# 128, its backward on Hopper gives NaN query gradients for rows whose log-sum-exp is
+# below -88.7 (pytorch/pytorch#196678, torch 2.11-2.13). Flash takes no mask, so the
+# memory-efficient kernel runs them, as on every other GPU.
+MASKED_CUDA_KERNELS = [SDPBackend.EFFICIENT_ATTENTION]
 
 
 # (major, minor) compute capability of each visible GPU, read once when a CUDA device is
@@ -49,7 +54,11 @@ def pre_ampere(device: torch.device) -> bool:
 
 
 def gpu_capability(device: torch.device) -> tuple[int, int]:
-    """(major, minor) compute capability of a CUDA `device`; (8, 0) for one not yet seen."""
+    """(major, minor) compute capability of a CUDA `device`. The table is filled when a
+    CUDA device is resolved, or here on first use by code that skipped that (never inside
+    a compiled block: the trainer and generator resolve their device first)."""
+    if not _CAPABILITY and torch.cuda.is_available():
+        note_gpu_capabilities()
     return _CAPABILITY.get(device.index or 0, (8, 0))
 
 
@@ -216,8 +225,14 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     gqa = k.shape[1] != hq
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-    with sdpa_kernel(FAST_CUDA_KERNELS):
+    with sdpa_kernel(cuda_kernels(mask)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+
+
+def cuda_kernels(mask: Tensor | None) -> list[SDPBackend]:
+    """The SDPA kernels a CUDA call may run: never the math kernel, and for a masked call
+    the memory-efficient kernel alone (MASKED_CUDA_KERNELS)."""
+    return FAST_CUDA_KERNELS if mask is None else MASKED_CUDA_KERNELS
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

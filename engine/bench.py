@@ -60,6 +60,7 @@ from engine.config import ConfigError, load_preset, parse_wxh
 from engine.distributed import (
     PRECISIONS,
     DeviceError,
+    compute_precision,
     release_memory,
     resolve_device,
 )
@@ -135,7 +136,7 @@ def random_text(dim: int, tokens: int, device: torch.device) -> Callable[[list[s
     def encode(prompts: list[str]) -> TextCond:
         n = len(prompts)
         mask = torch.ones(n, tokens, dtype=torch.bool, device=device)
-        return TextCond(row.expand(n, -1, -1), mask, row[:, -1].expand(n, -1))
+        return TextCond(row.expand(n, -1, -1), mask, row[:, -1].expand(n, -1), dense=True)
     return encode
 
 
@@ -335,10 +336,14 @@ def bench_gpu(args) -> dict:
     peak = dense_peak(name)
     steps, repeats = (3, 1) if args.quick else (10, 3)
     default = load_preset("pixelhdm-default")
+    # bf16, or fp16 on a GPU older than Ampere, which has no bf16 arithmetic (its only
+    # attention kernel, the memory-efficient one, takes no bf16 there either)
+    precision = compute_precision("bf16", device)[0]
     report = {"benchmark": "gpu", "device": str(device), "device_name": name,
               "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-              "quick": args.quick, "flash_attn": flash_attn_func is not None,
+              "quick": args.quick, "precision": precision,
+              "flash_attn": flash_attn_func is not None,
               "dense_bf16_peak": peak, "errors": []}
 
     def part(key: str, measure: Callable[[], list[dict]]) -> None:
@@ -351,16 +356,16 @@ def bench_gpu(args) -> dict:
 
     def throughput() -> list[dict]:
         rows = measure_network(default, 1024, [(256, 256), (512, 512)],
-                               default.train.batch_size, 64, steps, device, "bf16")["rows"]
+                               default.train.batch_size, 64, steps, device, precision)["rows"]
         for row in rows:
             row["mfu"] = row["train_flops_s"] / peak if peak else None
         return rows
 
     sample_args = argparse.Namespace(
         checkpoint=None, preset="pixelhdm-default", overrides=[], device=str(device),
-        dtype="bf16", sizes="512x512", steps=50, samplers="heun", batch=1, repeats=repeats,
+        dtype=precision, sizes="512x512", steps=50, samplers="heun", batch=1, repeats=repeats,
         text_dim=1024, tokens=64)
-    part("kernels", lambda: attention_kernels(default, 512, 512, 64, 2, device, "bf16"))
+    part("kernels", lambda: attention_kernels(default, 512, 512, 64, 2, device, precision))
     part("throughput", throughput)
     part("memory", lambda: [preset_memory(name, load_preset(name), gib, device)
                             for name, gib in GPU_MEMORY])
@@ -401,8 +406,8 @@ def add_gpu(sub, common: argparse.ArgumentParser) -> None:
                        help="attention kernels, MFU, preset memory and sampling on a CUDA GPU")
     p.add_argument("--quick", action="store_true", help="fewer timed steps and repeats")
     p.set_defaults(run=bench_gpu, tables=[
-        ("kernels", "attention kernels (bf16, 512x512, 64 text tokens)", KERNEL_COLUMNS),
-        ("throughput", "pixelhdm-default bf16 training", GPU_THROUGHPUT_COLUMNS),
+        ("kernels", "attention kernels (512x512, 64 text tokens)", KERNEL_COLUMNS),
+        ("throughput", "pixelhdm-default training", GPU_THROUGHPUT_COLUMNS),
         ("memory", "training step memory of the home presets at their largest bucket "
          "(eager blocks)", MEMORY_COLUMNS),
         ("sampling", "Heun-50 + CFG, pixelhdm-default, random weights", SAMPLE_COLUMNS)])

@@ -511,9 +511,15 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise _fail(source, "model.time_embed_dim", m.time_embed_dim,
                     "allowed: an even number (sine and cosine halves)")
     hd = m.head_dim
-    if hd % 2:
+    if hd % 8:
+        # the GPU attention kernels (flash, memory-efficient, cuDNN) take head sizes that
+        # are multiples of 8 only: another size would run nowhere fast on a GPU
+        good = [h for h in range(1, m.hidden_dim + 1)
+                if m.hidden_dim % h == 0 and (m.hidden_dim // h) % 8 == 0]
         raise _fail(source, "model.num_heads", m.num_heads,
-                    f"head_dim = {m.hidden_dim}/{m.num_heads} = {hd} must be even for RoPE")
+                    f"head_dim = {m.hidden_dim}/{m.num_heads} = {hd} must be a multiple of 8 "
+                    f"for the GPU attention kernels (allowed with this hidden_dim: "
+                    f"{', '.join(map(str, good[-4:])) or 'none; choose a multiple of 8'})")
     if len(m.mrope_split) != 3 or sum(m.mrope_split) != hd or any(a % 2 or a < 0
                                                                    for a in m.mrope_split):
         raise _fail(source, "model.mrope_split", m.mrope_split,

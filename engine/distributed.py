@@ -222,11 +222,14 @@ def _gather(d: Dist, t: torch.Tensor) -> list[torch.Tensor]:
     return [p.cpu() for p in parts]
 
 
-def gather_rng_states(d: Dist, gen: torch.Generator, device: torch.device
-                      ) -> dict[str, torch.Tensor]:
+def gather_rng_states(d: Dist, gen: torch.Generator, device: torch.device,
+                      host: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The random states every rank draws from (the global CPU one, the rank's noise
-    generator and its CUDA one), keyed `rng.<name>.<rank>`: a collective call."""
+    generator, its CPU generator for host-side draws where the noise one is a GPU's, and
+    its CUDA one), keyed `rng.<name>.<rank>`: a collective call."""
     mine = {"torch": torch.get_rng_state(), "noise": gen.get_state()}
+    if host is not None:
+        mine["host"] = host.get_state()
     if device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(device)
     out = {}
@@ -237,16 +240,25 @@ def gather_rng_states(d: Dist, gen: torch.Generator, device: torch.device
 
 
 def restore_rng_states(d: Dist, gen: torch.Generator, device: torch.device,
-                       tensors: dict[str, torch.Tensor]) -> bool:
-    """Set this rank's random states from a checkpoint; False when it holds none for this
-    rank (the number of processes changed)."""
-    if f"rng.noise.{d.rank}" not in tensors:
-        return False
+                       tensors: dict[str, torch.Tensor],
+                       host: torch.Generator | None = None) -> str:
+    """Set this rank's random states from a checkpoint: '' when done, else why they
+    cannot be (the caller seeds afresh). A checkpoint of another device type holds a
+    noise state of another size (a CPU generator's state is 5056 bytes, a GPU's 16)."""
+    noise = tensors.get(f"rng.noise.{d.rank}")
+    if noise is None:
+        return f"no random state saved for rank {d.rank} (the number of processes changed)"
+    if noise.numel() != gen.get_state().numel():
+        return (f"the checkpoint's random state is from another kind of device than this "
+                f"run's {device.type}")
     torch.set_rng_state(tensors[f"rng.torch.{d.rank}"])
-    gen.set_state(tensors[f"rng.noise.{d.rank}"])
+    gen.set_state(noise)
+    saved_host = tensors.get(f"rng.host.{d.rank}")
+    if host is not None and saved_host is not None:
+        host.set_state(saved_host)
     if device.type == "cuda" and f"rng.cuda.{d.rank}" in tensors:
         torch.cuda.set_rng_state(tensors[f"rng.cuda.{d.rank}"], device)
-    return True
+    return ""
 
 
 # --------------------------------------------------------------------------------------

@@ -181,8 +181,10 @@ YCBCR_MATRIX: tuple[tuple[float, float, float], ...] = (
 
 DCT_BLOCK = 8
 
-# (quality, ycbcr, device, dtype) -> (DCT matrix (8, 8), weights (3, 8, 8))
-_FREQ_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+# (quality, ycbcr, device, dtype) -> (DCT matrix (8, 8), weights (3, 8, 8), YCbCr matrix
+# (3, 3)): built once per device, since a tensor made from Python numbers on a GPU is a
+# blocking copy that would stall every step
+_FREQ_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
 def jpeg_table(base: Tensor, quality: int) -> Tensor:
@@ -216,17 +218,20 @@ def freq_weights(quality: int, ycbcr: bool) -> Tensor:
     return (inv / inv.mean(dim=(1, 2), keepdim=True)).float()
 
 
-def _freq_tables(quality: int, ycbcr: bool, device, dtype) -> tuple[Tensor, Tensor]:
+def _freq_tables(quality: int, ycbcr: bool, device, dtype) -> tuple[Tensor, Tensor, Tensor]:
     key = (quality, ycbcr, torch.device(device), dtype)
     if key not in _FREQ_CACHE:
         _FREQ_CACHE[key] = (dct_matrix(device=device, dtype=dtype),
-                            freq_weights(quality, ycbcr).to(device=device, dtype=dtype))
+                            freq_weights(quality, ycbcr).to(device=device, dtype=dtype),
+                            torch.tensor(YCBCR_MATRIX, dtype=dtype).to(device))
     return _FREQ_CACHE[key]
 
 
-def rgb_to_ycbcr(x: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB -> YCbCr with the BT.601 matrix, no offsets."""
-    m = torch.tensor(YCBCR_MATRIX, device=x.device, dtype=x.dtype)
+def rgb_to_ycbcr(x: Tensor, m: Tensor | None = None) -> Tensor:
+    """(B, 3, H, W) RGB -> YCbCr with the BT.601 matrix (`m`, built when None), no
+    offsets."""
+    if m is None:
+        m = torch.tensor(YCBCR_MATRIX, device=x.device, dtype=x.dtype)
     return torch.einsum("oc,bchw->bohw", m, x)
 
 
@@ -261,9 +266,9 @@ def freq_loss(v_pred: Tensor, v_target: Tensor, quality: int = 90, ycbcr: bool =
     # fp32 even under mixed precision: the DCT is a matmul that autocast would lower.
     with torch.autocast(device_type=v_pred.device.type, enabled=False):
         diff = v_pred.float() - v_target.float()
+        d, w, m = _freq_tables(quality, ycbcr, diff.device, diff.dtype)
         if ycbcr:
-            diff = rgb_to_ycbcr(diff)
-        d, w = _freq_tables(quality, ycbcr, diff.device, diff.dtype)
+            diff = rgb_to_ycbcr(diff, m)
         coeffs = block_dct(diff, d)  # (B, 3, H/8, W/8, 8, 8)
         return (w[:, None, None] * coeffs.square()).mean()
 

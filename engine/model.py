@@ -481,6 +481,7 @@ class PixelHDM(nn.Module):
         L, T = h * w, text.tokens.shape[1]
         # inputs in the parameters' dtype (autocast then picks the compute dtype)
         dtype = self.patch_in.weight.dtype
+        text.is_dense()   # answered on the caller's object, which every sampling step reuses
         z, text = self._input(z, prev).to(dtype), text.to(dtype=dtype)
 
         # conditioning vector c: time + pooled text

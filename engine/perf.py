@@ -35,7 +35,13 @@ from engine.attention import attention
 from engine.baseline import PlainDiT
 from engine.buckets import BucketPlan
 from engine.config import RunConfig
-from engine.distributed import PRECISIONS, autocast_for, compiler_problem, release_memory
+from engine.distributed import (
+    PRECISIONS,
+    autocast_for,
+    compiler_problem,
+    compute_precision,
+    release_memory,
+)
 from engine.flops import PARTS, baseline_flops, extra_forward_share, pixelhdm_flops
 from engine.flow import interpolate, resolution_shift, sample_t, to_velocity, v_loss
 from engine.model import PixelHDM, TextCond
@@ -44,10 +50,10 @@ from engine.optim import build_optimizer
 # Dense bf16 tensor-core peaks in FLOP/s by GPU name (vendor data sheets, no sparsity;
 # GeForce cards at their fp32-accumulate rate). First match wins.
 KNOWN_PEAKS: tuple[tuple[str, float], ...] = (
-    (r"H100.*NVL", 835e12), (r"H100.*PCIe", 756e12), (r"H100", 989e12), (r"H200", 989e12),
-    (r"A100", 312e12), (r"L40S", 362e12),
-    (r"RTX 4090", 165e12), (r"RTX 4080(?! SUPER)", 97.5e12),
-    (r"RTX 4070 Ti(?! SUPER)", 80.2e12), (r"RTX 3090", 71e12),
+    (r"H100.*NVL", 835e12), (r"H100.*PCIe", 756e12), (r"H100", 989e12),
+    (r"H200.*NVL", 835e12), (r"H200", 989e12), (r"A100", 312e12), (r"L40S", 362e12),
+    (r"RTX 4090 D", 147e12), (r"RTX 4090", 165e12), (r"RTX 4080(?! SUPER)", 97.5e12),
+    (r"RTX 4070 Ti(?! SUPER)", 80.2e12), (r"RTX 3090 Ti", 80e12), (r"RTX 3090", 71e12),
 )
 
 
@@ -147,7 +153,8 @@ class Inputs:
                      generator=gen).to(device)
         tok = torch.randn(batch, tokens, text_dim, generator=gen).to(device)
         mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
-        return Inputs(x, eps, t, interpolate(x, eps, t), TextCond(tok, mask, tok[:, -1]))
+        text = TextCond(tok, mask, tok[:, -1], dense=True)   # as the trainer's, no GPU read
+        return Inputs(x, eps, t, interpolate(x, eps, t), text)
 
 
 # warm-up calls of a compiled network at a new shape: the first compiles, and the next
@@ -308,11 +315,12 @@ def preset_memory(name: str, cfg: RunConfig, budget_gib: float, device: torch.de
     kernels keep fewer intermediates), and what a machine without a working compiler
     trains with."""
     side, batch = cfg.data.max_side, cfg.train.batch_size
+    precision = compute_precision(cfg.train.precision, device)[0]   # as the trainer computes
     row = {"preset": name, "size": f"{side}x{side}", "batch": batch,
-           "grad_checkpointing": cfg.train.grad_checkpointing, "precision": cfg.train.precision,
+           "grad_checkpointing": cfg.train.grad_checkpointing, "precision": precision,
            "step_peak_gib": None, "with_ema_gib": None, "budget_gib": 0.9 * budget_gib}
     net = build_network(PixelHDM, cfg, 1024, device, compile_blocks=False)
-    step = TrainStep(net, cfg, cfg.train.precision, device)
+    step = TrainStep(net, cfg, precision, device)
     b = Inputs.random(cfg, 1024, batch, side, side, 64, device)
     try:
         peak = peak_memory_mib(lambda: step(b), device) / 1024

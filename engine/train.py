@@ -51,7 +51,6 @@ from engine.distributed import (
     compiler_problem,
     compute_precision,
     frozen_dtype,
-    gather_rng_states,
     mean_over_ranks,
     read_scalars,
     setup_device,
@@ -95,7 +94,7 @@ from engine.train_io import (
     run_captions,
     start_compile_clock,
 )
-from engine.train_state import Parts, TrainState, payload, restore, rollback
+from engine.train_state import HOST_SEED, Parts, TrainState, payload, restore, rollback
 from engine.trainable import Trainable
 
 T_BINS = 10
@@ -251,6 +250,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     zclip = ZClip(tr.zclip_z, tr.zclip_alpha, tr.zclip_warmup) if tr.zclip else None
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
     noise_gen = torch.Generator(device=device).manual_seed(tr.seed * 1000 + d.rank)
+    host_gen = (None if device.type == "cpu" else
+                torch.Generator().manual_seed(tr.seed * 1000 + d.rank + HOST_SEED))
     ddp_model = (nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         # the model's buffers are constants that every rank builds alike: no broadcast
@@ -259,7 +260,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
     # ---- state that checkpoints carry -------------------------------------------------
     st = TrainState(origin=origin)
-    parts = Parts(model, optimizer, ema, zclip, scaler, sampler, noise_gen)
+    parts = Parts(model, optimizer, ema, zclip, scaler, sampler, noise_gen, host_gen)
     handled: dict = dict(report.status.handled)
     initial_weights = None
 
@@ -274,7 +275,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         nonlocal last_save
         last_save = time.monotonic()
         check_ranks_in_sync(d, model, log)
-        rng = gather_rng_states(d, noise_gen, device)   # every rank's, for an exact resume
+        rng = parts.rng_states(d, device)   # every rank's, for an exact resume
         if not d.main:
             return None
         weights = model.weights()
@@ -477,14 +478,14 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             x = batch.images.to(device, non_blocking=True)
             B = x.shape[0]
             captions = drop_captions(batch.captions, cfg.data.caption_dropout,
-                                     generator=_cpu(noise_gen))
+                                     generator=parts.host_draws)
             shift = resolution_shift(x.shape[3], x.shape[2], lo.time_shift, lo.shift_reference)
             t = sample_t(B, lo.p_mean, lo.p_std, shift, uniform=lo.t_uniform,
                          generator=noise_gen, device=device)
             eps = torch.randn(x.shape, generator=noise_gen, device=device)
             # model.self_cond: does this micro-batch feed back its own estimate? (CPU draw)
             self_cond = cfg.model.self_cond and bool(
-                torch.rand((), generator=_cpu(noise_gen)) < lo.self_cond_p)
+                torch.rand((), generator=parts.host_draws) < lo.self_cond_p)
             grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
             use_repa = teacher is not None and repa_active(lo, st.step)
             teacher_tokens = teacher(x, grid) if use_repa else None
@@ -517,13 +518,19 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         # divergence guard: the same decision on every rank. The step's one read from the
         # device: the loss it needs, with the gradient norm that clipping needs.
         params = [p for p in model.parameters() if p.requires_grad]
+        if scaler.is_enabled():
+            # fp16: the norm, the clipping and the overflow check see the true gradients
+            # (the scaler also notes, on the device, whether any is not finite)
+            scaler.unscale_(optimizer)
         loss, norm = read_scalars(mean_over_ranks(d, terms_sum["total"]), grad_norm(params))
         spike = (tr.spike_factor > 0 and st.loss_count >= 20
                  and loss > tr.spike_factor * st.loss_avg)
-        # fp16's scaler skips steps with inf gradients itself (and lowers its scale)
+        # fp16's non-finite gradients are overflows of its loss scale, handled below
         bad_grads = not math.isfinite(norm) and not scaler.is_enabled()
         if not math.isfinite(loss) or bad_grads or spike:
             optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():
+                scaler.update()   # ends this step's unscaling (lowers the scale on an inf)
             bad_steps += 1
             skipped_total += 1
             why = ("non-finite loss" if not math.isfinite(loss) else "non-finite gradients"
@@ -550,12 +557,22 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 report.event(st.step, "rollback", msg)
             continue
 
-        if scaler.is_enabled():   # fp16: the norm above is of the scaled gradients
-            scaler.unscale_(optimizer)
-            norm /= scaler.get_scale()
+        if scaler.is_enabled() and not math.isfinite(norm):
+            # fp16's loss scale overflowed (in the first steps, and now and then after it
+            # has grown): no update, and the scale is halved. Not a step: the weights, EMA,
+            # schedule and logged norms stay as they were
+            scale = scaler.get_scale()
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            log(f"step {st.step + 1}: fp16 gradients overflowed at loss scale {scale:g}; the "
+                f"scale is halved and the step taken with the next batch")
+            continue
         norm, clipped = clip_gradients(params, zclip, tr.grad_clip, norm)
         scaler.step(optimizer)
         scaler.update()
+        # the gradients are freed now, not at the next step: validation, sample grids and
+        # checkpoints between the two then have their memory (4 bytes per parameter)
+        optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
         st.step += 1
@@ -596,12 +613,6 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 # --------------------------------------------------------------------------------------
 # Small helpers of the loop
 # --------------------------------------------------------------------------------------
-
-def _cpu(gen: torch.Generator) -> torch.Generator | None:
-    """Caption dropout and self-conditioning draw on the CPU; a CPU noise generator is
-    shared, a GPU one is not."""
-    return gen if gen.device.type == "cpu" else None
-
 
 def resume_point(run: RunDir, cfg: RunConfig, requested: int | None) -> CheckpointInfo | None:
     """The checkpoint a resume continues from, or None for a run that stopped before its

@@ -30,8 +30,10 @@ from engine.checkpoint import (
     load_weights,
     unflatten_optimizer,
 )
-from engine.distributed import Dist, restore_rng_states
+from engine.distributed import Dist, gather_rng_states, restore_rng_states
 from engine.job import resume_target
+
+HOST_SEED = 500_000   # added to a rank's noise seed for its host-side generator (on a GPU)
 
 
 class RestoreError(RuntimeError):
@@ -81,6 +83,17 @@ class Parts:
     scaler: torch.amp.GradScaler
     sampler: object                 # engine.buckets.BucketBatchSampler
     noise_gen: torch.Generator
+    # caption dropout and self-conditioning draw on the host: from the noise generator on
+    # the CPU, from this per-rank CPU generator beside a GPU's
+    host_gen: torch.Generator | None = None
+
+    @property
+    def host_draws(self) -> torch.Generator:
+        return self.noise_gen if self.host_gen is None else self.host_gen
+
+    def rng_states(self, d: Dist, device: torch.device) -> dict[str, Tensor]:
+        """Every rank's random states for a checkpoint (a collective call)."""
+        return gather_rng_states(d, self.noise_gen, device, self.host_gen)
 
 
 def payload(state: TrainState, parts: Parts, rng: dict[str, Tensor], fingerprint: str
@@ -133,10 +146,12 @@ def restore(ckpt: CheckpointInfo, state: TrainState, parts: Parts, *, d: Dist,
     state.origin = meta.get("init_from")
     state.stop_at = resume_target(info.get("stop_at"), max_steps, requested)
     state.load_state_dict(info)
-    if not restore_rng_states(d, parts.noise_gen, device, tensors):
+    why = restore_rng_states(d, parts.noise_gen, device, tensors, parts.host_gen)
+    if why:
         parts.noise_gen.manual_seed(seed * 1000 + d.rank + 7 * state.step)
-        event("rng-reseeded", f"no random state saved for rank {d.rank} (the number of "
-                              f"processes changed); its noise is drawn afresh")
+        if parts.host_gen is not None:
+            parts.host_gen.manual_seed(seed * 1000 + d.rank + 7 * state.step + HOST_SEED)
+        event("rng-reseeded", f"{why}; its noise is drawn afresh")
     changed = ("the dataset differs from the one this checkpoint was trained on"
                if info.get("fingerprint") != fingerprint else "")
     if not changed:

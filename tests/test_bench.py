@@ -219,6 +219,10 @@ def test_peak_table_and_kernel_names():
     assert dense_peak("NVIDIA H100 80GB HBM3") == 989e12
     assert dense_peak("NVIDIA H100 PCIe") == 756e12
     assert dense_peak("NVIDIA GeForce RTX 4090") == 165e12
+    assert dense_peak("NVIDIA GeForce RTX 4090 D") == 147e12     # a cut-down card of its own
+    assert dense_peak("NVIDIA H200 NVL") == 835e12
+    assert dense_peak("NVIDIA H200") == 989e12
+    assert dense_peak("NVIDIA GeForce RTX 3090 Ti") == 80e12
     assert dense_peak("NVIDIA GeForce RTX 4080 SUPER") is None
     assert dense_peak("Some Future GPU") is None
     assert kernel_family(["pytorch_flash::flash_fwd_kernel<...>"]) == "flash"
@@ -262,6 +266,41 @@ def test_gpu_report_computes_mfu_and_survives_a_failing_part(monkeypatch, capsys
     assert bench_main(["gpu", "--quick"]) == 1
     text = capsys.readouterr().out
     assert "MFU (data sheet)" in text and "50%" in text and "Heun-50 + CFG" in text
+
+
+def test_gpu_report_on_a_gpu_older_than_ampere_measures_in_fp16(monkeypatch, capsys):
+    """Such a GPU has no bf16 arithmetic and its one attention kernel takes no bf16: every
+    part of the report computes in fp16, as the trainer and the generator do there."""
+    import engine.attention as attention
+    import engine.bench as bench
+    import engine.perf as perf
+    monkeypatch.setattr(attention, "_CAPABILITY", {0: (7, 5)})
+    monkeypatch.setattr(bench, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(bench, "release_memory", lambda device: None)
+    asked = {}
+    monkeypatch.setattr(bench, "attention_kernels",
+                        lambda *a: asked.update(kernels=a[-1]) or [])
+    monkeypatch.setattr(bench, "measure_network",
+                        lambda *a, **k: asked.update(network=a[7]) or {"rows": []})
+    monkeypatch.setattr(bench, "bench_sample",
+                        lambda args: asked.update(sample=args.dtype) or {"rows": []})
+
+    class Stop(Exception):
+        pass
+
+    def train_step(net, cfg, precision, device):
+        asked.setdefault("memory", []).append(precision)
+        raise Stop
+    monkeypatch.setattr(perf, "build_network", lambda *a, **k: None)
+    monkeypatch.setattr(perf, "TrainStep", train_step)
+    monkeypatch.setattr(bench, "preset_memory",
+                        lambda *a: pytest.raises(Stop, perf.preset_memory, *a) and [])
+    assert bench_main(["gpu", "--quick", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == "fp16" and report["errors"] == []
+    assert asked == {"kernels": "fp16", "network": "fp16", "sample": "fp16",
+                     "memory": ["fp16"] * 3}
 
 
 _FAULTS_SCRIPT = """

@@ -72,6 +72,8 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override, message", [
     ("model.num_heads=3", "model.num_heads = 3: hidden_dim 128 is not divisible by it"),
     ("model.num_kv_heads=3", "model.num_kv_heads = 3: num_heads 4 is not divisible by it"),
+    ("model.num_heads=32", "model.num_heads = 32: head_dim = 128/32 = 4 must be a multiple of 8 "
+     "for the GPU attention kernels (allowed with this hidden_dim: 2, 4, 8, 16)"),
     ("model.mrope_split=[8,8,8]", "three even numbers summing to head_dim 32"),
     ("model.mrope_split=[7,13,12]", "model.mrope_split = [7, 13, 12]"),
     ("data.min_side=36", "data.min_side = 36: must be a multiple of model.patch_size 8"),

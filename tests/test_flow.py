@@ -242,6 +242,21 @@ def test_freq_loss_zero_for_equal_inputs():
     assert freq_loss(a, a.clone()).item() == 0.0
 
 
+def test_freq_loss_builds_its_tables_once(monkeypatch):
+    """Every table of the frequency loss (DCT, weights, colour matrix) is made once per
+    device: a tensor made from Python numbers on a GPU is a blocking copy, which in every
+    micro-batch would stall the host until the forward pass had run."""
+    a, b = _pair()
+    for ycbcr in (True, False):
+        freq_loss(a, b, ycbcr=ycbcr)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *x, **k: made.append(x) or real(*x, **k))
+    for ycbcr in (True, False):
+        freq_loss(a, b, ycbcr=ycbcr)
+    assert made == []
+
+
 def _slow_freq_loss(pred, target, quality, ycbcr):
     """Reference: explicit loops over blocks and DCT basis functions."""
     diff = (pred - target).double()

@@ -265,6 +265,25 @@ def test_a_gpu_older_than_ampere_gets_the_kernel_it_has(monkeypatch):
     assert frozen_dtype(torch.float32) == torch.float32
 
 
+def test_cuda_kernels_never_math_and_masked_calls_not_cudnn(monkeypatch):
+    """On CUDA no call may fall to the math kernel, and masked calls stay off cuDNN, whose
+    masked backward gives NaN gradients on Hopper (pytorch/pytorch#196678): the
+    memory-efficient kernel, which takes masks on every GPU, runs them."""
+    from torch.nn.attention import SDPBackend
+
+    import engine.attention as attention
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert attention.cuda_kernels(mask) == [SDPBackend.EFFICIENT_ATTENTION]
+    unmasked = attention.cuda_kernels(None)
+    assert SDPBackend.MATH not in unmasked and SDPBackend.FLASH_ATTENTION in unmasked
+    # a GPU that no device resolution registered is read on first use, not assumed current
+    monkeypatch.setattr(attention, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    assert attention.pre_ampere(torch.device("cuda"))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpu_attention_runs_the_flash_kernel_not_the_math_one(masked):
     """Which SDPA kernel runs, from the profiler: masked and grouped-query calls too."""
@@ -276,6 +295,18 @@ def test_cpu_attention_runs_the_flash_kernel_not_the_math_one(masked):
     names = {e.key for e in prof.key_averages()}
     assert any("flash_attention_for_cpu" in n for n in names), names
     assert not any("_scaled_dot_product_attention_math" in n for n in names), names
+
+
+def test_a_prompt_of_unknown_density_is_read_once_not_at_every_sampling_step():
+    """Text whose mask was made on a GPU (density unknown) is read back at its first
+    forward and the answer kept on the caller's object, which the sampler passes to every
+    step: one read per prompt, not one per step."""
+    net = learner_net()
+    text = make_text([3, 2])
+    text.dense = None                                   # as if its mask were made on a GPU
+    with torch.no_grad():
+        net(torch.randn(2, 3, 16, 16), torch.rand(2), text)
+    assert text.dense is False
 
 
 def test_forward_and_backward_read_nothing_back_from_the_device():

@@ -449,6 +449,56 @@ def test_a_crash_loses_no_more_than_save_minutes_of_work(demo, tmp_path, referen
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
                     reason="the resident high-water mark is reset on Linux only")
+def test_fp16_overflows_are_not_steps(demo, tmp_path, monkeypatch):
+    """In fp16 (GPUs older than Ampere) the gradient scaler starts high and overflows in
+    the first steps: those updates are skipped and the scale halved. They must not count as
+    steps, move the EMA or log an infinite gradient norm."""
+    import engine.train as train_module
+    monkeypatch.setattr(train_module, "compute_precision", lambda precision, device: ("fp16", ""))
+    scales, calls = [], []
+
+    class Scaler(torch.amp.GradScaler):
+        def unscale_(self, optimizer):   # the first two steps overflow, as fp16's would
+            calls.append(1)
+            if len(calls) <= 2:
+                optimizer.param_groups[0]["params"][0].grad.view(-1)[0] = float("inf")
+            super().unscale_(optimizer)
+
+        def update(self, new_scale=None):
+            super().update(new_scale)
+            scales.append(self.get_scale())
+    monkeypatch.setattr(torch.amp, "GradScaler", Scaler)
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "6", *sets("train.log_every=1",
+                                                 "train.precision=fp16")]) == 0
+    lines = RunDir(run).log_file.read_text().splitlines()
+    overflows = [m for m in lines if "fp16 gradients overflowed" in m]
+    assert overflows and "the scale is halved" in overflows[0], lines
+    norms = [r["grad_norm"] for r in records(run, "grad_norm")]
+    assert len(norms) == 6 and all(0 < n < 1e6 for n in norms), norms
+    # every overflow (the two made here, and any of fp16's own) took a batch, not a step
+    assert RunDir(run).read_status().step == 6 and len(calls) == 6 + len(overflows)
+    assert scales[-1] == 2.0 ** 16 / 2 ** len(overflows)   # each halved it once, no growth
+
+
+def test_sample_grids_and_validation_run_without_the_steps_gradients(demo, tmp_path,
+                                                                      monkeypatch):
+    """The gradients of the last step are freed before the validation and the sample grid
+    that follow it: on a small GPU they are memory that sampling needs."""
+    import engine.generate as generate
+    real, held = generate.render_samples, []
+
+    def render(net, *args, **kwargs):
+        held.append(any(p.grad is not None for p in net.parameters()))
+        return real(net, *args, **kwargs)
+    monkeypatch.setattr(generate, "render_samples", render)
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "4", *sets("train.sample_every=2")]) == 0
+    assert held and not any(held), held
+
+
 def test_logged_memory_is_the_trainings_not_the_setups(demo, tmp_path, monkeypatch):
     """The text encoder fills its feature cache and is unloaded before training: what it
     held then is not the run's memory. The logged peak starts when the training does."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import list_checkpoints, save_checkpoint
-from engine.distributed import Dist, gather_rng_states
+from engine.distributed import Dist, restore_rng_states
 from engine.optim import EMA, ZClip
 from engine.train_state import Parts, RestoreError, TrainState, payload, restore, rollback
 
@@ -54,8 +54,7 @@ def train_a_little(parts: Parts, steps=3):
 
 
 def save(tmp_path, state: TrainState, parts: Parts, fingerprint="fp"):
-    tensors, info = payload(state, parts, gather_rng_states(Dist(), parts.noise_gen, CPU),
-                            fingerprint)
+    tensors, info = payload(state, parts, parts.rng_states(Dist(), CPU), fingerprint)
     save_checkpoint(tmp_path, state.step, parts.model.state_dict(), parts.ema.shadow,
                     {"init_from": {"step": 9}}, tensors, info)
     return list_checkpoints(tmp_path)[-1]
@@ -100,6 +99,41 @@ def test_restore_brings_back_weights_optimizer_ema_counters_and_randomness(tmp_p
     train_a_little(other, 2)
     assert all(torch.equal(other.model.state_dict()[k], v)
                for k, v in parts.model.state_dict().items())
+
+
+def test_the_host_generator_beside_a_gpu_one_is_saved_and_restored(tmp_path):
+    """On a GPU, caption dropout and self-conditioning draw from a per-rank CPU generator
+    of their own (not the global one, which the data loader draws from when it starts):
+    the checkpoint carries it, and a resume draws what the run would have drawn."""
+    parts = make_parts()
+    parts.host_gen = torch.Generator().manual_seed(11)
+    torch.rand(5, generator=parts.host_draws)
+    ckpt = save(tmp_path, TrainState(step=2, stop_at=5), parts)
+    expected = torch.rand(4, generator=parts.host_draws)
+    other = make_parts(seed=1)
+    other.host_gen = torch.Generator().manual_seed(99)
+    events = []
+    restore(ckpt, TrainState(), other, d=Dist(), device=CPU, fingerprint="fp", seed=0,
+            max_steps=5, requested=None, event=lambda *e: events.append(e))
+    assert not events and torch.equal(torch.rand(4, generator=other.host_draws), expected)
+    cpu = make_parts()
+    assert cpu.host_draws is cpu.noise_gen
+
+
+def test_random_states_from_another_kind_of_device_are_reported_not_raised():
+    """A run started on the CPU and resumed on a GPU (or back) holds a noise state of
+    another size (a CPU generator's is 5056 bytes, a CUDA one's 16), which torch refuses:
+    the states are left alone with the reason, and `restore` seeds afresh and says so."""
+    gen = torch.Generator().manual_seed(3)
+    saved = {"rng.torch.0": torch.get_rng_state(),
+             "rng.noise.0": torch.zeros(16, dtype=torch.uint8)}        # a CUDA generator's
+    before = gen.get_state()
+    why = restore_rng_states(Dist(), gen, CPU, saved)
+    assert why == "the checkpoint's random state is from another kind of device than this run's cpu"
+    assert torch.equal(gen.get_state(), before)
+    assert "the number of processes changed" in restore_rng_states(Dist(), gen, CPU, {})
+    saved["rng.noise.0"] = torch.Generator().manual_seed(5).get_state()
+    assert restore_rng_states(Dist(), gen, CPU, saved) == ""
 
 
 def test_a_changed_dataset_restarts_the_epoch_and_says_so(tmp_path):
