@@ -515,6 +515,36 @@ def test_compiled_blocks_match_eager_forward_and_gradients():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_compiled_blocks_under_gradient_checkpointing_match_eager(monkeypatch):
+    """The GPU presets train compiled blocks with gradient checkpointing: each compiled
+    block is recomputed in backward (non-reentrant checkpoint around a compiled graph).
+    Through AOTAutograd (the `aot_eager` backend: the graphs and their backward as the
+    compiler gets them, without code generation) it gives the eager network's numbers."""
+    import torch._dynamo
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: real_compile(self, **{**kw, "backend": "aot_eager"}))
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        eager, compiled = learner_net(seed=5).train(), learner_net(seed=5).train()
+        compiled.compile_blocks()
+        compiled.grad_checkpointing = True
+        z, t, text = torch.randn(2, 3, 16, 24), torch.rand(2), make_text([3, 1])
+        outs = []
+        for net in (eager, compiled):
+            out = net.forward_train(z, t, text)
+            (out.pred.square().mean() + out.gamma_sq).backward()
+            outs.append((out.pred.detach(), [p.grad for p in net.parameters()]))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(outs[1][1], outs[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert counters["stats"]["unique_graphs"] >= 2     # the blocks did run compiled
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_blocks_take_every_call_a_run_makes(traced_compile):
     """A run calls its compiled blocks with gradients (training) and without (validation,
     sample grids, quality), for batches of one and of many, with and without a text mask
