@@ -396,6 +396,7 @@ MEMORY_COLUMNS: list[Column] = [
     ("grad_checkpointing", "grad ckpt", str), ("precision", "precision", str),
     ("step_peak_gib", "step peak GiB", gib),
     ("with_ema_gib", "+ EMA GiB", gib),
+    ("reserved_gib", "reserved + EMA GiB", gib),
     ("budget_gib", "budget GiB (90%)", lambda v: f"{v:.1f}"),
     ("fits", "fits", lambda v: "yes" if v else "NO"),
 ]

@@ -303,6 +303,25 @@ def test_gpu_report_on_a_gpu_older_than_ampere_measures_in_fp16(monkeypatch, cap
                      "memory": ["fp16"] * 3}
 
 
+def test_a_preset_fits_its_card_by_what_the_allocator_reserves(monkeypatch):
+    """PyTorch's allocator holds more than it has allocated (cached blocks,
+    fragmentation), and the card gives the process what is reserved: a preset whose
+    allocated peak fits but whose reserved peak does not is reported as not fitting."""
+    import engine.perf as perf
+    from engine.config import load_preset
+    monkeypatch.setattr(perf, "build_network", lambda *a, **k: torch.nn.Linear(10, 10))
+    monkeypatch.setattr(perf, "TrainStep", lambda *a: (lambda b: None))
+    monkeypatch.setattr(perf.Inputs, "random", staticmethod(lambda *a: None))
+    monkeypatch.setattr(perf, "peak_memory_mib", lambda fn, device: 2048.0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * 2 ** 30)
+    monkeypatch.setattr(perf, "release_memory", lambda device: None)
+    cfg, cuda = load_preset("home-8gb"), torch.device("cuda", 0)
+    row = perf.preset_memory("home-8gb", cfg, 3.2, cuda)       # budget 2.88 GiB
+    assert row["step_peak_gib"] == 2 and row["reserved_gib"] == pytest.approx(3, abs=1e-5)
+    assert not row["fits"]
+    assert perf.preset_memory("home-8gb", cfg, 3.5, cuda)["fits"]   # budget 3.15 GiB
+
+
 _FAULTS_SCRIPT = """
 import resource, sys, torch
 torch.set_num_threads(1)
