@@ -267,8 +267,8 @@ def _measure(cfg: RunConfig, dev: torch.device, steps: int, captions: list[str],
     except torch.OutOfMemoryError as e:
         raise RuntimeError(oom_message(cfg, x.shape)) from e
     step_s = min(times[1:] or times)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    if dev.type == "cuda":   # what the card gives the process: the allocator's reservation
+        peak = torch.cuda.max_memory_reserved(dev) / 2 ** 20
     else:
         peak = peak_rss_mb()   # 0 where the system does not say (Windows)
     return {"device": str(dev), "bucket": [width, height], "batch_size": B,

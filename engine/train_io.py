@@ -340,7 +340,9 @@ class JobReporter:
                 device: torch.device) -> None:
         it_s = self._speed(step)
         eta = self.steps_left(step, stop_at) / it_s if it_s > 0 else None
-        mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+        # on a GPU what the allocator reserved (what the card gives the process, and what
+        # nvidia-smi shows less the CUDA context), not the smaller allocated figure
+        mem = (torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda"
                else peak_rss_mb())
         record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), "lr": lr,
                   **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in window.items()},
