@@ -28,6 +28,7 @@ import math
 import os
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -78,7 +79,8 @@ MAX_SEED = 2**63 - 1      # torch generators take 64-bit seeds
 DEFAULT_STRENGTH = 0.75
 
 Encode = Callable[[list[str]], TextCond]
-Progress = Callable[[int, int, Image.Image], None]
+Progress = Callable[[int, int, "Image.Image | None"], None]
+PREVIEW_SECONDS = 0.5     # at most one live preview per this much time (and the last step's)
 
 
 class GenerateError(ValueError):
@@ -455,7 +457,8 @@ class Pipeline:
         size-dependent default; seed None or -1 draws a random seed. img2img: `init_image`
         is cover-resized and centre-cropped to the size; `strength` (default 0.75) from 0
         (the init image back) to 1 (the same as text-to-image). callback(step, total,
-        preview) gets a tiled preview of the current clean estimates after each step;
+        preview) runs after each step with a tiled preview of the current clean
+        estimates, or None where the last preview is too recent (`_chunk_progress`);
         raise Cancelled in it to stop. batch_size > 0 caps images per forward pass."""
         s, p = self.cfg.sample, self.cfg.model.patch_size
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -499,7 +502,7 @@ class Pipeline:
         size = batch_size if batch_size > 0 else count
         chunks = [range(a, min(a + size, count)) for a in range(0, count, size)]
 
-        done = []
+        done, shown = [], [-math.inf]   # when the last preview was made (the request's)
         for c, idx in enumerate(chunks):
             done.append(render(
                 self.net, self.encode, [per_image[i] for i in idx], negative,
@@ -508,7 +511,7 @@ class Pipeline:
                 **sample_options(s, pag, noise_interval, coarse, coarse_sigma),
                 amp_dtype=PRECISIONS[self.precision],
                 init=init, strength=strength if init is not None else 1.0,
-                callback=_chunk_progress(callback, c, len(chunks))))
+                callback=_chunk_progress(callback, c, len(chunks), shown)))
         images = to_pil(torch.cat(done))
         out = []
         for i, image in enumerate(images):
@@ -574,14 +577,21 @@ class Pipeline:
         return out
 
 
-def _chunk_progress(callback: Progress | None, chunk: int, chunks: int):
+def _chunk_progress(callback: Progress | None, chunk: int, chunks: int, shown: list[float]):
     """The samplers' callback for batch `chunk` of `chunks`: steps counted over the whole
-    request, the clean estimates tiled into one preview image."""
+    request; the clean estimates tiled into one preview image at the first step, then at
+    most every PREVIEW_SECONDS (`shown[0]`: when the last was made) and at the last step,
+    None in between. A preview copies the batch from the GPU (a sync) and is encoded for
+    the browser: at every step of a fast GPU both would cost more than the step."""
     if callback is None:
         return None
 
     def progress(step: int, total: int, x_hat: Tensor) -> None:
-        callback(chunk * total + step, chunks * total, preview_grid(x_hat))
+        now, last = time.monotonic(), chunk == chunks - 1 and step == total
+        preview = None
+        if last or now - shown[0] >= PREVIEW_SECONDS:
+            preview, shown[0] = preview_grid(x_hat), now
+        callback(chunk * total + step, chunks * total, preview)
     return progress
 
 

@@ -174,6 +174,24 @@ class ComputeGate:
             with self._runner._lock:
                 self._holders -= 1
 
+    @contextlib.contextmanager
+    def dry_run(self) -> Iterator[None]:
+        """The Train tab's dry run: a whole training step in the studio's own process, so
+        never beside a live run, on any device (on a GPU it would take a second run's
+        memory from the card the run trains on)."""
+        with self._runner._lock:
+            run = self._runner.active()
+            if run is not None:
+                raise RunnerError(f"training ({run.run_id}) is running on "
+                                  f"{run.device or 'this machine'}: a dry run beside it would "
+                                  f"take its memory and time; pause or stop it first")
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._runner._lock:
+                self._holders -= 1
+
     @staticmethod
     def _note(run: RunInfo | None) -> str:
         if run is None:
@@ -356,8 +374,8 @@ class Runner:
             raise RunnerError(f"run '{busy.run_id}' is {what} (process {busy.pid}); one run "
                               f"trains at a time: pause or stop it first")
         if self.gate.busy and on_cpu(device):
-            raise RunnerError("an image is being generated on the CPU: start training when "
-                              "it is done (both at once would crawl)")
+            raise RunnerError("an image is being generated, or a dry run is running, on the "
+                              "CPU: start training when it is done (both at once would crawl)")
 
     def _spawn(self, run: RunDir, extra: list[str], device: str, device_flag: str | None,
                gpus: int, max_steps: int | None) -> None:

@@ -380,9 +380,11 @@ def build(studio: Studio) -> dict:
         events: queue.Queue = queue.Queue()
 
         def work():
+            beside = ""
             try:
                 with studio.runner.gate.generation() as note:
                     if note:
+                        beside = note
                         events.put(("note", note))
                     pipe = cache.get(path, use_ema, encoder)
                     notes = pipe.notes(prompt_v, negative_v, w_i, h_i, init_image=init_v)
@@ -410,13 +412,21 @@ def build(studio: Studio) -> dict:
             except EXPECTED_ERRORS as e:
                 events.put(("error", str(e)))
             except torch.OutOfMemoryError:
-                events.put(("error", "out of memory: generate fewer images at once or a "
+                events.put(("error", "out of memory beside the training run: pause it (Train "
+                                     "tab) to generate, or generate fewer images at once or a "
+                                     "smaller size" if beside else
+                                     "out of memory: generate fewer images at once or a "
                                      "smaller size"))
             except OSError as e:   # saving the images
                 events.put(("error", f"cannot save into {studio.outputs_dir} ({e.strerror or e})"
                                      f": free some space"))
             except Exception as e:  # shown on the page instead of dying silently in a thread
                 events.put(("error", f"{type(e).__name__}: {e}"))
+            finally:
+                # the allocator's cached blocks go back to the GPU after every request (the
+                # model stays loaded): a training run on the same card may need them
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
         threading.Thread(target=work, name="generate", daemon=True).start()
         yield say("Loading the model...")
@@ -430,7 +440,8 @@ def build(studio: Studio) -> dict:
                     yield say(f"Sampling...{note}")
                 elif kind == "preview":
                     step, total, image = value
-                    yield {live: image, status: f"Step {step} of {total}{note}"}
+                    text = f"Step {step} of {total}{note}"
+                    yield {status: text} if image is None else {live: image, status: text}
                 elif kind == "done":
                     yield finished(*value)
                     return

@@ -302,7 +302,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
             return f"**Not valid:** {e}"
         progress(0.1, desc="Building the model and running three training steps")
         try:
-            with studio.runner.gate.generation():
+            with studio.runner.gate.dry_run():
                 res = preflight.dry_run(cfg)
         except (RunnerError, DeviceError) as e:
             return f"**Dry run not started:** {e}"

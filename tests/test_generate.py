@@ -258,17 +258,33 @@ def test_pil_round_trip_is_exact():
 def test_progress_callback_counts_over_batches_and_can_cancel(pipe):
     seen = []
     pipe.generate("a red circle", seed=0, n=2, batch_size=1, sampler="heun",
-                  callback=lambda step, total, im: seen.append((step, total, im.size)), **FAST)
+                  callback=lambda step, total, im: seen.append((step, total, im and im.size)),
+                  **FAST)
     assert [(s, t) for s, t, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert all(size == (16, 16) for _, _, size in seen)
+    # a preview at the first step and the last, and in between at most every 0.5 s
+    assert seen[0][2] == seen[-1][2] == (16, 16)
 
     def cancel(step, total, image):
         raise Cancelled()
     with pytest.raises(Cancelled):
         pipe.generate("a red circle", seed=0, n=3, callback=cancel, **FAST)
     grid = []
-    pipe.generate("a", seed=0, n=3, callback=lambda s, t, im: grid.append(im.size), **FAST)
+    pipe.generate("a", seed=0, n=3, callback=lambda s, t, im: grid.append(im and im.size),
+                  **FAST)
     assert grid[0] == (32, 32)  # three images tiled 2 x 2
+
+
+def test_previews_are_made_at_most_every_half_second(pipe, monkeypatch):
+    """A preview copies the batch from the GPU and is encoded for the browser: on a fast
+    GPU, at every step both would cost more than the step. Steps in between get None."""
+    import engine.generate as generate
+    clock = iter([0.0, 0.1, 0.2, 0.6, 0.7, 0.8, 0.9, 1.0])
+    monkeypatch.setattr(generate.time, "monotonic", lambda: next(clock))
+    seen = []
+    pipe.generate("a red circle", seed=0, n=1, sampler="euler", steps=8,
+                  callback=lambda step, total, im: seen.append(im is not None),
+                  **{k: v for k, v in FAST.items() if k not in ("steps", "sampler")})
+    assert seen == [True, False, False, True, False, False, False, True]
 
 
 # --------------------------------------------------------------------------------------

@@ -227,10 +227,15 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(runner, d
 def test_a_cpu_start_waits_for_a_running_generation(runner, dataset):
     with runner.gate.generation() as note:
         assert note == "" and runner.gate.busy
-        with pytest.raises(RunnerError, match="generated on the CPU"):
+        with pytest.raises(RunnerError, match="an image is being generated, or a dry run"):
             runner.start(fast_config(dataset), "blocked", device="cpu")
     assert not runner.gate.busy
     assert not (runner.runs_root / "blocked").exists()
+    with runner.gate.dry_run():
+        assert runner.gate.busy
+        with pytest.raises(RunnerError, match="a dry run is running, on the CPU"):
+            runner.start(fast_config(dataset), "blocked", device="cpu")
+    assert not runner.gate.busy
 
 
 @pytest.fixture
@@ -255,6 +260,11 @@ def test_a_gpu_run_lets_generation_through_with_a_note(runner, dataset, sleeper)
     assert (active.run_id, active.state, active.step) == ("gpu", "running", 12)
     with runner.gate.generation() as note:
         assert "cuda:0" in note and "memory" in note
+    # a dry run is a second training step in the studio's process: never beside a run
+    with pytest.raises(RunnerError, match=r"training \(gpu\) is running on cuda:0: a dry run"):
+        with runner.gate.dry_run():
+            pass
+    assert not runner.gate.busy
     with pytest.raises(RunnerError, match="one run trains at a time"):
         runner.start(fast_config(dataset), "other", device="cpu")
 
