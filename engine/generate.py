@@ -247,6 +247,17 @@ class SelfCondState:
 
 
 @torch.no_grad()
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """A CPU tensor on `device`. To a GPU through pinned memory, without waiting: for a copy
+    from ordinary (pageable) memory CUDA may first drain the stream to stage it (its API
+    synchronization notes), which at a stochastic sampler's every step would keep the host
+    from drawing the next noise while the GPU computes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, seeds: list[int],
            width: int, height: int, *, steps: int, sampler: str, cfg: float, rescale: float,
            interval: tuple[float, float], shift: float, ramp: float = 0.0,
@@ -302,13 +313,13 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
     model_fn = cfg_model(denoise, cond, uncond, cfg, rescale, tuple(interval), ramp,
                          pag, tuple(pag_interval), coarse, coarse_sigma)
     streams = NoiseStreams(seeds, width, height)
-    noise = streams.draw().to(device)
+    noise = to_device(streams.draw(), device)
     if init is None:
         ts, x = time_grid(steps, shift), noise
     else:
         ts = img2img_grid(steps, strength, shift)
         x = noise_image(init.to(device, torch.float32).expand_as(noise), noise, float(ts[0]))
-    fresh = ({"noise": lambda _: streams.draw().to(device, non_blocking=True),
+    fresh = ({"noise": lambda _: to_device(streams.draw(), device),
               "noise_interval": tuple(noise_interval)} if sampler in STOCHASTIC else {})
     x = SAMPLERS[sampler](model_fn, x, ts, callback, **fresh)
     return x.float().clamp(-1.0, 1.0).cpu()

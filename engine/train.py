@@ -98,6 +98,7 @@ from engine.train_state import HOST_SEED, Parts, TrainState, payload, restore, r
 from engine.trainable import Trainable
 
 T_BINS = 10
+MIN_LOSS_SCALE = 1.0   # fp16: below this, non-finite gradients are not the scale's overflow
 MAX_ROLLBACKS = 3   # rollbacks without a good step in between before the run gives up
 
 
@@ -525,8 +526,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         loss, norm = read_scalars(mean_over_ranks(d, terms_sum["total"]), grad_norm(params))
         spike = (tr.spike_factor > 0 and st.loss_count >= 20
                  and loss > tr.spike_factor * st.loss_avg)
-        # fp16's non-finite gradients are overflows of its loss scale, handled below
-        bad_grads = not math.isfinite(norm) and not scaler.is_enabled()
+        # fp16's non-finite gradients are overflows of its loss scale, handled below, until
+        # the scale is down to MIN_LOSS_SCALE: then they are the gradients' own
+        overflow = (not math.isfinite(norm) and scaler.is_enabled()
+                    and scaler.get_scale() > MIN_LOSS_SCALE)
+        bad_grads = not math.isfinite(norm) and not overflow
         if not math.isfinite(loss) or bad_grads or spike:
             optimizer.zero_grad(set_to_none=True)
             if scaler.is_enabled():
@@ -557,7 +561,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 report.event(st.step, "rollback", msg)
             continue
 
-        if scaler.is_enabled() and not math.isfinite(norm):
+        if overflow:
             # fp16's loss scale overflowed (in the first steps, and now and then after it
             # has grown): no update, and the scale is halved. Not a step: the weights, EMA,
             # schedule and logged norms stay as they were

@@ -51,31 +51,66 @@ class PipelineCache:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._key: tuple | None = None
+        self._loaded: tuple | None = None
         self._pipe: generate.Pipeline | None = None
 
-    def get(self, path: Path, ema: bool, text_encoder: str | None = None) -> generate.Pipeline:
+    @staticmethod
+    def key(path: Path, ema: bool, text_encoder: str | None = None) -> tuple:
         try:
-            key = (str(path), path.stat().st_mtime_ns, bool(ema), text_encoder)
+            return (str(path), path.stat().st_mtime_ns, bool(ema), text_encoder)
         except OSError as e:   # deleted since it was chosen
             raise CheckpointError(f"the checkpoint '{path.name}' is no longer on disk "
                                   f"({e.strerror}); choose another") from e
+
+    def holds(self, path: Path, ema: bool, text_encoder: str | None = None) -> bool:
+        """Whether `get` would return the pipeline already loaded (no new memory)."""
+        key = self.key(path, ema, text_encoder)
         with self._lock:
-            if key != self._key:
+            return key == self._loaded
+
+    def get(self, path: Path, ema: bool, text_encoder: str | None = None) -> generate.Pipeline:
+        key = self.key(path, ema, text_encoder)
+        with self._lock:
+            if key != self._loaded:
                 self.free_locked()
                 self._pipe = generate.Pipeline.load(path, ema=ema, text_encoder=text_encoder)
-                self._key = key
+                self._loaded = key
             return self._pipe
 
     def keep_only(self, path: Path) -> None:
         """Free the loaded pipeline unless it is `path`'s (another checkpoint was chosen)."""
         with self._lock:
-            if self._key is not None and self._key[0] != str(path):
+            if self._loaded is not None and self._loaded[0] != str(path):
                 self.free_locked()
 
     def free_locked(self) -> None:
-        self._pipe, self._key = None, None
+        self._pipe, self._loaded = None, None
         release_memory()
+
+
+GENERATION_HEADROOM = 1.0   # GiB for a request's activations beside the weights
+
+
+def gpu_room(path: Path, run_device: str | None) -> str:
+    """'' when loading the checkpoint `path` for generation fits in what the GPU a running
+    run trains on has free; else why not, in words. Loading it regardless could take the
+    memory the run needs next and stop the run, not the generation. Off a GPU, or with no
+    run on one, always ''. The need: the network in fp32, a frozen text encoder in bf16
+    and GENERATION_HEADROOM for the images."""
+    if not run_device or not run_device.startswith("cuda") or not torch.cuda.is_available():
+        return ""
+    from engine.generate_io import checkpoint_config
+    from engine.preflight import count_parameters, text_shape
+    _, cfg, _ = checkpoint_config(path)
+    need = (count_parameters(cfg) * 4 + text_shape(cfg.text)[1] * 2) / 2 ** 30 \
+        + GENERATION_HEADROOM
+    free, total = torch.cuda.mem_get_info(torch.device(run_device))
+    free_gib = free / 2 ** 30
+    if free_gib >= need:
+        return ""
+    return (f"the GPU ({run_device}) has {free_gib:.1f} of {total / 2 ** 30:.1f} GiB free beside "
+            f"the training run, and this model needs about {need:.1f} GiB to generate: "
+            f"pause the run (Train tab) to generate, or generate when it has finished")
 
 
 def whole(value, label: str) -> int:
@@ -386,6 +421,10 @@ def build(studio: Studio) -> dict:
                     if note:
                         beside = note
                         events.put(("note", note))
+                        run = studio.runner.active()
+                        if (run is not None and not cache.holds(path, use_ema, encoder)
+                                and (room := gpu_room(path, run.device))):
+                            raise RunnerError(room)
                     pipe = cache.get(path, use_ema, encoder)
                     notes = pipe.notes(prompt_v, negative_v, w_i, h_i, init_image=init_v)
                     events.put(("loaded", None))

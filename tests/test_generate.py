@@ -274,6 +274,26 @@ def test_progress_callback_counts_over_batches_and_can_cancel(pipe):
     assert grid[0] == (32, 32)  # three images tiled 2 x 2
 
 
+def test_noise_goes_to_a_gpu_through_pinned_memory_without_waiting(monkeypatch):
+    """Fresh noise is drawn on the CPU (an image depends only on its seed, on any device)
+    and copied to the GPU at every step of a stochastic sampler: from pinned memory and
+    non-blocking, since a copy from pageable memory first drains the GPU's queue."""
+    import engine.generate as generate
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    real_to = torch.Tensor.to
+
+    def to(t, *args, **kwargs):
+        calls.append(("to", str(args[0]), kwargs.get("non_blocking", False)))
+        return t if str(args[0]).startswith("cuda") else real_to(t, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    generate.to_device(torch.zeros(2), torch.device("cuda", 0))
+    assert calls == ["pin", ("to", "cuda:0", True)]
+    calls.clear()
+    generate.to_device(torch.zeros(2), "cpu")
+    assert calls == [("to", "cpu", False)]
+
+
 def test_previews_are_made_at_most_every_half_second(pipe, monkeypatch):
     """A preview copies the batch from the GPU and is encoded for the browser: on a fast
     GPU, at every step both would cost more than the step. Steps in between get None."""

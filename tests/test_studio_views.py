@@ -590,6 +590,32 @@ def test_dropping_the_loaded_pipeline_hands_its_memory_back(monkeypatch):
     calls = []
     monkeypatch.setattr(tab_generate, "release_memory", lambda *a: calls.append(1))
     cache = tab_generate.PipelineCache()
-    cache._pipe, cache._key = object(), ("a.safetensors", 1, True, None)
+    cache._pipe, cache._loaded = object(), ("a.safetensors", 1, True, None)
     cache.keep_only(Path("b.safetensors"))
     assert cache._pipe is None and calls == [1]
+
+
+def test_generation_beside_a_gpu_run_is_refused_when_the_card_lacks_room(tmp_path, monkeypatch):
+    """Loading a model beside a run training on the same GPU could take the memory the run
+    needs next and stop the run. With too little free memory the Generate tab says so and
+    loads nothing; with room, or a model already loaded, or no run on a GPU, it goes on."""
+    import torch
+
+    from studio import tab_generate
+    from tests.test_generate import build, save, tiny_cfg, weights
+    cfg = tiny_cfg()
+    path = save(tmp_path / "run-a", cfg, weights(*build(cfg)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    free = {"gib": 0.5}
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda device=None: (free["gib"] * 2 ** 30, 12 * 2 ** 30))
+    why = tab_generate.gpu_room(path, "cuda:0")
+    assert why.startswith("the GPU (cuda:0) has 0.5 of 12.0 GiB free beside the training run")
+    assert "pause the run (Train tab) to generate" in why
+    assert tab_generate.gpu_room(path, "cpu") == "" and tab_generate.gpu_room(path, None) == ""
+    free["gib"] = 8.0
+    assert tab_generate.gpu_room(path, "cuda:0") == ""
+    cache = tab_generate.PipelineCache()
+    assert not cache.holds(path, True)
+    cache._loaded = cache.key(path, True)
+    assert cache.holds(path, True) and not cache.holds(path, False)

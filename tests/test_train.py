@@ -455,9 +455,9 @@ def test_fp16_overflows_are_not_steps(demo, tmp_path, monkeypatch):
     steps, move the EMA or log an infinite gradient norm."""
     import engine.train as train_module
     monkeypatch.setattr(train_module, "compute_precision", lambda precision, device: ("fp16", ""))
-    scales, calls = [], []
+    scales, calls, Real = [], [], torch.amp.GradScaler
 
-    class Scaler(torch.amp.GradScaler):
+    class Scaler(Real):
         def unscale_(self, optimizer):   # the first two steps overflow, as fp16's would
             calls.append(1)
             if len(calls) <= 2:
@@ -480,6 +480,25 @@ def test_fp16_overflows_are_not_steps(demo, tmp_path, monkeypatch):
     # every overflow (the two made here, and any of fp16's own) took a batch, not a step
     assert RunDir(run).read_status().step == 6 and len(calls) == 6 + len(overflows)
     assert scales[-1] == 2.0 ** 16 / 2 ** len(overflows)   # each halved it once, no growth
+
+    # gradients that stay non-finite are not an overflow once the scale is down to 1: the
+    # divergence guard takes them, and the run ends instead of halving the scale forever
+    class Broken(Real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "init_scale": 4.0})
+
+        def unscale_(self, optimizer):   # every step's gradients hold a NaN
+            optimizer.param_groups[0]["params"][0].grad.view(-1)[0] = float("nan")
+            super().unscale_(optimizer)
+    monkeypatch.setattr(torch.amp, "GradScaler", Broken)
+    broken = tmp_path / "broken"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(broken),
+                       "--max-steps", "6", *sets("train.precision=fp16",
+                                                 "train.max_bad_steps=2")]) == 1
+    status = RunDir(broken).read_status()
+    assert status.state == "failed" and "keeps diverging" in status.error
+    kinds = [r["event"] for r in records(broken, "event")]
+    assert "skipped-batch" in kinds and "rollback" in kinds
 
 
 def test_sample_grids_and_validation_run_without_the_steps_gradients(demo, tmp_path,
