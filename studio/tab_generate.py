@@ -62,11 +62,17 @@ class PipelineCache:
             raise CheckpointError(f"the checkpoint '{path.name}' is no longer on disk "
                                   f"({e.strerror}); choose another") from e
 
-    def holds(self, path: Path, ema: bool, text_encoder: str | None = None) -> bool:
-        """Whether `get` would return the pipeline already loaded (no new memory)."""
+    def drop_unless(self, path: Path, ema: bool, text_encoder: str | None = None) -> bool:
+        """Whether `get` would return the pipeline already loaded (no new memory); if not,
+        the loaded one, which `get` would drop anyway, is dropped now, so that the GPU's free
+        memory counts its share before a new one is weighed against it."""
         key = self.key(path, ema, text_encoder)
         with self._lock:
-            return key == self._loaded
+            if key == self._loaded:
+                return True
+            if self._loaded is not None:
+                self.free_locked()
+            return False
 
     def get(self, path: Path, ema: bool, text_encoder: str | None = None) -> generate.Pipeline:
         key = self.key(path, ema, text_encoder)
@@ -422,7 +428,7 @@ def build(studio: Studio) -> dict:
                         beside = note
                         events.put(("note", note))
                         run = studio.runner.active()
-                        if (run is not None and not cache.holds(path, use_ema, encoder)
+                        if (run is not None and not cache.drop_unless(path, use_ema, encoder)
                                 and (room := gpu_room(path, run.device))):
                             raise RunnerError(room)
                     pipe = cache.get(path, use_ema, encoder)

@@ -615,7 +615,10 @@ def test_generation_beside_a_gpu_run_is_refused_when_the_card_lacks_room(tmp_pat
     assert tab_generate.gpu_room(path, "cpu") == "" and tab_generate.gpu_room(path, None) == ""
     free["gib"] = 8.0
     assert tab_generate.gpu_room(path, "cuda:0") == ""
-    cache = tab_generate.PipelineCache()
-    assert not cache.holds(path, True)
-    cache._loaded = cache.key(path, True)
-    assert cache.holds(path, True) and not cache.holds(path, False)
+    cache, freed = tab_generate.PipelineCache(), []
+    monkeypatch.setattr(tab_generate, "release_memory", lambda *a: freed.append(1))
+    assert not cache.drop_unless(path, True) and not freed      # nothing loaded
+    cache._pipe, cache._loaded = object(), cache.key(path, True)
+    assert cache.drop_unless(path, True) and cache._pipe is not None
+    # another choice drops the loaded model first: its memory counts as free
+    assert not cache.drop_unless(path, False) and cache._pipe is None and freed == [1]
