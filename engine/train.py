@@ -94,7 +94,14 @@ from engine.train_io import (
     run_captions,
     start_compile_clock,
 )
-from engine.train_state import HOST_SEED, Parts, TrainState, payload, restore, rollback
+from engine.train_state import (
+    Parts,
+    TrainState,
+    host_generator,
+    payload,
+    restore,
+    rollback,
+)
 from engine.trainable import Trainable
 
 T_BINS = 10
@@ -251,8 +258,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     zclip = ZClip(tr.zclip_z, tr.zclip_alpha, tr.zclip_warmup) if tr.zclip else None
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
     noise_gen = torch.Generator(device=device).manual_seed(tr.seed * 1000 + d.rank)
-    host_gen = (None if device.type == "cpu" else
-                torch.Generator().manual_seed(tr.seed * 1000 + d.rank + HOST_SEED))
+    host_gen = host_generator(device, tr.seed * 1000 + d.rank)
     ddp_model = (nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         # the model's buffers are constants that every rank builds alike: no broadcast

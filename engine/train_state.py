@@ -36,6 +36,12 @@ from engine.job import resume_target
 HOST_SEED = 500_000   # added to a rank's noise seed for its host-side generator (on a GPU)
 
 
+def host_generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """The CPU generator of a rank's host-side draws beside a GPU noise generator seeded
+    with `seed`; None on the CPU, where the noise generator serves (Parts.host_draws)."""
+    return None if device.type == "cpu" else torch.Generator().manual_seed(seed + HOST_SEED)
+
+
 class RestoreError(RuntimeError):
     """A checkpoint that does not fit the run it is restored into."""
 
@@ -149,8 +155,7 @@ def restore(ckpt: CheckpointInfo, state: TrainState, parts: Parts, *, d: Dist,
     why = restore_rng_states(d, parts.noise_gen, device, tensors, parts.host_gen)
     if why:
         parts.noise_gen.manual_seed(seed * 1000 + d.rank + 7 * state.step)
-        if parts.host_gen is not None:
-            parts.host_gen.manual_seed(seed * 1000 + d.rank + 7 * state.step + HOST_SEED)
+        parts.host_gen = host_generator(device, seed * 1000 + d.rank + 7 * state.step)
         event("rng-reseeded", f"{why}; its noise is drawn afresh")
     changed = ("the dataset differs from the one this checkpoint was trained on"
                if info.get("fingerprint") != fingerprint else "")

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,36 +161,43 @@ class ComputeGate:
         return self._holders > 0
 
     @contextlib.contextmanager
-    def generation(self) -> Iterator[str]:
+    def _held(self, refusal: Callable[[RunInfo | None], str]) -> Iterator[RunInfo | None]:
+        """Hold the gate for the work in the `with` block, unless `refusal` of the active run
+        (None when none is) gives a reason not to: then RunnerError with it."""
         with self._runner._lock:
             run = self._runner.active()
-            if run is not None and on_cpu(run.device or resolve_device(None)):
-                raise RunnerError("training is running on the CPU: pause it (Train tab) to "
-                                  "generate")
+            if why := refusal(run):
+                raise RunnerError(why)
             self._holders += 1
         try:
-            yield self._note(run)
+            yield run
         finally:
             with self._runner._lock:
                 self._holders -= 1
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator[str]:
+        """A generation: refused beside a run on the CPU, with a note beside one on a GPU."""
+        def refusal(run: RunInfo | None) -> str:
+            if run is not None and on_cpu(run.device or resolve_device(None)):
+                return "training is running on the CPU: pause it (Train tab) to generate"
+            return ""
+        with self._held(refusal) as run:
+            yield self._note(run)
 
     @contextlib.contextmanager
     def dry_run(self) -> Iterator[None]:
         """The Train tab's dry run: a whole training step in the studio's own process, so
         never beside a live run, on any device (on a GPU it would take a second run's
         memory from the card the run trains on)."""
-        with self._runner._lock:
-            run = self._runner.active()
-            if run is not None:
-                raise RunnerError(f"training ({run.run_id}) is running on "
-                                  f"{run.device or 'this machine'}: a dry run beside it would "
-                                  f"take its memory and time; pause or stop it first")
-            self._holders += 1
-        try:
+        def refusal(run: RunInfo | None) -> str:
+            if run is None:
+                return ""
+            return (f"training ({run.run_id}) is running on {run.device or 'this machine'}: "
+                    f"a dry run beside it would take its memory and time; pause or stop it "
+                    f"first")
+        with self._held(refusal):
             yield
-        finally:
-            with self._runner._lock:
-                self._holders -= 1
 
     @staticmethod
     def _note(run: RunInfo | None) -> str:

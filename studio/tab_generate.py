@@ -30,6 +30,7 @@ from engine.generate_io import (
     trained_sizes,
 )
 from engine.images import BROKEN_FILE_ERRORS
+from engine.preflight import count_parameters, text_shape
 from engine.sampling import SAMPLER_LABELS, SAMPLERS, STOCHASTIC
 from studio import gen_settings, views
 from studio.paths import PathError, names_local_path, resolve_inside
@@ -105,8 +106,6 @@ def gpu_room(path: Path, run_device: str | None) -> str:
     and GENERATION_HEADROOM for the images."""
     if not run_device or not run_device.startswith("cuda") or not torch.cuda.is_available():
         return ""
-    from engine.generate_io import checkpoint_config
-    from engine.preflight import count_parameters, text_shape
     _, cfg, _ = checkpoint_config(path)
     need = (count_parameters(cfg) * 4 + text_shape(cfg.text)[1] * 2) / 2 ** 30 \
         + GENERATION_HEADROOM
