@@ -137,6 +137,9 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # a gloo group of all ranks for waits that may outlast the process group's timeout
+    # (`main_rank_first`); None with one process
+    patient: object = None
 
     @property
     def main(self) -> bool:
@@ -155,8 +158,18 @@ def setup_device(name: str | None) -> tuple[Dist, torch.device]:
         # rank 0 alone validates, samples (compiling its no-grad blocks the first time) and
         # writes checkpoints while the others wait at the next collective: give that an
         # hour, not NCCL's default of ten minutes, before a waiting rank gives up
-        dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(hours=1))
+        # device_id binds the rank to its GPU from the start: NCCL sets up its communicator
+        # for that device at once, and barriers need not guess the device from the rank
+        backend = process_group_backend(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1),
+                                device_id=device if backend == "nccl" else None)
+    if d.world > 1:
+        # rank 0 may encode millions of captions while the others wait: hours, not minutes
+        d.patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     return d, device
+
+
+PATIENT_TIMEOUT = datetime.timedelta(days=7)
 
 
 def process_group_backend(device: torch.device) -> str:
@@ -165,29 +178,60 @@ def process_group_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
 
 
-def broadcast_flags(d: Dist, flags: list[bool]) -> list[bool]:
-    if d.world == 1:
-        return flags
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.broadcast(t, 0)
-    return [bool(v) for v in t.tolist()]
+def _collective_device(device: torch.device) -> torch.device:
+    """Where a collective's tensor lives: the GPU under NCCL, else the CPU (gloo)."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def mean_over_ranks(d: Dist, value: Tensor) -> Tensor:
-    """The mean of a scalar tensor over all ranks, still on the device (no host read)."""
+def any_rank(d: Dist, flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag set on any rank (a collective call; the flags unchanged with one rank)."""
     if d.world == 1:
-        return value
-    on_cpu = dist.get_backend() != "nccl"
-    t = value.detach().double().reshape(1)
-    t = t.cpu() if on_cpu else t
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+    t = t.to(_collective_device(device))
     dist.all_reduce(t)
-    return (t / d.world).to(value.device).reshape(())
+    return [v > 0 for v in t.tolist()]
+
+
+def read_step(d: Dist, loss: Tensor, norm: Tensor,
+              flags: list[bool]) -> tuple[float, float, list[bool]]:
+    """A training step's one read from the device: the loss averaged over the ranks, the
+    gradient norm, and each flag set on any rank (rank 0's requests from the studio, any
+    rank's stop signal), through one collective and one transfer. The flags are written
+    into the collective's tensor on the device, so no host-to-device copy waits for the
+    queue either."""
+    if d.world == 1:
+        loss_v, norm_v = read_scalars(loss, norm)
+        return loss_v, norm_v, list(flags)
+    t = torch.zeros(1 + len(flags), dtype=torch.float64,
+                    device=_collective_device(loss.device))
+    t[0] = loss.detach()
+    for i, flag in enumerate(flags):
+        if flag:
+            t[1 + i] = 1.0   # a fill on the device, not a copy from the host
+    dist.all_reduce(t)
+    loss_v, *flag_v, norm_v = read_scalars(t, norm.to(t.device))
+    return loss_v / d.world, norm_v, [v > 0 for v in flag_v]
 
 
 def read_scalars(*values: Tensor) -> list[float]:
-    """Scalar tensors as Python floats in one transfer from the device."""
-    return torch.stack([v.detach().double().reshape(()) for v in values]).tolist()
+    """The elements of tensors (scalars or vectors) as Python floats, in one transfer
+    from the device."""
+    return torch.cat([v.detach().double().reshape(-1) for v in values]).tolist()
+
+
+@contextlib.contextmanager
+def main_rank_first(d: Dist):
+    """Rank 0 runs the block while the other ranks wait; then they run it: what rank 0
+    built once (the text features' disk cache, the dataset's index) the others find
+    there, without loading what builds it. The wait is a barrier of the `patient` group,
+    whose timeout is days: filling the cache for a large dataset takes hours. (A rank
+    that fails ends the others through torchrun.)"""
+    if d.world > 1 and not d.main:
+        dist.barrier(group=d.patient)
+    yield
+    if d.world > 1 and d.main:
+        dist.barrier(group=d.patient)
 
 
 def check_ranks_in_sync(d: Dist, model: nn.Module, log) -> None:

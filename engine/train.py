@@ -44,15 +44,15 @@ from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
     PRECISIONS,
     Dist,
+    any_rank,
     autocast_for,
     barrier,
-    broadcast_flags,
     check_ranks_in_sync,
     compiler_problem,
     compute_precision,
     frozen_dtype,
-    mean_over_ranks,
-    read_scalars,
+    main_rank_first,
+    read_step,
     setup_device,
 )
 from engine.encoders import DinoTeacher, load_text_encoder
@@ -158,7 +158,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             log(f"recovery: {note}")
 
     # ---- data ---------------------------------------------------------------------
-    scan = scan_dataset(cfg.data.path, cfg.data, cache_path=run.root / "dataset-index.json")
+    with main_rank_first(d):   # rank 0 reads the image headers; the others, its index of them
+        scan = scan_dataset(cfg.data.path, cfg.data, cache_path=run.root / "dataset-index.json")
     plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, tr.batch_size,
                         world_size=d.world, grad_accum=tr.grad_accum)
     if why := why_nothing_trains(scan, plan):
@@ -215,8 +216,9 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         tr = replace(tr, precision=precision)
     frozen = frozen_dtype(PRECISIONS[tr.precision])
     if cfg.text.encoder == "qwen3":   # frozen: its features come from the disk cache
-        text_encoder = cached_text_encoder(cfg.text, run_captions(plan, cfg, prompts.captions()),
-                                           device, frozen, log)
+        with main_rank_first(d):   # which rank 0 fills; the others then only read it
+            text_encoder = cached_text_encoder(
+                cfg.text, run_captions(plan, cfg, prompts.captions()), device, frozen, log)
     else:
         text_encoder = load_text_encoder(cfg.text, device)
     teacher = DinoTeacher(lo.repa_teacher, device, frozen) if lo.repa_teacher else None
@@ -263,7 +265,9 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         model, device_ids=[device.index] if device.type == "cuda" else None,
         # the model's buffers are constants that every rank builds alike: no broadcast
         broadcast_buffers=False,
-        find_unused_parameters=model.repa is not None or sra_on) if d.world > 1 else model)
+        # iREPA's projector is idle once loss.repa_until is reached; the rest, self-alignment's
+        # projector too, takes part in every step
+        find_unused_parameters=model.repa is not None) if d.world > 1 else model)
 
     # ---- state that checkpoints carry -------------------------------------------------
     st = TrainState(origin=origin)
@@ -447,13 +451,20 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             if len(batch):
                 return batch
 
-    reset_peak_memory(device)   # the logged peak is the training's, not the setup's
-    while st.step < st.stop_at:
-        # requests from the studio (main rank reads, every rank acts)
+    def requests() -> tuple[dict, list[bool]]:
+        """What this rank asks of every rank: the studio's requests (rank 0 reads them), a
+        stop signal (any rank), a time-based save (rank 0's clock)."""
         wanted = report.requests() if d.main else {}
         if signals.hit:
             wanted["stop"] = "signal"
-        *flags, time_save = broadcast_flags(d, [k in wanted for k in REQUESTS] + [latest_due()])
+        return wanted, [k in wanted for k in REQUESTS] + [latest_due()]
+
+    reset_peak_memory(device)   # the logged peak is the training's, not the setup's
+    # every rank acts on the requests that any rank asked at the last step's read (here:
+    # one collective before the first step)
+    wanted, flags = requests()
+    *flags, time_save = any_rank(d, flags, device)
+    while st.step < st.stop_at:
         asked = dict(zip(REQUESTS, flags))
         if asked["stop"] or asked["pause"]:
             final_state = "stopped" if asked["stop"] else "paused"
@@ -529,7 +540,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             # fp16: the norm, the clipping and the overflow check see the true gradients
             # (the scaler also notes, on the device, whether any is not finite)
             scaler.unscale_(optimizer)
-        loss, norm = read_scalars(mean_over_ranks(d, terms_sum["total"]), grad_norm(params))
+        # (and what the next step starts with: the requests asked meanwhile)
+        wanted, flags = requests()
+        loss, norm, (*flags, time_save) = read_step(d, terms_sum["total"], grad_norm(params),
+                                                    flags)
         spike = (tr.spike_factor > 0 and st.loss_count >= 20
                  and loss > tr.spike_factor * st.loss_avg)
         # fp16's non-finite gradients are overflows of its loss scale, handled below, until
@@ -609,7 +623,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             save("every")
         if tr.sample_every and st.step % tr.sample_every == 0 and st.step < st.stop_at:
             report.sample(st.step, sample())
-        barrier(d)
+        # no barrier: while rank 0 validates, samples or writes, the others wait in the next
+        # step's first collective (the process group's timeout allows an hour)
 
     # ---- end ------------------------------------------------------------------------------
     save(final_state)

@@ -59,6 +59,21 @@ def test_qwen3_truncates_and_counts(tiny_qwen3):
     assert enc.encode(["", ""]).mask.shape == (2, 1)
 
 
+def test_qwen3_encodes_without_a_kv_cache(tiny_qwen3, monkeypatch):
+    """Qwen3's config asks for a KV cache, which would hold every layer's keys and values
+    (gigabytes for a feature-cache batch) for features that need none."""
+    import transformers.cache_utils as cache_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a KV cache was made")
+
+    enc = load_text_encoder(qwen_cfg(tiny_qwen3))
+    assert enc.model.config.use_cache   # what the config asks
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", refuse)
+    cond = enc.encode(["a red circle", "a much longer caption of a blue square"])
+    assert cond.tokens.shape[0] == 2
+
+
 def test_qwen3_in_bf16(tiny_qwen3):
     enc = load_text_encoder(qwen_cfg(tiny_qwen3), dtype=torch.bfloat16)
     assert enc.encode(["a cat"]).tokens.dtype == torch.bfloat16

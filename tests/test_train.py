@@ -4,8 +4,10 @@ divergence, and keeps DDP ranks in sync."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -236,25 +238,54 @@ def test_divergence_guard_learns_a_new_stages_loss_level_afresh(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_stay_in_sync(demo, tmp_path):
-    run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "engine.train", "--preset", "tiny-cpu", "--data", str(demo), "--run-dir",
-         str(run), "--max-steps", "6", "--device", "cpu",
-         *sets("train.save_every=3", "train.batch_size=4")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    log = proc.stderr
-    assert log.count("2 ranks in sync") >= 4        # both ranks, at steps 3 and 6
-    assert "[rank 1] 2 ranks in sync" in log
-    status = RunDir(run).read_status()
-    assert status.state == "completed" and status.world_size == 2
+def test_ddp_two_processes_stay_in_sync(demo, tmp_path, tiny_qwen3):
+    """Two ranks (gloo) with a Qwen3 text encoder and self-alignment. Rank 0 fills the
+    text-feature cache while rank 1 waits, then rank 1 reads it without loading the
+    encoder; every parameter takes part in every step (DDP is not told to look for
+    unused ones, and would stop if one were); the studio's requests, which rank 0 reads,
+    are acted on by both ranks at the same step; the replicas stay identical."""
+    run, rd = tmp_path / "run", RunDir(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "engine.train", "--preset", "tiny-cpu", "--data", str(demo), "--run-dir",
+             str(run), "--max-steps", "100000", "--device", "cpu",
+             *sets("train.save_every=3", "train.batch_size=4", "text.encoder=qwen3",
+                   f"text.name_or_path={tiny_qwen3}", f"text.cache_dir={tmp_path / 'features'}",
+                   "text.max_tokens=16", "loss.sra_weight=0.5")],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: (s := rd.read_status()) and s.state == "running" and s.step >= 4,
+                 timeout=180, what="both ranks training")
+        rid = rd.request("save-now")
+        wait_for(lambda: rd.read_status().handled.get("save-now") == rid, what="save-now")
+        rd.request("pause")
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):   # torchrun and both ranks
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log = log_path.read_text()
+    status = rd.read_status()
+    assert status.state == "paused" and status.world_size == 2
+    # every save (every 3 steps, the request, the pause) checked both ranks, together
+    # (the two ranks' lines may run together in torchrun's output: counted, not split)
+    ranked = log.count("[rank 1] 2 ranks in sync")
+    assert ranked >= 3 and log.count("2 ranks in sync") == 2 * ranked, log[-3000:]
+    assert "self-alignment on" in log
+    assert "did not find any unused parameters" not in log   # no needless search for them
+    assert log.count("captions encoded in") == 1                      # by one rank: rank 0
+    assert not re.search(r"\[rank 1\] text features: \d+ captions encoded", log)
+    assert re.search(r"\[rank 1\] text features: all \d+ captions found in the feature "
+                     r"cache .*; the text encoder is not loaded", log)
     assert all(r["images_s"] > 0 for r in records(run, "images_s"))
     # every rank's random state is saved, so a resume continues each rank's own noise
     from engine.checkpoint import latest_resumable, load_state
-    tensors, info = load_state(latest_resumable(run / "checkpoints").state_path)
+    last = latest_resumable(run / "checkpoints")
+    assert last.step == status.step
+    tensors, info = load_state(last.state_path)
     assert {"rng.noise.0", "rng.noise.1", "rng.torch.0", "rng.torch.1"} <= set(tensors)
     assert not torch.equal(tensors["rng.noise.0"], tensors["rng.noise.1"])
 

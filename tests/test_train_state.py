@@ -171,3 +171,22 @@ def test_rollback_restores_weights_halves_the_rate_and_keeps_the_counters(tmp_pa
     assert rollback(None, st, fresh, initial, CPU) == "the initial weights"
     assert all(torch.equal(fresh.model.state_dict()[k], v) for k, v in initial.items())
     assert fresh.ema.updates == 0 and not fresh.optimizer.state and st.lr_scale == 0.25
+
+
+def test_rank_zero_goes_first_and_the_others_wait_in_the_patient_group(monkeypatch):
+    """What rank 0 fills (the text features' cache) the others read after it: they wait
+    in the gloo group whose timeout is days, not in the process group's hour."""
+    import torch.distributed as dist
+
+    from engine.distributed import PATIENT_TIMEOUT, main_rank_first
+    calls, patient = [], object()
+    monkeypatch.setattr(dist, "barrier", lambda group=None: calls.append(("wait", group)))
+    for rank in (0, 1):
+        with main_rank_first(Dist(rank, 2, rank, patient=patient)):
+            calls.append(("work", rank))
+    assert calls == [("work", 0), ("wait", patient), ("wait", patient), ("work", 1)]
+    assert PATIENT_TIMEOUT.days >= 1
+    calls.clear()
+    with main_rank_first(Dist()):   # one process: no wait at all
+        calls.append(("work", 0))
+    assert calls == [("work", 0)]
