@@ -193,6 +193,18 @@ def any_rank(d: Dist, flags: list[bool], device: torch.device) -> list[bool]:
     return [v > 0 for v in t.tolist()]
 
 
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """A CPU tensor on `device`. To a GPU through pinned memory, without waiting: for a copy
+    from ordinary (pageable) memory CUDA may first drain the stream to stage it (its API
+    synchronization notes), which at a stochastic sampler's every step (fresh noise) or a
+    training step's every micro-batch (prompts) would keep the host from preparing the
+    next while the GPU computes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def read_step(d: Dist, loss: Tensor, norm: Tensor,
               flags: list[bool]) -> tuple[float, float, list[bool]]:
     """A training step's one read from the device: the loss averaged over the ranks, the

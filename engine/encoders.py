@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from engine.config import TextConfig
+from engine.distributed import to_device
 from engine.model import TextCond
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,9 +99,7 @@ class BuiltinTextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> TextCond:
         ids, mask = self.tokenize(prompts)
         dense = bool(mask[:, 1:].all())   # known here, on the CPU, for free
-        # CPU -> GPU without waiting for the GPU's queue: the source is staged at once
-        ids = ids.to(self.pos.device, non_blocking=True)
-        mask = mask.to(self.pos.device, non_blocking=True)
+        ids, mask = to_device(ids, self.pos.device), to_device(mask, self.pos.device)
         emb = self.embed(ids)                                                   # (B, 1+T, C)
         x = emb + self.pos[: ids.shape[1]]
         if self.layers is not None:

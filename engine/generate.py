@@ -45,7 +45,13 @@ from engine.attention import pre_ampere
 from engine.checkpoint import CheckpointError, load_weights
 from engine.config import RunConfig, SampleConfig
 from engine.dataset import to_uint8
-from engine.distributed import PRECISIONS, compiler_problem, compute_precision, resolve_device
+from engine.distributed import (
+    PRECISIONS,
+    compiler_problem,
+    compute_precision,
+    resolve_device,
+    to_device,
+)
 from engine.fileio import file_hash
 from engine.flow import to_clean
 from engine.generate_io import (
@@ -244,18 +250,6 @@ class SelfCondState:
                              f"{self.batch} images")
         return batch.split(self.batch)
 
-
-
-@torch.no_grad()
-def to_device(t: Tensor, device: torch.device | str) -> Tensor:
-    """A CPU tensor on `device`. To a GPU through pinned memory, without waiting: for a copy
-    from ordinary (pageable) memory CUDA may first drain the stream to stage it (its API
-    synchronization notes), which at a stochastic sampler's every step would keep the host
-    from drawing the next noise while the GPU computes."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, seeds: list[int],
@@ -514,15 +508,31 @@ class Pipeline:
         chunks = [range(a, min(a + size, count)) for a in range(0, count, size)]
 
         done, shown = [], [-math.inf]   # when the last preview was made (the request's)
+        precision = [self.precision] * count   # each image's, as its PNG records it
         for c, idx in enumerate(chunks):
-            done.append(render(
-                self.net, self.encode, [per_image[i] for i in idx], negative,
-                [seeds[i] for i in idx], width, height, steps=steps, sampler=sampler, cfg=cfg,
-                rescale=rescale, interval=interval, shift=shift, ramp=ramp,
-                **sample_options(s, pag, noise_interval, coarse, coarse_sigma),
-                amp_dtype=PRECISIONS[self.precision],
-                init=init, strength=strength if init is not None else 1.0,
-                callback=_chunk_progress(callback, c, len(chunks), shown)))
+            def chunk(amp: str, c=c, idx=idx) -> Tensor:
+                return render(
+                    self.net, self.encode, [per_image[i] for i in idx], negative,
+                    [seeds[i] for i in idx], width, height, steps=steps, sampler=sampler,
+                    cfg=cfg, rescale=rescale, interval=interval, shift=shift, ramp=ramp,
+                    **sample_options(s, pag, noise_interval, coarse, coarse_sigma),
+                    amp_dtype=PRECISIONS[amp], init=init,
+                    strength=strength if init is not None else 1.0,
+                    callback=_chunk_progress(callback, c, len(chunks), shown))
+            x = chunk(self.precision)
+            if torch.isnan(x).any() and self.precision == "fp16":
+                # fp16 (GPUs before Ampere) reaches 65504, bf16 and fp32 about 3e38: a
+                # model trained in bf16 may overflow it. Those images are made in fp32
+                x = chunk("fp32")
+                for i in idx:
+                    precision[i] = "fp32"
+            if torch.isnan(x).any():
+                raise GenerateError(
+                    f"the network gave NaN (not a number) for seed {seeds[idx[0]]} in "
+                    f"{precision[idx[0]]}: its weights in {self.path.name} hold or produce "
+                    f"non-numbers. Generate from an earlier checkpoint of the run, or with its "
+                    f"raw weights instead of the EMA (--no-ema)")
+            done.append(x)
         images = to_pil(torch.cat(done))
         out = []
         for i, image in enumerate(images):
@@ -537,7 +547,7 @@ class Pipeline:
                 "run_id": self.run_id, "checkpoint": self.path.name,
                 "checkpoint_step": self.step, "checkpoint_hash": self.checkpoint_hash,
                 "weights": self.weights, "prediction": self.cfg.model.prediction,
-                "dtype": self.precision, "device": self.device.type,
+                "dtype": precision[i], "device": self.device.type,
                 "engine_version": __version__,
             }
             image.info.update(png_text(params))

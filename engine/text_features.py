@@ -255,15 +255,19 @@ class TextFeatureCache:
             spans.append((shard, int(shard.offsets[r]), int(shard.offsets[r + 1]), r))
         lengths = torch.tensor([end - start for _, start, end, _ in spans])
         T = max(1, int(lengths.max()))
-        tokens = torch.zeros(len(captions), T, self.dim, dtype=self.dtype)   # (B, T, C)
-        pooled = torch.zeros(len(captions), self.dim, dtype=self.dtype)      # (B, C)
+        # for a GPU, built in pinned memory: a copy from pageable memory may first drain
+        # the GPU's queue to stage it (CUDA's API synchronization notes), in every micro-batch
+        pin = self.device.type == "cuda"
+        tokens = torch.zeros(len(captions), T, self.dim, dtype=self.dtype,
+                             pin_memory=pin)                                  # (B, T, C)
+        pooled = torch.zeros(len(captions), self.dim, dtype=self.dtype, pin_memory=pin)
+        mask = torch.zeros(len(captions), T, dtype=torch.bool, pin_memory=pin)  # (B, T)
+        torch.lt(torch.arange(T), lengths[:, None], out=mask)
         for b, (shard, start, end, r) in enumerate(spans):
             if shard is not None:
                 if end > start:
                     tokens[b, : end - start] = shard.tokens[start:end]
                 pooled[b] = shard.pooled[r:r + 1][0]
-        mask = torch.arange(T) < lengths[:, None]                             # (B, T)
-        # CPU -> GPU without waiting for the GPU's queue: the source is staged at once
         return TextCond(tokens, mask, pooled).to(self.device, non_blocking=True)
 
     # ---- writing ------------------------------------------------------------------

@@ -119,18 +119,23 @@ def _load_training_objects(ckpt: CheckpointInfo, parts: Parts, device: torch.dev
                            ) -> tuple[dict, dict[str, Tensor], dict]:
     """Weights, EMA, optimizer, ZClip and scaler from `ckpt`; returns (weights metadata,
     state tensors, state JSON)."""
-    weights, meta = load_weights(ckpt.path, ema=False, device=device)
+    # read on the CPU and copied into the tensors the model and EMA already have on the
+    # device: a rollback in mid-run then needs no second copy of either on the GPU
+    weights, meta = load_weights(ckpt.path, ema=False)
     try:
         parts.model.load_state_dict(weights)
     except RuntimeError as e:
         raise RestoreError(f"checkpoint {ckpt.path.name} does not fit this config (was the "
                            f"model section changed?): {str(e).splitlines()[0]}") from e
+    del weights
     if parts.ema is not None:
-        ema_w, ema_meta = load_weights(ckpt.path, ema=True, device=device)
+        ema_w, ema_meta = load_weights(ckpt.path, ema=True)
         if ema_meta.get("has_ema"):
             for k in parts.ema.shadow:
                 parts.ema.shadow[k].copy_(ema_w[k])
+        del ema_w
     tensors, info = load_state(ckpt.state_path, device="cpu")
+    parts.optimizer.state.clear()   # the moments it replaces go first (2x the weights)
     opt_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")}
     parts.optimizer.load_state_dict(unflatten_optimizer(opt_tensors, info["optimizer"]))
     if parts.zclip and info.get("zclip"):
@@ -183,7 +188,7 @@ def rollback(ckpt: CheckpointInfo | None, state: TrainState, parts: Parts,
         where = ckpt.path.name
     else:
         if initial is not None:
-            parts.model.load_state_dict({k: v.to(device) for k, v in initial.items()})
+            parts.model.load_state_dict(initial)   # copied into the model's own tensors
             parts.optimizer.state.clear()
             if parts.ema is not None:   # the average may hold the bad steps as well
                 parts.ema.updates = 0

@@ -466,3 +466,39 @@ def test_half_precision_a_cpu_would_emulate_is_refused(monkeypatch):
     assert resolve_precision(None, torch.device("cpu")) == "fp32"
     monkeypatch.setattr(distributed, "native_half", lambda precision: True)
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_images_that_overflow_fp16_are_made_again_in_fp32(pipe, monkeypatch):
+    """GPUs before Ampere generate in fp16, whose range (65504) a model trained in bf16
+    may exceed: NaN images would come out as noise. Those are made in fp32, and their
+    PNG says so; a request in fp32 gives the same images."""
+    import copy
+
+    import engine.generate as generate
+    real, asked = generate.render, []
+
+    def render(*args, amp_dtype=None, **kwargs):
+        asked.append(amp_dtype)
+        out = real(*args, amp_dtype=None, **kwargs)   # the CPU computes fp32 here
+        return torch.full_like(out, float("nan")) if amp_dtype == torch.float16 else out
+    monkeypatch.setattr(generate, "render", render)
+    half = copy.copy(pipe)
+    half.precision = "fp16"
+    kwargs = dict(seed=5, n=2, batch_size=1, steps=2, width=16, height=16)
+    images = half.generate("a red circle", **kwargs)
+    assert asked == [torch.float16, torch.float32, torch.float16, torch.float32]
+    assert [im.params["dtype"] for im in images] == ["fp32", "fp32"]
+    plain = pipe.generate("a red circle", **kwargs)
+    for a, b in zip(images, plain, strict=True):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_a_network_that_gives_nan_is_named_not_drawn_as_noise(pipe, monkeypatch):
+    import engine.generate as generate
+    real = generate.render
+    monkeypatch.setattr(generate, "render", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(GenerateError) as e:
+        pipe.generate("a red circle", seed=9, steps=2, width=16, height=16)
+    text = one_line(str(e.value))
+    assert "NaN" in text and "seed 9" in text and "fp32" in text
+    assert pipe.path.name in text and "earlier checkpoint" in text

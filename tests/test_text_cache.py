@@ -25,6 +25,7 @@ from engine.text_features import (
     TextFeatureError,
     build_text_features,
     cached_text_encoder,
+    text_cache_root,
 )
 
 LONG = "a small yellow star on a purple background " * 12   # over max_tokens below
@@ -84,6 +85,38 @@ def test_a_lookup_is_what_the_encoder_gives(enc, tiny_qwen3, tmp_path):
         got = cache.encode([c])
         assert torch.equal(got.tokens, alone.tokens) and torch.equal(got.pooled, alone.pooled)
     assert cache.encode([LONG]).tokens.shape[1] == 16   # truncated like the encoder
+
+
+def test_features_for_a_gpu_are_built_in_pinned_memory(enc, tiny_qwen3, tmp_path,
+                                                       monkeypatch):
+    """Every micro-batch's features go from the cache to the GPU: from pinned memory and
+    non-blocking, since CUDA may drain the GPU's queue to stage a copy from pageable
+    memory. (No GPU here: the pinning and the copy are recorded, not made.)"""
+    cfg = qwen_cfg(tiny_qwen3, tmp_path)
+    build_text_features(enc, CAPS, cfg, log=lambda _: None)
+    want = TextFeatureCache(text_cache_root(cfg), enc.folder, 16, enc.model.dtype).encode(
+        ["a cat", CAPS[0]])
+    pinned, copies = [], []
+    real_zeros, real_to = torch.zeros, torch.Tensor.to
+
+    def zeros(*args, pin_memory=False, **kwargs):
+        t = real_zeros(*args, **kwargs)
+        pinned.append(pin_memory)
+        return t
+
+    def to(t, *args, **kwargs):
+        device = kwargs.get("device", args[0] if args else None)
+        if device is not None and torch.device(device).type == "cuda":
+            copies.append(kwargs.get("non_blocking", False))
+            return t
+        return real_to(t, *args, **kwargs)
+    cache = TextFeatureCache(text_cache_root(cfg), enc.folder, 16, enc.model.dtype, "cuda")
+    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    got = cache.encode(["a cat", CAPS[0]])
+    assert pinned == [True, True, True] and copies == [True, True, True]
+    assert torch.equal(got.mask, want.mask) and torch.equal(got.tokens, want.tokens)
+    assert torch.equal(got.pooled, want.pooled)
 
 
 def test_a_second_build_encodes_nothing_and_new_captions_add_a_shard(enc, tiny_qwen3,
