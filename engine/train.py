@@ -264,7 +264,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     ddp_model = (nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         # the model's buffers are constants that every rank builds alike: no broadcast
-        broadcast_buffers=False,
+        # before each forward (torch 2.13's name; broadcast_buffers is deprecated)
+        forward_sync_buffers=False,
+        # the gradients are views of DDP's all-reduce buckets: no second copy of them (4
+        # bytes a parameter) and no copy between the two after every backward
+        gradient_as_bucket_view=True,
         # iREPA's projector is idle once loss.repa_until is reached; the rest, self-alignment's
         # projector too, takes part in every step
         find_unused_parameters=model.repa is not None) if d.world > 1 else model)
