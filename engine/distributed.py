@@ -152,6 +152,12 @@ def setup_device(name: str | None) -> tuple[Dist, torch.device]:
     device = resolve_device(name)
     if device.type == "cuda":
         # under torchrun each rank takes the GPU of its local rank
+        if d.world > 1 and d.local_rank >= torch.cuda.device_count():
+            raise DeviceError(
+                f"torchrun started more processes on this machine than PyTorch sees GPUs "
+                f"({torch.cuda.device_count()}; this is local rank {d.local_rank}): set "
+                f"--nproc_per_node (the studio: GPUs) to at most {torch.cuda.device_count()}, "
+                f"or check CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", d.local_rank if d.world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
     if d.world > 1 and not dist.is_initialized():
@@ -205,25 +211,36 @@ def to_device(t: Tensor, device: torch.device | str) -> Tensor:
     return t.to(device)
 
 
+def sum_over_ranks(d: Dist, t: Tensor) -> Tensor:
+    """The elementwise sum of `t` over the ranks, on `t`'s device (a collective call)."""
+    if d.world == 1:
+        return t
+    on = t.to(_collective_device(t.device))
+    dist.all_reduce(on)
+    return on.to(t.device)
+
+
 def read_step(d: Dist, loss: Tensor, norm: Tensor,
               flags: list[bool]) -> tuple[float, float, list[bool]]:
-    """A training step's one read from the device: the loss averaged over the ranks, the
-    gradient norm, and each flag set on any rank (rank 0's requests from the studio, any
-    rank's stop signal), through one collective and one transfer. The flags are written
+    """A training step's one read from the device: the loss and the gradient norm averaged
+    over the ranks, and each flag set on any rank (rank 0's requests from the studio, any
+    rank's stop signal), through one collective and one transfer. The norm of the
+    all-reduced gradients is the same on every rank but for rounding (GPUs of two kinds):
+    averaged, every rank clips, and takes or skips the step, alike. The flags are written
     into the collective's tensor on the device, so no host-to-device copy waits for the
     queue either."""
     if d.world == 1:
         loss_v, norm_v = read_scalars(loss, norm)
         return loss_v, norm_v, list(flags)
-    t = torch.zeros(1 + len(flags), dtype=torch.float64,
+    t = torch.zeros(2 + len(flags), dtype=torch.float64,
                     device=_collective_device(loss.device))
-    t[0] = loss.detach()
+    t[0], t[1] = loss.detach(), norm.detach()
     for i, flag in enumerate(flags):
         if flag:
-            t[1 + i] = 1.0   # a fill on the device, not a copy from the host
+            t[2 + i] = 1.0   # a fill on the device, not a copy from the host
     dist.all_reduce(t)
-    loss_v, *flag_v, norm_v = read_scalars(t, norm.to(t.device))
-    return loss_v / d.world, norm_v, [v > 0 for v in flag_v]
+    loss_v, norm_v, *flag_v = read_scalars(t)
+    return loss_v / d.world, norm_v / d.world, [v > 0 for v in flag_v]
 
 
 def read_scalars(*values: Tensor) -> list[float]:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ from engine.distributed import (
     main_rank_first,
     read_step,
     setup_device,
+    sum_over_ranks,
 )
 from engine.encoders import DinoTeacher, load_text_encoder
 from engine.flow import (
@@ -218,7 +220,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     if cfg.text.encoder == "qwen3":   # frozen: its features come from the disk cache
         with main_rank_first(d):   # which rank 0 fills; the others then only read it
             text_encoder = cached_text_encoder(
-                cfg.text, run_captions(plan, cfg, prompts.captions()), device, frozen, log)
+                cfg.text, run_captions(plan, cfg, prompts.captions(), samples=d.main), device,
+                frozen, log)
     else:
         text_encoder = load_text_encoder(cfg.text, device)
     teacher = DinoTeacher(lo.repa_teacher, device, frozen) if lo.repa_teacher else None
@@ -272,6 +275,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         # iREPA's projector is idle once loss.repa_until is reached; the rest, self-alignment's
         # projector too, takes part in every step
         find_unused_parameters=model.repa is not None) if d.world > 1 else model)
+    # gradients are freed between steps with one process; under DDP they are views of its
+    # buckets, which stay: zeroed in place, or every backward would make new gradients and
+    # DDP copy them into the buckets (and micro-batches without its exchange keep both)
+    free_grads = d.world == 1
 
     # ---- state that checkpoints carry -------------------------------------------------
     st = TrainState(origin=origin)
@@ -489,7 +496,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         lr = lr_at(st.step, tr) * st.lr_scale
         for g in optimizer.param_groups:
             g["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=free_grads)
         # device tensors: the step reads back one pair of numbers (loss, gradient norm)
         terms_sum: dict[str, Tensor] = {}
         images, tokens, step_paths = 0, 0, []
@@ -556,7 +563,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                     and scaler.get_scale() > MIN_LOSS_SCALE)
         bad_grads = not math.isfinite(norm) and not overflow
         if not math.isfinite(loss) or bad_grads or spike:
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=free_grads)
             if scaler.is_enabled():
                 scaler.update()   # ends this step's unscaling (lowers the scale on an inf)
             bad_steps += 1
@@ -591,16 +598,16 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             # schedule and logged norms stay as they were
             scale = scaler.get_scale()
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=free_grads)
             log(f"step {st.step + 1}: fp16 gradients overflowed at loss scale {scale:g}; the "
                 f"scale is halved and the step taken with the next batch")
             continue
         norm, clipped = clip_gradients(params, zclip, tr.grad_clip, norm)
         scaler.step(optimizer)
         scaler.update()
-        # the gradients are freed now, not at the next step: validation, sample grids and
-        # checkpoints between the two then have their memory (4 bytes per parameter)
-        optimizer.zero_grad(set_to_none=True)
+        # the gradients are freed now (one process), not at the next step: validation, sample
+        # grids and checkpoints between the two then have their memory (4 bytes a parameter)
+        optimizer.zero_grad(set_to_none=free_grads)
         if ema is not None:
             ema.update()
         st.step += 1
@@ -611,8 +618,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                    time.perf_counter() - t0, bin_loss, bin_count)
 
         if st.step % tr.log_every == 0 or st.step == st.stop_at:
-            report.metrics(st.step, st.epoch, lr, {**window.flush(),
-                                                   "skipped_batches": skipped_total,
+            means = window.flush(partial(sum_over_ranks, d), d.world)   # all ranks' batches
+            report.metrics(st.step, st.epoch, lr, {**means, "skipped_batches": skipped_total,
                                                    "bad_files": bad_files_total},
                            st.stop_at, device)
         if tr.val_every and st.step % tr.val_every == 0:

@@ -121,6 +121,9 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
     return cfg
 
 
+STOPPED_EARLY_RANK = 3   # a torchrun rank stopped before training began (see main)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run = RunDir(args.run_dir)
@@ -147,7 +150,10 @@ def main(argv=None) -> int:
         state = train(cfg, run, resume=args.resume, stop_at=args.max_steps, device_name=args.device)
     except StoppedEarly as e:
         _fail(run, str(e), state="stopped")
-        return 0
+        # under torchrun the other ranks may be waiting in a collective for this one, where
+        # no stop request or signal reaches them (until the process group's timeout, an
+        # hour): torchrun ends them when a rank fails, and only then
+        return 0 if int(os.environ.get("WORLD_SIZE", 1)) == 1 else STOPPED_EARLY_RANK
     except (ConfigError, TrainError, RestoreError, DataError, EncoderLoadError, CheckpointError,
             DeviceError, RankSyncError, DiskFull) as e:
         _fail(run, str(e), new_run=bool(args.preset))

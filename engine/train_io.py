@@ -474,14 +474,22 @@ class MetricWindow:
         self.bin_loss = self.bin_loss + bin_loss
         self.bin_count = self.bin_count + bin_count
 
-    def flush(self) -> dict:
+    def flush(self, over_ranks: Callable[[Tensor], Tensor] | None = None,
+              world: int = 1) -> dict:
+        """The window's means. Under DDP (`over_ranks`: the sum of a tensor over the
+        `world` ranks, a collective that every rank calls at the same step) the loss terms
+        and time bins are those of every rank's batches, not rank 0's alone."""
         n = max(self.n, 1)
         keys = list(self.terms)
-        host = (torch.cat([torch.stack([self.terms[k] for k in keys]).double(),
-                           self.bin_loss.double(), self.bin_count.double()]).tolist()
-                if self.n else [0.0] * (len(keys) + 2 * self.t_bins))
+        if self.n:
+            sums = torch.cat([torch.stack([self.terms[k] for k in keys]).double(),
+                              self.bin_loss.double(), self.bin_count.double()])
+            host = (over_ranks(sums) if over_ranks is not None else sums).tolist()
+        else:
+            host = [0.0] * (len(keys) + 2 * self.t_bins)
         sums, bins = host[:len(keys)], host[len(keys):]
-        out = {("loss" if k == "total" else f"loss_{k}"): v / n for k, v in zip(keys, sums)}
+        out = {("loss" if k == "total" else f"loss_{k}"): v / (n * world)
+               for k, v in zip(keys, sums)}
         out.update(grad_norm=self.norm / n, grad_norm_clipped=self.clipped / n,
                    clip_fraction=self.clips / n, images_s=self.images / max(self.seconds, 1e-9),
                    tokens_s=self.tokens / max(self.seconds, 1e-9), step_s=self.seconds / n,
@@ -495,16 +503,17 @@ class MetricWindow:
 # Captions and dataset fingerprint
 # --------------------------------------------------------------------------------------
 
-def run_captions(plan, cfg: RunConfig, prompts: list[str] = ()) -> list[str]:
-    """Every caption a run can encode, once each: its training and validation captions,
-    data.default_caption, the empty prompt (caption dropout, guidance), the sample prompts
-    and the sample negative prompt, and `prompts` (the texts of the run's prompts file).
-    A frozen encoder's features are made for these before training, and the encoder is
-    unloaded."""
-    return list(dict.fromkeys([*(im.caption for im in plan.images),
-                               *(im.caption for im in plan.val_images),
-                               cfg.data.default_caption, "", *cfg.sample.prompts,
-                               cfg.sample.negative, *prompts]))
+def run_captions(plan, cfg: RunConfig, prompts: list[str] = (), *,
+                 samples: bool = True) -> list[str]:
+    """Every caption a run can encode, once each: its training captions, data.default_caption,
+    the empty prompt (caption dropout, guidance) and, with `samples` (rank 0, which alone
+    validates and samples), the validation captions, the sample prompts and the sample
+    negative prompt, and `prompts` (the texts of the run's prompts file). A frozen
+    encoder's features are made for these before training, and the encoder is unloaded."""
+    sampled = [*(im.caption for im in plan.val_images), *cfg.sample.prompts,
+               cfg.sample.negative, *prompts] if samples else []
+    return list(dict.fromkeys([*(im.caption for im in plan.images), cfg.data.default_caption,
+                               "", *sampled]))
 
 
 def dataset_fingerprint(plan) -> str:

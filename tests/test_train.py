@@ -159,6 +159,47 @@ def test_control_requests_and_states(demo, tmp_path):
     assert "stopped" in out
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_stop_before_training_began_ends_torchruns_other_ranks(demo, tmp_path, monkeypatch,
+                                                                 world):
+    """A stop during setup reaches each rank on its own: one that took it must not end
+    as a success under torchrun, which ends the others (waiting for it in a collective,
+    where no request reaches them) only when a rank fails. The run says stopped."""
+    import engine.train_cli as train_cli_module
+    from engine.train_io import StoppedEarly
+
+    def stopped(*args, **kwargs):
+        raise StoppedEarly("stopped by a stop request before training began")
+    monkeypatch.setattr(train_cli_module, "train", stopped)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    run = tmp_path / "run"
+    code = train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run)])
+    assert code == (0 if world == 1 else train_cli_module.STOPPED_EARLY_RANK) and code != 1
+    status = RunDir(run).read_status()
+    assert status.state == "stopped" and "before training began" in status.message
+
+
+def test_ranks_other_than_0_need_no_features_of_what_only_rank_0_encodes(demo):
+    """Validation and sample grids are rank 0's: its captions, prompts and negative are
+    not encoded on the other ranks (where a prompt file that differs from the config's
+    prompts would otherwise load the text encoder on every GPU)."""
+    from engine.buckets import plan_buckets
+    from engine.config import load_preset
+    from engine.data import scan_dataset
+    from engine.train_io import run_captions
+    cfg = load_preset("tiny-cpu", [f"data.path={demo}", "data.val_images=4",
+                                   "sample.negative=blurry"])
+    plan = plan_buckets(scan_dataset(demo, cfg.data).records, cfg.data, cfg.model.patch_size,
+                        cfg.train.batch_size)
+    main = run_captions(plan, cfg, ["a file prompt"])
+    other = run_captions(plan, cfg, ["a file prompt"], samples=False)
+    trained = {im.caption for im in plan.images}
+    assert set(other) == trained | {"", cfg.data.default_caption}
+    assert {"a file prompt", "blurry", *cfg.sample.prompts,
+            *(im.caption for im in plan.val_images)} <= set(main) - set(other) | trained
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_stops(demo, tmp_path):
     run = tmp_path / "run"

@@ -190,3 +190,63 @@ def test_rank_zero_goes_first_and_the_others_wait_in_the_patient_group(monkeypat
     with main_rank_first(Dist()):   # one process: no wait at all
         calls.append(("work", 0))
     assert calls == [("work", 0)]
+
+
+def test_a_steps_read_agrees_on_loss_norm_and_requests_over_ranks(monkeypatch):
+    """Under DDP each rank's loss differs (its own batch); the norm of the all-reduced
+    gradients may differ in the last bit (GPUs of two kinds); the requests are rank 0's
+    and a stop signal any rank's. One collective makes them the same on every rank. (The
+    other rank is simulated: its numbers are added in the all-reduce.)"""
+    import torch.distributed as dist
+
+    from engine.distributed import read_step
+    other = torch.tensor([3.0, 2.0, 0.0, 1.0, 0.0], dtype=torch.float64)   # loss, norm, flags
+    calls = []
+
+    def all_reduce(t):
+        calls.append(t.shape)
+        t.add_(other)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    loss, norm, flags = read_step(Dist(0, 2, 0), torch.tensor(1.0), torch.tensor(2.5),
+                                  [True, False, False])
+    assert (loss, norm, flags) == (2.0, 2.25, [True, True, False]) and len(calls) == 1
+    # one process: no collective, its own numbers
+    assert read_step(Dist(), torch.tensor(1.0), torch.tensor(2.5), [False, True]) == \
+        (1.0, 2.5, [False, True]) and len(calls) == 1
+
+
+def test_torchrun_with_more_processes_than_gpus_is_refused_by_name(monkeypatch):
+    import engine.distributed as distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(distributed, "note_gpu_capabilities", lambda: None)
+    monkeypatch.setattr(distributed, "allow_tf32", lambda: None)
+    for k, v in {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(distributed.DeviceError) as e:
+        distributed.setup_device("cuda")
+    text = " ".join(str(e.value).split())
+    assert "(2; this is local rank 2)" in text and "--nproc_per_node" in text
+
+
+def test_logged_losses_are_every_ranks_not_rank_0s(monkeypatch):
+    """A metric line's loss terms and loss by time are the means over every rank's
+    batches (one collective per line); with one process, its own."""
+    from engine.train_io import MetricWindow
+
+    def window() -> MetricWindow:
+        w = MetricWindow(2)
+        for total, bins in ((1.0, [1.0, 0.0]), (3.0, [0.0, 3.0])):
+            w.add({"total": torch.tensor(total), "v": torch.tensor(total / 2)}, 1.0, 1.0, 4,
+                  64, 0.5, torch.tensor(bins), torch.tensor([1.0, 0.0]) if bins[0] else
+                  torch.tensor([0.0, 1.0]))
+        return w
+    mine = window().flush()
+    assert mine["loss"] == 2.0 and mine["loss_v"] == 1.0 and mine["loss_t"] == [1.0, 3.0]
+    # the other rank's sums: loss 6 + 10, v 3 + 5, bins (5 over 2 images, 0 over 0)
+    other = torch.tensor([16.0, 8.0, 5.0, 0.0, 2.0, 0.0], dtype=torch.float64)
+    both = window().flush(lambda t: t + other, world=2)
+    assert both["loss"] == (4.0 + 16.0) / 4 and both["loss_v"] == (2.0 + 8.0) / 4
+    assert both["loss_t"] == [2.0, 3.0]
+    assert both["grad_norm"] == mine["grad_norm"] and both["images_s"] == mine["images_s"]
