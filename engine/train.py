@@ -442,7 +442,9 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         log(f"epoch {st.epoch} begins at step {st.step}: stage {k + 1} of {len(stages)}, "
             f"{stage_text(stages, k)}")
 
-    def next_batch():
+    def read_batch():
+        """The loader's next batch (crossing into the next epoch), its failed files logged;
+        it may hold no image when all of them failed."""
         nonlocal data_iter, bad_files_total
         while True:
             try:
@@ -459,8 +461,30 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 if path not in bad_files_named:
                     bad_files_named.add(path)
                     log(f"skipped unreadable image {path}: {why}")
+            return batch
+
+    last_batch, ahead = None, []   # this rank's last batch with images; one read ahead
+
+    def next_batch():
+        """The next batch with images. One process skips a batch whose images all failed.
+        Under DDP that would put this rank a batch ahead of the others for the rest of the
+        epoch (other sizes in one step, an epoch that ends at another step): it trains its
+        last batch again instead (at its first batch: the next one, which then also trains
+        in its own turn)."""
+        nonlocal last_batch
+        while True:
+            batch = ahead.pop() if ahead else read_batch()
             if len(batch):
+                last_batch = batch
                 return batch
+            if d.world > 1:
+                if last_batch is None:
+                    while not len(last_batch := read_batch()):
+                        pass
+                    ahead.append(last_batch)
+                log(f"step {st.step + 1}: no image of this batch could be read; its last "
+                    f"batch is trained again, keeping the ranks in step")
+                return last_batch
 
     def requests() -> tuple[dict, list[bool]]:
         """What this rank asks of every rank: the studio's requests (rank 0 reads them), a
@@ -476,6 +500,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     wanted, flags = requests()
     *flags, time_save = any_rank(d, flags, device)
     while st.step < st.stop_at:
+        report.progress()   # (what came after the last step: validation, samples, saves)
         asked = dict(zip(REQUESTS, flags))
         if asked["stop"] or asked["pause"]:
             final_state = "stopped" if asked["stop"] else "paused"
@@ -614,8 +639,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         bad_steps = rollbacks_in_a_row = 0
         st.loss_avg = loss if st.loss_count == 0 else 0.98 * st.loss_avg + 0.02 * loss
         st.loss_count += 1
-        window.add(terms_sum, norm, clipped, images * d.world, tokens * d.world,
-                   time.perf_counter() - t0, bin_loss, bin_count)
+        seconds = time.perf_counter() - t0
+        window.add(terms_sum, norm, clipped, images * d.world, tokens * d.world, seconds,
+                   bin_loss, bin_count)
+        report.progress(seconds)
 
         if st.step % tr.log_every == 0 or st.step == st.stop_at:
             means = window.flush(partial(sum_over_ranks, d), d.world)   # all ranks' batches

@@ -103,6 +103,13 @@ def compile_quiet_for() -> float:
 # work between them, so the note stays until compiling has been quiet for this long.
 COMPILING_NOTE = "compiling"
 COMPILE_NOTE_LINGER_S = 10.0
+# A run whose steps stop without the process ending (a GPU or driver hang, a dataset on a
+# network drive that stopped answering, under DDP a rank that hangs while the others wait
+# for it) keeps its heartbeat and would look like it trains. The heartbeat says so after
+# this long without a step (or STALL_STEPS times the last step's time, if longer).
+STALLED_NOTE = "no step"
+STALL_SECONDS = 600.0
+STALL_STEPS = 20
 
 
 class StoppedEarly(Exception):
@@ -198,6 +205,8 @@ class JobReporter:
         self.speed_span = 1
         # the steps to train, in steps at the current speed (the trainer's, with stages)
         self.steps_left: Callable[[int, int], float] = lambda step, stop_at: stop_at - step
+        # when the loop last made progress, and how long its last step took (`progress`)
+        self.progress_at, self.step_seconds = time.monotonic(), 0.0
         if main:
             run.create()
             if os.environ.get(LOG_CAPTURED_ENV) != "1":
@@ -230,9 +239,31 @@ class JobReporter:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                self._write(**self._compile_note())
+                self._write(**(self._compile_note() or self._stall_note()))
             except OSError:
                 pass   # a full disk must not kill the heartbeat thread; the next beat retries
+
+    def progress(self, step_seconds: float | None = None) -> None:
+        """The loop moved on (a step done, or about to begin); with the step's time."""
+        self.progress_at = time.monotonic()
+        if step_seconds is not None:
+            self.step_seconds = step_seconds
+
+    def _stall_note(self) -> dict:
+        """The status message of a running loop that has made no step for long (not while
+        compiling, which the compile note says), and its removal once it moves again."""
+        quiet = time.monotonic() - self.progress_at
+        if (self.status.state == "running"
+                and quiet >= max(STALL_SECONDS, STALL_STEPS * self.step_seconds)):
+            several = " (with several GPUs: or another one)" if self.world > 1 else ""
+            return {"message": f"{STALLED_NOTE} for {quiet / 60:.0f} min after step "
+                               f"{self.status.step}: the trainer may be stuck, e.g. its GPU, "
+                               f"driver or dataset drive{several}. Stop saves and ends it "
+                               f"at its next step; Force stop ends it now, and Resume "
+                               f"continues from its last checkpoint"}
+        if self.status.message.startswith(STALLED_NOTE):
+            return {"message": ""}
+        return {}
 
     def _compile_note(self, running: bool = True) -> dict:
         """The status message while a compile is in progress, and its removal after (and

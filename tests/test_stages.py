@@ -263,6 +263,47 @@ def test_the_status_says_so_while_the_blocks_compile(tmp_path, monkeypatch):
         rep.close()
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_run_that_makes_no_step_for_long_says_so_until_it_moves(tmp_path, monkeypatch, world):
+    """A hung GPU, driver, dataset drive or (DDP) rank stops the steps, not the heartbeat:
+    after STALL_SECONDS without a step (or STALL_STEPS of its last step's time) the
+    status says so, with what to do; a step clears it; a compile is not a stall."""
+    import time
+
+    from engine import train_io
+    from engine.job import RunDir
+    monkeypatch.setattr(train_io, "HEARTBEAT_SECONDS", 0.02)
+    run = RunDir(tmp_path / "run")
+    rep = train_io.JobReporter(run, main=True, world=world, device="cpu")
+    quiet = [math.inf]
+    rep.compile_quiet_for = lambda: quiet[0]
+
+    def message_after_beats() -> str:
+        time.sleep(0.2)
+        return run.read_status().message
+    try:
+        rep.start(7, 100, 0, {})
+        rep.progress(2.0)
+        assert message_after_beats() == ""
+        rep.progress_at -= train_io.STALL_SECONDS + 60          # 11 minutes without a step
+        text = message_after_beats()
+        assert text.startswith("no step for 11 min after step 7: the trainer may be stuck")
+        assert "Force stop" in text and "Resume" in text
+        assert ("another one" in text) == (world == 2)
+        quiet[0] = 0.0                                           # compiling: not stuck
+        assert message_after_beats().startswith("compiling")
+        quiet[0] = math.inf
+        rep.progress(2.0)                                        # a step
+        assert message_after_beats() == ""
+        rep.progress(60.0)                                       # slow steps: 20 of them
+        rep.progress_at -= train_io.STALL_SECONDS + 60
+        assert message_after_beats() == ""
+        rep.progress_at -= 20 * 60.0
+        assert message_after_beats().startswith("no step for 31 min")
+    finally:
+        rep.close()
+
+
 def test_the_compile_clock_counts_compiling_and_nothing_else():
     import torch
 

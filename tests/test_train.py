@@ -285,23 +285,31 @@ def test_ddp_two_processes_stay_in_sync(demo, tmp_path, tiny_qwen3):
     while rank 1 waits, then rank 1 reads it without loading the encoder; every parameter
     takes part in every step (DDP is not told to look for unused ones, and would stop if
     one were); the studio's requests, which rank 0 reads, are acted on by both ranks at
-    the same step; the replicas stay identical."""
+    the same step; a batch whose one image fails keeps the ranks in step; the replicas stay
+    identical."""
     run, rd = tmp_path / "run", RunDir(tmp_path / "run")
+    data = tmp_path / "data"   # with an image that fails in training: its batch of one is empty
+    shutil.copytree(demo, data)
+    damaged = bytearray((data / "shape_0000.png").read_bytes())
+    idat = damaged.index(b"IDAT")
+    damaged[idat + 8:idat + 40] = b"\xff" * 32
+    (data / "broken.png").write_bytes(bytes(damaged))
+    (data / "broken.txt").write_text("a broken picture")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "engine.train", "--preset", "tiny-cpu", "--data", str(demo), "--run-dir",
+             "-m", "engine.train", "--preset", "tiny-cpu", "--data", str(data), "--run-dir",
              str(run), "--max-steps", "100000", "--device", "cpu",
-             *sets("train.save_every=3", "train.batch_size=4", "train.grad_accum=2",
+             *sets("train.save_every=3", "train.batch_size=1", "train.grad_accum=2",
                    "text.encoder=qwen3",
                    f"text.name_or_path={tiny_qwen3}", f"text.cache_dir={tmp_path / 'features'}",
                    "text.max_tokens=16", "loss.sra_weight=0.5")],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: (s := rd.read_status()) and s.state == "running" and s.step >= 4,
-                 timeout=180, what="both ranks training")
+        wait_for(lambda: (s := rd.read_status()) and s.state == "running" and s.step >= 40,
+                 timeout=180, what="both ranks past their first epoch")
         rid = rd.request("save-now")
         wait_for(lambda: rd.read_status().handled.get("save-now") == rid, what="save-now")
         rd.request("pause")
@@ -318,6 +326,13 @@ def test_ddp_two_processes_stay_in_sync(demo, tmp_path, tiny_qwen3):
     ranked = log.count("[rank 1] 2 ranks in sync")
     assert ranked >= 3 and log.count("2 ranks in sync") == 2 * ranked, log[-3000:]
     assert "self-alignment on" in log
+    # the rank whose batch held only the broken image trained its last batch again: both
+    # ranks began each epoch at the same step
+    assert "broken.png" in log and "its last batch is trained again" in log
+    began = re.findall(r"(\[rank 1\] )?epoch (\d+) begins at step (\d+)", log)
+    rank0 = [(e, s) for tag, e, s in began if not tag]
+    rank1 = [(e, s) for tag, e, s in began if tag]
+    assert len(rank0) >= 2 and rank0 == rank1, began
     assert "did not find any unused parameters" not in log   # no needless search for them
     assert "FutureWarning" not in log   # (DDP's deprecated broadcast_buffers)
     assert log.count("captions encoded in") == 1                      # by one rank: rank 0
