@@ -227,17 +227,17 @@ def test_the_eta_leaves_out_the_time_spent_compiling(reporter):
         assert etas[step] == pytest.approx((1000 - step) * 14 / 20), step
 
 
-def test_the_status_says_so_while_the_blocks_compile(tmp_path, monkeypatch):
-    """A compiled run stands at its first step for a minute or more: the heartbeat's
-    status message says it compiles, and goes once the compile is over; an event's
-    message is left alone."""
+def beating(tmp_path, monkeypatch, world: int = 1):
+    """A trainer's JobReporter whose heartbeat beats every 20 ms; the compile clock's
+    [seconds compiled] and [seconds since the last compile], to set; and a reader of the
+    status message after a few beats."""
     import time
 
     from engine import train_io
     from engine.job import RunDir
     monkeypatch.setattr(train_io, "HEARTBEAT_SECONDS", 0.02)
     run = RunDir(tmp_path / "run")
-    rep = train_io.JobReporter(run, main=True, world=1, device="cpu")
+    rep = train_io.JobReporter(run, main=True, world=world, device="cpu")
     compiled, quiet = [0.0], [math.inf]
     rep.compile_seconds = lambda: compiled[0]
     rep.compile_quiet_for = lambda: quiet[0]
@@ -245,6 +245,14 @@ def test_the_status_says_so_while_the_blocks_compile(tmp_path, monkeypatch):
     def message_after_beats() -> str:
         time.sleep(0.2)
         return run.read_status().message
+    return rep, run, compiled, quiet, message_after_beats
+
+
+def test_the_status_says_so_while_the_blocks_compile(tmp_path, monkeypatch):
+    """A compiled run stands at its first step for a minute or more: the heartbeat's
+    status message says it compiles, and goes once the compile is over; an event's
+    message is left alone."""
+    rep, run, compiled, quiet, message_after_beats = beating(tmp_path, monkeypatch)
     try:
         rep.start(0, 100, 0, {})
         compiled[0], quiet[0] = 42.4, 0.0             # compiling now
@@ -268,19 +276,8 @@ def test_a_run_that_makes_no_step_for_long_says_so_until_it_moves(tmp_path, monk
     """A hung GPU, driver, dataset drive or (DDP) rank stops the steps, not the heartbeat:
     after STALL_SECONDS without a step (or STALL_STEPS of its last step's time) the
     status says so, with what to do; a step clears it; a compile is not a stall."""
-    import time
-
     from engine import train_io
-    from engine.job import RunDir
-    monkeypatch.setattr(train_io, "HEARTBEAT_SECONDS", 0.02)
-    run = RunDir(tmp_path / "run")
-    rep = train_io.JobReporter(run, main=True, world=world, device="cpu")
-    quiet = [math.inf]
-    rep.compile_quiet_for = lambda: quiet[0]
-
-    def message_after_beats() -> str:
-        time.sleep(0.2)
-        return run.read_status().message
+    rep, run, _, quiet, message_after_beats = beating(tmp_path, monkeypatch, world)
     try:
         rep.start(7, 100, 0, {})
         rep.progress(2.0)
