@@ -432,6 +432,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         nonlocal loader, sampler, data_iter, stage
         loader, sampler = stage_loader(k)
         stage, parts.sampler, data_iter = k, sampler, None   # drops the old loader's workers
+        ahead.clear()   # (a batch read ahead at the old stage's size)
         st.epoch, st.position = st.epoch + 1, 0
         # a new resolution has a loss level of its own (a 32 -> 48 px switch raised it about 8x
         # on the demo): the spike guard learns it afresh instead of rolling back the switch
