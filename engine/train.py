@@ -54,6 +54,7 @@ from engine.distributed import (
     frozen_dtype,
     main_rank_first,
     read_step,
+    release_memory,
     setup_device,
     sum_over_ranks,
 )
@@ -518,6 +519,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
         if (k := stage_index(stages, st.step)) != stage:
             next_stage(k)
+        if teacher is not None and st.step >= lo.repa_until:
+            teacher = None   # iREPA is over: its teacher's memory goes back to the device
+            release_memory(device)
+            log(f"step {st.step}: iREPA ends here (loss.repa_until); its DINOv3 teacher is "
+                f"unloaded")
         t0 = time.perf_counter()
         lr = lr_at(st.step, tr) * st.lr_scale
         for g in optimizer.param_groups:

@@ -177,8 +177,10 @@ def _fail(run: RunDir, message: str, state: str = "failed", new_run: bool = Fals
     into it) records the failure (or an early stop). A new run that failed before its
     first step forgets its config, so the same command can be tried again."""
     message = " ".join(message.split())
-    print(f"{'error' if state == 'failed' else state}: {message}", file=sys.stderr)
-    if int(os.environ.get("RANK", 0)) != 0 or not run.root.is_dir():
+    rank = int(os.environ.get("RANK", 0))
+    tag = f"[rank {rank}] " if rank else ""   # (what the studio looks for after a crash)
+    print(f"{tag}{'error' if state == 'failed' else state}: {message}", file=sys.stderr)
+    if rank != 0 or not run.root.is_dir():
         return
     if new_run and not run.metrics_file.exists() and latest_resumable(run.checkpoints) is None:
         run.config.unlink(missing_ok=True)

@@ -136,3 +136,19 @@ def test_ranks_other_than_0_need_no_features_of_what_only_rank_0_encodes(demo):
     assert set(other) == trained | {"", cfg.data.default_caption}
     assert {"a file prompt", "blurry", *cfg.sample.prompts,
             *(im.caption for im in plan.val_images)} <= set(main) - set(other) | trained
+
+
+def test_a_failing_rank_other_than_0_says_which_in_the_log(tmp_path, monkeypatch, capsys):
+    """Only rank 0 writes status.json; torchrun ends it when another rank fails, and the
+    studio finds that rank's error in the log by its tag."""
+    from engine.train_cli import _fail
+    from studio.liveness import rank_error
+    run = RunDir(tmp_path / "run")
+    run.create()
+    monkeypatch.setenv("RANK", "1")
+    _fail(run, "CUDA out of memory\n at 512x512")
+    err = capsys.readouterr().err
+    assert err == "[rank 1] error: CUDA out of memory at 512x512\n"
+    assert run.read_status() is None   # rank 0's file, untouched
+    run.log_file.write_text(err, encoding="utf-8")
+    assert rank_error(run) == "rank 1 failed: CUDA out of memory at 512x512"

@@ -317,6 +317,15 @@ def test_the_liveness_rule_is_one_answer_for_every_caller(runner, dataset, sleep
     live = judged(state="running", pid=gone.pid, heartbeat=now)         # its process is gone
     assert (live.state, live.alive) == ("crashed", False)
     assert live.error.endswith("ended without saving its state")
+    # under torchrun rank 0 is ended when another rank fails: the crash names that error
+    with open(run.log_file, "a", encoding="utf-8") as f:
+        f.write("step 9 loss 0.5\n[rank 1] error: CUDA out of memory at 512x512; lower "
+                "train.batch_size\n")
+    assert judged(state="running", pid=gone.pid, heartbeat=now).error.endswith(
+        "ended without saving its state")                               # one process: not it
+    live = judged(state="running", pid=gone.pid, heartbeat=now, world_size=2)
+    assert live.error.endswith("ended without saving its state; rank 1 failed: CUDA out of "
+                               "memory at 512x512; lower train.batch_size")
     live = judged(state="failed", pid=gone.pid, heartbeat=now, error="NaN loss")
     assert (live.state, live.alive, live.error) == ("failed", False, "NaN loss")
     assert judged(state="paused", pid=sleeper, heartbeat=now).alive is False

@@ -5,6 +5,7 @@ divergence, and keeps DDP ranks in sync."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -538,3 +539,19 @@ def test_a_stop_request_during_setup_stops_at_once(demo, tmp_path, monkeypatch):
     status = RunDir(run).read_status()
     assert status.state == "stopped" and "stop request" in status.message, status
     assert not (run / "metrics.jsonl").exists() or not records(run, "loss")
+
+
+def test_irepa_trains_until_repa_until_then_unloads_its_teacher(demo, tmp_path, tiny_dinov3):
+    """A run with a DINOv3 teacher aligns its patch tokens to the teacher's until
+    loss.repa_until, then trains on without it, its memory given back."""
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "6",
+                       *sets(f"loss.repa_teacher={tiny_dinov3}", "loss.repa_layer=1",
+                             "loss.repa_until=3")]) == 0
+    lines = records(run, "loss")
+    assert [r["step"] for r in lines if "loss_repa" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["loss_repa"]) and r["loss_repa"] > 0 for r in lines[:3])
+    log = (run / "log.txt").read_text()
+    assert "iREPA on" in log and "step 3: iREPA ends here" in log
+    assert RunDir(run).read_status().state == "completed"
