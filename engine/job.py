@@ -71,6 +71,10 @@ _OPTIONAL = {f for f, v in Status.__dataclass_fields__.items() if v.default is N
 _TYPES = {float: (int, float), type(None): (int, float)}   # JSON numbers may lose their '.0'
 
 
+# how the studio's line in log.txt before each launch of a trainer begins, after the time
+LAUNCH_MARK = " studio: "
+
+
 class RunDir:
     """Paths of one run and the small readers/writers of its files."""
 
@@ -189,6 +193,15 @@ class RunDir:
         except OSError:
             return ""
         return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+
+    def rank_error(self) -> str:
+        """The error that a torchrun rank other than 0 wrote to the log since the studio's
+        latest launch ('' when none): rank 0 alone writes status.json, and torchrun ends it
+        when another rank fails. (The ranks' output reaches log.txt in studio runs.)"""
+        tail = self.log_tail(400)
+        since = tail[max(tail.rfind(LAUNCH_MARK), 0):]
+        found = re.findall(r"\[rank (\d+)\] error: (.+)", since)
+        return f"rank {found[-1][0]} failed: {found[-1][1].strip()}" if found else ""
 
     # control requests ---------------------------------------------------------------
     def request(self, kind: str) -> str:

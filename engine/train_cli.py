@@ -149,11 +149,18 @@ def main(argv=None) -> int:
                 save_config(cfg, run.config)
         state = train(cfg, run, resume=args.resume, stop_at=args.max_steps, device_name=args.device)
     except StoppedEarly as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            _fail(run, str(e), state="stopped")
+            return 0
+        if not e.requested and (why := run.rank_error()):
+            # torchrun signals every rank when one of them fails: that failure, not a stop
+            _fail(run, f"ended by torchrun before training began: {why}")
+            return 1
         _fail(run, str(e), state="stopped")
         # under torchrun the other ranks may be waiting in a collective for this one, where
         # no stop request or signal reaches them (until the process group's timeout, an
         # hour): torchrun ends them when a rank fails, and only then
-        return 0 if int(os.environ.get("WORLD_SIZE", 1)) == 1 else STOPPED_EARLY_RANK
+        return STOPPED_EARLY_RANK
     except (ConfigError, TrainError, RestoreError, DataError, EncoderLoadError, CheckpointError,
             DeviceError, RankSyncError, DiskFull) as e:
         _fail(run, str(e), new_run=bool(args.preset))

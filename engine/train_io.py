@@ -113,7 +113,12 @@ STALL_STEPS = 20
 
 
 class StoppedEarly(Exception):
-    """A stop signal arrived while the run was still being set up."""
+    """A stop signal arrived while the run was still being set up; `requested`: it came
+    from a stop request (the studio's Stop), not from a signal."""
+
+    def __init__(self, message: str, requested: bool = False):
+        super().__init__(message)
+        self.requested = requested
 
 
 class StopSignals:
@@ -137,7 +142,7 @@ class StopSignals:
         self.hit = True
         if not self.in_loop:
             why = self._why or f"by signal {signal.Signals(signum).name}"
-            raise StoppedEarly(f"stopped {why} before training began")
+            raise StoppedEarly(f"stopped {why} before training began", requested=bool(self._why))
 
     def watch(self, pending: Callable[[], dict], every: float = 0.5) -> None:
         """Until the loop begins (or restore), poll `pending()`, the run's unhandled

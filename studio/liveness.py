@@ -16,7 +16,6 @@ Three witnesses, read from the run folder and the process table:
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from dataclasses import dataclass, fields
 from pathlib import PureWindowsPath
@@ -131,13 +130,6 @@ def judge(run: RunDir, status: Status | None, launch: Launch | None,
                  f"{now - status.heartbeat:.0f} s ago (hung, or the pid is now another "
                  f"program's)" if pid_alive(status.pid) else
                  f"the training process (pid {status.pid}) ended without saving its state")
-        if status.world_size > 1 and (why := rank_error(run)):
+        if status.world_size > 1 and (why := run.rank_error()):
             error += f"; {why}"   # torchrun ended rank 0 because another rank failed
     return Liveness(state, alive, error, owner, fresh)
-
-
-def rank_error(run: RunDir) -> str:
-    """The last error that a torchrun rank other than 0 wrote to the run's log ('' when
-    none): rank 0 alone writes status.json, and torchrun ends it when another rank fails."""
-    found = re.findall(r"\[rank (\d+)\] error: (.+)", run.log_tail(400))
-    return f"rank {found[-1][0]} failed: {found[-1][1].strip()}" if found else ""

@@ -61,6 +61,7 @@ from engine.config import (
 from engine.distributed import resolve_device
 from engine.job import (
     FINAL_STATES,
+    LAUNCH_MARK,
     REQUESTS,
     RunDir,
     resume_target,
@@ -414,7 +415,7 @@ class Runner:
         started = time.time()
         try:
             with open(run.log_file, "ab") as log:
-                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} studio: "
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}{LAUNCH_MARK}"
                           f"{shlex.join(argv)}\n".encode("utf-8"))
                 log.flush()
                 proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env,

@@ -107,7 +107,7 @@ def test_a_stop_before_training_began_ends_torchruns_other_ranks(demo, tmp_path,
     from engine.train_io import StoppedEarly
 
     def stopped(*args, **kwargs):
-        raise StoppedEarly("stopped by a stop request before training began")
+        raise StoppedEarly("stopped by a stop request before training began", requested=True)
     monkeypatch.setattr(train_cli_module, "train", stopped)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -116,6 +116,27 @@ def test_a_stop_before_training_began_ends_torchruns_other_ranks(demo, tmp_path,
     assert code == (0 if world == 1 else train_cli_module.STOPPED_EARLY_RANK) and code != 1
     status = RunDir(run).read_status()
     assert status.state == "stopped" and "before training began" in status.message
+
+
+def test_a_rank_that_fails_in_setup_fails_the_run_not_stops_it(demo, tmp_path, monkeypatch):
+    """torchrun signals every rank when one fails: rank 0, still setting up, records that
+    rank's error as the run's failure instead of a stop by a signal."""
+    import engine.train_cli as train_cli_module
+    from engine.train_io import StoppedEarly
+    run = tmp_path / "run"
+
+    def signalled(*args, **kwargs):
+        with open(RunDir(run).log_file, "a", encoding="utf-8") as f:
+            f.write("[rank 1] error: dataset folder '/data' does not exist\n")
+        raise StoppedEarly("stopped by signal SIGTERM before training began")
+    monkeypatch.setattr(train_cli_module, "train", signalled)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run)])
+    status = RunDir(run).read_status()
+    assert code == 1 and status.state == "failed"
+    assert status.error == ("ended by torchrun before training began: rank 1 failed: dataset "
+                            "folder '/data' does not exist")
 
 
 def test_ranks_other_than_0_need_no_features_of_what_only_rank_0_encodes(demo):
@@ -142,7 +163,6 @@ def test_a_failing_rank_other_than_0_says_which_in_the_log(tmp_path, monkeypatch
     """Only rank 0 writes status.json; torchrun ends it when another rank fails, and the
     studio finds that rank's error in the log by its tag."""
     from engine.train_cli import _fail
-    from studio.liveness import rank_error
     run = RunDir(tmp_path / "run")
     run.create()
     monkeypatch.setenv("RANK", "1")
@@ -151,4 +171,8 @@ def test_a_failing_rank_other_than_0_says_which_in_the_log(tmp_path, monkeypatch
     assert err == "[rank 1] error: CUDA out of memory at 512x512\n"
     assert run.read_status() is None   # rank 0's file, untouched
     run.log_file.write_text(err, encoding="utf-8")
-    assert rank_error(run) == "rank 1 failed: CUDA out of memory at 512x512"
+    assert run.rank_error() == "rank 1 failed: CUDA out of memory at 512x512"
+    # an error of an earlier launch of the run (before the studio's latest launch line)
+    with open(run.log_file, "a", encoding="utf-8") as f:
+        f.write("2026-12-05 10:00:00 studio: python -m torch.distributed.run ...\n")
+    assert run.rank_error() == ""
