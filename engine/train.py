@@ -496,6 +496,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             wanted["stop"] = "signal"
         return wanted, [k in wanted for k in REQUESTS] + [latest_due()]
 
+    params = [p for p in model.parameters() if p.requires_grad]   # what the norm is taken of
     reset_peak_memory(device)   # the logged peak is the training's, not the setup's
     # every rank acts on the requests that any rank asked at the last step's read (here:
     # one collective before the first step)
@@ -578,7 +579,6 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
         # divergence guard: the same decision on every rank. The step's one read from the
         # device: the loss it needs, with the gradient norm that clipping needs.
-        params = [p for p in model.parameters() if p.requires_grad]
         if scaler.is_enabled():
             # fp16: the norm, the clipping and the overflow check see the true gradients
             # (the scaler also notes, on the device, whether any is not finite)
