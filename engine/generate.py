@@ -520,7 +520,7 @@ class Pipeline:
                     strength=strength if init is not None else 1.0,
                     callback=_chunk_progress(callback, c, len(chunks), shown))
             x = chunk(self.precision)
-            if torch.isnan(x).any() and self.precision == "fp16":
+            if self.precision == "fp16" and torch.isnan(x).any():
                 # fp16 (GPUs before Ampere) reaches 65504, bf16 and fp32 about 3e38: a
                 # model trained in bf16 may overflow it. Those images are made in fp32
                 x = chunk("fp32")

@@ -529,7 +529,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         lr = lr_at(st.step, tr) * st.lr_scale
         for g in optimizer.param_groups:
             g["lr"] = lr
-        optimizer.zero_grad(set_to_none=free_grads)
+        # (the gradients are None or zero here: every way out of the last step cleared them)
         # device tensors: the step reads back one pair of numbers (loss, gradient norm)
         terms_sum: dict[str, Tensor] = {}
         images, tokens, step_paths = 0, 0, []
