@@ -27,9 +27,10 @@ transformer of the same width and depth (engine/baseline.py) timed in the same l
 --profile adds each part's share of a training step and its top operators (the quickest
 of three profiles, as system noise lands on whichever operators run at the time).
 
-`overhead` runs `train` (no samples or validation), then times bare network steps at
-that epoch's batch and bucket sizes: the ratio is what the trainer adds (data, text
-encoder, extra losses, clipping, EMA).
+`overhead` runs `train` (no samples or validation) and times a bare network step of
+the same batch shape after each of its steps, in the same process: the ratio is what the
+trainer adds (data, text encoder, extra losses, clipping, EMA), over all steps and, when
+the run crosses an epoch, over the first epoch (decoding every image) and the later ones.
 
 `gpu` (CUDA only, minutes): the attention kernel that runs, bf16 MFU of pixelhdm-default
 at 256/512 px, home presets' memory at their largest bucket, Heun-50 + CFG s per 512 px.

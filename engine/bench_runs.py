@@ -7,22 +7,21 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from engine.buckets import plan_buckets
-from engine.config import load_preset
-from engine.data import scan_dataset
+from engine.config import RunConfig, load_preset
 from engine.demo_data import DEFAULT_COUNT, write_demo_dataset
 from engine.distributed import compute_precision, resolve_device
 from engine.generate import GenerateError, resolve_precision
 from engine.job import RunDir
-from engine.perf import batch_shapes, compile_status, text_width, train_step_seconds
-from engine.train import train
+from engine.perf import BareSteps, compile_status, text_width
+from engine.train import AfterStep, train
 
 # --------------------------------------------------------------------------------------
 # train
@@ -68,8 +67,9 @@ def bench_train(args) -> dict:
         return forget_temporary(train_in(out, args), args)
 
 
-def train_in(out: Path, args) -> dict:
-    """`bench_train`'s run inside the folder `out`."""
+def train_in(out: Path, args, hook: Callable[[RunConfig], AfterStep] | None = None) -> dict:
+    """`bench_train`'s run inside the folder `out`; `hook(cfg)`, given the config the run
+    trains, returns the trainer's `after_step`."""
     data = Path(args.data) if args.data else out / "demo-data"
     if not args.data and not data.exists():
         write_demo_dataset(data, count=args.count, seed=0)
@@ -85,7 +85,7 @@ def train_in(out: Path, args) -> dict:
         overrides.append(f"train.precision={dtype}")
     cfg = load_preset(args.preset, overrides)
     run.create()
-    state = train(cfg, run, device_name=args.device)
+    state = train(cfg, run, device_name=args.device, after_step=hook(cfg) if hook else None)
     lines = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
     windows = [r for r in lines if "images_s" in r]
     # each metric line averages the steps since the previous one; the first holds warm-up
@@ -141,51 +141,82 @@ def add_train(sub, common: argparse.ArgumentParser) -> None:
 
 def bench_overhead(args) -> dict:
     """The trainer's time per image (`train`, without samples and validation) over the
-    bare network's at the same batches and bucket sizes, measured in one process."""
+    bare network's at the same batch shapes, a bare step timed after each of the
+    trainer's steps in the same process."""
     check_steps(args)
-    if min(args.tokens, args.repeats) < 1:
-        raise GenerateError("--tokens and --repeats: allowed whole numbers >= 1")
+    if args.tokens < 1:
+        raise GenerateError("--tokens: allowed whole numbers >= 1")
     with work_folder(args) as out:
         return forget_temporary(overhead_in(out, args), args)
 
 
 def overhead_in(out: Path, args) -> dict:
     """`bench_overhead`'s measurement, its training run inside the folder `out`."""
-    trained = train_in(out, argparse.Namespace(**{**vars(args), "overrides": [
-        "train.sample_every=0", "train.val_every=0", *args.overrides]}))
-    run = RunDir(Path(trained["run"]))
-    cfg = load_preset(run.config)          # the config the trainer resolved and ran
-    records = scan_dataset(cfg.data.path, cfg.data,
-                           cache_path=run.root / "dataset-index.json").records
-    mix = batch_shapes(plan_buckets(records, cfg.data, cfg.model.patch_size,
-                                    cfg.train.batch_size))
     device = resolve_device(args.device)
-    blocks = compile_status(cfg, device)
-    secs = train_step_seconds(cfg, text_width(cfg, args), list(mix), args.tokens, args.repeats,
-                              device, trained["precision"], blocks == "compiled")
-    bare_time = sum(n * secs[k] for k, n in mix.items())
-    bare_images = sum(n * k[0] for k, n in mix.items())
-    t = trained["rows"][0]
-    row = {"steps": t["steps"], "trainer_step_s": t["step_s"], "trainer_images_s": t["images_s"],
-           "bare_step_s": bare_time / sum(mix.values()), "bare_images_s": bare_images / bare_time}
-    row["overhead"] = row["bare_images_s"] / row["trainer_images_s"]
-    buckets = [{"size": f"{w}x{h}", "batch": bs, "batches": n, "bare_step_s": secs[bs, w, h]}
-               for (bs, w, h), n in sorted(mix.items(), key=lambda kv: -kv[1])]
+    pairs: list[tuple[int, tuple, float, float]] = []   # (epoch, shapes, trainer s, bare s)
+    blocks = ""
+
+    def hook(cfg: RunConfig) -> AfterStep:
+        nonlocal blocks
+        blocks = compile_status(cfg, device)
+        precision = compute_precision(cfg.train.precision, device)[0]   # as the trainer's
+        bare = BareSteps(cfg, text_width(cfg, args), args.tokens, device, precision,
+                         blocks == "compiled")
+
+        def after_step(shapes: list[tuple[int, int, int]], seconds: float, epoch: int) -> None:
+            times = [bare(s) for s in shapes]
+            if None not in times:
+                pairs.append((epoch, tuple(shapes), seconds, sum(times)))
+        return after_step
+
+    trained = train_in(out, argparse.Namespace(**{**vars(args), "overrides": [
+        "train.sample_every=0", "train.val_every=0", *args.overrides]}), hook)
+    if not pairs:
+        raise GenerateError(f"--steps {args.steps}: every step met a batch shape for the "
+                            "first time (a warm-up, not timed); train more steps")
+    # the first epoch decodes every image; later ones read the decoded-image cache
+    first = min(p[0] for p in pairs)
+    later = [p for p in pairs if p[0] != first]
+    groups = [("all", pairs)] + ([("first", [p for p in pairs if p[0] == first]),
+                                  ("later", later)] if later else [])
+    rows = [{"epochs": name, **overhead_row([(t, b, shapes) for _, shapes, t, b in group])}
+            for name, group in groups]
+    by_shape: dict[tuple, list[tuple[float, float, tuple]]] = {}
+    for _, shapes, t, b in pairs:
+        by_shape.setdefault(shapes, []).append((t, b, shapes))
+    buckets = [{"size": " + ".join(f"{w}x{h}" for _, w, h in shapes),
+                "batch": "+".join(str(b) for b, _, _ in shapes),
+                "trainer_step_median_s": statistics.median(t for t, _, _ in v),
+                "bare_step_median_s": statistics.median(b for _, b, _ in v),
+                **overhead_row(v)}
+               for shapes, v in sorted(by_shape.items(), key=lambda kv: -len(kv[1]))]
     return {"benchmark": "overhead", "preset": args.preset, "device": trained["device"],
             "precision": trained["precision"], "blocks": blocks, "text_tokens": args.tokens,
-            "data": trained["data"], "run": trained["run"], "rows": [row], "buckets": buckets}
+            "data": trained["data"], "run": trained["run"], "rows": rows, "buckets": buckets}
+
+
+def overhead_row(pairs: list[tuple[float, float, tuple]]) -> dict:
+    """Steps, seconds per step, images/s and their ratio of (trainer s, bare s, shapes)."""
+    trainer_s, bare_s = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    images = sum(b for _, _, shapes in pairs for b, _, _ in shapes)
+    return {"steps": len(pairs), "trainer_step_s": trainer_s / len(pairs),
+            "trainer_images_s": images / trainer_s, "bare_step_s": bare_s / len(pairs),
+            "bare_images_s": images / bare_s, "overhead": trainer_s / bare_s}
 
 
 OVERHEAD_COLUMNS: list = [
-    ("steps", "steps", str), ("trainer_step_s", "trainer s/step", lambda v: f"{v:.4f}"),
+    ("epochs", "epochs", str), ("steps", "timed steps", str),
+    ("trainer_step_s", "trainer s/step", lambda v: f"{v:.4f}"),
     ("trainer_images_s", "trainer img/s", lambda v: f"{v:.1f}"),
     ("bare_step_s", "bare s/step", lambda v: f"{v:.4f}"),
     ("bare_images_s", "bare img/s", lambda v: f"{v:.1f}"),
     ("overhead", "trainer / bare (s per image)", lambda v: f"{v:.2f}x"),
 ]
 BUCKET_COLUMNS: list = [
-    ("size", "size", str), ("batch", "batch", str), ("batches", "batches/epoch", str),
-    ("bare_step_s", "bare s/step", lambda v: f"{v:.4f}"),
+    ("size", "size", str), ("batch", "batch", str), ("steps", "timed steps", str),
+    ("trainer_step_median_s", "trainer s/step (median)", lambda v: f"{v:.4f}"),
+    ("bare_step_median_s", "bare s/step (median)", lambda v: f"{v:.4f}"),
+    ("overhead", "trainer / bare", lambda v: f"{v:.2f}x"),
 ]
 
 
@@ -197,8 +228,6 @@ def add_overhead(sub, common: argparse.ArgumentParser) -> None:
                    help="text tokens per image of the bare steps (default 12: a demo caption)")
     p.add_argument("--text-dim", type=int, default=1024,
                    help="width of the random text tokens for a Qwen3 preset (default 1024)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed bare steps per batch shape after a warm-up; the median counts")
     p.set_defaults(run=bench_overhead, tables=[("rows", "", OVERHEAD_COLUMNS),
-                                               ("buckets", "bucket mix of the bare steps",
+                                               ("buckets", "by batch shape",
                                                 BUCKET_COLUMNS)])

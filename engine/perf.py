@@ -23,6 +23,7 @@ import contextlib
 import re
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +34,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from engine.attention import attention
 from engine.baseline import PlainDiT
-from engine.buckets import BucketPlan
 from engine.config import RunConfig
 from engine.distributed import (
     PRECISIONS,
@@ -274,36 +274,39 @@ def measure_network(cfg: RunConfig, text_dim: int, sizes: list[tuple[int, int]],
             "parameters": params, "baseline_parameters": base_params}
 
 
-def train_step_seconds(cfg: RunConfig, text_dim: int, shapes: list[tuple[int, int, int]],
-                       tokens: int, steps: int, device: torch.device, precision: str,
-                       compiled: bool) -> dict[tuple[int, int, int], float]:
-    """Median seconds of a bare PixelHDM training step for each (batch, width, height),
-    with the average share of an inference forward that self-conditioning and
-    self-alignment add (flops.extra_forward_share)."""
-    net = build_network(PixelHDM, cfg, text_dim, device, compiled)
-    step = TrainStep(net, cfg, precision, device)
-    out = {}
-    for batch, w, h in shapes:
-        share = extra_forward_share(cfg, pixelhdm_flops(cfg.model, text_dim, w, h, tokens))
-        b = Inputs.random(cfg, text_dim, batch, w, h, tokens, device)
-        calls = {"train": lambda: step(b)}
+class BareSteps:
+    """Bare training steps of PixelHDM at the trainer's batch shapes (batch, width,
+    height), one call at a time: the overhead benchmark times one after each of the
+    trainer's steps, so that both see the machine in the same state (back-to-back
+    measurements on a 2-core VM drifted by 1.3x in either direction). A step also runs,
+    weighted by its share, the inference forward that self-conditioning adds
+    (flops.extra_forward_share). The first `warmup` calls at a shape run untimed and
+    return None, as the trainer's own first steps at a new shape allocate or compile."""
+
+    def __init__(self, cfg: RunConfig, text_dim: int, tokens: int, device: torch.device,
+                 precision: str, compiled: bool):
+        self.cfg, self.text_dim, self.tokens = cfg, text_dim, tokens
+        self.device, self.precision = device, precision
+        self.net = build_network(PixelHDM, cfg, text_dim, device, compiled)
+        self.step = TrainStep(self.net, cfg, precision, device)
+        self.warmup = WARMUP_COMPILED if compiled else 1
+        self.inputs: dict[tuple[int, int, int], tuple[Inputs, float]] = {}
+        self.seen: Counter = Counter()
+
+    def __call__(self, shape: tuple[int, int, int]) -> float | None:
+        if shape not in self.inputs:
+            batch, w, h = shape
+            b = Inputs.random(self.cfg, self.text_dim, batch, w, h, self.tokens, self.device)
+            share = extra_forward_share(
+                self.cfg, pixelhdm_flops(self.cfg.model, self.text_dim, w, h, self.tokens))
+            self.inputs[shape] = b, share
+        b, share = self.inputs[shape]
+        self.seen[shape] += 1
+        seconds = timed(lambda: self.step(b), self.device)
         if share:
-            calls["infer"] = lambda: forward_only(net, b, precision, device)
-        secs = median_seconds(calls, steps, device, warmup=WARMUP_COMPILED if compiled else 1)
-        out[batch, w, h] = secs["train"] + share * secs.get("infer", 0.0)
-    return out
-
-
-def batch_shapes(plan: BucketPlan) -> dict[tuple[int, int, int], int]:
-    """(batch, width, height) -> micro-batches per epoch of that shape, as the trainer
-    cuts a bucket plan (each bucket's last batch may be smaller)."""
-    mix: dict[tuple[int, int, int], int] = {}
-    for b in plan.buckets:
-        if b.batches:
-            for shape, n in (((plan.batch_size, *b.size), b.batches - 1),
-                             ((b.last_batch, *b.size), 1)):
-                mix[shape] = mix.get(shape, 0) + n
-    return {shape: n for shape, n in mix.items() if n}
+            seconds += share * timed(lambda: forward_only(self.net, b, self.precision,
+                                                          self.device), self.device)
+        return seconds if self.seen[shape] > self.warmup else None
 
 
 def preset_memory(name: str, cfg: RunConfig, budget_gib: float, device: torch.device) -> dict:

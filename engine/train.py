@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -130,11 +131,17 @@ class RunFinished(TrainError):
 # The loop
 # --------------------------------------------------------------------------------------
 
+# after_step(shapes, seconds, epoch): each optimizer step's micro-batch shapes (batch,
+# width, height), its seconds and the epoch of its last batch, called outside its timing
+AfterStep = Callable[[list[tuple[int, int, int]], float, int], None]
+
+
 def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | None = None,
-          device_name: str | None = None) -> str:
+          device_name: str | None = None, after_step: AfterStep | None = None) -> str:
     """Train `cfg` in `run` until `stop_at` optimizer steps (default: what the run was
     started with, at least train.max_steps), a stop or pause request, Ctrl+C or SIGTERM,
-    or an error. Returns the final state."""
+    or an error. Returns the final state. `after_step` is the overhead benchmark's: it
+    times a bare network step between the trainer's, so that both see the machine alike."""
     d, device = setup_device(device_name)
     report = JobReporter(run, main=d.main, world=d.world, device=str(device))
     signals = StopSignals()
@@ -143,14 +150,15 @@ def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | N
     signals.watch(report.requests if d.main else
                   lambda: run.pending_requests(getattr(run.read_status(), "handled", {})))
     try:
-        return _train(cfg, run, report, d, device, resume, stop_at, signals)
+        return _train(cfg, run, report, d, device, resume, stop_at, signals, after_step)
     finally:
         signals.restore()
         report.close()
 
 
 def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: torch.device,
-           resume: bool, stop_at: int | None, signals: StopSignals) -> str:
+           resume: bool, stop_at: int | None, signals: StopSignals,
+           after_step: AfterStep | None = None) -> str:
     tr, lo = cfg.train, cfg.loss
     if tr.cpu_threads:
         torch.set_num_threads(tr.cpu_threads)
@@ -532,7 +540,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         # (the gradients are None or zero here: every way out of the last step cleared them)
         # device tensors: the step reads back one pair of numbers (loss, gradient norm)
         terms_sum: dict[str, Tensor] = {}
-        images, tokens, step_paths = 0, 0, []
+        images, tokens, step_paths, shapes = 0, 0, [], []
         bin_loss = torch.zeros(T_BINS, device=device)
         bin_count = torch.zeros(T_BINS, device=device)
         for micro in range(tr.grad_accum):
@@ -576,6 +584,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             images += B
             tokens += B * (grid[0] * grid[1])
             step_paths += batch.paths
+            shapes.append((B, x.shape[3], x.shape[2]))
 
         # divergence guard: the same decision on every rank. The step's one read from the
         # device: the loss it needs, with the gradient norm that clipping needs.
@@ -650,6 +659,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         window.add(terms_sum, norm, clipped, images * d.world, tokens * d.world, seconds,
                    bin_loss, bin_count)
         report.progress(seconds)
+        if after_step is not None:
+            after_step(shapes, seconds, st.epoch)
 
         if st.step % tr.log_every == 0 or st.step == st.stop_at:
             means = window.flush(partial(sum_over_ranks, d), d.world)   # all ranks' batches

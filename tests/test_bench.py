@@ -145,26 +145,67 @@ def test_profile_reports_its_quickest_session(tiny_config):
 
 
 def test_overhead_compares_the_trainer_with_the_bare_network(tmp_path, capsys, monkeypatch):
-    """Without --out the run (checkpoints included) lives in a temporary folder that is
-    gone afterwards, and the report says so instead of naming a removed path."""
+    """A bare step of the same batch shape is timed after each of the trainer's steps,
+    except at a shape's first step (both sides warm up there). Without --out the run
+    (checkpoints included) lives in a temporary folder that is gone afterwards, and the
+    report says so instead of naming a removed path."""
     import tempfile
+
+    import engine.bench_runs as bench
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    code = bench_main(["overhead", "--steps", "10", "--count", "24", "--repeats", "1",
-                       "--device", "cpu", "--json", *sets()])
+    trainer_steps, bare_calls = [], []
+    real_train, real_bare = bench.train, bench.BareSteps.__call__
+
+    def train(*a, after_step=None, **k):
+        def spy(shapes, seconds, epoch):
+            trainer_steps.append((tuple(shapes), seconds, epoch))
+            after_step(shapes, seconds, epoch)
+        return real_train(*a, after_step=spy, **k)
+
+    def bare(self, shape):
+        bare_calls.append(shape)
+        return real_bare(self, shape)
+    monkeypatch.setattr(bench, "train", train)
+    monkeypatch.setattr(bench.BareSteps, "__call__", bare)
+    code = bench_main(["overhead", "--steps", "10", "--count", "24", "--device", "cpu",
+                       "--json", *sets()])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert not list(tmp_path.glob("pixelhdm-bench-*"))
     assert "removed" in report["run"] and "removed" in report["data"]
     assert "sample_grid" not in report
+    # one bare step per trainer step, of the same shape, in the same order
+    assert len(trainer_steps) == 10
+    assert bare_calls == [shape for shapes, _, _ in trainer_steps for shape in shapes]
+    timed = [ts for i, ts in enumerate(trainer_steps)      # a shape's first step is not
+             if any(shapes == ts[0] for shapes, _, _ in trainer_steps[:i])]
     row = report["rows"][0]
-    assert row["steps"] == 10 and report["blocks"] == "eager (train.compile off)"
-    for key in ("trainer_step_s", "trainer_images_s", "bare_step_s", "bare_images_s"):
+    assert row["epochs"] == "all" and report["blocks"] == "eager (train.compile off)"
+    assert row["steps"] == len(timed)
+    assert row["trainer_step_s"] == pytest.approx(sum(s for _, s, _ in timed) / len(timed))
+    # 24 images in batches of up to 4: the run crosses epochs, and the first epoch (which
+    # decodes every image) is told from the later ones (which read the decoded images)
+    first = trainer_steps[0][2]
+    assert [(r["epochs"], r["steps"]) for r in report["rows"][1:]] == [
+        ("first", sum(e == first for *_, e in timed)), ("later", sum(e > first for *_, e in timed))]
+    assert report["rows"][2]["steps"] > 0
+    for key in ("trainer_images_s", "bare_step_s", "bare_images_s"):
         assert row[key] > 0
     assert row["overhead"] == pytest.approx(row["bare_images_s"] / row["trainer_images_s"])
+    assert row["overhead"] == pytest.approx(row["trainer_step_s"] / row["bare_step_s"])
     buckets = report["buckets"]
-    assert buckets and all(1 <= b["batch"] <= 4 and b["bare_step_s"] > 0 for b in buckets)
+    assert sum(b["steps"] for b in buckets) == row["steps"]
+    assert all(1 <= int(b["batch"]) <= 4 and b["bare_step_s"] > 0 for b in buckets)
     assert all(int(s) % 8 == 0 and 16 <= int(s) <= 32
                for b in buckets for s in b["size"].split("x"))
+
+
+def test_overhead_needs_a_timed_step(tmp_path, capsys, monkeypatch):
+    import engine.bench_runs as bench
+    monkeypatch.setattr(bench.BareSteps, "__call__", lambda self, shape: None)
+    assert bench_main(["overhead", "--steps", "10", "--count", "24", "--device", "cpu",
+                       "--out", str(tmp_path / "o"), *sets()]) == 2
+    assert "every step met a batch shape for the first time" in capsys.readouterr().err
 
 
 def test_overhead_measures_both_sides_in_what_the_cpu_computes(tmp_path, capsys, monkeypatch):
@@ -175,10 +216,10 @@ def test_overhead_measures_both_sides_in_what_the_cpu_computes(tmp_path, capsys,
     import engine.distributed as distributed
     monkeypatch.setattr(distributed, "native_half", lambda precision: False)
     used = []
-    real = bench.train_step_seconds
-    monkeypatch.setattr(bench, "train_step_seconds",
-                        lambda *a: used.append(a[6]) or real(*a))
-    code = bench_main(["overhead", "--steps", "10", "--count", "24", "--repeats", "1",
+    real = bench.BareSteps.__init__
+    monkeypatch.setattr(bench.BareSteps, "__init__",
+                        lambda self, *a: used.append(a[4]) or real(self, *a))
+    code = bench_main(["overhead", "--steps", "10", "--count", "24",
                        "--out", str(tmp_path / "o"), "--device", "cpu", "--json",
                        *sets("train.precision=bf16")])
     assert code == 0
@@ -195,7 +236,7 @@ def test_a_failed_benchmark_run_leaves_no_temporary_folder(tmp_path, capsys, mon
     from engine.train import TrainError
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
-    def fail(cfg, run, device_name=None):
+    def fail(cfg, run, device_name=None, after_step=None):
         (run.root / "checkpoints" / "step_1.pt").write_bytes(b"x" * 1000)
         raise TrainError("disk full")
     monkeypatch.setattr(bench, "train", fail)
