@@ -89,6 +89,7 @@ from engine.self_align import SelfAlignTeacher
 from engine.stages import resolution_stages, stage_index, stage_scale, stage_text, steps_left
 from engine.text_features import cached_text_encoder
 from engine.train_io import (
+    DataWaitHint,
     JobReporter,
     MetricWindow,
     StopSignals,
@@ -433,6 +434,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     data_iter = iter(loader)
     bad_steps, skipped_total, bad_files_total, rollbacks_in_a_row = 0, 0, 0, 0
     bad_files_named: set[str] = set()
+    data_wait = DataWaitHint(cfg.data.workers, device, log)
     window = MetricWindow(T_BINS)
     final_state = "completed"
 
@@ -540,11 +542,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         # (the gradients are None or zero here: every way out of the last step cleared them)
         # device tensors: the step reads back one pair of numbers (loss, gradient norm)
         terms_sum: dict[str, Tensor] = {}
-        images, tokens, step_paths, shapes = 0, 0, [], []
+        images, tokens, step_paths, shapes, waited = 0, 0, [], [], 0.0
         bin_loss = torch.zeros(T_BINS, device=device)
         bin_count = torch.zeros(T_BINS, device=device)
         for micro in range(tr.grad_accum):
+            t_data = time.perf_counter()
             batch = next_batch()
+            waited += time.perf_counter() - t_data
             x = batch.images.to(device, non_blocking=True)
             B = x.shape[0]
             captions = drop_captions(batch.captions, cfg.data.caption_dropout,
@@ -657,13 +661,15 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         st.loss_count += 1
         seconds = time.perf_counter() - t0
         window.add(terms_sum, norm, clipped, images * d.world, tokens * d.world, seconds,
-                   bin_loss, bin_count)
+                   bin_loss, bin_count, waited)
         report.progress(seconds)
         if after_step is not None:
             after_step(shapes, seconds, st.epoch)
 
         if st.step % tr.log_every == 0 or st.step == st.stop_at:
             means = window.flush(partial(sum_over_ranks, d), d.world)   # all ranks' batches
+            if d.main:
+                data_wait(means["data_wait"], st.step)
             report.metrics(st.step, st.epoch, lr, {**means, "skipped_batches": skipped_total,
                                                    "bad_files": bad_files_total},
                            st.stop_at, device)

@@ -493,12 +493,15 @@ class MetricWindow:
 
     def reset(self):
         self.n, self.terms, self.norm, self.clipped, self.clips = 0, {}, 0.0, 0.0, 0
-        self.images, self.tokens, self.seconds = 0, 0, 0.0
+        self.images, self.tokens, self.seconds, self.waited = 0, 0, 0.0, 0.0
         self.bin_loss, self.bin_count = 0.0, 0.0
 
     def add(self, terms: dict[str, Tensor], norm: float, clipped: float, images: int,
-            tokens: int, seconds: float, bin_loss: Tensor, bin_count: Tensor):
+            tokens: int, seconds: float, bin_loss: Tensor, bin_count: Tensor,
+            waited: float = 0.0):
+        """One optimizer step; `waited`: the seconds of it spent waiting for its batches."""
         self.n += 1
+        self.waited += waited
         for k, v in terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v
         self.norm += norm
@@ -529,10 +532,43 @@ class MetricWindow:
         out.update(grad_norm=self.norm / n, grad_norm_clipped=self.clipped / n,
                    clip_fraction=self.clips / n, images_s=self.images / max(self.seconds, 1e-9),
                    tokens_s=self.tokens / max(self.seconds, 1e-9), step_s=self.seconds / n,
+                   data_wait=self.waited / max(self.seconds, 1e-9),
                    loss_t=[round(s / c, 5) if c > 0 else None
                            for s, c in zip(bins[:self.t_bins], bins[self.t_bins:])])
         self.reset()
         return out
+
+
+# a share of the step time spent waiting for images that earns the run a hint in its log
+DATA_WAIT_HINT = 0.15
+
+
+class DataWaitHint:
+    """Says once in the log what to do about a run that waits for its images: at least
+    DATA_WAIT_HINT of the step time in two metric windows in a row (one alone may be a
+    loader's start-up, its worker processes importing torch)."""
+
+    def __init__(self, workers: int, device: torch.device, log: Callable[[str], None]):
+        self.workers, self.device, self.log = workers, device, log
+        self.slow_windows, self.said = 0, False
+
+    def __call__(self, wait: float, step: int) -> None:
+        self.slow_windows = self.slow_windows + 1 if wait >= DATA_WAIT_HINT else 0
+        if self.slow_windows >= 2 and not self.said:
+            self.said = True
+            self.log(self.text(wait, step))
+
+    def text(self, wait: float, step: int) -> str:
+        cores = os.cpu_count() or 1
+        head = (f"step {step}: {wait:.0%} of the training time went to waiting for images "
+                f"(data.workers = {self.workers})")
+        smaller = ("store the images at no more than about twice the largest training size "
+                   "(data.max_side): decoding and resampling large files is most of the wait")
+        # on the CPU, worker processes would take cores from the training itself
+        if self.device.type != "cpu" and self.workers < cores - 1:
+            return (f"{head}; raise data.workers (this machine has {cores} CPU cores; each "
+                    f"worker process decodes batches ahead of the GPU), or {smaller}")
+        return f"{head}; {smaller}"
 
 
 # --------------------------------------------------------------------------------------

@@ -442,8 +442,8 @@ def event_rows(events: Sequence[dict], limit: int = 200) -> list[list]:
 
 
 def latest_numbers(train: Sequence[dict], val: Sequence[dict]) -> str:
-    """One line: loss, LR, grad norm, throughput, peak memory since training began and
-    validation loss."""
+    """One line: loss, LR, grad norm, throughput (with the share of the step time spent
+    waiting for images, from 5 %), peak memory since training began and validation loss."""
     if not train:
         return "No metrics yet."
     r = train[-1]
@@ -451,7 +451,9 @@ def latest_numbers(train: Sequence[dict], val: Sequence[dict]) -> str:
              f"grad norm {fmt_loss(r.get('grad_norm'))}"
              + (f" (clipped {r['clip_fraction']:.0%} of steps)" if r.get("clip_fraction") else ""),
              f"{r.get('images_s', 0):.1f} img/s", f"{fmt_count(r.get('tokens_s'))} tokens/s",
-             f"{r.get('step_s', 0):.2f} s/step"]
+             f"{r.get('step_s', 0):.2f} s/step"
+             + (f" ({r['data_wait']:.0%} of it waiting for images)"
+                if r.get("data_wait", 0) >= 0.05 else "")]
     if r.get("mem_mb"):   # 0 where the system does not say (the CPU on Windows)
         parts.append(f"peak memory {fmt_bytes(r['mem_mb'] * 2**20)}")
     if val:

@@ -366,6 +366,10 @@ def test_event_rows_and_latest_numbers():
     assert "1 skipped batches" in line and "peak memory 512.0 MiB" in line
     assert "memory" not in views.latest_numbers([{**train[-1], "mem_mb": 0.0}], [])   # unknown
     assert views.latest_numbers([], []) == "No metrics yet."
+    assert "waiting" not in line                      # none logged (a run of an older version)
+    assert "waiting" not in views.latest_numbers([{**train[-1], "data_wait": 0.04}], [])
+    assert "0.50 s/step (23% of it waiting for images)" in views.latest_numbers(
+        [{**train[-1], "step_s": 0.5, "data_wait": 0.234}], [])
 
 
 # --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -492,6 +493,24 @@ def test_sample_grids_and_validation_run_without_the_steps_gradients(demo, tmp_p
     assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
                        "--max-steps", "4", *sets("train.sample_every=2")]) == 0
     assert held and not any(held), held
+
+
+def test_a_run_slowed_by_its_images_logs_the_wait_and_what_to_do(demo, tmp_path, monkeypatch):
+    from engine.dataset import BucketDataset
+    real = BucketDataset.__getitem__
+
+    def slow(self, key):
+        time.sleep(0.02)
+        return real(self, key)
+    monkeypatch.setattr(BucketDataset, "__getitem__", slow)
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "3", *sets()]) == 0
+    waits = [r["data_wait"] for r in records(run, "data_wait")]
+    assert len(waits) == 3 and min(waits) > 0.3, waits
+    log = (run / "log.txt").read_text()
+    assert log.count("of the training time went to waiting for images") == 1
+    assert "step 2: " in log and "(data.workers = 0); store the images" in log
 
 
 def test_logged_memory_is_the_trainings_not_the_setups(demo, tmp_path, monkeypatch):

@@ -250,3 +250,35 @@ def test_logged_losses_are_every_ranks_not_rank_0s(monkeypatch):
     assert both["loss"] == (4.0 + 16.0) / 4 and both["loss_v"] == (2.0 + 8.0) / 4
     assert both["loss_t"] == [2.0, 3.0]
     assert both["grad_norm"] == mine["grad_norm"] and both["images_s"] == mine["images_s"]
+
+
+def test_a_run_that_waits_for_its_images_says_what_to_do(monkeypatch):
+    """A metric line carries the share of the step time spent waiting for batches. At
+    DATA_WAIT_HINT or more in two lines in a row (one alone may be the loader starting its
+    workers) the log says once what to do: on a GPU with cores to spare, more workers;
+    on the CPU, whose cores the training itself uses, smaller image files."""
+    import os
+
+    from engine.train_io import DATA_WAIT_HINT, DataWaitHint, MetricWindow
+    w = MetricWindow(1)
+    for waited in (0.1, 0.3):
+        w.add({"total": torch.tensor(1.0)}, 1.0, 1.0, 4, 64, 0.5, torch.zeros(1),
+              torch.zeros(1), waited)
+    assert w.flush()["data_wait"] == pytest.approx(0.4)
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    said = []
+    gpu = DataWaitHint(2, torch.device("cuda"), said.append)
+    for step, wait in ((10, 0.9), (20, 0.05), (30, DATA_WAIT_HINT), (40, 0.5), (50, 0.9)):
+        gpu(wait, step)
+    assert len(said) == 1 and said[0].startswith("step 40: 50% of the training time went to "
+                                                 "waiting for images (data.workers = 2)")
+    assert "raise data.workers (this machine has 16 CPU cores" in said[0]
+    assert "twice the largest training size" in said[0]
+    for hint in (DataWaitHint(0, torch.device("cpu"), said.append),
+                 DataWaitHint(15, torch.device("cuda"), said.append)):
+        hint(0.2, 1)
+        hint(0.2, 2)
+        assert "twice the largest training size" in said[-1]
+        assert "raise data.workers" not in said[-1]
+    assert len(said) == 3
