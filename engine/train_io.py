@@ -517,7 +517,9 @@ class MetricWindow:
               world: int = 1) -> dict:
         """The window's means. Under DDP (`over_ranks`: the sum of a tensor over the
         `world` ranks, a collective that every rank calls at the same step) the loss terms
-        and time bins are those of every rank's batches, not rank 0's alone."""
+        and time bins are those of every rank's batches, not rank 0's alone; the rest
+        (gradient norm, speed, `data_wait`: the share of the time spent waiting for
+        batches) are this process's."""
         n = max(self.n, 1)
         keys = list(self.terms)
         if self.n:
