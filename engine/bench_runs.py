@@ -179,26 +179,25 @@ def overhead_in(out: Path, args) -> dict:
     later = [p for p in pairs if p[0] != first]
     groups = [("all", pairs)] + ([("first", [p for p in pairs if p[0] == first]),
                                   ("later", later)] if later else [])
-    rows = [{"epochs": name, **overhead_row([(t, b, shapes) for _, shapes, t, b in group])}
-            for name, group in groups]
-    by_shape: dict[tuple, list[tuple[float, float, tuple]]] = {}
-    for _, shapes, t, b in pairs:
-        by_shape.setdefault(shapes, []).append((t, b, shapes))
+    rows = [{"epochs": name, **overhead_row(group)} for name, group in groups]
+    by_shape: dict[tuple, list[tuple[int, tuple, float, float]]] = {}
+    for p in pairs:
+        by_shape.setdefault(p[1], []).append(p)
     buckets = [{"size": " + ".join(f"{w}x{h}" for _, w, h in shapes),
                 "batch": "+".join(str(b) for b, _, _ in shapes),
-                "trainer_step_median_s": statistics.median(t for t, _, _ in v),
-                "bare_step_median_s": statistics.median(b for _, b, _ in v),
-                **overhead_row(v)}
+                "trainer_step_median_s": statistics.median(p[2] for p in v),
+                "bare_step_median_s": statistics.median(p[3] for p in v), **overhead_row(v)}
                for shapes, v in sorted(by_shape.items(), key=lambda kv: -len(kv[1]))]
     return {"benchmark": "overhead", "preset": args.preset, "device": trained["device"],
             "precision": trained["precision"], "blocks": blocks, "text_tokens": args.tokens,
             "data": trained["data"], "run": trained["run"], "rows": rows, "buckets": buckets}
 
 
-def overhead_row(pairs: list[tuple[float, float, tuple]]) -> dict:
-    """Steps, seconds per step, images/s and their ratio of (trainer s, bare s, shapes)."""
-    trainer_s, bare_s = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
-    images = sum(b for _, _, shapes in pairs for b, _, _ in shapes)
+def overhead_row(pairs: list[tuple[int, tuple, float, float]]) -> dict:
+    """Steps, seconds per step, images/s and their ratio of (epoch, the step's shapes,
+    trainer seconds, bare seconds) pairs."""
+    trainer_s, bare_s = sum(p[2] for p in pairs), sum(p[3] for p in pairs)
+    images = sum(b for p in pairs for b, _, _ in p[1])
     return {"steps": len(pairs), "trainer_step_s": trainer_s / len(pairs),
             "trainer_images_s": images / trainer_s, "bare_step_s": bare_s / len(pairs),
             "bare_images_s": images / bare_s, "overhead": trainer_s / bare_s}
