@@ -93,10 +93,12 @@ def train_in(out: Path, args, hook: Callable[[RunConfig], AfterStep] | None = No
     timed = list(zip(windows, counts))[1:] or list(zip(windows, counts))
     seconds = sum(r["step_s"] * n for r, n in timed)
     images = sum(r["images_s"] * r["step_s"] * n for r, n in timed)
+    waited = sum(r["data_wait"] * r["step_s"] * n for r, n in timed)
     val = [r["val_loss"] for r in lines if "val_loss" in r]
     status = run.read_status()
     row = {"steps": status.step, "images_s": images / max(seconds, 1e-9),
            "step_s": seconds / max(sum(n for _, n in timed), 1),
+           "data_wait": waited / max(seconds, 1e-9),
            "loss_first": windows[0]["loss"], "loss_last": windows[-1]["loss"],
            "val_loss": val[-1] if val else None}
     return {"benchmark": "train", "preset": args.preset, "state": state,
@@ -109,6 +111,7 @@ def train_in(out: Path, args, hook: Callable[[RunConfig], AfterStep] | None = No
 TRAIN_COLUMNS: list = [
     ("steps", "steps", str), ("images_s", "images/s", lambda v: f"{v:.1f}"),
     ("step_s", "s/step", lambda v: f"{v:.4f}"),
+    ("data_wait", "waiting for images", lambda v: f"{v:.1%}"),
     ("loss_first", "loss (first 10)", lambda v: f"{v:.4f}"),
     ("loss_last", "loss (last 10)", lambda v: f"{v:.4f}"),
     ("val_loss", "val loss", lambda v: "-" if v is None else f"{v:.4f}"),
