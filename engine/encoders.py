@@ -9,6 +9,7 @@ input for all of them: an all-False mask, zero tokens and a zero pooled vector.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from pathlib import Path
@@ -51,6 +52,13 @@ def _unconditional_rows(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 # Builtin encoder (offline, trained with the model)
 # --------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1 << 16)
+def _word_ids(prompt: str, max_tokens: int, vocab: int) -> tuple[int, ...]:
+    """The builtin encoder's ids of a prompt's words (a run's captions recur every epoch)."""
+    words = BuiltinTextEncoder.WORD.findall(prompt.lower())[:max_tokens]
+    return tuple(zlib.crc32(w.encode("utf-8")) % vocab for w in words)
+
+
 class BuiltinTextEncoder(nn.Module):
     """Words -> hashed ids -> a small pre-norm transformer. Needs no download and no
     vocabulary file: a word's id is crc32(lower-cased word) modulo the table size, so
@@ -84,16 +92,14 @@ class BuiltinTextEncoder(nn.Module):
         return [len(self.WORD.findall(p.lower())) for p in prompts]
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """(ids (B, 1+T), mask (B, 1+T)) with BOS first; T = longest prompt, at least 1."""
-        rows = [[zlib.crc32(w.encode("utf-8")) % self.VOCAB for w in self.words(p)]
-                for p in prompts]
+        """(ids (B, 1+T), mask (B, 1+T)) with BOS first; T = longest prompt, at least 1.
+        Built from Python lists in one tensor each (a training step tokenises its batch)."""
+        rows = [_word_ids(p, self.max_tokens, self.VOCAB) for p in prompts]
         T = max(1, max((len(r) for r in rows), default=0))
-        ids = torch.zeros(len(prompts), 1 + T, dtype=torch.long)
-        mask = torch.zeros(len(prompts), 1 + T, dtype=torch.bool)
-        ids[:, 0], mask[:, 0] = self.VOCAB, True
-        for i, r in enumerate(rows):
-            ids[i, 1:1 + len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, 1:1 + len(r)] = True
+        ids = torch.tensor([(self.VOCAB, *r) + (0,) * (T - len(r)) for r in rows],
+                           dtype=torch.long).view(len(prompts), 1 + T)
+        mask = torch.tensor([(True,) * (1 + len(r)) + (False,) * (T - len(r)) for r in rows],
+                            dtype=torch.bool).view(len(prompts), 1 + T)
         return ids, mask
 
     def encode(self, prompts: list[str]) -> TextCond:

@@ -122,6 +122,16 @@ def test_builtin_encoder_is_deterministic_trainable_and_unconditional_on_empty()
     # truncation and counting
     assert enc.encode(["w " * 40]).tokens.shape[1] == 16
     assert enc.count_tokens(["w " * 40]) == [40]
+    # the ids: BOS, then crc32 of each lower-cased word (runs of ASCII letters and digits;
+    # any other character alone) modulo the table, padded with 0
+    import zlib
+    ids, mask = enc.tokenize(["Über 東京, ok", "", "w " * 40])
+    words = [zlib.crc32(w.encode()) % enc.VOCAB for w in ("ü", "ber", "東", "京", ",", "ok")]
+    assert ids.shape == mask.shape == (3, 17) and ids.dtype == torch.long
+    assert ids[:, 0].tolist() == [enc.VOCAB] * 3 and mask[:, 0].all()
+    assert ids[0, 1:7].tolist() == words and not ids[0, 7:].any() and not ids[1, 1:].any()
+    assert mask.sum(1).tolist() == [7, 1, 17]
+    assert enc.tokenize([])[0].shape == (0, 2)
 
 
 def test_builtin_padding_does_not_change_a_prompt():
