@@ -55,7 +55,7 @@ def _unconditional_rows(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 @functools.lru_cache(maxsize=1 << 16)
 def _word_ids(prompt: str, max_tokens: int, vocab: int) -> tuple[int, ...]:
     """The builtin encoder's ids of a prompt's words (a run's captions recur every epoch)."""
-    words = BuiltinTextEncoder.WORD.findall(prompt.lower())[:max_tokens]
+    words = BuiltinTextEncoder.split(prompt)[:max_tokens]
     return tuple(zlib.crc32(w.encode("utf-8")) % vocab for w in words)
 
 
@@ -85,11 +85,17 @@ class BuiltinTextEncoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
 
+    @classmethod
+    def split(cls, prompt: str) -> list[str]:
+        """A prompt's lower-cased words: runs of ASCII letters and digits, any other
+        character alone."""
+        return cls.WORD.findall(prompt.lower())
+
     def words(self, prompt: str) -> list[str]:
-        return self.WORD.findall(prompt.lower())[: self.max_tokens]
+        return self.split(prompt)[: self.max_tokens]
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(self.WORD.findall(p.lower())) for p in prompts]
+        return [len(self.split(p)) for p in prompts]
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """(ids (B, 1+T), mask (B, 1+T)) with BOS first; T = longest prompt, at least 1.
