@@ -7,26 +7,21 @@ while the network trains. Lookups return exactly the `TextCond` the encoder's ow
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import secrets
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 from torch import Tensor
 
 from engine.config import TextConfig
 from engine.distributed import release_memory
 from engine.encoders import EncoderLoadError, Qwen3TextEncoder, encoder_folder, load_text_encoder
-from engine.fileio import atomic_target, atomic_write_text
 from engine.model import TextCond
+from engine.shard_store import Progress, ShardStore, hash_keys, identity_key
 
 # --------------------------------------------------------------------------------------
 # Text-feature cache (what a frozen encoder made of each caption, on disk)
@@ -35,8 +30,6 @@ from engine.model import TextCond
 FEATURES_FORMAT = 1             # part of the cache key: bump when features or layout change
 FINGERPRINT_BYTES = 4 * 2**20   # read from each end of a weight file to fingerprint it
 SHARD_BYTES = 2**30             # features gathered before a shard is written
-PROGRESS_SECONDS = 5.0
-LOCK_NOTICE_SECONDS = 2.0       # waiting longer than this for the folder lock is logged
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "merges.txt", "special_tokens_map.json", "added_tokens.json")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -87,12 +80,6 @@ def encoder_identity(folder: Path, max_tokens: int, dtype: torch.dtype) -> dict:
             "max_tokens": max_tokens, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def caption_hashes(captions: list[str]) -> np.ndarray:
-    """(B, 2) int64: the blake2b-128 of each caption's UTF-8 text, the cache's key."""
-    raw = b"".join(hashlib.blake2b(c.encode("utf-8"), digest_size=16).digest() for c in captions)
-    return np.frombuffer(raw, dtype="<i8").reshape(len(captions), 2)
-
-
 class _Shard:
     """One opened shard: its caption hashes and token offsets in memory, its features
     memory-mapped (safetensors slices read only the rows asked for)."""
@@ -102,72 +89,35 @@ class _Shard:
         self.tokens, self.pooled = handle.get_slice("tokens"), handle.get_slice("pooled")
 
 
-class TextFeatureCache:
+class TextFeatureCache(ShardStore):
     """The text features of one frozen encoder, kept on disk and served like an encoder:
     `encode(captions)` returns the TextCond the encoder's own `encode` returns (padding to
     the batch's longest prompt, zero padding rows, the all-zero empty prompt).
 
-    `folder` = <text_cache_root>/<hash of encoder_identity>, holding
-      index.json               the identity and the shards: file, caption count, bytes
-      shard-<random>.safetensors, for its N captions:
-        hashes  (N, 2) int64   caption_hashes
+    `folder` = <text_cache_root>/<hash of encoder_identity>, a ShardStore
+    (engine/shard_store.py) whose shards hold, for their N captions:
+        hashes  (N, 2) int64   hash_keys of the captions
         offsets (N + 1,) int64 rows of `tokens` per caption: only the real tokens
         tokens  (offsets[N], C) and pooled (N, C), in the identity's dtype
-      .lock                    held while the folder is written
-    A shard is written once (temp file + os.replace, then the index the same way) and
-    never changed; a later build adds shards. Builds hold the lock from their check of
-    what is missing to their last shard, so two runs building at once neither clash nor
-    encode a caption twice. Only hashes and offsets are read into memory (24 bytes a
-    caption). A damaged shard (truncated, unreadable, not what the index says) is
-    reported, dropped and its captions encoded again by the next build. The empty prompt
-    is never stored."""
+    Builds hold the lock from their check of what is missing to their last shard, so two
+    runs building at once neither clash nor encode a caption twice. Only hashes and
+    offsets are read into memory (24 bytes a caption). The empty prompt is never stored."""
 
     trainable = False
+    what, count_key, noun, remade = "text features", "captions", "captions", "encoded"
 
     def __init__(self, root: Path, encoder_dir: Path, max_tokens: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", encoder=None, log=print):
-        self.identity = encoder_identity(encoder_dir, max_tokens, dtype)
-        key = hashlib.blake2b(json.dumps(self.identity, sort_keys=True).encode(),
-                              digest_size=10).hexdigest()
-        self.folder = Path(root).expanduser() / key
+        identity = encoder_identity(encoder_dir, max_tokens, dtype)
+        super().__init__(Path(root).expanduser() / identity_key(identity), identity, log)
         config = json.loads((Path(encoder_dir) / "config.json").read_text(encoding="utf-8"))
         self.dim, self.dtype, self.device = int(config["hidden_size"]), dtype, torch.device(device)
-        self.encoder, self.log = encoder, log
-        self._filelock = FileLock(str(self.folder / ".lock"))
-        self._shards: list[_Shard] = []
+        self.encoder = encoder
         self._load()
 
-    def __len__(self) -> int:
-        return len(self._hi)
-
     # ---- reading ------------------------------------------------------------------
-    def _read_index(self) -> dict:
-        """The index; a missing one is empty, and so is an unreadable or foreign one (the
-        next write replaces it and removes the shards it no longer lists)."""
-        path = self.folder / "index.json"
-        empty = {"identity": self.identity, "shards": []}
-        try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-            if index.get("identity") != self.identity:
-                raise ValueError("it describes another encoder")
-            for s in index["shards"]:
-                if not (isinstance(s["file"], str) and s["file"].startswith("shard-")
-                        and isinstance(s["captions"], int) and isinstance(s["bytes"], int)):
-                    raise ValueError(f"bad shard entry {s!r}")
-            return index
-        except FileNotFoundError:
-            return empty
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            self.log(f"text features: the index {path} is damaged ({e}); its features will "
-                     f"be encoded again")
-            return empty
-
     def _open_shard(self, entry: dict) -> _Shard:
-        path = self.folder / entry["file"]
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise ValueError(f"{size} bytes, the index says {entry['bytes']}")
-        handle = safe_open(str(path), framework="pt")
+        handle = safe_open(str(self._check_size(entry)), framework="pt")
         n = entry["captions"]
         shard = _Shard(handle, handle.get_tensor("hashes").numpy(),
                        handle.get_tensor("offsets").numpy())
@@ -180,60 +130,16 @@ class TextFeatureCache:
             raise ValueError("its tensors do not match the index")
         return shard
 
-    def _load(self) -> dict:
-        """Open every shard the index lists and rebuild the lookup table; damaged shards
-        are reported and removed from the index. Returns the index."""
-        index = self._read_index()
-        shards, damaged = [], []
-        for entry in index["shards"]:
-            try:
-                shards.append(self._open_shard(entry))
-            except (OSError, ValueError, KeyError, SafetensorError) as e:
-                damaged.append(entry["file"])
-                self.log(f"text features: {self.folder / entry['file']} is damaged ({e}); "
-                         f"its {entry['captions']} captions will be encoded again")
-        self._shards = shards
-        hashes = np.concatenate([s.hashes for s in shards] or [np.zeros((0, 2), np.int64)])
-        where = np.concatenate([np.stack([np.full(len(s.hashes), i), np.arange(len(s.hashes))],
-                                         1) for i, s in enumerate(shards)]
-                               or [np.zeros((0, 2), np.int64)])
-        order = np.lexsort((hashes[:, 1], hashes[:, 0]))
-        self._hi, self._lo, self._where = hashes[order, 0], hashes[order, 1], where[order]
-        if damaged:
-            with self._lock():
-                index = self._read_index()
-                index["shards"] = [s for s in index["shards"] if s["file"] not in damaged]
-                atomic_write_text(self.folder / "index.json", json.dumps(index, indent=1))
-                for name in damaged:
-                    with contextlib.suppress(OSError):   # still open elsewhere (Windows)
-                        (self.folder / name).unlink()
-        return index
-
-    def _find(self, captions: list[str]) -> np.ndarray:
-        """(B,) each caption's row in the lookup table, -1 when it has no features."""
-        found = np.full(len(captions), -1)
-        if not len(self._hi):
-            return found
-        h = caption_hashes(captions)
-        left = np.searchsorted(self._hi, h[:, 0], "left")
-        right = np.searchsorted(self._hi, h[:, 0], "right")
-        first = np.minimum(left, len(self._hi) - 1)
-        found = np.where((right > left) & (self._lo[first] == h[:, 1]), left, -1)
-        for b in np.flatnonzero(right - left > 1):   # equal first halves: sorted by the second
-            i = left[b] + np.searchsorted(self._lo[left[b]:right[b]], h[b, 1])
-            found[b] = i if i < right[b] and self._lo[i] == h[b, 1] else -1
-        return found
-
     def missing(self, captions) -> list[str]:
         """The distinct non-empty captions without features, in first-seen order."""
         unique = [c for c in dict.fromkeys(captions) if c]
-        return [c for c, i in zip(unique, self._find(unique), strict=True) if i < 0]
+        return [c for c, i in zip(unique, self._find(hash_keys(unique)), strict=True) if i < 0]
 
     def encode(self, captions: list[str]) -> TextCond:
         """What the encoder's `encode(captions)` returns, read from the cache: built on the
         CPU, then moved to `device`. A caption without features is encoded and added while
         an encoder is attached, and a TextFeatureError otherwise."""
-        found = self._find(captions)
+        found = self._find(hash_keys(captions))
         absent = [c for c, i in zip(captions, found, strict=True) if i < 0 and c]
         if absent:
             if self.encoder is None:
@@ -244,7 +150,7 @@ class TextFeatureCache:
                     f"the dataset and the sample prompts at its start: restart or resume the "
                     f"run after changing captions or prompts")
             self.add(absent)
-            found = self._find(captions)
+            found = self._find(hash_keys(captions))
         spans = []
         for i in found.tolist():
             if i < 0:        # the empty prompt
@@ -271,45 +177,15 @@ class TextFeatureCache:
         return TextCond(tokens, mask, pooled).to(self.device, non_blocking=True)
 
     # ---- writing ------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _lock(self):
-        """Hold the folder's file lock (re-entrant in this object); a wait is logged."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            self._filelock.acquire(timeout=LOCK_NOTICE_SECONDS)
-        except Timeout:
-            self.log(f"text features: waiting for another process writing {self.folder}")
-            self._filelock.acquire()
-        try:
-            yield
-        finally:
-            self._filelock.release()
-
-    def _drop_strays(self, index: dict) -> None:
-        """Shards the index does not list and temp files: left by a process killed
-        between a shard and its index entry, or by a damaged index. Called under the lock."""
-        listed = {s["file"] for s in index["shards"]}
-        for p in self.folder.iterdir():
-            if (p.name.startswith("shard-") and p.name not in listed) or \
-                    p.name.startswith((".shard-", ".index.json.")):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-
-    def _write_shard(self, index: dict, hashes: list[np.ndarray], lengths: list[Tensor],
-                     tokens: list[Tensor], pooled: list[Tensor]) -> None:
-        name = f"shard-{secrets.token_hex(6)}.safetensors"
+    def _write_features(self, index: dict, hashes: list[np.ndarray], lengths: list[Tensor],
+                        tokens: list[Tensor], pooled: list[Tensor]) -> None:
         lengths = torch.cat(lengths)
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
         offsets[1:] = lengths.cumsum(0)
-        with atomic_target(self.folder / name) as tmp:
-            save_file({"hashes": torch.from_numpy(np.concatenate(hashes)), "offsets": offsets,
-                       "tokens": torch.cat(tokens), "pooled": torch.cat(pooled)}, str(tmp),
-                      metadata={"format": str(FEATURES_FORMAT)})
-            with open(tmp, "r+b") as f:
-                os.fsync(f.fileno())
-        index["shards"].append({"file": name, "captions": len(lengths),
-                                "bytes": (self.folder / name).stat().st_size})
-        atomic_write_text(self.folder / "index.json", json.dumps(index, indent=1))
+        self._write_shard(index, {"hashes": torch.from_numpy(np.concatenate(hashes)),
+                                  "offsets": offsets, "tokens": torch.cat(tokens),
+                                  "pooled": torch.cat(pooled)},
+                          len(lengths), {"format": str(FEATURES_FORMAT)})
 
     def add(self, captions, batch_size: int = 64, shard_bytes: int = SHARD_BYTES) -> int:
         """Encode the captions without features, `batch_size` at a time, and store them
@@ -335,34 +211,25 @@ class TextFeatureCache:
             self.log(f"text features: encoding {len(todo)} captions into {self.folder} "
                      f"({len(self)} already there)")
             pending: tuple[list, list, list, list] = ([], [], [], [])
-            size = done = 0
-            start = last = time.monotonic()
+            size = 0
+            progress = Progress("text features", "captions encoded", len(todo), self.log)
             for rows in batches:
                 batch = [todo[i] for i in rows.tolist()]
                 cond = self.encoder.encode(batch)
-                parts = (caption_hashes(batch), cond.mask.sum(1).cpu(),
+                parts = (hash_keys(batch), cond.mask.sum(1).cpu(),
                          cond.tokens[cond.mask].cpu(),   # (sum of lengths, C): real tokens
                          cond.pooled.cpu())
                 for store, part in zip(pending, parts, strict=True):
                     store.append(part)
                 size += parts[2].nbytes + parts[3].nbytes
-                done += len(batch)
                 if size >= shard_bytes:
-                    self._write_shard(index, *pending)
+                    self._write_features(index, *pending)
                     pending, size = ([], [], [], []), 0
-                now = time.monotonic()
-                if now - last >= PROGRESS_SECONDS:
-                    rate = done / (now - start)
-                    eta = (len(todo) - done) / rate
-                    eta_text = f"{eta / 60:.0f} min" if eta >= 90 else f"{eta:.0f} s"
-                    self.log(f"text features: {done}/{len(todo)} captions encoded "
-                             f"({rate:.1f}/s), ETA {eta_text}")
-                    last = now
+                progress.advance(len(batch))
             if pending[0]:
-                self._write_shard(index, *pending)
+                self._write_features(index, *pending)
             self._load()
-            self.log(f"text features: {len(todo)} captions encoded in "
-                     f"{time.monotonic() - start:.0f} s")
+            self.log(f"text features: {len(todo)} captions encoded in {progress.seconds:.0f} s")
         return len(todo)
 
     def unload_encoder(self) -> None:

@@ -143,9 +143,9 @@ def test_a_second_build_encodes_nothing_and_new_captions_add_a_shard(enc, tiny_q
 
 def test_an_interrupted_build_keeps_its_shards_and_reports_progress(enc, tiny_qwen3, tmp_path,
                                                                    monkeypatch):
-    import engine.text_features as text_features
+    import engine.shard_store as shard_store
 
-    monkeypatch.setattr(text_features, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(shard_store, "PROGRESS_SECONDS", 0.0)
     cache = TextFeatureCache(tmp_path, tiny_qwen3, 16, torch.float32, encoder=enc,
                              log=lambda _: None)
     captions = [f"caption {i} " + "word " * (i % 3) for i in range(12)]
