@@ -5,6 +5,7 @@
     python -m engine.bench train --preset tiny-cpu --steps 300
     python -m engine.bench network --preset tiny-cpu --sizes 64x64,32x32 [--profile]
     python -m engine.bench overhead --preset tiny-cpu
+    python -m engine.bench data --data DIR [--preset home-12gb]
     python -m engine.bench gpu [--quick]
     python -m engine.bench quality --checkpoint RUN [--data DIR] [--prompts wide]
                                    [--n 4 --seeds 4 --steps 10]
@@ -30,7 +31,11 @@ of three profiles, as system noise lands on whichever operators run at the time)
 `overhead` runs `train` (no samples or validation) and times a bare network step of
 the same batch shape after each of its steps, in the same process: the ratio is what the
 trainer adds (data, text encoder, extra losses, clipping, EMA), over all steps and, when
-the run crosses an epoch, over the first epoch (decoding every image) and the later ones.
+the run crosses an epoch, over the first epoch and the later ones (which differ when the
+crop cache is off, `--set data.disk_cache_gb=0`: the first epoch then decodes every image).
+
+`data` (engine/bench_data.py) times one loader process feeding a dataset's training crops:
+decoding the image files against reading the decoded-crop cache, and building that cache.
 
 `gpu` (CUDA only, minutes): the attention kernel that runs, bf16 MFU of pixelhdm-default
 at 256/512 px, home presets' memory at their largest bucket, Heun-50 + CFG s per 512 px.
@@ -55,9 +60,11 @@ from typing import Callable
 import torch
 
 from engine.attention import flash_attn_func
+from engine.bench_data import add_data
 from engine.bench_runs import add_overhead, add_train
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_preset, parse_wxh
+from engine.data import DataError
 from engine.distributed import (
     PRECISIONS,
     DeviceError,
@@ -415,7 +422,7 @@ def add_gpu(sub, common: argparse.ArgumentParser) -> None:
         ("sampling", "Heun-50 + CFG, pixelhdm-default, random weights", SAMPLE_COLUMNS)])
 
 
-COMMANDS = (add_sample, add_train, add_network, add_overhead, add_gpu, add_quality)
+COMMANDS = (add_sample, add_train, add_network, add_overhead, add_data, add_gpu, add_quality)
 
 
 # --------------------------------------------------------------------------------------
@@ -448,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = args.run(args)
     except (GenerateError, ConfigError, CheckpointError, EncoderLoadError, DeviceError,
-            TrainError, EvaluateError) as e:
+            TrainError, EvaluateError, DataError) as e:
         print(f"{parser.prog} {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if args.json:

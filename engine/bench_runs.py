@@ -76,10 +76,12 @@ def train_in(out: Path, args, hook: Callable[[RunConfig], AfterStep] | None = No
     run = RunDir(out / "run")
     if run.root.exists():
         raise GenerateError(f"--out {out}: holds a previous benchmark run; choose an empty folder")
+    # the demo images' decoded crops stay in the work folder (removed with a temporary one)
+    own_data = [] if args.data else [f"data.cache_dir={(out / 'image-crops').resolve()}"]
     overrides = [f"data.path={data.resolve()}", f"train.max_steps={args.steps}",
                  "train.log_every=10", f"train.save_every={args.steps}",
                  f"train.sample_every={args.steps}", f"train.val_every={args.steps}",
-                 *args.overrides]
+                 *own_data, *args.overrides]
     if args.dtype:   # refused where the device would emulate it, as for `network`
         dtype = resolve_precision(args.dtype, resolve_device(args.device))
         overrides.append(f"train.precision={dtype}")
@@ -177,7 +179,8 @@ def overhead_in(out: Path, args) -> dict:
     if not pairs:
         raise GenerateError(f"--steps {args.steps}: every step met a batch shape for the "
                             "first time (a warm-up, not timed); train more steps")
-    # the first epoch decodes every image; later ones read the decoded-image cache
+    # with the crop cache off (data.disk_cache_gb=0) the first epoch decodes every image and
+    # the later ones read the in-memory cache; with it, both read the stored crops
     first = min(p[0] for p in pairs)
     later = [p for p in pairs if p[0] != first]
     groups = [("all", pairs)] + ([("first", [p for p in pairs if p[0] == first]),

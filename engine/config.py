@@ -175,9 +175,18 @@ class DataConfig:
                                 lo=0.0, hi=1.0)
     val_images: int = _f(4, "images held out for the validation loss", lo=0)
     workers: int = _f(2, "data-loading worker processes (0 = in the trainer process)", lo=0, hi=64)
-    cache_mb: int = _f(1024, "MiB of decoded training images kept in memory (per loading "
-                       "process) when they are the same every epoch: centre crops, no flips "
-                       "(0 = decode every time)", lo=0)
+    cache_mb: int = _f(1024, "MiB of decoded training crops kept in memory (per loading "
+                       "process) when they are the same every epoch (centre crops; a flip "
+                       "mirrors the kept crop) and not in the disk cache (0 = none)", lo=0)
+    disk_cache_gb: float = _f(20.0, "GiB of disk for the decoded-crop cache, all datasets "
+                              "together: each training image's centre crop is decoded once "
+                              "before training and read by every worker, epoch, resume and "
+                              "later run instead of the image; past the limit, crops no longer "
+                              "trained and then other datasets' (least recently used first) "
+                              "make room (0 = off)", lo=0.0)
+    cache_dir: str = _f("", "folder of the decoded-crop cache, one subfolder per dataset "
+                        "folder; '' = $PIXELHDM_CACHE_DIR/image-crops when that variable is "
+                        "set, else ~/.cache/pixelhdm/image-crops")
 
 
 @dataclass

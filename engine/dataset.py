@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -105,6 +106,41 @@ class Sample:
 
 
 @dataclass
+class StoredCrops:
+    """Where each planned image's decoded crop is stored in the disk cache
+    (engine/crop_cache.py; `where[i]` = shard file, offset; shard -1: not stored), handed
+    to the training Dataset. Pickles without its open files, so
+    loader workers started by spawn (Windows, macOS) open their own."""
+    files: list[str]
+    where: np.ndarray                               # (N, 2) int64
+    _slices: dict = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {"files": self.files, "where": self.where, "_slices": {}}
+
+    @property
+    def count(self) -> int:
+        return int((self.where[:, 0] >= 0).sum())
+
+    def read(self, index: int, bucket: Size) -> Tensor | None:
+        """The stored (H, W, 3) uint8 crop of planned image `index`, or None (not stored,
+        or its shard unreadable: deleted by another run making room, damaged)."""
+        shard, offset = self.where[index].tolist()
+        if shard < 0:
+            return None
+        w, h = bucket
+        try:
+            pixels = self._slices.get(shard)
+            if pixels is None:
+                pixels = safe_open(self.files[shard], framework="pt").get_slice("pixels")
+                self._slices[shard] = pixels
+            return pixels[offset:offset + h * w * 3].view(h, w, 3)
+        except (OSError, SafetensorError, RuntimeError, ValueError):
+            self.where[index, 0] = -1     # decode it from now on
+            return None
+
+
+@dataclass
 class Batch:
     images: Tensor                     # (B, 3, H, W) in [-1, 1], B may be 0
     captions: list[str]
@@ -137,15 +173,17 @@ class BucketDataset(Dataset):
 
     def __init__(self, images: Sequence[PlannedImage], *, crop: str = "center",
                  flip: bool = False, seed: int = 0, max_pixels: int = MAX_PIXELS,
-                 cache_bytes: int = 0):
+                 cache_bytes: int = 0, stored: StoredCrops | None = None):
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         self.images, self.crop, self.flip = list(images), crop, flip
         self.seed, self.max_pixels = seed, max_pixels
-        # without random crops or flips an image's pixels are the same every epoch: keep
-        # the decoded uint8 crops (each process its own), up to `cache_bytes`
-        fixed = crop == "center" and not flip
-        self.cache_bytes = cache_bytes if fixed else 0
+        # a centre crop is the same every epoch (a flip mirrors it): read it from the disk
+        # cache (engine/crop_cache.py) when stored there, else keep the decoded uint8
+        # crops in memory (each process its own), up to `cache_bytes`
+        self.fixed = crop == "center"
+        self.stored = stored if self.fixed else None
+        self.cache_bytes = cache_bytes if self.fixed else 0
         self._cache: dict[int, Tensor] = {}
         self._cached_bytes = 0
 
@@ -171,11 +209,13 @@ class BucketDataset(Dataset):
         if not isinstance(key, SampleKey):
             key = SampleKey(int(key), 0, 0)
         im = self.images[key.index]
+        fx, fy, flip = self.augmentation(key.index, key.epoch, key.copy)
         pixels = self._cache.get(key.index)
+        if pixels is None and self.stored is not None:
+            pixels = self.stored.read(key.index, im.bucket)
         if pixels is None:
-            fx, fy, flip = self.augmentation(key.index, key.epoch, key.copy)
             try:
-                img = load_crop(im.record.path, im.bucket, fx, fy, flip,
+                img = load_crop(im.record.path, im.bucket, fx, fy, flip and not self.fixed,
                                 max_pixels=self.max_pixels)
             except BROKEN_FILE_ERRORS as e:
                 return Sample(None, im.caption, im.record.path, im.bucket, key.epoch,
@@ -184,6 +224,8 @@ class BucketDataset(Dataset):
             if self._cached_bytes + pixels.numel() <= self.cache_bytes:
                 self._cache[key.index] = pixels
                 self._cached_bytes += pixels.numel()
+        if flip and self.fixed:
+            pixels = pixels.flip(1)                                         # mirror W
         return Sample(uint8_to_tensor(pixels), im.caption, im.record.path, im.bucket,
                       key.epoch, key.position)
 
@@ -229,9 +271,10 @@ class BucketLoader(DataLoader):
 
 
 def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int = 0,
-                validation: bool = False, pin_memory: bool = False
-                ) -> tuple[DataLoader, BucketBatchSampler]:
-    """DataLoader and its sampler for the plan's training images, or (validation=True)
+                validation: bool = False, pin_memory: bool = False,
+                stored: StoredCrops | None = None) -> tuple[DataLoader, BucketBatchSampler]:
+    """DataLoader and its sampler for the plan's training images (their crops read from
+    `stored` where it has them: engine.crop_cache.stored_crops), or (validation=True)
     its held-out images: centre crops, no flips, every image once, rank 0's view."""
     if validation:
         ds = BucketDataset(plan.val_images, seed=seed)
@@ -239,7 +282,7 @@ def make_loader(plan: BucketPlan, data_cfg: DataConfig, *, seed: int, rank: int 
                                      seed=seed)
     else:
         ds = BucketDataset(plan.images, crop=data_cfg.crop, flip=data_cfg.flip, seed=seed,
-                           cache_bytes=data_cfg.cache_mb * 2**20)
+                           cache_bytes=data_cfg.cache_mb * 2**20, stored=stored)
         sampler = BucketBatchSampler.from_plan(plan, seed=seed, rank=rank)
     # validation only skips: a broken held-out image must not stop a run that can train
     loader_cls = DataLoader if validation else BucketLoader

@@ -38,10 +38,16 @@ LOCK_NOTICE_SECONDS = 2.0       # waiting longer than this for the folder lock i
 NO_HASHES = np.zeros((0, 2), np.int64)
 
 
+def cache_base() -> Path:
+    """Where the caches live: $PIXELHDM_CACHE_DIR when set, else ~/.cache/pixelhdm."""
+    base = os.environ.get("PIXELHDM_CACHE_DIR")
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "pixelhdm"
+
+
 def hash_keys(keys: Iterable[str]) -> np.ndarray:
     """(N, 2) int64: the blake2b-128 of each key's UTF-8 text."""
     raw = b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=16).digest() for k in keys)
-    return np.frombuffer(raw, dtype="<i8").reshape(-1, 2)
+    return np.frombuffer(raw, dtype="<i8").reshape(-1, 2).copy()
 
 
 def identity_key(identity: dict) -> str:

@@ -21,7 +21,7 @@ from engine.config import TextConfig
 from engine.distributed import release_memory
 from engine.encoders import EncoderLoadError, Qwen3TextEncoder, encoder_folder, load_text_encoder
 from engine.model import TextCond
-from engine.shard_store import Progress, ShardStore, hash_keys, identity_key
+from engine.shard_store import Progress, ShardStore, cache_base, hash_keys, identity_key
 
 # --------------------------------------------------------------------------------------
 # Text-feature cache (what a frozen encoder made of each caption, on disk)
@@ -43,9 +43,7 @@ def text_cache_root(cfg: TextConfig) -> Path:
     """The folder text features are cached in (text.cache_dir, see its doc string)."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    base = os.environ.get("PIXELHDM_CACHE_DIR")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "pixelhdm") \
-        / "text-features"
+    return cache_base() / "text-features"
 
 
 def _digest(path: Path, ends: int | None = None) -> str:

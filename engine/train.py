@@ -41,6 +41,7 @@ from engine.config import (
     dump_yaml,
     save_config,
 )
+from engine.crop_cache import stored_crops
 from engine.data import DataError, scan_dataset
 from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
@@ -195,7 +196,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
     def stage_loader(k: int):
         return make_loader(plans[k], cfg.data, seed=tr.seed, rank=d.rank,
-                           pin_memory=device.type == "cuda")
+                           pin_memory=device.type == "cuda",
+                           stored=stored_crops(plans[k].images, cfg.data, log))
 
     def trained_at(k: int) -> dict[str, int]:
         """'WxH' -> images of stage k: what its checkpoints record as trained sizes."""

@@ -52,7 +52,7 @@ def one_line(text: str) -> str:
 
 # fields whose allowed values are not in their metadata: either any value of their type
 # is fine, or validate() checks them against other fields (the value here breaks that)
-FREE = {"description", "text.name_or_path", "text.cache_dir", "data.path",
+FREE = {"description", "text.name_or_path", "text.cache_dir", "data.path", "data.cache_dir",
         "data.default_caption", "loss.p_mean", "loss.repa_teacher", "sample.negative",
         "train.init_from"}
 CROSS = {"model.mrope_split": [8, 8, 8], "train.betas": [0.9], "sample.prompts": [],

@@ -249,6 +249,28 @@ def test_a_failed_benchmark_run_leaves_no_temporary_folder(tmp_path, capsys, mon
     assert (tmp_path / "kept" / "run" / "checkpoints" / "step_1.pt").is_file()
 
 
+def test_data_times_decoding_against_the_crop_cache_and_leaves_the_users_cache(
+        tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    monkeypatch.setenv("PIXELHDM_CACHE_DIR", str(tmp_path / "cache"))
+    for i in range(5):
+        Image.new("RGB", (96, 64), (50 * i, 20, 90)).save(tmp_path / f"{i}.jpg")
+        (tmp_path / f"{i}.txt").write_text(f"picture {i}")
+    assert bench_main(["data", "--data", str(tmp_path), "--images", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == report["stored"] == 4 and report["sizes"] == "64x40"
+    assert [r["source"] for r in report["rows"]] == [
+        "decoding the files", "building the crop cache", "reading the crop cache"]
+    assert all(r["ms_per_image"] > 0 and r["images_s"] > 0 for r in report["rows"])
+    assert not (tmp_path / "cache").exists()            # a temporary cache, removed after
+    assert bench_main(["data", "--data", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.jpg").write_bytes(b"not a picture")
+    assert bench_main(["data", "--data", str(tmp_path / "empty")]) == 2
+    assert "no trainable images" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_gpu_refuses_without_cuda(capsys):
     assert bench_main(["gpu", "--quick"]) == 2

@@ -20,6 +20,7 @@ from PIL import Image
 from engine.buckets import (
     BatchLayout,
     BucketBatchSampler,
+    SampleKey,
     assign_bucket,
     batch_layout,
     crop_box,
@@ -567,5 +568,26 @@ def test_fixed_crops_are_decoded_once_and_kept_within_the_budget(tmp_path):
     for i in range(2):
         torch.testing.assert_close(again[i].image, first[i], rtol=0, atol=0)
     random = BucketDataset(plan.images, crop="random", cache_bytes=2**30)
-    flipped = BucketDataset(plan.images, flip=True, cache_bytes=2**30)
-    assert random.cache_bytes == 0 and flipped.cache_bytes == 0
+    assert random.cache_bytes == 0
+
+
+def test_flipped_centre_crops_are_the_kept_crop_mirrored(tmp_path):
+    """With flips, the unflipped centre crop is kept and mirrored when an epoch flips it:
+    the pixels are exactly those of decoding the flipped crop."""
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    c = cfg()
+    plan = plan_buckets(scan_dataset(tmp_path, c).records, c, 8, 4)
+    flipped = BucketDataset(plan.images, flip=True, seed=1, cache_bytes=2**30)
+    flips = set()
+    for epoch in range(6):
+        for i, im in enumerate(plan.images):
+            _, _, flip = flipped.augmentation(i, epoch)
+            flips.add(flip)
+            want = to_tensor(load_crop(im.record.path, im.bucket, flip=flip))
+            got = flipped[SampleKey(i, epoch, 0)].image
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert flips == {True, False} and len(flipped._cache) == 2

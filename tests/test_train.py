@@ -118,6 +118,17 @@ def test_a_corrupt_image_is_skipped_and_counted(demo, tmp_path):
     assert log.count("skipped unreadable image") == 1 and "broken.png" in log   # named once
     assert records(run, "bad_files")[-1]["bad_files"] >= 1
     assert RunDir(run).read_status().state == "completed"
+    # the disk cache of decoded crops: the broken file is not stored (a later run, which
+    # reads every other crop from the cache, tries it again and trains without it)
+    assert "image crops: decoding " in log and "(1 did not decode)" in log
+    again = tmp_path / "again"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(again),
+                       "--max-steps", "2", *sets()]) == 0
+    log = (again / "log.txt").read_text()
+    assert "image crops: decoding 1 training crops" in log                # the broken one
+    assert "crops decoded in" in log and "(1 did not decode)" in log
+    found = len(list(data.glob("*.png"))) - 2                   # less short.png and broken.png
+    assert f"image crops: {found} of {found + 1} training crops found in" in log
 
 
 @pytest.mark.slow

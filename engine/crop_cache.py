@@ -1,0 +1,292 @@
+"""The disk cache of decoded training crops: each training image's bucket-sized crop,
+decoded once before training (with progress in the log) and read by every loader worker,
+later epoch, resume and run of the same dataset instead of decoding the file again.
+
+Decoding is the data side's whole cost: a JPEG photo takes milliseconds of a core to
+decode and resample, its stored crop microseconds to read (the page cache keeps the hot
+part in memory, shared by all processes). Without this cache each loader worker keeps
+its own in-memory cache (data.cache_mb), which holds only what that worker met and is
+lost when the run ends.
+
+Only centre crops are the same every epoch and so can be stored; a flip is the stored
+crop mirrored. Random crops (data.crop = random) decode every time.
+
+The store (engine/shard_store.py) of a dataset is <data.cache_dir>/<hash of its folder>
+(by default <cache root>/image-crops/...); its shards hold, for N crops,
+    hashes  (N, 2) int64     hash_keys of crop_key: file path, size, modification time,
+                             bucket and pixel limit, so a changed file is a new key
+    sizes   (N, 2) int64     (width, height)
+    offsets (N + 1,) int64   where each crop starts in `pixels`
+    pixels  (offsets[N],) uint8, each crop (H, W, 3) row-major
+All stores together keep to data.disk_cache_gb, and a build leaves KEEP_FREE_BYTES free on
+its disk. When a build needs room, its own shards none of whose crops the plan trains
+(files changed since, other sizes) go first, oldest first, then other datasets' whole
+stores, least recently used first; crops that still do not fit are decoded every epoch,
+as the log says. A cache that cannot be written (a read-only or full disk) never stops a
+run: it trains decoding the images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+
+from engine.buckets import PlannedImage, Size
+from engine.config import DataConfig
+from engine.dataset import StoredCrops, load_crop
+from engine.fileio import format_bytes, free_bytes
+from engine.images import BROKEN_FILE_ERRORS, MAX_PIXELS
+from engine.shard_store import Progress, ShardStore, cache_base, hash_keys, identity_key
+
+CROPS_FORMAT = 1                 # part of every key: bump when decoding changes its pixels
+SHARD_BYTES = 256 * 2**20        # crops gathered before a shard is written
+KEEP_FREE_BYTES = 2 * 2**30      # a build never leaves less than this free on its disk
+
+
+def crop_cache_root(data_cfg: DataConfig | None = None) -> Path:
+    """The folder of the crop stores (data.cache_dir, see its doc string)."""
+    if data_cfg is not None and data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir).expanduser()
+    return cache_base() / "image-crops"
+
+
+def crop_key(path: str, bucket: Size, max_pixels: int = MAX_PIXELS) -> str | None:
+    """What an image's stored crop depends on, or None when the file cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (f"{CROPS_FORMAT}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|"
+            f"{bucket[0]}x{bucket[1]}|{max_pixels}")
+
+
+class _CropShard:
+    def __init__(self, handle, hashes: np.ndarray, sizes: np.ndarray, offsets: np.ndarray):
+        self.handle, self.hashes, self.sizes, self.offsets = handle, hashes, sizes, offsets
+
+
+def _same(x):
+    return x
+
+
+class _Decode(Dataset):
+    """Decoding the crops to store, in loader workers: (item, (H, W, 3) uint8 array, or
+    None for a file that does not decode; training reports it as it always does)."""
+
+    def __init__(self, jobs: list[tuple[str, Size]], max_pixels: int):
+        self.jobs, self.max_pixels = jobs, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        path, bucket = self.jobs[i]
+        try:
+            return i, np.asarray(load_crop(path, bucket, max_pixels=self.max_pixels), np.uint8)
+        except BROKEN_FILE_ERRORS:
+            return i, None
+
+
+class CropCache(ShardStore):
+    """The decoded crops of one dataset folder (see the module's doc string)."""
+
+    what, count_key, noun, remade = "image crops", "images", "crops", "decoded"
+
+    def __init__(self, root: Path, dataset: str, log: Callable[[str], None] = print):
+        identity = {"format": CROPS_FORMAT, "dataset": dataset}
+        super().__init__(Path(root).expanduser() / identity_key(identity), identity, log)
+        self._load()
+
+    def _open_shard(self, entry: dict) -> _CropShard:
+        handle = safe_open(str(self._check_size(entry)), framework="pt")
+        n = entry["images"]
+        shard = _CropShard(handle, handle.get_tensor("hashes").numpy(),
+                           handle.get_tensor("sizes").numpy(),
+                           handle.get_tensor("offsets").numpy())
+        pixels = handle.get_slice("pixels")
+        if (shard.hashes.shape != (n, 2) or shard.sizes.shape != (n, 2)
+                or shard.offsets.shape != (n + 1,) or shard.offsets[0] != 0
+                or (np.diff(shard.offsets) != shard.sizes.prod(1) * 3).any()
+                or pixels.get_shape() != [int(shard.offsets[-1])]
+                or pixels.get_dtype() != "U8"):
+            raise ValueError("its tensors do not match the index")
+        return shard
+
+    def stored(self, keys: Sequence[str | None], buckets: Sequence[Size]) -> StoredCrops:
+        """Where each key's crop is (keys None or absent, or stored at another size: -1)."""
+        where = np.full((len(keys), 2), -1, np.int64)
+        known = [i for i, k in enumerate(keys) if k is not None]
+        rows = self._find(hash_keys([keys[i] for i in known]))
+        for i, row in zip(known, rows.tolist(), strict=True):
+            if row < 0:
+                continue
+            s, r = self._where[row].tolist()
+            shard = self._shards[s]
+            if tuple(shard.sizes[r].tolist()) == tuple(buckets[i]):
+                where[i] = (s, shard.offsets[r])
+        return StoredCrops([str(self.folder / n) for n in self._names], where)
+
+    def _others(self) -> list[tuple[float, int, Path]]:
+        """(last use, bytes, folder) of the other datasets' stores beside this one, least
+        recently used first (stored_crops touches a store's index at each use)."""
+        out = []
+        for folder in self.folder.parent.iterdir():
+            if folder == self.folder or not (folder / "index.json").is_file():
+                continue
+            with contextlib.suppress(OSError):   # being deleted by another process
+                out.append((os.stat(folder / "index.json").st_mtime,
+                            sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+                            folder))
+        return sorted(out)
+
+    def _make_room(self, index: dict, wanted: np.ndarray, need: int, cap: int) -> int:
+        """Make `need` more bytes fit under `cap` (all stores beside this one together):
+        delete this store's shards none of whose crops are `wanted`, oldest first, then
+        other datasets' whole stores, least recently used first (one being written is
+        left alone). Returns the bytes this store may still grow by."""
+        others = self._others()
+        total = sum(s["bytes"] for s in index["shards"]) + sum(b for _, b, _ in others)
+        if total + need > cap:
+            rows = self._find(wanted)
+            live = {self._names[s] for s in self._where[rows[rows >= 0], 0].tolist()}
+            drop = []
+            for s in index["shards"]:
+                if total + need <= cap:
+                    break
+                if s["file"] not in live:
+                    drop.append(s["file"])
+                    total -= s["bytes"]
+            if drop:
+                self.log(f"image crops: deleting {len(drop)} shard(s) of crops this run does "
+                         f"not train, to stay within data.disk_cache_gb")
+                self._drop_shards(index, drop)
+                self._load()
+        for _, size, folder in others:
+            if total + need <= cap:
+                break
+            lock = FileLock(str(folder / ".lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                lock.release()
+            total -= size
+            self.log(f"image crops: deleted the least recently used crops of another dataset "
+                     f"({folder}, {format_bytes(size)}) to stay within data.disk_cache_gb")
+        return max(0, min(cap - total, free_bytes(self.folder) - KEEP_FREE_BYTES))
+
+    def add(self, keys: Sequence[str | None], jobs: Sequence[tuple[str, Size]], *,
+            cap_bytes: int, workers: int = 0, max_pixels: int = MAX_PIXELS,
+            shard_bytes: int = SHARD_BYTES) -> int:
+        """Decode and store the crops of `jobs` (path, bucket) whose `keys` are missing, as
+        many as fit (see _make_room), `workers` processes decoding. Returns how many."""
+        with self._lock():
+            index = self._load()
+            self._drop_strays(index)
+            known = [(k, job) for k, job in zip(keys, jobs, strict=True) if k is not None]
+            wanted = hash_keys([k for k, _ in known])
+            todo, seen = [], set()
+            for (key, job), row in zip(known, self._find(wanted).tolist(), strict=True):
+                if row < 0 and key not in seen:
+                    seen.add(key)
+                    todo.append((key, job))
+            if not todo:
+                return 0
+            room = self._make_room(index, wanted, sum(w * h * 3 for _, (_, (w, h)) in todo),
+                                   cap_bytes)
+            fits, size = 0, 0
+            for _, (_, (w, h)) in todo:
+                if size + w * h * 3 > room:
+                    break
+                size += w * h * 3
+                fits += 1
+            if fits < len(todo):
+                self.log(f"image crops: {len(todo) - fits} of {len(todo)} crops do not fit in "
+                         f"data.disk_cache_gb = {cap_bytes / 2**30:g} or the disk's free space "
+                         f"(keeping {format_bytes(KEEP_FREE_BYTES)} free); those are decoded "
+                         f"every epoch")
+            todo = todo[:fits]
+            if not todo:
+                return 0
+            self.log(f"image crops: decoding {len(todo)} training crops "
+                     f"({format_bytes(size)}) into {self.folder} ({len(self)} already there)")
+            # its own generator: the global one seeds the run, whether or not it decodes
+            loader = DataLoader(_Decode([job for _, job in todo], max_pixels), batch_size=None,
+                                shuffle=False, num_workers=workers, collate_fn=_same,
+                                generator=torch.Generator())
+            progress = Progress("image crops", "crops decoded", len(todo), self.log)
+            pending: list[tuple[str, np.ndarray]] = []
+            pending_bytes = stored = 0
+            for i, pixels in loader:
+                if pixels is not None:
+                    pending.append((todo[i][0], pixels))
+                    pending_bytes += pixels.nbytes
+                    stored += 1
+                if pending_bytes >= shard_bytes:
+                    self._write_crops(index, pending)
+                    pending, pending_bytes = [], 0
+                progress.advance(1)
+            if pending:
+                self._write_crops(index, pending)
+            self._load()
+            self.log(f"image crops: {stored} crops decoded in {progress.seconds:.0f} s"
+                     + (f" ({len(todo) - stored} did not decode)" if stored < len(todo) else ""))
+        return stored
+
+    def _write_crops(self, index: dict, crops: list[tuple[str, np.ndarray]]) -> None:
+        sizes = torch.tensor([[a.shape[1], a.shape[0]] for _, a in crops], dtype=torch.long)
+        offsets = torch.zeros(len(crops) + 1, dtype=torch.long)
+        offsets[1:] = (sizes.prod(1) * 3).cumsum(0)
+        pixels = torch.from_numpy(np.concatenate([a.reshape(-1) for _, a in crops]))
+        self._write_shard(index, {"hashes": torch.from_numpy(hash_keys([k for k, _ in crops])),
+                                  "sizes": sizes, "offsets": offsets, "pixels": pixels},
+                          len(crops), {"format": str(CROPS_FORMAT)})
+
+
+def dataset_name(images: Sequence[PlannedImage]) -> str:
+    """The dataset folder of planned images (their records' common root)."""
+    if not images:
+        return ""
+    rec = images[0].record
+    path = Path(os.path.abspath(rec.path))
+    return str(path.parents[len(Path(rec.rel).parts) - 1])
+
+
+def stored_crops(images: Sequence[PlannedImage], data_cfg: DataConfig,
+                 log: Callable[[str], None] = print) -> StoredCrops | None:
+    """The stored crops of a plan's training images, decoding and storing those missing
+    first; None when the crops are not stored (data.disk_cache_gb = 0, random crops, no
+    images) or the cache cannot be used (logged; training then decodes every epoch)."""
+    if data_cfg.disk_cache_gb <= 0 or data_cfg.crop != "center" or not images:
+        return None
+    keys = [crop_key(im.record.path, im.bucket) for im in images]
+    buckets = [im.bucket for im in images]
+    cache = None
+    try:
+        cache = CropCache(crop_cache_root(data_cfg), dataset_name(images), log)
+        if (cache.folder / "index.json").exists():   # its last use, for making room
+            os.utime(cache.folder / "index.json")
+        if cache.add(keys, [(im.record.path, im.bucket) for im in images],
+                     cap_bytes=int(data_cfg.disk_cache_gb * 2**30),
+                     workers=data_cfg.workers) == 0:
+            found = cache.stored(keys, buckets).count
+            log(f"image crops: {found} of {len(images)} training crops found in {cache.folder}")
+    except OSError as e:   # a read-only or full disk: what was written stays usable
+        log(f"image crops: cannot write the crop cache ({e}); the crops not stored are "
+            f"decoded every epoch")
+        if cache is None:
+            return None
+        cache._load()
+    return cache.stored(keys, buckets)
