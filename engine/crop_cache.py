@@ -264,6 +264,51 @@ def dataset_name(images: Sequence[PlannedImage]) -> str:
     return str(path.parents[len(Path(rec.rel).parts) - 1])
 
 
+def uncached_advice(data_cfg: DataConfig, stored: StoredCrops | None, n: int) -> str:
+    """Why some training crops are decoded from their files every epoch, and what to do
+    about it; '' when the crop cache holds them all."""
+    if data_cfg.crop != "center":
+        return ("with data.crop = random every crop is decoded from its file each time: store "
+                "the images at no more than about twice the largest training size "
+                "(data.max_side), or train centre crops, which the crop cache decodes once")
+    if data_cfg.disk_cache_gb <= 0:
+        return ("the crop cache is off (data.disk_cache_gb = 0), so every epoch decodes the "
+                "image files: set it above 0 to decode each image once")
+    missing = n - (stored.count if stored is not None else 0)
+    if missing > 0:
+        return (f"{missing} of {n} training crops are not in the crop cache and are decoded "
+                f"every epoch (the log's 'image crops' lines say why): raise "
+                f"data.disk_cache_gb, or free disk space, or store the images at no more "
+                f"than about twice the largest training size (data.max_side)")
+    return ""
+
+
+def cache_status(images: Sequence[PlannedImage], data_cfg: DataConfig) -> str:
+    """One line on what the crop cache holds of a plan's training images and what the
+    next run will decode (the Dataset tab's preview); '' when there are no images."""
+    n = len(images)
+    if not n:
+        return ""
+    if data_cfg.crop != "center":
+        return "Crop cache: not used with random crops (every epoch decodes every image)."
+    if data_cfg.disk_cache_gb <= 0:
+        return ("Crop cache: off (data.disk_cache_gb = 0): every epoch decodes every image.")
+    keys = [crop_key(im.record.path, im.bucket) for im in images]
+    try:
+        cache = CropCache(crop_cache_root(data_cfg), dataset_name(images), lambda _: None)
+    except OSError:
+        return ""
+    where = cache.stored(keys, [im.bucket for im in images]).where
+    todo = [im.bucket for im, (s, _) in zip(images, where.tolist(), strict=True) if s < 0]
+    if not todo:
+        return (f"Crop cache: all {n} training crops are decoded already; a run reads them "
+                f"instead of the image files.")
+    size = format_bytes(sum(w * h * 3 for w, h in todo))
+    return (f"Crop cache: {n - len(todo)} of {n} training crops decoded already; the next "
+            f"run decodes the other {len(todo)} once before it trains ({size} in "
+            f"{crop_cache_root(data_cfg)}).")
+
+
 def stored_crops(images: Sequence[PlannedImage], data_cfg: DataConfig,
                  log: Callable[[str], None] = print) -> StoredCrops | None:
     """The stored crops of a plan's training images, decoding and storing those missing

@@ -485,7 +485,7 @@ def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] 
 
 
 def main(argv=None) -> int:
-    """`python -m engine.data demo | report`: the command line is in engine/report.py,
+    """`python -m engine.data demo | report | cache`: the command line is in engine/report.py,
     above bucketing, which the report needs and this module does not."""
     from engine.report import main as cli
     return cli(argv)

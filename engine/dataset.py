@@ -109,8 +109,8 @@ class Sample:
 class StoredCrops:
     """Where each planned image's decoded crop is stored in the disk cache
     (engine/crop_cache.py; `where[i]` = shard file, offset; shard -1: not stored), handed
-    to the training Dataset. Pickles without its open files, so
-    loader workers started by spawn (Windows, macOS) open their own."""
+    to the training Dataset. Pickles without its open files, so loader workers started by
+    spawn (Windows, macOS) open their own."""
     files: list[str]
     where: np.ndarray                               # (N, 2) int64
     _slices: dict = field(default_factory=dict, repr=False)
@@ -178,9 +178,10 @@ class BucketDataset(Dataset):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         self.images, self.crop, self.flip = list(images), crop, flip
         self.seed, self.max_pixels = seed, max_pixels
-        # a centre crop is the same every epoch (a flip mirrors it): read it from the disk
-        # cache (engine/crop_cache.py) when stored there, else keep the decoded uint8
-        # crops in memory (each process its own), up to `cache_bytes`
+        # a centre crop is the same every epoch (a flip mirrors it): it is read from the
+        # disk cache (engine/crop_cache.py) where stored there, else decoded, and kept in
+        # memory as uint8 (each process its own) up to `cache_bytes`: a dictionary lookup
+        # is about 0.1 ms an image quicker than reading the disk cache again
         self.fixed = crop == "center"
         self.stored = stored if self.fixed else None
         self.cache_bytes = cache_bytes if self.fixed else 0
@@ -205,6 +206,12 @@ class BucketDataset(Dataset):
         fx, fy, flip = self.augmentation(index, epoch, copy)
         return crop_box(im.record.width, im.record.height, im.bucket, fx, fy), flip
 
+    def _keep(self, index: int, pixels: Tensor) -> None:
+        """Keep a centre crop in memory while `cache_bytes` has room (a no-op otherwise)."""
+        if self._cached_bytes + pixels.numel() <= self.cache_bytes:
+            self._cache[index] = pixels
+            self._cached_bytes += pixels.numel()
+
     def __getitem__(self, key: SampleKey | int) -> Sample:
         if not isinstance(key, SampleKey):
             key = SampleKey(int(key), 0, 0)
@@ -213,6 +220,8 @@ class BucketDataset(Dataset):
         pixels = self._cache.get(key.index)
         if pixels is None and self.stored is not None:
             pixels = self.stored.read(key.index, im.bucket)
+            if pixels is not None:
+                self._keep(key.index, pixels)
         if pixels is None:
             try:
                 img = load_crop(im.record.path, im.bucket, fx, fy, flip and not self.fixed,
@@ -221,9 +230,7 @@ class BucketDataset(Dataset):
                 return Sample(None, im.caption, im.record.path, im.bucket, key.epoch,
                               key.position, problem_text(e, im.record.path))
             pixels = torch.from_numpy(np.array(img, dtype=np.uint8))         # (H, W, 3)
-            if self._cached_bytes + pixels.numel() <= self.cache_bytes:
-                self._cache[key.index] = pixels
-                self._cached_bytes += pixels.numel()
+            self._keep(key.index, pixels)
         if flip and self.fixed:
             pixels = pixels.flip(1)                                         # mirror W
         return Sample(uint8_to_tensor(pixels), im.caption, im.record.path, im.bucket,

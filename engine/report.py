@@ -1,20 +1,28 @@
 """The dataset report: what bucketing makes of a scanned folder, and the `python -m
-engine.data demo | report` command line. It sits above engine.data (scanning, health) and
-engine.buckets (planning), which both stay free of each other's report needs.
+engine.data demo | report | cache` command line. It sits above engine.data (scanning,
+health) and engine.buckets (planning), which both stay free of each other's report needs.
 
     python -m engine.data demo --out DIR [--count N] [--seed N] [--kind shapes|bands]
     python -m engine.data report DIR --preset P [--set k=v] [--gpus N] [--deep] [--json]
+    python -m engine.data cache DIR --preset P [--set k=v] [--workers N]
+
+`cache` decodes a dataset's training crops into the crop cache (engine/crop_cache.py) ahead
+of training, every progressive-resolution stage's, with every core: what a run would
+otherwise do before its first step and at each stage's start.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from engine.buckets import BucketPlan, format_plan, plan_buckets, stage_plans
 from engine.config import ConfigError, RunConfig, load_preset
+from engine.crop_cache import cache_status, stored_crops
 from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
 from engine.demo_data import DEFAULT_COUNT, DEMO_KINDS, write_demo_dataset
 from engine.stages import resolution_stages, stage_text
@@ -124,13 +132,36 @@ def _report(args) -> int:
              f"{'on' if d.flip else 'off'}, batch {cfg.train.batch_size} x {args.gpus} GPU(s) "
              f"x accum {cfg.train.grad_accum}, drop_last {'on' if d.drop_last else 'off'}")
     print(format_report(scan, plan, health, title, stages=stage_lines(plan, cfg)))
+    if status := cache_status(plan.images, cfg.data):
+        print(status)
+    return 0
+
+
+def _cache(args) -> int:
+    cfg = load_preset(args.preset, args.set or ())
+    scan = scan_dataset(args.dir, cfg.data)
+    plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, cfg.train.batch_size,
+                        1, cfg.train.grad_accum)
+    if why := why_nothing_trains(scan, plan):
+        raise DataError(why)
+    if cfg.data.crop != "center" or cfg.data.disk_cache_gb <= 0:
+        raise DataError(f"nothing to store: {cache_status(plan.images, cfg.data)}")
+    data = replace(cfg.data, workers=args.workers if args.workers is not None
+                   else max(1, os.cpu_count() or 1))
+    stages = resolution_stages(cfg.data.stages, cfg.data.max_side, plan.patch_size)
+    for k, stage_plan in enumerate(stage_plans(plan, cfg.data, stages)):
+        if len(stages) > 1:
+            print(f"stage {stage_text(stages, k)}")
+        stored_crops(stage_plan.images, data, log=print)
+        print(cache_status(stage_plan.images, cfg.data))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.data",
-                                 description="Dataset tools: a demo dataset and the bucket plan "
-                                             "plus health report of a folder.")
+                                 description="Dataset tools: a demo dataset, the bucket plan "
+                                             "plus health report of a folder, and its crop "
+                                             "cache.")
     sub = ap.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="write the built-in captioned shapes dataset")
     demo.add_argument("--out", required=True, help="new or empty folder to write")
@@ -146,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("--gpus", type=int, default=1, help="world size to plan for")
     rep.add_argument("--deep", action="store_true", help="also decode every image (slow)")
     rep.add_argument("--json", action="store_true", help="machine-readable output")
+    cache = sub.add_parser("cache", help="decode the training crops into the crop cache now")
+    cache.add_argument("dir", help="dataset folder (images with .txt captions)")
+    cache.add_argument("--preset", required=True, help="preset name or YAML file")
+    cache.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable)")
+    cache.add_argument("--workers", type=int, help="decoding processes (default: one per core)")
     args = ap.parse_args(argv)
     try:
         if args.command == "demo":
@@ -154,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = write_demo_dataset(args.out, args.count, args.seed, args.kind)
             print(f"wrote {args.count} images with captions to {out}")
             return 0
+        if args.command == "cache":
+            if args.workers is not None and args.workers < 0:
+                raise DataError(f"--workers must be 0 or more, got {args.workers}")
+            return _cache(args)
         if args.gpus < 1:
             raise DataError(f"--gpus must be at least 1, got {args.gpus}")
         return _report(args)

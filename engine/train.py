@@ -41,7 +41,7 @@ from engine.config import (
     dump_yaml,
     save_config,
 )
-from engine.crop_cache import stored_crops
+from engine.crop_cache import stored_crops, uncached_advice
 from engine.data import DataError, scan_dataset
 from engine.dataset import make_loader, validation_batches
 from engine.distributed import (
@@ -194,10 +194,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     stage = stage_index(stages, max(last.step - 1, 0) if last else 0)
     plans = stage_plans(plan, cfg.data, stages)
 
+    uncached = [""]   # why the current stage decodes crops every epoch ('' = it does not)
+
     def stage_loader(k: int):
+        stored = stored_crops(plans[k].images, cfg.data, log)
+        uncached[0] = uncached_advice(cfg.data, stored, len(plans[k].images))
         return make_loader(plans[k], cfg.data, seed=tr.seed, rank=d.rank,
-                           pin_memory=device.type == "cuda",
-                           stored=stored_crops(plans[k].images, cfg.data, log))
+                           pin_memory=device.type == "cuda", stored=stored)
 
     def trained_at(k: int) -> dict[str, int]:
         """'WxH' -> images of stage k: what its checkpoints record as trained sizes."""
@@ -436,7 +439,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     data_iter = iter(loader)
     bad_steps, skipped_total, bad_files_total, rollbacks_in_a_row = 0, 0, 0, 0
     bad_files_named: set[str] = set()
-    data_wait = DataWaitHint(cfg.data.workers, device, log)
+    data_wait = DataWaitHint(cfg.data.workers, device, log, uncached=lambda: uncached[0])
     window = MetricWindow(T_BINS)
     final_state = "completed"
 

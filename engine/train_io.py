@@ -548,10 +548,13 @@ DATA_WAIT_HINT = 0.15
 class DataWaitHint:
     """Says once in the log what to do about a run that waits for its images: at least
     DATA_WAIT_HINT of the step time in two metric windows in a row (one alone may be a
-    loader's start-up, its worker processes importing torch)."""
+    loader's start-up, its worker processes importing torch). `uncached()` says why some
+    crops are decoded every epoch and what to do ('' when the crop cache holds them all:
+    engine.crop_cache.uncached_advice)."""
 
-    def __init__(self, workers: int, device: torch.device, log: Callable[[str], None]):
-        self.workers, self.device, self.log = workers, device, log
+    def __init__(self, workers: int, device: torch.device, log: Callable[[str], None],
+                 uncached: Callable[[], str] = lambda: ""):
+        self.workers, self.device, self.log, self.uncached = workers, device, log, uncached
         self.slow_windows, self.said = 0, False
 
     def __call__(self, wait: float, step: int) -> None:
@@ -564,13 +567,14 @@ class DataWaitHint:
         cores = os.cpu_count() or 1
         head = (f"step {step}: {wait:.0%} of the training time went to waiting for images "
                 f"(data.workers = {self.workers})")
-        smaller = ("store the images at no more than about twice the largest training size "
-                   "(data.max_side): decoding and resampling large files is most of the wait")
+        advice = []
         # on the CPU, worker processes would take cores from the training itself
         if self.device.type != "cpu" and self.workers < cores - 1:
-            return (f"{head}; raise data.workers (this machine has {cores} CPU cores; each "
-                    f"worker process decodes batches ahead of the GPU), or {smaller}")
-        return f"{head}; {smaller}"
+            advice.append(f"raise data.workers (this machine has {cores} CPU cores; each "
+                          f"worker process prepares batches ahead of the GPU)")
+        advice.append(self.uncached() or "every crop already comes from the crop cache: "
+                      "put data.cache_dir on a faster disk")
+        return f"{head}; " + "; and ".join(advice)
 
 
 # --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import gradio as gr
 
 from engine import config
 from engine.buckets import BucketPlan, plan_buckets
+from engine.crop_cache import cache_status
 from engine.data import (
     DataError,
     HealthReport,
@@ -67,6 +68,7 @@ class Preview:
     plan: BucketPlan
     health: HealthReport
     key: tuple                  # what was planned with which settings (see preview_key)
+    crops: str = ""             # what the crop cache holds of it (engine.crop_cache)
 
 
 _PREVIEWS: OrderedDict[tuple, Preview] = OrderedDict()   # the last few plans, for paging
@@ -95,7 +97,8 @@ def preview(root: Path, cfg: config.RunConfig, gpus: int, cache_dir: Path) -> Pr
     counter, name = _token_counter(astuple(cfg.text))
     health = health_report(scan, count_tokens=counter, max_tokens=cfg.text.max_tokens,
                            counter_name=name)
-    result = Preview(scan, plan, health, preview_key(root, cfg, gpus))
+    result = Preview(scan, plan, health, preview_key(root, cfg, gpus),
+                     cache_status(plan.images, cfg.data))
     key = result.key
     _PREVIEWS[key] = result
     _PREVIEWS.move_to_end(key)
@@ -108,7 +111,8 @@ def plan_status(root: Path, pv: Preview) -> str:
     """The status line of a preview; it says so when training would have nothing to train."""
     why = why_nothing_trains(pv.scan, pv.plan)
     return (f"Planned `{root}` in {pv.scan.seconds:.2f} s."
-            + (f"\n\n**Nothing would train:** {why}" if why else ""))
+            + (f"\n\n**Nothing would train:** {why}" if why else "")
+            + (f"\n\n{pv.crops}" if pv.crops and not why else ""))
 
 
 def preset_values(name: str) -> tuple:

@@ -16,7 +16,7 @@ from PIL import Image
 
 import engine.crop_cache as crop_cache
 from engine.buckets import SampleKey, plan_buckets
-from engine.config import DataConfig
+from engine.config import DataConfig, load_preset
 from engine.crop_cache import CropCache, crop_cache_root, stored_crops
 from engine.data import scan_dataset
 from engine.dataset import BucketDataset, StoredCrops, load_crop, make_loader, to_tensor
@@ -64,7 +64,12 @@ def test_stored_crops_are_the_decoded_ones_and_are_decoded_once(tmp_path, cache_
         for i in range(5):
             key = SampleKey(i, epoch, 0)
             torch.testing.assert_close(ds[key].image, fresh[key].image, rtol=0, atol=0)
-    assert not ds._cache                            # the disk serves; no second copy in memory
+    assert not ds._cache                            # no memory budget: the disk serves
+    kept = BucketDataset(plan.images, flip=True, seed=2, stored=stored, cache_bytes=2**20)
+    for i in range(5):
+        torch.testing.assert_close(kept[SampleKey(i, 1, 0)].image, fresh[SampleKey(i, 1, 0)].image,
+                                   rtol=0, atol=0)
+    assert len(kept._cache) == 5                    # later epochs: a dictionary lookup
 
     logs.clear()
     again = stored_crops(plan.images, c, logs.append)
@@ -230,3 +235,54 @@ def test_other_datasets_make_room_least_recently_used_first(tmp_path, cache_dir,
         os.utime(folders[0] / "index.json", (1, 1))
         stored_crops(plan_of(tmp_path / "data4", cap).images, cap, lambda _: None)
     assert [f.exists() for f in folders] == [True, False, False]
+
+
+def test_the_wait_hint_says_why_crops_are_decoded_every_epoch(tmp_path, cache_dir):
+    from engine.crop_cache import uncached_advice
+    make_images(tmp_path / "data", 2)
+    c = cfg()
+    images = plan_of(tmp_path / "data", c).images
+    assert uncached_advice(c, stored_crops(images, c, print), 2) == ""
+    assert "data.crop = random" in uncached_advice(cfg(crop="random"), None, 2)
+    assert "crop cache is off" in uncached_advice(cfg(disk_cache_gb=0), None, 2)
+    partial = StoredCrops([], np.array([[0, 0], [-1, -1]]))
+    assert uncached_advice(c, partial, 2).startswith("1 of 2 training crops are not in the ")
+    assert uncached_advice(c, None, 2).startswith("2 of 2 training crops")
+
+
+def test_the_dataset_tab_says_what_the_crop_cache_holds(tmp_path, cache_dir):
+    from studio import tab_dataset
+    make_images(tmp_path / "data", 3)
+    run_cfg = load_preset("tiny-cpu", ["data.val_images=0"])
+    status = lambda: tab_dataset.plan_status(                        # noqa: E731
+        tmp_path / "data", tab_dataset.preview(tmp_path / "data", run_cfg, 1, tmp_path / "s"))
+    assert "Crop cache: 0 of 3 training crops decoded already; the next run decodes the " \
+           "other 3 once" in status()
+    assert not cache_dir.exists()                      # the preview writes nothing
+    plan = plan_buckets(scan_dataset(tmp_path / "data", run_cfg.data).records, run_cfg.data,
+                        run_cfg.model.patch_size, run_cfg.train.batch_size)
+    stored_crops(plan.images[:2], run_cfg.data, lambda _: None)
+    assert "Crop cache: 2 of 3 training crops decoded already" in status()
+    stored_crops(plan.images, run_cfg.data, lambda _: None)
+    assert "Crop cache: all 3 training crops are decoded already" in status()
+    random = load_preset("tiny-cpu", ["data.val_images=0", "data.crop=random"])
+    assert "not used with random crops" in tab_dataset.plan_status(
+        tmp_path / "data", tab_dataset.preview(tmp_path / "data", random, 1, tmp_path / "s"))
+
+
+def test_the_cache_command_decodes_every_stage_ahead_of_training(tmp_path, cache_dir, capsys):
+    from engine.data import main
+    make_images(tmp_path / "data", 3)
+    data = str(tmp_path / "data")
+    sets = ["--set", "data.val_images=0", "--set", "data.stages=['32 until 10']"]
+    assert main(["report", data, "--preset", "tiny-cpu", *sets]) == 0
+    assert "Crop cache: 0 of 3 training crops decoded already" in capsys.readouterr().out
+    assert main(["cache", data, "--preset", "tiny-cpu", "--workers", "0", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "stage up to 32 px for steps 1-10" in out, out
+    assert out.count("image crops: decoding 3 training crops") == 2        # both sizes
+    assert out.count("Crop cache: all 3 training crops are decoded already") == 2
+    assert main(["report", data, "--preset", "tiny-cpu", *sets]) == 0
+    assert "Crop cache: all 3 training crops are decoded already" in capsys.readouterr().out
+    assert main(["cache", data, "--preset", "tiny-cpu", "--set", "data.crop=random"]) == 2
+    assert "nothing to store: Crop cache: not used with random crops" in capsys.readouterr().err

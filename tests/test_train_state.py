@@ -259,6 +259,8 @@ def test_a_run_that_waits_for_its_images_says_what_to_do(monkeypatch):
     on the CPU, whose cores the training itself uses, smaller image files."""
     import os
 
+    from engine.config import DataConfig
+    from engine.crop_cache import uncached_advice
     from engine.train_io import DATA_WAIT_HINT, DataWaitHint, MetricWindow
     w = MetricWindow(1)
     for waited in (0.1, 0.3):
@@ -268,17 +270,19 @@ def test_a_run_that_waits_for_its_images_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     said = []
-    gpu = DataWaitHint(2, torch.device("cuda"), said.append)
+    random_crops = uncached_advice(DataConfig(crop="random"), None, 10)
+    gpu = DataWaitHint(2, torch.device("cuda"), said.append, uncached=lambda: random_crops)
     for step, wait in ((10, 0.9), (20, 0.05), (30, DATA_WAIT_HINT), (40, 0.5), (50, 0.9)):
         gpu(wait, step)
     assert len(said) == 1 and said[0].startswith("step 40: 50% of the training time went to "
                                                  "waiting for images (data.workers = 2)")
     assert "raise data.workers (this machine has 16 CPU cores" in said[0]
-    assert "twice the largest training size" in said[0]
+    assert "data.crop = random" in said[0] and "twice the largest training size" in said[0]
+    # every crop in the crop cache: no decoding left to advise on
     for hint in (DataWaitHint(0, torch.device("cpu"), said.append),
                  DataWaitHint(15, torch.device("cuda"), said.append)):
         hint(0.2, 1)
         hint(0.2, 2)
-        assert "twice the largest training size" in said[-1]
+        assert "every crop already comes from the crop cache" in said[-1]
         assert "raise data.workers" not in said[-1]
     assert len(said) == 3

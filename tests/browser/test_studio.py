@@ -102,6 +102,7 @@ def test_dataset_tab_previews_buckets_crops_and_health(page, screenshots):
     assert "64x64" in table and "total" in table
     page.wait_for_selector("#bucket-plot canvas, #bucket-plot svg")
     assert page.get_by_text("No problems in 4800 images").is_visible()
+    assert page.get_by_text("decoded already").first.is_visible()      # the crop cache
     assert page.get_by_text("page 1 of").is_visible()
     thumbs = page.locator("button.thumbnail-item, .thumbnail-item")
     assert thumbs.count() >= 8
