@@ -196,8 +196,12 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 
     uncached = [""]   # why the current stage decodes crops every epoch ('' = it does not)
 
+    def crops_log(line: str) -> None:
+        log(line)
+        report.progress()   # decoding a stage's crops (lines every few seconds) is no stall
+
     def stage_loader(k: int):
-        stored = stored_crops(plans[k].images, cfg.data, log)
+        stored = stored_crops(plans[k].images, cfg.data, crops_log)
         uncached[0] = uncached_advice(cfg.data, stored, len(plans[k].images))
         return make_loader(plans[k], cfg.data, seed=tr.seed, rank=d.rank,
                            pin_memory=device.type == "cuda", stored=stored)
