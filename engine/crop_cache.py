@@ -29,6 +29,7 @@ run: it trains decoding the images.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -67,6 +68,19 @@ def crop_key(path: str, bucket: Size, max_pixels: int = MAX_PIXELS) -> str | Non
         return None
     return (f"{CROPS_FORMAT}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|"
             f"{bucket[0]}x{bucket[1]}|{max_pixels}")
+
+
+def is_crop_store(folder: Path) -> bool:
+    """Whether a folder is a crop store: its index names a dataset in this module's format
+    and the folder is named after it. Nothing else beside the stores (data.cache_dir may
+    be any folder) is ever deleted to make room."""
+    try:
+        identity = json.loads((folder / "index.json").read_text(encoding="utf-8"))["identity"]
+        return (isinstance(identity, dict) and set(identity) == {"format", "dataset"}
+                and isinstance(identity["dataset"], str)
+                and folder.name == identity_key(identity))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 class _CropShard:
@@ -140,7 +154,7 @@ class CropCache(ShardStore):
         recently used first (stored_crops touches a store's index at each use)."""
         out = []
         for folder in self.folder.parent.iterdir():
-            if folder == self.folder or not (folder / "index.json").is_file():
+            if folder == self.folder or not is_crop_store(folder):
                 continue
             with contextlib.suppress(OSError):   # being deleted by another process
                 out.append((os.stat(folder / "index.json").st_mtime,

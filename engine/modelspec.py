@@ -7,10 +7,11 @@ travel:
   read without loading a tensor: spec version, architecture, implementation, title,
   description, resolution (the most-trained size), date (ISO 8601), prediction type,
   and the trained sizes;
-* none of the training machine's absolute paths. In the stored config data.path and
-  text.cache_dir are emptied, loss.repa_teacher and a local text.name_or_path keep only
-  their folder name (a hub id such as Qwen/Qwen3-0.6B stays as it is), and any other
-  value that is an absolute path, anywhere in the metadata, is cut to its last part.
+* none of the training machine's absolute paths. In the stored config data.path,
+  text.cache_dir and data.cache_dir are emptied, loss.repa_teacher and a local
+  text.name_or_path keep only their folder name (a hub id such as Qwen/Qwen3-0.6B stays
+  as it is), and any other value that is an absolute path, anywhere in the metadata, is
+  cut to its last part.
   A text encoder that was a local folder is named in `text_encoder_folder`: whoever
   loads the file gives that Qwen3 (engine.generate --text-encoder), or puts a folder of
   that name next to the file.
@@ -38,7 +39,7 @@ IMPLEMENTATION = "pixelhdm"
 PREDICTION_TYPES = {"v": "v_prediction", "x": "x_prediction"}
 PREFIX = "modelspec."
 # config settings that name a folder of the training machine: emptied, or cut to the name
-REMOVED = ("data.path", "text.cache_dir")
+REMOVED = ("data.path", "text.cache_dir", "data.cache_dir")
 NAMED = ("loss.repa_teacher",)
 ENCODER_NOTE = ("text.name_or_path was a folder on the machine the model was trained on; "
                 "give that Qwen3 model when loading: `--text-encoder FOLDER_OR_HUB_ID` "

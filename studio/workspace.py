@@ -192,12 +192,12 @@ class Studio:
         """A copy of `cfg` whose path-valued settings lie inside the workspace or an
         --allow-dir folder, written as real absolute paths (relative ones are taken in
         the workspace): data.path (an existing folder; required unless `require_data`
-        is False), loss.repa_teacher and text.cache_dir when set, and text.name_or_path
-        when it names a local folder rather than a hub id (the default text.cache_dir, the
-        user's cache folder, stays allowed). Every config the studio starts or dry-runs
-        passes here (a resume reuses the config.yaml written at the start), so an
-        override line cannot point the trainer anywhere else. PathError naming the
-        setting and the allowed folders otherwise."""
+        is False), loss.repa_teacher, text.cache_dir and data.cache_dir when set, and
+        text.name_or_path when it names a local folder rather than a hub id (the default
+        cache folders, the user's cache folder, stay allowed). Every config the studio
+        starts or dry-runs passes here (a resume reuses the config.yaml written at the
+        start), so an override line cannot point the trainer anywhere else. PathError
+        naming the setting and the allowed folders otherwise."""
         out = copy.deepcopy(cfg)
         allowed = ", ".join(str(r) for r in self.roots)
 
@@ -219,6 +219,8 @@ class Studio:
             out.loss.repa_teacher = inside("loss.repa_teacher", out.loss.repa_teacher)
         if out.text.cache_dir:
             out.text.cache_dir = inside("text.cache_dir", out.text.cache_dir)
+        if out.data.cache_dir:
+            out.data.cache_dir = inside("data.cache_dir", out.data.cache_dir)
         # the folders a loader may resolve a relative name in: the workspace, the trainer's
         # working folder and this process's
         if names_local_path(out.text.name_or_path, [self.workspace, PROJECT_ROOT, Path.cwd()]):

@@ -286,3 +286,20 @@ def test_the_cache_command_decodes_every_stage_ahead_of_training(tmp_path, cache
     assert "Crop cache: all 3 training crops are decoded already" in capsys.readouterr().out
     assert main(["cache", data, "--preset", "tiny-cpu", "--set", "data.crop=random"]) == 2
     assert "nothing to store: Crop cache: not used with random crops" in capsys.readouterr().err
+
+
+def test_only_crop_stores_are_deleted_to_make_room(tmp_path, monkeypatch):
+    """data.cache_dir may be any folder: what else lies in it, even a folder with an
+    index.json, is never deleted, however full the budget."""
+    monkeypatch.setattr(crop_cache, "KEEP_FREE_BYTES", 0)
+    root = tmp_path / "crops"
+    keep = [root / "notes", root / "other-app"]
+    keep[0].mkdir(parents=True)
+    (keep[0] / "index.json").write_text('{"identity": {"format": 1, "dataset": "x"}}')
+    keep[1].mkdir()
+    (keep[1] / "index.json").write_text("[1, 2]")
+    (keep[1] / "data.bin").write_bytes(b"x" * 100_000)
+    make_images(tmp_path / "data", 2)
+    c = cfg(cache_dir=str(root), disk_cache_gb=1e-9)                # room for nothing
+    stored_crops(plan_of(tmp_path / "data", c).images, c, lambda _: None)
+    assert all(k.exists() for k in keep)

@@ -70,6 +70,7 @@ def qwen3_checkpoint(folder: Path, tiny_qwen3: Path, data: Path, teacher: Path) 
     other parts of the engine may record: a source file, a nested record, a note."""
     cfg = tiny_cfg("text.encoder=qwen3", f"text.name_or_path={tiny_qwen3}",
                    f"data.path={data}", f"text.cache_dir={Path.home() / '.cache' / 'feats'}",
+                   f"data.cache_dir={Path.home() / '.cache' / 'crops'}",
                    f"loss.repa_teacher={teacher}", "loss.repa_layer=1")
     torch.manual_seed(0)
     return save_with(folder, cfg, weights(PixelHDM(cfg.model, 64), None), 64,
@@ -148,7 +149,7 @@ def test_an_export_holds_no_path_of_the_training_machine(exported, tiny_qwen3):
     assert text_dim == 64 and cfg.text.encoder == "qwen3"
     assert cfg.text.name_or_path == tiny_qwen3.name == meta["text_encoder_folder"]
     assert "--text-encoder" in meta["text_encoder_note"]
-    assert (cfg.data.path, cfg.text.cache_dir) == ("", "")
+    assert (cfg.data.path, cfg.text.cache_dir, cfg.data.cache_dir) == ("", "", "")
     assert cfg.loss.repa_teacher == "dinov3-vitb16"
     assert meta["init_from"] == "step_01.safetensors"
     assert meta["history"] == {"sources": ["c.safetensors"]}

@@ -150,15 +150,17 @@ def _cfg(**paths) -> config.RunConfig:
     cfg.loss.repa_teacher = paths.get("teacher", "")
     cfg.text.name_or_path = paths.get("text", "Qwen/Qwen3-0.6B")
     cfg.text.cache_dir = paths.get("cache", "")
+    cfg.data.cache_dir = paths.get("crops", "")
     return cfg
 
 
 def test_run_paths_inside_the_roots_become_real_absolute_paths(studio_ctx):
     studio, ws, allowed, _ = studio_ctx
     cfg = _cfg(data="datasets/cats", teacher=str(allowed / "dino"), text="models/qwen",
-               cache="cache/text")
+               cache="cache/text", crops="cache/crops")
     out = studio.check_paths(cfg)
     assert out.text.cache_dir == str(ws / "cache" / "text")            # need not exist yet
+    assert out.data.cache_dir == str(ws / "cache" / "crops")
     assert out.data.path == str(ws / "datasets" / "cats")             # relative: the workspace
     assert out.loss.repa_teacher == str(allowed / "dino")             # an --allow-dir folder
     assert out.text.name_or_path == str(ws / "models" / "qwen")       # a local folder
@@ -166,7 +168,7 @@ def test_run_paths_inside_the_roots_become_real_absolute_paths(studio_ctx):
     # a hub id stays a hub id; an empty teacher means iREPA off
     plain = studio.check_paths(_cfg(data=str(ws / "datasets" / "cats")))
     assert (plain.text.name_or_path, plain.loss.repa_teacher) == ("Qwen/Qwen3-0.6B", "")
-    assert plain.text.cache_dir == ""                                  # the default: allowed
+    assert plain.text.cache_dir == plain.data.cache_dir == ""          # the default: allowed
 
 
 @pytest.mark.parametrize("key, paths", [
@@ -179,6 +181,8 @@ def test_run_paths_inside_the_roots_become_real_absolute_paths(studio_ctx):
     ("text.name_or_path", {"text": "~/../outside"}),
     ("text.cache_dir", {"cache": "{outside}"}),
     ("text.cache_dir", {"cache": "../outside"}),
+    ("data.cache_dir", {"crops": "{outside}"}),
+    ("data.cache_dir", {"crops": "../outside"}),
 ])
 def test_run_paths_outside_the_roots_are_refused_by_name(studio_ctx, key, paths):
     studio, ws, allowed, outside = studio_ctx
