@@ -16,6 +16,7 @@ deleted under the lock. Only the hashes are held in memory, sorted, for lookups.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -80,7 +81,7 @@ class Progress:
         return time.monotonic() - self.start
 
 
-class ShardStore:
+class ShardStore(abc.ABC):
     """The folder, index, lock and hash lookup of a store; subclasses open their shards
     (`_open_shard`, returning an object with a `hashes` (N, 2) array) and write them with
     `_write_shard`. `what` names the store in log lines, `count_key` is the index entry's
@@ -100,8 +101,10 @@ class ShardStore:
         return len(self._hi)
 
     # ---- reading ------------------------------------------------------------------
+    @abc.abstractmethod
     def _open_shard(self, entry: dict):
-        raise NotImplementedError
+        """The shard of an index entry, opened and checked against it (ValueError, OSError
+        or SafetensorError when damaged): an object with a `hashes` (N, 2) array."""
 
     def _read_index(self) -> dict:
         """The index; a missing one is empty, and so is an unreadable or foreign one (the

@@ -546,11 +546,9 @@ DATA_WAIT_HINT = 0.15
 
 
 class DataWaitHint:
-    """Says once in the log what to do about a run that waits for its images: at least
-    DATA_WAIT_HINT of the step time in two metric windows in a row (one alone may be a
-    loader's start-up, its worker processes importing torch). `uncached()` says why some
-    crops are decoded every epoch and what to do ('' when the crop cache holds them all:
-    engine.crop_cache.uncached_advice)."""
+    """Says once in the log what to do about a run that waits for its images (at least
+    DATA_WAIT_HINT of the step time in two metric windows in a row: one alone may be the
+    loader starting its workers); `uncached()`: engine.crop_cache.uncached_advice."""
 
     def __init__(self, workers: int, device: torch.device, log: Callable[[str], None],
                  uncached: Callable[[], str] = lambda: ""):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trainhelp import sets
 
 import engine.crop_cache as crop_cache
 from engine.buckets import SampleKey, plan_buckets
@@ -20,6 +21,8 @@ from engine.config import DataConfig, load_preset
 from engine.crop_cache import CropCache, crop_cache_root, stored_crops
 from engine.data import scan_dataset
 from engine.dataset import BucketDataset, StoredCrops, load_crop, make_loader, to_tensor
+from engine.demo_data import write_demo_dataset
+from engine.train import main as train_main
 
 
 def make_images(folder: Path, n: int, seed: int = 0, size=(80, 48), ext="png") -> None:
@@ -303,3 +306,23 @@ def test_only_crop_stores_are_deleted_to_make_room(tmp_path, monkeypatch):
     c = cfg(cache_dir=str(root), disk_cache_gb=1e-9)                # room for nothing
     stored_crops(plan_of(tmp_path / "data", c).images, c, lambda _: None)
     assert all(k.exists() for k in keep)
+
+
+def test_decoding_crops_is_progress_not_a_stall(tmp_path, monkeypatch):
+    """Each progress line of the crop build (at the start, or at a stage switch inside the
+    loop) tells the heartbeat the trainer moves on: a long build is not 'no step'."""
+    import engine.shard_store as shard_store
+    from engine.train_io import JobReporter
+    monkeypatch.setattr(shard_store, "PROGRESS_SECONDS", 0.0)
+    data = write_demo_dataset(tmp_path / "data", count=24, seed=5)   # none of it stored yet
+    run = tmp_path / "run"
+    seen, real = [], JobReporter.progress
+
+    def spy(self, step_seconds=None):
+        log = (run / "log.txt").read_text() if (run / "log.txt").exists() else ""
+        seen.append(log.count("crops decoded ("))    # the build's progress lines so far
+        return real(self, step_seconds)
+    monkeypatch.setattr(JobReporter, "progress", spy)
+    assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
+                       "--max-steps", "1", *sets()]) == 0
+    assert seen[-1] > 2 and seen[0] < seen[-1], seen
