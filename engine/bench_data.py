@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.buckets import plan_buckets
 from engine.config import ConfigError, load_preset
-from engine.crop_cache import CropCache, crop_key, dataset_name
+from engine.crop_cache import CropCache, crop_keys, dataset_name
 from engine.data import scan_dataset
 from engine.dataset import BucketDataset
 
@@ -40,12 +40,11 @@ def bench_data(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="pixelhdm-bench-crops-") as tmp:
         decoded = _seconds_for_all(BucketDataset(images), n)      # no cache: decode each time
         cache = CropCache(Path(tmp), dataset_name(images), log=lambda _: None)
-        keys = [crop_key(im.record.path, im.bucket) for im in images]
+        keys = crop_keys(images)
         start = time.perf_counter()
-        stored_n = cache.add(keys, [(im.record.path, im.bucket) for im in images],
-                             cap_bytes=2**62, workers=0)
+        stored_n = cache.add(images, keys, cap_bytes=2**62, workers=0)
         built = time.perf_counter() - start
-        ds = BucketDataset(images, stored=cache.stored(keys, [im.bucket for im in images]))
+        ds = BucketDataset(images, stored=cache.stored(images, keys))
         _seconds_for_all(ds, n)                                    # opens the shards
         read = _seconds_for_all(ds, n)
         stored_bytes = sum(s["bytes"] for s in cache._read_index()["shards"])

@@ -60,14 +60,20 @@ def crop_cache_root(data_cfg: DataConfig | None = None) -> Path:
     return cache_base() / "image-crops"
 
 
-def crop_key(path: str, bucket: Size, max_pixels: int = MAX_PIXELS) -> str | None:
-    """What an image's stored crop depends on, or None when the file cannot be read."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (f"{CROPS_FORMAT}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|"
-            f"{bucket[0]}x{bucket[1]}|{max_pixels}")
+def crop_keys(images: Sequence[PlannedImage], max_pixels: int = MAX_PIXELS
+              ) -> list[str | None]:
+    """What each planned image's stored crop depends on (None: its file cannot be read)."""
+    keys = []
+    for im in images:
+        try:
+            st = os.stat(im.record.path)
+        except OSError:
+            keys.append(None)
+            continue
+        w, h = im.bucket
+        keys.append(f"{CROPS_FORMAT}|{os.path.abspath(im.record.path)}|{st.st_size}|"
+                    f"{st.st_mtime_ns}|{w}x{h}|{max_pixels}")
+    return keys
 
 
 def is_crop_store(folder: Path) -> bool:
@@ -135,8 +141,9 @@ class CropCache(ShardStore):
             raise ValueError("its tensors do not match the index")
         return shard
 
-    def stored(self, keys: Sequence[str | None], buckets: Sequence[Size]) -> StoredCrops:
-        """Where each key's crop is (keys None or absent, or stored at another size: -1)."""
+    def stored(self, images: Sequence[PlannedImage], keys: Sequence[str | None]
+               ) -> StoredCrops:
+        """Where each image's crop is (`keys`: crop_keys(images); -1 where not stored)."""
         where = np.full((len(keys), 2), -1, np.int64)
         known = [i for i, k in enumerate(keys) if k is not None]
         rows = self._find(hash_keys([keys[i] for i in known]))
@@ -145,7 +152,7 @@ class CropCache(ShardStore):
                 continue
             s, r = self._where[row].tolist()
             shard = self._shards[s]
-            if tuple(shard.sizes[r].tolist()) == tuple(buckets[i]):
+            if tuple(shard.sizes[r].tolist()) == tuple(images[i].bucket):
                 where[i] = (s, shard.offsets[r])
         return StoredCrops([str(self.folder / n) for n in self._names], where)
 
@@ -201,15 +208,17 @@ class CropCache(ShardStore):
                      f"({folder}, {format_bytes(size)}) to stay within data.disk_cache_gb")
         return max(0, min(cap - total, free_bytes(self.folder) - KEEP_FREE_BYTES))
 
-    def add(self, keys: Sequence[str | None], jobs: Sequence[tuple[str, Size]], *,
+    def add(self, images: Sequence[PlannedImage], keys: Sequence[str | None], *,
             cap_bytes: int, workers: int = 0, max_pixels: int = MAX_PIXELS,
             shard_bytes: int = SHARD_BYTES) -> int:
-        """Decode and store the crops of `jobs` (path, bucket) whose `keys` are missing, as
-        many as fit (see _make_room), `workers` processes decoding. Returns how many."""
+        """Decode and store the crops of the images whose `keys` (crop_keys(images)) are
+        missing, as many as fit (see _make_room), `workers` processes decoding. Returns
+        how many."""
         with self._lock():
             index = self._load()
             self._drop_strays(index)
-            known = [(k, job) for k, job in zip(keys, jobs, strict=True) if k is not None]
+            known = [(k, (im.record.path, im.bucket))
+                     for k, im in zip(keys, images, strict=True) if k is not None]
             wanted = hash_keys([k for k, _ in known])
             todo, seen = [], set()
             for (key, job), row in zip(known, self._find(wanted).tolist(), strict=True):
@@ -307,12 +316,11 @@ def cache_status(images: Sequence[PlannedImage], data_cfg: DataConfig) -> str:
         return "Crop cache: not used with random crops (every epoch decodes every image)."
     if data_cfg.disk_cache_gb <= 0:
         return ("Crop cache: off (data.disk_cache_gb = 0): every epoch decodes every image.")
-    keys = [crop_key(im.record.path, im.bucket) for im in images]
     try:
         cache = CropCache(crop_cache_root(data_cfg), dataset_name(images), lambda _: None)
     except OSError:
         return ""
-    where = cache.stored(keys, [im.bucket for im in images]).where
+    where = cache.stored(images, crop_keys(images)).where
     todo = [im.bucket for im, (s, _) in zip(images, where.tolist(), strict=True) if s < 0]
     if not todo:
         return (f"Crop cache: all {n} training crops are decoded already; a run reads them "
@@ -330,22 +338,22 @@ def stored_crops(images: Sequence[PlannedImage], data_cfg: DataConfig,
     images) or the cache cannot be used (logged; training then decodes every epoch)."""
     if data_cfg.disk_cache_gb <= 0 or data_cfg.crop != "center" or not images:
         return None
-    keys = [crop_key(im.record.path, im.bucket) for im in images]
-    buckets = [im.bucket for im in images]
-    cache = None
+    keys = crop_keys(images)
+    cache, made = None, 0
     try:
         cache = CropCache(crop_cache_root(data_cfg), dataset_name(images), log)
         if (cache.folder / "index.json").exists():   # its last use, for making room
             os.utime(cache.folder / "index.json")
-        if cache.add(keys, [(im.record.path, im.bucket) for im in images],
-                     cap_bytes=int(data_cfg.disk_cache_gb * 2**30),
-                     workers=data_cfg.workers) == 0:
-            found = cache.stored(keys, buckets).count
-            log(f"image crops: {found} of {len(images)} training crops found in {cache.folder}")
+        made = cache.add(images, keys, cap_bytes=int(data_cfg.disk_cache_gb * 2**30),
+                         workers=data_cfg.workers)
     except OSError as e:   # a read-only or full disk: what was written stays usable
         log(f"image crops: cannot write the crop cache ({e}); the crops not stored are "
             f"decoded every epoch")
         if cache is None:
             return None
         cache._load()
-    return cache.stored(keys, buckets)
+    stored = cache.stored(images, keys)
+    if made == 0:
+        log(f"image crops: {stored.count} of {len(images)} training crops found in "
+            f"{cache.folder}")
+    return stored
