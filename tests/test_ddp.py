@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainhelp import ROOT, records, sets, wait_for
+from trainhelp import ROOT, ends_with_parent, records, sets, wait_for
 
 from engine.demo_data import write_demo_dataset
 from engine.job import RunDir
@@ -54,7 +54,8 @@ def test_ddp_two_processes_stay_in_sync(demo, tmp_path, tiny_qwen3):
                    "text.encoder=qwen3",
                    f"text.name_or_path={tiny_qwen3}", f"text.cache_dir={tmp_path / 'features'}",
                    "text.max_tokens=16", "loss.sra_weight=0.5")],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=ends_with_parent())
     try:
         wait_for(lambda: (s := rd.read_status()) and s.state == "running" and s.step >= 40,
                  timeout=180, what="both ranks past their first epoch")

@@ -43,10 +43,30 @@ def records(run: Path, key: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if key in r]
 
 
+def _end_with_parent(parent: int) -> None:
+    """In the child before exec (Linux): the kernel sends it SIGTERM when the test
+    process ends in any way, SIGKILL included, so a killed test run leaves no trainer
+    (or torchrun, which ends its ranks on SIGTERM) computing for hours."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)              # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:                 # the parent ended before the call
+        os._exit(1)
+
+
+def ends_with_parent():
+    """preexec_fn for a subprocess that must not outlive the tests (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+    return lambda: _end_with_parent(parent)
+
+
 def train_cli(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "engine.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=ends_with_parent())
 
 
 def wait_for(predicate, timeout=90.0, what="condition"):
