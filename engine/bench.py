@@ -90,6 +90,7 @@ from engine.perf import (
     attention_kernels,
     dense_peak,
     measure_network,
+    peak_memory_mib,
     preset_memory,
     text_width,
     timed,
@@ -190,12 +191,10 @@ def bench_sample(args) -> dict:
                        steps=n_steps, sampler=sampler, cfg=s.cfg, rescale=s.cfg_rescale,
                        interval=tuple(s.cfg_interval), shift=sample_shift(cfg, w, h),
                        ramp=s.cfg_ramp, **sample_options(s), amp_dtype=amp)
-            run(min(steps, 2))  # warm-up: kernels, allocator, autotuning
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            # a warm-up (kernels, allocator, autotuning), then the peak of two steps: each
+            # step holds the same
+            peak = peak_memory_mib(lambda: run(min(steps, 2)), device)
             best = min(timed(lambda: run(steps), device) for _ in range(args.repeats))
-            peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                    else None)
             rows.append({"sampler": sampler, "size": f"{w}x{h}", "steps": steps,
                          "model_evals": model_evals(sampler, steps), "batch": args.batch,
                          "seconds_per_image": best / args.batch, "peak_mib": peak})

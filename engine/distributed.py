@@ -11,6 +11,7 @@ import gc
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -130,6 +131,39 @@ def release_memory(device: torch.device | None = None) -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB, since it started or since the last
+    reset_peak_memory on Linux; 0 where the system does not say (Windows)."""
+    try:   # Linux: the high-water mark that reset_peak_memory can start afresh
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0   # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:   # pragma: no cover - Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024.0   # bytes there, KiB
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start the peak-memory reading afresh: the GPU's allocation peak, or the process's
+    resident high-water mark on Linux (elsewhere on the CPU it keeps counting from the
+    start, and this returns False). The trainer calls it when setup is over, so that the
+    logged peak is the training's, not the text encoder's while it filled the feature
+    cache."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")   # 5: reset the peak RSS
+    except OSError:
+        return False
+    return True
 
 
 @dataclass

@@ -40,7 +40,9 @@ from engine.distributed import (
     autocast_for,
     compiler_problem,
     compute_precision,
+    peak_rss_mb,
     release_memory,
+    reset_peak_memory,
 )
 from engine.flops import PARTS, baseline_flops, extra_forward_share, pixelhdm_flops
 from engine.flow import interpolate, resolution_shift, sample_t, to_velocity, v_loss
@@ -114,16 +116,23 @@ def matmul_peak(device: torch.device, precision: str) -> tuple[float, int]:
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak CUDA memory allocated (MiB) during fn() after a first call (so optimizer
-    state exists, as in every step but the first); None off CUDA."""
-    if device.type != "cuda":
+    """Peak memory (MiB) while fn() runs, after a first call (so optimizer state exists,
+    as in every step but the first). On CUDA what tensors allocated; on the CPU the
+    process's resident high-water mark (Linux; None where it cannot be started afresh),
+    which also counts Python, the libraries and whatever else the process holds, as the
+    trainer's logged `mem_mb` on the CPU does."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    else:
+        release_memory(device)   # what earlier measurements freed is not this one's
+    if not reset_peak_memory(device):
         return None
     fn()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak_rss_mb()
 
 
 # --------------------------------------------------------------------------------------

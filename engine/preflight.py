@@ -27,7 +27,9 @@ from engine.distributed import (
     autocast_for,
     compute_precision,
     frozen_dtype,
+    peak_rss_mb,
     release_memory,
+    reset_peak_memory,
     resolve_device,
 )
 from engine.encoders import QWEN_TYPES, DinoTeacher, EncoderLoadError, load_text_encoder
@@ -36,7 +38,7 @@ from engine.model import PixelHDM
 from engine.optim import build_optimizer
 from engine.self_align import SelfAlignTeacher
 from engine.text_features import cached_text_encoder
-from engine.train_io import oom_message, peak_rss_mb, reset_peak_memory
+from engine.train_io import oom_message
 from engine.trainable import Trainable
 
 # Width and parameter count of known Qwen3 encoders (read from config.json when local).

@@ -57,6 +57,7 @@ from engine.distributed import (
     main_rank_first,
     read_step,
     release_memory,
+    reset_peak_memory,
     setup_device,
     sum_over_ranks,
 )
@@ -96,7 +97,6 @@ from engine.train_io import (
     StopSignals,
     dataset_fingerprint,
     oom_message,
-    reset_peak_memory,
     run_captions,
     start_compile_clock,
 )

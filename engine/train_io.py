@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from engine.config import RunConfig
+from engine.distributed import peak_rss_mb
 from engine.job import HEARTBEAT_SECONDS, RunDir, Status
 
 
@@ -435,35 +436,6 @@ class JobReporter:
             self.tb.flush()
         except OSError:
             pass
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB, since it started or since the last
-    reset_peak_memory on Linux; 0 where the system does not say (Windows)."""
-    try:   # Linux: the high-water mark that reset_peak_memory can start afresh
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0   # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-    except ImportError:   # pragma: no cover - Windows
-        return 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024.0   # bytes there, KiB
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start the peak-memory reading afresh: the GPU's allocation peak, or the process's
-    resident high-water mark on Linux (elsewhere on the CPU it keeps counting from the
-    start). The trainer calls it when setup is over, so that the logged peak is the
-    training's, not the text encoder's while it filled the feature cache."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")   # 5: reset the peak RSS
 
 
 def format_duration(seconds: float | None) -> str:

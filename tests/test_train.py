@@ -530,7 +530,7 @@ def test_logged_memory_is_the_trainings_not_the_setups(demo, tmp_path, monkeypat
     """The text encoder fills its feature cache and is unloaded before training: what it
     held then is not the run's memory. The logged peak starts when the training does."""
     import engine.train as train_module
-    from engine.train_io import peak_rss_mb
+    from engine.distributed import peak_rss_mb
     real, seen = train_module.load_text_encoder, {}
 
     def heavy_setup(*args, **kwargs):
