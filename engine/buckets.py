@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -56,6 +56,8 @@ AREA_WEIGHT = 0.3
 
 # The plan holds out at most this fraction of the usable images for validation.
 MAX_VAL_FRACTION = 0.2
+MIN_KEPT = 0.6          # an image whose crop keeps less of its area is named in a warning
+NAMED = 5               # images named in one warning
 
 
 # --------------------------------------------------------------------------------------
@@ -332,6 +334,12 @@ def plan_image(record: ImageRecord, caption: str, buckets: Sequence[Size]) -> Pl
                         aspect_error(w, h, bucket), kept)
 
 
+def _named(images: list[PlannedImage], what: Callable[[PlannedImage], str]) -> str:
+    """The first few images by name with a figure each, for a warning."""
+    shown = ", ".join(f"{im.record.rel} ({what(im)})" for im in images[:NAMED])
+    return shown + (f" and {len(images) - NAMED} more" if len(images) > NAMED else "")
+
+
 def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_size: int,
                  batch_size: int, world_size: int = 1, grad_accum: int = 1, *,
                  split_seed: int = 0) -> BucketPlan:
@@ -393,9 +401,17 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
     elif not any(s.batches for s in stats):
         warnings.append("no bucket fills a single batch, so an epoch has no batches: lower "
                         "train.batch_size or set data.drop_last off")
-    upscaled = sum(im.scale > 1.0 for im in train)
+    upscaled = sorted((im for im in train if im.scale > 1.0), key=lambda im: -im.scale)
     if upscaled:
-        warnings.append(f"{upscaled} image(s) upscaled to fill their bucket (blurrier pixels)")
+        warnings.append(f"{len(upscaled)} image(s) upscaled to fill their bucket (blurrier "
+                        f"pixels): {_named(upscaled, lambda im: f'{im.scale:.1f}x')}")
+    cut = sorted((im for im in usable if im.kept < MIN_KEPT), key=lambda im: im.kept)
+    if cut:
+        warnings.append(f"{len(cut)} image(s) lose more than {1 - MIN_KEPT:.0%} of the "
+                        f"picture to their crop, being wider or taller than any bucket "
+                        f"(data.max_aspect = {d.max_aspect:g}): "
+                        f"{_named(cut, lambda im: f'keeps {im.kept:.0%}')}; crop or split "
+                        f"them into pictures of an ordinary shape, or raise data.max_aspect")
     return BucketPlan(patch_size, batch_size, world_size, grad_accum, d.drop_last, stats,
                       train, val, dropped, warnings)
 

@@ -82,13 +82,19 @@ CONVENTION_PROBLEMS = {
 }
 
 
+def one_line(text: str) -> str:
+    """A caption as it trains: line breaks (Windows' \\r\\n too), tabs and runs of spaces
+    become one space, none at either end."""
+    return " ".join(text.split())
+
+
 def read_caption(path: Path) -> tuple[str | None, str, str]:
-    """(caption, problem, note): the stripped text, '', ''; or None, a key of
-    CAPTION_PROBLEMS and what exactly is wrong."""
+    """(caption, problem, note): the text on one line (one_line), '', ''; or None, a key
+    of CAPTION_PROBLEMS and what exactly is wrong."""
     try:
         raw = path.read_bytes()
-        text = (raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff"))
-                else raw.decode("utf-8-sig")).strip()
+        text = one_line(raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+                        else raw.decode("utf-8-sig"))
     except FileNotFoundError:
         return None, "missing_caption", f"no {path.name}"
     except UnicodeDecodeError as e:
@@ -189,7 +195,7 @@ def read_metadata(path: Path, rel_folder: str) -> tuple[dict[str, MetadataLine],
             bad[where] = f"'{name}' is already on line {first_line[low]}; this line is ignored"
             continue
         first_line[low] = n
-        entries[low] = MetadataLine(target, text.strip(), where)
+        entries[low] = MetadataLine(target, one_line(text), where)
     return entries, bad
 
 

@@ -44,11 +44,14 @@ from torch.utils.data import DataLoader, Dataset
 from engine.buckets import PlannedImage, Size
 from engine.config import DataConfig
 from engine.dataset import StoredCrops, load_crop
-from engine.fileio import format_bytes, free_bytes
-from engine.images import BROKEN_FILE_ERRORS, MAX_PIXELS
+from engine.fileio import atomic_write_text, format_bytes, free_bytes
+from engine.images import BROKEN_FILE_ERRORS, MAX_PIXELS, problem_text
 from engine.shard_store import Progress, ShardStore, cache_base, hash_keys, identity_key
 
-CROPS_FORMAT = 1                 # part of every key: bump when decoding changes its pixels
+# part of every key and of each store's identity: bump when decoding changes its pixels
+# (2: embedded colour profiles converted to sRGB)
+CROPS_FORMAT = 2
+NAMED_BROKEN = 5                 # files that do not decode named in one log line
 SHARD_BYTES = 256 * 2**20        # crops gathered before a shard is written
 KEEP_FREE_BYTES = 2 * 2**30      # a build never leaves less than this free on its disk
 
@@ -76,17 +79,24 @@ def crop_keys(images: Sequence[PlannedImage], max_pixels: int = MAX_PIXELS
     return keys
 
 
-def is_crop_store(folder: Path) -> bool:
-    """Whether a folder is a crop store: its index names a dataset in this module's format
-    and the folder is named after it. Nothing else beside the stores (data.cache_dir may
-    be any folder) is ever deleted to make room."""
+def store_identity(folder: Path) -> dict | None:
+    """The identity ({"format", "dataset"}) of a crop store, of any format, or None when the
+    folder is not one: its index must name a dataset in the crop stores' layout and the
+    folder be named after it. Nothing else beside the stores (data.cache_dir may be any
+    folder) is ever deleted to make room."""
     try:
         identity = json.loads((folder / "index.json").read_text(encoding="utf-8"))["identity"]
-        return (isinstance(identity, dict) and set(identity) == {"format", "dataset"}
+        if (isinstance(identity, dict) and set(identity) == {"format", "dataset"}
                 and isinstance(identity["dataset"], str)
-                and folder.name == identity_key(identity))
+                and folder.name == identity_key(identity)):
+            return identity
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        pass
+    return None
+
+
+def is_crop_store(folder: Path) -> bool:
+    return store_identity(folder) is not None
 
 
 class _CropShard:
@@ -99,8 +109,8 @@ def _same(x):
 
 
 class _Decode(Dataset):
-    """Decoding the crops to store, in loader workers: (item, (H, W, 3) uint8 array, or
-    None for a file that does not decode; training reports it as it always does)."""
+    """Decoding the crops to store, in loader workers: (item, (H, W, 3) uint8 array, the
+    reason a file does not decode, or None for one that could not be read this time)."""
 
     def __init__(self, jobs: list[tuple[str, Size]], max_pixels: int):
         self.jobs, self.max_pixels = jobs, max_pixels
@@ -112,8 +122,10 @@ class _Decode(Dataset):
         path, bucket = self.jobs[i]
         try:
             return i, np.asarray(load_crop(path, bucket, max_pixels=self.max_pixels), np.uint8)
-        except BROKEN_FILE_ERRORS:
-            return i, None
+        except BROKEN_FILE_ERRORS as e:
+            # a file the system could not read this time (locked, offline, no permission,
+            # an I/O error: an errno) is tried again; what its decoder refused is not
+            return i, (problem_text(e, path) if getattr(e, "errno", None) is None else None)
 
 
 class CropCache(ShardStore):
@@ -125,6 +137,17 @@ class CropCache(ShardStore):
         identity = {"format": CROPS_FORMAT, "dataset": dataset}
         super().__init__(Path(root).expanduser() / identity_key(identity), identity, log)
         self._load()
+
+    def _load(self) -> dict:
+        """As ShardStore._load, and the files that did not decode: the index's "broken",
+        the hex hash of each crop key -> {"path", "why"} (a repaired file has another
+        key)."""
+        index = super()._load()
+        broken = index.get("broken")
+        self._broken = ({k: v for k, v in broken.items() if isinstance(v, dict)
+                         and isinstance(v.get("path"), str) and isinstance(v.get("why"), str)}
+                        if isinstance(broken, dict) else {})
+        return index
 
     def _open_shard(self, entry: dict) -> _CropShard:
         handle = safe_open(str(self._check_size(entry)), framework="pt")
@@ -143,31 +166,64 @@ class CropCache(ShardStore):
 
     def stored(self, images: Sequence[PlannedImage], keys: Sequence[str | None]
                ) -> StoredCrops:
-        """Where each image's crop is (`keys`: crop_keys(images); -1 where not stored)."""
+        """Where each image's crop is (`keys`: crop_keys(images); -1 where not stored), and
+        why the files that did not decode at the last build do not."""
         where = np.full((len(keys), 2), -1, np.int64)
         known = [i for i, k in enumerate(keys) if k is not None]
-        rows = self._find(hash_keys([keys[i] for i in known]))
-        for i, row in zip(known, rows.tolist(), strict=True):
+        hashes = hash_keys([keys[i] for i in known])
+        rows = self._find(hashes)
+        failed = {}
+        names = _hex(hashes) if self._broken else [""] * len(known)
+        for i, row, h in zip(known, rows.tolist(), names, strict=True):
+            if h in self._broken:
+                failed[i] = self._broken[h]["why"]
             if row < 0:
                 continue
             s, r = self._where[row].tolist()
             shard = self._shards[s]
             if tuple(shard.sizes[r].tolist()) == tuple(images[i].bucket):
                 where[i] = (s, shard.offsets[r])
-        return StoredCrops([str(self.folder / n) for n in self._names], where)
+        return StoredCrops([str(self.folder / n) for n in self._names], where, failed)
 
-    def _others(self) -> list[tuple[float, int, Path]]:
-        """(last use, bytes, folder) of the other datasets' stores beside this one, least
-        recently used first (stored_crops touches a store's index at each use)."""
+    def _others(self) -> list[tuple[bool, float, int, Path]]:
+        """(current format, last use, bytes, folder) of the other stores beside this one:
+        those of an older decoding format first (nothing reads them again), then the least
+        recently used (stored_crops touches a store's index at each use)."""
         out = []
         for folder in self.folder.parent.iterdir():
-            if folder == self.folder or not is_crop_store(folder):
+            identity = None if folder == self.folder else store_identity(folder)
+            if identity is None:
                 continue
             with contextlib.suppress(OSError):   # being deleted by another process
-                out.append((os.stat(folder / "index.json").st_mtime,
+                out.append((identity["format"] == CROPS_FORMAT,
+                            os.stat(folder / "index.json").st_mtime,
                             sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
                             folder))
         return sorted(out)
+
+    def _delete_store(self, folder: Path) -> bool:
+        """Delete another store unless a process is writing it; whether it went."""
+        lock = FileLock(str(folder / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release()
+        return not folder.exists()   # files still open elsewhere (Windows) keep it
+
+    def _drop_outdated(self) -> None:
+        """Delete this dataset's stores of older decoding formats: their crops are never
+        read again (another format is another key)."""
+        for current, _, size, folder in self._others():
+            identity = store_identity(folder)
+            if (not current and identity is not None
+                    and identity["dataset"] == self.identity["dataset"]
+                    and self._delete_store(folder)):
+                self.log(f"image crops: deleted this dataset's crops decoded by an older "
+                         f"version ({folder}, {format_bytes(size)})")
 
     def _make_room(self, index: dict, wanted: np.ndarray, need: int, cap: int) -> int:
         """Make `need` more bytes fit under `cap` (all stores beside this one together):
@@ -175,7 +231,7 @@ class CropCache(ShardStore):
         other datasets' whole stores, least recently used first (one being written is
         left alone). Returns the bytes this store may still grow by."""
         others = self._others()
-        total = sum(s["bytes"] for s in index["shards"]) + sum(b for _, b, _ in others)
+        total = sum(s["bytes"] for s in index["shards"]) + sum(b for _, _, b, _ in others)
         if total + need > cap:
             rows = self._find(wanted)
             live = {self._names[s] for s in self._where[rows[rows >= 0], 0].tolist()}
@@ -191,18 +247,11 @@ class CropCache(ShardStore):
                          f"not train, to stay within data.disk_cache_gb")
                 self._drop_shards(index, drop)
                 self._load()
-        for _, size, folder in others:
+        for _, _, size, folder in others:
             if total + need <= cap:
                 break
-            lock = FileLock(str(folder / ".lock"))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
+            if not self._delete_store(folder):
                 continue
-            try:
-                shutil.rmtree(folder, ignore_errors=True)
-            finally:
-                lock.release()
             total -= size
             self.log(f"image crops: deleted the least recently used crops of another dataset "
                      f"({folder}, {format_bytes(size)}) to stay within data.disk_cache_gb")
@@ -217,12 +266,20 @@ class CropCache(ShardStore):
         with self._lock():
             index = self._load()
             self._drop_strays(index)
+            self._drop_outdated()
             known = [(k, (im.record.path, im.bucket))
                      for k, im in zip(keys, images, strict=True) if k is not None]
             wanted = hash_keys([k for k, _ in known])
+            names = _hex(wanted)
+            # a file the plan no longer holds is forgotten (kept: other stages' and other
+            # settings' entries of the planned files)
+            paths = {os.path.abspath(im.record.path) for im in images}
+            self._broken = {h: v for h, v in self._broken.items() if v["path"] in paths}
+            self._record_broken(index, [])   # written when something was forgotten
             todo, seen = [], set()
-            for (key, job), row in zip(known, self._find(wanted).tolist(), strict=True):
-                if row < 0 and key not in seen:
+            for (key, job), row, h in zip(known, self._find(wanted).tolist(), names,
+                                          strict=True):
+                if row < 0 and key not in seen and h not in self._broken:
                     seen.add(key)
                     todo.append((key, job))
             if not todo:
@@ -252,8 +309,11 @@ class CropCache(ShardStore):
             progress = Progress("image crops", "crops decoded", len(todo), self.log)
             pending: list[tuple[str, np.ndarray]] = []
             pending_bytes = stored = 0
+            failed: list[tuple[int, str]] = []
             for i, pixels in loader:
-                if pixels is not None:
+                if isinstance(pixels, str):
+                    failed.append((i, pixels))
+                elif pixels is not None:
                     pending.append((todo[i][0], pixels))
                     pending_bytes += pixels.nbytes
                     stored += 1
@@ -263,10 +323,27 @@ class CropCache(ShardStore):
                 progress.advance(1)
             if pending:
                 self._write_crops(index, pending)
+            self._record_broken(index, [(todo[i][0], todo[i][1][0], why) for i, why in failed])
             self._load()
-            self.log(f"image crops: {stored} crops decoded in {progress.seconds:.0f} s"
-                     + (f" ({len(todo) - stored} did not decode)" if stored < len(todo) else ""))
+            self.log(f"image crops: {stored} crops decoded in {progress.seconds:.0f} s")
         return stored
+
+    def _record_broken(self, index: dict, failed: list[tuple[str, str, str]]) -> None:
+        """Remember the files (key, path, why) that did not decode, so that no build or
+        epoch decodes them again until they change, and name them. Called under the lock."""
+        broken = {**self._broken, **{h: {"path": os.path.abspath(path), "why": why}
+                                     for h, (_, path, why) in
+                                     zip(_hex(hash_keys([k for k, _, _ in failed])), failed)}}
+        if broken != index.get("broken", {}):
+            index["broken"] = broken
+            atomic_write_text(self.folder / "index.json", json.dumps(index, indent=1))
+        if failed:
+            named = "; ".join(f"{path}: {why}" for _, path, why in failed[:NAMED_BROKEN])
+            more = len(failed) - NAMED_BROKEN
+            self.log(f"image crops: {len(failed)} image(s) do not decode and are left out of "
+                     f"training until they change: {named}"
+                     + (f"; and {more} more (`python -m engine.data report` with --deep "
+                        f"lists them)" if more > 0 else ""))
 
     def _write_crops(self, index: dict, crops: list[tuple[str, np.ndarray]]) -> None:
         sizes = torch.tensor([[a.shape[1], a.shape[0]] for _, a in crops], dtype=torch.long)
@@ -276,6 +353,11 @@ class CropCache(ShardStore):
         self._write_shard(index, {"hashes": torch.from_numpy(hash_keys([k for k, _ in crops])),
                                   "sizes": sizes, "offsets": offsets, "pixels": pixels},
                           len(crops), {"format": str(CROPS_FORMAT)})
+
+
+def _hex(hashes: np.ndarray) -> list[str]:
+    """hash_keys' (N, 2) int64 rows as 32-digit hex strings (the index's JSON keys)."""
+    return [bytes(row).hex() for row in np.ascontiguousarray(hashes, dtype="<i8")]
 
 
 def dataset_name(images: Sequence[PlannedImage]) -> str:
@@ -297,7 +379,7 @@ def uncached_advice(data_cfg: DataConfig, stored: StoredCrops | None, n: int) ->
     if data_cfg.disk_cache_gb <= 0:
         return ("the crop cache is off (data.disk_cache_gb = 0), so every epoch decodes the "
                 "image files: set it above 0 to decode each image once")
-    missing = n - (stored.count if stored is not None else 0)
+    missing = n - (stored.count + len(stored.failed) if stored is not None else 0)
     if missing > 0:
         return (f"{missing} of {n} training crops are not in the crop cache and are decoded "
                 f"every epoch (the log's 'image crops' lines say why): raise "
@@ -320,15 +402,21 @@ def cache_status(images: Sequence[PlannedImage], data_cfg: DataConfig) -> str:
         cache = CropCache(crop_cache_root(data_cfg), dataset_name(images), lambda _: None)
     except OSError:
         return ""
-    where = cache.stored(images, crop_keys(images)).where
-    todo = [im.bucket for im, (s, _) in zip(images, where.tolist(), strict=True) if s < 0]
+    stored = cache.stored(images, crop_keys(images))
+    failed = len(stored.failed)
+    todo = [im.bucket for i, (im, (s, _)) in enumerate(zip(images, stored.where.tolist(),
+                                                            strict=True))
+            if s < 0 and i not in stored.failed]
+    broken = (f" {failed} image(s) did not decode when the crops were stored and are left "
+              f"out of training until they change: replace or delete them (the report with "
+              f"--deep names them)." if failed else "")
     if not todo:
-        return (f"Crop cache: all {n} training crops are decoded already; a run reads them "
-                f"instead of the image files.")
+        return (f"Crop cache: all {n - failed} training crops are decoded already; a run "
+                f"reads them instead of the image files.{broken}")
     size = format_bytes(sum(w * h * 3 for w, h in todo))
-    return (f"Crop cache: {n - len(todo)} of {n} training crops decoded already; the next "
-            f"run decodes the other {len(todo)} once before it trains ({size} in "
-            f"{crop_cache_root(data_cfg)}).")
+    return (f"Crop cache: {n - len(todo) - failed} of {n} training crops decoded already; the "
+            f"next run decodes the other {len(todo)} once before it trains ({size} in "
+            f"{crop_cache_root(data_cfg)}).{broken}")
 
 
 def stored_crops(images: Sequence[PlannedImage], data_cfg: DataConfig,

@@ -41,6 +41,7 @@ from engine.images import (
     exif_orientation,
     open_image,
     problem_text,
+    srgb_of_part,
     to_rgb,
 )
 
@@ -65,11 +66,13 @@ def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: b
             drafted = img.draft(None, (math.ceil(stored_w * s), math.ceil(stored_h * s)))
             if drafted is not None:    # (mode, (0, 0, stored_w / k, stored_h / k))
                 factor = drafted[1][2] / stored_w
-        rgb = to_rgb(img)
+        rgb = to_rgb(img, later_profile=True)
+    icc = rgb.info.get("icc_profile")
     if orient != 1:
         rgb = rgb.transpose(ORIENT_TRANSPOSE[orient])
     box = tuple(v * factor for v in crop_box(w, h, bucket, fx, fy))
     out = rgb.resize(bucket, Image.Resampling.LANCZOS, box=box)
+    out = srgb_of_part(out, icc)   # the colour profile, converted on the crop's pixels only
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
@@ -108,15 +111,17 @@ class Sample:
 @dataclass
 class StoredCrops:
     """Where each planned image's decoded crop is stored in the disk cache
-    (engine/crop_cache.py; `where[i]` = shard file, offset; shard -1: not stored), handed
-    to the training Dataset. Pickles without its open files, so loader workers started by
-    spawn (Windows, macOS) open their own."""
+    (engine/crop_cache.py; `where[i]` = shard file, offset; shard -1: not stored), and why
+    the files that did not decode when the cache was built do not (`failed[i]`: they are
+    left out without being decoded again), handed to the training Dataset. Pickles without
+    its open files, so loader workers started by spawn (Windows, macOS) open their own."""
     files: list[str]
     where: np.ndarray                               # (N, 2) int64
+    failed: dict[int, str] = field(default_factory=dict)
     _slices: dict = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict:
-        return {"files": self.files, "where": self.where, "_slices": {}}
+        return {"files": self.files, "where": self.where, "failed": self.failed, "_slices": {}}
 
     @property
     def count(self) -> int:
@@ -219,6 +224,9 @@ class BucketDataset(Dataset):
         fx, fy, flip = self.augmentation(key.index, key.epoch, key.copy)
         pixels = self._cache.get(key.index)
         if pixels is None and self.stored is not None:
+            if key.index in self.stored.failed:      # did not decode; unchanged since
+                return Sample(None, im.caption, im.record.path, im.bucket, key.epoch,
+                              key.position, self.stored.failed[key.index])
             pixels = self.stored.read(key.index, im.bucket)
             if pixels is not None:
                 self._keep(key.index, pixels)

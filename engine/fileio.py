@@ -95,6 +95,29 @@ def replace(src: str | Path, dst: str | Path) -> None:
             time.sleep(REPLACE_WAIT_S)
 
 
+def _import_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _import_umask()
+
+
+def file_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the process's umask, usually
+    0o644): temporary files are created private (0o600), and what replaces a target must
+    be readable as any file the user writes. Read where the system shows the umask
+    without changing it (Linux), else as it was at import."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o666 & ~_UMASK_AT_IMPORT
+
+
 @contextlib.contextmanager
 def atomic_target(path: Path, needed: int = 0):
     """Yield a temporary path beside `path`; on success it replaces `path` in one
@@ -111,6 +134,10 @@ def atomic_target(path: Path, needed: int = 0):
     os.close(fd)
     try:
         yield Path(tmp)
+        # as written (a writer may have made the file anew); a file system without modes
+        # (FAT, some mounts) keeps its own
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, file_mode())
         replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -6,6 +6,8 @@ studio's thumbnails all read images through here."""
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import re
 import struct
@@ -14,6 +16,12 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+try:   # colour management (littlecms); a Pillow built without it reads pixels as they are
+    from PIL import ImageCms
+    _SRGB = ImageCms.createProfile("sRGB")
+except ImportError:   # pragma: no cover - Pillow's wheels include it
+    ImageCms = None
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 # Our own limit, checked on the header before anything is decoded: a decompression bomb
@@ -176,11 +184,75 @@ def problem_text(e: BaseException, path: str | os.PathLike) -> str:
     return f"{note}; {IMAGE_PROBLEMS[kind][1]}"
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB of the current frame. Transparent pixels are composited on white. The
-    grey modes wider than 8 bits are rescaled, where PIL's own conversion clips: 16-bit
-    (I;16*, as PNG's 16-bit grey opens) 65535 -> 255; 32-bit integer I the same when its
-    values need more than 8 bits (else as is); float F taken as 0..1 when it stays there."""
+def _is_srgb(profile) -> bool:
+    """Whether a profile is a standard sRGB one (its description says so: 'sRGB
+    IEC61966-2.1', 'sRGB built-in', ...; a 'linear sRGB' has another curve)."""
+    name = ImageCms.getProfileDescription(profile).strip().lower()
+    return name.startswith("srgb") and "linear" not in name
+
+
+@functools.lru_cache(maxsize=16)
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from an embedded colour profile to sRGB for images of `mode` (RGB, L
+    or CMYK, to RGB), built once per profile; None when the profile is sRGB already (no
+    work, no rounding) or cannot be used (damaged, or for another colour space)."""
+    if ImageCms is None:
+        return None
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if _is_srgb(source):
+            return None
+        return ImageCms.buildTransform(source, _SRGB, mode, "RGB",
+                                       ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+def to_srgb(img: Image.Image) -> Image.Image:
+    """The image's colours in sRGB, as every picture the network learns from and draws is
+    taken to be: an embedded colour profile (Display P3 in phone photos and screenshots,
+    Adobe RGB, ProPhoto, a print CMYK profile) is converted with relative colorimetric
+    intent, so the same colour trains as the same numbers whatever profile its file
+    carries. Images without a profile, with an sRGB one or with one that cannot be used
+    come back as they are; RGB, RGBA, L, LA, P and CMYK images are converted (RGB or RGBA
+    out, alpha kept; the result carries no profile, so converting again changes nothing).
+    """
+    icc = img.info.get("icc_profile")
+    if not icc:
+        return img
+    if img.mode == "P" or (img.mode in ("RGB", "L") and "transparency" in img.info):
+        img = img.convert("RGBA")   # colours (and a transparent colour) made explicit
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):
+        return img
+    alpha = img.getchannel("A") if img.mode in ("RGBA", "LA") else None
+    colour = img.convert(img.mode[:-1]) if alpha is not None else img
+    transform = _srgb_transform(bytes(icc), colour.mode)
+    if transform is None:
+        return img
+    try:
+        out = ImageCms.applyTransform(colour, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return img
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
+def to_rgb(img: Image.Image, *, later_profile: bool = False) -> Image.Image:
+    """8-bit sRGB of the current frame (to_srgb: embedded colour profiles converted).
+    Transparent pixels are composited on white. The grey modes wider than 8 bits are
+    rescaled, where PIL's own conversion clips: 16-bit (I;16*, as PNG's 16-bit grey opens)
+    65535 -> 255; 32-bit integer I the same when its values need more than 8 bits (else
+    as is); float F taken as 0..1 when it stays there.
+
+    With `later_profile` an RGB or RGBA image's profile is not applied but kept in the
+    result's info["icc_profile"], for to_srgb on the smaller image the caller cuts from it
+    (a crop, a thumbnail): the conversion costs per pixel, more than decoding a
+    12-megapixel photo at the reduced scale a crop needs. White stays white, so it
+    commutes with the compositing on white. Other modes are converted here."""
+    icc = img.info.get("icc_profile") if later_profile and img.mode in ("RGB", "RGBA") else None
+    if not icc:
+        img = to_srgb(img)
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         raw = np.asarray(img)
         a = raw.astype(np.float64)
@@ -192,15 +264,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
         grey = np.clip(a.round(), 0, 255).astype(np.uint8)
         if isinstance(img.info.get("transparency"), int):
             grey[raw == img.info["transparency"]] = 255
-        return Image.fromarray(grey).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        out = Image.fromarray(grey).convert("RGB")
+    elif img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+        out = Image.alpha_composite(white, rgba).convert("RGB")
+    else:
+        out = img.convert("RGB")
+    out.info.pop("icc_profile", None)
+    if icc:
+        out.info["icc_profile"] = icc
+    return out
 
 
-def upright_rgb(img: Image.Image) -> Image.Image:
+def srgb_of_part(part: Image.Image, icc: bytes | None) -> Image.Image:
+    """to_srgb of a smaller RGB image cut from one whose profile `icc` to_rgb left for
+    later (later_profile); `part` as it is when there was none."""
+    if not icc:
+        return part
+    part.info["icc_profile"] = icc
+    return to_srgb(part)
+
+
+def upright_rgb(img: Image.Image, *, later_profile: bool = False) -> Image.Image:
     """to_rgb of an opened image, turned the way its EXIF orientation says it is shown.
     The result carries no orientation tag, so calling it again changes nothing."""
-    return to_rgb(ImageOps.exif_transpose(img))
+    return to_rgb(ImageOps.exif_transpose(img), later_profile=later_profile)

@@ -28,6 +28,7 @@ from typing import Callable
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from engine.fileio import file_mode
 from engine.sampling import SAMPLER_LABELS
 
 METADATA_FORMAT = 1
@@ -173,6 +174,8 @@ def save_png(image: Image.Image, params: dict, out_dir: str | os.PathLike) -> Pa
         info.add_text(key, value)
     fd, tmp = tempfile.mkstemp(prefix=".gen-", suffix=".png", dir=out_dir)
     try:
+        with contextlib.suppress(OSError):   # readable as any file the user writes
+            os.chmod(tmp, file_mode())
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         numbers = [int(m.group(1)) for p in out_dir.iterdir() if (m := FILE_NUMBER.match(p.name))]

@@ -92,7 +92,7 @@ def format_report(scan: Scan, plan: BucketPlan, health: HealthReport, title: str
     lines += [f"{'Found' if i == 0 else '':10}{line}" for i, line in enumerate(found)]
     lines += [""] if found else []
     if health.problems:
-        lines.append(f"Problems  ({health.errors} files not trained, {health.warnings} to check)")
+        lines.append(f"Problems  ({health.errors} file(s) not trained, {health.warnings} to check)")
         for p in health.problems:
             lines.append(f"  {p.severity.upper():7} {p.kind}: {len(p.files)} file(s), {p.message}")
             for rel, note in list(p.files.items())[:max_files]:

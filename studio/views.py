@@ -22,7 +22,13 @@ from engine import config
 from engine.buckets import BucketPlan, PlannedImage, make_buckets
 from engine.checkpoint import retention_victims
 from engine.data import DataError, HealthReport, Scan
-from engine.images import MAX_PIXELS, open_image, read_header, upright_rgb
+from engine.images import (
+    MAX_PIXELS,
+    open_image,
+    read_header,
+    srgb_of_part,
+    upright_rgb,
+)
 from engine.train_io import format_duration
 from studio.liveness import ACTIVE_STATES
 
@@ -298,8 +304,10 @@ def crop_thumbnail(path: str | Path, box: Sequence[float], size: int = 160) -> I
         raise DataError(f"{width}x{height} px is over the limit of {MAX_PIXELS} pixels")
     with open_image(str(path)) as im:
         im.draft("RGB", (size * 2, size * 2))       # JPEG: decode at a reduced scale
-        thumb = upright_rgb(im)
+        thumb = upright_rgb(im, later_profile=True)
+    icc = thumb.info.get("icc_profile")
     thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    thumb = srgb_of_part(thumb, icc)   # the profile, converted on the thumbnail's pixels
     sx, sy = thumb.width / width, thumb.height / height
     rect = (box[0] * sx, box[1] * sy, box[2] * sx - 1, box[3] * sy - 1)
     mask = Image.new("L", thumb.size, 150)          # how much of the shade covers a pixel

@@ -416,6 +416,8 @@ def add_files(datasets_dir: Path, name: str, files: Sequence[str | Path], *,
     ensure_free(folder / "upload", total)
     folder.mkdir(exist_ok=True)
     report = ImportReport(folder)
+    checked = []   # (source, uploaded name, name in the dataset, why it is not added)
+    taken: dict[str, str] = {}   # lower-cased name -> the name a file of this upload takes
     for src in files:
         original = src.name
         try:
@@ -439,10 +441,32 @@ def add_files(datasets_dir: Path, name: str, files: Sequence[str | Path], *,
         if not why and dst.exists():
             why = (f"'{target}' is already in the dataset: the one there is kept (rename the "
                    f"new file to add it)")
+        # two uploaded files of one name (from two folders, 'a b.png' and 'a_b.png', or
+        # A.png and a.png where letter case does not count): the first is added
+        if not why and target.lower() in taken:
+            why = (f"another file of this upload is added as '{taken[target.lower()]}': "
+                   f"rename one of them to add both")
+        if not why:
+            taken[target.lower()] = target
+        checked.append((src, original, target, why))
+    # a caption whose picture this upload brought but did not add would caption nothing
+    def stem(name: str) -> str:
+        return Path(name).stem
+    pictures = {stem(t) for _, _, t, why in checked
+                if not why and Path(t).suffix.lower() in IMAGE_EXTENSIONS}
+    pictures |= {stem(p.name) for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    refused = {stem(t): o for _, o, t, why in checked
+               if why and Path(t).suffix.lower() not in CAPTION_EXTENSIONS}
+    orphaned = refused.keys() - pictures
+    for src, original, target, why in checked:
+        ext = Path(target).suffix.lower()
+        if not why and ext in CAPTION_EXTENSIONS and stem(target) in orphaned:
+            why = (f"its picture {refused[stem(target)]} was not added (see its line): add the "
+                   f"caption again with a picture it can caption")
         if why:
             report.skipped.append((original, why))
             continue
-        with atomic_target(dst, src.stat().st_size) as tmp:
+        with atomic_target(folder / target, src.stat().st_size) as tmp:
             shutil.copyfile(src, tmp)
         (report.images if ext in IMAGE_EXTENSIONS else report.captions).append(target)
     return report

@@ -215,6 +215,23 @@ def test_small_images_are_reported_and_dropped(tmp_path, size):
     assert sample.error == "" and (sample.image[2] == 1.0).all() and (sample.image[0] == -1).all()
 
 
+def test_panoramas_and_upscaled_images_are_named_with_what_they_lose(tmp_path):
+    """An image far wider or taller than any bucket keeps only its middle: named with the
+    share it keeps, validation images too; upscaled images are named with their scale."""
+    good(tmp_path / "good.png")
+    for name, size in (("pano.png", (640, 64)), ("tower.png", (64, 512)), ("dot.png", (2, 2))):
+        Image.new("RGB", size, (0, 0, 255)).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("a blue picture")
+    low = cfg(min_side=1)   # the dot is trained, at the smallest bucket's size
+    plan = plan_buckets(scan_dataset(tmp_path, low).records, low, 8, 4)
+    cut = next(w for w in plan.warnings if "lose more than 40%" in w)
+    assert cut.startswith("2 image(s)") and "pano.png (keeps 20%)" in cut
+    assert "tower.png (keeps 25%)" in cut and "raise data.max_aspect" in cut
+    assert cut.index("pano.png") < cut.index("tower.png")           # the worst first
+    up = next(w for w in plan.warnings if "upscaled" in w)
+    assert up.startswith("1 image(s) upscaled") and "dot.png (4.0x)" in up
+
+
 # --------------------------------------------------------------------------------------
 # Colour modes, bit depths, transparency, animation
 # --------------------------------------------------------------------------------------

@@ -70,6 +70,27 @@ def test_files_hold_no_pickle_and_are_written_atomically(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_of_any_file_the_user_writes(tmp_path, umask, monkeypatch):
+    """Temporary files are created private; what replaces a target is as readable as a file
+    created plainly under the user's umask (checkpoints, configs, generated images)."""
+    from PIL import Image
+
+    import engine.pngmeta as pngmeta
+    from engine.fileio import atomic_write_text
+    monkeypatch.setattr(pngmeta, "png_text", lambda params: {})   # the text: tested elsewhere
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        ckpt = save(tmp_path, 1)
+        png = pngmeta.save_png(Image.new("RGB", (4, 4)), {"seed": 3}, tmp_path / "out")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "config.yaml", ckpt, png):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
 def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_meta(tmp_path / "nope.safetensors")

@@ -326,3 +326,99 @@ def test_decoding_crops_is_progress_not_a_stall(tmp_path, monkeypatch):
     assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
                        "--max-steps", "1", *sets()]) == 0
     assert seen[-1] > 2 and seen[0] < seen[-1], seen
+
+
+def test_a_file_that_does_not_decode_is_named_and_not_decoded_again(tmp_path, cache_dir,
+                                                                     monkeypatch):
+    """A file whose header reads but whose pixels do not (damaged data, a complete file)
+    is named once with what to do, and no later build or epoch decodes it again until it
+    changes; the Dataset tab's line says it is left out, not that a run will decode it."""
+    from engine.crop_cache import cache_status
+    make_images(tmp_path / "data", 3)
+    bad = tmp_path / "data" / "01.png"
+    damaged = bytearray(bad.read_bytes())
+    at = damaged.index(b"IDAT")
+    damaged[at + 8:at + 40] = b"\xff" * 32
+    bad.write_bytes(bytes(damaged))
+    c = cfg()
+    images = plan_of(tmp_path / "data", c).images
+    logs: list[str] = []
+    stored = stored_crops(images, c, logs.append)
+    assert stored.count == 2 and list(stored.failed) == [1]
+    assert any("1 image(s) do not decode" in m and str(bad) in m and "delete it" in m
+               for m in logs), logs
+    status = cache_status(images, c)
+    assert "all 2 training crops are decoded already" in status
+    assert "1 image(s) did not decode" in status and "replace or delete them" in status
+
+    decoded: list[str] = []
+    real = crop_cache.load_crop
+    monkeypatch.setattr(crop_cache, "load_crop", lambda p, *a, **k: (decoded.append(p),
+                                                                      real(p, *a, **k))[1])
+    again = stored_crops(images, c, logs.append)            # a later run: nothing to decode
+    assert decoded == [] and again.failed == stored.failed
+    import engine.dataset as dataset
+    monkeypatch.setattr(dataset, "load_crop", lambda *a, **k: pytest.fail("decoded again"))
+    ds = BucketDataset(images, stored=pickle.loads(pickle.dumps(again)))   # as in a worker
+    sample = ds[SampleKey(1, 3, 0)]
+    assert sample.image is None and sample.error == stored.failed[1]
+    assert ds[SampleKey(0, 3, 0)].image is not None
+
+    # another size of the same files (a stage, other settings) leaves the entry alone
+    small = cfg(max_side=48)
+    assert list(stored_crops(plan_of(tmp_path / "data", small).images, small, print).failed) \
+        == [1]
+    assert stored_crops(images, c, logs.append).failed == stored.failed
+    assert decoded.count(str(bad)) == 1                     # once for the new size only
+
+    make_images(tmp_path / "data", 3, seed=9)               # the file replaced: decoded
+    images = plan_of(tmp_path / "data", c).images
+    decoded.clear()
+    fixed = stored_crops(images, c, logs.append)
+    assert fixed.count == 3 and not fixed.failed and len(decoded) == 3
+
+
+def test_a_file_the_system_could_not_read_this_time_is_tried_again(tmp_path, cache_dir,
+                                                                   monkeypatch):
+    """A locked, offline or unreadable-for-now file (an error with an errno) is not taken
+    for a broken one: the next build tries it again."""
+    make_images(tmp_path / "data", 2)
+    c = cfg()
+    images = plan_of(tmp_path / "data", c).images
+    real = crop_cache.load_crop
+
+    def locked(path, *args, **kwargs):
+        if path.endswith("01.png"):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(crop_cache, "load_crop", locked)
+    first = stored_crops(images, c, print)
+    assert first.count == 1 and not first.failed
+    monkeypatch.setattr(crop_cache, "load_crop", real)
+    assert stored_crops(images, c, print).count == 2
+
+
+def test_crops_of_an_older_decoding_are_deleted_first(tmp_path, cache_dir, monkeypatch):
+    """A version that decodes differently (CROPS_FORMAT) keys its crops apart: the same
+    dataset's store of the older format is deleted when the new one is built, and other
+    datasets' old stores go before any current one when room is needed."""
+    make_images(tmp_path / "data", 2)
+    make_images(tmp_path / "other", 2, seed=1)
+    c = cfg()
+    monkeypatch.setattr(crop_cache, "CROPS_FORMAT", crop_cache.CROPS_FORMAT - 1)
+    stored_crops(plan_of(tmp_path / "data", c).images, c, lambda _: None)
+    stored_crops(plan_of(tmp_path / "other", c).images, c, lambda _: None)
+    old = sorted(cache_dir.iterdir())
+    assert len(old) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("PIXELHDM_CACHE_DIR", str(tmp_path / "cache"))
+    logs: list[str] = []
+    stored = stored_crops(plan_of(tmp_path / "data", c).images, c, logs.append)
+    assert stored.count == 2
+    gone = [f for f in old if not f.exists()]
+    assert len(gone) == 1 and crop_cache.store_identity(
+        next(f for f in old if f.exists()))["dataset"].endswith("other")
+    assert any("decoded by an older version" in m for m in logs), logs
+    cache = CropCache(cache_dir, "x", lambda _: None)
+    first = cache._others()[0]
+    assert first[0] is False and first[3].exists()     # the other dataset's old store first

@@ -253,7 +253,8 @@ def test_regularisation_folders_are_left_out_unless_included(tmp_path):
 
 def test_caption_files_txt_wins_over_caption(tmp_path):
     img(tmp_path / "a.png", "from caption", ext=".caption")
-    img(tmp_path / "b.png", "from txt")
+    img(tmp_path / "b.png", None)
+    (tmp_path / "b.txt").write_bytes(b"from\r\n  txt\t\r\n")      # on one line as it trains
     (tmp_path / "b.caption").write_text("ignored")
     img(tmp_path / "c.png", None)
     (tmp_path / "c.CAPTION").write_bytes("caf\xe9".encode("utf-16"))

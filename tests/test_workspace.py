@@ -73,6 +73,39 @@ def test_nothing_is_overwritten(tmp_path, uploads):
     assert tuple(kept[0, 0]) == (1, 2, 3)
 
 
+def test_two_uploaded_files_of_one_name_never_overwrite_each_other(tmp_path):
+    datasets = tmp_path / "datasets"
+    files = [png(tmp_path / "a" / "x.png", colour=(255, 0, 0)),
+             png(tmp_path / "b" / "x.png", colour=(0, 0, 255)),
+             png(tmp_path / "my pic.png"), png(tmp_path / "c" / "my_pic.png"),
+             png(tmp_path / "d" / "X.PNG")]
+    report = add_files(datasets, "set", files)
+    assert report.images == ["x.png", "my_pic.png"]
+    why = dict(report.skipped)
+    assert len(report.skipped) == 3 and "another file of this upload is added as 'x.png'" \
+        in why["X.PNG"]
+    kept = np.asarray(Image.open(datasets / "set" / "x.png"))
+    assert tuple(kept[0, 0]) == (255, 0, 0)                       # the first one's
+
+
+def test_a_caption_whose_picture_was_refused_is_not_added_alone(tmp_path, uploads):
+    """A caption would caption nothing when its picture, uploaded with it, was refused; one
+    whose picture is already in the dataset (or added in the same upload) is added."""
+    datasets = tmp_path / "datasets"
+    (uploads / "photo.tiff").write_bytes(b"II*\x00")
+    (uploads / "photo.txt").write_text("a photo")
+    (uploads / "cut.txt").write_text("a cut picture")
+    png(datasets / "set" / "empty.png")
+    (uploads / "empty.txt").write_text("a picture already there")
+    report = add_files(datasets, "set", [uploads / n for n in (
+        "photo.tiff", "photo.txt", "cut.png", "cut.txt", "empty.webp", "empty.txt", "good.png")])
+    why = dict(report.skipped)
+    assert "its picture photo.tiff was not added" in why["photo.txt"]
+    assert "its picture cut.png was not added" in why["cut.txt"]
+    assert report.captions == ["empty.txt"] and report.images == ["good.png"]
+    assert not (datasets / "set" / "photo.txt").exists()
+
+
 @pytest.mark.parametrize("name", ["../escape", "..", "/tmp/x", "a/b", "", ".hidden", "x\x00"])
 def test_a_dataset_name_that_leaves_the_datasets_folder_is_refused(tmp_path, uploads, name):
     datasets = tmp_path / "datasets"
