@@ -98,6 +98,7 @@ from engine.train_io import (
     dataset_fingerprint,
     oom_message,
     run_captions,
+    shell_arg,
     start_compile_clock,
 )
 from engine.train_state import (
@@ -185,7 +186,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(skipped.values()).items()))
         names = ", ".join(sorted(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
         log(f"data: {len(skipped)} file(s) not trained ({kinds}): {names}; `python -m "
-            f"engine.data report {cfg.data.path}` says why")
+            f"engine.data report {shell_arg(cfg.data.path)} --preset "
+            f"{shell_arg(run.config)}` says why")
     # progressive resolution (data.stages): each stage trains the same images in buckets
     # scaled down from the full plan's; the validation loss keeps the full one throughout
     stages = resolution_stages(cfg.data.stages, cfg.data.max_side, cfg.model.patch_size)
@@ -269,7 +271,14 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     n_params = sum(p.numel() for p in net.parameters())
     if d.main and device.type == "cpu" and (warning := cpu_warning(cfg, device)):
         log(f"warning: {warning}")
-    log(f"model: {n_params / 1e6:.2f} M parameters, text encoder {cfg.text.encoder} "
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    beside = [name for name, part in (("the text encoder", model.text),
+                                      ("the iREPA head", model.repa),
+                                      ("the self-alignment head", model.sra))
+              if part is not None and any(p.requires_grad for p in part.parameters())]
+    trained = (f" ({n_trained / 1e6:.2f} M trained in all, with {' and '.join(beside)})"
+               if beside else "")
+    log(f"model: {n_params / 1e6:.2f} M parameters{trained}, text encoder {cfg.text.encoder} "
         f"({text_encoder.dim}-wide), iREPA {'on' if teacher else 'off'}, self-alignment "
         f"{'on' if sra_on else 'off'}, device {device}, "
         f"{tr.precision}, {d.world} process(es), blocks {blocks}")
@@ -346,9 +355,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         return path
 
     if last is not None:
+        def resume_event(kind: str, message: str) -> None:   # in the log and the metrics
+            log(f"resume: {message}")
+            report.event(st.step, kind, message)
         restore(last, st, parts, d=d, device=device, fingerprint=fingerprint, seed=tr.seed,
-                max_steps=tr.max_steps, requested=stop_at,
-                event=lambda kind, message: report.event(st.step, kind, message))
+                max_steps=tr.max_steps, requested=stop_at, event=resume_event)
         log(f"resumed from {last.path.name} at step {st.step} (epoch {st.epoch}, batch "
             f"{st.position})")
     else:

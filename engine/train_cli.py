@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
 
+from engine.buckets import plan_buckets
 from engine.checkpoint import CheckpointError, latest_resumable
 from engine.config import (
     ConfigError,
@@ -28,12 +30,13 @@ from engine.config import (
     load_preset,
     save_config,
 )
-from engine.data import DataError
+from engine.data import DataError, scan_dataset
 from engine.distributed import DeviceError, RankSyncError
 from engine.encoders import EncoderLoadError
 from engine.fileio import DiskFull
 from engine.generate_io import checkpoint_config, resolve_checkpoint
 from engine.job import RunBusy, RunDir, RunLock
+from engine.sample_prompts import caption_prompts
 from engine.train import TrainError, resume_point, train
 from engine.train_io import JobReporter, StoppedEarly
 from engine.train_state import RestoreError
@@ -59,7 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "the checkpoint's own config is the starting point")
     p.add_argument("--init-weights", choices=("ema", "raw"),
                    help="which weights --init-from takes (default ema)")
+    p.add_argument("--prompts-from-data", action="store_true",
+                   help="a new run's sample prompts: four of the dataset's own captions, "
+                        "held-out images' first (the studio's \"Use the dataset's captions\")")
     return p
+
+
+def prompts_from_data(cfg: RunConfig) -> RunConfig:
+    """The config with four of its dataset's captions as the sample prompts, chosen from
+    the plan the trainer will make (every rank alike: the choice is a function of it)."""
+    scan = scan_dataset(cfg.data.path, cfg.data)
+    plan = plan_buckets(scan.records, cfg.data, cfg.model.patch_size, cfg.train.batch_size)
+    found = caption_prompts([im.caption for im in plan.val_images],
+                            [im.caption for im in plan.images])
+    if not found:
+        raise TrainError(f"--prompts-from-data: no image of {cfg.data.path} has a caption "
+                         f"that can be a prompt line; give the prompts with --set "
+                         f"sample.prompts=[...] instead")
+    return replace(cfg, sample=replace(cfg.sample, prompts=found))
 
 
 def _resolve_config(args, run: RunDir) -> RunConfig:
@@ -143,6 +163,11 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     try:
+        if args.prompts_from_data:
+            if args.resume:
+                raise TrainError("--prompts-from-data chooses a new run's sample prompts; a "
+                                 "resumed run keeps its own (edit its sample_prompts.txt)")
+            cfg = prompts_from_data(cfg)
         if lock is not None:
             run.create()
             if args.preset:   # a new run: resumable (from step 0) from its first moment

@@ -12,7 +12,9 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -436,6 +438,13 @@ class JobReporter:
             self.tb.flush()
         except OSError:
             pass
+
+
+def shell_arg(arg: str | os.PathLike) -> str:
+    """An argument written as the user's shell reads it back in a suggested command:
+    quoted where it holds spaces or shell characters (cmd.exe's quoting on Windows)."""
+    text = str(arg)
+    return subprocess.list2cmdline([text]) if os.name == "nt" else shlex.quote(text)
 
 
 def format_duration(seconds: float | None) -> str:

@@ -237,6 +237,27 @@ def test_a_new_run_takes_a_prompts_file_put_in_its_folder_and_refuses_a_bad_one(
     assert "line 2: --l loud: allowed: a number >= 0" in RunDir(bad).read_status().error
 
 
+def test_the_command_line_takes_the_prompts_from_the_dataset_on_request(tmp_path, capsys):
+    """--prompts-from-data: a run on a person's own data samples its own captions (held-out
+    images' first), as the studio's button does, not the preset's demo prompts."""
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(12):
+        Image.new("RGB", (48, 48), (20 * i, 90, 200)).save(data / f"p{i:02d}.png")
+        (data / f"p{i:02d}.txt").write_text(f"holiday photo number {i}\nat the lake")
+    run = tmp_path / "run"
+    assert train.main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
+                       "--max-steps", "1", "--prompts-from-data", *sets("data.val_images=2")]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())["sample"]["prompts"]
+    assert len(saved) == 4 and all(p.startswith("holiday photo number ") and
+                                   p.endswith(" at the lake") for p in saved)
+    lines = (run / "sample_prompts.txt").read_text().splitlines()
+    assert [ln for ln in lines if ln and not ln.startswith("#")] == saved
+    assert train.main(["--run-dir", str(run), "--resume", "--max-steps", "2",
+                       "--prompts-from-data"]) == 1
+    assert "a resumed run keeps its own" in capsys.readouterr().err
+
+
 def test_an_editor_saves_only_good_text_and_reads_only_the_run_folder(tmp_path):
     run = RunDir(tmp_path / "run")
     run.create()

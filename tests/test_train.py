@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -115,20 +116,36 @@ def test_a_corrupt_image_is_skipped_and_counted(demo, tmp_path):
                        "--max-steps", "20", *sets()]) == 0
     log = (run / "log.txt").read_text()
     assert "data: 1 file(s) not trained (1 truncated): short.png" in log
+    # the suggested command runs as it stands: the run's own settings, the folder quoted
+    assert (f"`python -m engine.data report {shlex.quote(str(data))} --preset "
+            f"{shlex.quote(str(run / 'config.yaml'))}` says why") in log
     assert log.count("skipped unreadable image") == 1 and "broken.png" in log   # named once
     assert records(run, "bad_files")[-1]["bad_files"] >= 1
     assert RunDir(run).read_status().state == "completed"
-    # the disk cache of decoded crops: the broken file is not stored (a later run, which
-    # reads every other crop from the cache, tries it again and trains without it)
-    assert "image crops: decoding " in log and "(1 did not decode)" in log
+    # the disk cache of decoded crops: the broken file is named with what to do when the
+    # crops are stored, and a later run neither stores nor decodes it again
+    assert "image crops: 1 image(s) do not decode" in log and "broken.png" in log
     again = tmp_path / "again"
     assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(again),
                        "--max-steps", "2", *sets()]) == 0
     log = (again / "log.txt").read_text()
-    assert "image crops: decoding 1 training crops" in log                # the broken one
-    assert "crops decoded in" in log and "(1 did not decode)" in log
+    assert "image crops: decoding" not in log
     found = len(list(data.glob("*.png"))) - 2                   # less short.png and broken.png
     assert f"image crops: {found} of {found + 1} training crops found in" in log
+
+
+def test_a_resume_on_a_changed_dataset_says_so_in_the_log(demo, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(demo, data)
+    assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
+                       "--max-steps", "2", *sets()]) == 0
+    shutil.copy(data / "shape_0000.png", data / "added.png")
+    (data / "added.txt").write_text("an added picture")
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "3"]) == 0
+    log = (run / "log.txt").read_text()
+    said = log.find("resume: the dataset differs from the one this checkpoint was trained on")
+    assert 0 <= said < log.rindex("resumed from"), log[-2000:]
+    assert "M trained in all, with the text encoder)" in log   # the builtin one trains
 
 
 @pytest.mark.slow

@@ -43,23 +43,22 @@ def records(run: Path, key: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if key in r]
 
 
-def _end_with_parent(parent: int) -> None:
-    """In the child before exec (Linux): the kernel sends it SIGTERM when the test
-    process ends in any way, SIGKILL included, so a killed test run leaves no trainer
-    (or torchrun, which ends its ranks on SIGTERM) computing for hours."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)              # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:                 # the parent ended before the call
-        os._exit(1)
-
-
 def ends_with_parent():
-    """preexec_fn for a subprocess that must not outlive the tests (None off Linux)."""
+    """preexec_fn for a subprocess that must not outlive the tests (None off Linux): the
+    kernel sends the child SIGTERM when the test process's thread that started it ends, in
+    any way, SIGKILL included, so a killed test run leaves no trainer (or torchrun, which
+    ends its ranks on SIGTERM) computing for hours."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl   # resolved here, not in the child
     parent = os.getpid()
-    return lambda: _end_with_parent(parent)
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)                   # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:                 # the parent ended before the call
+            os._exit(1)
+    return preexec
 
 
 def train_cli(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
