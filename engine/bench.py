@@ -79,6 +79,7 @@ from engine.generate import (
     GenerateError,
     Pipeline,
     check_size,
+    for_inference,
     max_side,
     render,
     resolve_precision,
@@ -170,8 +171,11 @@ def bench_sample(args) -> dict:
             encode, text_dim = enc.encode, enc.dim
         else:
             encode, text_dim = random_text(args.text_dim, args.tokens, device), args.text_dim
-        net = PixelHDM(cfg.model, text_dim).to(device).eval().requires_grad_(False)
+        net = for_inference(PixelHDM(cfg.model, text_dim).to(device), device, precision)
         source = f"preset {args.preset}, random weights"
+    if getattr(args, "fp32_weights", False):   # as before for_inference: to compare
+        net.matmul_weights_to(torch.float32)
+    weights = str(net.patch_in.weight.dtype).removeprefix("torch.")
     encode = memoized(encode)
     steps = args.steps or cfg.sample.steps
     sizes = parse_sizes(args.sizes) if args.sizes else [cfg.sample_size()]
@@ -197,7 +201,8 @@ def bench_sample(args) -> dict:
             best = min(timed(lambda: run(steps), device) for _ in range(args.repeats))
             rows.append({"sampler": sampler, "size": f"{w}x{h}", "steps": steps,
                          "model_evals": model_evals(sampler, steps), "batch": args.batch,
-                         "seconds_per_image": best / args.batch, "peak_mib": peak})
+                         "weights": weights, "seconds_per_image": best / args.batch,
+                         "peak_mib": peak})
     params = sum(p.numel() for p in net.parameters())
     return {"benchmark": "sample", "model": source, "parameters": params,
             "device": str(device), "precision": precision, "cfg": s.cfg, "rows": rows}
@@ -205,7 +210,7 @@ def bench_sample(args) -> dict:
 
 SAMPLE_COLUMNS: list[Column] = [
     ("sampler", "sampler", str), ("size", "size", str), ("steps", "steps", str),
-    ("model_evals", "evals", str), ("batch", "batch", str),
+    ("model_evals", "evals", str), ("batch", "batch", str), ("weights", "weights", str),
     ("seconds_per_image", "s/image", lambda v: f"{v:.4f}"),
     ("peak_mib", "peak MiB", lambda v: "-" if v is None else f"{v:.0f}"),
 ]
@@ -227,6 +232,10 @@ def add_sample(sub, common: argparse.ArgumentParser) -> None:
                    help="width of the random text tokens for a Qwen3 preset without checkpoint")
     p.add_argument("--tokens", type=int, default=32,
                    help="number of random text tokens for a Qwen3 preset without checkpoint")
+    p.add_argument("--fp32-weights", action="store_true",
+                   help="keep the matmul weights in fp32 under bf16/fp16 autocast on a GPU "
+                        "(cast at every step, as before they were stored in the compute "
+                        "dtype): to compare")
     p.set_defaults(run=bench_sample, tables=[("rows", "", SAMPLE_COLUMNS)])
 
 
@@ -372,11 +381,14 @@ def bench_gpu(args) -> dict:
         checkpoint=None, preset="pixelhdm-default", overrides=[], device=str(device),
         dtype=precision, sizes="512x512", steps=50, samplers="heun", batch=1, repeats=repeats,
         text_dim=1024, tokens=64)
+    # the weights stored in the compute dtype (as generation runs), then in fp32 to compare
+    fp32_args = argparse.Namespace(**{**vars(sample_args), "fp32_weights": True})
     part("kernels", lambda: attention_kernels(default, 512, 512, 64, 2, device, precision))
     part("throughput", throughput)
     part("memory", lambda: [preset_memory(name, load_preset(name), gib, device)
                             for name, gib in GPU_MEMORY])
-    part("sampling", lambda: bench_sample(sample_args)["rows"])
+    part("sampling", lambda: bench_sample(sample_args)["rows"]
+         + bench_sample(fp32_args)["rows"])
     return report
 
 

@@ -479,8 +479,9 @@ class PixelHDM(nn.Module):
                              f"patch size {p}; got {tuple(z.shape)}")
         h, w = H // p, W // p
         L, T = h * w, text.tokens.shape[1]
-        # inputs in the parameters' dtype (autocast then picks the compute dtype)
-        dtype = self.patch_in.weight.dtype
+        # inputs in the parameters' dtype (autocast then picks the compute dtype); a norm's
+        # weight says it, which matmul_weights_to leaves as it is
+        dtype = self.text_norm.weight.dtype
         text.is_dense()   # answered on the caller's object, which every sampling step reuses
         z, text = self._input(z, prev).to(dtype), text.to(dtype=dtype)
 
@@ -532,6 +533,18 @@ class PixelHDM(nn.Module):
                              f"of the noisy images {tuple(z.shape)}")
         prev = prev.to(z.dtype).clamp(-1.0, 1.0)
         return torch.cat([z, prev - prev.mean(dim=(2, 3), keepdim=True)], dim=1)
+
+    def matmul_weights_to(self, dtype: torch.dtype) -> None:
+        """Store the weights of every linear layer in `dtype` (bf16 or fp16) for inference
+        under autocast to that dtype, which would otherwise cast each of them from fp32 at
+        every network call (the whole weight set read and written again per sampling step:
+        2 GB for `pixelhdm-default`). Autocast casts a matmul's weight to that dtype in any
+        case, so every result is the same bit for bit; biases, norms and embeddings stay as
+        they are. The network must then only ever run under that autocast."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight.dtype != dtype:
+                module.weight = nn.Parameter(module.weight.detach().to(dtype),
+                                             requires_grad=False)
 
     def compile_blocks(self) -> None:
         """Regional compilation (`compile_regions`) of every patch and pixel block.

@@ -484,6 +484,29 @@ def test_bf16_autocast_forward_is_finite():
     assert torch.isfinite(out.float()).all()
 
 
+def test_matmul_weights_stored_in_bf16_draw_the_same_images_under_autocast():
+    """Generation on a GPU stores the matmul weights in the autocast dtype once instead of
+    casting them at every step (engine.generate.for_inference): autocast casts them to it
+    anyway, so the images are the same bit for bit (here on the CPU's bf16 autocast)."""
+    import copy
+
+    from engine.generate import render
+    net = learner_net().eval().requires_grad_(False)
+    half = copy.deepcopy(net)
+    half.matmul_weights_to(torch.bfloat16)
+    assert half.patch_in.weight.dtype == torch.bfloat16
+    assert half.text_norm.weight.dtype == torch.float32              # norms stay
+    assert half.pixel_blocks[0].ada.bias.dtype == torch.float32      # and biases
+
+    def encode(prompts):
+        return make_text([3] * len(prompts), seed=len(prompts[0]))
+    kwargs = dict(steps=2, sampler="heun", cfg=3.0, rescale=0.0, interval=(0.0, 1.0),
+                  shift=1.0, amp_dtype=torch.bfloat16)
+    a = render(net, encode, ["a b", "a b c"], "", [1, 2], 16, 16, **kwargs)
+    b = render(half, encode, ["a b", "a b c"], "", [1, 2], 16, 16, **kwargs)
+    assert torch.equal(a, b)
+
+
 def test_pixelhdm_default_parameter_count():
     cfg = load_preset("pixelhdm-default")
     with torch.device("meta"):
