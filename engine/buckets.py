@@ -404,7 +404,7 @@ def plan_buckets(records: Sequence[ImageRecord], data_cfg: DataConfig, patch_siz
     upscaled = sorted((im for im in train if im.scale > 1.0), key=lambda im: -im.scale)
     if upscaled:
         warnings.append(f"{len(upscaled)} image(s) upscaled to fill their bucket (blurrier "
-                        f"pixels): {_named(upscaled, lambda im: f'{im.scale:.1f}x')}")
+                        f"pixels): {_named(upscaled, lambda im: f'{im.scale:.2f}x')}")
     cut = sorted((im for im in usable if im.kept < MIN_KEPT), key=lambda im: im.kept)
     if cut:
         warnings.append(f"{len(cut)} image(s) lose more than {1 - MIN_KEPT:.0%} of the "

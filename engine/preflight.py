@@ -289,6 +289,23 @@ def _cpu_tflops() -> float:
     return measured_tflops(torch.device("cpu"), torch.float32)
 
 
+def schedule_notes(cfg: RunConfig, stop_at: int | None = None) -> list[str]:
+    """What a run shorter than its periodic settings never does: validate (so it records
+    no validation loss, and no checkpoint can be picked by it) or finish the learning-rate
+    warm-up. `stop_at`: the step this process trains to (default train.max_steps)."""
+    tr, notes = cfg.train, []
+    end = stop_at or tr.max_steps
+    if tr.val_every and cfg.data.val_images and end < tr.val_every:
+        notes.append(f"the run ends at step {end}, before its first validation "
+                     f"(train.val_every = {tr.val_every}): it records no validation loss; "
+                     f"lower train.val_every to see one")
+    if tr.max_steps <= tr.warmup_steps:
+        notes.append(f"train.max_steps = {tr.max_steps} ends within the learning-rate "
+                     f"warm-up (train.warmup_steps = {tr.warmup_steps}): the learning rate "
+                     f"never reaches train.lr; lower train.warmup_steps")
+    return notes
+
+
 def cpu_warning(cfg: RunConfig, device: str | torch.device, step_seconds: float | None = None
                 ) -> str:
     """'' unless `cfg` is sized for a GPU and is about to train on the CPU: then one line

@@ -72,7 +72,7 @@ from engine.flow import (
 )
 from engine.init_from import apply as apply_init
 from engine.init_from import check_fits, load_init
-from engine.job import REQUESTS, RunDir, resume_target
+from engine.job import FINAL_STATES, REQUESTS, RunDir, resume_target
 from engine.model import PixelHDM
 from engine.optim import (
     EMA,
@@ -83,7 +83,7 @@ from engine.optim import (
     grad_norm,
     lr_at,
 )
-from engine.preflight import cpu_warning
+from engine.preflight import cpu_warning, schedule_notes
 from engine.report import why_nothing_trains
 from engine.sample_grid import save_sample_grid
 from engine.sample_prompts import RunPrompts
@@ -271,6 +271,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     n_params = sum(p.numel() for p in net.parameters())
     if d.main and device.type == "cpu" and (warning := cpu_warning(cfg, device)):
         log(f"warning: {warning}")
+    for note in schedule_notes(cfg, stop_at) if d.main and not resume else []:
+        log(f"note: {note}")
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     beside = [name for name, part in (("the text encoder", model.text),
                                       ("the iREPA head", model.repa),
@@ -341,7 +343,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         meta = {"run_id": run.run_id, "config": dump_yaml(cfg), "dataset_fingerprint": fingerprint,
                 "engine_version": __version__, "text_dim": text_encoder.dim,
                 "images_seen": st.step * tr.batch_size * tr.grad_accum * d.world,
-                "val_loss": st.last_val, "reason": reason,
+                "val_loss": st.last_val, "val_step": st.last_val_step, "reason": reason,
                 "trained_sizes": trained_at(stage),   # generation's default size
                 "init_from": st.origin}
         path = save_checkpoint(run.checkpoints, st.step, weights,
@@ -354,10 +356,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         report.checkpoint(st.step, path)
         return path
 
+    def resume_event(kind: str, message: str) -> None:   # in the log and the metrics
+        log(f"resume: {message}")
+        report.event(st.step, kind, message)
+
     if last is not None:
-        def resume_event(kind: str, message: str) -> None:   # in the log and the metrics
-            log(f"resume: {message}")
-            report.event(st.step, kind, message)
         restore(last, st, parts, d=d, device=device, fingerprint=fingerprint, seed=tr.seed,
                 max_steps=tr.max_steps, requested=stop_at, event=resume_event)
         log(f"resumed from {last.path.name} at step {st.step} (epoch {st.epoch}, batch "
@@ -370,6 +373,13 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         sampler.set_epoch(0)
         # what a rollback before the first checkpoint returns to
         initial_weights = {k: v.detach().cpu().clone() for k, v in model.weights().items()}
+    prev = report.previous
+    if resume and prev is not None and prev.state not in FINAL_STATES:   # its end unrecorded
+        again = (f"; steps {st.step + 1}-{prev.step} are trained again"
+                 if prev.step > st.step else "")
+        resume_event("crash", f"the previous trainer (process {prev.pid}) ended at step "
+                              f"{prev.step} without saving its state (killed, or the machine "
+                              f"stopped); training goes on from step {st.step}{again}")
     if d.main:   # the config this process trains, now that it is known to fit the run
         save_config(cfg, run.config)
     report.start(st.step, st.stop_at, st.epoch, handled)
@@ -539,6 +549,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             final_state = "stopped" if asked["stop"] else "paused"
             report.handled(wanted)
             break
+        t_asked = time.perf_counter()
         if asked["save-now"]:
             save("save-now")
         elif time_save and st.step > 0:
@@ -547,6 +558,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             report.sample(st.step, sample())
         if asked["save-now"] or asked["sample-now"]:
             report.handled(wanted)
+            report.one_off(time.perf_counter() - t_asked)   # not the speed of the steps
 
         if (k := stage_index(stages, st.step)) != stage:
             next_stage(k)
@@ -699,7 +711,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
                 if v < st.best_val:
                     st.best_val = v
                     st.best_step = st.step
-                st.last_val = v
+                st.last_val, st.last_val_step = v, st.step
                 report.validation(st.step, v)
         if st.step % tr.save_every == 0 and st.step < st.stop_at:
             save("every")

@@ -191,6 +191,7 @@ class JobReporter:
         self.run, self.main, self.world = run, main, world
         self.rank_tag = "" if main else f"[rank {os.environ.get('RANK', '?')}] "
         old = run.read_status() if main else None   # a resumed run keeps what it handled
+        self.previous = old   # the last trainer's status (its state says how it ended)
         self.status = Status(pid=os.getpid(), world_size=world, device=device,
                              started_at=time.time(), heartbeat=time.time(),
                              handled=dict(old.handled) if old else {})
@@ -204,10 +205,13 @@ class JobReporter:
         # and since the last compile ended, until when the status says "compiling"
         self.compile_seconds: Callable[[], float] = compile_seconds
         self.compile_quiet_for: Callable[[], float] = compile_quiet_for
-        # (time, step, compile seconds) marks of the speed window: from the newest mark at
+        # seconds of one-off work the speed leaves out: the studio's "save now" and
+        # "sample now", which come once, not every speed_span steps
+        self._one_off = 0.0
+        # (time, step, seconds left out) marks of the speed window: from the newest mark at
         # least `speed_span` steps back (or the start) to now
         self._marks: deque[tuple[float, int, float]] = deque(
-            [(time.time(), 0, self.compile_seconds())])
+            [(time.time(), 0, self._left_out())])
         # steps the speed is measured over (the trainer's longest periodic event, so each
         # window holds its share of validation, samples and saves)
         self.speed_span = 1
@@ -292,15 +296,25 @@ class JobReporter:
 
     def restart_speed(self, step: int) -> None:
         """Measure the speed from `step` on (a new stage trains at its own)."""
-        self._marks = deque([(time.time(), step, self.compile_seconds())])
+        self._marks = deque([(time.time(), step, self._left_out())])
+
+    def one_off(self, seconds: float) -> None:
+        """Seconds of work done once on request (a save or sample grid the studio asked
+        for), which the speed leaves out."""
+        self._one_off += seconds
+
+    def _left_out(self) -> float:
+        return self.compile_seconds() + self._one_off
 
     def _speed(self, step: int) -> float:
         """Steps per second over the window ending now at `step`, less the time spent
-        compiling in it: compiled blocks take minutes at their first steps, at each new
-        size and at the first validation and sample grid, which an ETA would otherwise
-        count as the speed of every step to come (it read hours in a ten-minute run)."""
+        compiling in it and on one-off requests: compiled blocks take minutes at their
+        first steps, at each new size and at the first validation and sample grid, which
+        an ETA would otherwise count as the speed of every step to come (it read hours in
+        a ten-minute run), and a grid asked for right after a resume, in a window of a few
+        steps, read as five times slower steps."""
         marks = self._marks
-        marks.append((time.time(), step, self.compile_seconds()))
+        marks.append((time.time(), step, self._left_out()))
         while len(marks) > 2 and marks[1][1] <= step - self.speed_span:
             marks.popleft()
         (t0, s0, c0), (t1, s1, c1) = marks[0], marks[-1]

@@ -59,6 +59,7 @@ class TrainState:
     best_val: float = math.inf      # lowest validation loss so far
     best_step: int | None = None    # its step (retention keeps that checkpoint)
     last_val: float | None = None   # the latest validation loss
+    last_val_step: int | None = None   # the step it was measured at
     origin: dict | None = field(default=None, compare=False)   # train.init_from's record;
     # saved in the weights' metadata, not in the state file
 
@@ -72,7 +73,7 @@ class TrainState:
         """Take every counter `info` (a training-state file's JSON) holds; stop_at is the
         caller's to decide (engine.job.resume_target)."""
         for name in ("step", "epoch", "position", "lr_scale", "loss_avg", "loss_count",
-                     "best_step", "last_val"):
+                     "best_step", "last_val", "last_val_step"):
             if name in info:
                 setattr(self, name, info[name])
         best = info.get("best_val")

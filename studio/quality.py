@@ -85,14 +85,28 @@ def best_step(values: dict[int, float], best: str) -> int | None:
 def best_checkpoint(steps: Sequence[int], metas: Sequence[dict],
                     figures: dict[int, dict[str, float]], by: str) -> int | None:
     """The best of the checkpoints at `steps` (with their metadata) by a BEST_BY label:
-    validation loss as each checkpoint recorded it, a quality figure as recorded at the
-    checkpoint's step. None when no checkpoint has that figure."""
+    validation loss as each checkpoint recorded it at its own step (views.val_loss_at), a
+    quality figure as recorded at the checkpoint's step. None when no checkpoint has that
+    figure."""
     key, best = BEST_BY[by]
     if key == "val_loss":
-        values = {s: m.get("val_loss") for s, m in zip(steps, metas)}
+        values = {s: views.val_loss_at(m, s) for s, m in zip(steps, metas)}
     else:
         values = {s: figures.get(s, {}).get(key) for s in steps}
     return best_step(values, best)
+
+
+def no_best_note(by: str) -> str:
+    """Why no checkpoint is marked best by a BEST_BY label, and what gives it a figure."""
+    if BEST_BY[by][0] == "val_loss":
+        return ("No checkpoint is marked best by validation loss: none was validated at its "
+                "own step (set train.val_every to a divisor of train.save_every, and keep "
+                "data.val_images above 0).")
+    if BEST_BY[by][0] == "q_adherence":
+        return ("No checkpoint is marked best by prompt adherence: it is measured on the demo "
+                "dataset only, whose captions say what to read back from the pixels.")
+    return (f"No checkpoint is marked best by {by}: quality figures are measured at each "
+            f"sample grid (train.sample_every), and no checkpoint's step has one yet.")
 
 
 def checkpoint_row(row: list, figures: dict[str, float], best: bool) -> list:

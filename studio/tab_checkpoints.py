@@ -71,6 +71,10 @@ def build(studio: Studio) -> dict:
             models_df = gr.Dataframe(headers=["File", "Title", "Size", "From", "Weights",
                                               "Precision"],
                                      label="Exported models", interactive=False, max_height=200)
+            # the files themselves, to download from a browser on another machine: links
+            # to the workspace files the server already serves (a gr.File would copy each
+            # model into Gradio's cache at every refresh)
+            models_files = gr.HTML(elem_id="exported-files")
         with gr.Accordion("Delete", open=False):
             gr.Markdown("Deleting cannot be undone. A run that is training cannot be deleted.",
                         elem_classes="phdm-help")
@@ -78,6 +82,8 @@ def build(studio: Studio) -> dict:
                 confirm = gr.Checkbox(label="Yes, delete what I click next", value=False)
                 delete_ckpt = gr.Button("Delete this checkpoint", variant="stop")
                 delete_run = gr.Button("Delete the whole run", variant="stop")
+            # what a delete did, beside its buttons (the tab's message is far above them)
+            delete_message = gr.Markdown(elem_id="delete-message")
         checkpoint_id = gr.State("")
         picked = gr.State(False)   # the user chose the run: keep it; else show the newest
 
@@ -97,12 +103,16 @@ def build(studio: Studio) -> dict:
                  meta.get("exported_weights", ""), meta.get("exported_dtype", "")]
                 for p, meta, spec in studio.exported_models()]
 
+    def model_files() -> str:
+        return views.download_links([p for p, _, _ in studio.exported_models()])
+
     def refresh_all(run_id=None, keep=True, by=BEST_DEFAULT) -> dict:
         runs = studio.runner.runs()
         ids = [r.run_id for r in runs]
         run_id = run_id if keep and run_id in ids else (ids[0] if ids else None)
         return {runs_df: run_rows(), run: gr.Dropdown(choices=ids, value=run_id),
-                models_df: model_rows(), **show_run(run_id, None, by)}
+                models_df: model_rows(), models_files: model_files(),
+                **show_run(run_id, None, by)}
 
     def show_run(run_id, step=None, by=BEST_DEFAULT, pick=False) -> dict:
         """The chosen run's checkpoint list, table (the best by `by` marked; chosen when
@@ -131,9 +141,11 @@ def build(studio: Studio) -> dict:
         step = (best if pick and best is not None else step if step in steps
                 else (steps[-1] if steps else None))
         choices = [(f"step {s}" + (" (pinned)" if s in pinned else ""), s) for s in reversed(steps)]
+        by_label = by if by in quality.BEST_BY else BEST_DEFAULT
+        note = quality.no_best_note(by_label) + "\n\n" if best is None and entries else ""
         return {ckpt: gr.Dropdown(choices=choices, value=step), ckpt_df: rows,
-                retention: retention_markdown(info, steps, pinned, records), samples: gallery,
-                **chosen(run_id, step)}
+                retention: note + retention_markdown(info, steps, pinned, records),
+                samples: gallery, **chosen(run_id, step)}
 
     def chosen(run_id, step) -> dict:
         """The checkpoint id and default export name of the chosen run and step."""
@@ -177,30 +189,30 @@ def build(studio: Studio) -> dict:
             return {message: f"**Not exported:** {e}"}
         return {message: f"Exported `{dst.name}` ({views.fmt_bytes(dst.stat().st_size)}), "
                          f"titled \"{read_modelspec(dst).get('title', '')}\".",
-                models_df: model_rows()}
+                models_df: model_rows(), models_files: model_files()}
 
     def remove_checkpoint(run_id, step, sure, by=BEST_DEFAULT) -> dict:
         if not sure:
-            return {message: "Tick the confirmation box first."}
+            return {delete_message: "Tick the confirmation box first."}
         try:
             studio.delete_checkpoint(run_id, step)
         except (RunnerError, CheckpointError, OSError, TypeError, ValueError) as e:
-            return {message: f"**Not deleted:** {e}"}
-        return {message: f"Deleted step {step} of `{run_id}`.", confirm: False,
+            return {delete_message: f"**Not deleted:** {e}"}
+        return {delete_message: f"Deleted step {step} of `{run_id}`.", confirm: False,
                 **show_run(run_id, None, by)}
 
     def remove_run(run_id, sure, by=BEST_DEFAULT) -> dict:
         if not sure:
-            return {message: "Tick the confirmation box first."}
+            return {delete_message: "Tick the confirmation box first."}
         try:
             studio.runner.delete_run(run_id)
         except RunnerError as e:
-            return {message: f"**Not deleted:** {e}"}
-        return {message: f"Deleted run `{run_id}`.", confirm: False,
+            return {delete_message: f"**Not deleted:** {e}"}
+        return {delete_message: f"Deleted run `{run_id}`.", confirm: False,
                 **refresh_all(None, True, by)}
 
     show_outputs = [ckpt, ckpt_df, retention, samples, checkpoint_id, export_name]
-    refresh_outputs = [runs_df, run, models_df, *show_outputs]
+    refresh_outputs = [runs_df, run, models_df, models_files, *show_outputs]
     refresh.click(refresh_all, inputs=[run, picked, best_by], outputs=refresh_outputs)
     run.input(lambda r, by: show_run(r, None, by), inputs=[run, best_by],
               outputs=show_outputs).then(lambda: True, outputs=picked)
@@ -210,11 +222,11 @@ def build(studio: Studio) -> dict:
     pin_btn.click(toggle_pin, inputs=[run, ckpt, best_by], outputs=[message, *show_outputs])
     export_btn.click(export, inputs=[run, ckpt, export_name, export_dtype, export_ema,
                                      export_title],
-                     outputs=[message, models_df], concurrency_limit=1)
+                     outputs=[message, models_df, models_files], concurrency_limit=1)
     delete_ckpt.click(remove_checkpoint, inputs=[run, ckpt, confirm, best_by],
-                      outputs=[message, confirm, *show_outputs])
+                      outputs=[delete_message, confirm, *show_outputs])
     delete_run.click(remove_run, inputs=[run, confirm, best_by],
-                     outputs=[message, confirm, *refresh_outputs])
+                     outputs=[delete_message, confirm, *refresh_outputs])
     return {"generate_btn": generate_btn, "resume_btn": resume_btn, "train_btn": train_btn,
             "run": run,
             "message": message, "checkpoint_id": checkpoint_id, "refresh_fn": refresh_all,

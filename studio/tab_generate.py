@@ -287,7 +287,8 @@ def build(studio: Studio) -> dict:
                         # image_mode None: the engine converts any mode (transparency on
                         # white, 16-bit scaled) where the page's own RGB conversion clips
                         init = gr.Image(label="Start image", type="pil", height=200,
-                                        sources=["upload", "clipboard"], image_mode=None)
+                                        sources=["upload", "clipboard"], image_mode=None,
+                                        elem_id="start-image")
                         strength = gr.Slider(0.0, 1.0, value=0.75, step=0.05, label="Strength",
                                              info="0 = keep the image, 1 = ignore it")
                 with gr.Row():
@@ -565,8 +566,16 @@ def build(studio: Studio) -> dict:
             return {status: "Choose an image in the history or drop a PNG first."}
         # restored settings count as the user's: the checkpoint shown next keeps them
         restored = gen_settings.recall_values(p)
-        return {status: "Settings restored.", **dict(zip(setting_fields, fields_from(p))),
-                checkpoint: checkpoint_for(p),
+        # the start image is not stored in a PNG: a text-to-image one clears it, so that
+        # Generate makes the same image; an img2img one says what to add
+        if p.get("strength") is None:
+            said, start = "Settings restored (text to image: the start image is cleared).", None
+        else:
+            said, start = ("Settings restored. This image was made from a start image, "
+                           "which its file does not hold: drop it in Start image to make "
+                           "the image again."), gr.skip()
+        return {status: said, **dict(zip(setting_fields, fields_from(p))),
+                checkpoint: checkpoint_for(p), init: start,
                 filled: [b if v is None else None for v, b in zip(restored, before)]}
 
     def noise_controls(sampler_v):
@@ -588,7 +597,7 @@ def build(studio: Studio) -> dict:
     past.select(on_past, inputs=past_files, outputs=[past_params, recalled])
     recall_file.upload(on_recall, inputs=recall_file, outputs=[past_params, recalled])
     use_params.click(apply, inputs=[recalled, filled],
-                     outputs=[status, *setting_fields, checkpoint, filled],
+                     outputs=[status, *setting_fields, checkpoint, init, filled],
                      **model_queue).then(**model_args)
 
     return {"checkpoint": checkpoint, "select": select, "model_args": model_args, "run": run,

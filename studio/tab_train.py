@@ -173,8 +173,12 @@ def build(studio: Studio, selection: gr.State) -> dict:
             with gr.Row():
                 t_plot = gr.BarPlot(x="t", y="loss", label="Loss by time t (0 = noise, 1 = data), "
                                     "latest window", height=220, sort="x", y_lim=[0, None])
+                # not the training loss's scale: a plain velocity error at evenly spread
+                # times, where training weights its times and adds the frequency terms
                 val_plot = gr.LinePlot(x="step", y="value", label="Validation loss (EMA weights, "
-                                       "fixed noise and times)", height=220, y_title="loss")
+                                       "fixed noise, evenly spread times; a plain velocity "
+                                       "error, on another scale than the training loss: "
+                                       "compare it with itself)", height=220, y_title="loss")
                 quality_plot = gr.LinePlot(x="step", y="value", color="series",
                                            label=quality.PLOT_TITLE, color_title="",
                                            y_title="x real", elem_id="quality-plot")
@@ -217,6 +221,8 @@ def build(studio: Studio, selection: gr.State) -> dict:
         else:
             msg = f"Valid settings · dataset `{path}`."
             ok = True
+        for note in preflight.schedule_notes(cfg):
+            msg += f" Note: {note}."
         if new_text and new_text.strip():    # Gradio sends None for a box without a value
             note, good = prompts_check(new_text, prompts_file.prompt_defaults(cfg))
             msg, ok = f"{msg} Sample prompts: {note}", ok and good

@@ -12,6 +12,7 @@ import html
 import math
 import re
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -526,11 +527,41 @@ CHECKPOINT_HEADERS = ["Step", "Saved", "Size", "EMA", "Validation loss", "Kept",
                       "Sample"]
 
 
+def val_loss_at(meta: dict, step: int) -> float | None:
+    """A checkpoint's validation loss when it was measured at the checkpoint's own step
+    (a checkpoint saved between validations, on request or at the end, records the last
+    one, of an earlier step); a checkpoint that does not say (older versions) is taken at
+    its word."""
+    at = meta.get("val_step")
+    return meta.get("val_loss") if at is None or at == step else None
+
+
+def fmt_checkpoint_val(meta: dict, step: int) -> str:
+    """The Validation loss cell: the loss, with the step it was measured at when that is
+    not the checkpoint's."""
+    at = meta.get("val_step")
+    if meta.get("val_loss") is None or at is None or at == step:
+        return fmt_loss(meta.get("val_loss"))
+    return f"{fmt_loss(meta['val_loss'])} (at step {at})"
+
+
 def checkpoint_row(step: int, saved: float, size: int, meta: dict, pinned: bool,
                    resumable: bool, has_sample: bool) -> list:
     return [step, fmt_time(saved), fmt_bytes(size), "yes" if meta.get("has_ema") else "no",
-            fmt_loss(meta.get("val_loss")), "pinned" if pinned else "",
+            fmt_checkpoint_val(meta, step), "pinned" if pinned else "",
             "yes" if resumable else "weights only", "yes" if has_sample else ""]
+
+
+def download_links(paths: Sequence[Path]) -> str:
+    """HTML links that download files the server serves (the workspace), relative to the
+    page so that they work behind a proxy's path too."""
+    if not paths:
+        return ""
+    items = "".join(
+        f'<li><a href="gradio_api/file={urllib.parse.quote(str(p.resolve()))}" '
+        f'download="{html.escape(p.name)}">{html.escape(p.name)}</a> '
+        f'({fmt_bytes(p.stat().st_size)})</li>' for p in paths)
+    return f"<p>Download:</p><ul>{items}</ul>"
 
 
 def retention_preview(steps: Sequence[int], keep_last: int, pinned: Iterable[int]) -> list[int]:
@@ -548,7 +579,7 @@ def size_choices(cfg: config.RunConfig, trained: dict[str, int] | None = None
     make_buckets with its data settings), smallest first."""
     d = cfg.data
     trained = trained or {}
-    first = [(f"{k} · trained, {n} images", k)
+    first = [(f"{k} · trained, {n} image{'' if n == 1 else 's'}", k)
              for k, n in sorted(trained.items(), key=lambda kv: (-kv[1], kv[0]))]
     rest = [(bucket_name(b), bucket_name(b)) for b in make_buckets(
         d.min_side, d.max_side, d.bucket_step, cfg.model.patch_size, d.max_aspect)

@@ -229,7 +229,7 @@ def test_panoramas_and_upscaled_images_are_named_with_what_they_lose(tmp_path):
     assert "tower.png (keeps 25%)" in cut and "raise data.max_aspect" in cut
     assert cut.index("pano.png") < cut.index("tower.png")           # the worst first
     up = next(w for w in plan.warnings if "upscaled" in w)
-    assert up.startswith("1 image(s) upscaled") and "dot.png (4.0x)" in up
+    assert up.startswith("1 image(s) upscaled") and "dot.png (4.00x)" in up
 
 
 # --------------------------------------------------------------------------------------

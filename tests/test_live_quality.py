@@ -105,6 +105,15 @@ def test_best_checkpoint_by_validation_loss_or_a_quality_figure():
                     "flat-area noise (nearest 1x real)": 1000,   # 0.7x beats 1.5x
                     "diversity (nearest 1x real)": 1500}
     assert quality.best_checkpoint([1700], [{}], figures, "Fréchet distance") is None
+    # a checkpoint saved between validations (on request, at a stop) records the last
+    # loss, of an earlier step: it is not credited with it, and its cell says so
+    stale = [{"val_loss": 0.30, "val_step": 500}, {"val_loss": 0.25, "val_step": 1000},
+             {"val_loss": 0.20, "val_step": 1500}, {"val_loss": 0.20, "val_step": 1500}]
+    assert quality.best_checkpoint(steps, stale, figures, "validation loss") == 1500
+    stale[2]["val_step"] = 1400
+    assert quality.best_checkpoint(steps, stale, figures, "validation loss") == 1000
+    assert views.checkpoint_row(1700, 0.0, 1, stale[3], False, True, False)[4] == \
+        "0.2 (at step 1500)"
     assert quality.best_step({1: float("nan"), 2: None}, "low") is None
 
 
@@ -144,3 +153,9 @@ def test_the_plot_scales_every_figure_so_that_one_is_the_real_images():
                    (500, "flat-area noise"): 1.1, (500, "diversity"): 0.9,
                    (500, "Fréchet distance"): 1.2, (500, "prompt adherence"): 0.97,
                    (750, "flat-area noise"): 1.0}
+
+
+def test_no_best_checkpoint_says_why():
+    assert "demo dataset only" in quality.no_best_note("prompt adherence")
+    assert "train.val_every" in quality.no_best_note("validation loss")
+    assert "train.sample_every" in quality.no_best_note("Fréchet distance")

@@ -174,3 +174,19 @@ def test_the_peak_memory_reading_starts_afresh(monkeypatch):
         assert peak_rss_mb() >= before   # elsewhere it keeps counting from the start
         return
     assert 0 < peak_rss_mb() < before - 200
+
+
+def test_a_run_shorter_than_its_validation_period_or_warm_up_is_told_so():
+    from engine.preflight import schedule_notes
+    short = load_preset("tiny-cpu", ["train.max_steps=60"])     # val every 250, warm-up 100
+    notes = schedule_notes(short)
+    assert len(notes) == 2
+    assert "before its first validation (train.val_every = 250)" in notes[0]
+    assert "within the learning-rate warm-up (train.warmup_steps = 100)" in notes[1]
+    assert schedule_notes(short, stop_at=300)[0].startswith("train.max_steps = 60 ends")
+    assert schedule_notes(load_preset("tiny-cpu")) == []
+    assert schedule_notes(load_preset("tiny-cpu", ["train.max_steps=60", "train.val_every=20",
+                                                   "train.warmup_steps=10"])) == []
+    assert schedule_notes(load_preset("tiny-cpu", ["train.max_steps=60",
+                                                   "data.val_images=0",
+                                                   "train.warmup_steps=10"])) == []

@@ -227,6 +227,19 @@ def test_the_eta_leaves_out_the_time_spent_compiling(reporter):
         assert etas[step] == pytest.approx((1000 - step) * 14 / 20), step
 
 
+def test_the_eta_leaves_out_a_save_and_grid_asked_for_once(reporter):
+    """A grid and a save the studio asks for right after a resume fell in a window of a few
+    steps: the ETA read 5 h 20 min where it had read 10 min. Work done once on request is
+    not the speed of the steps to come."""
+    rep, run, clock = reporter
+    rep.speed_span = 50
+    rep.start(20, 1000, 0, {})            # resumed at step 20
+    clock[0] += 5.0                       # 10 steps in 5 s ...
+    rep.one_off(30.0)                     # ... and a 30 s grid and save asked for
+    clock[0] += 30.0
+    assert eta_after(rep, run, 30, 1000) == pytest.approx(970 * 5 / 10)
+
+
 def beating(tmp_path, monkeypatch, world: int = 1):
     """A trainer's JobReporter whose heartbeat beats every 20 ms; the compile clock's
     [seconds compiled] and [seconds since the last compile], to set; and a reader of the

@@ -27,7 +27,7 @@ from trainhelp import (
     wait_for,
 )
 
-from engine.checkpoint import list_checkpoints
+from engine.checkpoint import list_checkpoints, read_meta
 from engine.demo_data import write_demo_dataset
 from engine.job import RunDir, effective_state
 from engine.train import main as train_main
@@ -98,6 +98,10 @@ def test_sigkill_mid_run_then_resume(demo, tmp_path, reference):
         assert effective_state(status) == "crashed"
     assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "24"]) == 0
     assert losses(run) == reference
+    if status.step < 24:   # the resume says what happened, in the log and the events
+        said = f"the previous trainer (process {status.pid}) ended at step {status.step}"
+        assert said in (run / "log.txt").read_text()
+        assert any(r.get("event") == "crash" for r in records(run, "event"))
 
 
 def test_a_corrupt_image_is_skipped_and_counted(demo, tmp_path):
@@ -138,10 +142,13 @@ def test_a_resume_on_a_changed_dataset_says_so_in_the_log(demo, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(demo, data)
     assert train_main(["--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(run),
-                       "--max-steps", "2", *sets()]) == 0
+                       "--max-steps", "3", *sets("train.val_every=2", "data.val_images=4")]) == 0
+    # the final checkpoint (step 3) says where its validation loss was measured
+    meta = read_meta(list_checkpoints(run / "checkpoints")[-1].path)
+    assert meta["val_step"] == 2 and math.isfinite(meta["val_loss"])
     shutil.copy(data / "shape_0000.png", data / "added.png")
     (data / "added.txt").write_text("an added picture")
-    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "3"]) == 0
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "4"]) == 0
     log = (run / "log.txt").read_text()
     said = log.find("resume: the dataset differs from the one this checkpoint was trained on")
     assert 0 <= said < log.rindex("resumed from"), log[-2000:]

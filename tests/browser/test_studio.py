@@ -191,7 +191,18 @@ def test_checkpoints_tab_lists_pins_and_exports(page, studio_server, screenshots
     page.get_by_text("Export an inference file").click()
     page.get_by_role("button", name="Export", exact=True).click()
     wait_text(page, "#checkpoint-message", "Exported", timeout=60_000)
-    assert len(list((workspace / "models").glob("*.safetensors"))) == 1
+    exported = list((workspace / "models").glob("*.safetensors"))
+    assert len(exported) == 1
+    # the file can be downloaded from the page (a browser on another machine)
+    link = page.locator("#exported-files a").first
+    expect(link).to_have_text(exported[0].name, timeout=30_000)
+    with page.expect_download() as got:
+        link.click()
+    assert got.value.suggested_filename == exported[0].name
+    # a delete answers beside its buttons (unconfirmed here: nothing is deleted)
+    page.get_by_text("Delete", exact=True).click()
+    page.get_by_role("button", name="Delete this checkpoint").click()
+    wait_text(page, "#delete-message", "Tick the confirmation box first")
     page.screenshot(path=str(screenshots / "3-checkpoints.png"), full_page=True)
 
 
@@ -217,12 +228,17 @@ def test_generate_from_the_checkpoint_and_recall_its_settings(page, studio_serve
         assert image.size == (32, 32)
     page.screenshot(path=str(screenshots / "4-generate.png"), full_page=True)
 
-    # dropping the first image back in restores its settings, seed included
+    # dropping the first image back in restores its settings, seed included; a start image
+    # left from an img2img generation is cleared (the first image was text to image)
+    page.get_by_text("Image to image").click()
+    page.locator("#start-image input[type=file]").set_input_files(str(outputs[1]))
+    expect(page.locator("#start-image img")).to_have_count(1, timeout=30_000)
     page.locator("#recall-file input[type=file]").set_input_files(str(outputs[0]))
     wait_text(page, "#recalled-params", str(seed))
     page.get_by_label("Seed").fill("")
     page.get_by_role("button", name="Use these settings").click()
-    wait_text(page, "#generate-status", "Settings restored")
+    wait_text(page, "#generate-status", "the start image is cleared")
+    expect(page.locator("#start-image img")).to_have_count(0, timeout=30_000)
     assert page.locator("#generate-seed textarea, #generate-seed input").first.input_value() \
         == str(seed)
     assert Path(outputs[0]).stat().st_size > 0
