@@ -34,6 +34,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -97,6 +98,15 @@ def store_identity(folder: Path) -> dict | None:
 
 def is_crop_store(folder: Path) -> bool:
     return store_identity(folder) is not None
+
+
+class _Store(NamedTuple):
+    """Another crop store beside one (CropCache._others)."""
+    current: bool        # in this version's decoding format
+    used: float          # its index's mtime: the last use
+    size: int            # bytes
+    folder: Path
+    dataset: str
 
 
 class _CropShard:
@@ -185,21 +195,22 @@ class CropCache(ShardStore):
                 where[i] = (s, shard.offsets[r])
         return StoredCrops([str(self.folder / n) for n in self._names], where, failed)
 
-    def _others(self) -> list[tuple[bool, float, int, Path]]:
-        """(current format, last use, bytes, folder) of the other stores beside this one:
-        those of an older decoding format first (nothing reads them again), then the least
-        recently used (stored_crops touches a store's index at each use)."""
+    def _others(self) -> list[_Store]:
+        """The other stores beside this one: those of an older decoding format first
+        (nothing reads them again), then the least recently used (stored_crops touches a
+        store's index at each use)."""
         out = []
         for folder in self.folder.parent.iterdir():
             identity = None if folder == self.folder else store_identity(folder)
             if identity is None:
                 continue
             with contextlib.suppress(OSError):   # being deleted by another process
-                out.append((identity["format"] == CROPS_FORMAT,
-                            os.stat(folder / "index.json").st_mtime,
-                            sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
-                            folder))
-        return sorted(out)
+                out.append(_Store(identity["format"] == CROPS_FORMAT,
+                                  os.stat(folder / "index.json").st_mtime,
+                                  sum(p.stat().st_size for p in folder.iterdir()
+                                      if p.is_file()),
+                                  folder, identity["dataset"]))
+        return sorted(out, key=lambda o: (o.current, o.used))
 
     def _delete_store(self, folder: Path) -> bool:
         """Delete another store unless a process is writing it; whether it went."""
@@ -217,13 +228,11 @@ class CropCache(ShardStore):
     def _drop_outdated(self) -> None:
         """Delete this dataset's stores of older decoding formats: their crops are never
         read again (another format is another key)."""
-        for current, _, size, folder in self._others():
-            identity = store_identity(folder)
-            if (not current and identity is not None
-                    and identity["dataset"] == self.identity["dataset"]
-                    and self._delete_store(folder)):
+        for o in self._others():
+            if (not o.current and o.dataset == self.identity["dataset"]
+                    and self._delete_store(o.folder)):
                 self.log(f"image crops: deleted this dataset's crops decoded by an older "
-                         f"version ({folder}, {format_bytes(size)})")
+                         f"version ({o.folder}, {format_bytes(o.size)})")
 
     def _make_room(self, index: dict, wanted: np.ndarray, need: int, cap: int) -> int:
         """Make `need` more bytes fit under `cap` (all stores beside this one together):
@@ -231,7 +240,7 @@ class CropCache(ShardStore):
         other datasets' whole stores, least recently used first (one being written is
         left alone). Returns the bytes this store may still grow by."""
         others = self._others()
-        total = sum(s["bytes"] for s in index["shards"]) + sum(b for _, _, b, _ in others)
+        total = sum(s["bytes"] for s in index["shards"]) + sum(o.size for o in others)
         if total + need > cap:
             rows = self._find(wanted)
             live = {self._names[s] for s in self._where[rows[rows >= 0], 0].tolist()}
@@ -247,14 +256,14 @@ class CropCache(ShardStore):
                          f"not train, to stay within data.disk_cache_gb")
                 self._drop_shards(index, drop)
                 self._load()
-        for _, _, size, folder in others:
+        for o in others:
             if total + need <= cap:
                 break
-            if not self._delete_store(folder):
+            if not self._delete_store(o.folder):
                 continue
-            total -= size
+            total -= o.size
             self.log(f"image crops: deleted the least recently used crops of another dataset "
-                     f"({folder}, {format_bytes(size)}) to stay within data.disk_cache_gb")
+                     f"({o.folder}, {format_bytes(o.size)}) to stay within data.disk_cache_gb")
         return max(0, min(cap - total, free_bytes(self.folder) - KEEP_FREE_BYTES))
 
     def add(self, images: Sequence[PlannedImage], keys: Sequence[str | None], *,

@@ -421,4 +421,4 @@ def test_crops_of_an_older_decoding_are_deleted_first(tmp_path, cache_dir, monke
     assert any("decoded by an older version" in m for m in logs), logs
     cache = CropCache(cache_dir, "x", lambda _: None)
     first = cache._others()[0]
-    assert first[0] is False and first[3].exists()     # the other dataset's old store first
+    assert not first.current and first.dataset.endswith("other")   # the old store first
