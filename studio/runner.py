@@ -111,6 +111,7 @@ class RunInfo:
     device: str             # "cpu", "cuda", "cuda:1"... ("" when unknown)
     pid: int                # the trainer's pid (the launched one while starting; 0 if none)
     owner: int | None = None  # the pid holding the run's lock (0: unknown), None when free
+    dataset: str = ""       # the folder name of data.path
 
 
 def on_cpu(device: str | torch.device) -> bool:
@@ -176,14 +177,21 @@ class ComputeGate:
             with self._runner._lock:
                 self._holders -= 1
 
+    @staticmethod
+    def _generation_refusal(run: RunInfo | None) -> str:
+        if run is not None and on_cpu(run.device or resolve_device(None)):
+            return "training is running on the CPU: pause it (Train tab) to generate"
+        return ""
+
+    def generation_blocked(self) -> str:
+        """Why a generation would be refused now ('' when it would not), to say it before
+        the user presses Generate."""
+        return self._generation_refusal(self._runner.active())
+
     @contextlib.contextmanager
     def generation(self) -> Iterator[str]:
         """A generation: refused beside a run on the CPU, with a note beside one on a GPU."""
-        def refusal(run: RunInfo | None) -> str:
-            if run is not None and on_cpu(run.device or resolve_device(None)):
-                return "training is running on the CPU: pause it (Train tab) to generate"
-            return ""
-        with self._held(refusal) as run:
+        with self._held(self._generation_refusal) as run:
             yield self._note(run)
 
     @contextlib.contextmanager
@@ -554,12 +562,13 @@ class Runner:
             if proc.poll() is not None:
                 self._procs.pop(run_id, None)
 
-    def _config_summary(self, run: RunDir) -> tuple[str, int, float]:
-        """(description, train.max_steps, mtime) of config.yaml; ("", 0, 0.0) if unreadable."""
+    def _config_summary(self, run: RunDir) -> tuple[str, int, float, str]:
+        """(description, train.max_steps, mtime, dataset folder name) of config.yaml; ("",
+        0, 0.0, "") if unreadable."""
         try:
             st = run.config.stat()
         except OSError:
-            return "", 0, 0.0
+            return "", 0, 0.0, ""
         key = str(run.config)
         cached = self._config_cache.get(key)
         if cached is None or cached[0] != st.st_mtime_ns:
@@ -571,9 +580,11 @@ class Runner:
             train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
             desc = raw.get("description") if isinstance(raw.get("description"), str) else ""
             steps = train.get("max_steps") if isinstance(train.get("max_steps"), int) else 0
-            cached = (st.st_mtime_ns, desc, steps)
+            data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+            folder = Path(data["path"]).name if isinstance(data.get("path"), str) else ""
+            cached = (st.st_mtime_ns, desc, steps, folder)
             self._config_cache[key] = cached
-        return cached[1], cached[2], st.st_mtime
+        return cached[1], cached[2], st.st_mtime, cached[3]
 
     def _resume_span(self, run: RunDir, last: CheckpointInfo | None, cfg_steps: int
                      ) -> tuple[int, int]:
@@ -605,7 +616,7 @@ class Runner:
         message = status.message if fresh else ""
         if status is None and run.status_file.exists():
             message = "status.json is damaged; the run's state is unknown"
-        description, cfg_steps, created = self._config_summary(run)
+        description, cfg_steps, created, dataset = self._config_summary(run)
         ckpts = list_checkpoints(run.checkpoints)
         # where the trainer resumes from: a step checkpoint or the newer time-based point
         last_state = latest_resumable(run.checkpoints)
@@ -635,7 +646,8 @@ class Runner:
             run_id=run.run_id, path=run.root, state=state, step=step, total=total,
             loss=float(status.loss) if fresh and status.loss is not None else None,
             eta_s=float(status.eta_s) if state == "running" and status.eta_s is not None else None,
-            description=description, created=created or (launch.started_at if launch else 0.0),
+            description=description, dataset=dataset,
+            created=created or (launch.started_at if launch else 0.0),
             last_checkpoint=str(ckpts[-1].path) if ckpts else "",
             last_sample=status.last_sample if status else "", error=error, message=message,
             resumable=resumable, resume_to=resume_to,

@@ -21,7 +21,8 @@ from studio.paths import PathError
 from studio.runner import RunnerError
 from studio.workspace import Studio, folder_size, format_run_checkpoint
 
-RUN_HEADERS = ["Run", "State", "Step", "Checkpoints", "Disk", "Created", "Description"]
+RUN_HEADERS = ["Run", "State", "Step", "Checkpoints", "Disk", "Created", "Dataset",
+               "Description"]
 BEST_DEFAULT = "validation loss"
 
 
@@ -94,7 +95,7 @@ def build(studio: Studio) -> dict:
             n = len(list_checkpoints(r.path / "checkpoints"))
             rows.append([r.run_id, views.STATE_TEXT.get(r.state, r.state), r.step, n,
                          views.fmt_bytes(folder_size(r.path)), views.fmt_time(r.created),
-                         r.description])
+                         r.dataset, views.first_words(r.description)])
         return rows
 
     def model_rows():

@@ -365,7 +365,10 @@ def build(studio: Studio) -> dict:
                   s.cfg_coarse_sigma,
                   *s.noise_interval, s.shift, w, h]
         follow = [unchanged(c, b) for c, b in zip(current, before)]
-        out = {model_info: model_markdown(meta, mcfg, read_modelspec(path).get("title", "")),
+        info = model_markdown(meta, mcfg, read_modelspec(path).get("title", ""))
+        if blocked := studio.runner.gate.generation_blocked():   # said before Generate
+            info += f"\n\n**Generation waits:** {blocked}."
+        out = {model_info: info,
                size: gr.Dropdown(choices=sizes,
                                  value=default if default in [v for _, v in sizes] else None),
                filled: values}

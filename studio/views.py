@@ -552,6 +552,13 @@ def checkpoint_row(step: int, saved: float, size: int, meta: dict, pinned: bool,
             "yes" if resumable else "weights only", "yes" if has_sample else ""]
 
 
+def first_words(text: str, limit: int = 60) -> str:
+    """A description shortened for a table cell: its first clause, at most `limit`
+    characters (the preset's description is a paragraph)."""
+    head = re.split(r"[.:;]\s", text.strip(), maxsplit=1)[0]
+    return head if len(head) <= limit else head[:limit - 1].rstrip() + "…"
+
+
 def download_links(paths: Sequence[Path]) -> str:
     """HTML links that download files the server serves (the workspace), relative to the
     page so that they work behind a proxy's path too."""

@@ -120,6 +120,7 @@ def test_start_runs_in_background_saves_on_request_and_a_new_runner_stops_it(run
         with runner.gate.generation():
             pass
     assert not runner.gate.busy
+    assert runner.gate.generation_blocked().startswith("training is running on the CPU")
     with pytest.raises(RunnerError, match="stop it before deleting"):
         runner.delete_run("first")
 
@@ -138,6 +139,7 @@ def test_start_runs_in_background_saves_on_request_and_a_new_runner_stops_it(run
     done = wait_for(again, "first", lambda i: i.state == "stopped" and not i.alive, "stopped")
     assert not pid_alive(done.pid)
     assert latest_resumable(run.checkpoints).step == done.step
+    assert again.gate.generation_blocked() == ""                 # said before Generate
     assert done.resumable and done.eta_s is None and again.active() is None
     assert loss_steps(again, "first") == list(range(1, done.step + 1))
     _, offset = again.metrics("first")
@@ -619,6 +621,8 @@ def test_damaged_and_partial_run_folders_never_break_the_listing(runner, dataset
     assert runner.info("died").message.startswith("no checkpoint")
     assert "before reporting" in runner.info("never-reported").error
     assert runner.info("not-json").description == fast_config(dataset).description
+    assert runner.info("not-json").dataset == Path(dataset).name      # the Runs table's
+    assert runner.info("bad-yaml").dataset == ""
     assert runner.active() is None
 
     (root / "deleted").rmdir()

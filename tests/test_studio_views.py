@@ -626,3 +626,12 @@ def test_generation_beside_a_gpu_run_is_refused_when_the_card_lacks_room(tmp_pat
     assert cache.drop_unless(path, True) and cache._pipe is not None
     # another choice drops the loaded model first: its memory counts as free
     assert not cache.drop_unless(path, False) and cache._pipe is None and freed == [1]
+
+
+def test_a_description_is_shortened_to_its_first_clause_for_a_table():
+    long = ("Trains visibly on two CPU cores in minutes: 32-64 px, a 2.2 M-parameter network "
+            "with a small builtin text encoder")
+    assert views.first_words(long) == "Trains visibly on two CPU cores in minutes"
+    assert views.first_words("my run") == "my run"
+    cut = views.first_words("x" * 80)
+    assert len(cut) == 60 and cut.endswith("…")
