@@ -74,6 +74,7 @@ from engine.distributed import (
 )
 from engine.encoders import BuiltinTextEncoder, EncoderLoadError
 from engine.evaluate import EvaluateError
+from engine.fileio import readable_output
 from engine.flops import PARTS
 from engine.generate import (
     GenerateError,
@@ -461,6 +462,7 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    readable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -29,6 +29,7 @@ run: it trains decoding the images.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -213,17 +214,31 @@ class CropCache(ShardStore):
         return sorted(out, key=lambda o: (o.current, o.used))
 
     def _delete_store(self, folder: Path) -> bool:
-        """Delete another store unless a process is writing it; whether it went."""
+        """Delete another store unless a process is writing it; whether it went. Its index
+        goes first, under its lock (without it the folder is no store, and nothing reads
+        it), then its shards; the folder and the lock file after the lock is released
+        (Windows deletes no file that is open, the held lock file included). A shard still
+        open in another process (Windows) stays and is removed at a later build."""
         lock = FileLock(str(folder / ".lock"))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             return False
         try:
-            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                (folder / "index.json").unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+            for p in folder.iterdir():
+                if p.name != ".lock":
+                    with contextlib.suppress(OSError):
+                        p.unlink()
         finally:
             lock.release()
-        return not folder.exists()   # files still open elsewhere (Windows) keep it
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
 
     def _drop_outdated(self) -> None:
         """Delete this dataset's stores of older decoding formats: their crops are never
@@ -254,6 +269,9 @@ class CropCache(ShardStore):
             if drop:
                 self.log(f"image crops: deleting {len(drop)} shard(s) of crops this run does "
                          f"not train, to stay within data.disk_cache_gb")
+                # closed first: Windows deletes no file this process still has mapped
+                self._shards, self._names = [], []
+                gc.collect()
                 self._drop_shards(index, drop)
                 self._load()
         for o in others:

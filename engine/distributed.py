@@ -39,6 +39,9 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError) as e:
         raise DeviceError(f"device {name!r} is not a device name (use cpu, cuda or cuda:N)") from e
+    if device.type not in ("cpu", "cuda"):   # mps, xpu, meta ...: paths never tried here
+        raise DeviceError(f"device {name!r}: PixelHDM trains and generates on cpu or cuda "
+                          f"(an NVIDIA GPU); on a Mac use cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {name!r}: no CUDA GPU is visible to PyTorch (torch "
                           f"{torch.__version__}); use cpu, or install a CUDA build of torch")

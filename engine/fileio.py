@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +94,15 @@ def replace(src: str | Path, dst: str | Path) -> None:
             if attempt == tries:
                 raise
             time.sleep(REPLACE_WAIT_S)
+
+
+def readable_output() -> None:
+    """Let the command lines print any file name or caption: where standard output is a
+    file or a pipe on Windows (cp1252, strict), a character it cannot encode is written
+    as an escape instead of stopping the command with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):   # replaced, or closed
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _import_umask() -> int:

@@ -19,6 +19,7 @@ from PIL import Image
 from engine.checkpoint import CheckpointError
 from engine.distributed import PRECISIONS, DeviceError
 from engine.encoders import EncoderLoadError
+from engine.fileio import readable_output
 from engine.generate import DEFAULT_STRENGTH, PRECISION_ALIASES, GenerateError, Pipeline
 from engine.images import BROKEN_FILE_ERRORS, upright_rgb
 from engine.pngmeta import save_png
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit code 0; 2 for a bad argument (values, --device, an --out that cannot be
     written); 1 for a file that cannot be used (checkpoint, text encoder, init image) or
     images that could not be saved. One line on stderr says which and why."""
+    readable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.strength is not None and args.init is None:

@@ -192,7 +192,8 @@ class RunDir:
                 text = f.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+        # Windows writes \r\n; a lone \r (a progress line redrawn) ends a line too
+        return "\n".join(text.replace("\r\n", "\n").replace("\r", "\n").splitlines()[-lines:])
 
     def rank_error(self) -> str:
         """The error that a torchrun rank other than 0 wrote to the log since the studio's

@@ -25,6 +25,7 @@ from engine.config import ConfigError, RunConfig, load_preset
 from engine.crop_cache import cache_status, stored_crops
 from engine.data import DataError, HealthReport, Scan, health_report, scan_dataset
 from engine.demo_data import DEFAULT_COUNT, DEMO_KINDS, write_demo_dataset
+from engine.fileio import readable_output
 from engine.stages import resolution_stages, stage_text
 
 
@@ -158,6 +159,7 @@ def _cache(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    readable_output()
     ap = argparse.ArgumentParser(prog="python -m engine.data",
                                  description="Dataset tools: a demo dataset, the bucket plan "
                                              "plus health report of a folder, and its crop "

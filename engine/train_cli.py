@@ -33,7 +33,7 @@ from engine.config import (
 from engine.data import DataError, scan_dataset
 from engine.distributed import DeviceError, RankSyncError
 from engine.encoders import EncoderLoadError
-from engine.fileio import DiskFull
+from engine.fileio import DiskFull, readable_output
 from engine.generate_io import checkpoint_config, resolve_checkpoint
 from engine.job import RunBusy, RunDir, RunLock
 from engine.sample_prompts import caption_prompts
@@ -145,6 +145,7 @@ STOPPED_EARLY_RANK = 3   # a torchrun rank stopped before training began (see ma
 
 
 def main(argv=None) -> int:
+    readable_output()
     args = build_parser().parse_args(argv)
     run = RunDir(args.run_dir)
     if args.max_steps is not None and args.max_steps < 1:

@@ -200,7 +200,8 @@ class JobReporter:
         self._thread: threading.Thread | None = None
         self._tb = None
         self._logfile = None
-        self._tty = sys.stderr.isatty()
+        # a progress bar redrawn in place, on a terminal that clears a line
+        self._tty = sys.stderr.isatty() and line_clearing_terminal()
         # the compile clock: seconds spent compiling so far, which the speed leaves out,
         # and since the last compile ended, until when the status says "compiling"
         self.compile_seconds: Callable[[], float] = compile_seconds
@@ -454,11 +455,34 @@ class JobReporter:
             pass
 
 
+def line_clearing_terminal() -> bool:
+    """Whether stderr's terminal clears a line on ESC[K: any but a Windows console, where
+    it is switched on here (Windows 10 and later); an older one gets plain lines."""
+    if os.name != "nt":
+        return True
+    try:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.GetStdHandle(-12)                       # STD_ERROR_HANDLE
+        mode = ctypes.c_uint32()
+        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))   # VT processing
+    except (OSError, AttributeError):
+        return False
+
+
 def shell_arg(arg: str | os.PathLike) -> str:
     """An argument written as the user's shell reads it back in a suggested command:
-    quoted where it holds spaces or shell characters (cmd.exe's quoting on Windows)."""
+    quoted where it holds spaces or shell characters (cmd.exe's on Windows, where
+    list2cmdline quotes spaces only and cmd would cut at an &)."""
     text = str(arg)
-    return subprocess.list2cmdline([text]) if os.name == "nt" else shlex.quote(text)
+    if os.name != "nt":
+        return shlex.quote(text)
+    quoted = subprocess.list2cmdline([text])
+    return quoted if quoted.startswith('"') or not set(text) & set("&()^%!;,<>|") else \
+        f'"{text}"'
+
 
 
 def format_duration(seconds: float | None) -> str:

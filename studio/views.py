@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import re
 import time
 import urllib.parse
@@ -561,11 +562,12 @@ def first_words(text: str, limit: int = 60) -> str:
 
 def download_links(paths: Sequence[Path]) -> str:
     """HTML links that download files the server serves (the workspace), relative to the
-    page so that they work behind a proxy's path too."""
+    page so that they work behind a proxy's path too. The path is not resolved: on Windows
+    that turns a mapped drive into a UNC path, which the server does not serve."""
     if not paths:
         return ""
     items = "".join(
-        f'<li><a href="gradio_api/file={urllib.parse.quote(str(p.resolve()))}" '
+        f'<li><a href="gradio_api/file={urllib.parse.quote(os.path.abspath(p))}" '
         f'download="{html.escape(p.name)}">{html.escape(p.name)}</a> '
         f'({fmt_bytes(p.stat().st_size)})</li>' for p in paths)
     return f"<p>Download:</p><ul>{items}</ul>"

@@ -14,9 +14,11 @@ never overwritten. Every file that is not copied is named with the reason.
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import shutil
 import threading
+import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -374,12 +376,21 @@ class ImportReport:
 
 def clean_file_name(name: str) -> str:
     """A file name reduced to letters, digits, '-', '_' and '.' (others become '_'), so an
-    image and its caption still pair up; PathError when nothing usable is left."""
+    image and its caption still pair up; PathError when nothing usable is left. Accents
+    are dropped from their letters (café -> cafe); a name that loses other characters
+    (猫, 犬) keeps a short hash of them, so that two such names stay two files and an
+    image and its caption still pair up."""
     base = re.split(r"[\\/]", name)[-1]          # a browser may send a relative path
     stem, dot, ext = base.rpartition(".")
     if not dot:
         stem, ext = base, ""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "file"
+    plain = "".join(c for c in unicodedata.normalize("NFKD", stem)
+                    if not unicodedata.combining(c))
+    lost = "".join(c for c in plain if ord(c) > 127)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", plain).strip("._") or "file"
+    if lost:
+        tag = hashlib.blake2b(lost.encode(), digest_size=4).hexdigest()
+        stem = f"{stem[:NAME_MAX - 24]}-{tag}"
     ext = re.sub(r"[^A-Za-z0-9]+", "", ext).lower()
     keep = NAME_MAX - len(ext) - 1
     return safe_name(f"{stem[:keep]}.{ext}" if ext else stem[:NAME_MAX])

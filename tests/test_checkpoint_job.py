@@ -392,3 +392,27 @@ def test_a_file_held_open_on_windows_is_replaced_once_it_is_closed(tmp_path, mon
     with pytest.raises(PermissionError):
         fileio.atomic_write_text(target, "newer")
     assert len(calls) == 1
+
+
+def test_the_log_tail_reads_windows_line_ends_as_one_line_each(tmp_path):
+    """A trainer's stderr redirected on Windows ends its lines with \\r\\n; a progress line
+    redrawn with \\r ends one too."""
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.log_file.write_bytes(b"".join(b"line %d\r\n" % i for i in range(10)) + b"a\rb\n")
+    assert run.log_tail(4) == "line 8\nline 9\na\nb"
+
+
+def test_command_lines_print_any_name_to_a_narrow_output(monkeypatch):
+    """Output redirected to a file on Windows is cp1252: a file name in another script is
+    written as an escape instead of stopping the command."""
+    import io
+    import sys
+
+    from engine.fileio import readable_output
+    narrow = io.TextIOWrapper(io.BytesIO(), encoding="cp1252", newline="\n")
+    monkeypatch.setattr(sys, "stdout", narrow)
+    readable_output()
+    print("skipped 猫.png")
+    narrow.flush()
+    assert narrow.buffer.getvalue() == b"skipped \\u732b.png\n"

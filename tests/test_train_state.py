@@ -286,3 +286,21 @@ def test_a_run_that_waits_for_its_images_says_what_to_do(monkeypatch):
         assert "every crop already comes from the crop cache" in said[-1]
         assert "raise data.workers" not in said[-1]
     assert len(said) == 3
+
+
+def test_suggested_commands_quote_paths_as_the_shell_reads_them(monkeypatch):
+    import engine.train_io as train_io
+    assert train_io.shell_arg("/data/my photos") == "'/data/my photos'"
+    assert train_io.shell_arg("/data/plain") == "/data/plain"
+    monkeypatch.setattr(train_io.os, "name", "nt")      # cmd.exe's quoting
+    assert train_io.shell_arg(r"C:\my data") == r'"C:\my data"'
+    assert train_io.shell_arg(r"C:\R&D") == r'"C:\R&D"'       # cmd would cut at the &
+    assert train_io.shell_arg(r"C:\data") == r"C:\data"
+
+
+@pytest.mark.parametrize("name, says", [
+    ("mps", "on cpu or cuda"), ("xpu", "on cpu or cuda"), ("gpu", "not a device name")])
+def test_a_device_this_engine_never_ran_on_is_refused_by_name(name, says):
+    from engine.distributed import DeviceError, resolve_device
+    with pytest.raises(DeviceError, match=says):
+        resolve_device(name)

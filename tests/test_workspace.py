@@ -128,13 +128,28 @@ def test_a_dataset_folder_that_links_elsewhere_is_not_written_through(tmp_path, 
 @pytest.mark.parametrize("given, clean", [
     ("My Photo (1).PNG", "My_Photo_1.png"), ("../../etc/passwd.txt", "passwd.txt"),
     ("C:\\Users\\me\\cat.jpg", "cat.jpg"), (".hidden.png", "hidden.png"),
-    ("ünïcödé.webp", "n_c_d.webp"), ("con.png", None), ("...", "file")])
+    ("ünïcödé.webp", "unicode.webp"), ("con.png", None), ("...", "file")])
 def test_upload_file_names_are_cleaned_or_refused(given, clean):
     if clean is None:
         with pytest.raises(PathError):
             clean_file_name(given)
     else:
         assert clean_file_name(given) == clean
+
+
+def test_names_in_other_scripts_stay_apart_and_keep_their_captions(tmp_path):
+    """猫.png and 犬.png are two files, each with its own caption (not both 'file.png')."""
+    up = tmp_path / "up"
+    for stem, colour in (("猫", (255, 0, 0)), ("犬", (0, 0, 255))):
+        png(up / f"{stem}.png", colour=colour)
+        (up / f"{stem}.txt").write_text(f"a picture of {stem}", encoding="utf-8")
+    report = add_files(tmp_path / "datasets", "pets", sorted(up.iterdir()))
+    assert len(report.images) == 2 and len(report.captions) == 2 and not report.skipped
+    folder = tmp_path / "datasets" / "pets"
+    for image in report.images:
+        caption = (folder / image).with_suffix(".txt").read_text(encoding="utf-8")
+        red = tuple(np.asarray(Image.open(folder / image))[0, 0]) == (255, 0, 0)
+        assert caption == ("a picture of 猫" if red else "a picture of 犬")
 
 
 # --------------------------------------------------------------------------------------
