@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from dataclasses import dataclass, fields
 from pathlib import PureWindowsPath
 
@@ -70,11 +71,22 @@ def read_launch(run: RunDir) -> Launch | None:
     return launch if ok else None
 
 
+def ps_command(pid: int) -> bytes | None:
+    """A process's command line as `ps` shows it (macOS and the BSDs, which have no
+    /proc); None when ps cannot tell."""
+    try:
+        out = subprocess.run(["ps", "-o", "command=", "-p", str(int(pid))],
+                             capture_output=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def looks_like_trainer(pid: int) -> bool:
     """False when the pid now belongs to some other program: Linux tells from the command
-    line (an exiting process has an empty one), Windows from the program, which for a
-    trainer is a Python interpreter (the venv's python.exe, torchrun's ranks); elsewhere
-    the heartbeat has to."""
+    line (an exiting process has an empty one), macOS from the one `ps` shows, Windows
+    from the program, which for a trainer is a Python interpreter (the venv's python.exe,
+    torchrun's ranks); elsewhere the heartbeat has to."""
     image = process_image(pid)
     if image is not None:
         return PureWindowsPath(image).name.lower().startswith("python")
@@ -82,7 +94,9 @@ def looks_like_trainer(pid: int) -> bool:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
     except OSError:
-        return True
+        cmdline = ps_command(pid) if sys.platform == "darwin" else None
+        if cmdline is None:
+            return True
     return not cmdline or b"engine.train" in cmdline
 
 

@@ -10,8 +10,9 @@ given with --allow-dir); `safe_name` accepts only plain, portable file names;
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePath, PureWindowsPath
 
 NAME_MAX = 80
@@ -54,10 +55,27 @@ def resolve_inside(text: str, roots: list[Path]) -> Path:
         raise PathError(f"cannot resolve the path '{raw}' ({e})") from e
     if any(real == root or real.is_relative_to(root) for root in real_roots):
         return real
+    if _inside_by_identity(real, real_roots):
+        return real
     shown = f"'{raw}'" + (f" (which leads to {real})" if str(real) != raw else "")
     raise PathError(f"the path {shown} is outside the folders the studio may use: {allowed}. "
                     f"Move the files into the workspace, or restart the studio with "
                     f"--allow-dir FOLDER")
+
+
+def _inside_by_identity(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether an existing folder on the way to `path` is one of `roots` itself (the same
+    file on disk), though the names differ: a path typed in other letter case on a
+    case-insensitive disk (macOS), which resolving leaves as typed. On a case-sensitive
+    disk the two names are two folders, and this says no."""
+    roots = [r for r in roots if r.exists()]
+    for folder in (path, *path.parents):
+        try:
+            if folder.exists() and any(os.path.samefile(folder, r) for r in roots):
+                return True
+        except (OSError, ValueError):
+            return False
+    return False
 
 
 def names_local_path(text: str, bases: Iterable[Path]) -> bool:

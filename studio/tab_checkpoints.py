@@ -187,7 +187,7 @@ def build(studio: Studio) -> dict:
         try:
             dst = studio.export(format_run_checkpoint(run_id, step), name, dtype, ema, title)
         except (PathError, RunnerError, CheckpointError, OSError, TypeError, ValueError) as e:
-            return {message: f"**Not exported:** {e}"}
+            return {message: f"**Not exported:** {views.md(e)}"}
         return {message: f"Exported `{dst.name}` ({views.fmt_bytes(dst.stat().st_size)}), "
                          f"titled \"{read_modelspec(dst).get('title', '')}\".",
                 models_df: model_rows(), models_files: model_files()}
@@ -198,7 +198,7 @@ def build(studio: Studio) -> dict:
         try:
             studio.delete_checkpoint(run_id, step)
         except (RunnerError, CheckpointError, OSError, TypeError, ValueError) as e:
-            return {delete_message: f"**Not deleted:** {e}"}
+            return {delete_message: f"**Not deleted:** {views.md(e)}"}
         return {delete_message: f"Deleted step {step} of `{run_id}`.", confirm: False,
                 **show_run(run_id, None, by)}
 
@@ -208,7 +208,7 @@ def build(studio: Studio) -> dict:
         try:
             studio.runner.delete_run(run_id)
         except RunnerError as e:
-            return {delete_message: f"**Not deleted:** {e}"}
+            return {delete_message: f"**Not deleted:** {views.md(e)}"}
         return {delete_message: f"Deleted run `{run_id}`.", confirm: False,
                 **refresh_all(None, True, by)}
 

@@ -305,11 +305,11 @@ def build(studio: Studio, selection: gr.State) -> dict:
                                 "demo dataset.", **empty}
             cfg = views.resolve_config(preset_name, settings_overrides(vals), str(root))
         except (PathError, config.ConfigError) as e:
-            return {status: f"**Cannot preview:** {e}", **empty}
+            return {status: f"**Cannot preview:** {views.md(e)}", **empty}
         try:
             pv = preview(root, cfg, max(1, int(n_gpus or 1)), studio.cache_dir)
         except (DataError, OSError) as e:
-            return {status: f"**Cannot read the dataset:** {e}", **empty}
+            return {status: f"**Cannot read the dataset:** {views.md(e)}", **empty}
         used = ["all"] + [views.bucket_name(b.size) for b in pv.plan.buckets if b.images]
         bucket_v = bucket_v if bucket_v in used else "all"
         gallery, page_v, page_text = thumbnails(pv.plan, order_v, bucket_v, page_v)
@@ -356,7 +356,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         try:
             report = add_files(studio.datasets_dir, name, files, roots=studio.roots)
         except (PathError, OSError) as e:
-            return {up_result: f"**Nothing was added:** {e}"}
+            return {up_result: f"**Nothing was added:** {views.md(e)}"}
         return {up_result: report.markdown(), up_files: None,
                 ds_choice: gr.Dropdown(choices=studio.dataset_names(), value=report.folder.name),
                 ds_path: ""}

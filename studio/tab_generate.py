@@ -210,7 +210,7 @@ def recall(path) -> tuple[str, dict]:
     try:
         p = pngmeta.read_png_parameters(path)
     except RECALL_ERRORS as e:
-        return f"**Cannot read the settings of this image:** {e}", {}
+        return f"**Cannot read the settings of this image:** {views.md(e)}", {}
     if not isinstance(p, dict) or not p:
         return "This PNG carries no generation settings.", {}
     return gen_settings.params_markdown(p), p
@@ -352,7 +352,7 @@ def build(studio: Studio) -> dict:
             path = studio.checkpoint_path(cid)
             meta, mcfg, _ = checkpoint_config(path)
         except EXPECTED_ERRORS as e:
-            return {model_info: f"**{e}**"}
+            return {model_info: f"**{views.md(e)}**"}
         cache.keep_only(path)
         p, top = mcfg.model.patch_size, generate.max_side(mcfg)
         trained = trained_sizes(meta)
@@ -419,7 +419,7 @@ def build(studio: Studio) -> dict:
             sigma_f = (None if not coarse_v or coarse_sigma_v in (None, "")
                        else number(coarse_sigma_v, "Coarse blur (px)"))
         except (ValueError, PathError, RunnerError) as e:   # GenerateError is a ValueError
-            yield gone(cid) if cid and not listed(cid) else say(f"**{e}**")
+            yield gone(cid) if cid and not listed(cid) else say(f"**{views.md(e)}**")
             return
         events: queue.Queue = queue.Queue()
 

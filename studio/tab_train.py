@@ -53,7 +53,7 @@ def prompts_check(text: str, defaults: prompts_file.PromptDefaults) -> tuple[str
     try:
         return f"Valid: {prompts_file.summary(prompts_file.parse_prompts(text, defaults))}.", True
     except prompts_file.PromptsError as e:
-        return f"**Not valid:** {e}", False
+        return f"**Not valid:** {views.md(e)}", False
 
 
 def run_choices(runs: list[RunInfo]) -> list[tuple[str, str]]:
@@ -203,7 +203,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
             cfg = studio.check_paths(views.resolve_config(preset_name, text, path),
                                      require_data=False)
         except (config.ConfigError, PathError) as e:
-            return {validity: f"**Not valid:** {e}", start: gr.Button(interactive=False),
+            return {validity: f"**Not valid:** {views.md(e)}", start: gr.Button(interactive=False),
                     estimate: ""}
         form_values = {comp: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])
                        for comp, (k, _, _) in zip(form, FORM)}
@@ -214,7 +214,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         try:
             est = estimate_markdown(cfg, max(1, int(n_gpus or 1)))
         except (RuntimeError, ValueError, OSError) as e:
-            est = f"No estimate: {e}"
+            est = f"No estimate: {views.md(e)}"
         if not path:
             msg = "Valid settings. **Choose a dataset** (above or in the Dataset tab) to start."
             ok = False
@@ -233,7 +233,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         try:
             return config.load_preset(name).description
         except config.ConfigError as e:
-            return f"**Invalid preset:** {e}"
+            return f"**Invalid preset:** {views.md(e)}"
 
     def form_edit(key, kind):
         def edit(value, text):
@@ -280,7 +280,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
             run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name),
                                       gpus=max(1, int(n_gpus or 1)), sample_prompts=new_text or "")
         except EXPECTED_ERRORS as e:
-            return {validity: f"**Not started:** {e}"}
+            return {validity: f"**Not started:** {views.md(e)}"}
         return {validity: f"Started run `{run.run_id}`.", run_select: select_update(run.run_id),
                 watch: watch_run(run.run_id, request), setup_box: gr.Accordion(open=False),
                 **monitor_shown()}
@@ -293,7 +293,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
             plan = tab_dataset.preview(Path(cfg.data.path), cfg, max(1, int(n_gpus or 1)),
                                        studio.cache_dir).plan
         except (config.ConfigError, PathError, DataError, OSError) as e:
-            return {validity: f"**No captions to use:** {e}"}
+            return {validity: f"**No captions to use:** {views.md(e)}"}
         found = prompts_file.caption_prompts([im.caption for im in plan.val_images],
                                              [im.caption for im in plan.images])
         if not found:
@@ -305,15 +305,15 @@ def build(studio: Studio, selection: gr.State) -> dict:
         try:
             cfg = studio.run_config(preset_name, text, choice, typed)
         except (config.ConfigError, PathError) as e:
-            return f"**Not valid:** {e}"
+            return f"**Not valid:** {views.md(e)}"
         progress(0.1, desc="Building the model and running three training steps")
         try:
             with studio.runner.gate.dry_run():
                 res = preflight.dry_run(cfg)
         except (RunnerError, DeviceError) as e:
-            return f"**Dry run not started:** {e}"
+            return f"**Dry run not started:** {views.md(e)}"
         except (RuntimeError, ValueError, OSError) as e:
-            return f"**Dry run failed:** {e}"
+            return f"**Dry run failed:** {views.md(e)}"
         return dry_run_markdown(res)
 
     # ---- monitor -----------------------------------------------------------------------
@@ -446,7 +446,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
             text = prompts_file.format_prompts(config.load_preset(run.config).sample.prompts,
                                                defaults)
         except (config.ConfigError, prompts_file.PromptsError) as e:
-            return {prompts_box: "", prompts_state: f"**{e}**"}
+            return {prompts_box: "", prompts_state: f"**{views.md(e)}**"}
         return {prompts_box: text,
                 prompts_state: "This run has no sample_prompts.txt yet: these are its config's "
                                "prompts; Save writes them."}
@@ -461,7 +461,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         try:
             return prompts_check(text, run_defaults(w["run_id"])[1])[0]
         except EXPECTED_ERRORS as e:
-            return f"**{e}**"
+            return f"**{views.md(e)}**"
 
     def save_prompts(w, text):
         run_id = w.get("run_id")
@@ -472,9 +472,9 @@ def build(studio: Studio, selection: gr.State) -> dict:
             cells = prompts_file.save_prompts(run, text, defaults)
             alive = studio.runner.info(run_id).alive
         except EXPECTED_ERRORS as e:
-            return f"**Not saved:** {e}"
+            return f"**Not saved:** {views.md(e)}"
         except OSError as e:
-            return f"**Not saved:** cannot write the run's sample_prompts.txt ({e})"
+            return f"**Not saved:** cannot write the run's sample_prompts.txt ({views.md(e)})"
         return (f"Saved: {prompts_file.summary(cells)}. "
                 + ("The run uses them from its next sample grid." if alive else
                    "A resumed run uses them."))
@@ -508,7 +508,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
                     return f"`{run_id}` was stopped."
                 studio.runner.request(run_id, kind)
             except EXPECTED_ERRORS as e:
-                return f"**{e}**"
+                return f"**{views.md(e)}**"
             return {"stop": "Stop requested: the trainer saves a checkpoint and stops.",
                     "pause": "Pause requested: the trainer saves its state and exits; Resume "
                              "continues exactly where it stopped.",

@@ -553,6 +553,14 @@ def checkpoint_row(step: int, saved: float, size: int, meta: dict, pinned: bool,
             "yes" if resumable else "weights only", "yes" if has_sample else ""]
 
 
+def md(text: object) -> str:
+    """Text (an error message) as Markdown shows it literally: backslashes outside `code`
+    spans doubled, so that a Windows path such as C:\\Users\\me\\.cache keeps them (Markdown
+    reads a backslash before punctuation as an escape and drops it)."""
+    parts = str(text).split("`")
+    return "`".join(p if i % 2 else p.replace("\\", "\\\\") for i, p in enumerate(parts))
+
+
 def first_words(text: str, limit: int = 60) -> str:
     """A description shortened for a table cell: its first clause, at most `limit`
     characters (the preset's description is a paragraph)."""

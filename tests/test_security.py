@@ -56,6 +56,25 @@ def tree(tmp_path):
     return ws, allowed, outside
 
 
+def test_a_path_typed_in_other_letter_case_on_a_case_insensitive_disk(tree, monkeypatch):
+    """macOS: /Users/me/Workspace and /Users/me/workspace are one folder, and resolving
+    keeps the case as typed. The disk says they are the same file, so the path is inside;
+    `workspace-evil` and `outside` stay outside. (A case-insensitive disk simulated.)"""
+    import studio.paths as paths
+    ws, allowed, outside = tree
+
+    def fold(p) -> Path:
+        return Path(str(p).lower())
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self, **kw: real_exists(fold(self)))
+    monkeypatch.setattr(paths.os.path, "samefile", lambda a, b: fold(a) == fold(b))
+    typed = ws.parent / "WorkSpace" / "datasets" / "CATS"
+    assert resolve_inside(str(typed), [ws, allowed]) == typed
+    for evil in (ws.parent / "Workspace-Evil", outside / "secret.txt"):
+        with pytest.raises(PathError, match="outside"):
+            resolve_inside(str(evil), [ws, allowed])
+
+
 def test_paths_inside_the_roots_are_accepted_and_resolved(tree, monkeypatch):
     ws, allowed, _ = tree
     roots = [ws, allowed]

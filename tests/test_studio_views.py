@@ -635,3 +635,11 @@ def test_a_description_is_shortened_to_its_first_clause_for_a_table():
     assert views.first_words("my run") == "my run"
     cut = views.first_words("x" * 80)
     assert len(cut) == 60 and cut.endswith("…")
+
+
+def test_messages_keep_the_backslashes_of_windows_paths():
+    """Markdown reads a backslash before punctuation as an escape: C:\\Users\\me\\.cache
+    would show as C:\\Users\\me.cache. Code spans keep theirs as written."""
+    shown = views.md(r"cannot read C:\Users\me\.cache (`C:\x\y`)")
+    assert shown == r"cannot read C:\\Users\\me\\.cache (`C:\x\y`)"
+    assert views.md(ValueError("plain")) == "plain"

@@ -298,3 +298,26 @@ def test_a_windows_pid_that_now_runs_another_program_is_not_a_trainer(monkeypatc
         assert liveness.looks_like_trainer(1234) is trainer
     monkeypatch.setattr(liveness, "process_image", lambda pid: None)    # Linux: command line
     assert not liveness.looks_like_trainer(os.getpid())                 # pytest, no trainer
+
+
+@pytest.mark.skipif(os.name == "nt", reason="ps: macOS and Linux")
+def test_a_mac_tells_a_reused_pid_from_a_trainer_by_its_command_line(monkeypatch):
+    """macOS has no /proc: `ps` shows the command line that says whether a pid still is a
+    trainer, so a stale launch cannot keep a run 'starting' (and block new runs)."""
+    import subprocess
+    import sys
+
+    import studio.liveness as liveness
+    monkeypatch.setattr(liveness, "process_image", lambda pid: None)
+    monkeypatch.setattr(liveness.sys, "platform", "darwin")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: (_ for _ in ()).throw(
+        FileNotFoundError(path)) if str(path).startswith("/proc/") else real_open(path, *a, **k))
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                "engine.train"])
+    try:
+        assert liveness.looks_like_trainer(trainer.pid)
+        assert not liveness.looks_like_trainer(os.getpid())            # pytest, no trainer
+    finally:
+        trainer.kill()
+        trainer.wait()
