@@ -642,6 +642,12 @@ class Runner:
             message = (f"process {owner or '(unknown pid)'} holds this run (a trainer that is "
                        f"starting or ending, or one started outside the studio)")
         at, resume_to = self._resume_span(run, last_state, cfg_steps) if resumable else (0, 0)
+        if state == "completed" and resume_to > max(step, at):
+            # it reached the step a resume asked for, short of its schedule: the bar measures
+            # the schedule, and the note says how to go on
+            total = resume_to
+            message = message or (f"stopped at step {step:,}, the step asked for; Resume "
+                                  f"trains on to step {resume_to:,}")
         return RunInfo(
             run_id=run.run_id, path=run.root, state=state, step=step, total=total,
             loss=float(status.loss) if fresh and status.loss is not None else None,

@@ -293,7 +293,9 @@ def build(studio: Studio) -> dict:
                                              info="0 = keep the image, 1 = ignore it")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary")
-                    stop = gr.Button("Cancel", variant="stop")
+                    # enabled while this page's images are being made
+                    stop = gr.Button("Cancel", variant="stop", interactive=False,
+                                     elem_id="generate-cancel")
                 status = gr.Markdown(elem_classes="phdm-status", elem_id="generate-status")
             with gr.Column(scale=2):
                 live = gr.Image(label="Preview", type="pil", interactive=False, height=320,
@@ -593,9 +595,10 @@ def build(studio: Studio) -> dict:
     size.input(lambda s: config.parse_wxh(s) if s else (gr.skip(), gr.skip()), inputs=size,
                outputs=[width, height])
     run_outputs = [live, status, results, params, past, past_files, checkpoint, model_info]
-    go.click(run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init,
-                          text_encoder],
-             outputs=run_outputs, concurrency_limit=1, concurrency_id="generate")
+    go.click(lambda: gr.Button(interactive=True), outputs=stop, queue=False).then(
+        run, inputs=[checkpoint, ema, *setting_fields[:-1], strength, count, init, text_encoder],
+        outputs=run_outputs, concurrency_limit=1, concurrency_id="generate").then(
+        lambda: gr.Button(interactive=False), outputs=stop, queue=False)
     stop.click(cancel_run, outputs=status, queue=False)
     past.select(on_past, inputs=past_files, outputs=[past_params, recalled])
     recall_file.upload(on_recall, inputs=recall_file, outputs=[past_params, recalled])

@@ -574,4 +574,5 @@ def build(studio: Studio, selection: gr.State) -> dict:
             "preset_description": preset_description, "check_args": check_args,
             "run_select": run_select, "watch": watch, "setup_box": setup_box, "attach": attach,
             "select_update": select_update, "watch_run": watch_run, "overrides": overrides,
-            "monitor": monitor, "no_run": no_run, "monitor_shown": monitor_shown}
+            "monitor": monitor, "no_run": no_run, "monitor_shown": monitor_shown,
+            "ds_choice": ds_choice, "ds_path": ds_path}

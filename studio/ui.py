@@ -142,7 +142,8 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
 
         def train_from(cid):
             """A new run from the checkpoint's weights: the Train tab's set-up with the
-            nearest preset and the lines that keep the checkpoint's network."""
+            nearest preset, the lines that keep the checkpoint's network and the
+            checkpoint's own dataset (a list entry, else its folder) when it is still there."""
             if not cid:
                 return {ck["message"]: "Choose a checkpoint first."}
             try:
@@ -150,14 +151,22 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
             except (PathError, RunnerError, CheckpointError) as e:
                 return {ck["message"]: f"**Cannot train from it:** {e}"}
             preset_name, text = init_overrides(source, cid)
-            return {ck["message"]: f"New run from `{cid}`: choose its dataset and settings in "
-                                   f"the Train tab.",
-                    tr["preset"]: gr.Dropdown(value=preset_name), tr["overrides"]: text,
-                    tr["setup_box"]: gr.Accordion(open=True), tabs: gr.Tabs(selected="train")}
+            out = {tr["preset"]: gr.Dropdown(value=preset_name), tr["overrides"]: text,
+                   tr["setup_box"]: gr.Accordion(open=True), tabs: gr.Tabs(selected="train"),
+                   ck["message"]: f"New run from `{cid}`: choose its dataset and settings in "
+                                  f"the Train tab."}
+            own = studio.own_dataset(source.data.path)
+            if own is not None:
+                name, folder = own
+                out.update({tr["ds_choice"]: gr.Dropdown(value=name), tr["ds_path"]: folder,
+                            ck["message"]: f"New run from `{cid}` on its own dataset "
+                                           f"`{name or folder}`: change it or the settings in "
+                                           f"the Train tab."})
+            return out
 
         ck["train_btn"].click(train_from, inputs=ck["checkpoint_id"],
                               outputs=[ck["message"], tr["preset"], tr["overrides"],
-                                       tr["setup_box"], tabs])
+                                       tr["setup_box"], tabs, tr["ds_choice"], tr["ds_path"]])
         ck["resume_btn"].click(resume_from_checkpoints, inputs=ck["run"],
                                outputs=[ck["message"], tr["run_select"], tr["watch"], tabs],
                                concurrency_limit=1)

@@ -488,7 +488,9 @@ def progress_html(state: str, step: int, total: int, eta_s: float | None,
                   loss: float | None, note: str = "") -> str:
     """A progress bar with step, percentage, ETA and loss."""
     frac = min(1.0, step / total) if total else 0.0
-    label = STATE_TEXT.get(state, state)
+    # completed short of the total: a resume's own target step, reached before the schedule's
+    label = ("Reached the step asked for" if state == "completed" and step < total
+             else STATE_TEXT.get(state, state))
     eta = f"ETA {format_duration(eta_s)}" if state in ACTIVE_STATES and eta_s is not None else ""
     info = " · ".join(x for x in (f"step {step:,} / {total:,}" if total else f"step {step:,}",
                                   f"{frac:.1%}", eta, f"loss {fmt_loss(loss)}"

@@ -483,6 +483,12 @@ def test_resume_asks_the_trainer_rule_whether_steps_are_left(runner, dataset, st
     runner.resume("done", max_steps=11)
     assert not runner.info("done").finished      # alive: nothing to resume
     runner.force_stop("done", grace=0)
+    # resumed until step 6 of 10 and completed there: the bar measures the schedule
+    short = saved_run(runner, "short", cfg, 6, 6)
+    write_status(short, state="completed", step=6, total=6, pid=0, heartbeat=time.time())
+    info = runner.info("short")
+    assert (info.state, info.total, info.resume_to, info.finished) == ("completed", 10, 10, False)
+    assert "step asked for; Resume trains on to step 10" in info.message
     damaged = saved_run(runner, "damaged", cfg, 4, None)
     (damaged.checkpoints / f"{step_name(4)}.state.safetensors").write_bytes(b"not a state")
     with pytest.raises(RunnerError, match="damaged"):

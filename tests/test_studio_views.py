@@ -383,7 +383,10 @@ def test_progress_html():
     assert "&lt;rollback&gt;" in text and "<rollback>" not in text
     assert 'style="width:25.00%"' in text
     done = views.progress_html("completed", 1000, 1000, 0, 0.1)
-    assert "ETA" not in done and "100.0%" in done
+    assert "ETA" not in done and "100.0%" in done and "<b>Completed</b>" in done
+    # a resume's own target, reached short of the schedule, is not the run's completion
+    short = views.progress_html("completed", 500, 1000, None, 0.1)
+    assert "<b>Reached the step asked for</b>" in short and "50.0%" in short
 
 
 @pytest.mark.parametrize("state, resumable, enabled", [
@@ -534,6 +537,13 @@ def test_studio_names_stay_inside_the_workspace(tmp_path):
         with pytest.raises((PathError, RunnerError)):
             studio.checkpoint_path(cid)
     assert studio.checkpoint_choices() == []
+    # a run's dataset as "Train from this" chooses it: by name, by folder, or not at all
+    (studio.workspace / "mine").mkdir()
+    assert studio.own_dataset(str(studio.datasets_dir / "shapes")) == ("shapes", "")
+    mine = str((studio.workspace / "mine").resolve())
+    assert studio.own_dataset(str(studio.workspace / "mine")) == (None, mine)
+    assert studio.own_dataset(str(studio.workspace / "gone")) is None
+    assert studio.own_dataset(str(tmp_path)) is None       # outside the workspace
 
 
 def test_demo_creation_runs_once_at_a_time(tmp_path, monkeypatch):

@@ -172,7 +172,8 @@ def test_train_tab_validates_starts_watches_and_stops_a_run(page, screenshots):
     page.get_by_role("button", name="Resume").click()
     page.wait_for_selector(".phdm-progress.phdm-completed", timeout=120_000)
     end = f"{stopped_at + 2:,}"
-    wait_text(page, ".phdm-progress", f"step {end} / {end}")
+    # the bar measures the schedule, not the step given
+    wait_text(page, ".phdm-progress", f"Reached the step asked for[\\s\\S]*step {end} / 5,000")
     # stopped by the step given, it still resumes to the end of its schedule
     expect(until).to_contain_text("to its end, step 5,000", timeout=30_000)
     page.wait_for_timeout(2500)          # one more poll: plots and the final log lines
@@ -216,8 +217,11 @@ def test_generate_from_the_checkpoint_and_recall_its_settings(page, studio_serve
     # the run's sample settings, in place before the images are made with them
     expect(page.get_by_label("Width")).to_have_value("32", timeout=30_000)
     page.get_by_label("Prompt", exact=True).fill("a red circle on a white background")
+    cancel = page.locator("#generate-cancel")
+    expect(cancel).to_be_disabled()   # nothing to cancel yet
     page.get_by_role("button", name="Generate", exact=True).click()
     wait_text(page, "#generate-status", "Done:", timeout=120_000)
+    expect(cancel).to_be_disabled(timeout=30_000)
     status = text_of(page, "#generate-status")
     seed = int(re.search(r"seed (\d+)", status).group(1))
     params = text_of(page, "#generate-params")
@@ -407,6 +411,9 @@ def test_a_new_run_starts_from_a_checkpoint_of_the_checkpoints_tab(page, studio_
     wait_text(page, "#train-validity", "Valid settings")
     assert "init_from" in text_of(page, "#train-validity") or \
         "train.init_from" in overrides.input_value()
+    # the checkpoint's own dataset replaces the one chosen before (kohya-pets): the demo's
+    expect(page.get_by_label("Dataset", exact=True).locator("visible=true").first
+           ).to_have_value("demo-shapes", timeout=30_000)
     page.screenshot(path=str(screenshots / "9-train-from-checkpoint.png"), full_page=True)
     # a change of the network's shape is refused by name before anything starts
     overrides.fill(overrides.input_value() + "\nmodel.pixel_layers=3")
