@@ -4,7 +4,9 @@ Pure functions of names and small text files; the scan turns what they find into
 problems and into the `Conventions` summary of the health report.
 
 Captions. The caption of `a/x.png` comes from the first of these that exists:
-  1. `a/x.txt`, then 2. `a/x.caption` (UTF-8, or UTF-16 with its byte-order mark);
+  1. `a/x.txt`, then 2. `a/x.caption` (UTF-8, or UTF-16 with or without its byte-order
+     mark; where the file system tells `x.txt` from `X.txt`, the one named exactly as the
+     image, else the one there is);
   3. a line of a `metadata.jsonl` (the Hugging Face ImageFolder layout: one JSON object
      per line, `file_name` relative to the jsonl's folder, the caption under `text`, or
      under `caption` when there is no `text`). Where several metadata.jsonl files name
@@ -88,13 +90,27 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def decode_caption(raw: bytes) -> str:
+    """The text of a caption file: UTF-8 (a byte-order mark allowed), or UTF-16 with its
+    byte-order mark or, as some Windows tools write it, without one (told by the zero
+    bytes of its ASCII characters, which no UTF-8 text holds). UnicodeDecodeError for
+    anything else, NUL bytes included."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    if b"\x00" in raw:
+        even, odd = raw[0::2].count(0), raw[1::2].count(0)
+        if len(raw) % 2 == 0 and max(even, odd) >= len(raw) // 8 and min(even, odd) == 0:
+            return raw.decode("utf-16-le" if odd else "utf-16-be")
+        at = raw.index(b"\x00")
+        raise UnicodeDecodeError("utf-8", raw, at, at + 1, "a NUL byte: not text")
+    return raw.decode("utf-8-sig")
+
+
 def read_caption(path: Path) -> tuple[str | None, str, str]:
     """(caption, problem, note): the text on one line (one_line), '', ''; or None, a key
     of CAPTION_PROBLEMS and what exactly is wrong."""
     try:
-        raw = path.read_bytes()
-        text = one_line(raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff"))
-                        else raw.decode("utf-8-sig"))
+        text = one_line(decode_caption(path.read_bytes()))
     except FileNotFoundError:
         return None, "missing_caption", f"no {path.name}"
     except UnicodeDecodeError as e:
@@ -204,7 +220,7 @@ def collect_metadata(folders: list[tuple[Path, dict[str, str]]], root: Path, ima
                                 list[tuple[str, str, str]]]:
     """Every metadata.jsonl under `root`: ({image path relative to the root, lower case:
     the lines naming it, nearest jsonl first}, {jsonl: usable lines}, [(problem kind,
-    where, note)]). `folders`: (folder, its lower-case file name -> real name) as the scan
+    where, note)]). `folders`: (folder, its lower-case file name -> real names) as the scan
     lists them; `images`: the lower-case relative paths of every image file found."""
     found: dict[str, list[MetadataLine]] = {}
     files: dict[str, int] = {}
@@ -212,7 +228,7 @@ def collect_metadata(folders: list[tuple[Path, dict[str, str]]], root: Path, ima
     for folder, names in sorted(folders, key=lambda f: -len(f[0].relative_to(root).parts)):
         if METADATA_NAME not in names:
             continue
-        jsonl = folder / names[METADATA_NAME]
+        jsonl = folder / _by_case(names[METADATA_NAME], METADATA_NAME)
         entries, bad = read_metadata(jsonl, "" if folder == root
                                      else folder.relative_to(root).as_posix())
         files[jsonl.relative_to(root).as_posix()] = sum(low in images for low in entries)
@@ -240,12 +256,20 @@ class CaptionChoice:
     ignored: list[str]         # other sources of the same image, not used
 
 
-def choose_caption(folder: Path, stem: str, texts: dict[str, str],
+def _by_case(names: list[str], wanted: str) -> str:
+    """Of the files whose names differ from `wanted` only in letter case, the one named
+    exactly so, else the first: on a file system that tells a.txt from A.txt, A.png takes
+    A.txt; on one that does not, or with only a.txt there, it takes a.txt."""
+    return wanted if wanted in names else names[0]
+
+
+def choose_caption(folder: Path, stem: str, texts: dict[str, list[str]],
                    metadata: list[MetadataLine]) -> CaptionChoice:
     """The caption of the image `stem` in `folder`, by the precedence of the module
-    docstring. `texts`: the folder's caption files, lower-case name -> real name;
+    docstring. `texts`: the folder's caption files, lower-case name -> real names;
     `metadata`: the metadata lines naming the image, nearest jsonl first."""
-    files = [texts[low] for ext in CAPTION_EXTENSIONS if (low := f"{stem}{ext}".lower()) in texts]
+    files = [_by_case(texts[low], f"{stem}{ext}") for ext in CAPTION_EXTENSIONS
+             if (low := f"{stem}{ext}".lower()) in texts]
     if files:
         caption, kind, note = read_caption(folder / files[0])
         return CaptionChoice(caption, Path(files[0]).suffix.lower(), files[0], kind, note,

@@ -2,14 +2,15 @@
 `python -m engine.data` CLI. The torch Dataset that feeds the trainer is in
 engine.dataset.
 
-A dataset is a folder, scanned recursively: .jpg .jpeg .png .webp .gif .bmp images in
-any letter case; the caption of `a/x.png` is the text of `a/x.txt` (UTF-8, or UTF-16
-with its byte-order mark), else of `a/x.caption`, else its line of a `metadata.jsonl`.
+A dataset is a folder, scanned recursively: .jpg .jpeg .jfif .png .webp .gif .bmp images in
+any letter case; the caption of `a/x.png` is the text of `a/x.txt` (UTF-8 or UTF-16),
+else of `a/x.caption`, else its line of a `metadata.jsonl`.
 Folders named `N_name` repeat their images N times per epoch, and folders named like
 regularisation or class sets are left out unless data.include_reg is on: the rules of
 these conventions are in engine.conventions. Hidden files and folders (names starting
-with '.') are ignored; a folder link that points back at a folder containing it is not followed. The
-scan reads image headers (and the last few kilobytes of each file, to notice one cut
+with '.') are ignored; a folder link that points back at a folder containing it is not
+followed, and a link that leads nowhere or a name that is not text is left out on its own.
+The scan reads image headers (and the last few kilobytes of each file, to notice one cut
 short) but no pixels; what it cannot use (unreadable or truncated files, images over the
 pixel limit, missing or empty captions) is reported as a Problem naming every file and
 what to do about it, never silently altered. Animated images train their first frame.
@@ -134,54 +135,94 @@ def _contains(outer: str, inner: str) -> bool:
     return os.path.commonpath([outer, inner]) == outer
 
 
-def _walk(root: Path) -> tuple[list[tuple[Path, list[str], dict[str, str]]], dict[Path, str],
-                               dict[Path, str]]:
-    """[(folder, image names, lower-case caption or metadata.jsonl name -> real name)] for
-    every folder under
-    root; {folder: error} for folders that cannot be listed; {link: target} for folder
-    links not followed because they point at a folder that contains them (a loop). Other
-    folder links are followed after every real folder, and each real folder is listed
-    once, so no file is counted twice and none is named by a link when it need not be."""
-    out, failed, loops, seen, stack, links = [], {}, {}, set(), [root], []
+@dataclass
+class Listing:
+    """What _walk found under a dataset root."""
+    # (folder, image names, caption or metadata.jsonl names by lower case -> real names)
+    folders: list[tuple[Path, list[str], dict[str, list[str]]]]
+    unlistable: dict[Path, str]   # folder -> why it cannot be listed
+    loops: dict[Path, str]        # folder link -> its target, which contains the link
+    relinked: dict[Path, Path]    # folder link -> the folder it leads to, listed under that
+    bad: dict[Path, str]          # file or folder left out -> why (a link to nothing, a name
+                                  # that is not text)
+
+
+def name_is_text(name: str) -> bool:
+    """False for a file name whose bytes are not in the file system's encoding (Python
+    keeps them as lone surrogates): a name from another system, which no text can hold."""
+    return not any("\udc80" <= c <= "\udcff" for c in name)
+
+
+def shown_path(path: str) -> str:
+    """A path as text can show it: bytes of a name that is not text become U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _walk(root: Path) -> Listing:
+    """Every folder under root, each real folder listed once: folder links are followed
+    after every real folder, so that no file is counted twice and none is named by a link
+    when it need not be; a link pointing at a folder that contains it (a loop) is not
+    followed. A bad entry (a link that leads nowhere or loops, a name that is not text)
+    is left out on its own, never with its folder."""
+    out = Listing([], {}, {}, {}, {})
+    seen: dict[str, Path] = {}
+    stack, links = [root], []
     while stack or links:
         folder = stack.pop() if stack else links.pop(0)
         real = os.path.realpath(folder)
         if real in seen:
+            if folder.is_symlink():
+                out.relinked[folder] = seen[real]
             continue
-        seen.add(real)
+        seen[real] = folder
         images, texts, subdirs, linked = [], {}, [], []
         try:
             with os.scandir(folder) as it:
-                for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    if e.is_dir():
-                        if not e.is_symlink():
-                            subdirs.append(Path(e.path))
-                        elif _contains(target := os.path.realpath(e.path), real):
-                            loops[Path(e.path)] = target
-                        else:
-                            linked.append(Path(e.path))
-                    elif e.is_file():
-                        ext = os.path.splitext(e.name)[1].lower()
-                        if ext in IMAGE_EXTENSIONS:
-                            images.append(e.name)
-                        elif ext in CAPTION_EXTENSIONS or e.name.lower() == METADATA_NAME:
-                            texts[e.name.lower()] = e.name
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            failed[folder] = e.strerror or str(e)
+            out.unlistable[folder] = e.strerror or str(e)
             continue
-        out.append((folder, sorted(images), texts))
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if not name_is_text(e.name):
+                out.bad[Path(e.path)] = ("its name is not text in this system's encoding (a "
+                                         "name from another system's files): rename it")
+                continue
+            try:
+                is_dir = e.is_dir()
+                is_file = not is_dir and e.is_file()
+                link = e.is_symlink()
+            except OSError as err:   # a link that loops on itself, an entry gone meanwhile
+                out.bad[Path(e.path)] = f"cannot be opened ({err.strerror or err})"
+                continue
+            ext = os.path.splitext(e.name)[1].lower()
+            if is_dir:
+                if not link:
+                    subdirs.append(Path(e.path))
+                elif _contains(target := os.path.realpath(e.path), real):
+                    out.loops[Path(e.path)] = target
+                else:
+                    linked.append(Path(e.path))
+            elif is_file:
+                if ext in IMAGE_EXTENSIONS:
+                    images.append(e.name)
+                elif ext in CAPTION_EXTENSIONS or e.name.lower() == METADATA_NAME:
+                    texts.setdefault(e.name.lower(), []).append(e.name)
+            elif link and ext in IMAGE_EXTENSIONS | set(CAPTION_EXTENSIONS):
+                out.bad[Path(e.path)] = (f"a link to {os.readlink(e.path)}, which is not "
+                                         f"there: fix or remove the link")
+        out.folders.append((folder, images, texts))
         stack.extend(sorted(subdirs, reverse=True))
         links.extend(sorted(linked))
-    return out, failed, loops
+    return out
 
 
 # image formats a dataset may hold that are not read (PIL reads some of them only in part:
 # 16-bit RGB TIFF, multi-page files), for the note on their orphaned captions
 UNREAD_IMAGE_EXTENSIONS = frozenset({
     ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".psd", ".svg", ".exr",
-    ".hdr", ".tga", ".ppm", ".pgm", ".ico", ".jfif", ".dng", ".raw", ".cr2", ".cr3", ".nef",
+    ".hdr", ".tga", ".ppm", ".pgm", ".ico", ".dng", ".raw", ".cr2", ".cr3", ".nef",
     ".arw", ".orf", ".rw2", ".raf"})
 
 
@@ -208,8 +249,34 @@ def _orphan_note(folder: Path, caption: str) -> str:
         others = []
     if not others:
         return "no image with this name"
+    if kind := _sniffed_format(folder / others[0]):
+        return (f"{others[0]} is a {kind} file under another name: rename it to "
+                f"{Path(others[0]).stem}.{SNIFFED[kind]}")
     return (f"{others[0]} is not in a format this program reads "
             f"({' '.join(sorted(IMAGE_EXTENSIONS))}): convert it to PNG or JPEG")
+
+
+# the formats this program reads, by their first bytes -> the extension to give them
+SNIFFED = {"JPEG": "jpg", "PNG": "png", "WebP": "webp", "GIF": "gif", "BMP": "bmp"}
+
+
+def _sniffed_format(path: Path) -> str:
+    """The format of a file whose name says another, from its first bytes ('' when it is
+    none that this program reads): a JPEG that a phone export saved as .heic."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return ""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return "BMP" if head[:2] == b"BM" else ""
 
 
 def _load_cache(path: Path | None, root: Path) -> dict:
@@ -240,11 +307,12 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
         raise DataError(f"dataset folder '{root}' does not exist or is not a folder (give the "
                         f"folder that holds the images and their .txt captions)")
     root_path = root_path.resolve()
-    folders, unlistable, loops = _walk(root_path)
+    listing = _walk(root_path)
+    folders = listing.folders
     total = sum(len(imgs) for _, imgs, _ in folders)
     if total == 0:
         unread = "".join(f"; folder '{f}' cannot be listed ({err})" for f, err in
-                         list(unlistable.items())[:3])
+                         list(listing.unlistable.items())[:3])
         if other := _unread_images(root_path):
             raise DataError(
                 f"no images this program reads in '{root_path}' or its subfolders "
@@ -269,13 +337,23 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
     def rel_of(path: Path) -> str:
         return path.relative_to(root_path).as_posix()
 
-    for folder, err in unlistable.items():
+    for folder, err in listing.unlistable.items():
         _problem(problems, "unreadable_folder", "error", "folder cannot be listed: its images "
                  "are skipped; check its permissions", rel_of(folder) + "/", err)
-    for link, target in loops.items():
+    for link, target in listing.loops.items():
         _problem(problems, "folder_loop", "warning", "folder link to a folder that contains "
                  "it (a loop): not followed; remove the link unless something else needs it",
                  rel_of(link) + "/", f"links to {target}")
+    for path, why in listing.bad.items():
+        _problem(problems, "bad_entry", "error", "file or folder that cannot be read as it is "
+                 "named: left out", shown_path(rel_of(path)), why)
+    for link, first in listing.relinked.items():
+        if folder_rule(rel_of(link)) != folder_rule(rel_of(first)):
+            _problem(problems, "folder_relinked", "warning", "folder link to a folder the "
+                     "dataset already holds: its images are read once, by the other name, "
+                     "and the link's repeats or regularisation name do not apply; rename the "
+                     "folder itself, or copy it", rel_of(link) + "/",
+                     f"leads to {rel_of(first)}/")
     conv = Conventions(reg_included=data_cfg.include_reg)
     metadata, conv.metadata_files, issues = collect_metadata(
         [(folder, texts) for folder, _, texts in folders], root_path,
@@ -348,12 +426,13 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
                 conv.repeat_folders.setdefault(rule.repeat_folder, [rule.repeats, 0])[1] += 1
             records.append(ImageRecord(str(path), rel, w, h, choice.caption, st.st_size,
                                        rule.repeats))
-        for low, real_name in texts.items():
+        for low, real_names in texts.items():
             stem, ext = os.path.splitext(low)
             if ext in CAPTION_EXTENSIONS and stem not in stems and stem not in NOT_CAPTIONS:
-                _problem(problems, "orphan_caption", "warning", "caption file with no image of "
-                         "the same name", rel_of(folder / real_name),
-                         _orphan_note(folder, real_name))
+                for real_name in real_names:
+                    _problem(problems, "orphan_caption", "warning", "caption file with no "
+                             "image of the same name", rel_of(folder / real_name),
+                             _orphan_note(folder, real_name))
     if cache_file is not None and new_cache != cache:
         try:
             atomic_write_text(cache_file, json.dumps({"version": CACHE_VERSION,
@@ -442,11 +521,19 @@ def health_report(scan: Scan, *, count_tokens: Callable[[list[str]], list[int]] 
     `count_tokens`, described by `counter_name`) and, with `deep`, images whose pixels do
     not decode (reads every file completely: slow on big folders)."""
     problems = list(scan.problems)
-    dup = Problem("duplicate", "warning", "identical file content: the copy trains the same "
-                  "image twice")
-    for group in find_duplicates(scan.records):
-        for r in group[1:]:
-            dup.files[r.rel] = f"same content as {group[0].rel}"
+    dup = Problem("duplicate", "warning", "identical file content (a copy, or a link to a "
+                  "file of the dataset): it trains the same image twice; delete the copy or "
+                  "the link, or use a repeat folder to weight an image")
+    skipped = {f for p in problems if p.severity == "error" for f in p.files}
+    for group in find_duplicates([r for r in scan.records if r.rel not in skipped]):
+        # a link is named as the extra one, never the file it leads to
+        first, *others = sorted(group, key=lambda r: (os.path.islink(r.path), r.rel))
+        real = {os.path.realpath(r.path): r.rel for r in reversed(group)
+                if not os.path.islink(r.path)}
+        for r in others:
+            target = real.get(os.path.realpath(r.path)) if os.path.islink(r.path) else None
+            dup.files[r.rel] = (f"a link to {target}" if target
+                                else f"same content as {first.rel}")
     if dup.files:
         problems.append(dup)
 

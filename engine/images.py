@@ -23,7 +23,8 @@ try:   # colour management (littlecms); a Pillow built without it reads pixels a
 except ImportError:   # pragma: no cover - Pillow's wheels include it
     ImageCms = None
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+# (.jfif: the name Windows browsers give the JPEGs they save)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp"})
 # Our own limit, checked on the header before anything is decoded: a decompression bomb
 # of a few kilobytes can declare gigabytes of pixels. (PIL only warns from 89 M pixels and
 # refuses from 179 M; both are folded into ImageTooLarge here.)
@@ -61,15 +62,46 @@ class ImageInfo(NamedTuple):
 
 
 def exif_orientation(img: Image.Image) -> int:
-    """EXIF orientation read from the header only (1 when absent): PNG keeps EXIF after
-    the pixels at times, and reading it there would decode the whole image."""
-    if "exif" not in img.info:
-        return 1
+    """The orientation an image is shown in (1 when it says none), as PIL's exif_transpose
+    reads it: the EXIF tag (in a PNG also an eXIf chunk after the pixels, or ImageMagick's
+    hex text of it), else XMP's tiff:Orientation (Photoshop and Lightroom exports). Reads
+    headers only: a PNG's chunks after its pixels are found by their lengths, not decoded."""
+    info = img.info
     try:
-        value = img.getexif().get(0x0112, 1)
+        raw = info.get("exif")
+        if raw is None and "Raw profile type exif" in info:
+            raw = bytes.fromhex("".join(info["Raw profile type exif"].split("\n")[3:]))
+        if raw is None and img.format == "PNG":
+            raw = _late_png_exif(getattr(img, "filename", ""))
+        exif = Image.Exif()
+        if raw:
+            exif.load(raw)
+        value = exif.get(0x0112)
+        if value is None:
+            xmp = info.get("XML:com.adobe.xmp") or info.get("xmp") or ""
+            found = re.search(r'tiff:Orientation(?:="|>)([0-9])',
+                              xmp if isinstance(xmp, str) else xmp.decode("latin-1"))
+            value = int(found[1]) if found else 1
     except BROKEN_FILE_ERRORS:
         return 1
     return value if value in ORIENT_TRANSPOSE else 1
+
+
+def _late_png_exif(path: str) -> bytes | None:
+    """The eXIf chunk of a PNG that keeps it after its pixels (PIL reads it only when it
+    decodes them), found by stepping over the chunks; None when there is none."""
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        f.seek(8)
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return f.read(length)
+            if kind == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)   # the data and its CRC
+    return None
 
 
 def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:

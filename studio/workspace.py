@@ -36,6 +36,7 @@ from engine.checkpoint import (
     set_pinned,
     step_name,
 )
+from engine.conventions import CAPTION_EXTENSIONS, decode_caption
 from engine.distributed import PRECISIONS
 from engine.fileio import atomic_target, ensure_free
 from engine.generate_io import checkpoint_config, resolve_checkpoint
@@ -51,7 +52,6 @@ from studio import views
 from studio.paths import NAME_MAX, PathError, names_local_path, resolve_inside, safe_name
 from studio.runner import PROJECT_ROOT, Runner, RunnerError
 
-CAPTION_EXTENSIONS = (".txt", ".caption")
 MAX_FILES = 20_000              # per upload
 MAX_CAPTION_BYTES = 64 * 1024   # a caption longer than this is not a caption
 
@@ -178,6 +178,21 @@ class Studio:
             raise PathError(f"there is no dataset '{name}' in {self.datasets_dir}; refresh the "
                             f"list or type its folder path")
         return resolve_inside(str(self.datasets_dir / name), self.roots)
+
+    def own_dataset(self, path: str) -> tuple[str | None, str] | None:
+        """A run's dataset folder as the Train tab chooses it: (its name in the list, "")
+        or (None, the folder) when it is not one of workspace/datasets; None when it is gone
+        or outside the folders the studio may use."""
+        try:
+            folder = resolve_inside(path, self.roots)
+        except PathError:
+            return None
+        if not folder.is_dir():
+            return None
+        for name in self.dataset_names():
+            if (self.datasets_dir / name).resolve() == folder:
+                return name, ""
+        return None, str(folder)
 
     def chosen_dataset(self, choice: str | None, typed: str | None) -> str:
         """The dataset folder chosen in the page: a typed path (checked), else a name
@@ -363,10 +378,16 @@ class ImportReport:
     images: list[str] = field(default_factory=list)      # file names added
     captions: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (uploaded name, why)
+    unpaired: list[str] = field(default_factory=list)   # captions added with no picture yet
 
     def markdown(self) -> str:
         added = (f"Added **{len(self.images)} image(s)** and **{len(self.captions)} "
                  f"caption(s)** to `{self.folder.name}`.")
+        if self.unpaired:
+            names = ", ".join(f"`{n}`" for n in self.unpaired[:10])
+            more = f" and {len(self.unpaired) - 10} more" if len(self.unpaired) > 10 else ""
+            added += (f" {len(self.unpaired)} caption(s) have no picture of the same name yet "
+                      f"({names}{more}): add the pictures, or they caption nothing.")
         if not self.skipped:
             return added
         rows = "\n".join(f"- `{name}`: {why}" for name, why in self.skipped[:50])
@@ -401,7 +422,7 @@ def _caption_problem(path: Path) -> str:
     if len(data) > MAX_CAPTION_BYTES:
         return f"{len(data) // 1024} KB is too long for a caption (the most is 64 KB)"
     try:
-        data.decode("utf-8-sig")
+        decode_caption(data)   # as the trainer reads it
     except UnicodeDecodeError as e:
         return (f"not UTF-8 text (byte {e.start} is 0x{data[e.start]:02X}): save it again "
                 f"as UTF-8")
@@ -480,6 +501,7 @@ def add_files(datasets_dir: Path, name: str, files: Sequence[str | Path], *,
         with atomic_target(folder / target, src.stat().st_size) as tmp:
             shutil.copyfile(src, tmp)
         (report.images if ext in IMAGE_EXTENSIONS else report.captions).append(target)
+    report.unpaired = [c for c in report.captions if stem(c) not in pictures]
     return report
 
 

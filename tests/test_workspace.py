@@ -104,6 +104,20 @@ def test_a_caption_whose_picture_was_refused_is_not_added_alone(tmp_path, upload
     assert "its picture cut.png was not added" in why["cut.txt"]
     assert report.captions == ["empty.txt"] and report.images == ["good.png"]
     assert not (datasets / "set" / "photo.txt").exists()
+    assert report.unpaired == [] and "no picture" not in report.markdown()
+
+
+def test_captions_without_any_picture_are_added_and_named(tmp_path, uploads):
+    """Captions dropped before their pictures are kept (the pictures may follow), and the
+    report names them."""
+    datasets = tmp_path / "datasets"
+    (uploads / "later.caption").write_text("a picture to come")
+    report = add_files(datasets, "set", [uploads / "later.caption", uploads / "good.png"])
+    assert report.captions == ["later.caption"] and report.unpaired == ["later.caption"]
+    assert "1 caption(s) have no picture of the same name yet (`later.caption`)" \
+        in report.markdown()
+    png(uploads / "later.png")
+    assert add_files(datasets, "set", [uploads / "later.png"]).unpaired == []
 
 
 @pytest.mark.parametrize("name", ["../escape", "..", "/tmp/x", "a/b", "", ".hidden", "x\x00"])
