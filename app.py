@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import signal
 import sys
 from pathlib import Path
 
@@ -107,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"PixelHDM Studio is running at {url}  (workspace: {workspace}; Ctrl+C stops it)",
           flush=True)
-    demo.block_thread()
+    if hasattr(signal, "SIGTERM"):   # `kill` or a service manager: the same orderly stop
+        signal.signal(signal.SIGTERM, _stop_as_ctrl_c)
+    demo.block_thread()   # on Ctrl+C the server closes and deletes its cached copies
     return 0
+
+
+def _stop_as_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

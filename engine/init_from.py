@@ -81,10 +81,22 @@ def differences(src: RunConfig, cfg: RunConfig) -> list[str]:
 
 def check_fits(init: InitSource, cfg: RunConfig) -> None:
     """ConfigError naming every differing key when `cfg` cannot take `init`'s weights."""
-    diff = differences(init.cfg, cfg)
+    _refuse_differences(init.path, differences(init.cfg, cfg))
+
+
+def check_source(source: str | Path, cfg: RunConfig) -> None:
+    """check_fits from the checkpoint's config alone, no weight read: for the command line,
+    before the data is read and a text encoder loaded (a Qwen3 one would be fetched and
+    encode every caption first). CheckpointError for a missing or damaged checkpoint."""
+    path = resolve_checkpoint(source)
+    _, src, _ = checkpoint_config(path)
+    _refuse_differences(path, differences(src, cfg))
+
+
+def _refuse_differences(path: Path, diff: list[str]) -> None:
     if diff:
         raise ConfigError(
-            f"train.init_from {init.path}: a run started from a checkpoint may change the "
+            f"train.init_from {path}: a run started from a checkpoint may change the "
             f"data, resolution, schedule and losses, but not the network or the text "
             f"encoder, and these differ: {'; '.join(diff)}. Drop those settings (or start "
             f"from the checkpoint's own config), or choose another checkpoint")

@@ -238,6 +238,10 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         log(f"note: train.precision = {tr.precision}: {why}; training in {precision}")
         tr = replace(tr, precision=precision)
     frozen = frozen_dtype(PRECISIONS[tr.precision])
+    init = None   # the checkpoint a new run starts from, checked before anything is loaded
+    if tr.init_from and not (resume and latest_resumable(run.checkpoints)):
+        init = load_init(tr.init_from, tr.init_weights)
+        check_fits(init, cfg)
     if cfg.text.encoder == "qwen3":   # frozen: its features come from the disk cache
         with main_rank_first(d):   # which rank 0 fills; the others then only read it
             text_encoder = cached_text_encoder(
@@ -258,9 +262,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         blocks = "compiled (slower while it compiles: the first steps, sizes and samples)"
     model = Trainable.for_run(cfg, net, text_encoder, teacher.dim if teacher else None, device)
     sra_on = model.sra is not None
-    if tr.init_from and not (resume and latest_resumable(run.checkpoints)):
-        init = load_init(tr.init_from, tr.init_weights)
-        check_fits(init, cfg)
+    if init is not None:
         for note in apply_init(init, model):
             log(f"note: {note}")
         origin = init.record()

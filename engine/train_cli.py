@@ -35,6 +35,7 @@ from engine.distributed import DeviceError, RankSyncError
 from engine.encoders import EncoderLoadError
 from engine.fileio import DiskFull, readable_output
 from engine.generate_io import checkpoint_config, resolve_checkpoint
+from engine.init_from import check_source
 from engine.job import RunBusy, RunDir, RunLock
 from engine.sample_prompts import caption_prompts
 from engine.train import TrainError, resume_point, train
@@ -153,6 +154,8 @@ def main(argv=None) -> int:
         return 2
     try:   # nothing is written before the request is known to make sense
         cfg = _resolve_config(args, run)
+        if cfg.train.init_from and not args.resume:
+            check_source(cfg.train.init_from, cfg)
     except (ConfigError, TrainError, CheckpointError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

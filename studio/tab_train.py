@@ -104,7 +104,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
             with gr.Row():
                 new_prompts = gr.Textbox(label="Sample prompts (empty: sample.prompts)", lines=2,
                                          max_lines=12, scale=4, placeholder="a red apple on a "
-                                         "table --n blurry --w 64 --h 48 --d 7 --l 4.5 --s 20 "
+                                         "table --n blurry --w 32 --h 24 --d 7 --l 4.5 --s 20 "
                                          "(one a line)")
                 from_captions = gr.Button("Use the dataset's captions", size="sm", scale=1,
                                           min_width=160)

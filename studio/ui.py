@@ -11,6 +11,7 @@ given with --allow-dir, and every file it is shown comes from those folders.
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -95,8 +96,10 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
                 if (not tab_dataset.create_demo(studio)
                         and (warning := tab_dataset.old_demo_warning(studio)) is not None):
                     gr.Warning(warning)
-                cfg = studio.run_config(preset_name, "\n".join(tab_dataset.DEMO_OVERRIDES),
-                                        tab_dataset.DEMO_NAME)
+                cfg = replace(studio.run_config(preset_name,
+                                                "\n".join(tab_dataset.DEMO_OVERRIDES),
+                                                tab_dataset.DEMO_NAME),
+                              description=tab_dataset.DEMO_DESCRIPTION)
                 run = studio.runner.start(cfg, studio.runner.new_run_id(preset_name))
             except (tab_dataset.DemoBusy, OSError, config.ConfigError, PathError, RunnerError,
                     DeviceError) as e:
@@ -110,9 +113,11 @@ def build_ui(workspace: Path, allow_dirs: list[Path] = ()) -> gr.Blocks:
                     ds["choice"]: gr.Dropdown(choices=studio.dataset_names(),
                                               value=tab_dataset.DEMO_NAME)}
 
-        demo.load(show_banner, outputs=banner)
         tr["started"].then(show_banner, outputs=banner)
-        demo.load(tr["attach"], outputs=[tr["run_select"], tr["watch"], tr["setup_box"]])
+        # the banner shows once the page has attached to a run, so that the answer of the
+        # attaching, which found no run, cannot arrive after a demo's start and replace it
+        demo.load(tr["attach"], outputs=[tr["run_select"], tr["watch"], tr["setup_box"]]
+                  ).then(show_banner, outputs=banner)
         demo.load(tr["preset_description"], inputs=tr["preset"], outputs=tr["preset_info"]
                   ).then(**tr["check_args"])
         demo_btn.click(start_demo, outputs=[banner_msg, banner, tabs, tr["run_select"],

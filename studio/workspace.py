@@ -233,7 +233,8 @@ class Studio:
                 raise PathError(f"data.path: the dataset folder {out.data.path} does not exist "
                                 f"(folders the studio may use: {allowed})")
         if out.loss.repa_teacher:
-            out.loss.repa_teacher = inside("loss.repa_teacher", out.loss.repa_teacher)
+            out.loss.repa_teacher = self._model_folder("loss.repa_teacher",
+                                                       out.loss.repa_teacher)
         if out.text.cache_dir:
             out.text.cache_dir = inside("text.cache_dir", out.text.cache_dir)
         if out.data.cache_dir:
@@ -241,10 +242,25 @@ class Studio:
         # the folders a loader may resolve a relative name in: the workspace, the trainer's
         # working folder and this process's
         if names_local_path(out.text.name_or_path, [self.workspace, PROJECT_ROOT, Path.cwd()]):
-            out.text.name_or_path = inside("text.name_or_path", out.text.name_or_path)
+            out.text.name_or_path = self._model_folder("text.name_or_path",
+                                                       out.text.name_or_path)
         if out.train.init_from:
             out.train.init_from = str(self.init_source(out.train.init_from, out))
         return out
+
+    def _model_folder(self, key: str, value: str) -> str:
+        """The real path of a folder of model weights a setting names, which must exist:
+        PathError naming the setting, the path it led to and how relative paths are read."""
+        try:
+            folder = resolve_inside(value, self.roots)
+        except PathError as e:
+            raise PathError(f"{key}: {e}") from None
+        if not folder.is_dir():
+            raise PathError(f"{key}: no folder {folder}. In the studio a relative path is "
+                            f"read inside the workspace {self.workspace} (write "
+                            f"models/NAME for {self.workspace.name}/models/NAME), or give the "
+                            f"whole path")
+        return str(folder)
 
     def init_source(self, value: str, cfg: config.RunConfig) -> Path:
         """The weights file train.init_from names (a checkpoint id from the Checkpoints

@@ -70,6 +70,17 @@ def test_another_network_or_text_encoder_is_refused_by_name(source, demo, tmp_pa
     assert not list_checkpoints(run / "checkpoints") if run.exists() else True
 
 
+def test_another_text_encoder_is_refused_before_it_is_loaded(source, demo, tmp_path, capsys):
+    """Refused before the data and the encoder: a Qwen3 encoder would first be fetched (here,
+    offline, it failed to load instead) and encode every caption. Nothing is written."""
+    run = tmp_path / "run"
+    assert train_main(["--init-from", str(source), "--data", str(demo), "--run-dir", str(run),
+                       "--set", "text.encoder=qwen3"]) == 2
+    err = capsys.readouterr().err
+    assert "text.encoder ('builtin' in the checkpoint, 'qwen3' here)" in err
+    assert "could not be loaded" not in err and not run.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--resume"], "drop one of the two"),
     (["--init-weights", "raw"], None),

@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -139,6 +140,33 @@ def test_studio_serves_the_page_with_title_version_and_presets(tmp_path):
     assert str(tmp_path) in text
     for name in config.list_presets():
         assert name in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM ends a Windows process at once")
+def test_sigterm_stops_the_studio_as_ctrl_c_does(tmp_path):
+    """`kill` or a service manager's stop closes the server in order (which deletes the
+    studio's cached copies), instead of ending the process where it stands."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--workspace", str(tmp_path / "ws"),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio")))
+    try:
+        end = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < end, "the studio did not start"
+                time.sleep(0.5)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "closing server" in out
 
 
 # --------------------------------------------------------------------------------------

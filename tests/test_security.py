@@ -242,6 +242,14 @@ def test_the_train_tab_config_takes_the_dataset_only_from_the_choice(studio_ctx)
     cfg = studio.run_config("tiny-cpu", "text.name_or_path=models/qwen", "cats")
     assert cfg.data.path == str(ws / "datasets" / "cats")
     assert cfg.text.name_or_path == str(ws / "models" / "qwen")
+    # a folder of weights that is not there is refused with how the path was read (the
+    # path as written from the project folder led inside workspace/workspace/...)
+    for key, line in (("text.name_or_path", f"text.name_or_path={ws.name}/models/qwen"),
+                      ("loss.repa_teacher", "loss.repa_teacher=models/dino\nloss.repa_layer=1")):
+        with pytest.raises(PathError) as e:
+            studio.run_config("tiny-cpu", line, "cats")
+        assert str(e.value).startswith(f"{key}: no folder {ws}/") and \
+            f"write models/NAME for {ws.name}/models/NAME" in str(e.value)
 
 
 @SYMLINKS

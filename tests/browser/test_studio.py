@@ -83,6 +83,7 @@ def test_first_start_offers_the_one_click_demo(page, studio_server, screenshots)
     assert len(runs) == 1 and runs[0].name.endswith("tiny-cpu")
     config = (runs[0] / "config.yaml").read_text()
     assert "max_side: 32" in config and "rope_grid: 8" in config and "max_steps: 8000" in config
+    assert "description: 'The demo: tiny-cpu on the demo shapes at 16-32 px" in config
     assert not demo.is_visible()
     # this one would train for minutes: stop it at once, the short run follows below
     page.get_by_role("button", name="Force stop").click()
