@@ -81,7 +81,11 @@ CONVENTION_PROBLEMS = {
     "metadata_missing_file": ("warning", "metadata.jsonl line naming no image of the dataset: "
                                          "ignored; correct file_name (relative to the jsonl's "
                                          "folder) or delete the line"),
+    "mask_image": ("error", "a mask of OneTrainer's masked training (x-masklabel.png beside "
+                            "x.png): not trained as a picture; this trainer has no masked loss, "
+                            "so the whole of x trains"),
 }
+MASK_SUFFIX = "-masklabel"   # OneTrainer's mask of the image of the same name
 
 
 def one_line(text: str) -> str:

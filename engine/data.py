@@ -45,6 +45,7 @@ from engine.conventions import (
     CAPTION_EXTENSIONS,
     CAPTION_PROBLEMS,
     CONVENTION_PROBLEMS,
+    MASK_SUFFIX,
     METADATA_NAME,
     NOT_CAPTIONS,
     Conventions,
@@ -381,6 +382,7 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
                 progress(done, total)
             continue
         stems = set()
+        pictures = {os.path.splitext(name)[0].lower() for name in images}
         for name in images:
             path = folder / name
             rel = rel_of(path)
@@ -389,6 +391,10 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
             done += 1
             if progress is not None:
                 progress(done, total)
+            masked = stem[:-len(MASK_SUFFIX)]
+            if stem.lower().endswith(MASK_SUFFIX) and masked.lower() in pictures:
+                _convention(problems, "mask_image", rel, f"the mask of {masked}")
+                continue
             try:
                 st = path.stat()
                 hit = cache.get(rel)

@@ -27,8 +27,12 @@ except ImportError:   # pragma: no cover - Pillow's wheels include it
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp"})
 # Our own limit, checked on the header before anything is decoded: a decompression bomb
 # of a few kilobytes can declare gigabytes of pixels. (PIL only warns from 89 M pixels and
-# refuses from 179 M; both are folded into ImageTooLarge here.)
-MAX_PIXELS = 100_000_000
+# refuses from 179 M; both are folded into ImageTooLarge here.) 200 M takes the photos of
+# 108 and 200 megapixel phone cameras; a large JPEG is decoded at a reduced scale anyway.
+MAX_PIXELS = 200_000_000
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
+    # PIL's own check, which would refuse such a photo first, then acts only above it
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # What PIL raises for broken, truncated or hostile files (its decoders are not uniform).
 BROKEN_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
                       struct.error, Image.DecompressionBombError)

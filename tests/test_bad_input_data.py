@@ -160,9 +160,9 @@ def test_a_damaged_file_with_a_whole_header_is_found_by_the_deep_check(tmp_path)
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("side,pil_check,note", [
-    (20000, True, "the header declares 400 M pixels, over the limit of 100 M"),
-    (12000, True, "12000x12000 = 144 M pixels, over the limit of 100 M"),
-    (20000, False, "20000x20000 = 400 M pixels, over the limit of 100 M"),
+    (30000, True, "the header declares 900 M pixels, over the limit of 200 M"),
+    (15000, True, "15000x15000 = 225 M pixels, over the limit of 200 M"),
+    (30000, False, "30000x30000 = 900 M pixels, over the limit of 200 M"),
 ], ids=["over-PIL-limit", "over-our-limit-only", "PIL-check-disabled"])
 def test_decompression_bomb_is_refused_by_our_own_limit(tmp_path, monkeypatch, side,
                                                         pil_check, note):
@@ -177,7 +177,7 @@ def test_decompression_bomb_is_refused_by_our_own_limit(tmp_path, monkeypatch, s
     problem = {p.kind: p for p in scan.problems}["too_large"]
     assert problem.files == {"bomb.png": note} and problem.severity == "error"
     assert "decompression bomb" in problem.message and "downscale it" in problem.message
-    with pytest.raises(ImageTooLarge, match="over the limit of 100 M"):
+    with pytest.raises(ImageTooLarge, match="over the limit of 200 M"):
         load_crop(str(tmp_path / "bomb.png"), (64, 64))
 
 
@@ -492,8 +492,8 @@ def catalogue(root: Path) -> dict[str, str]:
         rel = f"{case_id}{Path(name).suffix}"
         (root / rel).write_bytes(make())
         expected[rel] = note
-    header_only_png(root / "bomb.png", 20000, 20000)
-    expected["bomb.png"] = "over the limit of 100 M"
+    header_only_png(root / "bomb.png", 30000, 30000)
+    expected["bomb.png"] = "over the limit of 200 M"
     Image.new("RGB", (1, 1)).save(root / "dot.png")
     expected["dot.png"] = "1x1 px"
     frames(root / "anim.gif")

@@ -233,3 +233,14 @@ def test_an_upload_takes_the_captions_the_trainer_reads(tmp_path):
     assert report.captions == ["a.txt"] and not report.skipped
     scan = scan_dataset(tmp_path / "datasets" / "set", cfg())
     assert [r.caption for r in scan.records] == ["a caption"]
+
+
+def test_onetrainer_masks_are_not_trained_as_pictures(tmp_path):
+    good(tmp_path / "cat.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "cat-masklabel.png")
+    good(tmp_path / "lone-masklabel.png")            # no picture of its own: a picture
+    scan = scan_dataset(tmp_path, cfg(missing_caption="skip"))
+    assert [r.rel for r in scan.records] == ["cat.png", "lone-masklabel.png"]
+    mask = problems(scan)["mask_image"]
+    assert mask.files == {"cat-masklabel.png": "the mask of cat"}
+    assert "missing_caption" not in problems(scan)
