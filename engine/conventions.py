@@ -4,9 +4,10 @@ Pure functions of names and small text files; the scan turns what they find into
 problems and into the `Conventions` summary of the health report.
 
 Captions. The caption of `a/x.png` comes from the first of these that exists:
-  1. `a/x.txt`, then 2. `a/x.caption` (UTF-8, or UTF-16 with or without its byte-order
-     mark; where the file system tells `x.txt` from `X.txt`, the one named exactly as the
-     image, else the one there is);
+  1. `a/x.txt`, then 2. `a/x.caption`, then `a/x.png.txt` (the sidecar some tag managers
+     and downloaders write) (UTF-8, or UTF-16 with or without its byte-order mark; where
+     the file system tells `x.txt` from `X.txt`, the one named exactly as the image, else
+     the one there is);
   3. a line of a `metadata.jsonl` (the Hugging Face ImageFolder layout: one JSON object
      per line, `file_name` relative to the jsonl's folder, the caption under `text`, or
      under `caption` when there is no `text`). Where several metadata.jsonl files name
@@ -267,13 +268,21 @@ def _by_case(names: list[str], wanted: str) -> str:
     return wanted if wanted in names else names[0]
 
 
-def choose_caption(folder: Path, stem: str, texts: dict[str, list[str]],
+def caption_names(name: str) -> list[str]:
+    """The caption files of the image file `name`, in order of precedence: x.txt and
+    x.caption for x.png, then x.png.txt (the sidecar Hydrus and gallery-dl write)."""
+    stem = Path(name).stem
+    return [f"{stem}{ext}" for ext in CAPTION_EXTENSIONS] + [f"{name}.txt"]
+
+
+def choose_caption(folder: Path, name: str, texts: dict[str, list[str]],
                    metadata: list[MetadataLine]) -> CaptionChoice:
-    """The caption of the image `stem` in `folder`, by the precedence of the module
+    """The caption of the image file `name` in `folder`, by the precedence of the module
     docstring. `texts`: the folder's caption files, lower-case name -> real names;
     `metadata`: the metadata lines naming the image, nearest jsonl first."""
-    files = [_by_case(texts[low], f"{stem}{ext}") for ext in CAPTION_EXTENSIONS
-             if (low := f"{stem}{ext}".lower()) in texts]
+    stem = Path(name).stem
+    files = [_by_case(texts[low], wanted) for wanted in caption_names(name)
+             if (low := wanted.lower()) in texts]
     if files:
         caption, kind, note = read_caption(folder / files[0])
         return CaptionChoice(caption, Path(files[0]).suffix.lower(), files[0], kind, note,

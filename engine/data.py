@@ -387,7 +387,7 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
             path = folder / name
             rel = rel_of(path)
             stem = os.path.splitext(name)[0]
-            stems.add(stem.lower())
+            stems.update((stem.lower(), name.lower()))   # x.txt and x.png.txt are its captions
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -418,7 +418,7 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
                 _problem(problems, "too_small", "error", f"shorter side below data.min_side "
                          f"{data_cfg.min_side}: skipped; use a larger image or lower "
                          f"data.min_side", rel, f"{w}x{h} px")
-            choice = choose_caption(folder, stem, texts, metadata.get(rel.lower(), []))
+            choice = choose_caption(folder, name, texts, metadata.get(rel.lower(), []))
             if choice.caption is None:
                 what, todo = CAPTION_PROBLEMS[choice.kind]
                 _problem(problems, choice.kind, caption_severity,

@@ -221,6 +221,11 @@ def build(studio: Studio, selection: gr.State) -> dict:
                                    file_types=["image", ".txt", ".caption"],
                                    elem_id="upload-files")
                 up_btn = gr.Button("Add to the dataset", scale=1, min_width=160)
+            gr.Markdown("Files go into the dataset's own folder, side by side: a browser "
+                        "sends no folders. For kohya `N_name` repeat folders, regularisation "
+                        "folders or a `metadata.jsonl`, copy the whole folder into "
+                        "`workspace/datasets/` instead and press Refresh list.",
+                        elem_classes="phdm-help")
             up_result = gr.Markdown(elem_id="upload-result")
         with gr.Row():
             preset = gr.Dropdown(presets, value=first, label="Preset", scale=2,

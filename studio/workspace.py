@@ -497,14 +497,20 @@ def add_files(datasets_dir: Path, name: str, files: Sequence[str | Path], *,
         if not why:
             taken[target.lower()] = target
         checked.append((src, original, target, why))
-    # a caption whose picture this upload brought but did not add would caption nothing
+    # a caption whose picture this upload brought but did not add would caption nothing.
+    # A caption's key is its name less .txt or .caption: x for x.txt, x.png for the
+    # sidecar x.png.txt; a picture answers to both of its keys
     def stem(name: str) -> str:
         return Path(name).stem
-    pictures = {stem(t) for _, _, t, why in checked
-                if not why and Path(t).suffix.lower() in IMAGE_EXTENSIONS}
-    pictures |= {stem(p.name) for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
-    refused = {stem(t): o for _, o, t, why in checked
-               if why and Path(t).suffix.lower() not in CAPTION_EXTENSIONS}
+
+    def keys(picture: str) -> tuple[str, str]:
+        return stem(picture), picture
+    pictures = {k for _, _, t, why in checked
+                if not why and Path(t).suffix.lower() in IMAGE_EXTENSIONS for k in keys(t)}
+    pictures |= {k for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                 for k in keys(p.name)}
+    refused = {k: o for _, o, t, why in checked
+               if why and Path(t).suffix.lower() not in CAPTION_EXTENSIONS for k in keys(t)}
     orphaned = refused.keys() - pictures
     for src, original, target, why in checked:
         ext = Path(target).suffix.lower()

@@ -244,3 +244,17 @@ def test_onetrainer_masks_are_not_trained_as_pictures(tmp_path):
     mask = problems(scan)["mask_image"]
     assert mask.files == {"cat-masklabel.png": "the mask of cat"}
     assert "missing_caption" not in problems(scan)
+
+
+def test_sidecar_captions_named_after_the_whole_file_name(tmp_path):
+    """x.png.txt, as Hydrus and gallery-dl write them, when there is no x.txt."""
+    good(tmp_path / "a.png", caption=None)
+    (tmp_path / "a.png.txt").write_text("a sidecar caption")
+    good(tmp_path / "b.jpg", caption="the plain caption")
+    (tmp_path / "b.jpg.txt").write_text("a sidecar caption too")
+    scan = scan_dataset(tmp_path, cfg())
+    assert {r.rel: r.caption for r in scan.records} == {"a.png": "a sidecar caption",
+                                                        "b.jpg": "the plain caption"}
+    assert problems(scan)["caption_conflict"].files == {"b.jpg": "b.txt is used; ignored: "
+                                                                 "b.jpg.txt"}
+    assert "orphan_caption" not in problems(scan)

@@ -118,6 +118,11 @@ def test_captions_without_any_picture_are_added_and_named(tmp_path, uploads):
         in report.markdown()
     png(uploads / "later.png")
     assert add_files(datasets, "set", [uploads / "later.png"]).unpaired == []
+    # a sidecar caption named after the whole file name pairs with its picture
+    (uploads / "side.png.txt").write_text("a sidecar caption")
+    png(uploads / "side.png")
+    report = add_files(datasets, "set", [uploads / "side.png.txt", uploads / "side.png"])
+    assert report.captions == ["side.png.txt"] and report.unpaired == []
 
 
 @pytest.mark.parametrize("name", ["../escape", "..", "/tmp/x", "a/b", "", ".hidden", "x\x00"])
