@@ -80,11 +80,11 @@ from engine.generate import (
     GenerateError,
     Pipeline,
     check_size,
+    config_render_options,
     for_inference,
     max_side,
     render,
     resolve_precision,
-    sample_options,
 )
 from engine.generate_cli import OneLineParser
 from engine.model import PixelHDM, TextCond
@@ -98,7 +98,7 @@ from engine.perf import (
     timed,
 )
 from engine.quality_cli import add_quality
-from engine.sampling import SAMPLERS, model_evals, sample_shift
+from engine.sampling import SAMPLERS, model_evals
 from engine.train import TrainError
 
 # (key, header, format) of a printed table column
@@ -193,9 +193,8 @@ def bench_sample(args) -> dict:
         for sampler in samplers:
             def run(n_steps: int) -> None:
                 render(net, encode, prompts, s.negative, list(range(args.batch)), w, h,
-                       steps=n_steps, sampler=sampler, cfg=s.cfg, rescale=s.cfg_rescale,
-                       interval=tuple(s.cfg_interval), shift=sample_shift(cfg, w, h),
-                       ramp=s.cfg_ramp, **sample_options(s), amp_dtype=amp)
+                       steps=n_steps, amp_dtype=amp,
+                       **{**config_render_options(cfg, w, h), "sampler": sampler})
             # a warm-up (kernels, allocator, autotuning), then the peak of two steps: each
             # step holds the same
             peak = peak_memory_mib(lambda: run(min(steps, 2)), device)

@@ -537,10 +537,6 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         """Start `epoch` from its first batch (call before every epoch)."""
         self.epoch, self._start, self._yielded = epoch, 0, 0
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of dataset indices for `epoch`, in training order."""
-        return [self._index[slots].tolist() for slots in self._epoch_slots(epoch)]
-
     def _epoch_slots(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of sample slots for `epoch`, in training order."""
         rng = np.random.default_rng([self.seed, epoch])

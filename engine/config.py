@@ -30,6 +30,17 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 # Names the config allows, defined once: engine/sampling.py maps SAMPLER_NAMES to its
 # samplers, engine/attention.py dispatches on ATTENTION_BACKENDS.
 SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "ab2", "euler_a", "dpmpp_2m_sde")
+MAX_SAMPLER_STEPS = 1000   # the most steps a sampler may be asked for, wherever it is asked
+
+
+def is_time_interval(span) -> bool:
+    """Whether `span` is an interval of flow time (lo, hi) with 0 <= lo < hi <= 1, the
+    rule of every guidance and noise interval (the config, the CLI, the sampler)."""
+    try:
+        lo, hi = span
+        return 0.0 <= lo < hi <= 1.0
+    except (TypeError, ValueError):
+        return False
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math")
 
 
@@ -291,7 +302,7 @@ class SampleConfig:
                             "options, also while it trains)")
     negative: str = _f("", "negative prompt ('' = unconditional)")
     seed: int = _f(0, "seed of the first image; image i uses seed + i", lo=0)
-    steps: int = _f(30, "sampler steps", lo=1, hi=1000)
+    steps: int = _f(30, "sampler steps", lo=1, hi=MAX_SAMPLER_STEPS)
     sampler: str = _f("heun", "sampler (euler_a, dpmpp_2m_sde: fresh noise in noise_interval)",
                       choices=SAMPLER_NAMES)
     noise_interval: list[float] = _f([0.0, 1.0], "euler_a, dpmpp_2m_sde: fresh noise only on "
@@ -568,8 +579,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise _fail(source, "train.min_lr", tr.min_lr, f"allowed: <= train.lr {tr.lr}")
     for key in ("cfg_interval", "pag_interval", "noise_interval"):
         span = getattr(s, key)
-        lo_t, hi_t = (span + [None, None])[:2]
-        if len(span) != 2 or not (0.0 <= lo_t < hi_t <= 1.0):
+        if not is_time_interval(span):
             raise _fail(source, f"sample.{key}", span, "allowed: [lo, hi] with 0 <= lo < hi <= 1")
     # blocks past the network's depth matter only once the guidance is on
     top = m.patch_layers if s.pag else math.inf
@@ -687,7 +697,16 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    atomic_write_text(Path(path), dump_yaml(cfg))
+    """Write `cfg` to `path` atomically, unless the file already says exactly that: a run's
+    config.yaml keeps the time it was written (the studio's "Created") through resumes
+    that change nothing."""
+    text = dump_yaml(cfg)
+    try:
+        if Path(path).read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(Path(path), text)
 
 
 def field_docs() -> dict[str, str]:

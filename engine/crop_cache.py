@@ -97,10 +97,6 @@ def store_identity(folder: Path) -> dict | None:
     return None
 
 
-def is_crop_store(folder: Path) -> bool:
-    return store_identity(folder) is not None
-
-
 class _Store(NamedTuple):
     """Another crop store beside one (CropCache._others)."""
     current: bool        # in this version's decoding format

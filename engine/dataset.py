@@ -89,8 +89,8 @@ def to_tensor(img: Image.Image) -> Tensor:
 
 
 def uint8_to_tensor(arr: Tensor) -> Tensor:
-    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (H, W, 3) -> (3, H, W)
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]: one image or a batch."""
+    return arr.movedim(-1, -3).float().div_(127.5).sub_(1.0)   # (.., H, W, 3) -> (.., 3, H, W)
 
 
 # --------------------------------------------------------------------------------------
@@ -157,12 +157,6 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def grid(self, patch_size: int) -> tuple[int, int]:
-        """The patch grid (h, w) = (H / p, W / p)."""
-        H, W = self.images.shape[-2:]
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"batch size {W}x{H} is not a multiple of patch {patch_size}")
-        return H // patch_size, W // patch_size
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True)."""
@@ -205,8 +199,8 @@ class BucketDataset(Dataset):
         return float(fx), float(fy), bool(self.flip and u[2] < 0.5)
 
     def crop_at(self, index: int, epoch: int, copy: int = 0) -> tuple[Box, bool]:
-        """(box in original pixels, mirrored) trained for an image in an epoch: what a
-        preview draws for random crops (the plan holds the centre boxes)."""
+        """(box in original pixels, mirrored) trained for an image in an epoch, as
+        __getitem__ chooses it (the plan holds the centre boxes)."""
         im = self.images[index]
         fx, fy, flip = self.augmentation(index, epoch, copy)
         return crop_box(im.record.width, im.record.height, im.bucket, fx, fy), flip

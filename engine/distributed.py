@@ -418,7 +418,12 @@ def frozen_dtype(compute: torch.dtype) -> torch.dtype:
 
 def autocast_for(precision: str, device: torch.device):
     """Mixed precision for a config's train.precision on `device` (fp32: none)."""
-    if precision == "fp32":
+    return autocast_to(PRECISIONS[precision], device)
+
+
+def autocast_to(dtype: torch.dtype | None, device: torch.device):
+    """Mixed precision in `dtype` on `device` (None or float32: none)."""
+    if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+    return torch.autocast(device.type, dtype=dtype)
 

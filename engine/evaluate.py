@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from engine.buckets import plan_buckets, split_validation
 from engine.config import RunConfig
 from engine.data import DataError, scan_dataset
-from engine.dataset import load_crop, to_uint8
+from engine.dataset import load_crop, to_uint8, uint8_to_tensor
 from engine.demo_data import (
     BACKGROUNDS,
     COLOURS,
@@ -82,6 +82,7 @@ from engine.encoders import DinoTeacher
 from engine.generate import render_samples
 from engine.images import BROKEN_FILE_ERRORS
 from engine.job import RunDir
+from engine.model import patch_grid
 from engine.sample_prompts import (
     PromptsError,
     SamplePrompt,
@@ -274,8 +275,8 @@ def cheap_features(images: np.ndarray) -> np.ndarray:
 def dino_features(images: np.ndarray, teacher: DinoTeacher, patch: int) -> np.ndarray:
     """(N, C): the mean DINOv3 patch token of each uint8 image (N, H, W, 3), on the
     teacher's grid of the model's patch grid (as iREPA sees the image)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    grid = (x.shape[2] // patch, x.shape[3] // patch)
+    x = uint8_to_tensor(torch.from_numpy(np.ascontiguousarray(images)))   # (N, 3, H, W)
+    grid = patch_grid(x, patch)
     device = teacher.mean.device
     out = [teacher(x[i:i + 16].to(device), grid).mean(1).cpu() for i in range(0, len(x), 16)]
     return torch.cat(out).double().numpy()

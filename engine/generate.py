@@ -16,14 +16,13 @@ Every saved PNG carries its settings twice: a `parameters` text chunk in the
 widely-used "prompt / Negative prompt: / Steps: ..., Seed: ..." layout that other tools
 read, and a `pixelhdm` JSON chunk with everything. `read_png_parameters` recalls them.
 
-Sampling runs under torch.no_grad, not inference_mode: the trainer calls render_grid
+Sampling runs under torch.no_grad, not inference_mode: the trainer calls render_samples
 between optimizer steps, and tensors created under inference_mode (e.g. cached text
 embeddings) could not be saved for backward afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import secrets
@@ -35,7 +34,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -43,10 +41,11 @@ from torch import Tensor
 from engine import __version__
 from engine.attention import pre_ampere
 from engine.checkpoint import CheckpointError, load_weights
-from engine.config import RunConfig, SampleConfig
-from engine.dataset import to_uint8
+from engine.config import MAX_SAMPLER_STEPS, RunConfig, SampleConfig, is_time_interval
+from engine.dataset import to_tensor, to_uint8
 from engine.distributed import (
     PRECISIONS,
+    autocast_to,
     compiler_problem,
     compute_precision,
     resolve_device,
@@ -104,7 +103,7 @@ class GeneratedImage:
 
 
 # --------------------------------------------------------------------------------------
-# Tensors <-> PIL (the only place images change representation)
+# Tensors <-> PIL (on engine.dataset's conversions, which the trainer's batches use)
 # --------------------------------------------------------------------------------------
 
 def to_pil(x: Tensor) -> list[Image.Image]:
@@ -114,8 +113,7 @@ def to_pil(x: Tensor) -> list[Image.Image]:
 
 def from_pil(image: Image.Image) -> Tensor:
     """An RGB image -> (1, 3, H, W) float32 in [-1, 1]; exact inverse of to_pil on 8-bit data."""
-    u8 = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (H, W, 3)
-    return (u8.permute(2, 0, 1)[None].float() / 127.5) - 1.0                # (1, 3, H, W)
+    return to_tensor(image.convert("RGB"))[None]
 
 
 def cover_resize(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -185,15 +183,17 @@ def check_options(steps: int, sampler: str, cfg: float, rescale: float,
                   interval: tuple[float, float], shift: float, ramp: float = 0.0,
                   pag: float = 0.0, noise_interval: tuple[float, float] = (0.0, 1.0),
                   coarse: float = 0.0, coarse_sigma: float = _SAMPLE.cfg_coarse_sigma) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise GenerateError(f"steps = {steps!r}: allowed a whole number from 1 to 1000")
+    if (isinstance(steps, bool) or not isinstance(steps, int)
+            or not 1 <= steps <= MAX_SAMPLER_STEPS):
+        raise GenerateError(f"steps = {steps!r}: allowed a whole number from 1 to "
+                            f"{MAX_SAMPLER_STEPS}")
     if sampler not in SAMPLERS:
         raise GenerateError(f"sampler = {sampler!r}: allowed {', '.join(SAMPLERS)}")
     if not (math.isfinite(cfg) and cfg >= 0.0):
         raise GenerateError(f"cfg = {cfg!r}: allowed a number >= 0 (1 = no guidance)")
     if not 0.0 <= rescale <= 1.0:
         raise GenerateError(f"rescale = {rescale!r}: allowed 0 (plain guidance) to 1")
-    if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
+    if not is_time_interval(interval):
         raise GenerateError(f"interval = {list(interval)!r}: allowed [lo, hi] with "
                             f"0 <= lo < hi <= 1 (t = 0 is noise)")
     if not 0.0 <= ramp <= 1.0:
@@ -204,7 +204,7 @@ def check_options(steps: int, sampler: str, cfg: float, rescale: float,
     if not (math.isfinite(pag) and pag >= 0.0):
         raise GenerateError(f"pag = {pag!r}: allowed a number >= 0 (0 = no perturbed-attention "
                             f"guidance)")
-    if len(noise_interval) != 2 or not 0.0 <= noise_interval[0] < noise_interval[1] <= 1.0:
+    if not is_time_interval(noise_interval):
         raise GenerateError(f"noise_interval = {list(noise_interval)!r}: allowed [lo, hi] with "
                             f"0 <= lo < hi <= 1 (the steps of euler_a and dpmpp_2m_sde that "
                             f"draw fresh noise)")
@@ -224,13 +224,6 @@ def for_inference(net: PixelHDM, device: torch.device, precision: str) -> PixelH
     if device.type == "cuda" and precision in ("bf16", "fp16"):
         net.matmul_weights_to(PRECISIONS[precision])
     return net
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision for the network's forward (None = plain fp32)."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class SelfCondState:
@@ -306,7 +299,7 @@ def render(net: PixelHDM, encode: Encode, prompts: list[str], negative: str, see
 
     def denoise(z: Tensor, t: Tensor, text: TextCond, perturbed: bool = False) -> Tensor:
         t = t.to(device, non_blocking=True)   # the samplers' times are on the CPU
-        with _autocast(device, amp_dtype):
+        with autocast_to(amp_dtype, device):
             # the perturbed branch reads the conditional branch's estimate and keeps none
             pred = net(z, t, text, prev=None if state is None else state.previous(z),
                        perturb=perturbed_layers if perturbed else ())
@@ -344,6 +337,16 @@ def sample_options(s: SampleConfig, pag: float | None = None,
             "coarse_sigma": s.cfg_coarse_sigma if coarse_sigma is None else coarse_sigma}
 
 
+def config_render_options(cfg: RunConfig, width: int, height: int) -> dict:
+    """Every render keyword a run's config decides at a size (sampler, guidance and its
+    interval, rescale, ramp and shift, and sample_options'), as the sample grids use
+    them; a caller overrides what it varies."""
+    s = cfg.sample
+    return {"sampler": s.sampler, "cfg": s.cfg, "rescale": s.cfg_rescale,
+            "interval": tuple(s.cfg_interval), "shift": sample_shift(cfg, width, height),
+            "ramp": s.cfg_ramp, **sample_options(s)}
+
+
 def render_grid(net: PixelHDM, encode: Encode, cfg: RunConfig, device: torch.device | str,
                 precision: str, trained: dict[str, int] | None = None) -> Tensor:
     """(N, 3, H, W): render_samples of cfg.sample.prompts, each with every default."""
@@ -364,10 +367,8 @@ def render_samples(net: PixelHDM, encode: Encode, cells: list[SamplePrompt], cfg
     out: dict[int, Tensor] = {}
     for (negative, w, h, steps, guidance), members in groups.items():
         images = render(net, encode, [cells[i].prompt for i in members], negative,
-                        [cells[i].seed for i in members], w, h, steps=steps,
-                        sampler=cfg.sample.sampler, cfg=guidance, rescale=cfg.sample.cfg_rescale,
-                        interval=tuple(cfg.sample.cfg_interval), shift=sample_shift(cfg, w, h),
-                        ramp=cfg.sample.cfg_ramp, amp_dtype=amp, **sample_options(cfg.sample))
+                        [cells[i].seed for i in members], w, h, steps=steps, amp_dtype=amp,
+                        **{**config_render_options(cfg, w, h), "cfg": guidance})
         out.update(zip(members, images))
     return [out[i] for i in range(len(cells))]
 

@@ -311,20 +311,6 @@ def effective_state(status: Status | None, now: float | None = None) -> str:
     return status.state
 
 
-def list_runs(runs_root: str | os.PathLike) -> list[RunDir]:
-    """Run directories (those with a config.yaml) under `runs_root`, newest first."""
-    root = Path(runs_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        try:   # a run may be deleted while the folder is listed
-            found.append((p.joinpath("config.yaml").stat().st_mtime, RunDir(p)))
-        except OSError:
-            continue
-    return [r for _, r in sorted(found, key=lambda x: x[0], reverse=True)]
-
-
 # --------------------------------------------------------------------------------------
 # One trainer per run: an OS-level lock held for the trainer's whole life
 # --------------------------------------------------------------------------------------

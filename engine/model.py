@@ -179,6 +179,15 @@ def _grid_positions(n: int, grid: int, device, scale: float | None = None) -> Te
     return (i + 0.5 - n / 2) * step + (grid - 1) / 2
 
 
+def patch_grid(x: Tensor, p: int) -> tuple[int, int]:
+    """The patch grid (h, w) = (H / p, W / p) of images (..., H, W); ValueError for a size
+    that is not a multiple of p."""
+    H, W = x.shape[-2:]
+    if H % p or W % p:
+        raise ValueError(f"image size {W}x{H} is not a multiple of the patch size {p}")
+    return H // p, W // p
+
+
 def patchify(x: Tensor, p: int) -> Tensor:
     """(B, C, H, W) -> (B, h*w, p*p, C): patches in raster order, pixels row-major."""
     B, C, H, W = x.shape

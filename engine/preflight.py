@@ -186,14 +186,6 @@ def measured_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> 
     return 2 * n ** 3 / best / 1e12
 
 
-def estimate_step_seconds(cfg: RunConfig, device: str | None = None) -> float:
-    """Seconds per optimizer step from the FLOP count and this device's matmul speed."""
-    dev = resolve_device(device)
-    dtype = torch.float32 if cfg.train.precision == "fp32" or dev.type == "cpu" else torch.bfloat16
-    est = estimate(cfg)
-    return est["tflops_per_step"] / (measured_tflops(dev, dtype) * STEP_EFFICIENCY)
-
-
 def dry_run(cfg: RunConfig, device: str | None = None, steps: int = 3) -> dict:
     """Run `steps` real training steps (forward, backward, optimizer) at the largest bucket
     with the configured batch size and the longest captions, on random pixels. Reports the
@@ -313,10 +305,10 @@ def cpu_warning(cfg: RunConfig, device: str | torch.device, step_seconds: float 
     if torch.device(device).type != "cpu":
         return ""
     if step_seconds is None:
-        fastest = estimate(cfg)["tflops_per_step"] / CPU_TFLOPS_CEILING * cfg.train.max_steps
-        if fastest / 86400 < CPU_DAYS_WARNING:
+        tflops = estimate(cfg)["tflops_per_step"]
+        if tflops / CPU_TFLOPS_CEILING * cfg.train.max_steps / 86400 < CPU_DAYS_WARNING:
             return ""   # even the fastest CPU would train it in time
-        step_seconds = (estimate(cfg)["tflops_per_step"] / (_cpu_tflops() * STEP_EFFICIENCY))
+        step_seconds = tflops / (_cpu_tflops() * STEP_EFFICIENCY)
     days = step_seconds * cfg.train.max_steps / 86400
     if days < CPU_DAYS_WARNING:
         return ""

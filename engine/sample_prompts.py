@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.checkpoint import CheckpointError, list_checkpoints, read_meta
-from engine.config import ConfigError, RunConfig, load_preset
+from engine.config import MAX_SAMPLER_STEPS, ConfigError, RunConfig, load_preset
 from engine.fileio import atomic_write_text
 from engine.generate_io import trained_sizes
 from engine.job import RunDir
@@ -127,8 +127,8 @@ def _cfg(text: str, d: PromptDefaults) -> float:
 
 
 def _steps(text: str, d: PromptDefaults) -> int:
-    if not _WHOLE.match(text) or not 1 <= int(text) <= 1000:
-        raise ValueError("allowed: a whole number from 1 to 1000")
+    if not _WHOLE.match(text) or not 1 <= int(text) <= MAX_SAMPLER_STEPS:
+        raise ValueError(f"allowed: a whole number from 1 to {MAX_SAMPLER_STEPS}")
     return int(text)
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.config import SAMPLER_NAMES, RunConfig
+from engine.config import SAMPLER_NAMES, RunConfig, is_time_interval
 from engine.flow import interpolate, resolution_shift, shift_time
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -321,9 +321,8 @@ def noise_setting(sampler: str, noise_interval: Sequence[float]) -> list[float] 
 
 def check_noise_interval(noise_interval: tuple[float, float]) -> None:
     """Refuse an interval that is not (lo, hi) with 0 <= lo < hi <= 1."""
-    lo, hi = noise_interval
-    if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"noise_interval = {(lo, hi)}; allowed: (lo, hi) with "
+    if not is_time_interval(noise_interval):
+        raise ValueError(f"noise_interval = {tuple(noise_interval)}; allowed: (lo, hi) with "
                          f"0 <= lo < hi <= 1")
 
 
@@ -448,10 +447,10 @@ def cfg_model(denoise: Callable[..., Tensor], cond, uncond, scale: float,
     the batch at each step inside pag_interval.
     """
     lo, hi = interval
-    for name, (a, b) in (("interval", interval), ("pag_interval", pag_interval)):
-        if not 0.0 <= a <= b <= 1.0:
-            raise ValueError(f"cfg_model: {name} = {(a, b)}; allowed: (lo, hi) with "
-                             f"0 <= lo <= hi <= 1")
+    for name, span in (("interval", interval), ("pag_interval", pag_interval)):
+        if not is_time_interval(span):
+            raise ValueError(f"cfg_model: {name} = {tuple(span)}; allowed: (lo, hi) with "
+                             f"0 <= lo < hi <= 1")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"cfg_model: rescale = {rescale}; allowed: 0 (plain CFG) to 1")
     if not 0.0 <= ramp <= 1.0:

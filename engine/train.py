@@ -73,7 +73,7 @@ from engine.flow import (
 from engine.init_from import apply as apply_init
 from engine.init_from import check_fits, load_init
 from engine.job import FINAL_STATES, REQUESTS, RunDir, resume_target
-from engine.model import PixelHDM
+from engine.model import PixelHDM, patch_grid
 from engine.optim import (
     EMA,
     ZClip,
@@ -594,7 +594,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
             # model.self_cond: does this micro-batch feed back its own estimate? (CPU draw)
             self_cond = cfg.model.self_cond and bool(
                 torch.rand((), generator=parts.host_draws) < lo.self_cond_p)
-            grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
+            grid = patch_grid(x, cfg.model.patch_size)
             use_repa = teacher is not None and repa_active(lo, st.step)
             teacher_tokens = teacher(x, grid) if use_repa else None
             sra_targets = None

@@ -192,12 +192,12 @@ def main(argv=None) -> int:
         return STOPPED_EARLY_RANK
     except (ConfigError, TrainError, RestoreError, DataError, EncoderLoadError, CheckpointError,
             DeviceError, RankSyncError, DiskFull) as e:
-        _fail(run, str(e), new_run=bool(args.preset))
+        _fail(run, str(e), new_run=bool(args.preset or args.init_from))
         return 2 if isinstance(e, ConfigError) else 1
     except Exception as e:   # unexpected: the traceback goes to the log, one line to stderr
         import traceback
         traceback.print_exc()
-        _fail(run, f"{type(e).__name__}: {e}", new_run=bool(args.preset))
+        _fail(run, f"{type(e).__name__}: {e}", new_run=bool(args.preset or args.init_from))
         return 1
     finally:
         if dist.is_initialized():

@@ -385,9 +385,12 @@ class JobReporter:
             tag = (f"quality/{k[2:]}" if k.startswith("q_") else
                    ("val/" if k.startswith("val") else "train/") + k)
             self.tb.add_scalar(tag, v, step)
-        for i, v in enumerate(record.get("loss_t") or []):
+        bins = record.get("loss_t") or []   # the loss in equal bins of t, noise first
+        digits = 1 if 10 % max(len(bins), 1) == 0 else 2   # 10 bins: 0.0-0.1 ... 0.9-1.0
+        for i, v in enumerate(bins):
             if v is not None:
-                self.tb.add_scalar(f"loss_by_t/{i / 10:.1f}-{(i + 1) / 10:.1f}", v, step)
+                self.tb.add_scalar(f"loss_by_t/{i / len(bins):.{digits}f}-"
+                                   f"{(i + 1) / len(bins):.{digits}f}", v, step)
         self.tb.flush()
 
     def metrics(self, step: int, epoch: int, lr: float, window: dict, stop_at: int,

@@ -22,7 +22,7 @@ from engine.flow import (
     v_loss_per_sample,
     velocity_target,
 )
-from engine.model import PixelHDM, TextCond
+from engine.model import PixelHDM, TextCond, patch_grid
 
 # the training-only heads: saved with the raw weights, not averaged, not sampled with
 PROJECTORS = ("repa.", "sra.")
@@ -62,7 +62,7 @@ class Trainable(nn.Module):
                 self_cond: bool = False, sra_targets: Tensor | None = None):
         text = self.encode(captions)
         z = interpolate(x, eps, t)
-        grid = (x.shape[2] // cfg.model.patch_size, x.shape[3] // cfg.model.patch_size)
+        grid = patch_grid(x, cfg.model.patch_size)
         repa_layer = cfg.loss.repa_layer if teacher is not None else None
         prev = None
         if self_cond:

@@ -53,12 +53,12 @@ from engine.checkpoint import (
 from engine.config import (
     ConfigError,
     RunConfig,
-    atomic_write_text,
     load_preset,
     save_config,
     validate,
 )
 from engine.distributed import resolve_device
+from engine.fileio import atomic_write_text
 from engine.job import (
     FINAL_STATES,
     LAUNCH_MARK,
@@ -104,7 +104,8 @@ class RunInfo:
     last_sample: str
     error: str
     message: str
-    resumable: bool         # has a checkpoint with training state and is not running
+    resumable: bool         # not running, and has a checkpoint with training state or its
+                            # config (a resume then starts it again from step 0)
     resume_to: int          # the step a resume without a target trains to (0: none)
     finished: bool          # its newest state is at that step: a resume needs a later one
     alive: bool             # a process of this run is alive (also while it exits)
@@ -125,6 +126,13 @@ def on_cpu(device: str | torch.device) -> bool:
 def _is_run_dir(path: Path) -> bool:
     return (not path.name.startswith(".") and path.is_dir()
             and any((path / f).is_file() for f in ("config.yaml", "status.json", LAUNCH_FILE)))
+
+
+def _unwritable(folder: Path, e: OSError) -> RunnerError:
+    """The RunnerError of a run folder that cannot be written (a full disk, a read-only
+    one, permissions): every tab shows a RunnerError as a message."""
+    return RunnerError(f"cannot write in {folder} ({e.strerror or e}): free some disk space, "
+                       f"or check that the folder is writable")
 
 
 def _launched_group(launch: Launch | None, pid: int) -> int:
@@ -196,9 +204,9 @@ class ComputeGate:
 
     @contextlib.contextmanager
     def dry_run(self) -> Iterator[None]:
-        """The Train tab's dry run: a whole training step in the studio's own process, so
-        never beside a live run, on any device (on a GPU it would take a second run's
-        memory from the card the run trains on)."""
+        """The Train tab's dry run: three whole training steps in the studio's own
+        process, so never beside a live run, on any device (on a GPU it would take a second
+        run's memory from the card the run trains on)."""
         def refusal(run: RunInfo | None) -> str:
             if run is None:
                 return ""
@@ -237,7 +245,8 @@ class Runner:
         self._lock = threading.RLock()
         self._procs: dict[str, subprocess.Popen] = {}   # kept only to reap them
         self._issued: set[str] = set()
-        self._config_cache: dict[str, tuple[int, str, int]] = {}
+        # config.yaml -> (mtime_ns, description, train.max_steps, dataset folder name)
+        self._config_cache: dict[str, tuple[int, str, int, str]] = {}
         self._state_cache: dict[str, tuple[tuple[str, int], dict]] = {}
 
     # ---- names -------------------------------------------------------------------------
@@ -309,12 +318,14 @@ class Runner:
         self._wait_for_exit()
         with self._lock:
             self._check_free(where)
-            self.runs_root.mkdir(parents=True, exist_ok=True)
             try:
+                self.runs_root.mkdir(parents=True, exist_ok=True)
                 run.root.mkdir()
             except FileExistsError:
                 raise RunnerError(f"a run named '{run_id}' already exists; choose another "
                                   f"name, or resume that run") from None
+            except OSError as e:
+                raise _unwritable(run.root, e) from e
             try:
                 run.create()
                 save_config(cfg, run.config)
@@ -322,8 +333,10 @@ class Runner:
                     atomic_write_text(run.sample_prompts, sample_prompts)
                 run.clear_requests()
                 self._spawn(run, [], str(where), device, gpus, max_steps)
-            except BaseException:
+            except BaseException as e:
                 shutil.rmtree(run.root, ignore_errors=True)
+                if isinstance(e, OSError):
+                    raise _unwritable(run.root, e) from e
                 raise
         return run
 
@@ -367,7 +380,10 @@ class Runner:
                     f"this)") from e
             except (ConfigError, TrainError, CheckpointError) as e:
                 raise RunnerError(f"run '{run_id}' cannot be resumed: {e}") from e
-            run.clear_requests()   # an old stop request must not stop the new process
+            try:
+                run.clear_requests()   # an old stop request must not stop the new process
+            except OSError as e:
+                raise _unwritable(run.root, e) from e
             self._spawn(run, ["--resume"], str(where), device, gpus, max_steps)
         return run
 
@@ -454,20 +470,24 @@ class Runner:
         if not info.alive or info.state not in ACTIVE_STATES:
             raise RunnerError(f"run '{run_id}' is not running (it is {info.state}); there is "
                               f"nothing to {kind}")
-        return run.request(kind)
+        try:
+            return run.request(kind)
+        except OSError as e:
+            raise _unwritable(run.root, e) from e
 
-    def force_stop(self, run_id: str, grace: float = 30.0) -> None:
+    def force_stop(self, run_id: str, grace: float = 30.0) -> bool:
         """Stop the run now: a stop request and SIGTERM (the trainer saves and stops at the
-        next step), then, after `grace` seconds, kill its whole process group. Returns when
-        the process is gone (at once when it is not alive)."""
+        next step), then, after `grace` seconds, kill its whole process group. Returns
+        whether the run's process is gone (at once when it was not alive); False when it
+        outlived the kill, or its pid now belongs to another program (left alone)."""
         run = self._existing(run_id)
         info = self._info(run)
         if not info.alive:
-            return
+            return True
         group = _launched_group(read_launch(run), info.pid)
         leader = group or info.pid
         if leader <= 0 or not looks_like_trainer(leader):
-            return
+            return False
         if info.state in ACTIVE_STATES:
             with contextlib.suppress(OSError):
                 run.request("stop")
@@ -477,7 +497,7 @@ class Runner:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(leader, signal.SIGTERM)
         if self._wait_gone(run, grace):
-            return
+            return True
         if os.name == "nt":  # pragma: no cover - Windows
             # the tree from the process this studio started (the venv's python.exe, which
             # starts the real interpreter, or torchrun over its ranks): the lock's owner
@@ -492,7 +512,7 @@ class Runner:
                     os.killpg(group, signal.SIGKILL)
                 else:
                     os.kill(leader, signal.SIGKILL)
-        self._wait_gone(run, 10.0)
+        return self._wait_gone(run, 10.0)
 
     def _wait_gone(self, run: RunDir, seconds: float) -> bool:
         deadline = time.monotonic() + seconds

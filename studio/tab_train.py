@@ -34,12 +34,15 @@ from studio.workspace import Studio
 
 POLL_SECONDS = 2.0
 LOG_LINES = 200
+WATCHED_PAGES = 256   # browser pages whose choice of run is remembered (the latest ones)
 # what starting or resuming a run may refuse with, shown as a message on the page
 EXPECTED_ERRORS = (config.ConfigError, PathError, RunnerError, DeviceError,
                    prompts_file.PromptsError)
 PROMPTS_HELP = ("One prompt per line, then its options: `--n` negative prompt, `--w` / `--h` "
                 "size, `--d` seed, `--l` CFG scale, `--s` steps; a line without one takes the "
                 "run's sample settings. Lines starting with `#` are notes.")
+
+
 def empty_watch(run_id: str = "") -> dict:
     """What the monitor remembers about the run it shows (kept per browser session);
     `prompts_of`: the run whose prompts file is in the editor; `until`: what the resume
@@ -114,7 +117,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
                 changes = gr.Markdown()
                 yaml_view = gr.Code(language="yaml", interactive=False, max_lines=40)
             with gr.Row():
-                dry = gr.Button("Dry run (one real step at the largest bucket)", size="md")
+                dry = gr.Button("Dry run (three real steps at the largest bucket)", size="md")
                 start = gr.Button("Start training", variant="primary", interactive=False)
             dry_out = gr.Markdown(elem_id="dry-run")
 
@@ -319,13 +322,17 @@ def build(studio: Studio, selection: gr.State) -> dict:
     # ---- monitor -----------------------------------------------------------------------
     # the run each page (browser session) last chose to watch. The watch state goes
     # through every timer tick, so a tick that read the previous choice and ends after a
-    # new one was made writes the old run back; the next tick puts this choice back.
+    # new one was made writes the old run back; the next tick puts this choice back. The
+    # pages that chose most recently are remembered (each opened page is a session).
     watching: dict[str, str] = {}
 
     def watch_run(run_id: str | None, request: gr.Request | None) -> dict:
         """A fresh watch state for `run_id`, remembered as the page's choice."""
         if request is not None and request.session_hash:
+            watching.pop(request.session_hash, None)
             watching[request.session_hash] = run_id or ""
+            while len(watching) > WATCHED_PAGES:
+                watching.pop(next(iter(watching)))   # the page that chose longest ago
         return empty_watch(run_id or "")
 
     def monitor_shown() -> dict:
@@ -393,10 +400,7 @@ def build(studio: Studio, selection: gr.State) -> dict:
         if new or new_state:
             out.update(plots(w["records"], smooth_w))
         if info.state == "crashed":
-            out[run_msg] = (f"**The training process died:** {info.error.rstrip('.')}. "
-                            + ("Press Resume to continue from the last good checkpoint."
-                               if info.resumable else
-                               "No checkpoint with training state was saved."))
+            out[run_msg] = views.died_message(info.error, info.message, info.resumable)
         elif info.state == "failed":
             out[run_msg] = f"**Training failed:** {info.error}"
         elif new_state:
@@ -504,8 +508,12 @@ def build(studio: Studio, selection: gr.State) -> dict:
                     return (f"Resuming `{run_id}` from its last checkpoint"
                             + (f" until step {target:,}." if target else "."))
                 if kind == "force":
-                    studio.runner.force_stop(run_id)
-                    return f"`{run_id}` was stopped."
+                    if studio.runner.force_stop(run_id):
+                        return f"`{run_id}` was stopped."
+                    info = studio.runner.info(run_id)
+                    return (f"**`{run_id}` is still running** (process {info.pid or '?'}): "
+                            f"it outlived the kill, or its process is not a trainer this "
+                            f"studio can stop; end it with the system's tools")
                 studio.runner.request(run_id, kind)
             except EXPECTED_ERRORS as e:
                 return f"**{views.md(e)}**"

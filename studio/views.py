@@ -513,6 +513,15 @@ def resume_until_info(step: int, resume_to: int, finished: bool) -> str:
     return f"empty: to its end{end}; or stop at the step given"
 
 
+def died_message(error: str, message: str, resumable: bool) -> str:
+    """The Train tab's line for a crashed run: what killed it, and where a resume goes on
+    from (`message`, the runner's: a checkpoint's step, or step 0 when none was saved) or
+    why there is nothing to resume."""
+    then = message or "no checkpoint with training state was saved"
+    return (f"**The training process died:** {error.rstrip('.')}. "
+            + (f"Press Resume ({then})." if resumable else f"{then[0].upper()}{then[1:]}."))
+
+
 def control_states(state: str, resumable: bool) -> dict[str, bool]:
     """Which run buttons make sense in a state."""
     alive = state in ("starting", "running")

@@ -320,9 +320,6 @@ class Studio:
                             f"by hand); pick another")
         return path
 
-    def checkpoint_meta(self, cid: str | CheckpointId) -> dict:
-        return read_meta(self.checkpoint_path(cid))
-
     def run_checkpoints(self, run_id: str) -> list[CheckpointEntry]:
         """The step checkpoints of a run, oldest first; RunnerError for a run that is not
         there."""

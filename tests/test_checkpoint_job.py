@@ -31,7 +31,7 @@ from engine.checkpoint import (
     unflatten_optimizer,
 )
 from engine.fileio import file_hash
-from engine.job import REQUESTS, RunDir, Status, effective_state, list_runs, pid_alive
+from engine.job import REQUESTS, RunDir, Status, effective_state, pid_alive
 
 
 def weights(seed=0):
@@ -324,17 +324,6 @@ def test_effective_state_detects_crashes():
     dead.wait()
     assert not pid_alive(dead.pid)
     assert effective_state(Status(state="running", pid=dead.pid, heartbeat=now), now) == "crashed"
-
-
-def test_list_runs_newest_first(tmp_path):
-    for i, name in enumerate(["a", "b"]):
-        r = RunDir(tmp_path / name)
-        r.create()
-        r.config.write_text("x: 1\n")
-        os.utime(r.config, (1000 + i, 1000 + i))
-    (tmp_path / "not-a-run").mkdir()
-    assert [r.run_id for r in list_runs(tmp_path)] == ["b", "a"]
-    assert list_runs(tmp_path / "missing") == []
 
 
 def test_recovery_removes_the_unfinished_files_of_both_writers(tmp_path):

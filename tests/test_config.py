@@ -38,6 +38,20 @@ def test_resolved_config_round_trips(name, tmp_path):
     assert config_from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
 
 
+def test_saving_the_same_config_keeps_the_file_and_its_time(tmp_path):
+    """A resume that changes nothing leaves config.yaml as it was: its time is the run's
+    "Created" in the studio."""
+    import os
+    path = tmp_path / "config.yaml"
+    cfg = load_preset("tiny-cpu")
+    save_config(cfg, path)
+    os.utime(path, (1_000_000, 1_000_000))
+    save_config(load_preset(path), path)
+    assert path.stat().st_mtime == 1_000_000
+    save_config(load_preset("tiny-cpu", ["train.max_steps=7"]), path)
+    assert path.stat().st_mtime > 1_000_000 and load_preset(path).train.max_steps == 7
+
+
 def test_preset_facts():
     tiny = load_preset("tiny-cpu")
     assert tiny.text.encoder == "builtin" and tiny.train.precision == "fp32"

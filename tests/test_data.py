@@ -42,6 +42,7 @@ from engine.demo_data import (
     write_demo_dataset,
 )
 from engine.images import read_header
+from engine.model import patch_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -403,7 +404,7 @@ def test_corrupt_file_during_training_is_skipped_and_reported(tmp_path):
     (batch,) = list(loader)
     assert len(batch) == 3 and batch.images.shape == (3, 3, 64, 64)
     assert [Path(p).name for p, _ in batch.failed] == ["2.png"] and batch.failed[0][1]
-    assert str(tmp_path / "2.png") not in batch.paths and batch.grid(8) == (8, 8)
+    assert str(tmp_path / "2.png") not in batch.paths and patch_grid(batch.images, 8) == (8, 8)
     ds = BucketDataset(plan.images)
     only_bad = collate([ds[2]])
     assert only_bad.images.shape == (0, 3, 64, 64) and len(only_bad.failed) == 1

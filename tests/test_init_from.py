@@ -118,3 +118,22 @@ def test_the_studio_fills_a_new_run_from_a_checkpoint_and_checks_it(demo, tmp_pa
     for bad in ("run/nope/2", "../outside", "/etc"):
         with pytest.raises(PathError, match="train.init_from"):
             studio.run_config(preset, text.replace(cid, bad), typed=str(demo))
+
+
+def test_a_failed_run_from_a_checkpoint_can_be_started_again(source, demo, tmp_path, capsys,
+                                                              monkeypatch):
+    """As a failed new --preset run does, it forgets its config.yaml: the same command is
+    not refused with "already holds a run"."""
+    import engine.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the first step broke")
+    run = tmp_path / "run"
+    args = ["--init-from", str(source), "--data", str(demo), "--run-dir", str(run),
+            "--max-steps", "1", "--set", "train.sample_every=0"]
+    with monkeypatch.context() as m:
+        m.setattr(engine.train, "MetricWindow", broken)   # built after the config is written
+        assert train_main(args) == 1
+    assert "the first step broke" in capsys.readouterr().err
+    assert not (run / "config.yaml").exists()
+    assert train_main(args) == 0

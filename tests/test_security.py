@@ -471,7 +471,6 @@ def _operations(studio):
         ("checkpoint id", "reads", lambda v: studio.checkpoint_path(f"run/{v}/5")),
         ("checkpoint id (exported)", "reads",
          lambda v: studio.checkpoint_path(f"model/{v}.safetensors")),
-        ("checkpoint metadata", "reads", lambda v: studio.checkpoint_meta(f"run/{v}/5")),
         ("dataset choice", "reads", lambda v: studio.dataset_dir(v)),
         ("dataset folder typed", "reads", lambda v: studio.chosen_dataset(
             None, "datasets/escape" if v == "escape" else v or "/")),

@@ -389,6 +389,17 @@ def test_progress_html():
     assert "<b>Reached the step asked for</b>" in short and "50.0%" in short
 
 
+def test_a_crashed_run_says_where_a_resume_goes_on_from():
+    """Not "from the last good checkpoint" for a run that saved none: it starts again."""
+    none = views.died_message("killed by SIGKILL.", "no checkpoint was saved yet: resume "
+                              "starts the run again from step 0", True)
+    assert none == ("**The training process died:** killed by SIGKILL. Press Resume (no "
+                    "checkpoint was saved yet: resume starts the run again from step 0).")
+    assert "from step 40" in views.died_message("x", "resume continues from step 40", True)
+    assert views.died_message("x", "", False).endswith(
+        "No checkpoint with training state was saved.")
+
+
 @pytest.mark.parametrize("state, resumable, enabled", [
     ("running", False, {"stop", "pause", "save", "sample", "force"}),
     ("starting", False, {"stop", "force"}),

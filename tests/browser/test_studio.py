@@ -146,7 +146,7 @@ def test_train_tab_validates_starts_watches_and_stops_a_run(page, screenshots):
     assert "demo-shapes" in text_of(page, "#train-validity")
     assert start.is_enabled()
     assert page.get_by_text("trained parameters").is_visible()
-    page.get_by_role("button", name="Dry run (one real step at the largest bucket)").click()
+    page.get_by_role("button", name="Dry run (three real steps at the largest bucket)").click()
     wait_text(page, "#dry-run", r"s/step", timeout=120_000)
     start.click()
     wait_text(page, "#sample-note", r"step \d{7}", timeout=120_000)
