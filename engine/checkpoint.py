@@ -63,7 +63,7 @@ def _nbytes(tensors: dict[str, Tensor]) -> int:
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    with atomic_target(path, _nbytes(tensors)) as tmp:
+    with atomic_target(path, _nbytes(tensors), durable=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata)
 
@@ -247,12 +247,34 @@ def _listing(ckpt_dir: Path, pattern: re.Pattern, prefix: str) -> list[Checkpoin
     return sorted(out, key=lambda c: c.step)
 
 
-def latest_resumable(ckpt_dir: Path) -> CheckpointInfo | None:
+def latest_resumable(ckpt_dir: Path, damaged: list | None = None) -> CheckpointInfo | None:
     """The newest point a run can resume from: the step checkpoint or time-based latest
-    entry with its training state that has the highest step."""
+    entry with its training state that has the highest step, of those whose two files
+    open. Newer ones that do not (cut short, overwritten) are passed over, and appended to
+    `damaged` as (CheckpointInfo, what is wrong) when it is given."""
     found = [c for c in list_checkpoints(ckpt_dir) + _latest_entries(ckpt_dir)
              if c.state_path is not None]
-    return max(found, key=lambda c: c.step, default=None)
+    for c in sorted(found, key=lambda c: c.step, reverse=True):
+        why = damage(c)
+        if not why:
+            return c
+        if damaged is not None:
+            damaged.append((c, why))
+    return None
+
+
+def damage(info: CheckpointInfo) -> str:
+    """What is wrong with a checkpoint's files ('' when the weights and the training state,
+    if it has one, both open): their headers and lengths are checked, no tensor read."""
+    for path in (info.path, info.state_path):
+        if path is None:
+            continue
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as e:   # safetensors' own error types for damaged files
+            return f"{path.name} is damaged ({' '.join(str(e).split())})"
+    return ""
 
 
 def pinned_steps(ckpt_dir: Path) -> set[int]:

@@ -129,10 +129,14 @@ def file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_target(path: Path, needed: int = 0):
+def atomic_target(path: Path, needed: int = 0, durable: bool = False):
     """Yield a temporary path beside `path`; on success it replaces `path` in one
     os.replace, on any error it is deleted. Readers never see a half-written file. A
-    failure caused by a full disk is raised as `DiskFull` (`needed`: the expected size)."""
+    failure caused by a full disk is raised as `DiskFull` (`needed`: the expected size).
+    `durable`: the file's bytes reach the disk before it replaces `path`, and the rename
+    after (a power cut then leaves the old file or the whole new one, never an empty
+    one): for files whose loss costs hours, such as checkpoints, before older ones are
+    deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -148,13 +152,31 @@ def atomic_target(path: Path, needed: int = 0):
         # (FAT, some mounts) keeps its own
         with contextlib.suppress(OSError):
             os.chmod(tmp, file_mode())
+        if durable:
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())
         replace(tmp, path)
+        if durable:
+            sync_folder(path.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if not isinstance(e, DiskFull) and isinstance(e, Exception) and is_disk_full(e):
             raise DiskFull(path, free_bytes(path.parent), needed) from e
         raise
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk, where the system allows it
+    (POSIX; Windows has no handle on a folder for it, and its renames are journaled)."""
+    if os.name == "nt":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -171,15 +193,18 @@ def append_line(path: Path, line: str) -> None:
     in the middle of a write) is closed first, so it never swallows this one; a write that
     fails is taken back, so the file only ever holds whole lines."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    with open(path, "a+b") as f:
+    # unbuffered: a buffered file would keep the bytes a full disk refused, and write them
+    # again when it truncates and when it closes, which then fail and leave half a line
+    with open(path, "a+b", buffering=0) as f:
         end = f.seek(0, os.SEEK_END)
         if end:
             f.seek(end - 1)
             if f.read(1) != b"\n":
                 data = b"\n" + data
         try:
-            f.write(data)
-            f.flush()
+            view = memoryview(data)
+            while view:   # a write may take part of the bytes, and fail on the rest
+                view = view[f.write(view):]
         except OSError as e:
             with contextlib.suppress(OSError):
                 f.truncate(end)

@@ -22,6 +22,7 @@ non-final state shows as crashed instead of running forever.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -115,7 +116,8 @@ class RunDir:
             if not p.with_name(p.name.replace(".state.", ".")).exists():
                 freed += p.stat().st_size
                 p.unlink(missing_ok=True)
-                notes.append(f"removed {p.name}: its weights file was never written")
+                notes.append(f"removed {p.name}: its weights file is not there (never written, "
+                             f"or deleted), and a training state resumes nothing without it")
         try:
             with open(self.metrics_file, "r+b") as f:
                 size = f.seek(0, os.SEEK_END)
@@ -183,6 +185,23 @@ class RunDir:
             except ValueError:
                 continue
         return records, offset + end
+
+    def last_logged_step(self) -> int:
+        """The highest step of the last whole metric lines (0 when there are none): how far
+        a trainer got, where its status.json, written every few seconds, may lag."""
+        try:
+            with open(self.metrics_file, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16 * 1024))
+                data = f.read()
+        except OSError:
+            return 0
+        steps = [0]
+        for line in data.splitlines()[1:] if len(data) >= 16 * 1024 else data.splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                step = json.loads(line).get("step")
+                if isinstance(step, int):
+                    steps.append(step)
+        return max(steps)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

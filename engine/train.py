@@ -25,20 +25,27 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from engine import __version__
 from engine.buckets import plan_buckets, stage_plans
 from engine.checkpoint import (
+    CheckpointError,
     CheckpointInfo,
     apply_retention,
     latest_resumable,
+    read_meta,
     read_state_info,
     save_checkpoint,
 )
 from engine.config import (
+    ConfigError,
     RunConfig,
+    apply_overrides,
+    config_from_dict,
     dump_yaml,
+    read_yaml,
     save_config,
 )
 from engine.crop_cache import stored_crops, uncached_advice
@@ -154,6 +161,12 @@ def train(cfg: RunConfig, run: RunDir, *, resume: bool = False, stop_at: int | N
                   lambda: run.pending_requests(getattr(run.read_status(), "handled", {})))
     try:
         return _train(cfg, run, report, d, device, resume, stop_at, signals, after_step)
+    except Exception as e:
+        # raised inside a library's C code (reading a checkpoint, say), the stop can come
+        # back as that library's error: a good file would be called damaged
+        if signals.early is not None and e is not signals.early:
+            raise signals.early from e
+        raise
     finally:
         signals.restore()
         report.close()
@@ -191,7 +204,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     # progressive resolution (data.stages): each stage trains the same images in buckets
     # scaled down from the full plan's; the validation loss keeps the full one throughout
     stages = resolution_stages(cfg.data.stages, cfg.data.max_side, cfg.model.patch_size)
-    last = resume_point(run, cfg, stop_at) if resume else None
+    last = resume_point(run, cfg, stop_at, log) if resume and d.main else \
+        resume_point(run, cfg, stop_at) if resume else None
     # a resume rebuilds the stage that trained the checkpoint's last batch: its data position
     stage = stage_index(stages, max(last.step - 1, 0) if last else 0)
     plans = stage_plans(plan, cfg.data, stages)
@@ -363,6 +377,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         report.event(st.step, kind, message)
 
     if last is not None:
+        report.purge_from = last.step + 1   # before anything of this trainer is logged
         restore(last, st, parts, d=d, device=device, fingerprint=fingerprint, seed=tr.seed,
                 max_steps=tr.max_steps, requested=stop_at, event=resume_event)
         log(f"resumed from {last.path.name} at step {st.step} (epoch {st.epoch}, batch "
@@ -377,10 +392,11 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         initial_weights = {k: v.detach().cpu().clone() for k, v in model.weights().items()}
     prev = report.previous
     if resume and prev is not None and prev.state not in FINAL_STATES:   # its end unrecorded
-        again = (f"; steps {st.step + 1}-{prev.step} are trained again"
-                 if prev.step > st.step else "")
+        # how far it got: its status.json lags its metric lines by a few seconds
+        ended = max(prev.step, run.last_logged_step(), st.step)
+        again = f"; steps {st.step + 1}-{ended} are trained again" if ended > st.step else ""
         resume_event("crash", f"the previous trainer (process {prev.pid}) ended at step "
-                              f"{prev.step} without saving its state (killed, or the machine "
+                              f"{ended} without saving its state (killed, or the machine "
                               f"stopped); training goes on from step {st.step}{again}")
     if d.main:   # the config this process trains, now that it is known to fit the run
         save_config(cfg, run.config)
@@ -735,17 +751,72 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
 # Small helpers of the loop
 # --------------------------------------------------------------------------------------
 
-def resume_point(run: RunDir, cfg: RunConfig, requested: int | None) -> CheckpointInfo | None:
+def resume_point(run: RunDir, cfg: RunConfig, requested: int | None,
+                 log: Callable[[str], None] | None = None) -> CheckpointInfo | None:
     """The checkpoint a resume continues from, or None for a run that stopped before its
     first checkpoint (it starts again from step 0); RunFinished when the run already
-    reached the step it would train to."""
-    last = latest_resumable(run.checkpoints)
+    reached the step it would train to. Newer checkpoints whose files are damaged are
+    passed over, each named to `log`."""
+    damaged: list = []
+    last = latest_resumable(run.checkpoints, damaged)
+    if damaged and last is None:   # starting again from step 0 is the user's call
+        names = ", ".join(f"step {c.step} ({why})" for c, why in damaged)
+        raise TrainError(f"no checkpoint of {run.root} can be resumed from: {names}. Restore "
+                         f"them from a copy, or move them out of {run.checkpoints} to start "
+                         f"the run again from step 0")
+    for c, why in damaged if log is not None else []:
+        log(f"warning: checkpoint step {c.step} cannot be resumed from ({why}): resuming "
+            f"from step {last.step}; move or delete its files ({c.path.name} and "
+            f"{c.state_path.name}) once the run goes on")
     if last is None:
         return None
     info = read_state_info(last.state_path)
     if info["step"] >= resume_target(info.get("stop_at"), cfg.train.max_steps, requested):
         raise RunFinished(info["step"])
     return last
+
+
+def resume_config(run: RunDir, overrides=()) -> tuple[RunConfig, str]:
+    """(config, note) a run resumes with: its config.yaml with `overrides`. A config.yaml
+    that cannot be read, or that lacks settings the newest checkpoint's copy of the config
+    holds (a file cut short: the missing settings would silently take their defaults, and
+    the file be written back so), is completed from that copy, and the note says so ('':
+    nothing was). ConfigError when neither can be read."""
+    try:
+        raw, problem = read_yaml(run.config), ""
+    except ConfigError as e:
+        raw, problem = None, " ".join(str(e).split())
+    last = latest_resumable(run.checkpoints)
+    stored = None
+    if last is not None:
+        try:
+            stored = yaml.safe_load(read_meta(last.path).get("config") or "")
+        except (CheckpointError, yaml.YAMLError):
+            stored = None
+    if not isinstance(stored, dict):
+        if raw is None:
+            raise ConfigError(problem)
+        return config_from_dict(apply_overrides(raw, overrides, f"{run.config} (--set)"),
+                                str(run.config)), ""
+    if not raw or not isinstance(raw, dict):
+        why = problem or ("empty" if not raw else "not a mapping of settings")
+        raw, note = {}, (f"{run.config.name} cannot be read ({why}): restored from the copy "
+                         f"in checkpoint step {last.step}")
+    else:
+        missing = [f"{s}.{k}" if k else s for s, v in stored.items()
+                   for k in (v if isinstance(v, dict) else [None])
+                   if s not in raw or (k and not (isinstance(raw[s], dict) and k in raw[s]))]
+        note = (f"{run.config.name} lacks {len(missing)} setting(s) that the copy in checkpoint "
+                f"step {last.step} holds ({', '.join(missing[:4])}"
+                f"{' ...' if len(missing) > 4 else ''}): it looks cut short; those come from "
+                f"the checkpoint, and {run.config.name} is written whole again"
+                if missing else "")
+    merged = {s: ({**v, **(raw.get(s) or {})} if isinstance(v, dict)
+                  and isinstance(raw.get(s, {}), dict) else raw.get(s, v))
+              for s, v in stored.items()}
+    merged.update({s: v for s, v in raw.items() if s not in merged})
+    return config_from_dict(apply_overrides(merged, overrides, f"{run.config} (--set)"),
+                            f"{run.config} (completed from checkpoint step {last.step})"), note
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ from engine.generate_io import checkpoint_config, resolve_checkpoint
 from engine.init_from import check_source
 from engine.job import RunBusy, RunDir, RunLock
 from engine.sample_prompts import caption_prompts
-from engine.train import TrainError, resume_point, train
+from engine.train import TrainError, resume_config, resume_point, train
 from engine.train_io import JobReporter, StoppedEarly
 from engine.train_state import RestoreError
 
@@ -134,7 +134,9 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
         last = latest_resumable(run.checkpoints)
         if not args.resume and main_rank and last is not None:
             raise TrainError(f"'{run.root}' already has checkpoints; add --resume to continue it")
-        cfg = load_preset(run.config, overrides)
+        cfg, note = resume_config(run, overrides)
+        if note and main_rank:   # (into the log: the trainer's stderr)
+            print(f"note: {note}", file=sys.stderr)
         if args.resume:
             resume_point(run, cfg, args.max_steps)
     if not cfg.data.path:
@@ -165,6 +167,10 @@ def main(argv=None) -> int:
             lock.acquire()
     except RunBusy as e:   # refused: the other trainer's files are left alone
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except OSError as e:   # the lock's owner file on a full or read-only disk
+        print(f"error: cannot take the run's lock in {run.root} ({e}): free some disk space, "
+              f"or check that the folder is writable", file=sys.stderr)
         return 1
     try:
         if args.prompts_from_data:
@@ -218,9 +224,13 @@ def _fail(run: RunDir, message: str, state: str = "failed", new_run: bool = Fals
     print(f"{tag}{'error' if state == 'failed' else state}: {message}", file=sys.stderr)
     if rank != 0 or not run.root.is_dir():
         return
-    if new_run and not run.metrics_file.exists() and latest_resumable(run.checkpoints) is None:
-        run.config.unlink(missing_ok=True)
-    JobReporter.record_end(run, state, message)
+    try:
+        if new_run and not run.metrics_file.exists() and latest_resumable(run.checkpoints) is None:
+            run.config.unlink(missing_ok=True)
+        JobReporter.record_end(run, state, message)
+    except OSError as e:   # a full disk, most likely what ended the run
+        print(f"{tag}note: could not record this in {run.status_file} ({e}); the studio "
+              f"tells the run's end from its process", file=sys.stderr)
 
 
 if __name__ == "__main__":

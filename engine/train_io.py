@@ -136,6 +136,7 @@ class StopSignals:
     def __init__(self):
         self.hit, self.in_loop, self._old = False, False, {}
         self._why = ""
+        self.early: StoppedEarly | None = None   # the stop raised before the loop, if any
         self._done = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):   # only the main thread may set handlers
@@ -145,7 +146,9 @@ class StopSignals:
         self.hit = True
         if not self.in_loop:
             why = self._why or f"by signal {signal.Signals(signum).name}"
-            raise StoppedEarly(f"stopped {why} before training began", requested=bool(self._why))
+            self.early = StoppedEarly(f"stopped {why} before training began",
+                                      requested=bool(self._why))
+            raise self.early
 
     def watch(self, pending: Callable[[], dict], every: float = 0.5) -> None:
         """Until the loop begins (or restore), poll `pending()`, the run's unhandled
@@ -199,6 +202,9 @@ class JobReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tb = None
+        # a resumed run's first step: TensorBoard hides what earlier trainers logged from it
+        # on (steps trained again after a kill showed twice, the curve doubling back)
+        self.purge_from: int | None = None
         self._logfile = None
         # a progress bar redrawn in place, on a terminal that clears a line
         self._tty = sys.stderr.isatty() and line_clearing_terminal()
@@ -370,7 +376,8 @@ class JobReporter:
     def tb(self):
         if self._tb is None and self.main:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.run.root), flush_secs=5)
+            self._tb = SummaryWriter(str(self.run.root), flush_secs=5,
+                                     purge_step=self.purge_from)
         return self._tb
 
     def _record(self, record: dict) -> None:

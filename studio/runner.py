@@ -53,7 +53,6 @@ from engine.checkpoint import (
 from engine.config import (
     ConfigError,
     RunConfig,
-    load_preset,
     save_config,
     validate,
 )
@@ -68,7 +67,7 @@ from engine.job import (
     run_owner,
     wait_for_owner_exit,
 )
-from engine.train import RunFinished, TrainError, resume_point
+from engine.train import RunFinished, TrainError, resume_config, resume_point
 from engine.train_io import LOG_CAPTURED_ENV
 from studio.liveness import (
     ACTIVE_STATES,
@@ -369,7 +368,7 @@ class Runner:
                                   f"stop that process first")
             self._check_free(where)
             try:
-                cfg = load_preset(run.config)
+                cfg, _ = resume_config(run)   # (the trainer says what it completed)
                 resume_point(run, cfg, max_steps)
             except RunFinished as e:
                 raise RunnerError(

@@ -134,7 +134,8 @@ def build(studio: Studio) -> dict:
                                        figures, by if by in quality.BEST_BY else BEST_DEFAULT)
         rows = [quality.checkpoint_row(
             views.checkpoint_row(c.step, c.saved, c.size, c.meta, c.pinned, c.resumable,
-                                 c.sample is not None), figures.get(c.step, {}), c.step == best)
+                                 c.sample is not None, c.damage), figures.get(c.step, {}),
+            c.step == best)
             for c in reversed(entries)]
         gallery = [(str(c.sample), f"step {c.step}") for c in reversed(entries) if c.sample]
         steps = [c.step for c in entries]

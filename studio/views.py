@@ -558,10 +558,11 @@ def fmt_checkpoint_val(meta: dict, step: int) -> str:
 
 
 def checkpoint_row(step: int, saved: float, size: int, meta: dict, pinned: bool,
-                   resumable: bool, has_sample: bool) -> list:
+                   resumable: bool, has_sample: bool, damage: str = "") -> list:
     return [step, fmt_time(saved), fmt_bytes(size), "yes" if meta.get("has_ema") else "no",
             fmt_checkpoint_val(meta, step), "pinned" if pinned else "",
-            "yes" if resumable else "weights only", "yes" if has_sample else ""]
+            f"no: {damage}" if damage else "yes" if resumable else "weights only",
+            "yes" if has_sample else ""]
 
 
 def md(text: object) -> str:

@@ -27,6 +27,7 @@ from typing import Sequence
 from engine import config
 from engine.checkpoint import (
     CheckpointError,
+    damage,
     delete_checkpoint,
     export_inference,
     list_checkpoints,
@@ -121,6 +122,7 @@ class CheckpointEntry:
     pinned: bool                # listed in keep.txt: retention keeps it
     resumable: bool             # its training state is there
     sample: Path | None         # the sample grid of that step, when one was made
+    damage: str = ""            # what is wrong with its files ('' = they open)
 
 
 def folder_size(path: Path) -> int:
@@ -335,7 +337,7 @@ class Studio:
             sample = run / "samples" / f"{step_name(c.step)}.png"
             out.append(CheckpointEntry(c.step, c.mtime, c.size, meta, c.step in pinned,
                                        c.state_path is not None,
-                                       sample if sample.is_file() else None))
+                                       sample if sample.is_file() else None, damage(c)))
         return out
 
     def toggle_pin(self, run_id: str, step: int) -> bool:

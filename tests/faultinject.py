@@ -108,8 +108,8 @@ def install(mode: str, arg: str) -> None:
         fired = []
 
         @contextlib.contextmanager
-        def target(path, needed=0):
-            with real_target(path, needed) as tmp:
+        def target(path, needed=0, **kwargs):
+            with real_target(path, needed, **kwargs) as tmp:
                 yield tmp
                 if _named(path, arg) and not fired:
                     fired.append(path)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ from engine.checkpoint import (
 )
 from engine.fileio import file_hash
 from engine.job import REQUESTS, RunDir, Status, effective_state, pid_alive
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def weights(seed=0):
@@ -287,6 +290,52 @@ def test_a_line_cut_short_never_swallows_the_next_and_a_failed_append_is_taken_b
     with pytest.raises(fileio.DiskFull, match=r"the disk holding .* is full .* m\.jsonl"):
         fileio.append_line(path, '{"step": 4, "loss": 0.5}')
     assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(os.name == "nt", reason="uses a POSIX file-size limit")
+def test_an_append_that_the_disk_takes_only_in_part_is_taken_back(tmp_path):
+    """A real file and a real partial write (the process's file-size limit stands in for
+    the disk filling up mid-line): the file keeps whole lines only."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n')
+    code = (f"import resource, sys; from pathlib import Path; from engine import fileio\n"
+            f"p = Path({str(path)!r}); n = p.stat().st_size + 8\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))\n"
+            f"try:\n    fileio.append_line(p, '{{\"step\": 2, \"loss\": 0.123456}}')\n"
+            f"except OSError as e:\n    print('refused', e.errno)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert "refused" in out.stdout and "Traceback" not in out.stderr, out.stderr
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_checkpoint_files_reach_the_disk_before_they_replace_older_ones(tmp_path, monkeypatch):
+    """A power cut right after a save must leave the old checkpoint or the whole new one:
+    each file is flushed before its rename, and the folder after it (retention deletes
+    older checkpoints next)."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):   # which file or folder: its name, from /proc where there is one
+        where = f"/proc/self/fd/{fd}"
+        synced.append(os.path.basename(os.readlink(where)) if os.path.exists(where) else fd)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    save(tmp_path / "c", 5)
+    assert len(synced) >= 2
+    if sys.platform.startswith("linux"):
+        assert [n for n in synced if str(n).startswith(".step_0000005.")] and "c" in synced
+        assert synced.index("c") > min(i for i, n in enumerate(synced)
+                                       if str(n).startswith(".step_0000005."))
+
+
+def test_the_last_logged_step_reads_the_metric_lines_not_the_status(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    assert run.last_logged_step() == 0
+    lines = [json.dumps({"step": i, "loss": 0.5, "pad": "x" * 200}) for i in range(1, 200)]
+    run.metrics_file.write_text("\n".join(lines) + '\n{"step": 200, "lo')   # cut short
+    assert run.last_logged_step() == 199
 
 
 def test_a_full_disk_is_named_before_a_checkpoint_is_written(tmp_path, monkeypatch):

@@ -156,6 +156,132 @@ def test_a_full_disk_fails_the_run_by_name_and_a_resume_continues(demo, tmp_path
     assert sorted(losses(run)) == list(range(1, 25))
 
 
+def test_a_full_disk_before_the_first_step_is_one_line_without_traceback(demo, tmp_path,
+                                                                          monkeypatch, capsys):
+    """The lock's owner file, then status.json itself, on a full disk: one line each, as for
+    every other failure (they were tracebacks)."""
+    import errno
+
+    import engine.train_cli as cli
+    from engine.fileio import DiskFull
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    run = tmp_path / "run"
+    args = ["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+            "--max-steps", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(cli.RunLock, "acquire", full)
+        assert train_main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot take the run's lock" in err and "free some disk space" in err
+    assert "Traceback" not in err
+
+    def no_room(run_dir, *args, **kwargs):
+        raise DiskFull(Path(run_dir) / "status.json", 0, 100)
+    with monkeypatch.context() as m:   # the run ends on a full disk, which status.json is on
+        m.setattr(cli, "train", lambda cfg, run_dir, **kw: no_room(run_dir.root))
+        m.setattr(cli.JobReporter, "record_end", lambda run_dir, *a: no_room(run_dir.root))
+        assert train_main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: the disk holding" in err and "while writing status.json" in err
+    assert "note: could not record this in" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.name == "nt", reason="sends itself SIGINT")
+def test_a_stop_while_a_checkpoint_loads_is_a_stop_not_a_damaged_file(demo, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Ctrl+C landing inside safetensors' reading came back as its own error, and the
+    resume called a good checkpoint damaged (and the user would delete it)."""
+    import signal
+
+    import engine.train as train_module
+    from engine.checkpoint import CheckpointError
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "2", *sets("train.save_every=2",
+                                                 "train.sample_every=0")]) == 0
+
+    def interrupted(*args, **kwargs):   # the signal arrives inside a library's C code,
+        try:                            # which raises its own error instead
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except BaseException:
+            raise CheckpointError("training state 'x' is damaged or missing (could not "
+                                  "determine the shape of object type 'UntypedStorage')") from None
+    monkeypatch.setattr(train_module, "restore", interrupted)
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "stopped: stopped by signal SIGINT before training began" in err
+    assert "damaged" not in err
+    assert RunDir(run).read_status().state == "stopped"
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [2]
+
+
+@pytest.mark.parametrize("damage", ["cut short", "garbage", "empty"])
+def test_a_damaged_config_is_completed_from_the_checkpoint_on_resume(demo, tmp_path, capsys,
+                                                                    damage):
+    """config.yaml cut at a line end resumed on the defaults of every setting past the cut
+    (a tenth of the learning rate, bf16, compiled...) and wrote them back; a config that
+    did not read could not be resumed at all. The checkpoint holds a copy."""
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "2", *sets("train.save_every=2", "train.sample_every=0",
+                                                 "train.lr=3e-3")]) == 0
+    path = run / "config.yaml"
+    whole = path.read_text()
+    lines = whole.splitlines(keepends=True)
+    path.write_bytes({"cut short": "".join(lines[:len(lines) // 2]).encode(),
+                      "garbage": b"\x00\xff" * 50, "empty": b""}[damage])
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert ("looks cut short" if damage == "cut short" else "restored from the copy in "
+            "checkpoint step 2") in err
+    assert path.read_text() == whole            # written whole again, the run's own values
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_by_name(demo, tmp_path, capsys):
+    """A cut-short newest checkpoint blocked every resume with "pick another checkpoint",
+    which neither the command line nor the studio can do: the resume goes on from the
+    newest whole one and names the other; with none whole it says what to do."""
+    from engine.checkpoint import latest_resumable
+    run = tmp_path / "run"
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "4", *sets("train.save_every=2", "train.sample_every=0",
+                                                 "train.keep_last=5")]) == 0
+    newest = run / "checkpoints" / "step_0000004.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert latest_resumable(run / "checkpoints").step == 2     # (what the studio shows)
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: checkpoint step 4 cannot be resumed from (step_0000004.safetensors is " \
+           "damaged" in err and "resuming from step 2" in err
+    assert [r["step"] for r in records(run, "loss")][-4:] == [3, 4, 5, 6]
+    for c in list_checkpoints(run / "checkpoints"):
+        c.path.write_bytes(b"garbage")
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint of" in err and "to start the run again from step 0" in err
+
+
+def test_tensorboard_shows_each_step_once_after_steps_are_trained_again(demo, tmp_path):
+    """A resume from an earlier checkpoint trains some steps again: TensorBoard hides the
+    first trainer's values of them (the studio's plots fold them the same way)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    common = sets("train.save_every=2", "train.sample_every=0", "train.log_every=1",
+                  "train.keep_last=5")
+    assert train_main(["--preset", "tiny-cpu", "--data", str(demo), "--run-dir", str(run),
+                       "--max-steps", "4", *common]) == 0
+    for p in (run / "checkpoints").glob("step_0000004*"):
+        p.unlink()                                  # as if killed just before saving step 4
+    assert train_main(["--run-dir", str(run), "--resume", "--max-steps", "6"]) == 0
+    tb = EventAccumulator(str(run))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
 def poison_steps(monkeypatch, steps: set[int], times: int) -> list[int]:
     """Make the loss (and so every gradient) NaN for the first `times` batches tried at
     the given steps."""

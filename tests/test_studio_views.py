@@ -419,6 +419,12 @@ def test_control_states(state, resumable, enabled):
 # --------------------------------------------------------------------------------------
 
 
+def test_a_damaged_checkpoint_is_not_called_resumable():
+    row = views.checkpoint_row(4, 0, 1, {}, False, True, False, "step_0000004.safetensors "
+                               "is damaged (incomplete)")
+    assert row[6] == "no: step_0000004.safetensors is damaged (incomplete)"
+
+
 def test_checkpoint_row():
     row = views.checkpoint_row(1200, 0, 3 * 2**20, {"has_ema": True, "val_loss": 0.123456},
                                pinned=True, resumable=False, has_sample=True)
