@@ -265,16 +265,46 @@ def latest_resumable(ckpt_dir: Path, damaged: list | None = None) -> CheckpointI
 
 def damage(info: CheckpointInfo) -> str:
     """What is wrong with a checkpoint's files ('' when the weights and the training state,
-    if it has one, both open): their headers and lengths are checked, no tensor read."""
+    if it has one, are whole): each file's header is read and its length checked against
+    it, no tensor read and nothing mapped (Windows could then not delete the file while
+    the trainer's retention does). Answers are kept per file size and time: the studio
+    asks at every refresh."""
     for path in (info.path, info.state_path):
-        if path is None:
-            continue
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as e:   # safetensors' own error types for damaged files
-            return f"{path.name} is damaged ({' '.join(str(e).split())})"
+        if path is not None and (why := _file_damage(Path(path))):
+            return f"{Path(path).name} is damaged ({why})"
     return ""
+
+
+_DAMAGE: dict[tuple, str] = {}
+
+
+def _file_damage(path: Path) -> str:
+    """'' for a whole safetensors file, else what is wrong with it."""
+    try:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in _DAMAGE:
+            return _DAMAGE[key]
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(st.st_size - 8, 100 << 20):
+                why = "no safetensors header"
+            else:
+                header = json.loads(f.read(n))
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                expected = 8 + n + max(ends, default=0)
+                why = ("" if expected == st.st_size else
+                       f"{st.st_size:,} bytes where its header describes {expected:,}: cut "
+                       f"short or overwritten")
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        why = "its header is not valid"
+    if len(_DAMAGE) > 4096:
+        _DAMAGE.clear()
+    _DAMAGE[key] = why
+    return why
 
 
 def pinned_steps(ckpt_dir: Path) -> set[int]:

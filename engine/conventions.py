@@ -40,6 +40,7 @@ is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
@@ -103,9 +104,15 @@ def decode_caption(raw: bytes) -> str:
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return raw.decode("utf-16")
     if b"\x00" in raw:
+        # the high byte of Latin text is zero: in one column of byte pairs nearly always,
+        # in the other never. Text in other scripts has no such column and stays refused
+        # (a wrong byte order would decode to other, printable characters)
         even, odd = raw[0::2].count(0), raw[1::2].count(0)
-        if len(raw) % 2 == 0 and max(even, odd) >= len(raw) // 8 and min(even, odd) == 0:
-            return raw.decode("utf-16-le" if odd else "utf-16-be")
+        if len(raw) % 2 == 0 and max(even, odd) >= len(raw) // 4 and min(even, odd) == 0:
+            with contextlib.suppress(UnicodeDecodeError):
+                text = raw.decode("utf-16-le" if odd else "utf-16-be")
+                if "".join(text.split()).isprintable():
+                    return text
         at = raw.index(b"\x00")
         raise UnicodeDecodeError("utf-8", raw, at, at + 1, "a NUL byte: not text")
     return raw.decode("utf-8-sig")

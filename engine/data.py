@@ -65,7 +65,7 @@ from engine.images import (
     open_image,
 )
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3   # 3: sizes follow XMP and late-eXIf orientation
 
 class DataError(ValueError):
     """A dataset folder or file cannot be used as asked."""
@@ -210,7 +210,7 @@ def _walk(root: Path) -> Listing:
                     images.append(e.name)
                 elif ext in CAPTION_EXTENSIONS or e.name.lower() == METADATA_NAME:
                     texts.setdefault(e.name.lower(), []).append(e.name)
-            elif link and ext in IMAGE_EXTENSIONS | set(CAPTION_EXTENSIONS):
+            elif link and (not ext or ext in IMAGE_EXTENSIONS | set(CAPTION_EXTENSIONS)):
                 out.bad[Path(e.path)] = (f"a link to {os.readlink(e.path)}, which is not "
                                          f"there: fix or remove the link")
         out.folders.append((folder, images, texts))
@@ -312,8 +312,10 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
     folders = listing.folders
     total = sum(len(imgs) for _, imgs, _ in folders)
     if total == 0:
-        unread = "".join(f"; folder '{f}' cannot be listed ({err})" for f, err in
-                         list(listing.unlistable.items())[:3])
+        unread = "".join([f"; folder '{f}' cannot be listed ({err})" for f, err in
+                          list(listing.unlistable.items())[:3]]
+                         + [f"; '{shown_path(str(p))}' left out: {why}" for p, why in
+                            list(listing.bad.items())[:3]])
         if other := _unread_images(root_path):
             raise DataError(
                 f"no images this program reads in '{root_path}' or its subfolders "
@@ -381,7 +383,7 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
             if progress is not None and images:
                 progress(done, total)
             continue
-        stems = set()
+        stems, used = set(), set()   # the images' keys; the caption files they took
         pictures = {os.path.splitext(name)[0].lower() for name in images}
         for name in images:
             path = folder / name
@@ -419,6 +421,7 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
                          f"{data_cfg.min_side}: skipped; use a larger image or lower "
                          f"data.min_side", rel, f"{w}x{h} px")
             choice = choose_caption(folder, name, texts, metadata.get(rel.lower(), []))
+            used.add(choice.used)
             if choice.caption is None:
                 what, todo = CAPTION_PROBLEMS[choice.kind]
                 _problem(problems, choice.kind, caption_severity,
@@ -434,11 +437,19 @@ def scan_dataset(root: str | os.PathLike, data_cfg: DataConfig, *, max_pixels: i
                                        rule.repeats))
         for low, real_names in texts.items():
             stem, ext = os.path.splitext(low)
-            if ext in CAPTION_EXTENSIONS and stem not in stems and stem not in NOT_CAPTIONS:
+            if ext not in CAPTION_EXTENSIONS or stem in NOT_CAPTIONS:
+                continue
+            if stem not in stems:
                 for real_name in real_names:
                     _problem(problems, "orphan_caption", "warning", "caption file with no "
                              "image of the same name", rel_of(folder / real_name),
                              _orphan_note(folder, real_name))
+            elif taken := used.intersection(real_names):   # cat.txt beside Cat.txt
+                for real_name in sorted(set(real_names) - taken):
+                    _problem(problems, "orphan_caption", "warning", "caption file with no "
+                             "image of the same name", rel_of(folder / real_name),
+                             f"no image is named exactly so; {min(taken)}, in other letter "
+                             f"case, is the one used")
     if cache_file is not None and new_cache != cache:
         try:
             atomic_write_text(cache_file, json.dumps({"version": CACHE_VERSION,

@@ -57,7 +57,9 @@ def load_crop(path: str, bucket: Size, fx: float = 0.5, fy: float = 0.5, flip: b
     at full resolution; an animated image gives its first frame. Raises one of
     BROKEN_FILE_ERRORS for a broken file (engine.images.ImageTooLarge over `max_pixels`)."""
     with open_image(path, max_pixels) as img:
-        orient = exif_orientation(img)
+        if img.format == "PNG":   # decoded in full anyway; its chunks after the pixels
+            img.load()            # (a late eXIf) are then read with them
+        orient = exif_orientation(img, decoded=img.format == "PNG")
         w, h = img.size if orient < 5 else img.size[::-1]
         s = cover_scale(w, h, bucket)
         factor = 1.0     # decoded pixels per original pixel

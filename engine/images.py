@@ -65,17 +65,18 @@ class ImageInfo(NamedTuple):
     animated: bool            # several frames; the first is the one trained
 
 
-def exif_orientation(img: Image.Image) -> int:
+def exif_orientation(img: Image.Image, *, decoded: bool = False) -> int:
     """The orientation an image is shown in (1 when it says none), as PIL's exif_transpose
     reads it: the EXIF tag (in a PNG also an eXIf chunk after the pixels, or ImageMagick's
     hex text of it), else XMP's tiff:Orientation (Photoshop and Lightroom exports). Reads
-    headers only: a PNG's chunks after its pixels are found by their lengths, not decoded."""
+    headers only: a PNG's chunks after its pixels are found by their lengths, not decoded,
+    unless `decoded` says the image was loaded already (PIL then read them itself)."""
     info = img.info
     try:
         raw = info.get("exif")
         if raw is None and "Raw profile type exif" in info:
             raw = bytes.fromhex("".join(info["Raw profile type exif"].split("\n")[3:]))
-        if raw is None and img.format == "PNG":
+        if raw is None and img.format == "PNG" and not decoded:
             raw = _late_png_exif(getattr(img, "filename", ""))
         exif = Image.Exif()
         if raw:

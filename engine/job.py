@@ -187,21 +187,25 @@ class RunDir:
         return records, offset + end
 
     def last_logged_step(self) -> int:
-        """The highest step of the last whole metric lines (0 when there are none): how far
-        a trainer got, where its status.json, written every few seconds, may lag."""
+        """The step the last trainer's metric lines reached (0 when there are none): how
+        far it got, where its status.json, written every few seconds, may lag. The file
+        holds every trainer's lines; the last one's begin where the step goes down."""
         try:
             with open(self.metrics_file, "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 16 * 1024))
                 data = f.read()
         except OSError:
             return 0
-        steps = [0]
+        steps = []
         for line in data.splitlines()[1:] if len(data) >= 16 * 1024 else data.splitlines():
             with contextlib.suppress(ValueError, AttributeError):
                 step = json.loads(line).get("step")
                 if isinstance(step, int):
                     steps.append(step)
-        return max(steps)
+        reached = 0
+        for step in steps:   # the highest step since the last time it went down
+            reached = step if step < reached else max(reached, step)
+        return reached
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -45,6 +45,7 @@ from engine.config import (
     apply_overrides,
     config_from_dict,
     dump_yaml,
+    field_docs,
     read_yaml,
     save_config,
 )
@@ -206,6 +207,8 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     stages = resolution_stages(cfg.data.stages, cfg.data.max_side, cfg.model.patch_size)
     last = resume_point(run, cfg, stop_at, log) if resume and d.main else \
         resume_point(run, cfg, stop_at) if resume else None
+    if last is not None:   # before anything of this trainer is logged (an optimizer note)
+        report.purge_from = last.step + 1
     # a resume rebuilds the stage that trained the checkpoint's last batch: its data position
     stage = stage_index(stages, max(last.step - 1, 0) if last else 0)
     plans = stage_plans(plan, cfg.data, stages)
@@ -377,7 +380,6 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
         report.event(st.step, kind, message)
 
     if last is not None:
-        report.purge_from = last.step + 1   # before anything of this trainer is logged
         restore(last, st, parts, d=d, device=device, fingerprint=fingerprint, seed=tr.seed,
                 max_steps=tr.max_steps, requested=stop_at, event=resume_event)
         log(f"resumed from {last.path.name} at step {st.step} (epoch {st.epoch}, batch "
@@ -393,7 +395,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     prev = report.previous
     if resume and prev is not None and prev.state not in FINAL_STATES:   # its end unrecorded
         # how far it got: its status.json lags its metric lines by a few seconds
-        ended = max(prev.step, run.last_logged_step(), st.step)
+        ended = max(prev.step, report.previous_logged, st.step)
         again = f"; steps {st.step + 1}-{ended} are trained again" if ended > st.step else ""
         resume_event("crash", f"the previous trainer (process {prev.pid}) ended at step "
                               f"{ended} without saving its state (killed, or the machine "
@@ -798,6 +800,12 @@ def resume_config(run: RunDir, overrides=()) -> tuple[RunConfig, str]:
             raise ConfigError(problem)
         return config_from_dict(apply_overrides(raw, overrides, f"{run.config} (--set)"),
                                 str(run.config)), ""
+    # only settings this version knows: one a later version dropped is not brought back
+    known = field_docs()
+    sections = {k.split(".")[0] for k in known}
+    stored = {s: ({k: x for k, x in v.items() if f"{s}.{k}" in known}
+                  if isinstance(v, dict) else v)
+              for s, v in stored.items() if s in sections or s in known}
     if not raw or not isinstance(raw, dict):
         why = problem or ("empty" if not raw else "not a mapping of settings")
         raw, note = {}, (f"{run.config.name} cannot be read ({why}): restored from the copy "

@@ -131,8 +131,9 @@ def _resolve_config(args, run: RunDir) -> RunConfig:
         if not run.config.is_file():
             raise TrainError(f"'{run.root}' holds no config.yaml: give --preset (and --data) "
                              f"to start a new run there")
-        last = latest_resumable(run.checkpoints)
-        if not args.resume and main_rank and last is not None:
+        damaged: list = []
+        last = latest_resumable(run.checkpoints, damaged)
+        if not args.resume and main_rank and (last is not None or damaged):
             raise TrainError(f"'{run.root}' already has checkpoints; add --resume to continue it")
         cfg, note = resume_config(run, overrides)
         if note and main_rank:   # (into the log: the trainer's stderr)

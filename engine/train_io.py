@@ -195,6 +195,8 @@ class JobReporter:
         self.rank_tag = "" if main else f"[rank {os.environ.get('RANK', '?')}] "
         old = run.read_status() if main else None   # a resumed run keeps what it handled
         self.previous = old   # the last trainer's status (its state says how it ended)
+        # how far the last trainer's metric lines got, read before this one adds any
+        self.previous_logged = run.last_logged_step() if main else 0
         self.status = Status(pid=os.getpid(), world_size=world, device=device,
                              started_at=time.time(), heartbeat=time.time(),
                              handled=dict(old.handled) if old else {})

@@ -638,10 +638,17 @@ class Runner:
         description, cfg_steps, created, dataset = self._config_summary(run)
         ckpts = list_checkpoints(run.checkpoints)
         # where the trainer resumes from: a step checkpoint or the newer time-based point
-        last_state = latest_resumable(run.checkpoints)
-        # before its first checkpoint a run that has its config starts again from step 0
-        resumable = not alive and (last_state is not None or run.config.is_file())
-        if state == "crashed" and not alive:
+        damaged: list = []
+        last_state = latest_resumable(run.checkpoints, damaged)
+        # before its first checkpoint a run that has its config starts again from step 0;
+        # one whose every checkpoint is damaged does not (the trainer refuses: it says why)
+        resumable = not alive and (last_state is not None
+                                   or (run.config.is_file() and not damaged))
+        if damaged and last_state is None and not alive:
+            message = (f"no checkpoint can be resumed from ({damaged[0][1]}): restore the "
+                       f"checkpoints from a copy, or move them out of its checkpoints folder "
+                       f"to start again from step 0")
+        elif state == "crashed" and not alive:
             if last_state is not None:
                 message = f"resume continues from step {last_state.step}"
             elif resumable:

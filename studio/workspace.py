@@ -420,6 +420,9 @@ def clean_file_name(name: str) -> str:
     stem, dot, ext = base.rpartition(".")
     if not dot:
         stem, ext = base, ""
+    if f".{ext.lower()}" in CAPTION_EXTENSIONS and Path(stem).suffix.lower() in IMAGE_EXTENSIONS:
+        # a sidecar, x.jpg.txt: named after its picture's cleaned name, so they pair up
+        return safe_name(f"{clean_file_name(stem)}.{ext.lower()}")
     plain = "".join(c for c in unicodedata.normalize("NFKD", stem)
                     if not unicodedata.combining(c))
     lost = "".join(c for c in plain if ord(c) > 127)
@@ -500,10 +503,10 @@ def add_files(datasets_dir: Path, name: str, files: Sequence[str | Path], *,
     # A caption's key is its name less .txt or .caption: x for x.txt, x.png for the
     # sidecar x.png.txt; a picture answers to both of its keys
     def stem(name: str) -> str:
-        return Path(name).stem
+        return Path(name).stem.lower()
 
     def keys(picture: str) -> tuple[str, str]:
-        return stem(picture), picture
+        return stem(picture), picture.lower()
     pictures = {k for _, _, t, why in checked
                 if not why and Path(t).suffix.lower() in IMAGE_EXTENSIONS for k in keys(t)}
     pictures |= {k for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS

@@ -336,6 +336,10 @@ def test_the_last_logged_step_reads_the_metric_lines_not_the_status(tmp_path):
     lines = [json.dumps({"step": i, "loss": 0.5, "pad": "x" * 200}) for i in range(1, 200)]
     run.metrics_file.write_text("\n".join(lines) + '\n{"step": 200, "lo')   # cut short
     assert run.last_logged_step() == 199
+    # a resume from step 150 that was killed at 170: the last trainer's lines count
+    again = [json.dumps({"step": i, "loss": 0.5}) for i in range(150, 171)]
+    run.metrics_file.write_text("\n".join(lines + again) + "\n")
+    assert run.last_logged_step() == 170
 
 
 def test_a_full_disk_is_named_before_a_checkpoint_is_written(tmp_path, monkeypatch):

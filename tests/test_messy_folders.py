@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 from engine.buckets import plan_buckets
 from engine.config import DataConfig
 from engine.conventions import decode_caption
-from engine.data import health_report, main, scan_dataset
+from engine.data import DataError, health_report, main, scan_dataset
 from engine.dataset import load_crop
 from engine.images import exif_orientation, upright_rgb
 from studio.workspace import add_files
@@ -59,10 +59,11 @@ def test_a_link_that_loops_or_leads_nowhere_is_left_out_alone(tmp_path):
     symlink("loopB.png", tmp_path / "loopA.png")
     symlink("loopA.png", tmp_path / "loopB.png")
     symlink("gone.png", tmp_path / "sub" / "dangling.png")
+    symlink(tmp_path / "unmounted", tmp_path / "5_extra")     # a folder link to nothing
     scan = scan_dataset(tmp_path, cfg())
     assert [r.rel for r in scan.records] == ["a.png", "sub/b.png"]
     bad = problems(scan)["bad_entry"]
-    assert set(bad.files) == {"loopA.png", "loopB.png", "sub/dangling.png"}
+    assert set(bad.files) == {"loopA.png", "loopB.png", "sub/dangling.png", "5_extra"}
     assert "cannot be opened" in bad.files["loopA.png"]
     assert bad.files["sub/dangling.png"] == ("a link to gone.png, which is not there: fix or "
                                              "remove the link")
@@ -94,6 +95,10 @@ def test_a_name_in_another_encoding_is_named_and_left_out(tmp_path, capsys):
     assert "caf\ufffd.png" in json.dumps(out, ensure_ascii=False)
     main(args)
     assert "caf\ufffd.png" in capsys.readouterr().out
+    # a folder of such names only: the error says why, not just "no images"
+    os.remove(tmp_path / "ok.png")
+    with pytest.raises(DataError, match="left out: its name is not text"):
+        scan_dataset(tmp_path, cfg())
 
 
 def _portrait_stored_sideways() -> Image.Image:
@@ -170,6 +175,12 @@ def test_captions_told_apart_by_letter_case_stay_with_their_images(tmp_path):
     (tmp_path / "dog.txt").write_text("a dog")               # the only one: it is taken
     caps = {r.rel: r.caption for r in scan_dataset(tmp_path, cfg()).records}
     assert caps == {"cat.png": "a yellow cat", "Cat.png": "a blue cat", "DOG.png": "a dog"}
+    # a caption in other letter case that no image takes is named, not passed over
+    (tmp_path / "cat.TXT").write_text("a third cat")
+    scan = scan_dataset(tmp_path, cfg())
+    assert problems(scan)["orphan_caption"].files == {
+        "cat.TXT": "no image is named exactly so; Cat.txt, in other letter case, is the one "
+                   "used"}
 
 
 def test_a_folder_link_with_a_repeat_count_is_named(tmp_path):

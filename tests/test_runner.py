@@ -454,6 +454,17 @@ def test_a_full_disk_is_a_runner_error_and_leaves_no_half_run(runner, dataset, m
     assert not (run.root / LAUNCH_FILE).exists()
 
 
+def test_a_run_whose_every_checkpoint_is_damaged_is_not_offered_a_resume(runner, dataset):
+    """Resume from step 0 was offered, then refused by the trainer: the tab says why now."""
+    run = saved_run(runner, "broken", fast_config(dataset), 2, None)
+    for p in run.checkpoints.glob("*.safetensors"):
+        p.write_bytes(p.read_bytes()[:40])
+    info = runner.info("broken")
+    assert not info.resumable
+    assert info.message.startswith("no checkpoint can be resumed from (step_0000002")
+    assert "move them out of its checkpoints folder" in info.message
+
+
 def launched_argv(run: RunDir) -> tuple[list, int, str]:
     launch = json.loads((run.root / LAUNCH_FILE).read_text())
     return launch["argv"], launch["gpus"], launch["device"]

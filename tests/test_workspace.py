@@ -123,6 +123,15 @@ def test_captions_without_any_picture_are_added_and_named(tmp_path, uploads):
     png(uploads / "side.png")
     report = add_files(datasets, "set", [uploads / "side.png.txt", uploads / "side.png"])
     assert report.captions == ["side.png.txt"] and report.unpaired == []
+    # names the upload cleans: the sidecar follows its picture's new name
+    png(uploads / "猫 cat.JPG")
+    (uploads / "猫 cat.JPG.txt").write_text("a cat")
+    report = add_files(datasets, "set", [uploads / "猫 cat.JPG", uploads / "猫 cat.JPG.txt"])
+    picture, = report.images
+    assert report.captions == [f"{picture}.txt"] and report.unpaired == []
+    caps = {r.rel: r.caption for r in scan_dataset(datasets / "set",
+                                                   load_preset("tiny-cpu").data).records}
+    assert caps[picture] == "a cat"
 
 
 @pytest.mark.parametrize("name", ["../escape", "..", "/tmp/x", "a/b", "", ".hidden", "x\x00"])
