@@ -5,9 +5,9 @@ problems and into the `Conventions` summary of the health report.
 
 Captions. The caption of `a/x.png` comes from the first of these that exists:
   1. `a/x.txt`, then 2. `a/x.caption`, then `a/x.png.txt` (the sidecar some tag managers
-     and downloaders write) (UTF-8, or UTF-16 with or without its byte-order mark; where
-     the file system tells `x.txt` from `X.txt`, the one named exactly as the image, else
-     the one there is);
+     and downloaders write), in UTF-8, or UTF-16 with its byte-order mark or, for Latin
+     text, without one; where the file system tells `x.txt` from `X.txt`, the one named
+     exactly as the image, else the one there is;
   3. a line of a `metadata.jsonl` (the Hugging Face ImageFolder layout: one JSON object
      per line, `file_name` relative to the jsonl's folder, the caption under `text`, or
      under `caption` when there is no `text`). Where several metadata.jsonl files name

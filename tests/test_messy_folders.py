@@ -201,12 +201,14 @@ def test_utf16_captions_without_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "le.txt").write_bytes("a caption, café".encode("utf-16-le"))
     good(tmp_path / "be.png", caption=None)
     (tmp_path / "be.caption").write_bytes("a caption, 猫".encode("utf-16-be"))
+    good(tmp_path / "cjk.png", caption=None)   # no column of zeros: the byte order is unknown
+    (tmp_path / "cjk.txt").write_bytes("一个女孩，一只猫".encode("utf-16-le"))
     good(tmp_path / "nul.png", caption=None)
     (tmp_path / "nul.txt").write_bytes(b"a cat\x00\x00\xff junk")
     scan = scan_dataset(tmp_path, cfg())
     caps = {r.rel: r.caption for r in scan.records}
     assert caps["le.png"] == "a caption, café" and caps["be.png"] == "a caption, 猫"
-    assert caps["nul.png"] is None
+    assert caps["nul.png"] is None and caps["cjk.png"] is None   # refused, never garbled
     assert "byte 5 is 0x00" in problems(scan)["caption_unreadable"].files["nul.png"]
     assert decode_caption("plain ascii".encode()) == "plain ascii"
 
