@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_ui(workspace, [d.expanduser().resolve() for d in args.allow_dir])
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    if hasattr(signal, "SIGTERM"):   # `kill` or a service manager: the same orderly stop,
+        signal.signal(signal.SIGTERM, _stop_as_ctrl_c)   # from the moment the server runs
     try:
         _, url, _ = demo.launch(server_name=args.host, server_port=args.port, auth=auth,
                                 inbrowser=args.inbrowser,
@@ -106,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
               f"it in the browser; otherwise choose another port, e.g. --port {args.port + 1}",
               file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # stopped while it was starting
+        demo.close()
+        return 0
     print(f"PixelHDM Studio is running at {url}  (workspace: {workspace}; Ctrl+C stops it)",
           flush=True)
-    if hasattr(signal, "SIGTERM"):   # `kill` or a service manager: the same orderly stop
-        signal.signal(signal.SIGTERM, _stop_as_ctrl_c)
     demo.block_thread()   # on Ctrl+C the server closes and deletes its cached copies
     return 0
 

@@ -166,7 +166,7 @@ def test_sigterm_stops_the_studio_as_ctrl_c_does(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0 and "closing server" in out
+    assert proc.returncode == 0 and "closing server" in out.lower()
 
 
 # --------------------------------------------------------------------------------------
