@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -95,8 +96,18 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_ui(workspace, [d.expanduser().resolve() for d in args.allow_dir])
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    if hasattr(signal, "SIGTERM"):   # `kill` or a service manager: the same orderly stop,
-        signal.signal(signal.SIGTERM, _stop_as_ctrl_c)   # from the moment the server runs
+    # Ctrl+C, `kill` or a service manager's stop: noted by the handler, acted on below, so
+    # that the server closes in order (which deletes its cached copies) wherever the
+    # signal lands; a second one stops at once
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is not None:
+            signal.signal(sig, on_signal)
     try:
         _, url, _ = demo.launch(server_name=args.host, server_port=args.port, auth=auth,
                                 inbrowser=args.inbrowser,
@@ -108,17 +119,15 @@ def main(argv: list[str] | None = None) -> int:
               f"it in the browser; otherwise choose another port, e.g. --port {args.port + 1}",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:   # stopped while it was starting
-        demo.close()
-        return 0
     print(f"PixelHDM Studio is running at {url}  (workspace: {workspace}; Ctrl+C stops it)",
           flush=True)
-    demo.block_thread()   # on Ctrl+C the server closes and deletes its cached copies
+    try:
+        while not stop.wait(0.2) and demo.is_running:
+            pass
+    finally:
+        print("Stopping: closing the server", flush=True)
+        demo.close()
     return 0
-
-
-def _stop_as_ctrl_c(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
