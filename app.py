@@ -105,9 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
-        if sig is not None:
-            signal.signal(sig, on_signal)
+    previous = {sig: signal.signal(sig, on_signal)   # given back when main returns
+                for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if sig is not None}
+    try:
+        return _serve(demo, args, workspace, auth, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(demo, args, workspace: Path, auth, stop: threading.Event) -> int:
+    """Launch the studio and serve it until `stop` is set."""
     try:
         _, url, _ = demo.launch(server_name=args.host, server_port=args.port, auth=auth,
                                 inbrowser=args.inbrowser,

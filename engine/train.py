@@ -205,8 +205,7 @@ def _train(cfg: RunConfig, run: RunDir, report: JobReporter, d: Dist, device: to
     # progressive resolution (data.stages): each stage trains the same images in buckets
     # scaled down from the full plan's; the validation loss keeps the full one throughout
     stages = resolution_stages(cfg.data.stages, cfg.data.max_side, cfg.model.patch_size)
-    last = resume_point(run, cfg, stop_at, log) if resume and d.main else \
-        resume_point(run, cfg, stop_at) if resume else None
+    last = resume_point(run, cfg, stop_at, log if d.main else None) if resume else None
     if last is not None:   # before anything of this trainer is logged (an optimizer note)
         report.purge_from = last.step + 1
     # a resume rebuilds the stage that trained the checkpoint's last batch: its data position

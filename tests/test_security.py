@@ -409,11 +409,13 @@ def test_the_workspace_is_the_only_folder_app_py_serves_by_default(tmp_path, mon
     seen = {}
 
     class FakeDemo:
+        is_running = False   # (as if stopped at once)
+
         def launch(self, **kw):
             seen.update(kw)
             return None, "http://127.0.0.1:1/", None
 
-        def block_thread(self):
+        def close(self):
             return None
 
     import studio.ui
